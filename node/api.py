@@ -1,0 +1,161 @@
+"""HTTP routes of the public contract (../shared/API.md): users, auth, sessions, rooms, chat."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from beanie import PydanticObjectId
+from bson.errors import InvalidId
+from pydantic import BaseModel
+from quart import Blueprint, Response, request
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from node.auth import authenticated_user, bearer_claims
+from node.context import node_context
+from node.errors import APIError
+from node.messages import (
+    HistoryPage,
+    HistoryQuery,
+    MessageView,
+    NewMessage,
+    append_message,
+    history,
+    message_view,
+)
+from node.models import User
+from node.rooms import NewRoom, RoomView, create_room, get_room, qr_svg, room_url, room_view
+from node.tokens import Purpose
+from node.users import (
+    LoginRequest,
+    NewUser,
+    OwnUser,
+    PublicUser,
+    authenticate,
+    create_user,
+    own_view,
+    public_view,
+    username_key,
+)
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+class UserToken(BaseModel):
+    user_token: str
+    expires_at: datetime
+
+
+class SessionGrant(BaseModel):
+    session_id: str
+    session_token: str
+    expires_at: datetime
+
+
+def _client_address() -> str:
+    return request.remote_addr or "unknown"
+
+
+@api.post("/users")
+@validate_request(NewUser)
+@validate_response(PublicUser, 201)
+async def sign_up(data: NewUser) -> tuple[PublicUser, int]:
+    user = await create_user(data, node_context().hasher)
+    return public_view(user), 201
+
+
+@api.post("/auth/login")
+@validate_request(LoginRequest)
+@validate_response(UserToken)
+async def login(data: LoginRequest) -> UserToken:
+    context = node_context()
+    user = await authenticate(data, _client_address(), context.hasher, context.login_limiter)
+    issued = context.tokens.issue(Purpose.USER, str(user.id))
+    return UserToken(user_token=issued.token, expires_at=issued.expires_at)
+
+
+@api.get("/users/me")
+@validate_response(OwnUser)
+async def me() -> OwnUser:
+    _, user = await authenticated_user(Purpose.USER)
+    return own_view(user)
+
+
+@api.get("/users/by-username/<username>")
+@validate_response(PublicUser)
+async def user_by_username(username: str) -> PublicUser:
+    await authenticated_user(Purpose.USER)
+    user = await User.find_one(User.username_key == username_key(username))
+    if user is None:
+        raise APIError(404, "user_not_found", "no such user")
+    return public_view(user)
+
+
+@api.get("/users/<user_id>")
+async def user_by_id(user_id: str) -> dict[str, Any]:
+    _, viewer = await authenticated_user(Purpose.USER)
+    try:
+        user = await User.get(PydanticObjectId(user_id))
+    except (InvalidId, TypeError):
+        user = None
+    if user is None:
+        raise APIError(404, "user_not_found", "no such user")
+    # Email and sign-up date only for the user themself.
+    view = own_view(user) if user.id == viewer.id else public_view(user)
+    return view.model_dump(mode="json")
+
+
+@api.post("/sessions")
+@validate_response(SessionGrant, 201)
+async def new_session() -> tuple[SessionGrant, int]:
+    claims, user = await authenticated_user(Purpose.USER)
+    session_id = secrets.token_hex(16)
+    issued = node_context().tokens.issue(Purpose.SESSION, str(user.id), session_id=session_id)
+    return SessionGrant(
+        session_id=session_id, session_token=issued.token, expires_at=issued.expires_at
+    ), 201
+
+
+@api.post("/rooms")
+@validate_request(NewRoom)
+@validate_response(RoomView, 201)
+async def new_room(data: NewRoom) -> tuple[RoomView, int]:
+    context = node_context()
+    _, user = await authenticated_user(Purpose.USER)
+    room = await create_room(data, user, context.settings.rooms)
+    return await room_view(room, context.settings.base_url, context.redis), 201
+
+
+@api.get("/rooms/<slug>")
+@validate_response(RoomView)
+async def room_info(slug: str) -> RoomView:
+    context = node_context()
+    room = await get_room(slug)
+    return await room_view(room, context.settings.base_url, context.redis)
+
+
+@api.get("/rooms/<slug>/qr.svg")
+async def room_qr(slug: str) -> Response:
+    room = await get_room(slug)
+    svg = qr_svg(room_url(node_context().settings.base_url, room.slug))
+    return Response(svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=3600"})
+
+
+@api.get("/rooms/<slug>/messages")
+@validate_querystring(HistoryQuery)
+@validate_response(HistoryPage)
+async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
+    bearer_claims(Purpose.SESSION)
+    room = await get_room(slug)
+    return await history(room, query_args.before, query_args.limit)
+
+
+@api.post("/rooms/<slug>/messages")
+@validate_request(NewMessage)
+@validate_response(MessageView, 201)
+async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
+    _, user = await authenticated_user(Purpose.SESSION)
+    room = await get_room(slug)
+    message = await append_message(room, user, data.text)
+    return message_view(message), 201

@@ -1,0 +1,115 @@
+"""The Quart application of one node: routes, error shape, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from quart import Quart, Response, g, request, send_from_directory
+from quart_schema import QuartSchema
+from redis.asyncio import Redis
+
+from node.api import api
+from node.config import Settings
+from node.context import EXTENSION, NodeContext
+from node.errors import install_error_handlers
+from node.ratelimit import LoginLimiter
+from node.store import open_store, ping_store
+from node.tokens import TokenService
+from node.users import PasswordHasher
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("sfumesh.access")
+
+WEBAPP_DIR = Path(__file__).resolve().parent.parent / "webapp"
+READY_TIMEOUT_S = 2.0
+
+
+def create_app(settings: Settings) -> Quart:
+    """The node's app. Redis and the store must already be reachable at the settings' URLs."""
+    # Checked now, not at the first request: a node without signing keys must not start.
+    tokens = TokenService(settings.tokens)
+    app = Quart(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    QuartSchema(
+        app,
+        info={"title": "sfumesh node API", "version": "0.1.0"},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+    )
+    install_error_handlers(app)
+    app.register_blueprint(api)
+
+    @app.before_serving
+    async def _open() -> None:
+        redis = Redis.from_url(settings.redis_url.get_secret_value())
+        store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
+        hasher = PasswordHasher(settings.bcrypt_cost)
+        await hasher.warm_up()
+        app.extensions[EXTENSION] = NodeContext(
+            settings=settings,
+            redis=redis,
+            store=store,
+            tokens=tokens,
+            hasher=hasher,
+            login_limiter=LoginLimiter(redis, settings.login_limit),
+        )
+        log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
+
+    @app.after_serving
+    async def _close() -> None:
+        context: NodeContext | None = app.extensions.pop(EXTENSION, None)
+        if context is not None:
+            await context.redis.aclose()
+            await context.store.close()
+        log.info("node.stopped", extra={"node": settings.node_name})
+
+    @app.before_request
+    async def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def _access_log(response: Response) -> Response:
+        started = getattr(g, "started", None)
+        elapsed = (time.perf_counter() - started) * 1000 if started else None
+        # The path only, never the query string: tokens may travel there (WebSocket).
+        access_log.info(
+            "http.request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "ms": round(elapsed, 2) if elapsed is not None else None,
+            },
+        )
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "node": settings.node_name}
+
+    @app.get("/readyz")
+    async def readyz() -> tuple[dict[str, Any], int]:
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        checks: dict[str, str] = {}
+        if context is None:
+            return {"status": "starting", "checks": checks}, 503
+        probes = {"redis": context.redis.ping(), "store": ping_store(context.store)}
+        for name, probe in probes.items():
+            try:
+                await asyncio.wait_for(probe, READY_TIMEOUT_S)
+                checks[name] = "ok"
+            except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+                checks[name] = f"unreachable: {type(error).__name__}"
+        ready = all(value == "ok" for value in checks.values())
+        return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+
+    @app.get("/")
+    @app.get("/r/<path:slug>")
+    async def webapp(slug: str | None = None) -> Response:
+        return await send_from_directory(WEBAPP_DIR, "index.html")
+
+    return app

@@ -1,0 +1,103 @@
+"""`sfumesh`: the command line (node, demo, bench, keygen)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, load_settings
+from node.log import setup_logging
+from node.tokens import new_key
+
+
+def _node(args: argparse.Namespace) -> int:
+    from node.server import run_node
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "node_name": args.node_name,
+            "region": args.region,
+            "data_dir": args.data_dir,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as error:
+        print(f"sfumesh node: bad configuration: {error}", file=sys.stderr)
+        return 2
+    if not settings.tokens.keys:
+        print(
+            "sfumesh node: no token signing keys. Set SFUMESH_TOKEN_KEYS='{\"k1\": \"<secret>\"}' "
+            "and SFUMESH_TOKEN_SIGNING_KEY_ID=k1 (or [tokens] in the config file); "
+            "`sfumesh keygen` prints a fresh key.",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging(settings.log_level)
+    return asyncio.run(run_node(settings))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from node.bench import run_bench
+
+    return run_bench(args.name, json_path=args.json, duration_s=args.duration)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(new_key())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfumesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    node = commands.add_parser("node", help="run one node")
+    node.add_argument("--config", type=Path, help="TOML config file (env overrides it)")
+    node.add_argument("--host")
+    node.add_argument("--port", type=int)
+    node.add_argument("--node-name")
+    node.add_argument("--region")
+    node.add_argument("--data-dir", type=Path)
+    node.set_defaults(run=_node)
+
+    demo = commands.add_parser("demo", help="a local mesh with embedded services")
+    demo.add_argument("--nodes", type=int, default=1, help="number of nodes (1 until the Mesh)")
+    demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
+    demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
+    demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks named in the issues")
+    bench.add_argument("name", choices=["api"])
+    bench.add_argument("--json", type=Path, help="also write the figures here")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    bench.set_defaults(run=_bench)
+
+    keygen = commands.add_parser("keygen", help="print a fresh token signing secret")
+    keygen.set_defaults(run=_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Node configuration: a TOML file, then environment variables on top.
+
+Every setting has a default that works for a local node. Secrets are `SecretStr` so that
+printing or logging the config never shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class TokenSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # kid -> secret. Verification accepts every key here; signing uses `signing_key_id`,
+    # so a key is rotated by adding the new one, switching the id, and later dropping the old.
+    keys: dict[str, SecretStr] = Field(default_factory=dict)
+    signing_key_id: str = ""
+    issuer: str = "sfumesh"
+    audience: str = "sfumesh"
+    user_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    session_ttl_s: int = Field(default=24 * 3600, gt=0)
+    room_ttl_s: int = Field(default=5 * 60, gt=0)
+
+    @model_validator(mode="after")
+    def _signing_key_is_known(self) -> TokenSettings:
+        if self.keys and self.signing_key_id not in self.keys:
+            raise ValueError(f"tokens.signing_key_id {self.signing_key_id!r} is not in tokens.keys")
+        for kid, secret in self.keys.items():
+            if len(secret.get_secret_value().encode()) < 32:
+                raise ValueError(f"tokens.keys[{kid!r}] must be at least 32 bytes")
+        return self
+
+
+class LoginLimitSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Failed logins allowed per window, counted per login name and per client address.
+    per_login: int = Field(default=5, gt=0)
+    per_address: int = Field(default=20, gt=0)
+    window_s: float = Field(default=300.0, gt=0)
+
+
+class RoomSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    create_policy: Literal["anyone", "allowlist"] = "anyone"
+    # Usernames allowed to create rooms when create_policy is "allowlist".
+    creators: list[str] = Field(default_factory=list)
+    default_capacity: int = Field(default=8, gt=0)
+    max_capacity: int = Field(default=100, gt=0)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = "node-1"
+    region: str = "local"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = ""
+    # Empty means: start an embedded server (redis-server / nx-27017) under data_dir.
+    redis_url: SecretStr = SecretStr("")
+    mongodb_uri: SecretStr = SecretStr("")
+    database: str = "sfumesh"
+    data_dir: Path = Path(".data")
+    bcrypt_cost: int = Field(default=12, ge=4, le=31)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    log_level: str = "INFO"
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
+    rooms: RoomSettings = Field(default_factory=RoomSettings)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self.public_base_url or f"http://{self.host}:{self.port}"
+
+
+# Environment variable -> dotted setting. Values are parsed as JSON when they look like it
+# (numbers, lists, objects), otherwise taken as strings.
+ENV_VARS: dict[str, str] = {
+    "SFUMESH_NODE_NAME": "node_name",
+    "SFUMESH_REGION": "region",
+    "SFUMESH_HOST": "host",
+    "SFUMESH_PORT": "port",
+    "SFUMESH_PUBLIC_BASE_URL": "public_base_url",
+    "REDIS_URL": "redis_url",
+    "MONGODB_URI": "mongodb_uri",
+    "SFUMESH_DATABASE": "database",
+    "SFUMESH_DATA_DIR": "data_dir",
+    "SFUMESH_BCRYPT_COST": "bcrypt_cost",
+    "SFUMESH_MAX_BODY_BYTES": "max_body_bytes",
+    "SFUMESH_LOG_LEVEL": "log_level",
+    "SFUMESH_TOKEN_KEYS": "tokens.keys",
+    "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",
+    "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
+    "SFUMESH_ROOM_CREATORS": "rooms.creators",
+}
+
+
+def _parse_env_value(raw: str) -> Any:
+    if raw[:1] in "[{" or raw.lstrip("-").isdigit():
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"cannot parse {raw[:20]!r}...: {error}") from error
+    return raw
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def load_settings(
+    path: Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """File, then environment, then explicit overrides (dotted keys), validated once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config file {path}: {error}") from error
+    environ = os.environ if env is None else env
+    for name, dotted in ENV_VARS.items():
+        if environ.get(name):
+            try:
+                _set_dotted(data, dotted, _parse_env_value(environ[name]))
+            except ConfigError as error:
+                raise ConfigError(f"{name}: {error}") from error
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return Settings.model_validate(data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error

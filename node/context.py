@@ -1,0 +1,32 @@
+"""What a running node's request handlers share: one object, built at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from quart import current_app
+from redis.asyncio import Redis
+
+from node.config import Settings
+from node.ratelimit import LoginLimiter
+from node.tokens import TokenService
+from node.users import PasswordHasher
+
+EXTENSION = "sfumesh"
+
+
+@dataclass
+class NodeContext:
+    settings: Settings
+    redis: Redis
+    store: AsyncMongoClient[dict[str, Any]]
+    tokens: TokenService
+    hasher: PasswordHasher
+    login_limiter: LoginLimiter
+
+
+def node_context() -> NodeContext:
+    context: NodeContext = current_app.extensions[EXTENSION]
+    return context

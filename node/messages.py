@@ -1,0 +1,99 @@
+"""Chat storage (R4): messages kept per room, read back newest first with a stable cursor."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from beanie import PydanticObjectId
+from beanie.operators import And, Or
+from bson.errors import InvalidId
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from node.errors import APIError
+from node.models import Message, Room, User
+from node.text import clean_text
+
+MAX_PAGE = 100
+
+
+def _check_text(value: str) -> str:
+    return clean_text(value, max_chars=4000, allow_newlines=True)
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: Annotated[str, Field(max_length=16000), AfterValidator(_check_text)]
+
+
+class HistoryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    before: Annotated[str, Field(max_length=64)] | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 50
+
+
+class Author(BaseModel):
+    id: str
+    display_name: str
+
+
+class MessageView(BaseModel):
+    id: str
+    room: str
+    author: Author
+    text: str
+    ts: datetime
+
+
+class HistoryPage(BaseModel):
+    messages: list[MessageView]
+    # Pass as `before` to get the next (older) page; null when there is none.
+    next_before: str | None
+
+
+def message_view(message: Message) -> MessageView:
+    return MessageView(
+        id=str(message.id),
+        room=message.room,
+        author=Author(id=message.author_id, display_name=message.author_name),
+        text=message.text,
+        ts=message.ts,
+    )
+
+
+async def append_message(room: Room, author: User, text: str) -> Message:
+    message = Message(
+        room=room.slug, author_id=str(author.id), author_name=author.display_name, text=text
+    )
+    await message.insert()
+    return message
+
+
+async def history(room: Room, before: str | None, limit: int) -> HistoryPage:
+    """Newest first. The cursor is a message id; order is (ts, id), so ties cannot reorder."""
+    query = [Message.room == room.slug]
+    if before is not None:
+        try:
+            cursor_id = PydanticObjectId(before)
+        except (InvalidId, TypeError) as error:
+            raise APIError(422, "invalid_cursor", "before: not a message id") from error
+        anchor = await Message.find_one(Message.id == cursor_id, Message.room == room.slug)
+        if anchor is None:
+            raise APIError(422, "invalid_cursor", "before: no such message in this room")
+        query.append(
+            Or(Message.ts < anchor.ts, And(Message.ts == anchor.ts, Message.id < anchor.id))
+        )
+    page = (
+        await Message.find(*query)
+        .sort([("ts", -1), ("_id", -1)])
+        .limit(limit + 1)
+        .to_list()
+    )
+    more = len(page) > limit
+    page = page[:limit]
+    return HistoryPage(
+        messages=[message_view(m) for m in page],
+        next_before=str(page[-1].id) if more and page else None,
+    )
