@@ -109,7 +109,7 @@ async def user_by_id(user_id: str) -> dict[str, Any]:
 @api.post("/sessions")
 @validate_response(SessionGrant, 201)
 async def new_session() -> tuple[SessionGrant, int]:
-    claims, user = await authenticated_user(Purpose.USER)
+    _, user = await authenticated_user(Purpose.USER)
     session_id = secrets.token_hex(16)
     issued = node_context().tokens.issue(Purpose.SESSION, str(user.id), session_id=session_id)
     return SessionGrant(

@@ -102,10 +102,13 @@ def create_app(settings: Settings) -> Quart:
             try:
                 await asyncio.wait_for(probe, READY_TIMEOUT_S)
                 checks[name] = "ok"
-            except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+            except Exception as error:
                 checks[name] = f"unreachable: {type(error).__name__}"
         ready = all(value == "ok" for value in checks.values())
-        return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        return {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+        }, 200 if ready else 503
 
     @app.get("/")
     @app.get("/r/<path:slug>")

@@ -35,7 +35,7 @@ def _node(args: argparse.Namespace) -> int:
         return 2
     if not settings.tokens.keys:
         print(
-            "sfumesh node: no token signing keys. Set SFUMESH_TOKEN_KEYS='{\"k1\": \"<secret>\"}' "
+            'sfumesh node: no token signing keys. Set SFUMESH_TOKEN_KEYS=\'{"k1": "<secret>"}\' '
             "and SFUMESH_TOKEN_SIGNING_KEY_ID=k1 (or [tokens] in the config file); "
             "`sfumesh keygen` prints a fresh key.",
             file=sys.stderr,

@@ -25,7 +25,9 @@ class SmokeFailure(Exception):
 
 def _expect(response: httpx.Response, status: int, step: str) -> httpx.Response:
     if response.status_code != status:
-        raise SmokeFailure(f"{step}: HTTP {response.status_code} (wanted {status}): {response.text[:300]}")
+        raise SmokeFailure(
+            f"{step}: HTTP {response.status_code} (wanted {status}): {response.text[:300]}"
+        )
     return response
 
 
@@ -56,8 +58,9 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
         async def session() -> str:
             headers = {"Authorization": f"Bearer {state['user_token']}"}
             reply = _expect(await http.post("/api/sessions", headers=headers), 201, "session")
-            state["session_token"] = reply.json()["session_token"]
-            return f"session {reply.json()['session_id']}"
+            grant = reply.json()
+            state["session_token"] = grant["session_token"]
+            return f"session {grant['session_id']}"
 
         async def create_room() -> str:
             headers = {"Authorization": f"Bearer {state['user_token']}"}
@@ -65,11 +68,14 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
             room = _expect(await http.post("/api/rooms", json=body, headers=headers), 201, "room")
             state["slug"] = room.json()["slug"]
             _expect(await http.get(f"/api/rooms/{state['slug']}"), 200, "room lookup")
-            return room.json()["url"]
+            return str(room.json()["url"])
 
         async def qr() -> str:
             reply = _expect(await http.get(f"/api/rooms/{state['slug']}/qr.svg"), 200, "qr")
-            if not reply.headers["content-type"].startswith("image/svg+xml") or b"<svg" not in reply.content:
+            if (
+                not reply.headers["content-type"].startswith("image/svg+xml")
+                or b"<svg" not in reply.content
+            ):
                 raise SmokeFailure("qr: not an SVG")
             return f"{len(reply.content)} bytes of SVG"
 
@@ -102,13 +108,18 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
 def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
     setup_logging(os.environ.get("SFUMESH_LOG_LEVEL", "WARNING"))
     if nodes != 1:
-        print("sfumesh demo: one node for now; --nodes > 1 arrives with the Mesh issue", file=sys.stderr)
+        print(
+            "sfumesh demo: one node for now; --nodes > 1 arrives with the Mesh issue",
+            file=sys.stderr,
+        )
         return 2
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         services = BackingServices.start(
-            os.environ.get("REDIS_URL", ""), os.environ.get("MONGODB_URI", ""), data_dir / "services"
+            os.environ.get("REDIS_URL", ""),
+            os.environ.get("MONGODB_URI", ""),
+            data_dir / "services",
         )
     except ServiceError as error:
         print(f"sfumesh demo: {error}", file=sys.stderr)
@@ -154,12 +165,9 @@ def _wait_until_stopped(services: BackingServices, nodes: list[LocalNode]) -> in
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(0.5):
-        for child in services.dead() + [n.process for n in nodes if n.process.exit_code() is not None]:
-            print(
-                f"sfumesh demo: {child.name} (pid {child.pid}) died with code {child.exit_code()}:\n"
-                f"{child.log_tail()}",
-                file=sys.stderr,
-            )
+        exited = [n.process for n in nodes if n.process.exit_code() is not None]
+        for child in services.dead() + exited:
+            print(f"sfumesh demo: {child.death_report()}", file=sys.stderr)
             return 1
     print("sfumesh demo: stopping")
     return 0

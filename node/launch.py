@@ -78,9 +78,7 @@ def start_node(
     extra_env: dict[str, str] | None = None,
 ) -> LocalNode:
     port = port or free_port()
-    env = node_env(
-        services, token_keys, name=name, port=port, data_dir=data_dir, extra=extra_env
-    )
+    env = node_env(services, token_keys, name=name, port=port, data_dir=data_dir, extra=extra_env)
     process = ManagedProcess(
         name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
     )

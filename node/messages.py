@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from beanie import PydanticObjectId
+from beanie import PydanticObjectId, SortDirection
 from beanie.operators import And, Or
 from bson.errors import InvalidId
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -73,7 +73,7 @@ async def append_message(room: Room, author: User, text: str) -> Message:
 
 async def history(room: Room, before: str | None, limit: int) -> HistoryPage:
     """Newest first. The cursor is a message id; order is (ts, id), so ties cannot reorder."""
-    query = [Message.room == room.slug]
+    query: list[Any] = [Message.room == room.slug]
     if before is not None:
         try:
             cursor_id = PydanticObjectId(before)
@@ -87,7 +87,7 @@ async def history(room: Room, before: str | None, limit: int) -> HistoryPage:
         )
     page = (
         await Message.find(*query)
-        .sort([("ts", -1), ("_id", -1)])
+        .sort([("ts", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)])
         .limit(limit + 1)
         .to_list()
     )

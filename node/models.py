@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from beanie import Document, Indexed, PydanticObjectId
 from pydantic import Field
@@ -16,7 +16,7 @@ def utcnow() -> datetime:
 
 class User(Document):
     # The id is generated here, not by the server, so it is known before the insert.
-    id: PydanticObjectId = Field(default_factory=PydanticObjectId)  # type: ignore[assignment]
+    id: PydanticObjectId = Field(default_factory=PydanticObjectId)
     username: str
     # Normalised forms carry the unique indexes: uniqueness is decided by the store.
     username_key: Annotated[str, Indexed(unique=True)]
@@ -31,7 +31,7 @@ class User(Document):
 
 
 class Room(Document):
-    id: PydanticObjectId = Field(default_factory=PydanticObjectId)  # type: ignore[assignment]
+    id: PydanticObjectId = Field(default_factory=PydanticObjectId)
     # The normalised slug (NFC, casefolded): unique, and the room's address.
     slug: Annotated[str, Indexed(unique=True)]
     name: str
@@ -44,7 +44,7 @@ class Room(Document):
 
 
 class Message(Document):
-    id: PydanticObjectId = Field(default_factory=PydanticObjectId)  # type: ignore[assignment]
+    id: PydanticObjectId = Field(default_factory=PydanticObjectId)
     room: str
     author_id: str
     author_name: str
@@ -55,7 +55,9 @@ class Message(Document):
         name = "messages"
         # nx-27017 0.8.1 cannot insert into a collection whose compound index names _id,
         # so the (ts, _id) cursor is served by (room, ts) alone.
-        indexes = [IndexModel([("room", ASCENDING), ("ts", DESCENDING)])]
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel([("room", ASCENDING), ("ts", DESCENDING)])
+        ]
 
 
 DOCUMENT_MODELS: list[type[Document]] = [User, Room, Message]

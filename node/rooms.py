@@ -110,7 +110,7 @@ def room_sessions_key(slug: str) -> str:
 
 
 async def occupancy(redis: Redis, slug: str) -> Occupancy:
-    sessions: dict[bytes, bytes] = await redis.hgetall(room_sessions_key(slug))  # type: ignore[misc]
+    sessions = await redis.hgetall(room_sessions_key(slug))
     return Occupancy(people=len(set(sessions.values())), sessions=len(sessions))
 
 
@@ -137,9 +137,7 @@ async def create_room(new: NewRoom, creator: User, settings: RoomSettings) -> Ro
         raise APIError(403, "forbidden", "room creation is limited to allow-listed users")
     capacity = new.capacity if new.capacity is not None else settings.default_capacity
     if capacity > settings.max_capacity:
-        raise APIError(
-            422, "invalid_input", f"capacity: must be at most {settings.max_capacity}"
-        )
+        raise APIError(422, "invalid_input", f"capacity: must be at most {settings.max_capacity}")
     room = Room(
         slug=new.slug, name=new.name or new.slug, capacity=capacity, creator_id=str(creator.id)
     )

@@ -62,7 +62,7 @@ async def run_node(settings: Settings) -> int:
             extra={"node": settings.node_name, "url": settings.base_url, "region": settings.region},
         )
         try:
-            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
         finally:
             watcher.cancel()
     finally:

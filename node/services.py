@@ -62,7 +62,7 @@ class ManagedProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen(  # noqa: S603 - argv built by us
+            self.popen = subprocess.Popen(
                 self.argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -80,6 +80,9 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def death_report(self) -> str:
+        return f"{self.name} (pid {self.pid}) died with code {self.exit_code()}:\n{self.log_tail()}"
 
     def wait_port(self, host: str, port: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -183,10 +186,7 @@ class BackingServices:
 
     def check(self) -> None:
         for child in self.dead():
-            raise ServiceError(
-                f"embedded {child.name} (pid {child.pid}) died with code {child.exit_code()}:\n"
-                f"{child.log_tail()}"
-            )
+            raise ServiceError(f"embedded {child.death_report()}")
 
     async def watch(
         self, on_death: Callable[[ManagedProcess], Awaitable[None]], interval: float = 0.5

@@ -22,5 +22,7 @@ def clean_text(value: str, *, max_chars: int, allow_newlines: bool = False) -> s
         if category in ("Cc", "Cs", "Co", "Cn") or (
             category == "Cf" and char not in EMOJI_FORMAT_CHARS
         ):
-            raise ValueError(f"must not contain control or invisible characters (U+{ord(char):04X})")
+            raise ValueError(
+                f"must not contain control or invisible characters (U+{ord(char):04X})"
+            )
     return text

@@ -1,0 +1,176 @@
+"""Shared fixtures: real redis-server and a MongoDB wire-protocol server for the whole run.
+
+Set REDIS_TEST_URL / MONGODB_TEST_URI to test against servers of your own (a real MongoDB,
+say); otherwise the embedded ones start on free loopback ports, through the same code path
+as `sfumesh demo`, and are stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from quart.typing import TestAppProtocol, TestClientProtocol
+from redis.asyncio import Redis
+
+from node.app import create_app
+from node.config import Settings, load_settings
+from node.services import BackingServices
+from node.tokens import new_key
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackingServices]:
+    services = BackingServices.start(
+        os.environ.get("REDIS_TEST_URL", ""),
+        os.environ.get("MONGODB_TEST_URI", ""),
+        tmp_path_factory.mktemp("services"),
+    )
+    try:
+        yield services
+        # A child that died during the run fails the run, even if no test noticed.
+        services.check()
+    finally:
+        services.stop()
+
+
+@pytest.fixture
+def token_keys() -> dict[str, str]:
+    return {"k1": new_key()}
+
+
+@pytest.fixture
+def make_settings(
+    backing: BackingServices, token_keys: dict[str, str], tmp_path: Path
+) -> SettingsFactory:
+    """Settings for one test: its own database name, fast bcrypt; dotted overrides allowed."""
+    database = f"test_{secrets.token_hex(6)}"
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": backing.redis_url,
+            "mongodb_uri": backing.mongodb_uri,
+            "database": database,
+            "data_dir": str(tmp_path),
+            "bcrypt_cost": 4,
+            "tokens.keys": token_keys,
+            "tokens.signing_key_id": next(iter(token_keys)),
+            "public_base_url": "https://rooms.example.org",
+        }
+        values.update({key.replace("__", "."): value for key, value in overrides.items()})
+        return load_settings(env={}, overrides=values)
+
+    return build
+
+
+@pytest.fixture
+async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
+    client = Redis.from_url(backing.redis_url)
+    # Tests run one at a time; each starts from an empty Redis (rate-limit counters and all).
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_app(
+    make_settings: SettingsFactory, redis: Redis, backing: BackingServices
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start an in-process node app with the given setting overrides; stopped at the end."""
+    running: list[TestAppProtocol] = []
+    databases: set[str] = set()
+
+    async def start(**overrides: Any) -> TestAppProtocol:
+        settings = make_settings(**overrides)
+        databases.add(settings.database)
+        test_app = create_app(settings).test_app()
+        await test_app.startup()
+        running.append(test_app)
+        return test_app
+
+    yield start
+    for test_app in reversed(running):
+        await test_app.shutdown()
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(backing.mongodb_uri)
+    for database in databases:
+        await mongo.drop_database(database)
+    await mongo.close()
+
+
+@pytest.fixture
+async def client(make_app: Callable[..., Any]) -> TestClientProtocol:
+    test_app = await make_app()
+    test_client: TestClientProtocol = test_app.test_client()
+    return test_client
+
+
+class Api:
+    """The common walks through the API, so tests read as what they check."""
+
+    def __init__(self, client: TestClientProtocol) -> None:
+        self.client = client
+        self.password = "correct horse battery"
+
+    async def signup(self, username: str = "alice", **fields: Any) -> dict[str, Any]:
+        body = {
+            "username": username,
+            "email": f"{username}@example.org",
+            "password": self.password,
+            "display_name": username.title(),
+            **fields,
+        }
+        response = await self.client.post("/api/users", json=body)
+        assert response.status_code == 201, await response.get_data(as_text=True)
+        data: dict[str, Any] = await response.get_json()
+        return data
+
+    async def login(self, login: str = "alice", password: str | None = None) -> str:
+        response = await self.client.post(
+            "/api/auth/login", json={"login": login, "password": password or self.password}
+        )
+        assert response.status_code == 200, await response.get_data(as_text=True)
+        token: str = (await response.get_json())["user_token"]
+        return token
+
+    async def user_token(self, username: str = "alice") -> str:
+        await self.signup(username)
+        return await self.login(username)
+
+    async def session_token(self, user_token: str) -> str:
+        response = await self.client.post("/api/sessions", headers=bearer(user_token))
+        assert response.status_code == 201, await response.get_data(as_text=True)
+        token: str = (await response.get_json())["session_token"]
+        return token
+
+    async def create_room(self, user_token: str, slug: str, **fields: Any) -> dict[str, Any]:
+        response = await self.client.post(
+            "/api/rooms", json={"slug": slug, **fields}, headers=bearer(user_token)
+        )
+        assert response.status_code == 201, await response.get_data(as_text=True)
+        data: dict[str, Any] = await response.get_json()
+        return data
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def error_of(response: Any) -> dict[str, Any]:
+    """The contract's error object of a response, checked for shape."""
+    body = await response.get_json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+@pytest.fixture
+def api(client: TestClientProtocol) -> Api:
+    return Api(client)
