@@ -1,0 +1,86 @@
+"""Failed logins are limited per login and per address, atomically, and the limit recovers;
+unknown and known logins cost the same time, so timing does not reveal who has an account."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+from tests.conftest import Api, error_of
+
+
+async def _login(api: Api, login: str, password: str, address: str = "127.0.0.1") -> Any:
+    return await api.client.post(
+        "/api/auth/login",
+        json={"login": login, "password": password},
+        scope_base={"client": (address, 40000)},
+    )
+
+
+async def test_limit_per_login_kicks_in_and_recovers(make_app: Any) -> None:
+    test_app = await make_app(login_limit__per_login=3, login_limit__window_s=1.0)
+    api = Api(test_app.test_client())
+    await api.signup("alice")
+    for _ in range(3):
+        assert (await _login(api, "alice", "wrong-password")).status_code == 401
+    blocked = await _login(api, "alice", api.password)  # even the right password waits
+    assert blocked.status_code == 429
+    assert (await error_of(blocked))["code"] == "rate_limited"
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 1
+    # Another login from the same address is not affected by alice's counter.
+    assert (await _login(api, "bob", "wrong-password")).status_code == 401
+    await asyncio.sleep(1.1)
+    assert (await _login(api, "alice", api.password)).status_code == 200
+
+
+async def test_limit_per_address_covers_many_logins(make_app: Any) -> None:
+    test_app = await make_app(login_limit__per_address=4, login_limit__window_s=30)
+    api = Api(test_app.test_client())
+    for index in range(4):
+        assert (await _login(api, f"user{index}", "wrong", "10.0.0.7")).status_code == 401
+    assert (await _login(api, "user9", "wrong", "10.0.0.7")).status_code == 429
+    assert (await _login(api, "user9", "wrong", "10.0.0.8")).status_code == 401
+
+
+async def test_successful_logins_do_not_use_up_the_limit(make_app: Any) -> None:
+    test_app = await make_app(login_limit__per_login=2, login_limit__per_address=2)
+    api = Api(test_app.test_client())
+    await api.signup("alice")
+    for _ in range(6):
+        assert (await _login(api, "alice", api.password)).status_code == 200
+
+
+async def test_concurrent_guesses_cannot_exceed_the_limit(make_app: Any) -> None:
+    test_app = await make_app(login_limit__per_login=5, login_limit__window_s=60)
+    api = Api(test_app.test_client())
+    await api.signup("alice")
+    for _round in range(3):
+        responses = await asyncio.gather(
+            *(_login(api, "alice", f"guess-{i}", f"10.1.0.{i}") for i in range(40))
+        )
+        statuses = Counter(response.status_code for response in responses)
+        # Exactly 5 guesses are checked in the whole window, however they interleave.
+        expected_401 = 5 if _round == 0 else 0
+        assert statuses == Counter({401: expected_401, 429: 40 - expected_401}), statuses
+
+
+async def test_unknown_user_costs_as_much_as_a_wrong_password(make_app: Any) -> None:
+    # Cost 10 makes each check ~50-80 ms, so bcrypt, not noise, dominates what is measured.
+    test_app = await make_app(
+        bcrypt_cost=10, login_limit__per_login=1000, login_limit__per_address=1000
+    )
+    api = Api(test_app.test_client())
+    await api.signup("alice")
+    known: list[float] = []
+    unknown: list[float] = []
+    for _ in range(9):  # interleaved, so machine load hits both alike
+        for login, samples in (("alice", known), ("nobody-here", unknown)):
+            started = time.perf_counter()
+            response = await _login(api, login, "wrong-password")
+            samples.append(time.perf_counter() - started)
+            assert response.status_code == 401
+    ratio = statistics.median(unknown) / statistics.median(known)
+    assert 0.6 < ratio < 1.6, (statistics.median(known), statistics.median(unknown))
