@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from node.app import create_app
 from node.config import Settings, load_settings
+from node.launch import LocalNode, start_node
 from node.services import BackingServices
 from node.tokens import new_key
 
@@ -174,3 +175,28 @@ async def error_of(response: Any) -> dict[str, Any]:
 @pytest.fixture
 def api(client: TestClientProtocol) -> Api:
     return Api(client)
+
+
+@pytest.fixture
+def node_processes(
+    backing: BackingServices, token_keys: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., LocalNode]]:
+    """Start real `sfumesh node` processes on the shared services; stopped by PID at the end."""
+    started: list[LocalNode] = []
+    database = f"test_{secrets.token_hex(6)}"
+
+    def start(
+        name: str = "node-1",
+        services: BackingServices | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> LocalNode:
+        env = {"SFUMESH_DATABASE": database, "SFUMESH_BCRYPT_COST": "4", **(extra_env or {})}
+        node = start_node(
+            services or backing, token_keys, name=name, data_dir=tmp_path, extra_env=env
+        )
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()

@@ -14,7 +14,9 @@ async def _walk(api: Api, slug: str, token: str, limit: int) -> list[list[dict[s
     before: str | None = None
     while True:
         query = f"limit={limit}" + (f"&before={before}" if before else "")
-        response = await api.client.get(f"/api/rooms/{slug}/messages?{query}", headers=bearer(token))
+        response = await api.client.get(
+            f"/api/rooms/{slug}/messages?{query}", headers=bearer(token)
+        )
         assert response.status_code == 200, await response.get_data(as_text=True)
         page = await response.get_json()
         pages.append(page["messages"])
@@ -33,8 +35,13 @@ async def test_pages_cover_every_message_once_newest_first(api: Api) -> None:
     # Groups of five share one timestamp: the cursor must order ties by id, not lose them.
     await Message.insert_many(
         [
-            Message(room="history", author_id="u", author_name="A", text=str(i),
-                    ts=base + timedelta(seconds=i // 5))
+            Message(
+                room="history",
+                author_id="u",
+                author_name="A",
+                text=str(i),
+                ts=base + timedelta(seconds=i // 5),
+            )
             for i in range(53)
         ]
     )
@@ -47,7 +54,9 @@ async def test_pages_cover_every_message_once_newest_first(api: Api) -> None:
 
     # A message written while paging (newer) does not shift older pages.
     first = pages[0]
-    await api.client.post("/api/rooms/history/messages", json={"text": "late"}, headers=bearer(session))
+    await api.client.post(
+        "/api/rooms/history/messages", json={"text": "late"}, headers=bearer(session)
+    )
     again = await api.client.get(
         f"/api/rooms/history/messages?limit=10&before={first[-1]['id']}", headers=bearer(session)
     )
@@ -61,13 +70,17 @@ async def test_default_and_maximum_page_size(api: Api) -> None:
     await Message.insert_many(
         [Message(room="big-room", author_id="u", author_name="A", text=str(i)) for i in range(120)]
     )
-    page = await (await api.client.get("/api/rooms/big-room/messages", headers=bearer(session))).get_json()
+    page = await (
+        await api.client.get("/api/rooms/big-room/messages", headers=bearer(session))
+    ).get_json()
     assert len(page["messages"]) == 50
     page = await (
         await api.client.get("/api/rooms/big-room/messages?limit=100", headers=bearer(session))
     ).get_json()
     assert len(page["messages"]) == 100
-    response = await api.client.get("/api/rooms/big-room/messages?limit=101", headers=bearer(session))
+    response = await api.client.get(
+        "/api/rooms/big-room/messages?limit=101", headers=bearer(session)
+    )
     assert response.status_code == 422
     await error_of(response)
 
@@ -84,7 +97,9 @@ async def test_posted_message_has_author_and_stays_in_its_room(api: Api) -> None
     message = await response.get_json()
     assert message["text"] == "line one\nline two"
     assert message["author"]["display_name"] == "Alice" and message["room"] == "one"
-    other = await (await api.client.get("/api/rooms/two/messages", headers=bearer(session))).get_json()
+    other = await (
+        await api.client.get("/api/rooms/two/messages", headers=bearer(session))
+    ).get_json()
     assert other == {"messages": [], "next_before": None}
     # A cursor from another room is refused, not silently applied.
     response = await api.client.get(

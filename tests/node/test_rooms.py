@@ -34,8 +34,24 @@ def test_slugs_are_normalised(raw: str, canonical: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["a", "x" * 49, "has space", "a/b", "..", "a.b", "-lead", "trail_", "api", "DOCS",
-     "p\u0430ypal", "ｐａｙ", "rtl\u202eabc", "zero\u200bwidth", "tab\there", "\u0301ab"],
+    [
+        "a",
+        "x" * 49,
+        "has space",
+        "a/b",
+        "..",
+        "a.b",
+        "-lead",
+        "trail_",
+        "api",
+        "DOCS",
+        "p\u0430ypal",
+        "ｐａｙ",
+        "rtl\u202eabc",
+        "zero\u200bwidth",
+        "tab\there",
+        "\u0301ab",
+    ],
 )
 def test_hostile_or_confusing_slugs_are_refused(raw: str) -> None:
     with pytest.raises(ValueError):

@@ -89,7 +89,11 @@ async def test_me_shows_email_to_self_only(api: Api) -> None:
     assert (await by_self.get_json())["email"] == "alice@example.org"
 
     by_name = await api.client.get("/api/users/by-username/ALICE", headers=bearer(bob_token))
-    assert await by_name.get_json() == {"id": me["id"], "username": "alice", "display_name": "Alice"}
+    assert await by_name.get_json() == {
+        "id": me["id"],
+        "username": "alice",
+        "display_name": "Alice",
+    }
 
 
 async def test_user_lookup_needs_a_user_token(api: Api) -> None:
@@ -102,7 +106,11 @@ async def test_user_lookup_needs_a_user_token(api: Api) -> None:
 
 async def test_unknown_user_lookups_are_404(api: Api) -> None:
     token = await api.user_token("alice")
-    for path in ("/api/users/0123456789abcdef01234567", "/api/users/nope", "/api/users/by-username/nobody"):
+    for path in (
+        "/api/users/0123456789abcdef01234567",
+        "/api/users/nope",
+        "/api/users/by-username/nobody",
+    ):
         response = await api.client.get(path, headers=bearer(token))
         assert response.status_code == 404
         assert (await error_of(response))["code"] == "user_not_found"
@@ -110,8 +118,12 @@ async def test_unknown_user_lookups_are_404(api: Api) -> None:
 
 async def test_wrong_password_and_unknown_user_get_the_same_answer(api: Api) -> None:
     await api.signup("alice")
-    wrong = await api.client.post("/api/auth/login", json={"login": "alice", "password": "nope-nope"})
-    unknown = await api.client.post("/api/auth/login", json={"login": "zed", "password": "nope-nope"})
+    wrong = await api.client.post(
+        "/api/auth/login", json={"login": "alice", "password": "nope-nope"}
+    )
+    unknown = await api.client.post(
+        "/api/auth/login", json={"login": "zed", "password": "nope-nope"}
+    )
     assert wrong.status_code == unknown.status_code == 401
     assert await wrong.get_json() == await unknown.get_json()
 
