@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ import httpx
 
 from node.launch import LocalNode, start_node
 from node.log import setup_logging
-from node.services import BackingServices, ServiceError
+from node.services import BackingServices, ServiceError, free_port
 from node.tokens import new_key
 
 
@@ -132,8 +133,7 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
             token_keys,
             name="node-1",
             data_dir=data_dir,
-            port=0 if smoke else port,
-            extra_env={"SFUMESH_BCRYPT_COST": os.environ.get("SFUMESH_BCRYPT_COST", "10")},
+            port=0 if smoke else _port_or_free(port),
         )
         started.append(node)
         if smoke:
@@ -149,6 +149,19 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         for node in started:
             node.stop()
         services.stop()
+
+
+def _port_or_free(port: int) -> int:
+    """The wanted port if nothing listens there, else a free one (said on stderr)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    other = free_port()
+    print(f"sfumesh demo: port {port} is taken, using {other}", file=sys.stderr)
+    return other
 
 
 def _report_smoke(node: LocalNode) -> int:
