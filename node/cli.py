@@ -54,7 +54,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from node.bench import run_bench
 
-    return run_bench(args.name, json_path=args.json, duration_s=args.duration)
+    return run_bench(
+        args.name,
+        json_path=args.json,
+        duration_s=args.duration,
+        concurrency=args.concurrency,
+        bcrypt_cost=args.bcrypt_cost,
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -86,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["api"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    bench.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight during signups/logins"
+    )
+    bench.add_argument(
+        "--bcrypt-cost", type=int, default=12, help="the node's bcrypt cost (production: 12)"
+    )
     bench.set_defaults(run=_bench)
 
     keygen = commands.add_parser("keygen", help="print a fresh token signing secret")

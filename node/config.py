@@ -108,6 +108,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_LOG_LEVEL": "log_level",
     "SFUMESH_TOKEN_KEYS": "tokens.keys",
     "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",
+    "SFUMESH_LOGIN_LIMIT_PER_LOGIN": "login_limit.per_login",
+    "SFUMESH_LOGIN_LIMIT_PER_ADDRESS": "login_limit.per_address",
+    "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
 }

@@ -84,5 +84,10 @@ def start_node(
     )
     node = LocalNode(name, f"http://127.0.0.1:{port}", process)
     process.start()
-    wait_ready(node)
+    try:
+        wait_ready(node)
+    except BaseException:
+        # Ctrl-C or a failure while waiting: the caller has no handle yet, so stop it here.
+        node.stop()
+        raise
     return node

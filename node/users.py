@@ -163,11 +163,18 @@ async def authenticate(
             f"too many failed logins, try again in {wait} s",
             headers={"Retry-After": str(wait)},
         )
-    user = await find_user_by_login(request.login)
-    ok = await hasher.verify(request.password, user.password_hash if user else None)
-    if not ok or user is None:
-        log.info("login.failed", extra={"address": address})
-        raise APIError(401, "invalid_credentials", "wrong login or password")
-    await limiter.refund(reservation)
+    failed = False
+    try:
+        user = await find_user_by_login(request.login)
+        ok = await hasher.verify(request.password, user.password_hash if user else None)
+        if not ok or user is None:
+            failed = True
+            log.info("login.failed", extra={"address": address})
+            raise APIError(401, "invalid_credentials", "wrong login or password")
+    finally:
+        # Only a checked, wrong password keeps its slot: a success, or an attempt cut off
+        # before it was answered (client gone, store error), gives it back.
+        if not failed:
+            await limiter.refund(reservation)
     log.info("login.ok", extra={"user_id": str(user.id)})
     return user

@@ -1,0 +1,51 @@
+"""`sfumesh bench api` end to end: real services, a real node process, a short run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+
+NAMED_FIGURES = (
+    "signups_per_s",
+    "logins_per_s",
+    "get_room_p50_ms",
+    "get_room_p99_ms",
+    "get_room_idle_p50_ms",
+    "get_room_idle_p99_ms",
+    "bcrypt_cost",
+    "concurrency",
+    "duration_s",
+)
+
+
+@pytest.fixture(autouse=True)
+def _keep_test_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bench configures the root logger for a command-line run; not for the test session.
+    monkeypatch.setattr("node.bench.setup_logging", lambda *_: None)
+
+
+@pytest.mark.slow
+def test_bench_api_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "api", "--json", str(out), "--duration", "0.5", "--bcrypt-cost", "4"]
+    assert main(argv) == 0, capsys.readouterr()
+    figures = json.loads(out.read_text())
+    for key in NAMED_FIGURES:
+        value = figures[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
+        assert value > 0, (key, value)
+    assert figures["errors"] == 0
+    assert figures["bcrypt_cost"] == 4 and figures["concurrency"] == 8
+    table = capsys.readouterr().out
+    assert "GET /api/rooms/{slug}" in table and "errors: none" in table
+
+
+def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "api", "--duration", "0"]) == 2
+    assert main(["bench", "api", "--concurrency", "0"]) == 2
+    assert main(["bench", "api", "--bcrypt-cost", "3"]) == 2
+    assert "--duration must be > 0" in capsys.readouterr().err
