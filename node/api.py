@@ -53,8 +53,21 @@ class SessionGrant(BaseModel):
     expires_at: datetime
 
 
-def _client_address() -> str:
-    return request.remote_addr or "unknown"
+def client_address(trusted_proxies: list[str]) -> str:
+    """The socket peer, or behind trusted proxies the nearest address they did not add."""
+    address = request.remote_addr or "unknown"
+    if address not in trusted_proxies:
+        return address
+    forwarded = [
+        hop.strip()
+        for header in request.headers.getlist("X-Forwarded-For")
+        for hop in header.split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(forwarded):
+        if hop not in trusted_proxies:
+            return hop
+    return address
 
 
 @api.post("/users")
@@ -70,7 +83,8 @@ async def sign_up(data: NewUser) -> tuple[PublicUser, int]:
 @validate_response(UserToken)
 async def login(data: LoginRequest) -> UserToken:
     context = node_context()
-    user = await authenticate(data, _client_address(), context.hasher, context.login_limiter)
+    address = client_address(context.settings.trusted_proxies)
+    user = await authenticate(data, address, context.hasher, context.login_limiter)
     issued = context.tokens.issue(Purpose.USER, str(user.id))
     return UserToken(user_token=issued.token, expires_at=issued.expires_at)
 

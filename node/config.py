@@ -77,6 +77,9 @@ class Settings(BaseModel):
     bcrypt_cost: int = Field(default=12, ge=4, le=31)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     log_level: str = "INFO"
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (for per-address login
+    # limits); requests from anywhere else are taken at their socket address.
+    trusted_proxies: list[str] = Field(default_factory=list)
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     rooms: RoomSettings = Field(default_factory=RoomSettings)
@@ -106,6 +109,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_BCRYPT_COST": "bcrypt_cost",
     "SFUMESH_MAX_BODY_BYTES": "max_body_bytes",
     "SFUMESH_LOG_LEVEL": "log_level",
+    "SFUMESH_TRUSTED_PROXIES": "trusted_proxies",
     "SFUMESH_TOKEN_KEYS": "tokens.keys",
     "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",
     "SFUMESH_LOGIN_LIMIT_PER_LOGIN": "login_limit.per_login",

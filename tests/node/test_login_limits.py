@@ -4,6 +4,7 @@ unknown and known logins cost the same time, so timing does not reveal who has a
 from __future__ import annotations
 
 import asyncio
+import secrets
 import statistics
 import time
 from collections import Counter
@@ -84,3 +85,23 @@ async def test_unknown_user_costs_as_much_as_a_wrong_password(make_app: Any) -> 
             assert response.status_code == 401
     ratio = statistics.median(unknown) / statistics.median(known)
     assert 0.6 < ratio < 1.6, (statistics.median(known), statistics.median(unknown))
+
+
+async def test_forwarded_address_is_believed_only_from_trusted_proxies(make_app: Any) -> None:
+    test_app = await make_app(login_limit__per_address=2, trusted_proxies=["10.9.9.9"])
+    api = Api(test_app.test_client())
+
+    async def attempt(peer: str, forwarded: str) -> int:
+        response = await api.client.post(
+            "/api/auth/login",
+            json={"login": f"u{secrets.token_hex(3)}", "password": "wrong"},
+            headers={"X-Forwarded-For": forwarded},
+            scope_base={"client": (peer, 40000)},
+        )
+        return int(response.status_code)
+
+    # Through the proxy, two clients are told apart by the header.
+    assert [await attempt("10.9.9.9", "1.1.1.1") for _ in range(3)] == [401, 401, 429]
+    assert await attempt("10.9.9.9", "6.6.6.6, 2.2.2.2") == 401
+    # A client spoofing the header directly is limited by its own socket address.
+    assert [await attempt("3.3.3.3", f"7.7.7.{i}") for i in range(3)] == [401, 401, 429]
