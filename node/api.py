@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
-from node.auth import authenticated_user, bearer_claims
+from node.auth import authenticated_user
 from node.context import node_context
 from node.errors import APIError
 from node.messages import (
@@ -160,7 +160,7 @@ async def room_qr(slug: str) -> Response:
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)
 async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
-    bearer_claims(Purpose.SESSION)
+    await authenticated_user(Purpose.SESSION)
     room = await get_room(slug)
     return await history(room, query_args.before, query_args.limit)
 

@@ -33,6 +33,8 @@ def create_app(settings: Settings) -> Quart:
     # Checked now, not at the first request: a node without signing keys must not start.
     tokens = TokenService(settings.tokens)
     app = Quart(__name__, static_folder=None)
+    # "//" must not be merged by a redirect: "/api/rooms/a%2F/x" would reach another room.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     QuartSchema(

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from quart import Quart, Response, jsonify
+from quart import Quart, Request, Response, jsonify
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +29,34 @@ class APIError(Exception):
         self.message = message
         self.headers = headers or {}
         self.details = details
+
+
+def _malformed_json(why: str = "the body is not valid JSON") -> APIError:
+    return APIError(400, "malformed_json", why)
+
+
+class JSONCheckedRequest(Request):
+    """A request whose unreadable JSON body is the contract's 400, whatever is wrong with it.
+
+    Quart turns only ValueError from the parser into a 400 (a bare one, without saying
+    why); bytes that are not UTF-8 and nesting past the parser's recursion limit escaped as
+    500s.
+    """
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        try:
+            return await super().get_json(force=force, silent=silent, cache=cache)
+        except UnicodeDecodeError as error:
+            if silent:
+                return None
+            raise _malformed_json("the body is not UTF-8") from error
+        except RecursionError as error:
+            if silent:
+                return None
+            raise _malformed_json("the body is nested too deeply") from error
+
+    def on_json_loading_failed(self, error: Exception) -> Any:
+        raise _malformed_json() from error
 
 
 def error_response(error: APIError) -> tuple[Response, int, dict[str, str]]:
@@ -59,6 +87,8 @@ _HTTP_CODES = {
 
 
 def install_error_handlers(app: Quart) -> None:
+    app.request_class = JSONCheckedRequest
+
     @app.errorhandler(APIError)
     async def _api_error(error: APIError) -> Any:
         return error_response(error)
@@ -82,8 +112,14 @@ def install_error_handlers(app: Quart) -> None:
             return error_response(APIError(status, "internal", "internal error"))
         message = error.description or error.name
         if status == 400 and "JSON" in str(message):
-            return error_response(APIError(400, "malformed_json", "the body is not valid JSON"))
-        return error_response(APIError(status, _HTTP_CODES.get(status, "error"), str(message)))
+            return error_response(_malformed_json())
+        # Allow (405), Retry-After (429, 503) and the like stay; the body is ours.
+        headers = {
+            name: value for name, value in error.get_headers() if name.lower() != "content-type"
+        }
+        return error_response(
+            APIError(status, _HTTP_CODES.get(status, "error"), str(message), headers=headers)
+        )
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Any:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from node.config import RoomSettings
 from node.errors import APIError
 from node.models import Room, User
-from node.text import EMOJI_FORMAT_CHARS, clean_text
+from node.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, clean_text
 from node.users import username_key
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,35 @@ _SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))
 # Scripts with letters that look like Latin ones: mixing them in one slug is how look-alike
 # addresses are made ("pаypal" with a Cyrillic "а").
 _LOOKALIKE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"})
+# What undecodable bytes in a URL turn into: not a name anyone chose.
+_REPLACEMENT_CHARS = frozenset({"\ufffd"})
+_TEXT_OR_EMOJI_STYLE = frozenset({"\ufe0e", "\ufe0f"})
 
 
 def _script(char: str) -> str:
     return unicodedata.name(char, "UNKNOWN").split(" ")[0]
+
+
+def _is_emoji(char: str) -> bool:
+    return unicodedata.category(char) == "So" or char in _SKIN_TONES
+
+
+def _check_emoji_format(slug: str, index: int) -> None:
+    """A joiner or variation selector is an emoji's part, or invisible: only after an emoji
+    (and a joiner only between two), else "lobby\u200d" would pass for "lobby"."""
+    char = slug[index]
+    before = slug[index - 1] if index > 0 else ""
+    after = slug[index + 1] if index + 1 < len(slug) else ""
+    if char in _TEXT_OR_EMOJI_STYLE:
+        ok = bool(before) and _is_emoji(before)
+    else:
+        ok = (
+            bool(before and after)
+            and (_is_emoji(before) or before in _TEXT_OR_EMOJI_STYLE)
+            and _is_emoji(after)
+        )
+    if not ok:
+        raise ValueError(f"U+{ord(char):04X} may only join or style emoji")
 
 
 def normalize_slug(raw: str) -> str:
@@ -46,12 +71,21 @@ def normalize_slug(raw: str) -> str:
     slug = unicodedata.normalize("NFC", unicodedata.normalize("NFC", raw).casefold())
     if not SLUG_MIN_CHARS <= len(slug) <= SLUG_MAX_CHARS:
         raise ValueError(f"must be {SLUG_MIN_CHARS}-{SLUG_MAX_CHARS} characters")
-    if len(slug.encode()) > SLUG_MAX_BYTES:
+    if len(slug.encode(errors="surrogatepass")) > SLUG_MAX_BYTES:
         raise ValueError(f"must be at most {SLUG_MAX_BYTES} bytes in UTF-8")
     scripts: set[str] = set()
-    for char in slug:
+    for index, char in enumerate(slug):
         category = unicodedata.category(char)
         if char in "-_":
+            continue
+        if (
+            char in INVISIBLE_CHARS
+            or char in _REPLACEMENT_CHARS
+            or "VARIATION SELECTOR" in unicodedata.name(char, "")
+        ) and char not in EMOJI_FORMAT_CHARS:
+            raise ValueError(f"must not contain invisible characters (U+{ord(char):04X})")
+        if char in EMOJI_FORMAT_CHARS:
+            _check_emoji_format(slug, index)
             continue
         if category[0] in "LN" and unicodedata.normalize("NFKC", char) != char:
             raise ValueError(f"must not contain look-alike compatibility characters ({char!r})")
@@ -59,7 +93,7 @@ def normalize_slug(raw: str) -> str:
             if category[0] == "L":
                 scripts.add(_script(char))
             continue
-        if category in ("Mn", "Mc", "So") or char in _SKIN_TONES or char in EMOJI_FORMAT_CHARS:
+        if category in ("Mn", "Mc", "So") or char in _SKIN_TONES:
             continue
         raise ValueError(
             f"may contain letters, digits, emoji, '-' and '_' only (not U+{ord(char):04X})"

@@ -118,15 +118,14 @@ class TokenService:
             raise TokenError("invalid token") from error
         if payload.get("purpose") != purpose.value:
             raise TokenError(f"not a {purpose.value} token")
-        claims = Claims(
-            purpose,
-            str(payload["sub"]),
-            datetime.fromtimestamp(int(payload["exp"]), UTC),
-            str(payload["jti"]),
-            payload.get("session_id"),
-            payload.get("room"),
-            payload.get("node"),
-        )
+        context = [payload.get(name) for name in ("session_id", "room", "node")]
+        if not all(isinstance(value, str | None) for value in (payload["sub"], *context)):
+            raise TokenError("invalid token")
+        try:
+            expires_at = datetime.fromtimestamp(int(payload["exp"]), UTC)
+        except (OverflowError, OSError, ValueError) as error:
+            raise TokenError("invalid token") from error
+        claims = Claims(purpose, payload["sub"], expires_at, str(payload["jti"]), *context)
         if purpose is not Purpose.USER and not claims.session_id:
             raise TokenError("token carries no session")
         return claims

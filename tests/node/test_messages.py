@@ -91,7 +91,9 @@ async def test_posted_message_has_author_and_stays_in_its_room(api: Api) -> None
     await api.create_room(user_token, "one")
     await api.create_room(user_token, "two")
     response = await api.client.post(
-        "/api/rooms/one/messages", json={"text": "  line one\nline two  "}, headers=bearer(session)
+        "/api/rooms/one/messages",
+        json={"text": "  line one\r\nline two  "},
+        headers=bearer(session),
     )
     assert response.status_code == 201
     message = await response.get_json()
