@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from beanie import PydanticObjectId, SortDirection
 from beanie.operators import And, Or
 from bson.errors import InvalidId
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from node.errors import APIError
 from node.models import Message, Room, User
@@ -32,6 +32,14 @@ class HistoryQuery(BaseModel):
 
     before: Annotated[str, Field(max_length=64)] | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 50
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, values: Any) -> Any:
+        # Clients fill the contract's template `?before=&limit=` as is for the first page.
+        if isinstance(values, dict):
+            return {key: value for key, value in values.items() if value != ""}
+        return values
 
 
 class Author(BaseModel):

@@ -78,6 +78,9 @@ async def test_default_and_maximum_page_size(api: Api) -> None:
         await api.client.get("/api/rooms/big-room/messages?limit=100", headers=bearer(session))
     ).get_json()
     assert len(page["messages"]) == 100
+    template = "/api/rooms/big-room/messages?before=&limit="  # the contract's, filled as is
+    page = await (await api.client.get(template, headers=bearer(session))).get_json()
+    assert len(page["messages"]) == 50
     response = await api.client.get(
         "/api/rooms/big-room/messages?limit=101", headers=bearer(session)
     )
