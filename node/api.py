@@ -156,6 +156,44 @@ async def room_qr(slug: str) -> Response:
     return Response(svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=3600"})
 
 
+class RoomGrant(BaseModel):
+    room_token: str
+    expires_at: datetime
+    room: str
+    # The node that holds this session's WebSocket: the room token works there only.
+    node: str
+    node_url: str | None
+
+
+@api.post("/rooms/<slug>/join")
+@validate_response(RoomGrant)
+async def join_room(slug: str) -> RoomGrant:
+    """Step 2 of joining (S2): on any node; the WebSocket must already be open somewhere."""
+    context = node_context()
+    claims, user = await authenticated_user(Purpose.SESSION)
+    room = await get_room(slug)
+    assert claims.session_id is not None  # session tokens always carry one
+    record, _ = await context.live.sessions.join(
+        room.slug,
+        claims.session_id,
+        str(user.id),
+        user.display_name,
+        room.capacity,
+        context.settings.live.duplicate_policy,
+    )
+    issued = context.tokens.issue(
+        Purpose.ROOM, str(user.id), session_id=claims.session_id, room=room.slug, node=record.node
+    )
+    nodes = {info.name: info for info in await context.live.registry.live()}
+    return RoomGrant(
+        room_token=issued.token,
+        expires_at=issued.expires_at,
+        room=room.slug,
+        node=record.node,
+        node_url=nodes[record.node].url if record.node in nodes else None,
+    )
+
+
 @api.get("/rooms/<slug>/messages")
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)
@@ -171,5 +209,5 @@ async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
 async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
     _, user = await authenticated_user(Purpose.SESSION)
     room = await get_room(slug)
-    message = await append_message(room, user, data.text)
+    message = await append_message(room, str(user.id), user.display_name, data.text)
     return message_view(message), 201

@@ -16,10 +16,12 @@ from node.api import api
 from node.config import Settings
 from node.context import EXTENSION, NodeContext
 from node.errors import install_error_handlers
+from node.live import Live
 from node.ratelimit import LoginLimiter
 from node.store import open_store, ping_store
 from node.tokens import TokenService
 from node.users import PasswordHasher
+from node.ws import ws_blueprint
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sfumesh.access")
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> Quart:
     )
     install_error_handlers(app)
     app.register_blueprint(api)
+    app.register_blueprint(ws_blueprint)
 
     @app.before_serving
     async def _open() -> None:
@@ -51,6 +54,11 @@ def create_app(settings: Settings) -> Quart:
         store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
         hasher = PasswordHasher(settings.bcrypt_cost)
         await hasher.warm_up()
+        lock_redis = [
+            Redis.from_url(url.get_secret_value()) for url in settings.live.lock_redis_urls
+        ]
+        live = Live(settings, redis, lock_redis)
+        await live.start()
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,
             redis=redis,
@@ -58,6 +66,7 @@ def create_app(settings: Settings) -> Quart:
             tokens=tokens,
             hasher=hasher,
             login_limiter=LoginLimiter(redis, settings.login_limit),
+            live=live,
         )
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 
@@ -65,6 +74,10 @@ def create_app(settings: Settings) -> Quart:
     async def _close() -> None:
         context: NodeContext | None = app.extensions.pop(EXTENSION, None)
         if context is not None:
+            await context.live.drain()
+            await context.live.stop()
+            for lock_client in context.live.lock_redis:
+                await lock_client.aclose()
             await context.redis.aclose()
             await context.store.close()
         log.info("node.stopped", extra={"node": settings.node_name})
@@ -106,6 +119,10 @@ def create_app(settings: Settings) -> Quart:
                 checks[name] = "ok"
             except Exception as error:
                 checks[name] = f"unreachable: {type(error).__name__}"
+        if context.live.draining:
+            checks["node"] = "draining"
+        elif not context.live.redis_ok:
+            checks["node"] = "not registered in Redis yet"
         ready = all(value == "ok" for value in checks.values())
         return {
             "status": "ready" if ready else "not_ready",

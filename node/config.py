@@ -61,6 +61,28 @@ class RoomSettings(BaseModel):
     max_capacity: int = Field(default=100, gt=0)
 
 
+class LiveSettings(BaseModel):
+    """Sessions, rooms and the node registry in Redis (the Sessions issue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A node record lives this long without a refresh; after that the node counts as dead
+    # and its sessions are reaped by the others.
+    node_ttl_s: float = Field(default=10.0, gt=0)
+    reaper_period_s: float = Field(default=3.0, gt=0)
+    # No frame (not even `ping`) from a client for this long ends its session.
+    ws_idle_timeout_s: float = Field(default=45.0, gt=0)
+    ws_max_frame_bytes: int = Field(default=64 * 1024, gt=0)
+    # Frames per second a client may send before it is told to slow down.
+    ws_frames_per_s: int = Field(default=50, gt=0)
+    chat_per_s: int = Field(default=5, gt=0)
+    # A user joining a room they are already in: replace the old session, reject, or allow.
+    duplicate_policy: Literal["replace", "reject", "allow"] = "replace"
+    lock_ttl_s: float = Field(default=5.0, gt=0)
+    # Extra independent Redis servers for the lock quorum (the state Redis is always one).
+    lock_redis_urls: list[SecretStr] = Field(default_factory=list)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -83,6 +105,7 @@ class Settings(BaseModel):
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     rooms: RoomSettings = Field(default_factory=RoomSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -117,6 +140,11 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
+    "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
+    "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
+    "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
+    "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
+    "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
 }
 
 

@@ -10,6 +10,7 @@ from quart import current_app
 from redis.asyncio import Redis
 
 from node.config import Settings
+from node.live import Live
 from node.ratelimit import LoginLimiter
 from node.tokens import TokenService
 from node.users import PasswordHasher
@@ -25,6 +26,7 @@ class NodeContext:
     tokens: TokenService
     hasher: PasswordHasher
     login_limiter: LoginLimiter
+    live: Live
 
 
 def node_context() -> NodeContext:

@@ -11,7 +11,7 @@ from bson.errors import InvalidId
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from node.errors import APIError
-from node.models import Message, Room, User
+from node.models import Message, Room
 from node.text import clean_text
 
 MAX_PAGE = 100
@@ -71,10 +71,8 @@ def message_view(message: Message) -> MessageView:
     )
 
 
-async def append_message(room: Room, author: User, text: str) -> Message:
-    message = Message(
-        room=room.slug, author_id=str(author.id), author_name=author.display_name, text=text
-    )
+async def append_message(room: Room, author_id: str, author_name: str, text: str) -> Message:
+    message = Message(room=room.slug, author_id=author_id, author_name=author_name, text=text)
     await message.insert()
     return message
 

@@ -14,9 +14,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError
 from redis.asyncio import Redis
 
+from node import keys
 from node.config import RoomSettings
 from node.errors import APIError
 from node.models import Room, User
+from node.sessions import Membership
 from node.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, clean_text
 from node.users import username_key
 
@@ -138,14 +140,10 @@ def room_url(base_url: str, slug: str) -> str:
     return f"{base_url}/r/{quote(slug, safe='')}"
 
 
-def room_sessions_key(slug: str) -> str:
-    """Redis hash of a room's live sessions: session id -> user id."""
-    return f"sfumesh:room:{slug}:sessions"
-
-
 async def occupancy(redis: Redis, slug: str) -> Occupancy:
-    sessions = await redis.hgetall(room_sessions_key(slug))
-    return Occupancy(people=len(set(sessions.values())), sessions=len(sessions))
+    raw = await redis.hgetall(keys.room_members(slug))
+    members = [Membership.decode(value) for value in raw.values()]
+    return Occupancy(people=len({m.user_id for m in members}), sessions=len(members))
 
 
 async def room_view(room: Room, base_url: str, redis: Redis) -> RoomView:

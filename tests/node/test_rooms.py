@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import segno
 
+from node import keys
 from node.models import Room
-from node.rooms import normalize_slug, qr_svg, room_sessions_key
+from node.rooms import normalize_slug, qr_svg
+from node.sessions import Membership
 from tests.conftest import Api, bearer, error_of
 
 
@@ -142,6 +144,10 @@ async def test_qr_code_encodes_the_percent_encoded_room_url(api: Api) -> None:
 async def test_occupancy_counts_people_not_sessions(api: Api, redis: Any) -> None:
     token = await api.user_token("alice")
     await api.create_room(token, "busy")
-    await redis.hset(room_sessions_key("busy"), mapping={"s1": "u1", "s2": "u1", "s3": "u2"})
+    members = {
+        sid: Membership(sid, user, user, "n1", 1, "active", 0.0).encode()
+        for sid, user in (("s1", "u1"), ("s2", "u1"), ("s3", "u2"))
+    }
+    await redis.hset(keys.room_members("busy"), mapping=members)
     room = await (await api.client.get("/api/rooms/busy")).get_json()
     assert room["occupancy"] == {"people": 2, "sessions": 3}

@@ -1,0 +1,150 @@
+"""This node's WebSocket connections, and room events turned into client messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.events import stream_id_key
+
+log = logging.getLogger(__name__)
+
+SEND_QUEUE = 1000
+# Close codes (4000-4999 are the application's).
+CLOSE_REPLACED = 4000
+CLOSE_DRAINING = 4001
+CLOSE_IDLE = 4002
+CLOSE_SLOW = 4003
+
+
+@dataclass(eq=False)
+class Connection:
+    session_id: str
+    user_id: str
+    display_name: str
+    generation: int
+    room: str | None = None
+    # Room events up to and including this id are already in the client's `joined` snapshot.
+    after: str = "0-0"
+    outbox: asyncio.Queue[dict[str, Any] | None] = field(
+        default_factory=lambda: asyncio.Queue(SEND_QUEUE)
+    )
+    close_code: int | None = None
+    # Set when a newer connection of this session took over: its cleanup must not run.
+    superseded: bool = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.close_code is not None:
+            return
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("ws.slow_client", extra={"session_id": self.session_id})
+            self.close(CLOSE_SLOW)
+
+    def close(self, code: int, final: dict[str, Any] | None = None) -> None:
+        """Send `final` (if any) after what is queued, then close the socket."""
+        if self.close_code is not None:
+            return
+        if final is not None:
+            try:
+                self.outbox.put_nowait(final)
+            except asyncio.QueueFull:
+                pass
+        self.close_code = code
+        try:
+            self.outbox.put_nowait(None)
+        except asyncio.QueueFull:
+            # The sender stops at close_code even without seeing the marker.
+            pass
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.rooms: dict[str, set[Connection]] = {}
+
+    def add(self, conn: Connection) -> Connection | None:
+        """Register a connection; returns the older one of the same session, if any."""
+        previous = self.connections.get(conn.session_id)
+        self.connections[conn.session_id] = conn
+        return previous
+
+    def remove(self, conn: Connection) -> None:
+        if self.connections.get(conn.session_id) is conn:
+            del self.connections[conn.session_id]
+        self.leave_room(conn)
+
+    def enter_room(self, conn: Connection, slug: str, after: str) -> None:
+        self.leave_room(conn)
+        conn.room = slug
+        conn.after = after
+        self.rooms.setdefault(slug, set()).add(conn)
+
+    def leave_room(self, conn: Connection) -> str | None:
+        """Returns the slug when this was the room's last local connection."""
+        slug = conn.room
+        conn.room = None
+        if slug is None:
+            return None
+        members = self.rooms.get(slug)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.rooms[slug]
+                return slug
+        return None
+
+    def supersede(self, session_id: str, generation: int) -> None:
+        conn = self.connections.get(session_id)
+        if conn is not None and conn.generation < generation:
+            replace(conn, same_session=True)
+
+    async def deliver(
+        self, slug: str | None, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        if slug is None:
+            if event_type == "superseded":
+                self.supersede(str(data["session_id"]), int(data["generation"]))
+            return
+        position = stream_id_key(event_id)
+        for conn in list(self.rooms.get(slug, ())):
+            if stream_id_key(conn.after) >= position:
+                continue
+            message = client_message(event_type, data, slug)
+            if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
+                self.leave_room(conn)
+                replace(conn, same_session=False)
+            elif message is not None:
+                conn.send(message)
+
+
+def replace(conn: Connection, *, same_session: bool) -> None:
+    """Close a connection that another took over. A newer connection of the same session
+    owns the session now, so the old one's cleanup must not run; a replaced other session
+    (same user, policy "replace") still ends its own session record on close."""
+    conn.superseded = same_session
+    conn.close(CLOSE_REPLACED, {"type": "session-replaced", "session_id": conn.session_id})
+
+
+def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str, Any] | None:
+    if event_type == "participant-joined":
+        return {
+            "type": "participant-joined",
+            "room": slug,
+            "participant": {
+                "session_id": data["session_id"],
+                "user_id": data["user_id"],
+                "display_name": data["display_name"],
+                "node": data["node"],
+            },
+        }
+    if event_type == "participant-left":
+        return {"type": "participant-left", "room": slug, **data}
+    if event_type == "participant-replaced":
+        return {"type": "participant-replaced", "room": slug, **data}
+    if event_type == "chat":
+        return {"type": "chat", "room": slug, **data}
+    return None

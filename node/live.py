@@ -1,0 +1,183 @@
+"""The live half of a node: sessions, rooms and events, with their background loops.
+
+Owns the node's registry record (heartbeat), the reaper of dead nodes' sessions, the event
+reader, and the drain on shutdown (S5). Redis outages are retried with backoff; when Redis
+answers again, the node re-asserts its live sessions (item 9 of the Sessions issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from node.config import Settings
+from node.events import EventPump
+from node.hub import CLOSE_DRAINING, Connection, Hub
+from node.lock import DistributedLock, LockError
+from node.registry import NodeInfo, Registry
+from node.sessions import Membership, SessionRecord, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+class Live:
+    def __init__(self, settings: Settings, redis: Redis, lock_redis: list[Redis]) -> None:
+        live = settings.live
+        self.settings = settings
+        self.redis = redis
+        self.lock_redis = lock_redis
+        self.lock = DistributedLock([redis, *lock_redis], redis, ttl_s=live.lock_ttl_s)
+        self.sessions = SessionStore(redis, self.lock, settings.node_name, settings.region)
+        self.hub = Hub()
+        self.events = EventPump(redis, settings.node_name, self.hub.deliver)
+        self.registry = Registry(
+            redis,
+            NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
+            live.node_ttl_s,
+        )
+        self.draining = False
+        self.redis_ok = False
+        self._registered = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cleanups: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        return self.settings.node_name
+
+    async def start(self) -> None:
+        """Start the loops; the first registration happens in the heartbeat, which keeps
+        trying while Redis is away (the node reports not-ready until then)."""
+        await self._beat()
+        self._tasks = [
+            asyncio.create_task(self.events.run(), name="events"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._reaper(), name="reaper"),
+        ]
+
+    def run_cleanup(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run state cleanup as its own task: a cancelled request must not cut it short."""
+        task = asyncio.create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def end_connection(self, conn: Connection, reason: str) -> None:
+        last_here = self.hub.leave_room(conn) if conn.room else None
+        if last_here:
+            self.events.unwatch(last_here)
+        if conn.superseded:
+            return
+        for attempt in range(5):
+            try:
+                await self.sessions.end_session(conn.session_id, conn.generation, reason)
+                return
+            except (RedisError, OSError, LockError) as error:
+                log.warning(
+                    "session.end_retry", extra={"session_id": conn.session_id, "error": str(error)}
+                )
+                await asyncio.sleep(0.2 * 2**attempt)
+        # Left for the reaper: this node's record stays, but a restart reaps its own leftovers.
+        log.error("session.end_failed", extra={"session_id": conn.session_id})
+
+    async def drain(self) -> None:
+        """S5: tell clients where to go, end every local session, leave the registry."""
+        self.draining = True
+        try:
+            others = [n for n in await self.registry.live() if n.name != self.name]
+        except (RedisError, OSError):
+            others = []
+        target = random.choice(others) if others else None  # noqa: S311
+        notice: dict[str, Any] = {"type": "reconnect", "node": target.name if target else None}
+        if target is not None:
+            notice["url"] = target.url
+        connections = list(self.hub.connections.values())
+        for conn in connections:
+            conn.close(CLOSE_DRAINING, notice)
+        await asyncio.gather(
+            *(self.end_connection(conn, "node-draining") for conn in connections),
+            return_exceptions=True,
+        )
+        log.info("node.drained", extra={"sessions": len(connections), "to": notice["node"]})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=10)
+        try:
+            await self.registry.deregister()
+        except (RedisError, OSError) as error:
+            log.warning("node.deregister_failed", extra={"error": str(error)})
+
+    async def _heartbeat(self) -> None:
+        period = self.settings.live.node_ttl_s / 3
+        while True:
+            await asyncio.sleep(period if self.redis_ok else min(period, 0.5))
+            await self._beat()
+
+    async def _beat(self) -> None:
+        try:
+            if not self._registered:
+                # Sessions left in Redis by an earlier life of this node (a crash) are dead.
+                reaped = await self.sessions.reap_node(self.name)
+                await self.registry.register()
+                self._registered = True
+                log.info("node.registered", extra={"reaped_own_sessions": reaped})
+            else:
+                await self.registry.register()
+                if not self.redis_ok:
+                    log.info("redis.back")
+                    await self._reassert()
+            self.redis_ok = True
+        except (RedisError, OSError, LockError) as error:
+            if self.redis_ok or not self._registered:
+                log.warning("redis.unreachable", extra={"error": str(error)})
+            self.redis_ok = False
+
+    async def _reassert(self) -> None:
+        for conn in list(self.hub.connections.values()):
+            record = SessionRecord(
+                conn.session_id,
+                conn.user_id,
+                self.name,
+                self.settings.region,
+                time.time(),
+                conn.generation,
+                conn.room or "",
+            )
+            membership = None
+            if conn.room:
+                membership = Membership(
+                    conn.session_id,
+                    conn.user_id,
+                    conn.display_name,
+                    self.name,
+                    conn.generation,
+                    "active",
+                    time.time(),
+                )
+            await self.sessions.reassert(record, membership)
+        log.info("sessions.reasserted", extra={"sessions": len(self.hub.connections)})
+
+    async def _reaper(self) -> None:
+        period = self.settings.live.reaper_period_s
+        while True:
+            await asyncio.sleep(period * (0.8 + random.random() * 0.4))  # noqa: S311
+            try:
+                for name in await self.registry.expired():
+                    if name == self.name:
+                        continue
+                    ended = await self.sessions.reap_node(name)
+                    await self.registry.forget(name)
+                    log.info("node.reaped", extra={"dead_node": name, "sessions": ended})
+            except (RedisError, OSError, LockError) as error:
+                log.warning("reaper.failed", extra={"error": str(error)})
