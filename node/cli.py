@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(run=_node)
 
     demo = commands.add_parser("demo", help="a local mesh with embedded services")
-    demo.add_argument("--nodes", type=int, default=1, help="number of nodes (1 until the Mesh)")
+    demo.add_argument("--nodes", type=int, default=3, help="number of nodes")
     demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
     demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
     demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))

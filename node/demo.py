@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -11,13 +12,17 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import websockets
 
-from node.launch import LocalNode, start_node
+from node.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.services import BackingServices, ServiceError, free_port
 from node.tokens import new_key
+
+SMOKE_STEPS = 7
 
 
 class SmokeFailure(Exception):
@@ -32,8 +37,57 @@ def _expect(response: httpx.Response, status: int, step: str) -> httpx.Response:
     return response
 
 
-async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
-    """signup -> login -> session -> create room -> QR -> chat history, over HTTP."""
+async def _live_room(urls: list[str], slug: str, user_tokens: list[str]) -> str:
+    """Two people on the first and last node, joining through another node, chatting."""
+    sockets = []
+    try:
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            hellos = []
+            for index, user_token in enumerate(user_tokens):
+                ws_node = urls[0] if index == 0 else urls[-1]
+                auth = {"Authorization": f"Bearer {user_token}"}
+                grant = _expect(await http.post(f"{ws_node}/api/sessions", headers=auth), 201, "s")
+                session_token = grant.json()["session_token"]
+                ws_url = ws_node.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
+                sock = await websockets.connect(ws_url)
+                sockets.append(sock)
+                hellos.append(await _receive(sock, "hello"))
+                join_node = urls[(index + 1) % len(urls)]
+                reply = await http.post(
+                    f"{join_node}/api/rooms/{slug}/join",
+                    headers={"Authorization": f"Bearer {session_token}"},
+                )
+                room_token = _expect(reply, 200, "join").json()["room_token"]
+                await sock.send(json.dumps({"type": "join", "room_token": room_token}))
+                await _receive(sock, "joined")
+            arrival = await _receive(sockets[0], "participant-joined")
+            await sockets[1].send(json.dumps({"type": "chat", "text": "hello across nodes"}))
+            chat = await _receive(sockets[0], "chat")
+            if chat["text"] != "hello across nodes":
+                raise SmokeFailure(f"live room: unexpected chat {chat}")
+            nodes = sorted({hello["node"] for hello in hellos})
+            return (
+                f"{arrival['participant']['display_name']} joined and chatted "
+                f"across {', '.join(nodes)}"
+            )
+    finally:
+        for sock in sockets:
+            await sock.close()
+
+
+async def _receive(sock: Any, type_: str) -> dict[str, Any]:
+    while True:
+        message: dict[str, Any] = json.loads(await asyncio.wait_for(sock.recv(), 10))
+        if message["type"] == type_:
+            return message
+        if message["type"] == "error":
+            raise SmokeFailure(f"live room: {message}")
+
+
+async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
+    """signup -> login -> session -> create room -> QR -> chat history over HTTP, then a live
+    room over WebSockets spanning the nodes."""
+    base_url = urls[0]
     results: list[tuple[str, bool, str]] = []
     suffix = secrets.token_hex(4)
     state: dict[str, str] = {}
@@ -89,6 +143,19 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
                 raise SmokeFailure(f"history: unexpected {page}")
             return "1 message read back"
 
+        async def live_room() -> str:
+            body = {
+                "username": f"smoke2_{suffix}",
+                "email": f"smoke2_{suffix}@example.org",
+                "password": state["password"],
+                "display_name": "Second Smoker",
+            }
+            _expect(await http.post("/api/users", json=body), 201, "second signup")
+            login = {"login": body["username"], "password": state["password"]}
+            reply = _expect(await http.post("/api/auth/login", json=login), 200, "second login")
+            tokens = [state["user_token"], reply.json()["user_token"]]
+            return await _live_room(urls, state["slug"], tokens)
+
         steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
             ("signup", signup),
             ("login", login),
@@ -96,11 +163,20 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
             ("create room", create_room),
             ("qr code", qr),
             ("chat history", chat_history),
+            ("live room", live_room),
         ]
         for name, step in steps:
             try:
                 results.append((name, True, await step()))
-            except (SmokeFailure, httpx.HTTPError, KeyError, ValueError) as error:
+            except (
+                SmokeFailure,
+                httpx.HTTPError,
+                KeyError,
+                ValueError,
+                TimeoutError,
+                OSError,
+                websockets.exceptions.WebSocketException,
+            ) as error:
                 results.append((name, False, str(error) or type(error).__name__))
                 break
     return results
@@ -108,11 +184,8 @@ async def smoke(base_url: str) -> list[tuple[str, bool, str]]:
 
 def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
     setup_logging(os.environ.get("SFUMESH_LOG_LEVEL", "WARNING"))
-    if nodes != 1:
-        print(
-            "sfumesh demo: one node for now; --nodes > 1 arrives with the Mesh issue",
-            file=sys.stderr,
-        )
+    if not 1 <= nodes <= 16:
+        print("sfumesh demo: --nodes must be 1..16", file=sys.stderr)
         return 2
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,18 +201,16 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
     started: list[LocalNode] = []
     try:
         token_keys = {"demo": new_key()}
-        node = start_node(
-            services,
-            token_keys,
-            name="node-1",
-            data_dir=data_dir,
-            port=0 if smoke else _port_or_free(port),
+        ports = None if smoke else _ports_or_free(port, nodes)
+        started.extend(
+            start_nodes(services, token_keys, count=nodes, data_dir=data_dir, ports=ports)
         )
-        started.append(node)
         if smoke:
-            return _report_smoke(node)
-        print(f"sfumesh demo is running: {node.url}/")
-        print(f"  API docs: {node.url}/docs    logs: {data_dir}/node-1.log")
+            return _report_smoke(started)
+        print(f"sfumesh demo is running: {started[0].url}/")
+        for node in started:
+            print(f"  {node.name}: {node.url}/  (logs: {data_dir}/{node.name}.log)")
+        print(f"  API docs: {started[0].url}/docs")
         print("  Ctrl-C stops it.")
         return _wait_until_stopped(services, started)
     except ServiceError as error:
@@ -151,24 +222,28 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         services.stop()
 
 
-def _port_or_free(port: int) -> int:
-    """The wanted port if nothing listens there, else a free one (said on stderr)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            pass
-    other = free_port()
-    print(f"sfumesh demo: port {port} is taken, using {other}", file=sys.stderr)
-    return other
+def _ports_or_free(first: int, count: int) -> list[int]:
+    """first, first+1, ... where nothing listens, else free ones (said on stderr)."""
+    ports = []
+    for port in range(first, first + count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                ports.append(port)
+                continue
+            except OSError:
+                pass
+        other = free_port()
+        print(f"sfumesh demo: port {port} is taken, using {other}", file=sys.stderr)
+        ports.append(other)
+    return ports
 
 
-def _report_smoke(node: LocalNode) -> int:
-    results = asyncio.run(smoke(node.url))
+def _report_smoke(nodes: list[LocalNode]) -> int:
+    results = asyncio.run(smoke([node.url for node in nodes]))
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    passed = len(results) == 6 and all(ok for _, ok, _ in results)
+    passed = len(results) == SMOKE_STEPS and all(ok for _, ok, _ in results)
     print("smoke: passed" if passed else "smoke: FAILED")
     return 0 if passed else 1
 

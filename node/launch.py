@@ -68,6 +68,50 @@ def wait_ready(node: LocalNode, timeout: float = 30.0) -> None:
     raise ServiceError(f"node {node.name} was not ready within {timeout}s")
 
 
+# Regions given to local nodes in turn, so a local mesh looks like the one it stands for.
+LOCAL_REGIONS = ("eu-west", "ap-southeast", "ap-vn", "us-east", "sa-east", "af-south")
+
+
+def start_nodes(
+    services: BackingServices,
+    token_keys: dict[str, str],
+    *,
+    count: int,
+    data_dir: Path,
+    ports: list[int] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> list[LocalNode]:
+    """`count` nodes named node-1.. with distinct regions and ports, started side by side."""
+    nodes: list[LocalNode] = []
+    try:
+        for index in range(count):
+            port = ports[index] if ports else free_port()
+            name = f"node-{index + 1}"
+            env = node_env(
+                services,
+                token_keys,
+                name=name,
+                port=port,
+                data_dir=data_dir,
+                extra={
+                    "SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)],
+                    **(extra_env or {}),
+                },
+            )
+            process = ManagedProcess(
+                name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
+            )
+            nodes.append(LocalNode(name, f"http://127.0.0.1:{port}", process))
+            process.start()
+        for node in nodes:
+            wait_ready(node)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
 def start_node(
     services: BackingServices,
     token_keys: dict[str, str],
