@@ -37,7 +37,7 @@ class Peer:
                 self.seen.remove(message)
                 return message
         while True:
-            message = json.loads(await asyncio.wait_for(self.ws.receive(), TIMEOUT))
+            message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.receive(), TIMEOUT))
             if matches(message):
                 return message
             self.seen.append(message)
@@ -47,7 +47,7 @@ class Peer:
         frame_id = f"r{self._next_id}"
         await self.ws.send(json.dumps({"type": type_, "id": frame_id, **fields}))
         while True:
-            message = json.loads(await asyncio.wait_for(self.ws.receive(), TIMEOUT))
+            message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.receive(), TIMEOUT))
             if message.get("id") == frame_id:
                 return message
             self.seen.append(message)
@@ -67,7 +67,8 @@ class Peer:
 
 
 async def connect(stack: AsyncExitStack, api: Api, session_token: str) -> Peer:
-    ws = await stack.enter_async_context(api.client.websocket(f"/ws?session_token={session_token}"))
+    context: Any = api.client.websocket(f"/ws?session_token={session_token}")
+    ws = await stack.enter_async_context(context)
     peer = Peer(api, ws, session_token)
     hello = await peer.next("hello")
     assert hello["node"] == "node-1"
