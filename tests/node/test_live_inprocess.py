@@ -37,10 +37,12 @@ class Peer:
                 self.seen.remove(message)
                 return message
         while True:
-            message: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.receive(), TIMEOUT))
-            if matches(message):
-                return message
-            self.seen.append(message)
+            received: dict[str, Any] = json.loads(
+                await asyncio.wait_for(self.ws.receive(), TIMEOUT)
+            )
+            if matches(received):
+                return received
+            self.seen.append(received)
 
     async def request(self, type_: str, **fields: Any) -> dict[str, Any]:
         self._next_id += 1
