@@ -8,7 +8,10 @@ from typing import Any
 from pydantic import ValidationError
 from quart import Quart, Request, Response, jsonify
 from quart_schema import RequestSchemaValidationError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
+
+from node.lock import LockError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,20 @@ def install_error_handlers(app: Quart) -> None:
         }
         return error_response(
             APIError(status, _HTTP_CODES.get(status, "error"), str(message), headers=headers)
+        )
+
+    @app.errorhandler(RedisError)
+    @app.errorhandler(LockError)
+    async def _state_unavailable(error: Exception) -> Any:
+        # Not the client's fault and not a crash: live state is away for a moment.
+        log.warning("http.state_unavailable", extra={"error": str(error)})
+        return error_response(
+            APIError(
+                503,
+                "unavailable",
+                "live state is unavailable; try again",
+                headers={"Retry-After": "1"},
+            )
         )
 
     @app.errorhandler(Exception)

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from node.app import create_app
 from node.config import Settings
+from node.context import EXTENSION, NodeContext
 from node.services import BackingServices, ManagedProcess
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,26 @@ async def run_node(settings: Settings) -> int:
         )
         app = create_app(settings)
         stop = asyncio.Event()
+        draining: list[asyncio.Task[None]] = []
+
+        async def drain_then_stop() -> None:
+            # Before Hypercorn's graceful wait: open WebSockets would hold it for its whole
+            # timeout, and clients must hear `reconnect` while this node still answers.
+            context: NodeContext | None = app.extensions.get(EXTENSION)
+            if context is not None:
+                try:
+                    await context.live.drain()
+                except Exception:
+                    log.exception("node.drain_failed")
+            stop.set()
+
+        def on_signal() -> None:
+            if not draining:
+                draining.append(asyncio.create_task(drain_then_stop()))
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
 
         async def on_death(child: ManagedProcess) -> None:
             nonlocal exit_code
