@@ -121,8 +121,10 @@ def create_app(settings: Settings) -> Quart:
                 checks[name] = f"unreachable: {type(error).__name__}"
         if context.live.draining:
             checks["node"] = "draining"
-        elif not context.live.redis_ok:
-            checks["node"] = "not registered in Redis yet"
+        elif checks.get("redis") == "ok" and not (
+            context.live.redis_ok and await context.live.registry.is_registered()
+        ):
+            checks["node"] = "not registered in Redis (yet)"
         ready = all(value == "ok" for value in checks.values())
         return {
             "status": "ready" if ready else "not_ready",

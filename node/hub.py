@@ -32,6 +32,8 @@ class Connection:
         default_factory=lambda: asyncio.Queue(SEND_QUEUE)
     )
     close_code: int | None = None
+    # Why the server closed it, when it did (the room hears this as the leave reason).
+    close_reason: str | None = None
     # Set when a newer connection of this session took over: its cleanup must not run.
     superseded: bool = False
 
@@ -44,10 +46,13 @@ class Connection:
             log.warning("ws.slow_client", extra={"session_id": self.session_id})
             self.close(CLOSE_SLOW)
 
-    def close(self, code: int, final: dict[str, Any] | None = None) -> None:
+    def close(
+        self, code: int, final: dict[str, Any] | None = None, reason: str | None = None
+    ) -> None:
         """Send `final` (if any) after what is queued, then close the socket."""
         if self.close_code is not None:
             return
+        self.close_reason = reason
         if final is not None:
             try:
                 self.outbox.put_nowait(final)

@@ -100,7 +100,7 @@ class Live:
             notice["url"] = target.url
         connections = list(self.hub.connections.values())
         for conn in connections:
-            conn.close(CLOSE_DRAINING, notice)
+            conn.close(CLOSE_DRAINING, notice, reason="node-draining")
         await asyncio.gather(
             *(self.end_connection(conn, "node-draining") for conn in connections),
             return_exceptions=True,
@@ -133,10 +133,15 @@ class Live:
                 self._registered = True
                 log.info("node.registered", extra={"reaped_own_sessions": reaped})
             else:
-                await self.registry.register()
-                if not self.redis_ok:
-                    log.info("redis.back")
+                if not await self.registry.is_registered():
+                    # Our record should outlive several beats: its absence means Redis lost
+                    # its data (restart, failover), however short the outage was. Sessions
+                    # go back first, so that being registered again means being whole again.
+                    log.warning("redis.state_lost")
                     await self._reassert()
+                elif not self.redis_ok:
+                    log.info("redis.back")
+                await self.registry.register()
             self.redis_ok = True
         except (RedisError, OSError, LockError) as error:
             if self.redis_ok or not self._registered:

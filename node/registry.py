@@ -40,6 +40,9 @@ class Registry:
             pipe.sadd(keys.NODES, self.me.name)
             await pipe.execute()
 
+    async def is_registered(self) -> bool:
+        return bool(await self._redis.exists(keys.node(self.me.name)))
+
     async def deregister(self) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.node(self.me.name))

@@ -60,6 +60,7 @@ class ManagedProcess:
         return self.popen.pid if self.popen else None
 
     def start(self) -> None:
+        self.stopping = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.popen = subprocess.Popen(

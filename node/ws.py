@@ -103,7 +103,7 @@ async def signalling() -> Any:
     finally:
         for task in (sender, receiver):
             task.cancel()
-        cleanup = live.run_cleanup(_finish(context, conn, reason))
+        cleanup = live.run_cleanup(_finish(context, conn, conn.close_reason or reason))
         await asyncio.shield(cleanup)
     if conn.close_code is not None:
         await websocket.close(conn.close_code)
