@@ -194,6 +194,33 @@ async def join_room(slug: str) -> RoomGrant:
     )
 
 
+class NodeView(BaseModel):
+    name: str
+    region: str
+    url: str
+    ws_url: str
+    started_at: float
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeView]
+
+
+@api.get("/nodes")
+@validate_response(NodeList)
+async def live_nodes() -> NodeList:
+    """Nodes whose registry record is fresh (coordinates and load come with the Mesh)."""
+    infos = await node_context().live.registry.live()
+    return NodeList(
+        nodes=[
+            NodeView(
+                name=i.name, region=i.region, url=i.url, ws_url=i.ws_url, started_at=i.started_at
+            )
+            for i in infos
+        ]
+    )
+
+
 @api.get("/rooms/<slug>/messages")
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)

@@ -87,6 +87,18 @@ class Live:
         # Left for the reaper: this node's record stays, but a restart reaps its own leftovers.
         log.error("session.end_failed", extra={"session_id": conn.session_id})
 
+    async def media_failed(self, session_id: str, generation: int) -> None:
+        """The hook the media layer calls when a session's WebRTC connection fails or closes:
+        the same idempotent, generation-guarded leave as every other way out (S3)."""
+        conn = self.hub.connections.get(session_id)
+        if conn is None or conn.generation != generation or conn.room is None:
+            return
+        slug = conn.room
+        await self.sessions.leave(slug, session_id, generation, "media-failed")
+        if self.hub.leave_room(conn):
+            self.events.unwatch(slug)
+        conn.send({"type": "left", "room": slug, "reason": "media-failed"})
+
     async def drain(self) -> None:
         """S5: tell clients where to go, end every local session, leave the registry."""
         self.draining = True

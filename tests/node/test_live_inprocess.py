@@ -198,3 +198,59 @@ async def test_websocket_refuses_bad_tokens(api: Api) -> None:
         with pytest.raises(Exception):  # noqa: B017 - the handshake is refused
             async with api.client.websocket(f"/ws?session_token={token}") as ws:
                 await ws.receive()
+
+
+async def test_duplicate_policy_reject_and_allow(make_app: Any) -> None:
+    for policy, second_status in (("reject", 409), ("allow", 200)):
+        test_app = await make_app(live__duplicate_policy=policy)
+        api = Api(test_app.test_client())
+        name = f"dup{policy}"
+        token = await api.user_token(name)
+        await api.create_room(token, f"room-{policy}", capacity=1)
+        async with AsyncExitStack() as stack:
+            first = await connect(stack, api, await api.session_token(token))
+            await first.join(f"room-{policy}")
+            second = await connect(stack, api, await api.session_token(token))
+            response = await second.http_join(f"room-{policy}")
+            assert response.status_code == second_status
+            if policy == "reject":
+                assert (await response.get_json())["error"]["code"] == "already-joined"
+            else:
+                # Two devices of one person in a room for one: capacity counts people.
+                ack = await second.request(
+                    "join", room_token=(await response.get_json())["room_token"]
+                )
+                assert ack["type"] == "ack"
+                room = await (await api.client.get(f"/api/rooms/room-{policy}")).get_json()
+                assert room["occupancy"] == {"people": 1, "sessions": 2}
+
+
+async def test_media_failure_leaves_the_room_once(make_app: Any) -> None:
+    test_app = await make_app()
+    api = Api(test_app.test_client())
+    alice = await api.user_token("alice")
+    bob = await api.user_token("bob")
+    await api.create_room(alice, "lobby")
+    live = test_app.app.extensions["sfumesh"].live
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, api, await api.session_token(alice))
+        b = await connect(stack, api, await api.session_token(bob))
+        await a.join("lobby")
+        await b.join("lobby")
+        generation = live.hub.connections[b.session_id].generation
+        await asyncio.gather(*(live.media_failed(b.session_id, generation) for _ in range(3)))
+        assert (await b.next("left"))["reason"] == "media-failed"
+        left = await a.next("participant-left", b.session_id)
+        assert left["reason"] == "media-failed"
+        # A stale generation does nothing, and the session itself stays connected.
+        await live.media_failed(a.session_id, generation + 99)
+        assert (await b.request("ping"))["type"] == "pong"
+        assert (await a.request("chat", text="still here"))["type"] == "ack"
+        # Its own chat comes after every earlier room event: no second participant-left.
+        await a.next("chat")
+        assert [m for m in a.seen if m["type"] == "participant-left"] == []
+
+
+async def test_nodes_lists_this_node(api: Api) -> None:
+    nodes = (await (await api.client.get("/api/nodes")).get_json())["nodes"]
+    assert [(n["name"], n["url"]) for n in nodes] == [("node-1", "https://rooms.example.org")]
