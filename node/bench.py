@@ -90,9 +90,9 @@ class Phase:
             "errors": self.errors,
             "elapsed_s": round(self.elapsed_s, 3),
             "per_s": round(self.per_s, 2),
-            "p50_ms": _rounded(self.percentile_ms(0.50)),
-            "p99_ms": _rounded(self.percentile_ms(0.99)),
-            "max_ms": _rounded(max(self.latencies_ms, default=None)),
+            "p50_ms": rounded(self.percentile_ms(0.50)),
+            "p99_ms": rounded(self.percentile_ms(0.99)),
+            "max_ms": rounded(max(self.latencies_ms, default=None)),
             "error_samples": self.error_samples,
         }
 
@@ -107,7 +107,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
-def _rounded(value: float | None, digits: int = 2) -> float | None:
+def rounded(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
@@ -158,7 +158,7 @@ async def _timed(
     return response
 
 
-async def _load(
+async def load(
     phase: Phase,
     workers: int,
     deadline: float,
@@ -180,7 +180,7 @@ async def _load(
     phase.elapsed_s = time.perf_counter() - started
 
 
-def _client(base_url: str, connections: int) -> httpx.AsyncClient:
+def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=connections,
         max_keepalive_connections=connections,
@@ -253,8 +253,8 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
     run.phases = [signups, logins, idle_gets, loaded_gets, loaded_logins]
     try:
         async with (
-            _client(node.url, run.concurrency) as client,
-            _client(node.url, 1) as get_client,
+            http_client(node.url, run.concurrency) as client,
+            http_client(node.url, 1) as get_client,
         ):
             room_path = await _setup_room(get_client, prefix, password)
 
@@ -273,7 +273,7 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
                     users.append(username)
 
             deadline = time.perf_counter() + run.duration_s
-            await _load(signups, run.concurrency, deadline, watch.abort, signup)
+            await load(signups, run.concurrency, deadline, watch.abort, signup)
             watch.check()
             if not users:
                 raise BenchFailure(
@@ -296,23 +296,23 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
                 return get
 
             deadline = time.perf_counter() + run.duration_s
-            await _load(logins, run.concurrency, deadline, watch.abort, login_into(logins))
+            await load(logins, run.concurrency, deadline, watch.abort, login_into(logins))
             watch.check()
 
             deadline = time.perf_counter() + run.duration_s
-            await _load(idle_gets, 1, deadline, watch.abort, get_into(idle_gets))
+            await load(idle_gets, 1, deadline, watch.abort, get_into(idle_gets))
             watch.check()
 
             deadline = time.perf_counter() + run.duration_s
             await asyncio.gather(
-                _load(
+                load(
                     loaded_logins,
                     run.concurrency,
                     deadline,
                     watch.abort,
                     login_into(loaded_logins),
                 ),
-                _load(loaded_gets, 1, deadline, watch.abort, get_into(loaded_gets)),
+                load(loaded_gets, 1, deadline, watch.abort, get_into(loaded_gets)),
             )
             watch.check()
     finally:
@@ -320,7 +320,7 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
 
 
 @contextmanager
-def _no_interrupts() -> Iterator[None]:
+def no_interrupts() -> Iterator[None]:
     """A second Ctrl-C must not cut the clean-up short and leave children running."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -332,7 +332,7 @@ def _no_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _drop_external_database(mongodb_uri: str, database: str) -> None:
+def drop_external_database(mongodb_uri: str, database: str) -> None:
     """Bench users written to a store we did not start are removed again."""
     from pymongo import MongoClient
 
@@ -362,18 +362,18 @@ def _bench_api(data_dir: Path, run: BenchRun) -> None:
         )
         asyncio.run(_drive(node, services, run))
     finally:
-        with _no_interrupts():
+        with no_interrupts():
             if node is not None:
                 node.stop()
             services.stop()
             if external_store:
                 try:
-                    _drop_external_database(external_store, database)
+                    drop_external_database(external_store, database)
                 except Exception as error:
                     print(f"sfumesh bench: could not drop {database}: {error}", file=sys.stderr)
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
@@ -389,14 +389,14 @@ def print_table(run: BenchRun) -> None:
     for number, phase in zip((1, 2, 3, 4, 4), run.phases, strict=True):
         print(
             f"{number} {phase.label:<46} {phase.ok:>7} {phase.errors:>7} {phase.per_s:>9.1f} "
-            f"{_ms(phase.percentile_ms(0.50)):>9} {_ms(phase.percentile_ms(0.99)):>9}"
+            f"{ms(phase.percentile_ms(0.50)):>9} {ms(phase.percentile_ms(0.99)):>9}"
         )
     idle, loaded = run.phase("get_room_idle"), run.phase("get_room_under_login")
     print()
     print(
-        f"GET /api/rooms/{{slug}} while logins run: p50 {_ms(loaded.percentile_ms(0.50))} ms, "
-        f"p99 {_ms(loaded.percentile_ms(0.99))} ms "
-        f"(idle: p50 {_ms(idle.percentile_ms(0.50))} ms, p99 {_ms(idle.percentile_ms(0.99))} ms)"
+        f"GET /api/rooms/{{slug}} while logins run: p50 {ms(loaded.percentile_ms(0.50))} ms, "
+        f"p99 {ms(loaded.percentile_ms(0.99))} ms "
+        f"(idle: p50 {ms(idle.percentile_ms(0.50))} ms, p99 {ms(idle.percentile_ms(0.99))} ms)"
     )
     if run.errors:
         print(f"ERRORS: {run.errors} failed requests")
@@ -414,10 +414,10 @@ def report(run: BenchRun) -> dict[str, Any]:
         "nodes": 1,
         "signups_per_s": round(phases["signup"].per_s, 2),
         "logins_per_s": round(phases["login"].per_s, 2),
-        "get_room_p50_ms": _rounded(phases["get_room_under_login"].percentile_ms(0.50)),
-        "get_room_p99_ms": _rounded(phases["get_room_under_login"].percentile_ms(0.99)),
-        "get_room_idle_p50_ms": _rounded(phases["get_room_idle"].percentile_ms(0.50)),
-        "get_room_idle_p99_ms": _rounded(phases["get_room_idle"].percentile_ms(0.99)),
+        "get_room_p50_ms": rounded(phases["get_room_under_login"].percentile_ms(0.50)),
+        "get_room_p99_ms": rounded(phases["get_room_under_login"].percentile_ms(0.99)),
+        "get_room_idle_p50_ms": rounded(phases["get_room_idle"].percentile_ms(0.50)),
+        "get_room_idle_p99_ms": rounded(phases["get_room_idle"].percentile_ms(0.99)),
         "logins_with_gets_per_s": round(phases["login_with_gets"].per_s, 2),
         "bcrypt_cost": run.bcrypt_cost,
         "concurrency": run.concurrency,
@@ -437,12 +437,29 @@ def run_bench(
     json_path: Path | None,
     duration_s: float,
     concurrency: int = DEFAULT_CONCURRENCY,
-    bcrypt_cost: int = DEFAULT_BCRYPT_COST,
+    bcrypt_cost: int | None = None,
+    nodes: int | None = None,
+    clients: int | None = None,
 ) -> int:
-    """Run the named bench; 0 when it ran without errors, 1 when not, 2 on bad arguments."""
+    """Run the named bench; 0 when it ran without errors, 1 when not, 2 on bad arguments.
+
+    `bcrypt_cost`, `nodes` and `clients` left at None take the named bench's defaults.
+    """
+    if name == "join":
+        from node.bench_join import run_join_bench
+
+        return run_join_bench(
+            json_path=json_path,
+            duration_s=duration_s,
+            nodes=nodes,
+            clients=clients,
+            bcrypt_cost=bcrypt_cost,
+        )
     if name != "api":
-        print(f"sfumesh bench: unknown bench {name!r} (known: api)", file=sys.stderr)
+        print(f"sfumesh bench: unknown bench {name!r} (known: api, join)", file=sys.stderr)
         return 2
+    if bcrypt_cost is None:
+        bcrypt_cost = DEFAULT_BCRYPT_COST
     if not duration_s > 0 or concurrency < 1 or not 4 <= bcrypt_cost <= 31:
         print(
             "sfumesh bench: --duration must be > 0, --concurrency >= 1, --bcrypt-cost 4..31",

@@ -42,6 +42,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from node.bench import (
+    WATCH_INTERVAL_S,
     BenchFailure,
     Phase,
     Watch,
@@ -100,7 +101,7 @@ class MeshWatch(Watch):
                 self.deaths.extend(child.death_report() for child in dead)
                 self.abort.set()
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
 
 @dataclass
@@ -263,14 +264,16 @@ async def _turn(
         return
     http_ms = (time.perf_counter() - started) * 1000
     if not response.is_success:
-        phases.join.record_error(f"{where}: HTTP {response.status_code}: {response.text[:200]}")
+        phases.join.record_error(
+            f"{where}: HTTP {response.status_code}: {response.text.strip()[:200]}"
+        )
         return
     try:
         grant = response.json()
         room_token = str(grant["room_token"])
         granted_node = grant["node"]
     except (ValueError, KeyError, TypeError):
-        phases.join.record_error(f"{where}: unexpected reply {response.text[:200]}")
+        phases.join.record_error(f"{where}: unexpected reply {response.text.strip()[:200]}")
         return
     if granted_node != client.node.name:
         phases.join.record_error(f"{where}: token for {granted_node}, WebSocket on another node")
@@ -304,6 +307,9 @@ class JoinRun:
     one_room: ScenarioPhases
     socket: Phase = field(default_factory=lambda: Phase("socket", "WebSocket events"))
     paced_s: float = 0.0
+    # CPU this process used per second of each scenario (1.0 = one core busy): the clients
+    # compete with the nodes for the same machine.
+    bench_cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def phases(self) -> list[Phase]:
@@ -348,7 +354,9 @@ async def _expect(
         setup.record_error(f"POST {path}: {type(error).__name__}: {error}")
         return None
     if response.status_code != status:
-        setup.record_error(f"POST {path}: HTTP {response.status_code}: {response.text[:200]}")
+        setup.record_error(
+            f"POST {path}: HTTP {response.status_code}: {response.text.strip()[:200]}"
+        )
         return None
     reply: dict[str, Any] = response.json()
     return reply
@@ -472,9 +480,12 @@ async def _scenario(
         finally:
             idle.put_nowait(client)
 
+    cpu_started = time.process_time()
     deadline = time.perf_counter() + run.duration_s
     await load(phases.join, len(clients), deadline, watch.abort, one_turn)
     phases.http.elapsed_s = phases.leave.elapsed_s = phases.join.elapsed_s
+    if phases.join.elapsed_s > 0:
+        run.bench_cpu[phases.join.key] = (time.process_time() - cpu_started) / phases.join.elapsed_s
     watch.check()
 
 
@@ -552,6 +563,9 @@ def print_table(run: JoinRun) -> None:
             f"p50 {ms(phases.join.percentile_ms(0.50))} ms, "
             f"p99 {ms(phases.join.percentile_ms(0.99))} ms"
         )
+    if run.bench_cpu:
+        shares = ", ".join(f"{key} {share:.2f}" for key, share in run.bench_cpu.items())
+        _say(f"this process's CPU, in cores: {shares}")
     if run.paced_s:
         _say(f"clients waited {run.paced_s:.1f} s in all to stay under the frame rate limit")
     if run.errors:
@@ -583,6 +597,7 @@ def report(run: JoinRun) -> dict[str, Any]:
             "errors_by_phase": {phase.key: phase.errors for phase in run.phases},
             "phases": {phase.key: phase.summary() for phase in run.phases},
             "paced_s": round(run.paced_s, 3),
+            "bench_cpu_cores": {key: round(share, 2) for key, share in run.bench_cpu.items()},
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -60,6 +60,8 @@ def _bench(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         concurrency=args.concurrency,
         bcrypt_cost=args.bcrypt_cost,
+        nodes=args.nodes,
+        clients=args.clients,
     )
 
 
@@ -89,14 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api"])
+    bench.add_argument("name", choices=["api", "join"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
-        "--concurrency", type=int, default=8, help="requests in flight during signups/logins"
+        "--concurrency", type=int, default=8, help="api: requests in flight during signups/logins"
     )
     bench.add_argument(
-        "--bcrypt-cost", type=int, default=12, help="the node's bcrypt cost (production: 12)"
+        "--bcrypt-cost",
+        type=int,
+        help="the nodes' bcrypt cost (default: api 12 as in production, join 4)",
+    )
+    bench.add_argument("--nodes", type=int, help="join: node processes (default 3)")
+    bench.add_argument(
+        "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
     )
     bench.set_defaults(run=_bench)
 

@@ -79,6 +79,8 @@ class LiveSettings(BaseModel):
     # A user joining a room they are already in: replace the old session, reject, or allow.
     duplicate_policy: Literal["replace", "reject", "allow"] = "replace"
     lock_ttl_s: float = Field(default=5.0, gt=0)
+    # How long a request waits for a busy room lock before it is told to try again (503).
+    lock_wait_s: float = Field(default=10.0, gt=0)
     # Extra independent Redis servers for the lock quorum (the state Redis is always one).
     lock_redis_urls: list[SecretStr] = Field(default_factory=list)
 
@@ -140,6 +142,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
+    "SFUMESH_ROOM_MAX_CAPACITY": "rooms.max_capacity",
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",

@@ -11,7 +11,7 @@ from quart_schema import RequestSchemaValidationError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from node.lock import LockError
+from node.lock import LockError, LockUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,18 @@ def install_error_handlers(app: Quart) -> None:
         }
         return error_response(
             APIError(status, _HTTP_CODES.get(status, "error"), str(message), headers=headers)
+        )
+
+    @app.errorhandler(LockUnavailable)
+    async def _room_busy(error: Exception) -> Any:
+        log.warning("http.lock_busy", extra={"error": str(error)})
+        return error_response(
+            APIError(
+                503,
+                "busy",
+                "the room is busy; try again in a moment",
+                headers={"Retry-After": "1"},
+            )
         )
 
     @app.errorhandler(RedisError)

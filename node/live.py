@@ -33,8 +33,16 @@ class Live:
         self.settings = settings
         self.redis = redis
         self.lock_redis = lock_redis
-        self.lock = DistributedLock([redis, *lock_redis], redis, ttl_s=live.lock_ttl_s)
-        self.sessions = SessionStore(redis, self.lock, settings.node_name, settings.region)
+        self.lock = DistributedLock(
+            [redis, *lock_redis], redis, ttl_s=live.lock_ttl_s, wait_s=live.lock_wait_s
+        )
+        self.sessions = SessionStore(
+            redis,
+            self.lock,
+            settings.node_name,
+            settings.region,
+            pending_ttl_s=settings.tokens.room_ttl_s,
+        )
         self.hub = Hub()
         self.events = EventPump(redis, settings.node_name, self.hub.deliver)
         self.registry = Registry(

@@ -112,6 +112,7 @@ class DistributedLock:
         retry_delay_s: tuple[float, float] = (0.005, 0.05),
         drift_factor: float = 0.01,
         call_timeout_s: float | None = None,
+        wait_s: float | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a lock needs at least one Redis server")
@@ -127,6 +128,9 @@ class DistributedLock:
         self.retry_delay_s = (low, high)
         self.drift_factor = drift_factor
         self._call_timeout_s = call_timeout_s
+        # With wait_s, a busy lock is retried until that deadline, however many attempts it
+        # takes: under contention a fixed count runs out long before the queue does.
+        self.wait_s = wait_s
         self.quorum = len(self._clients) // 2 + 1
         self._release_scripts = [client.register_script(_RELEASE) for client in self._clients]
         self._extend_scripts = [client.register_script(_EXTEND) for client in self._clients]
@@ -203,7 +207,10 @@ class DistributedLock:
     async def acquire(self, name: str, fence_key: str) -> Lease:
         """The lock `name` with a fresh fence from `INCR fence_key`, or LockUnavailable."""
         value = secrets.token_hex(16)
-        for attempt in range(1, self.retries + 1):
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 lease = await self._attempt(name, value, fence_key)
             except BaseException:
@@ -222,15 +229,19 @@ class DistributedLock:
                 )
                 return lease
             await self._release_all(name, value)
-            if attempt < self.retries:
-                await asyncio.sleep(_jitter.uniform(*self.retry_delay_s))
+            delay = _jitter.uniform(*self.retry_delay_s)
+            if deadline is None:
+                if attempt >= self.retries:
+                    break
+            elif time.monotonic() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
         log.warning(
             "lock.unavailable",
-            extra={"lock": name, "attempts": self.retries, "servers": len(self._clients)},
+            extra={"lock": name, "attempts": attempt, "servers": len(self._clients)},
         )
         raise LockUnavailable(
-            f"lock {name!r}: no quorum of {self.quorum}/{len(self._clients)} "
-            f"in {self.retries} attempts"
+            f"lock {name!r}: no quorum of {self.quorum}/{len(self._clients)} in {attempt} attempts"
         )
 
     async def extend(self, lease: Lease, ttl_s: float | None = None) -> Lease:

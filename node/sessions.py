@@ -104,6 +104,13 @@ end
 return raw
 """
 
+# ARGV[2..] sessions whose pending memberships expired: dropped without an event (the room
+# never heard of them).
+_DROP_PENDING = """
+for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+return 1
+"""
+
 # ARGV[2] session, ARGV[3] membership JSON: put back a membership lost with Redis's data.
 _REASSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
@@ -165,8 +172,18 @@ class Connected:
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, lock: DistributedLock, node: str, region: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        lock: DistributedLock,
+        node: str,
+        region: str,
+        pending_ttl_s: float = 300.0,
+    ) -> None:
         self._redis = redis
+        # A pending membership older than this (the room token's lifetime) can never be
+        # activated: it stops holding a seat.
+        self._pending_ttl_s = pending_ttl_s
         self._lock = lock
         self.node = node
         self.region = region
@@ -177,6 +194,7 @@ class SessionStore:
         self._activate = FencedScript(redis, _ACTIVATE)
         self._leave = FencedScript(redis, _LEAVE)
         self._reassert = FencedScript(redis, _REASSERT)
+        self._drop_pending = FencedScript(redis, _DROP_PENDING)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -243,7 +261,23 @@ class SessionStore:
             await self.leave(record.room, session_id, record.generation, "moved")
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
             members = await self.members(slug)
-            others = [m for m in members if m.session_id != session_id]
+            expired = [
+                m.session_id
+                for m in members
+                if m.state == "pending"
+                and m.session_id != session_id
+                and m.joined_at < time.time() - self._pending_ttl_s
+            ]
+            if expired:
+                await self._drop_pending(
+                    keys.room_fence_applied(slug),
+                    lease.fence,
+                    keys=[keys.room_members(slug)],
+                    args=expired,
+                )
+            others = [
+                m for m in members if m.session_id != session_id and m.session_id not in expired
+            ]
             same_user = [m for m in others if m.user_id == user_id]
             if same_user and policy == "reject":
                 raise APIError(409, "already-joined", "this user is already in the room")

@@ -147,16 +147,49 @@ async def _receive_loop(context: NodeContext, conn: Connection) -> str:
         )
         last = now
         if allowance < 1:
-            conn.send(_error(None, "rate-limited", "too many frames; slow down"))
+            # Not handled, but still answered by id, so a client waiting for it hears.
+            frame_id = None
+            if isinstance(raw, str) and len(raw) <= settings.ws_max_frame_bytes:
+                try:
+                    frame = json.loads(raw)
+                except (ValueError, RecursionError):
+                    frame = None
+                candidate = frame.get("id") if isinstance(frame, dict) else None
+                # As in _handle_frame: an integer or a string of <= 64 characters.
+                if (
+                    isinstance(candidate, str | int)
+                    and not isinstance(candidate, bool)
+                    and len(str(candidate)) <= 64
+                    and not any("\ud800" <= char <= "\udfff" for char in str(candidate))
+                ):
+                    frame_id = candidate
+            conn.send(_error(frame_id, "rate-limited", "too many frames; slow down"))
             continue
         allowance -= 1
-        await _handle_frame(context, conn, raw)
+        try:
+            await _handle_frame(context, conn, raw)
+        except Exception:
+            # A bug, not bad input: say so in the log, and end this connection (its cleanup
+            # ends the session) rather than go on with state half changed.
+            log.exception("ws.frame_failed", extra={"session_id": conn.session_id})
+            conn.close(
+                1011,  # the WebSocket protocol's "internal error"
+                {"type": "error", "code": "internal", "message": "the node failed; reconnect"},
+            )
+            return "error"
 
 
 async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes) -> None:
     limit = context.settings.live.ws_max_frame_bytes
-    if len(raw) > limit:
+    # The limit is in bytes: a text frame of N characters is up to 4N bytes of UTF-8.
+    size = len(raw)
+    if isinstance(raw, str) and size <= limit < 4 * size:
+        size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > limit:
         conn.send(_error(None, "frame-too-large", f"frames are limited to {limit} bytes"))
+        return
+    if isinstance(raw, bytes):
+        conn.send(_error(None, "bad-frame", "frames are JSON objects in text frames"))
         return
     try:
         frame = json.loads(raw)
@@ -167,13 +200,27 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
         conn.send(_error(None, "bad-frame", "frames are JSON objects"))
         return
     frame_id = frame.get("id")
-    if not (frame_id is None or (isinstance(frame_id, str | int) and len(str(frame_id)) <= 64)):
-        conn.send(_error(None, "bad-frame", "id must be a string or number of <= 64 chars"))
+    # An id the reply can carry back as it came: an integer, or a string of up to 64
+    # characters without lone surrogates (which JSON allows and UTF-8 cannot send back).
+    if not (
+        frame_id is None
+        or (
+            isinstance(frame_id, str | int)
+            and not isinstance(frame_id, bool)
+            and len(str(frame_id)) <= 64
+            and not any("\ud800" <= char <= "\udfff" for char in str(frame_id))
+        )
+    ):
+        conn.send(_error(None, "bad-frame", "id must be a string or integer of <= 64 chars"))
         return
     frame_type = frame.get("type")
     handler = HANDLERS.get(frame_type) if isinstance(frame_type, str) else None
     if handler is None:
-        conn.send(_error(frame_id, "unknown-type", f"unknown message type {frame.get('type')!r}"))
+        if isinstance(frame_type, str):
+            message = f"unknown message type {frame_type[:64]!r}"
+        else:
+            message = "type must be a string naming a message type"
+        conn.send(_error(frame_id, "unknown-type", message))
         return
     try:
         reply = await handler(context, conn, frame)
@@ -208,8 +255,12 @@ async def _ping(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
 
 async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
     live = context.live
+    token = _string_field(frame, "room_token", 4096)
+    # Tokens are ASCII; anything else (a lone surrogate, say) would fail in the JWT library.
+    if not token.isascii():
+        raise ClientError("bad-token", "malformed token")
     try:
-        claims = context.tokens.verify(_string_field(frame, "room_token", 4096), Purpose.ROOM)
+        claims = context.tokens.verify(token, Purpose.ROOM)
     except TokenError as error:
         raise ClientError("bad-token", str(error)) from error
     if (claims.session_id, claims.user_id, claims.node) != (

@@ -1,4 +1,4 @@
-"""`sfumesh bench api` end to end: real services, a real node process, a short run."""
+"""`sfumesh bench api` and `bench join` end to end: real services, real node processes."""
 
 from __future__ import annotations
 
@@ -21,11 +21,24 @@ NAMED_FIGURES = (
     "duration_s",
 )
 
+JOIN_FIGURES = (
+    "spread_joins_per_s",
+    "spread_join_p50_ms",
+    "spread_join_p99_ms",
+    "one_room_joins_per_s",
+    "one_room_join_p50_ms",
+    "one_room_join_p99_ms",
+    "nodes",
+    "clients",
+    "duration_s",
+)
+
 
 @pytest.fixture(autouse=True)
 def _keep_test_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bench configures the root logger for a command-line run; not for the test session.
     monkeypatch.setattr("node.bench.setup_logging", lambda *_: None)
+    monkeypatch.setattr("node.bench_join.setup_logging", lambda *_: None)
 
 
 @pytest.mark.slow
@@ -49,3 +62,32 @@ def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["bench", "api", "--concurrency", "0"]) == 2
     assert main(["bench", "api", "--bcrypt-cost", "3"]) == 2
     assert "--duration must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_join_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench-join.json"
+    argv = ["bench", "join", "--json", str(out), "--duration", "1", "--clients", "12"]
+    assert main(argv) == 0, capsys.readouterr()
+    figures = json.loads(out.read_text())
+    for key in JOIN_FIGURES:
+        value = figures[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
+        assert value > 0, (key, value)
+    assert figures["errors"] == 0
+    assert figures["nodes"] == 3 and figures["clients"] == 12 and figures["bcrypt_cost"] == 4
+    # Every full join was also an HTTP join, and every one was left again.
+    phases = figures["phases"]
+    for key in ("spread", "one_room"):
+        assert phases[f"{key}_http"]["ok"] >= phases[key]["ok"] > 0
+        assert phases[f"{key}_leave"]["ok"] == phases[key]["ok"]
+    table = capsys.readouterr().out
+    assert "full join, one room" in table and "errors: none" in table
+
+
+def test_bench_join_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "join", "--duration", "0"]) == 2
+    assert main(["bench", "join", "--nodes", "0"]) == 2
+    assert main(["bench", "join", "--clients", "0"]) == 2
+    assert main(["bench", "join", "--bcrypt-cost", "3"]) == 2
+    assert "--clients 1.." in capsys.readouterr().err

@@ -254,3 +254,21 @@ async def test_media_failure_leaves_the_room_once(make_app: Any) -> None:
 async def test_nodes_lists_this_node(api: Api) -> None:
     nodes = (await (await api.client.get("/api/nodes")).get_json())["nodes"]
     assert [(n["name"], n["url"]) for n in nodes] == [("node-1", "https://rooms.example.org")]
+
+
+async def test_pending_seat_expires_with_its_room_token(make_app: Any) -> None:
+    test_app = await make_app(tokens__room_ttl_s=1)
+    api = Api(test_app.test_client())
+    first = await api.user_token("first")
+    second = await api.user_token("second")
+    await api.create_room(first, "tiny", capacity=1)
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, api, await api.session_token(first))
+        b = await connect(stack, api, await api.session_token(second))
+        # The first user is admitted over HTTP but never sends the WebSocket join.
+        assert (await a.http_join("tiny")).status_code == 200
+        full = await b.http_join("tiny")
+        assert (await full.get_json())["error"]["code"] == "room-full"
+        await asyncio.sleep(1.2)
+        assert (await b.http_join("tiny")).status_code == 200
+        assert not [m for m in a.seen + b.seen if m["type"] == "participant-left"]
