@@ -398,13 +398,18 @@ def print_table(run: BenchRun) -> None:
         f"p99 {ms(loaded.percentile_ms(0.99))} ms "
         f"(idle: p50 {ms(idle.percentile_ms(0.50))} ms, p99 {ms(idle.percentile_ms(0.99))} ms)"
     )
-    if run.errors:
-        print(f"ERRORS: {run.errors} failed requests")
-        for phase in run.phases:
-            for sample in phase.error_samples:
-                print(f"  {phase.key}: {sample}")
-    else:
+    print_errors(run.phases)
+
+
+def print_errors(phases: list[Phase]) -> None:
+    errors = sum(phase.errors for phase in phases)
+    if not errors:
         print("errors: none")
+        return
+    print(f"ERRORS: {errors} failed requests")
+    for phase in phases:
+        for sample in phase.error_samples:
+            print(f"  {phase.key}: {sample}")
 
 
 def report(run: BenchRun) -> dict[str, Any]:

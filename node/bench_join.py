@@ -51,6 +51,7 @@ from node.bench import (
     load,
     ms,
     no_interrupts,
+    print_errors,
     rounded,
 )
 from node.config import LiveSettings, RoomSettings
@@ -568,13 +569,7 @@ def print_table(run: JoinRun) -> None:
         _say(f"this process's CPU, in cores: {shares}")
     if run.paced_s:
         _say(f"clients waited {run.paced_s:.1f} s in all to stay under the frame rate limit")
-    if run.errors:
-        _say(f"ERRORS: {run.errors}")
-        for phase in run.phases:
-            for sample in phase.error_samples:
-                _say(f"  {phase.key}: {sample}")
-    else:
-        _say("errors: none")
+    print_errors(run.phases)
 
 
 def report(run: JoinRun) -> dict[str, Any]:
