@@ -147,6 +147,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
+    "SFUMESH_CHAT_PER_S": "live.chat_per_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
 }
 
