@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class Hub:
     def __init__(self) -> None:
         self.connections: dict[str, Connection] = {}
         self.rooms: dict[str, set[Connection]] = {}
+        # Called with a slug when its last local connection leaves (stop reading its events).
+        self.on_room_empty: Callable[[str], None] | None = None
 
     def add(self, conn: Connection) -> Connection | None:
         """Register a connection; returns the older one of the same session, if any."""
@@ -99,6 +102,8 @@ class Hub:
             members.discard(conn)
             if not members:
                 del self.rooms[slug]
+                if self.on_room_empty is not None:
+                    self.on_room_empty(slug)
                 return slug
         return None
 
@@ -122,6 +127,16 @@ class Hub:
             if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
                 self.leave_room(conn)
                 replace(conn, same_session=False)
+            elif (
+                event_type == "participant-left"
+                and data["session_id"] == conn.session_id
+                and data.get("reason") == "moved"
+            ):
+                # Its membership ended behind its back (an HTTP join to another room, on any
+                # node): it stops hearing this room, and is told so. Every other way out is
+                # this connection's own doing, and its handler has already let go of the room.
+                self.leave_room(conn)
+                conn.send({"type": "left", "room": slug, "reason": "moved"})
             elif message is not None:
                 conn.send(message)
 

@@ -45,6 +45,7 @@ class Live:
         )
         self.hub = Hub()
         self.events = EventPump(redis, settings.node_name, self.hub.deliver)
+        self.hub.on_room_empty = self.events.unwatch
         self.registry = Registry(
             redis,
             NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
@@ -78,9 +79,7 @@ class Live:
         return task
 
     async def end_connection(self, conn: Connection, reason: str) -> None:
-        last_here = self.hub.leave_room(conn) if conn.room else None
-        if last_here:
-            self.events.unwatch(last_here)
+        self.hub.leave_room(conn)
         if conn.superseded:
             return
         for attempt in range(5):
@@ -103,8 +102,7 @@ class Live:
             return
         slug = conn.room
         await self.sessions.leave(slug, session_id, generation, "media-failed")
-        if self.hub.leave_room(conn):
-            self.events.unwatch(slug)
+        self.hub.leave_room(conn)
         conn.send({"type": "left", "room": slug, "reason": "media-failed"})
 
     async def drain(self) -> None:

@@ -261,6 +261,14 @@ class SessionStore:
             await self.leave(record.room, session_id, record.generation, "moved")
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
             members = await self.members(slug)
+            current = next((m for m in members if m.session_id == session_id), None)
+            if (
+                current is not None
+                and current.state == "active"
+                and current.generation == record.generation
+            ):
+                # Already in, on this very connection: joining again changes nothing.
+                return record, []
             expired = [
                 m.session_id
                 for m in members

@@ -98,7 +98,7 @@ class TokenService:
     def verify(self, token: str, purpose: Purpose) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as error:
+        except (jwt.PyJWTError, UnicodeError) as error:
             raise TokenError("malformed token") from error
         key = self._keys.get(str(header.get("kid")))
         if key is None:

@@ -94,12 +94,20 @@ async def signalling() -> Any:
         }
     )
     reason = "closed"
-    sender = asyncio.create_task(_send_loop(conn))
-    receiver = asyncio.create_task(_receive_loop(context, conn))
+    sender = asyncio.create_task(_send_loop(conn), name="ws-send")
+    receiver = asyncio.create_task(_receive_loop(context, conn), name="ws-receive")
     try:
         done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         if receiver in done and not receiver.cancelled() and receiver.exception() is None:
             reason = receiver.result()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                reason = "failed"
+                log.error(
+                    "ws.task_failed",
+                    extra={"session_id": conn.session_id, "task": task.get_name()},
+                    exc_info=task.exception(),
+                )
     finally:
         for task in (sender, receiver):
             task.cancel()
@@ -181,15 +189,19 @@ async def _receive_loop(context: NodeContext, conn: Connection) -> str:
 
 async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes) -> None:
     limit = context.settings.live.ws_max_frame_bytes
+    if not isinstance(raw, str):
+        # A binary frame; an empty one arrives as None (Quart reads `bytes or text`).
+        if isinstance(raw, bytes) and len(raw) > limit:
+            conn.send(_error(None, "frame-too-large", f"frames are limited to {limit} bytes"))
+        else:
+            conn.send(_error(None, "bad-frame", "frames are JSON objects in text frames"))
+        return
     # The limit is in bytes: a text frame of N characters is up to 4N bytes of UTF-8.
     size = len(raw)
-    if isinstance(raw, str) and size <= limit < 4 * size:
+    if size <= limit < 4 * size:
         size = len(raw.encode("utf-8", "surrogatepass"))
     if size > limit:
         conn.send(_error(None, "frame-too-large", f"frames are limited to {limit} bytes"))
-        return
-    if isinstance(raw, bytes):
-        conn.send(_error(None, "bad-frame", "frames are JSON objects in text frames"))
         return
     try:
         frame = json.loads(raw)
@@ -279,9 +291,7 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         )
     membership, event_id, active = result
     if conn.room is not None:
-        last_here = live.hub.leave_room(conn)
-        if last_here:
-            live.events.unwatch(last_here)
+        live.hub.leave_room(conn)
     live.hub.enter_room(conn, slug, event_id)
     await live.events.watch(slug, event_id)
     conn.send(
@@ -301,9 +311,7 @@ async def _leave(context: NodeContext, conn: Connection, frame: dict[str, Any]) 
     if slug is None:
         raise ClientError("not-in-room", "this session is not in a room")
     await live.sessions.leave(slug, conn.session_id, conn.generation, "leave")
-    last_here = live.hub.leave_room(conn)
-    if last_here:
-        live.events.unwatch(last_here)
+    live.hub.leave_room(conn)
     return {"type": "ack", "room": slug}
 
 
@@ -323,7 +331,15 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     async with live.redis.pipeline(transaction=True) as pipe:
         pipe.incr(limit_key)
         pipe.expire(limit_key, 1, nx=True)
-        count, _ = await pipe.execute()
+        pipe.hexists(keys.room_members(slug), conn.session_id)
+        pipe.exists(keys.session(conn.session_id))
+        count, _, member, session = await pipe.execute()
+    if not member:
+        if not session:
+            # Redis lost its data; the node puts this session back when it answers again.
+            raise ClientError("unavailable", "room state is unavailable; try again")
+        # The membership ended behind this connection's back (an HTTP join elsewhere).
+        raise ClientError("not-in-room", "this session is no longer in the room")
     if int(count) > context.settings.live.chat_per_s:
         raise ClientError("rate-limited", "too many chat messages; wait a moment")
     room = await Room.find_one(Room.slug == slug)
