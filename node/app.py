@@ -17,6 +17,7 @@ from node.config import Settings
 from node.context import EXTENSION, NodeContext
 from node.errors import install_error_handlers
 from node.live import Live
+from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.ratelimit import LoginLimiter
 from node.store import open_store, ping_store
 from node.tokens import TokenService
@@ -59,6 +60,11 @@ def create_app(settings: Settings) -> Quart:
         ]
         live = Live(settings, redis, lock_redis)
         await live.start()
+        metrics = NodeMetrics(settings.node_name, settings.region)
+        metrics.watch(
+            lambda: len(live.hub.connections), lambda: len(live.hub.rooms), lambda: live.redis_ok
+        )
+        live.metrics = metrics
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,
             redis=redis,
@@ -67,6 +73,7 @@ def create_app(settings: Settings) -> Quart:
             hasher=hasher,
             login_limiter=LoginLimiter(redis, settings.login_limit),
             live=live,
+            metrics=metrics,
         )
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 
@@ -91,6 +98,14 @@ def create_app(settings: Settings) -> Quart:
         started = getattr(g, "started", None)
         elapsed = (time.perf_counter() - started) * 1000 if started else None
         # The path only, never the query string: tokens may travel there (WebSocket).
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        if context is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            context.metrics.http_requests.labels(
+                request.method, route, str(response.status_code)
+            ).inc()
+            if elapsed is not None:
+                context.metrics.http_seconds.labels(route).observe(elapsed / 1000)
         access_log.info(
             "http.request",
             extra={
@@ -130,6 +145,12 @@ def create_app(settings: Settings) -> Quart:
             "status": "ready" if ready else "not_ready",
             "checks": checks,
         }, 200 if ready else 503
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        body = context.metrics.render() if context is not None else b""
+        return Response(body, content_type=CONTENT_TYPE)
 
     @app.get("/")
     @app.get("/r/<path:slug>")

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from node.config import Settings
 from node.live import Live
+from node.metrics import NodeMetrics
 from node.ratelimit import LoginLimiter
 from node.tokens import TokenService
 from node.users import PasswordHasher
@@ -27,6 +28,7 @@ class NodeContext:
     hasher: PasswordHasher
     login_limiter: LoginLimiter
     live: Live
+    metrics: NodeMetrics
 
 
 def node_context() -> NodeContext:

@@ -37,10 +37,14 @@ class Connection:
     close_reason: str | None = None
     # Set when a newer connection of this session took over: its cleanup must not run.
     superseded: bool = False
+    # Told of every `error` sent (metrics).
+    on_error: Callable[[str], None] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
         if self.close_code is not None:
             return
+        if self.on_error is not None and message.get("type") == "error":
+            self.on_error(str(message.get("code")))
         try:
             self.outbox.put_nowait(message)
         except asyncio.QueueFull:

@@ -21,6 +21,7 @@ from node.config import Settings
 from node.events import EventPump
 from node.hub import CLOSE_DRAINING, Connection, Hub
 from node.lock import DistributedLock, LockError
+from node.metrics import NodeMetrics
 from node.registry import NodeInfo, Registry
 from node.sessions import Membership, SessionRecord, SessionStore
 
@@ -51,6 +52,7 @@ class Live:
             NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
             live.node_ttl_s,
         )
+        self.metrics: NodeMetrics | None = None
         self.draining = False
         self.redis_ok = False
         self._registered = False
@@ -80,6 +82,8 @@ class Live:
 
     async def end_connection(self, conn: Connection, reason: str) -> None:
         self.hub.leave_room(conn)
+        if self.metrics is not None:
+            self.metrics.sessions_ended.labels(reason).inc()
         if conn.superseded:
             return
         for attempt in range(5):

@@ -70,6 +70,7 @@ async def signalling() -> Any:
     conn = Connection(
         claims.session_id, claims.user_id, user.display_name, connected.record.generation
     )
+    conn.on_error = lambda code: context.metrics.ws_errors.labels(code).inc()
     older = live.hub.add(conn)
     if older is not None:
         replace(older, same_session=True)
@@ -227,6 +228,7 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
         return
     frame_type = frame.get("type")
     handler = HANDLERS.get(frame_type) if isinstance(frame_type, str) else None
+    context.metrics.ws_frames.labels(frame_type if handler is not None else "unknown").inc()
     if handler is None:
         if isinstance(frame_type, str):
             message = f"unknown message type {frame_type[:64]!r}"
@@ -358,6 +360,7 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         "ts": ts.isoformat(),
     }
     await live.events.publish(slug, "chat", event)
+    context.metrics.chat_messages.inc()
     return {"type": "ack", "message_id": event["id"], "ts": event["ts"]}
 
 

@@ -272,3 +272,22 @@ async def test_pending_seat_expires_with_its_room_token(make_app: Any) -> None:
         await asyncio.sleep(1.2)
         assert (await b.http_join("tiny")).status_code == 200
         assert not [m for m in a.seen + b.seen if m["type"] == "participant-left"]
+
+
+async def test_metrics_count_frames_errors_chats_and_ends(api: Api) -> None:
+    alice = await api.user_token("alice")
+    await api.create_room(alice, "lobby")
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, api, await api.session_token(alice))
+        await a.join("lobby")
+        await a.request("chat", text="one")
+        await a.request("dance")
+        text = await (await api.client.get("/metrics")).get_data(as_text=True)
+        assert "sfumesh_ws_connections 1.0" in text and "sfumesh_rooms_local 1.0" in text
+        assert 'sfumesh_ws_frames_total{type="chat"} 1.0' in text
+        assert 'sfumesh_ws_frames_total{type="unknown"} 1.0' in text
+        assert 'sfumesh_ws_errors_total{code="unknown-type"} 1.0' in text
+        assert "sfumesh_chat_messages_total 1.0" in text
+    await asyncio.sleep(0.2)
+    text = await (await api.client.get("/metrics")).get_data(as_text=True)
+    assert 'sfumesh_sessions_ended_total{reason="closed"} 1.0' in text

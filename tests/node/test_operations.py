@@ -112,3 +112,21 @@ def test_bad_config_is_a_clear_error(
     config.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         load_settings(config, env=env)
+
+
+async def test_metrics_are_prometheus_text_with_bounded_labels(api: Api) -> None:
+    token = await api.user_token("alice")
+    await api.create_room(token, "café")
+    for _ in range(3):
+        await api.client.get("/api/rooms/café")
+    await api.client.get("/api/rooms/nowhere")
+    response = await api.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = await response.get_data(as_text=True)
+    route = 'route="/api/rooms/<slug>"'
+    assert f'sfumesh_http_requests_total{{method="GET",{route},status="200"}} 3.0' in text
+    assert f'sfumesh_http_requests_total{{method="GET",{route},status="404"}} 1.0' in text
+    assert "café" not in text and "nowhere" not in text  # routes, never paths
+    assert 'sfumesh_node_info{node="node-1",region="local"} 1.0' in text
+    assert "sfumesh_ws_connections 0.0" in text and "sfumesh_redis_ok 1.0" in text
