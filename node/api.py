@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
+from node import keys
 from node.auth import authenticated_user
 from node.context import node_context
 from node.errors import APIError
@@ -137,7 +138,10 @@ async def new_session() -> tuple[SessionGrant, int]:
 async def new_room(data: NewRoom) -> tuple[RoomView, int]:
     context = node_context()
     _, user = await authenticated_user(Purpose.USER)
-    room = await create_room(data, user, context.settings.rooms)
+    # S6: room state changes run under the room's lock; the unique index stays the final
+    # word should a lock ever be lost.
+    async with context.live.lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)):
+        room = await create_room(data, user, context.settings.rooms)
     return await room_view(room, context.settings.base_url, context.redis), 201
 
 
