@@ -138,10 +138,13 @@ async def new_session() -> tuple[SessionGrant, int]:
 async def new_room(data: NewRoom) -> tuple[RoomView, int]:
     context = node_context()
     _, user = await authenticated_user(Purpose.USER)
-    # S6: room state changes run under the room's lock; the unique index stays the final
-    # word should a lock ever be lost.
-    async with context.live.lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)):
-        room = await create_room(data, user, context.settings.rooms)
+    lock = context.live.lock
+    room = await create_room(
+        data,
+        user,
+        context.settings.rooms,
+        guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+    )
     return await room_view(room, context.settings.base_url, context.redis), 201
 
 

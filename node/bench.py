@@ -460,8 +460,12 @@ def run_bench(
             clients=clients,
             bcrypt_cost=bcrypt_cost,
         )
+    if name == "codecs":
+        from node.bench_codecs import run_codecs_bench
+
+        return run_codecs_bench(json_path=json_path, duration_s=duration_s)
     if name != "api":
-        print(f"sfumesh bench: unknown bench {name!r} (known: api, join)", file=sys.stderr)
+        print(f"sfumesh bench: unknown bench {name!r} (known: api, join, codecs)", file=sys.stderr)
         return 2
     if bcrypt_cost is None:
         bcrypt_cost = DEFAULT_BCRYPT_COST

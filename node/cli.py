@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join"])
+    bench.add_argument("name", choices=["api", "join", "codecs"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import logging
 import unicodedata
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import segno
@@ -164,7 +166,14 @@ def may_create_rooms(user: User, settings: RoomSettings) -> bool:
     return user.username_key in {username_key(name) for name in settings.creators}
 
 
-async def create_room(new: NewRoom, creator: User, settings: RoomSettings) -> Room:
+async def create_room(
+    new: NewRoom,
+    creator: User,
+    settings: RoomSettings,
+    guard: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
+) -> Room:
+    """Checked first, then stored under `guard` (the room lock, S6), so refused input
+    takes no lock; the unique index stays the final word should a lock ever be lost."""
     if not may_create_rooms(creator, settings):
         raise APIError(403, "forbidden", "room creation is limited to allow-listed users")
     capacity = new.capacity if new.capacity is not None else settings.default_capacity
@@ -174,7 +183,8 @@ async def create_room(new: NewRoom, creator: User, settings: RoomSettings) -> Ro
         slug=new.slug, name=new.name or new.slug, capacity=capacity, creator_id=str(creator.id)
     )
     try:
-        await room.insert()
+        async with guard() if guard is not None else nullcontext():
+            await room.insert()
     except DuplicateKeyError as error:
         raise APIError(409, "room_exists", f"the room {new.slug!r} already exists") from error
     log.info("room.created", extra={"room": room.slug, "user_id": room.creator_id})

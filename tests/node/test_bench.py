@@ -91,3 +91,33 @@ def test_bench_join_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) ->
     assert main(["bench", "join", "--clients", "0"]) == 2
     assert main(["bench", "join", "--bcrypt-cost", "3"]) == 2
     assert "--clients 1.." in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_codecs_measures_every_codec_and_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench-codecs.json"
+    argv = ["bench", "codecs", "--json", str(out), "--duration", "0.3"]
+    assert main(argv) == 0, capsys.readouterr()
+    figures = json.loads(out.read_text())
+    rows = {(row["codec"], row["width"], row["height"]): row for row in figures["results"]}
+    assert set(rows) == {
+        (codec, width, height)
+        for codec in ("VP8", "H264")
+        for width, height in ((640, 360), (1280, 720))
+    }
+    for key, row in rows.items():
+        for figure in ("encode_ms_per_frame", "decode_ms_per_frame", "bitrate_kbps", "frames"):
+            value = row[figure]
+            assert isinstance(value, int | float) and not isinstance(value, bool), (key, figure)
+            assert value > 0, (key, figure, value)
+        assert row["frames"] == 9 and row["decoded_frames"] == 9, (key, row)
+    assert figures["duration_s"] == 0.3 and figures["cpu_count"] >= 1
+    table = capsys.readouterr().out
+    assert "CPU time of this process" in table and "H264    1280x720" in table
+
+
+def test_bench_codecs_rejects_bad_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "codecs", "--duration", "0"]) == 2
+    assert "--duration must be > 0" in capsys.readouterr().err
