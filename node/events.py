@@ -60,6 +60,20 @@ class EventPump:
         self._rooms[stream] = slug
         await self.send_to_node(self._node, "wake", {})
 
+    async def events_after(self, slug: str, after_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """The room's events after `after_id`, oldest first (a joining connection's backlog)."""
+        entries: Any = await self._redis.xrange(keys.room_events(slug), min=f"({after_id}")
+        backlog = []
+        for raw_id, fields in entries:
+            event_type = fields.get(b"type", b"").decode()
+            try:
+                data = json.loads(fields.get(b"data", b"{}"))
+            except ValueError:
+                continue
+            event_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            backlog.append((event_id, event_type, data))
+        return backlog
+
     def unwatch(self, slug: str) -> None:
         stream = keys.room_events(slug)
         self._positions.pop(stream, None)

@@ -20,6 +20,10 @@ CLOSE_IDLE = 4002
 CLOSE_SLOW = 4003
 
 
+# (event id, event type, data)
+RoomEvent = tuple[str, str, dict[str, Any]]
+
+
 @dataclass(eq=False)
 class Connection:
     session_id: str
@@ -39,6 +43,8 @@ class Connection:
     superseded: bool = False
     # Told of every `error` sent (metrics).
     on_error: Callable[[str], None] | None = None
+    # While joining: live room events wait here until the backlog is sent (Hub.catch_up).
+    held: list[RoomEvent] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
         if self.close_code is not None:
@@ -90,15 +96,28 @@ class Hub:
         self.leave_room(conn)
 
     def enter_room(self, conn: Connection, slug: str, after: str) -> None:
+        """Join the local room; live events are held until `catch_up` sends the backlog."""
         self.leave_room(conn)
         conn.room = slug
         conn.after = after
+        conn.held = []
         self.rooms.setdefault(slug, set()).add(conn)
+
+    def catch_up(self, conn: Connection, slug: str, backlog: list[RoomEvent]) -> None:
+        """Send the room's events after the connection's join (read from the stream), then
+        those held meanwhile: each once, in stream order, whatever the reader had done."""
+        held, conn.held = conn.held or [], None
+        for event_id, event_type, data in sorted(
+            backlog + held, key=lambda event: stream_id_key(event[0])
+        ):
+            if conn.room == slug:
+                self._deliver_one(conn, slug, event_id, event_type, data)
 
     def leave_room(self, conn: Connection) -> str | None:
         """Returns the slug when this was the room's last local connection."""
         slug = conn.room
         conn.room = None
+        conn.held = None
         if slug is None:
             return None
         members = self.rooms.get(slug)
@@ -123,26 +142,34 @@ class Hub:
             if event_type == "superseded":
                 self.supersede(str(data["session_id"]), int(data["generation"]))
             return
-        position = stream_id_key(event_id)
         for conn in list(self.rooms.get(slug, ())):
-            if stream_id_key(conn.after) >= position:
-                continue
-            message = client_message(event_type, data, slug)
-            if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
-                self.leave_room(conn)
-                replace(conn, same_session=False)
-            elif (
-                event_type == "participant-left"
-                and data["session_id"] == conn.session_id
-                and data.get("reason") == "moved"
-            ):
-                # Its membership ended behind its back (an HTTP join to another room, on any
-                # node): it stops hearing this room, and is told so. Every other way out is
-                # this connection's own doing, and its handler has already let go of the room.
-                self.leave_room(conn)
-                conn.send({"type": "left", "room": slug, "reason": "moved"})
-            elif message is not None:
-                conn.send(message)
+            if conn.held is not None:
+                conn.held.append((event_id, event_type, data))
+            else:
+                self._deliver_one(conn, slug, event_id, event_type, data)
+
+    def _deliver_one(
+        self, conn: Connection, slug: str, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        if stream_id_key(conn.after) >= stream_id_key(event_id):
+            return  # already in its `joined` snapshot, or already sent
+        conn.after = event_id
+        message = client_message(event_type, data, slug)
+        if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
+            self.leave_room(conn)
+            replace(conn, same_session=False)
+        elif (
+            event_type == "participant-left"
+            and data["session_id"] == conn.session_id
+            and data.get("reason") == "moved"
+        ):
+            # Its membership ended behind its back (an HTTP join to another room, on any
+            # node): it stops hearing this room, and is told so. Every other way out is
+            # this connection's own doing, and its handler has already let go of the room.
+            self.leave_room(conn)
+            conn.send({"type": "left", "room": slug, "reason": "moved"})
+        elif message is not None:
+            conn.send(message)
 
 
 def replace(conn: Connection, *, same_session: bool) -> None:

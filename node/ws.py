@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from node import keys
 from node.context import NodeContext, node_context
-from node.hub import CLOSE_IDLE, Connection, replace
+from node.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.lock import LockError
 from node.messages import append_message
 from node.models import Room, User
@@ -294,8 +294,9 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     membership, event_id, active = result
     if conn.room is not None:
         live.hub.leave_room(conn)
+    # The snapshot holds the room as of `event_id`; every event after it reaches this
+    # connection once, in order, whether the reader saw it before or after this point.
     live.hub.enter_room(conn, slug, event_id)
-    await live.events.watch(slug, event_id)
     conn.send(
         {
             "type": "joined",
@@ -304,6 +305,12 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
             "self": membership.public(),
         }
     )
+    backlog: list[RoomEvent] = []
+    try:
+        await live.events.watch(slug, event_id)
+        backlog = await live.events.events_after(slug, event_id)
+    finally:
+        live.hub.catch_up(conn, slug, backlog)
     return {"type": "ack", "room": slug}
 
 

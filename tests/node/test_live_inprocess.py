@@ -291,3 +291,40 @@ async def test_metrics_count_frames_errors_chats_and_ends(api: Api) -> None:
     await asyncio.sleep(0.2)
     text = await (await api.client.get("/metrics")).get_data(as_text=True)
     assert 'sfumesh_sessions_ended_total{reason="closed"} 1.0' in text
+
+
+async def test_events_during_activation_reach_the_joiner(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The joiner's `participant-joined` is appended before its snapshot is read and before
+    it enters this node's room; an event the reader hands out in between must still reach
+    it (from the stream's backlog), once."""
+    test_app = await make_app()
+    api = Api(test_app.test_client())
+    live = test_app.app.extensions["sfumesh"].live
+    alice, bob = await api.user_token("alice"), await api.user_token("bob")
+    await api.create_room(alice, "lobby")
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, api, await api.session_token(alice))
+        await a.join("lobby")  # this node now reads the room's stream
+        b = await connect(stack, api, await api.session_token(bob))
+        grant = await (await b.http_join("lobby")).get_json()
+
+        read_members = live.sessions.members
+
+        async def slow_members(slug: str) -> Any:
+            members = await read_members(slug)
+            await asyncio.sleep(0.3)  # widen the gap after the activation event
+            return members
+
+        monkeypatch.setattr(live.sessions, "members", slow_members)
+        joining = asyncio.create_task(b.request("join", room_token=grant["room_token"]))
+        await asyncio.sleep(0.1)
+        assert (await a.request("chat", text="during the join"))["type"] == "ack"
+        assert (await joining)["type"] == "ack"
+        monkeypatch.setattr(live.sessions, "members", read_members)
+        assert (await a.request("chat", text="after the join"))["type"] == "ack"
+        chats = []
+        while len(chats) < 2:
+            chats.append((await b.next("chat"))["text"])
+        assert chats == ["during the join", "after the join"]

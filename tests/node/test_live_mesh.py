@@ -96,8 +96,11 @@ async def test_events_and_chat_cross_nodes_in_one_order(
             for index, sock in enumerate(sockets)
         )
     )
+    # Wait for every chat (the last one sent is not necessarily the last in room order).
     for sock in sockets:
-        await sock.wait_for("chat", text=f"{len(sockets) - 1}-4")
+        for index in range(len(sockets)):
+            for n in range(5):
+                await sock.wait_for("chat", text=f"{index}-{n}")
     orders = [[m["id"] for m in sock.messages if m["type"] == "chat"] for sock in sockets]
     assert len(orders[0]) == 15 and orders[0] == orders[1] == orders[2]
 
@@ -260,3 +263,57 @@ async def test_refresh_race_never_loses_the_new_session(
         [observer.session_id, *(s.session_id for s in current.values())]
     )
     await asyncio.gather(observer.close(), *(s.close() for s in current.values()))
+
+
+async def test_joining_mid_flood_misses_nothing(
+    mesh: list[str], http: httpx.AsyncClient, state: Redis
+) -> None:
+    """A session joining a busy room on a node that already reads that room gets every
+    event after its `joined` snapshot exactly once: no gap, no repeat."""
+    users = [await sign_up(http, mesh[0]) for _ in range(6)]
+    talker_users, resident_user, joiner_user = users[:4], users[4], users[5]
+    await create_room(users[0], mesh[0], "flood")
+    talkers = []
+    for index, user in enumerate(talker_users):
+        sock = await user.connect(mesh[index % 3])
+        await user.join(sock, "flood", mesh[0])
+        talkers.append(sock)
+    resident = await resident_user.connect(mesh[1])  # node-2 already reads the room
+    await resident_user.join(resident, "flood", mesh[1])
+    for round_ in range(12):
+        stop = asyncio.Event()
+        sent: list[str] = []
+
+        async def flood(
+            talker: Socket, tag: str, stop: asyncio.Event = stop, sent: list[str] = sent
+        ) -> None:
+            count = 0
+            while not stop.is_set():
+                text = f"{tag}:{count}"
+                ack = await talker.request("chat", text=text)
+                assert ack["type"] == "ack", ack
+                sent.append(text)
+                count += 1
+                await asyncio.sleep(0.025)  # under the 50 frames/s a connection may send
+
+        flooding = [asyncio.create_task(flood(t, f"{round_}.{i}")) for i, t in enumerate(talkers)]
+        await asyncio.sleep(random.uniform(0.01, 0.05))
+        joiner = await joiner_user.connect(mesh[1])
+        await joiner_user.join(joiner, "flood", mesh[2])
+        await asyncio.sleep(random.uniform(0.05, 0.1))
+        stop.set()
+        await asyncio.gather(*flooding)
+        # The resident saw every chat of the round, in room order; the joiner must have
+        # exactly the tail of that order from some point on: no gap, no repeat.
+        for text in sent:
+            await resident.wait_for("chat", text=text)
+        texts = set(sent)
+        room_order = [
+            m["id"] for m in resident.messages if m["type"] == "chat" and m["text"] in texts
+        ]
+        await joiner.wait_for("chat", id=room_order[-1])
+        got = [m["id"] for m in joiner.messages if m["type"] == "chat" and m["text"] in texts]
+        assert got and got == room_order[len(room_order) - len(got) :], round_
+        await joiner.close()
+    for sock in [*talkers, resident]:
+        await sock.close()
