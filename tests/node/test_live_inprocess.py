@@ -324,7 +324,7 @@ async def test_events_during_activation_reach_the_joiner(
         assert (await joining)["type"] == "ack"
         monkeypatch.setattr(live.sessions, "members", read_members)
         assert (await a.request("chat", text="after the join"))["type"] == "ack"
-        chats = []
+        chats: list[str] = []
         while len(chats) < 2:
             chats.append((await b.next("chat"))["text"])
         assert chats == ["during the join", "after the join"]

@@ -1,0 +1,528 @@
+"""The one module allowed to touch aiortc / aioice private attributes (aiortc==1.16.0).
+
+Everything the node needs from aiortc's internals goes through the small functions and
+classes here, so that an aiortc upgrade breaks in one place, and `check_aiortc()` (called at
+start-up) refuses to run with a clear message when something this module relies on is gone.
+
+What is tapped, and why (read from aiortc 1.16.0's source):
+
+* Receive side (T1, raw RTP). `RTCDtlsTransport` decrypts SRTP, parses the packet and awaits
+  `receiver._handle_rtp_packet(packet, arrival_time_ms)`. aiortc's version then feeds the
+  bandwidth estimator (REMB), RTCP statistics, unwraps RTX, generates NACKs, depayloads the
+  codec payload, runs a jitter buffer and puts complete frames on the decoder queue.
+  `tap_rtp()` replaces that method on the instance with a copy of the first half (REMB,
+  statistics for receiver reports, RTX unwrap, NACK generation) that hands the raw packet to
+  the node instead of depayloading it: no depayload, no jitter buffer, nothing queued to a
+  decoder. aiortc's own RTCP task (`_run_rtcp`, receiver reports) keeps running from the
+  statistics we feed. Not kept: `getSynchronizationSources()` data (costs a datetime per
+  packet) and the jitter buffer's own PLI on a frame gap (the SFU asks for keyframes itself).
+* `RTCRtpReceiver.receive()` always starts a decoder thread. `tap_rtp()` also replaces
+  `receive` on the instance with a copy that registers the receiver with its transport and
+  starts the RTCP task, but starts no decoder thread. As belt and braces the decoder queue is
+  replaced by one that counts (in `CODEC_WORK`) and drops anything put on it.
+  Consequence: the node-side `RemoteStreamTrack` never yields frames nor ends by itself (its
+  end is signalled by aiortc's decoder thread, which never runs); the node learns that a
+  track ended from the peer connection / transceiver state instead.
+* Send side. A sender whose track is `None` polls every 20 ms; `tap_sender()` gives it a
+  `ParkedTrack` whose `recv()` waits until stopped, so the sender's RTP loop stays parked and
+  never creates an encoder. `SenderTap.send()` writes a raw packet with the sender's SSRC and
+  MID, a fresh abs-send-time, through the transport's `_send_rtp` (SRTP protect + ICE send),
+  stores it in the sender's RTP history (so aiortc's `_retransmit` answers subscriber NACKs,
+  RTX-wrapped when negotiated) and updates the counters aiortc's RTCP task puts in sender
+  reports. A subscriber's PLI/FIR calls `sender._send_keyframe()` (which only sets a flag the
+  pack path never reads): replaced on the instance by a callback. A subscriber's REMB sets
+  `encoder.target_bitrate`: the encoder slot holds a counting wrapper that records it.
+* ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
+  (process-wide) with a fixed list, so loopback works and production nodes announce only the
+  addresses they are configured with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import queue
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aioice
+import aioice.ice
+import aiortc
+import aiortc.rtcdtlstransport
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+from aiortc import RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import get_encoder, is_rtx
+from aiortc.codecs.base import Encoder
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcrtpparameters import (
+    RTCRtpCodecParameters,
+    RTCRtpReceiveParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTP_HISTORY_SIZE,
+    RtcpPsfbPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unwrap_rtx,
+)
+from av.frame import Frame
+from av.packet import Packet
+
+logger = logging.getLogger(__name__)
+
+PINNED_AIORTC_VERSION: Final = "1.16.0"
+PINNED_AIOICE_VERSION: Final = "0.13.0"
+
+# Seconds between 1900-01-01 (NTP epoch) and 1970-01-01 (Unix epoch).
+_NTP_UNIX_OFFSET: Final = 2_208_988_800
+
+PacketHandler = Callable[[RtpPacket], Awaitable[None]]
+
+
+@dataclass
+class CodecWork:
+    """Frames the node itself handed to a decoder or an encoder. Forwarding keeps both 0."""
+
+    decoded_frames: int = 0
+    encoded_frames: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.decoded_frames + self.encoded_frames
+
+
+#: Process-wide count of codec work done by node-side (tapped) receivers and senders.
+CODEC_WORK = CodecWork()
+
+
+# --------------------------------------------------------------------------- start-up check
+
+_R = "_RTCRtpReceiver__"
+_S = "_RTCRtpSender__"
+
+# (owner, attribute, where): "member" = hasattr(owner, attribute) (methods, class attributes,
+# module globals); "init" = an instance attribute assigned in owner.__init__ (name-mangled
+# instance attributes are not visible on the class, so we read the names __init__ stores);
+# "uses" = the global/attribute name is referenced by that function's code.
+_REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
+    (RTCRtpReceiver, "receive", "member"),
+    (RTCRtpReceiver, "_handle_rtp_packet", "member"),
+    (RTCRtpReceiver, "_run_rtcp", "member"),
+    (RTCRtpReceiver, "_send_rtcp", "member"),
+    (RTCRtpReceiver, "_send_rtcp_nack", "member"),
+    (RTCRtpReceiver, "_send_rtcp_pli", "member"),
+    (RTCRtpReceiver, "_enabled", "init"),
+    (RTCRtpReceiver, _R + "started", "init"),
+    (RTCRtpReceiver, _R + "codecs", "init"),
+    (RTCRtpReceiver, _R + "rtx_ssrc", "init"),
+    (RTCRtpReceiver, _R + "transport", "init"),
+    (RTCRtpReceiver, _R + "rtcp_task", "init"),
+    (RTCRtpReceiver, _R + "rtcp_ssrc", "init"),
+    (RTCRtpReceiver, _R + "remote_streams", "init"),
+    (RTCRtpReceiver, _R + "remote_bitrate_estimator", "init"),
+    (RTCRtpReceiver, _R + "nack_generator", "init"),
+    (RTCRtpReceiver, _R + "decoder_queue", "init"),
+    (RTCRtpReceiver, _R + "decoder_thread", "init"),
+    (aiortc.rtcrtpreceiver, "StreamStatistics", "member"),
+    (aiortc.rtcrtpreceiver, "NackGenerator", "member"),
+    (StreamStatistics, "add", "member"),
+    (NackGenerator, "add", "member"),
+    (NackGenerator, "missing", "init"),
+    (RemoteBitrateEstimator, "add", "member"),
+    (RTCRtpSender, "send", "member"),
+    (RTCRtpSender, "_send_keyframe", "member"),
+    (RTCRtpSender, "_retransmit", "member"),
+    (RTCRtpSender, "_ssrc", "init"),
+    (RTCRtpSender, _S + "started", "init"),
+    (RTCRtpSender, _S + "rtp_history", "init"),
+    (RTCRtpSender, _S + "rtp_header_extensions_map", "init"),
+    (RTCRtpSender, _S + "encoder", "init"),
+    (RTCRtpSender, _S + "ntp_timestamp", "init"),
+    (RTCRtpSender, _S + "rtp_timestamp", "init"),
+    (RTCRtpSender, _S + "octet_count", "init"),
+    (RTCRtpSender, _S + "packet_count", "init"),
+    (RTCRtpSender._handle_rtcp_packet, "_send_keyframe", "uses"),
+    (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_register_rtp_receiver", "member"),
+    (aioice.ice, "get_host_addresses", "member"),
+    (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
+)
+
+
+def _describe(owner: Any) -> str:
+    return str(getattr(owner, "__qualname__", None) or getattr(owner, "__name__", owner))
+
+
+def _present(owner: Any, name: str, where: str) -> bool:
+    if where == "member":
+        return hasattr(owner, name)
+    function = owner.__init__ if where == "init" else owner
+    code = getattr(function, "__code__", None)
+    return code is not None and name in code.co_names
+
+
+def missing_private_api() -> list[str]:
+    """Names of the private aiortc/aioice attributes this module needs that are absent."""
+    return [
+        f"{_describe(owner)}.{name}"
+        for owner, name, where in _REQUIRED
+        if not _present(owner, name, where)
+    ]
+
+
+def check_aiortc() -> None:
+    """Refuse to start when aiortc/aioice lack a private attribute the media core uses."""
+    missing = missing_private_api()
+    installed = f"aiortc {aiortc.__version__}, aioice {aioice.__version__}"
+    if missing:
+        raise RuntimeError(
+            f"the installed {installed} lacks private API the media core relies on: "
+            f"{', '.join(missing)}. sfumesh is pinned to aiortc=={PINNED_AIORTC_VERSION} "
+            f"(aioice=={PINNED_AIOICE_VERSION}); install those versions."
+        )
+    versions = (aiortc.__version__, aioice.__version__)
+    if versions != (PINNED_AIORTC_VERSION, PINNED_AIOICE_VERSION):
+        logger.warning(
+            "running with %s; the media core was checked against aiortc==%s, aioice==%s",
+            installed,
+            PINNED_AIORTC_VERSION,
+            PINNED_AIOICE_VERSION,
+        )
+
+
+# --------------------------------------------------------------------------- ICE configuration
+
+_ice_module: Any = aioice.ice
+_ORIGINAL_GET_HOST_ADDRESSES: Final = aioice.ice.get_host_addresses
+
+
+def set_host_addresses(addresses: Sequence[str] | None) -> None:
+    """Make every ICE agent in this process gather host candidates on exactly `addresses`.
+
+    `None` restores aioice's own discovery (every interface except 127.0.0.1). Include
+    "127.0.0.1" for loopback tests and demos. Takes effect for agents gathering afterwards.
+    """
+    if addresses is None:
+        _ice_module.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+        return
+    fixed = tuple(str(ipaddress.ip_address(address)) for address in addresses)
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (use_ipv6 if ":" in a else use_ipv4)]
+
+    _ice_module.get_host_addresses = get_host_addresses
+
+
+def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
+    """An explicit configuration: without one aiortc contacts a public STUN server."""
+    return RTCConfiguration(iceServers=list(ice_servers))
+
+
+# --------------------------------------------------------------------------- receive side
+
+
+class _DiscardingQueue(queue.Queue[Any]):
+    """Stands in for a tapped receiver's decoder queue: counts and drops frames."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not None:
+            CODEC_WORK.decoded_frames += 1
+            logger.error("a frame reached a tapped receiver's decoder queue (dropped)")
+
+
+class RtpTap:
+    """A receiver whose raw RTP goes to `handler` and is never depayloaded nor decoded."""
+
+    def __init__(self, receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+        r: Any = receiver
+        if r._RTCRtpReceiver__started or r._RTCRtpReceiver__decoder_thread is not None:
+            raise RuntimeError("tap_rtp() must be called before the receiver is started")
+        self.receiver = receiver
+        self._r = r
+        self._handler = handler
+        self.started = False
+        #: payload type -> codec, filled when the connection starts the receiver
+        self.codecs: dict[int, RTCRtpCodecParameters] = r._RTCRtpReceiver__codecs
+        self._rtx_ssrc: dict[int, int] = r._RTCRtpReceiver__rtx_ssrc
+        self._rtx_pts: set[int] = set()
+        self._rtx_apt: dict[int, int] = {}
+        self._streams: dict[int, StreamStatistics] = r._RTCRtpReceiver__remote_streams
+        self._nack: NackGenerator | None = r._RTCRtpReceiver__nack_generator
+        self._estimator: RemoteBitrateEstimator | None = r._RTCRtpReceiver__remote_bitrate_estimator
+        self.packets = 0
+        self.dropped = 0
+        self.handler_errors = 0
+        #: last REMB estimate (bit/s) sent toward the publisher, None before the first
+        self.remb_bitrate: int | None = None
+        r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
+        r.receive = self._receive
+        r._handle_rtp_packet = self._handle_rtp_packet
+
+    @property
+    def media_ssrcs(self) -> list[int]:
+        """SSRCs seen so far, retransmission (RTX) SSRCs excluded."""
+        return [ssrc for ssrc in self._streams if ssrc not in self._rtx_ssrc]
+
+    async def _receive(self, parameters: RTCRtpReceiveParameters) -> None:
+        # RTCRtpReceiver.receive() without the decoder thread.
+        r = self._r
+        if r._RTCRtpReceiver__started:
+            return
+        for codec in parameters.codecs:
+            if codec.payloadType is not None:
+                self.codecs[codec.payloadType] = codec
+        for encoding in parameters.encodings:
+            if encoding.rtx:
+                self._rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+        for codec in parameters.codecs:
+            if is_rtx(codec) and codec.payloadType is not None:
+                self._rtx_pts.add(codec.payloadType)
+                apt = codec.parameters.get("apt")
+                if isinstance(apt, int) and apt in self.codecs:
+                    self._rtx_apt[codec.payloadType] = apt
+        r._RTCRtpReceiver__transport._register_rtp_receiver(r, parameters)
+        r._RTCRtpReceiver__rtcp_task = asyncio.ensure_future(r._run_rtcp())
+        r._RTCRtpReceiver__started = True
+        self.started = True
+
+    async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        # RTCRtpReceiver._handle_rtp_packet() up to NACK generation, then the handler.
+        r = self._r
+        if not r._enabled:
+            return
+
+        estimator = self._estimator
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=packet.ssrc,
+            )
+            rtcp_ssrc = r._RTCRtpReceiver__rtcp_ssrc
+            if rtcp_ssrc is not None and remb is not None:
+                self.remb_bitrate = remb[0]
+                await r._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP,
+                        ssrc=rtcp_ssrc,
+                        media_ssrc=0,
+                        fci=pack_remb_fci(*remb),
+                    )
+                )
+
+        codec = self.codecs.get(packet.payload_type)
+        if codec is None:
+            self.dropped += 1
+            return
+
+        # statistics for receiver reports (aiortc keeps them for RTX SSRCs too)
+        stats = self._streams.get(packet.ssrc)
+        if stats is None:
+            stats = self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+
+        if packet.payload_type in self._rtx_pts:
+            apt = self._rtx_apt.get(packet.payload_type)
+            original_ssrc = self._rtx_ssrc.get(packet.ssrc)
+            if apt is None or original_ssrc is None or len(packet.payload) < 2:
+                self.dropped += 1
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+
+        nack = self._nack
+        if nack is not None and nack.add(packet):
+            await r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
+
+        self.packets += 1
+        try:
+            await self._handler(packet)
+        except Exception:
+            # An exception here would end the DTLS transport's receive loop.
+            self.handler_errors += 1
+            logger.exception("RTP handler failed (packet dropped)")
+
+
+def tap_rtp(receiver: RTCRtpReceiver, handler: PacketHandler) -> RtpTap:
+    """Send `receiver`'s raw RTP packets to `handler`; never depayload or decode them.
+
+    Call before the peer connection starts the receiver (e.g. in the "track" event, or after
+    setRemoteDescription and before the connection is established).
+    """
+    return RtpTap(receiver, handler)
+
+
+async def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> bool:
+    """Send a PLI for `media_ssrc` to the peer sending to `receiver`. False if not ready."""
+    r: Any = receiver
+    if r._RTCRtpReceiver__rtcp_ssrc is None:
+        return False
+    await r._send_rtcp_pli(media_ssrc)
+    return True
+
+
+# --------------------------------------------------------------------------- send side
+
+
+class ParkedTrack(MediaStreamTrack):
+    """A sender track that never yields: the sender's RTP loop waits and never encodes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._stopped = asyncio.Event()
+
+    async def recv(self) -> Frame | Packet[Any]:
+        await self._stopped.wait()
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._stopped.set()
+
+
+class _CountingEncoder(Encoder):
+    """Occupies a tapped sender's encoder slot: counts encodes, records REMB."""
+
+    def __init__(self, codec: RTCRtpCodecParameters, tap: SenderTap) -> None:
+        self._codec = codec
+        self._tap = tap
+        self._inner: Encoder | None = None
+
+    def _encoder(self) -> Encoder:
+        if self._inner is None:
+            self._inner = get_encoder(self._codec)
+        return self._inner
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        CODEC_WORK.encoded_frames += 1
+        logger.error("a tapped sender encoded a frame")
+        return self._encoder().encode(frame, force_keyframe)
+
+    def pack(self, packet: Packet[Any]) -> tuple[list[bytes], int]:
+        return self._encoder().pack(packet)
+
+    # RTCRtpSender._handle_rtcp_packet sets this on a subscriber's REMB.
+    @property
+    def target_bitrate(self) -> int | None:
+        return self._tap.remb_bitrate
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        self._tap.remb_bitrate = bitrate
+
+
+def _ntp_now() -> int:
+    now = time.time()
+    seconds = int(now)
+    return ((seconds + _NTP_UNIX_OFFSET) << 32) | int((now - seconds) * 4294967296.0)
+
+
+class SenderTap:
+    """An `RTCRtpSender` the node writes raw RTP through (see `send`)."""
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        s: Any = sender
+        if s._RTCRtpSender__started:
+            raise RuntimeError("tap_sender() must be called before the sender is started")
+        if sender.track is None:
+            sender.replaceTrack(ParkedTrack(sender.kind))
+        elif not isinstance(sender.track, ParkedTrack):
+            logger.warning("tapped sender has a real track: its frames would be encoded")
+        self.sender = sender
+        self._s = s
+        self.parameters: RTCRtpSendParameters | None = None
+        #: the codec the subscriber negotiated (what forwarded packets must carry)
+        self.codec: RTCRtpCodecParameters | None = None
+        self.mid: str | None = None
+        self.packets_sent = 0
+        self.send_errors = 0
+        self.keyframe_requests = 0
+        #: last REMB (bit/s) the subscriber reported for this sender's SSRC
+        self.remb_bitrate: int | None = None
+        self.on_keyframe_request: Callable[[], None] | None = None
+        self._history: dict[int, RtpPacket] = s._RTCRtpSender__rtp_history
+        self._extensions_map = s._RTCRtpSender__rtp_header_extensions_map
+        self._original_send = s.send
+        self._ready = asyncio.Event()
+        s.send = self._send_parameters
+        s._send_keyframe = self._keyframe_requested
+
+    @property
+    def ssrc(self) -> int:
+        ssrc: int = self._s._ssrc
+        return ssrc
+
+    @property
+    def payload_type(self) -> int | None:
+        return None if self.codec is None else self.codec.payloadType
+
+    @property
+    def ready(self) -> bool:
+        return self.codec is not None
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def _send_parameters(self, parameters: RTCRtpSendParameters) -> None:
+        if self.codec is None:
+            self.parameters = parameters
+            self.codec = parameters.codecs[0]
+            self.mid = parameters.muxId
+            self._s._RTCRtpSender__encoder = _CountingEncoder(self.codec, self)
+        await self._original_send(parameters)
+        self._ready.set()
+
+    def _keyframe_requested(self) -> None:
+        self.keyframe_requests += 1
+        if self.on_keyframe_request is not None:
+            self.on_keyframe_request()
+
+    async def send(self, packet: RtpPacket) -> bool:
+        """Send `packet` (payload type and numbering already the subscriber's) as this sender.
+
+        Sets the SSRC, MID and abs-send-time, keeps the packet for NACK answers and the
+        counters for sender reports. False (packet dropped) if not connected.
+        """
+        s = self._s
+        if self.codec is None:
+            return False
+        packet.ssrc = s._ssrc
+        extensions = packet.extensions
+        ntp = _ntp_now()
+        extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
+        extensions.mid = self.mid
+        extensions.transport_sequence_number = None
+        extensions.rtp_stream_id = None
+        extensions.repaired_rtp_stream_id = None
+        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        try:
+            await s.transport._send_rtp(packet.serialize(self._extensions_map))
+        except ConnectionError:
+            self.send_errors += 1
+            return False
+        s._RTCRtpSender__ntp_timestamp = ntp
+        s._RTCRtpSender__rtp_timestamp = packet.timestamp
+        s._RTCRtpSender__octet_count += len(packet.payload)
+        s._RTCRtpSender__packet_count += 1
+        self.packets_sent += 1
+        return True
+
+
+def tap_sender(sender: RTCRtpSender) -> SenderTap:
+    """Prepare `sender` for raw RTP forwarding; call before the connection starts it."""
+    return SenderTap(sender)
+
+
+async def send_rtp(sender: SenderTap, packet: RtpPacket) -> bool:
+    """Write a raw RTP packet through a tapped sender (see `SenderTap.send`)."""
+    return await sender.send(packet)

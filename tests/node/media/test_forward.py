@@ -1,0 +1,184 @@
+"""Unit tests for the pure RTP rewriter and fan-out (node.media.forward)."""
+
+from __future__ import annotations
+
+from aiortc.rtp import RtpPacket
+
+from node.media.forward import (
+    Forwarder,
+    KeyframeThrottle,
+    SubscriberRewriter,
+    h264_is_keyframe_start,
+    keyframe_detector,
+    vp8_is_keyframe_start,
+)
+
+PUB_SSRC = 0x11111111
+PUB_PT = 96
+
+
+def pkt(seq: int, ts: int, *, ssrc: int = PUB_SSRC, payload: bytes = b"\x00\x01", marker: int = 0):
+    p = RtpPacket(payload_type=PUB_PT, marker=marker, sequence_number=seq, timestamp=ts, ssrc=ssrc)
+    p.payload = payload
+    return p
+
+
+def rewriter(seq_base: int = 1000, ts_base: int = 50_000, **kw) -> SubscriberRewriter:
+    return SubscriberRewriter(0xABCDEF01, 100, seq_base=seq_base, ts_base=ts_base, **kw)
+
+
+def test_first_packet_starts_at_subscriber_base_and_rewrites_ssrc_pt():
+    rw = rewriter()
+    src = pkt(31_000, 7_000_000, marker=1, payload=b"payload")
+    src.extensions.audio_level = (False, 30)
+    src.csrc = [5]
+    out = rw.rewrite(src)
+    assert out is not None
+    assert (out.sequence_number, out.timestamp) == (1000, 50_000)
+    assert (out.ssrc, out.payload_type, out.marker) == (0xABCDEF01, 100, 1)
+    assert out.payload is src.payload  # no copy of the payload
+    assert out.csrc == [5]
+    assert out.extensions.audio_level == (False, 30)
+    # the incoming packet is untouched (shared by every subscriber)
+    assert (src.sequence_number, src.ssrc, src.payload_type) == (31_000, PUB_SSRC, PUB_PT)
+
+
+def test_offsets_keep_gaps():
+    rw = rewriter()
+    outs = [rw.rewrite(pkt(s, t)) for s, t in [(500, 9000), (501, 9000), (505, 12000)]]
+    assert [(o.sequence_number, o.timestamp) for o in outs if o] == [
+        (1000, 50_000),
+        (1001, 50_000),
+        (1005, 53_000),
+    ]
+
+
+def test_random_bases_differ_per_subscriber():
+    bases = {SubscriberRewriter(1, 100).rewrite(pkt(10, 10)).sequence_number for _ in range(20)}  # type: ignore[union-attr]
+    assert len(bases) > 1
+    assert all(b < 0x8000 for b in bases)
+
+
+def test_sequence_wraparound_of_input_and_output():
+    rw = rewriter(seq_base=65_534)
+    seqs = [65_533, 65_534, 65_535, 0, 1, 2]
+    outs = [rw.rewrite(pkt(s, 0)) for s in seqs]
+    assert [o.sequence_number for o in outs if o] == [65_534, 65_535, 0, 1, 2, 3]
+
+
+def test_timestamp_wraparound():
+    rw = rewriter(ts_base=0xFFFF_FF00)
+    a = rw.rewrite(pkt(1, 100))
+    b = rw.rewrite(pkt(2, 100 + 0x200))
+    assert a is not None and b is not None
+    assert a.timestamp == 0xFFFF_FF00
+    assert b.timestamp == 0x100
+
+
+def test_many_wraps_no_drops():
+    rw = rewriter(seq_base=10)
+    for i in range(300):  # 300 * 1000 sequence numbers: several 16-bit wraps
+        out = rw.rewrite(pkt((40_000 + i * 1000) & 0xFFFF, i * 3000))
+        assert out is not None
+        assert out.sequence_number == (10 + i * 1000) & 0xFFFF
+
+
+def test_reordered_kept_and_packets_before_start_dropped():
+    rw = rewriter()
+    assert rw.rewrite(pkt(100, 0)) is not None
+    assert rw.rewrite(pkt(103, 0)) is not None
+    late = rw.rewrite(pkt(101, 0))  # reordered, after the start: kept with its own number
+    assert late is not None and late.sequence_number == 1001
+    assert rw.rewrite(pkt(99, 0)) is None  # older than the subscriber's first packet
+
+
+def test_reordered_across_wrap_before_start_dropped():
+    rw = rewriter()
+    assert rw.rewrite(pkt(1, 0)) is not None
+    assert rw.rewrite(pkt(65_535, 0)) is None
+
+
+def test_nack_mapping_roundtrip():
+    rw = rewriter(seq_base=3)
+    rw.rewrite(pkt(65_000, 0))
+    assert rw.to_subscriber_seq(65_000) == 3
+    assert rw.to_subscriber_seq(2) == (3 + 538) & 0xFFFF
+    for s in (0, 1, 65_535, 12_345):
+        assert rw.to_publisher_seq(rw.to_subscriber_seq(s)) == s
+
+
+def test_source_switch_continues_numbering():
+    rw = rewriter(switch_ts_step=3000)
+    rw.rewrite(pkt(10, 1000))
+    last = rw.rewrite(pkt(11, 4000))
+    assert last is not None
+    new = rw.rewrite(pkt(60_000, 123, ssrc=0x2222))
+    assert new is not None
+    assert new.sequence_number == last.sequence_number + 1
+    assert new.timestamp == last.timestamp + 3000
+    assert rw.rewrite(pkt(12, 7000)) is None  # late packet of the old source
+
+
+def test_vp8_keyframe_detection():
+    assert vp8_is_keyframe_start(b"\x10\x00\x00\x00")  # S=1, PID=0, P=0
+    assert not vp8_is_keyframe_start(b"\x10\x01\x00")  # interframe
+    assert not vp8_is_keyframe_start(b"\x00\x00\x00")  # not a partition start
+    assert not vp8_is_keyframe_start(b"\x11\x00")  # partition 1
+    # X, I with a 15-bit picture id (what aiortc sends), then the VP8 header
+    assert vp8_is_keyframe_start(b"\x90\x80\x81\x02\x00\x00")
+    assert not vp8_is_keyframe_start(b"\x90\x80\x81\x02\x01\x00")
+    # X with I (7 bit), L and T/K
+    assert vp8_is_keyframe_start(b"\x90\xe0\x05\x07\x20\x00")
+    assert not vp8_is_keyframe_start(b"\x90\x80")
+    assert not vp8_is_keyframe_start(b"")
+
+
+def test_h264_keyframe_detection():
+    assert h264_is_keyframe_start(b"\x65\x88")  # IDR
+    assert h264_is_keyframe_start(b"\x67\x42")  # SPS
+    assert not h264_is_keyframe_start(b"\x41\x9a")  # non-IDR slice
+    assert h264_is_keyframe_start(b"\x18\x00\x02\x67\x42\x00\x02\x68\xce")  # STAP-A SPS+PPS
+    assert not h264_is_keyframe_start(b"\x18\x00\x02\x41\x9a")
+    assert h264_is_keyframe_start(b"\x7c\x85\x00")  # FU-A start of IDR
+    assert not h264_is_keyframe_start(b"\x7c\x05\x00")  # FU-A continuation
+    assert keyframe_detector("video/VP8") is vp8_is_keyframe_start
+    assert keyframe_detector("audio/opus") is None
+
+
+def test_keyframe_throttle():
+    t = KeyframeThrottle(0.5)
+    assert t.allow(10.0)
+    assert not t.allow(10.2)
+    assert t.allow(10.6)
+    assert t.suppressed == 1
+
+
+def test_forwarder_fans_out_and_waits_for_keyframe():
+    fwd: Forwarder[str] = Forwarder(vp8_is_keyframe_start)
+    fwd.add("a", SubscriberRewriter(0xA, 100, seq_base=0, ts_base=0))
+    delta = b"\x10\x01\x00"
+    key = b"\x10\x00\x00"
+    assert fwd.forward(pkt(1, 0, payload=delta)) == []
+    assert fwd.waiting == {"a"}
+    first = fwd.forward(pkt(2, 3000, payload=key))
+    assert [(k, p.ssrc, p.sequence_number) for k, p in first] == [("a", 0xA, 0)]
+    fwd.add("b", SubscriberRewriter(0xB, 101, seq_base=500, ts_base=0))
+    out = fwd.forward(pkt(3, 3000, payload=delta))
+    assert [(k, p.sequence_number) for k, p in out] == [("a", 1)]
+    out = fwd.forward(pkt(4, 6000, payload=key))
+    assert sorted((k, p.ssrc, p.payload_type, p.sequence_number) for k, p in out) == [
+        ("a", 0xA, 100, 2),
+        ("b", 0xB, 101, 500),
+    ]
+    assert out[0][1] is not out[1][1]  # one packet object per subscriber (RTP history)
+    assert fwd.remove("a") is not None
+    assert [k for k, _ in fwd.forward(pkt(5, 6000, payload=delta))] == ["b"]
+    assert len(fwd) == 1 and "b" in fwd and "a" not in fwd
+    assert fwd.packets_in == 5 and fwd.packets_out == 5 and fwd.dropped_waiting == 2
+
+
+def test_forwarder_without_detector_starts_immediately():
+    fwd: Forwarder[int] = Forwarder()
+    fwd.add(1, SubscriberRewriter(0x1, 111, seq_base=7, ts_base=0))
+    out = fwd.forward(pkt(9, 0))
+    assert [(k, p.sequence_number) for k, p in out] == [(1, 7)]
