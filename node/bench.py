@@ -377,20 +377,25 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def print_phases(rows: list[tuple[int, Phase]]) -> None:
+    """The table every bench prints: one line per (phase number, phase)."""
+    header = f"{'phase':<48} {'ok':>7} {'errors':>7} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}"
+    print(header)
+    print("-" * len(header))
+    for number, phase in rows:
+        print(
+            f"{number} {phase.label:<46} {phase.ok:>7} {phase.errors:>7} {phase.per_s:>9.1f} "
+            f"{ms(phase.percentile_ms(0.50)):>9} {ms(phase.percentile_ms(0.99)):>9}"
+        )
+
+
 def print_table(run: BenchRun) -> None:
     cpus = os.cpu_count() or "?"
     print(
         f"sfumesh bench api: 1 node, bcrypt cost {run.bcrypt_cost}, concurrency "
         f"{run.concurrency}, {run.duration_s:g} s per phase, {cpus} CPUs"
     )
-    header = f"{'phase':<48} {'ok':>7} {'errors':>7} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}"
-    print(header)
-    print("-" * len(header))
-    for number, phase in zip((1, 2, 3, 4, 4), run.phases, strict=True):
-        print(
-            f"{number} {phase.label:<46} {phase.ok:>7} {phase.errors:>7} {phase.per_s:>9.1f} "
-            f"{ms(phase.percentile_ms(0.50)):>9} {ms(phase.percentile_ms(0.99)):>9}"
-        )
+    print_phases(list(zip((1, 2, 3, 4, 4), run.phases, strict=True)))
     idle, loaded = run.phase("get_room_idle"), run.phase("get_room_under_login")
     print()
     print(

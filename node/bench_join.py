@@ -52,6 +52,7 @@ from node.bench import (
     ms,
     no_interrupts,
     print_errors,
+    print_phases,
     rounded,
 )
 from node.config import LiveSettings, RoomSettings
@@ -548,15 +549,13 @@ def print_table(run: JoinRun) -> None:
         f"sfumesh bench join: {run.nodes} nodes, {run.clients} clients (WebSockets round-robin, "
         f"HTTP join on another node), {run.duration_s:g} s per phase, {cpus} CPUs"
     )
-    header = f"{'phase':<48} {'ok':>7} {'errors':>7} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}"
-    _say(header)
-    _say("-" * len(header))
-    for number, phases in ((1, run.spread), (2, run.one_room)):
-        for phase in phases.all():
-            _say(
-                f"{number} {phase.label:<46} {phase.ok:>7} {phase.errors:>7} {phase.per_s:>9.1f} "
-                f"{ms(phase.percentile_ms(0.50)):>9} {ms(phase.percentile_ms(0.99)):>9}"
-            )
+    print_phases(
+        [
+            (number, phase)
+            for number, group in ((1, run.spread), (2, run.one_room))
+            for phase in group.all()
+        ]
+    )
     _say("")
     for name, phases in (("spread rooms", run.spread), ("one room    ", run.one_room)):
         _say(
