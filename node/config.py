@@ -6,6 +6,7 @@ printing or logging the config never shows them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -85,6 +86,28 @@ class LiveSettings(BaseModel):
     lock_redis_urls: list[SecretStr] = Field(default_factory=list)
 
 
+class MediaSettings(BaseModel):
+    """WebRTC media (the Media core issue). Empty lists mean: nothing configured, nothing
+    contacted (no public STUN server unless listed in `ice_servers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Addresses ICE host candidates are gathered on; [] = aioice's own discovery (every
+    # interface except 127.0.0.1). ["127.0.0.1"] for loopback tests and demos.
+    host_addresses: list[str] = Field(default_factory=list)
+    # STUN/TURN server URLs (e.g. "stun:stun.example.org:3478").
+    ice_servers: list[str] = Field(default_factory=list)
+    # At most one keyframe request toward a publisher's track per this many seconds.
+    keyframe_interval_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("host_addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            ipaddress.ip_address(address)
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +131,7 @@ class Settings(BaseModel):
     login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     rooms: RoomSettings = Field(default_factory=RoomSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -149,6 +173,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
+    "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
+    "SFUMESH_ICE_SERVERS": "media.ice_servers",
 }
 
 

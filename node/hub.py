@@ -83,6 +83,9 @@ class Hub:
         self.rooms: dict[str, set[Connection]] = {}
         # Called with a slug when its last local connection leaves (stop reading its events).
         self.on_room_empty: Callable[[str], None] | None = None
+        # Called with (connection, slug) whenever a connection leaves a local room, however
+        # it leaves (the media layer closes its peer connections and tracks).
+        self.on_leave: Callable[[Connection, str], None] | None = None
 
     def add(self, conn: Connection) -> Connection | None:
         """Register a connection; returns the older one of the same session, if any."""
@@ -120,6 +123,8 @@ class Hub:
         conn.held = None
         if slug is None:
             return None
+        if self.on_leave is not None:
+            self.on_leave(conn, slug)
         members = self.rooms.get(slug)
         if members is not None:
             members.discard(conn)

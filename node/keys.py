@@ -8,7 +8,8 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:nodes` | set | names of registered nodes, so reapers find expired ones |
 | `sfumesh:node-sessions:<name>` | set | session ids whose WebSocket is on that node |
 | `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
-| `sfumesh:session:<sid>` | hash | user_id, node, region, connected_at, generation, room |
+| `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
+| `sfumesh:session-gen:{<sid>}` | counter, TTL | the session's last generation; outlives the hash |
 | `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON |
 | `sfumesh:{room:<slug>}:lock` | string | the room's distributed lock |
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
@@ -42,7 +43,13 @@ def node_inbox(name: str) -> str:
 
 
 def session(session_id: str) -> str:
-    return f"{PREFIX}:session:{session_id}"
+    return f"{PREFIX}:session:{{{session_id}}}"
+
+
+def session_generation(session_id: str) -> str:
+    """Kept apart from the session hash so that deleting the hash never restarts the count:
+    a generation handed out twice would let an old connection's cleanup end a new one."""
+    return f"{PREFIX}:session-gen:{{{session_id}}}"
 
 
 def chat_limit(session_id: str) -> str:

@@ -21,6 +21,8 @@ from node.config import Settings
 from node.events import EventPump
 from node.hub import CLOSE_DRAINING, Connection, Hub
 from node.lock import DistributedLock, LockError
+from node.media import adapter
+from node.media.session import MediaHub
 from node.metrics import NodeMetrics
 from node.registry import NodeInfo, Registry
 from node.sessions import Membership, SessionRecord, SessionStore
@@ -43,10 +45,15 @@ class Live:
             settings.node_name,
             settings.region,
             pending_ttl_s=settings.tokens.room_ttl_s,
+            session_ttl_s=settings.tokens.session_ttl_s,
         )
         self.hub = Hub()
         self.events = EventPump(redis, settings.node_name, self.hub.deliver)
         self.hub.on_room_empty = self.events.unwatch
+        media = settings.media
+        self.media = MediaHub(media.ice_servers, media.keyframe_interval_s, self.media_failed)
+        self.media.members = lambda slug: set(self.hub.rooms.get(slug, ()))
+        self.hub.on_leave = self.media.left
         self.registry = Registry(
             redis,
             NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
@@ -65,7 +72,13 @@ class Live:
 
     async def start(self) -> None:
         """Start the loops; the first registration happens in the heartbeat, which keeps
-        trying while Redis is away (the node reports not-ready until then)."""
+        trying while Redis is away (the node reports not-ready until then).
+
+        Refuses to start (RuntimeError) when the installed aiortc lacks what the media core
+        relies on."""
+        adapter.check_aiortc()
+        if self.settings.media.host_addresses:
+            adapter.set_host_addresses(self.settings.media.host_addresses)
         await self._beat()
         self._tasks = [
             asyncio.create_task(self.events.run(), name="events"),
@@ -135,6 +148,9 @@ class Live:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=10)
+        await self.media.close()
+        if self.settings.media.host_addresses:
+            adapter.set_host_addresses(None)
         try:
             await self.registry.deregister()
         except (RedisError, OSError) as error:

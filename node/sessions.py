@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 DuplicatePolicy = Literal["replace", "reject", "allow"]
 STREAM_MAXLEN = 2000
 
-# KEYS[1] session. ARGV: user, node, region, now. Returns {generation, previous node}.
+# KEYS[1] session, KEYS[2] its generation counter (same slot). ARGV: user, node, region,
+# now, counter TTL ms. Returns {generation, previous node}.
 _CONNECT = """
 local previous = redis.call('HGET', KEYS[1], 'node') or ''
-local generation = redis.call('HINCRBY', KEYS[1], 'generation', 1)
-redis.call('HSET', KEYS[1], 'user_id', ARGV[1], 'node', ARGV[2], 'region', ARGV[3],
-           'connected_at', ARGV[4])
+local generation = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[1], 'generation', generation, 'user_id', ARGV[1], 'node', ARGV[2],
+           'region', ARGV[3], 'connected_at', ARGV[4])
 if redis.call('HEXISTS', KEYS[1], 'room') == 0 then redis.call('HSET', KEYS[1], 'room', '') end
 return {generation, previous}
 """
@@ -102,6 +104,14 @@ if member.state == 'active' then
     'data', cjson.encode({session_id = ARGV[2], user_id = member.user_id, reason = ARGV[5]}))
 end
 return raw
+"""
+
+# KEYS[1] generation counter. ARGV: generation, TTL ms. Never lets the counter go back.
+_RAISE_GENERATION = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
 """
 
 # ARGV[2..] sessions whose pending memberships expired: dropped without an event (the room
@@ -179,8 +189,11 @@ class SessionStore:
         node: str,
         region: str,
         pending_ttl_s: float = 300.0,
+        session_ttl_s: float = 24 * 3600.0,
     ) -> None:
         self._redis = redis
+        # The generation counter lives as long as a session token could still connect.
+        self._generation_ttl_ms = int(session_ttl_s * 1000) + 60_000
         # A pending membership older than this (the room token's lifetime) can never be
         # activated: it stops holding a seat.
         self._pending_ttl_s = pending_ttl_s
@@ -188,6 +201,7 @@ class SessionStore:
         self.node = node
         self.region = region
         self._connect = redis.register_script(_CONNECT)
+        self._raise_generation = redis.register_script(_RAISE_GENERATION)
         self._drop = redis.register_script(_DROP_SESSION)
         self._set_room = redis.register_script(_SET_SESSION_ROOM)
         self._join = FencedScript(redis, _JOIN)
@@ -201,7 +215,8 @@ class SessionStore:
     async def connect(self, session_id: str, user_id: str) -> Connected:
         now = time.time()
         generation, previous = await self._connect(
-            keys=[keys.session(session_id)], args=[user_id, self.node, self.region, now]
+            keys=[keys.session(session_id), keys.session_generation(session_id)],
+            args=[user_id, self.node, self.region, now, self._generation_ttl_ms],
         )
         await self._redis.sadd(keys.node_sessions(self.node), session_id)
         record = SessionRecord(
@@ -368,6 +383,11 @@ class SessionStore:
     async def reassert(self, record: SessionRecord, membership: Membership | None) -> None:
         """Put a live local session back after Redis lost it (restart without data)."""
         session_key = keys.session(record.session_id)
+        # After a data loss the counter restarts: lift it above the live generation first.
+        await self._raise_generation(
+            keys=[keys.session_generation(record.session_id)],
+            args=[record.generation, self._generation_ttl_ms],
+        )
         if not await self._redis.exists(session_key):
             await self._redis.hset(
                 session_key,

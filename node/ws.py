@@ -25,6 +25,7 @@ from node import keys
 from node.context import NodeContext, node_context
 from node.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.lock import LockError
+from node.media.session import MediaError, MediaSession
 from node.messages import append_message
 from node.models import Room, User
 from node.text import clean_text
@@ -311,6 +312,8 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         backlog = await live.events.events_after(slug, event_id)
     finally:
         live.hub.catch_up(conn, slug, backlog)
+    # A late joiner gets the room's published tracks (the node offers on `pc: subscribe`).
+    live.media.joined(conn)
     return {"type": "ack", "room": slug}
 
 
@@ -371,8 +374,59 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     return {"type": "ack", "message_id": event["id"], "ts": event["ts"]}
 
 
-async def _media(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> None:
-    raise ClientError("unsupported", "audio and video arrive with the Media core")
+_PCS = ("publish", "subscribe")
+_MAX_SDP = 60000
+
+
+def _media_session(context: NodeContext, conn: Connection) -> MediaSession:
+    try:
+        return context.live.media.session(conn)
+    except MediaError as error:
+        raise ClientError(error.code, error.message) from error
+
+
+def _pc_field(frame: dict[str, Any], expected: str | None = None) -> str:
+    pc = frame.get("pc")
+    if pc not in _PCS or (expected is not None and pc != expected):
+        allowed = expected or " or ".join(_PCS)
+        raise ClientError("bad-frame", f"pc must be {allowed!r}")
+    return str(pc)
+
+
+async def _offer(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+    """The client's offer for its publish connection; the node answers it."""
+    _pc_field(frame, "publish")
+    sdp = _string_field(frame, "sdp", _MAX_SDP)
+    session = _media_session(context, conn)
+    try:
+        answer = await session.publish_offer(sdp)
+    except MediaError as error:
+        raise ClientError(error.code, error.message) from error
+    return {"type": "answer", "pc": "publish", "sdp": answer}
+
+
+async def _answer(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+    """The client's answer to the node's subscribe offer."""
+    _pc_field(frame, "subscribe")
+    sdp = _string_field(frame, "sdp", _MAX_SDP)
+    session = _media_session(context, conn)
+    try:
+        await session.subscribe_answer(sdp)
+    except MediaError as error:
+        raise ClientError(error.code, error.message) from error
+    return {"type": "ack"}
+
+
+async def _candidate(
+    context: NodeContext, conn: Connection, frame: dict[str, Any]
+) -> dict[str, Any]:
+    pc = _pc_field(frame)
+    session = _media_session(context, conn)
+    try:
+        await session.add_candidate(pc, frame.get("candidate"))
+    except MediaError as error:
+        raise ClientError(error.code, error.message) from error
+    return {"type": "ack"}
 
 
 HANDLERS: dict[str, Handler] = {
@@ -380,7 +434,7 @@ HANDLERS: dict[str, Handler] = {
     "join": _join,
     "leave": _leave,
     "chat": _chat,
-    "offer": _media,
-    "answer": _media,
-    "candidate": _media,
+    "offer": _offer,
+    "answer": _answer,
+    "candidate": _candidate,
 }

@@ -162,6 +162,16 @@ def other_key_token(scene: Scene, kid: str) -> str:
     return issued.token
 
 
+CANDIDATE = "candidate:1 1 UDP 2130706431 127.0.0.1 50000 typ host"
+NO_CODEC_SDP = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+    "a=group:BUNDLE 0\r\n"
+    "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n"
+    "a=rtpmap:96 NOTACODEC/90000\r\na=rtcp-mux\r\n"
+    "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\na=setup:actpass\r\n"
+)
+
 CASES: dict[str, Case] = {
     # Not JSON objects.
     "not-json": Case(raw("not json"), "bad-frame"),
@@ -300,8 +310,35 @@ CASES: dict[str, Case] = {
     "chat-too-long-after-nfc": Case(
         raw({"type": "chat", "text": "e\u0301" * (CHAT_MAX + 1)}), "invalid-text"
     ),
-    # Media is not there yet: refused, and nothing else happens.
-    "offer": Case(raw({"type": "offer", "sdp": "v=0"}), "unsupported"),
+    # Media signalling: which connection, in a room, usable SDP and candidates.
+    "offer": Case(raw({"type": "offer", "sdp": "v=0"}), "bad-frame"),
+    "offer-for-subscribe": Case(
+        raw({"type": "offer", "pc": "subscribe", "sdp": "v=0"}), "bad-frame"
+    ),
+    "offer-no-sdp": Case(raw({"type": "offer", "pc": "publish"}), "bad-frame"),
+    "offer-sdp-number": Case(raw({"type": "offer", "pc": "publish", "sdp": 5}), "bad-frame"),
+    "offer-not-in-room": Case(
+        raw({"type": "offer", "pc": "publish", "sdp": "v=0"}), "not-in-room", who="carol"
+    ),
+    "offer-garbage-sdp": Case(
+        raw({"type": "offer", "pc": "publish", "sdp": "m=video x\r\nbogus\r\n"}), "bad-sdp"
+    ),
+    "offer-no-usable-codec": Case(
+        raw({"type": "offer", "pc": "publish", "sdp": NO_CODEC_SDP}), "bad-sdp"
+    ),
+    "answer-for-publish": Case(raw({"type": "answer", "pc": "publish", "sdp": "v=0"}), "bad-frame"),
+    "answer-without-offer": Case(
+        raw({"type": "answer", "pc": "subscribe", "sdp": "v=0"}), "no-offer"
+    ),
+    "candidate-no-pc": Case(raw({"type": "candidate", "candidate": "x"}), "bad-frame"),
+    "candidate-no-connection": Case(
+        raw({"type": "candidate", "pc": "publish", "candidate": CANDIDATE}), "no-connection"
+    ),
+    "candidate-not-in-room": Case(
+        raw({"type": "candidate", "pc": "publish", "candidate": CANDIDATE}),
+        "not-in-room",
+        who="carol",
+    ),
 }
 
 

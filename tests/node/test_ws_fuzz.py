@@ -277,7 +277,9 @@ def _expected_id(send: Send) -> Any:
         return None
     if len(frame.encode("utf-8", "surrogatepass")) > MAX_FRAME:
         return None
-    frame_id = value.get("id")
+    # What the node reads: a surrogate *pair* in `value` arrives as one astral character.
+    decoded = json.loads(frame)
+    frame_id = decoded.get("id") if isinstance(decoded, dict) else None
     if isinstance(frame_id, bool) or not isinstance(frame_id, str | int):
         return None
     text = str(frame_id)

@@ -1,0 +1,264 @@
+"""Media through one in-process node: aiortc clients publish and subscribe over the WebSocket.
+
+Each client has a publish PC (it offers sendonly VP8 video + Opus audio, the node answers)
+and a subscribe PC (the node offers the room's other tracks, the client answers). All ICE on
+127.0.0.1 (`media.host_addresses`), no ICE servers. The node forwards raw RTP: its
+`CODEC_WORK` counter stays 0 while the clients decode each other's video.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+from aiortc import (
+    AudioStreamTrack,
+    MediaStreamTrack,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from node.media import adapter
+from tests.conftest import Api
+from tests.node.test_live_inprocess import Peer, connect
+
+log = logging.getLogger(__name__)
+
+VIDEO_FRAMES = 31
+AUDIO_FRAMES = 31
+WAIT = 30.0
+
+
+class SmallPattern(VideoStreamTrack):
+    """320x240 frames whose shade changes, 30 fps."""
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame(width=320, height=240)
+        shade = (pts // 3000) % 200
+        for plane in frame.planes:
+            plane.update(bytes([shade]) * plane.buffer_size)
+        frame.pts = pts
+        frame.time_base = time_base
+        return frame
+
+
+class RemoteTrack:
+    """A track the client receives on its subscribe PC: frames counted until it ends."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        self.track = track
+        self.kind = track.kind
+        self.frames = 0
+        self.ended = asyncio.Event()
+        self.task = asyncio.ensure_future(self._consume())
+
+    async def _consume(self) -> None:
+        try:
+            while True:
+                await self.track.recv()
+                self.frames += 1
+        except MediaStreamError:
+            pass
+        finally:
+            self.ended.set()
+
+
+class MediaClient:
+    """An aiortc participant speaking the node's signalling over one WebSocket."""
+
+    def __init__(self, peer: Peer, name: str) -> None:
+        self.peer = peer
+        self.name = name
+        self.publish = RTCPeerConnection(adapter.rtc_configuration())
+        self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
+        self.remote: list[RemoteTrack] = []
+        self.offers = 0
+        self.errors: list[dict[str, Any]] = []
+        self.published = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._counter = 0
+
+        @self.subscribe.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self.remote.append(RemoteTrack(track))
+
+    async def send(self, type_: str, **fields: Any) -> None:
+        self._counter += 1
+        frame = {"type": type_, "id": f"{self.name}-{self._counter}", **fields}
+        await self.peer.ws.send(json.dumps(frame))
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        for message in list(self.peer.seen):
+            await self._handle(message)
+        self.peer.seen.clear()
+        while True:
+            message = json.loads(await self.peer.ws.receive())
+            await self._handle(message)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "offer" and message.get("pc") == "subscribe":
+            self.offers += 1
+            await self.subscribe.setRemoteDescription(
+                RTCSessionDescription(sdp=message["sdp"], type="offer")
+            )
+            await self.subscribe.setLocalDescription(await self.subscribe.createAnswer())
+            await self.send("answer", pc="subscribe", sdp=self.subscribe.localDescription.sdp)
+        elif kind == "answer" and message.get("pc") == "publish":
+            await self.publish.setRemoteDescription(
+                RTCSessionDescription(sdp=message["sdp"], type="answer")
+            )
+            self.published.set()
+        elif kind == "error":
+            log.error("%s got an error: %s", self.name, message)
+            self.errors.append(message)
+
+    async def start_publishing(self) -> None:
+        self.publish.addTransceiver(SmallPattern(), direction="sendonly")
+        self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        await self.publish.setLocalDescription(await self.publish.createOffer())
+        await self.send("offer", pc="publish", sdp=self.publish.localDescription.sdp)
+        await asyncio.wait_for(self.published.wait(), WAIT)
+
+    def tracks(self, kind: str) -> list[RemoteTrack]:
+        return [t for t in self.remote if t.kind == kind]
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.publish.close()
+        await self.subscribe.close()
+        for remote in self.remote:
+            remote.task.cancel()
+        await asyncio.gather(*(r.task for r in self.remote), return_exceptions=True)
+
+
+async def until(condition: Any, what: str = "", limit_s: float = WAIT) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_two_clients_decode_each_other_third_joins_and_leaves(
+    make_app: Any,
+) -> None:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    work_before = adapter.CODEC_WORK.total
+    started = time.monotonic()
+    names = ["alice", "bob", "carol"]
+    tokens = {name: await api.user_token(name) for name in names}
+    await api.create_room(tokens["alice"], "studio")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            # Before joining, media is refused.
+            loner = await connect(stack, api, await api.session_token(tokens["alice"]))
+            refused = await loner.request("offer", pc="publish", sdp="v=0")
+            assert refused["type"] == "error" and refused["code"] == "not-in-room"
+
+            for name in names[:2]:
+                peer = await connect(stack, api, await api.session_token(tokens[name]))
+                await peer.join("studio")
+                client = MediaClient(peer, name)
+                clients.append(client)
+                client.start()
+            alice, bob = clients
+            await alice.start_publishing()
+            await bob.start_publishing()
+
+            def decoded(client: MediaClient, kind: str, wanted: int) -> bool:
+                return any(t.frames >= wanted for t in client.tracks(kind))
+
+            for client in clients:
+                await until(lambda c=client: decoded(c, "video", VIDEO_FRAMES), what="video")
+                await until(lambda c=client: decoded(c, "audio", AUDIO_FRAMES), what="audio")
+            log.info("two clients decoding after %.2f s", time.monotonic() - started)
+            for client in clients:
+                assert len(client.tracks("video")) == 1 and len(client.tracks("audio")) == 1
+                assert client.errors == []
+
+            # A third joins late: it gets both publishers' tracks, and they get its own.
+            peer = await connect(stack, api, await api.session_token(tokens["carol"]))
+            await peer.join("studio")
+            carol = MediaClient(peer, "carol")
+            clients.append(carol)
+            carol.start()
+            await carol.start_publishing()
+            await until(lambda: len(carol.tracks("video")) == 2, what="carol's two videos")
+            await until(
+                lambda: all(t.frames >= VIDEO_FRAMES for t in carol.tracks("video")),
+                what="carol decodes both",
+            )
+            for client in (alice, bob):
+                await until(lambda c=client: len(c.tracks("video")) == 2, what="carol's video")
+                carol_video = client.tracks("video")[1]
+                await until(lambda t=carol_video: t.frames >= VIDEO_FRAMES, what="carol decoded")
+
+            # Carol leaves: her tracks end at alice and bob; theirs keep flowing.
+            await carol.send("leave")
+            for client in (alice, bob):
+                gone = client.tracks("video")[1:] + client.tracks("audio")[1:]
+                assert len(gone) == 2
+                for track in gone:
+                    await asyncio.wait_for(track.ended.wait(), WAIT)
+                staying = client.tracks("video")[0]
+                before = staying.frames
+                await until(lambda t=staying, n=before: t.frames > n + 10, what="still flowing")
+                assert not staying.ended.is_set()
+                # The node renegotiated: carol's two m-lines are now inactive.
+                await until(
+                    lambda c=client: c.subscribe.remoteDescription.sdp.count("a=inactive") == 2,
+                    what="inactive m-lines",
+                )
+                assert client.errors == []
+
+            assert adapter.CODEC_WORK.total == work_before
+            log.info("whole scenario took %.2f s", time.monotonic() - started)
+        finally:
+            for client in clients:
+                await client.close()
+
+
+@pytest.mark.slow
+async def test_closed_webrtc_connection_ends_membership(make_app: Any) -> None:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    tokens = {name: await api.user_token(name) for name in ("alice", "bob")}
+    await api.create_room(tokens["alice"], "studio")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            for name in ("alice", "bob"):
+                peer = await connect(stack, api, await api.session_token(tokens[name]))
+                await peer.join("studio")
+                clients.append(MediaClient(peer, name))
+            alice, bob = clients
+            # bob listens through Peer.next (no reader task); alice's reader answers offers
+            alice.start()
+            await alice.start_publishing()
+            await until(lambda: bool(alice.publish.connectionState == "connected"), "connected")
+            # alice's browser closes its publish connection: the node ends her membership
+            await alice.publish.close()
+            left = await bob.peer.next("participant-left")
+            assert left["reason"] == "media-failed"
+            assert left["session_id"] == alice.peer.session_id
+        finally:
+            for client in clients:
+                await client.close()
