@@ -28,9 +28,12 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   never creates an encoder. `SenderTap.send()` writes a raw packet with the sender's SSRC and
   MID, a fresh abs-send-time, through the transport's `_send_rtp` (SRTP protect + ICE send),
   stores it in the sender's RTP history (so aiortc's `_retransmit` answers subscriber NACKs,
-  RTX-wrapped when negotiated) and updates the counters aiortc's RTCP task puts in sender
-  reports. A subscriber's PLI/FIR calls `sender._send_keyframe()` (which only sets a flag the
-  pack path never reads): replaced on the instance by a callback. A subscriber's REMB sets
+  RTX-wrapped when negotiated; `_retransmit` is wrapped on the instance only to count the
+  NACKed sequence numbers and the answers) and updates the counters aiortc's RTCP task puts
+  in sender reports. `SenderTap.drop` is a test hook: it simulates loss on the way to the
+  subscriber after the packet entered the history (None, the default, in production). A
+  subscriber's PLI/FIR calls `sender._send_keyframe()` (which only sets a flag the pack path
+  never reads): replaced on the instance by a callback. A subscriber's REMB sets
   `encoder.target_bitrate`: the encoder slot holds a counting wrapper that records it.
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
@@ -449,13 +452,22 @@ class SenderTap:
         self.keyframe_requests = 0
         #: last REMB (bit/s) the subscriber reported for this sender's SSRC
         self.remb_bitrate: int | None = None
+        #: sequence numbers the subscriber NACKed, and how many were answered from history
+        self.nacked = 0
+        self.retransmitted = 0
         self.on_keyframe_request: Callable[[], None] | None = None
+        #: Test hook: when set and it returns True for a packet, `send` keeps the packet in
+        #: the RTP history and counts it as sent but does not write it (simulated loss on the
+        #: way to the subscriber, which a NACK then repairs). Never set in production.
+        self.drop: Callable[[RtpPacket], bool] | None = None
         self._history: dict[int, RtpPacket] = s._RTCRtpSender__rtp_history
         self._extensions_map = s._RTCRtpSender__rtp_header_extensions_map
         self._original_send = s.send
         self._ready = asyncio.Event()
         s.send = self._send_parameters
         s._send_keyframe = self._keyframe_requested
+        self._original_retransmit = s._retransmit
+        s._retransmit = self._retransmit
 
     @property
     def ssrc(self) -> int:
@@ -487,6 +499,14 @@ class SenderTap:
         if self.on_keyframe_request is not None:
             self.on_keyframe_request()
 
+    async def _retransmit(self, sequence_number: int) -> None:
+        # RTCRtpSender._retransmit answers a NACKed sequence number from the RTP history.
+        self.nacked += 1
+        kept = self._history.get(sequence_number % RTP_HISTORY_SIZE)
+        if kept is not None and kept.sequence_number == sequence_number:
+            self.retransmitted += 1
+        await self._original_retransmit(sequence_number)
+
     async def send(self, packet: RtpPacket) -> bool:
         """Send `packet` (payload type and numbering already the subscriber's) as this sender.
 
@@ -505,11 +525,13 @@ class SenderTap:
         extensions.rtp_stream_id = None
         extensions.repaired_rtp_stream_id = None
         self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
-        try:
-            await s.transport._send_rtp(packet.serialize(self._extensions_map))
-        except ConnectionError:
-            self.send_errors += 1
-            return False
+        drop = self.drop
+        if drop is None or not drop(packet):
+            try:
+                await s.transport._send_rtp(packet.serialize(self._extensions_map))
+            except ConnectionError:
+                self.send_errors += 1
+                return False
         s._RTCRtpSender__ntp_timestamp = ntp
         s._RTCRtpSender__rtp_timestamp = packet.timestamp
         s._RTCRtpSender__octet_count += len(packet.payload)

@@ -1,0 +1,220 @@
+"""Repair through one in-process node: keyframe requests go upstream, NACKs are answered.
+
+Alice publishes VP8 video (and Opus) to the node; Bob only subscribes and decodes. Bob's
+RTCP toward the node is real aiortc RTCP from his receiver: a PLI (`_send_rtcp_pli`, sent by
+hand here) and NACKs (aiortc's own NACK generator, after the node's `SenderTap.drop` test
+hook loses some packets that are already in the sender's RTP history). The node decodes and
+encodes nothing throughout (`CODEC_WORK`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.rtp import RtpPacket
+
+from node.context import EXTENSION, NodeContext
+from node.media import adapter
+from node.media.adapter import SenderTap
+from node.media.session import MediaSession, Published
+from tests.conftest import Api
+from tests.node.media.test_room_media import MediaClient, RemoteTrack, until
+from tests.node.test_live_inprocess import connect
+
+LIMIT = 8.0  # seconds any single wait may take
+
+
+@dataclass
+class Scene:
+    alice: MediaClient
+    bob: MediaClient
+    published: Published  # alice's video on the node
+    sink: SenderTap  # the node's sender of it to bob
+    video: RemoteTrack  # what bob decodes
+    alice_sender: RTCRtpSender  # alice's video sender
+    bob_receiver: RTCRtpReceiver  # bob's receiver of alice's video
+
+
+def _kind(transceivers: list[Any], kind: str) -> Any:
+    return next(t for t in transceivers if t.kind == kind)
+
+
+@asynccontextmanager
+async def scene(make_app: Any) -> AsyncIterator[Scene]:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    context: NodeContext = test_app.app.extensions[EXTENSION]
+    media = context.live.media
+    tokens = {name: await api.user_token(name) for name in ("alice", "bob")}
+    await api.create_room(tokens["alice"], "studio")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            for name in ("alice", "bob"):
+                peer = await connect(stack, api, await api.session_token(tokens[name]))
+                await peer.join("studio")
+                client = MediaClient(peer, name)
+                clients.append(client)
+                client.start()
+            alice, bob = clients
+            await alice.start_publishing()
+            await until(lambda: len(bob.tracks("video")) == 1, "bob's video track", LIMIT)
+            video = bob.tracks("video")[0]
+            await until(lambda: video.frames >= 10, "bob decodes", LIMIT)
+
+            owner: MediaSession = next(
+                s for s in media.sessions.values() if s.session_id == alice.peer.session_id
+            )
+            published = next(p for p in owner.published.values() if p.kind == "video")
+            subscription = next(iter(published.subscriptions.values()))
+            assert subscription.subscriber.session_id == bob.peer.session_id
+            yield Scene(
+                alice=alice,
+                bob=bob,
+                published=published,
+                sink=subscription.sink,
+                video=video,
+                alice_sender=_kind(alice.publish.getTransceivers(), "video").sender,
+                bob_receiver=_kind(bob.subscribe.getTransceivers(), "video").receiver,
+            )
+        finally:
+            for client in clients:
+                await client.close()
+
+
+@pytest.mark.slow
+async def test_subscriber_pli_reaches_publisher_throttled(make_app: Any) -> None:
+    work_before = adapter.CODEC_WORK.total
+    async with scene(make_app) as s:
+        # Alice's sender learns of a PLI/FIR through RTCRtpSender._send_keyframe (which makes
+        # its next encoded frame a keyframe): record when it is called.
+        upstream: list[float] = []
+        sender: Any = s.alice_sender
+        original = sender._send_keyframe
+
+        def keyframe_requested() -> None:
+            upstream.append(time.monotonic())
+            original()
+
+        sender._send_keyframe = keyframe_requested
+
+        # The SSRC Bob receives alice's video under is the node's sender's.
+        sources = s.bob_receiver.getSynchronizationSources()
+        assert [source.source for source in sources] == [s.sink.ssrc]
+        forwarder = s.published.forwarder
+        assert forwarder is not None
+        await until(lambda: not forwarder.waiting, "bob no longer waits for a keyframe", LIMIT)
+        interval = s.published.throttle.interval
+        receiver: Any = s.bob_receiver
+
+        # One PLI from bob reaches alice.
+        await asyncio.sleep(interval + 0.1)
+        seen_at_node = s.sink.keyframe_requests
+        before = len(upstream)
+        await receiver._send_rtcp_pli(s.sink.ssrc)
+        await until(lambda: len(upstream) > before, "alice is asked for a keyframe", LIMIT)
+        assert s.sink.keyframe_requests > seen_at_node
+
+        # A burst: every PLI reaches the node, a bounded number goes upstream.
+        await asyncio.sleep(interval + 0.1)
+        burst = 40
+        seen_at_node = s.sink.keyframe_requests
+        suppressed = s.published.throttle.suppressed
+        before = len(upstream)
+        started = time.monotonic()
+        for _ in range(burst):
+            await receiver._send_rtcp_pli(s.sink.ssrc)
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        await until(
+            lambda: s.sink.keyframe_requests >= seen_at_node + burst, "the burst at the node", 2
+        )
+        await asyncio.sleep(0.5)  # let anything the node let through arrive at alice
+        forwarded = len(upstream) - before
+        bound = 1 + math.ceil(elapsed / interval)
+        assert 1 <= forwarded <= bound, (forwarded, bound, elapsed)
+        assert s.published.throttle.suppressed - suppressed >= burst - bound
+        # Bob still decodes.
+        frames = s.video.frames
+        await until(lambda: s.video.frames > frames + 5, "bob keeps decoding", LIMIT)
+    assert adapter.CODEC_WORK.total == work_before
+
+
+@pytest.mark.slow
+async def test_lost_packet_repaired_by_nack_through_node(make_app: Any) -> None:
+    work_before = adapter.CODEC_WORK.total
+    async with scene(make_app) as s:
+        # Bob's aiortc receiver NACKs gaps by itself: count what it sends.
+        nacks: list[list[int]] = []
+        receiver: Any = s.bob_receiver
+        original_nack = receiver._send_rtcp_nack
+
+        async def send_nack(media_ssrc: int, lost: list[int]) -> None:
+            nacks.append(list(lost))
+            await original_nack(media_ssrc, lost)
+
+        receiver._send_rtcp_nack = send_nack
+
+        # The node loses every 7th video packet to bob, 15 in all, each only once (the
+        # retransmission goes through aiortc's _retransmit, not through SenderTap.send).
+        every, wanted = 7, 15
+        dropped: list[int] = []
+        seen = 0
+
+        def drop(packet: RtpPacket) -> bool:
+            nonlocal seen
+            seen += 1
+            if len(dropped) < wanted and seen % every == 0:
+                dropped.append(packet.sequence_number)
+                return True
+            return False
+
+        nacked, retransmitted = s.sink.nacked, s.sink.retransmitted
+        frames_before = s.video.frames
+        samples: list[tuple[float, int]] = []
+
+        async def sample() -> None:
+            while True:
+                samples.append((time.monotonic(), s.video.frames))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            s.sink.drop = drop
+            await until(lambda: len(dropped) == wanted, "the node to lose packets", LIMIT)
+            s.sink.drop = None
+            await until(
+                lambda: s.sink.retransmitted - retransmitted >= wanted,
+                "the node to answer the NACKs",
+                LIMIT,
+            )
+            frames_after_loss = s.video.frames
+            await until(
+                lambda: s.video.frames >= frames_after_loss + 15, "bob keeps decoding", LIMIT
+            )
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+
+        # Bob asked for every lost packet, and the node answered each from its history.
+        asked = {seq for lost in nacks for seq in lost}
+        assert set(dropped) <= asked, (dropped, nacks)
+        assert s.sink.nacked - nacked >= wanted
+        assert s.sink.retransmitted - retransmitted >= wanted
+        # No freeze: frames kept coming throughout the lossy period.
+        assert s.video.frames > frames_before
+        longest, run = 0.0, 0.0
+        for (t0, n), (t1, m) in itertools.pairwise(samples):
+            run = run + (t1 - t0) if m == n else 0.0
+            longest = max(longest, run)
+        assert longest < 0.5, f"video froze for {longest:.2f} s"
+    assert adapter.CODEC_WORK.total == work_before
