@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> Quart:
         metrics.watch(
             lambda: len(live.hub.connections), lambda: len(live.hub.rooms), lambda: live.redis_ok
         )
+        metrics.watch_media(live.media)
         live.metrics = metrics
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,

@@ -2,14 +2,21 @@
 
 Labels are bounded: HTTP routes are the rule templates (`/api/rooms/<slug>`), never the
 paths themselves, so a crawler cannot grow the series without end. Media metrics (per
-session and per track bitrate, loss, jitter, RTT) join with the Media core.
+track bitrate, packets, loss, jitter, RTT; node totals) come from `node.media.stats`, read
+from live media state at scrape time, so only live tracks have series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from node.media.stats import MediaCollector
+
+if TYPE_CHECKING:
+    from node.media.session import MediaHub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -71,6 +78,10 @@ class NodeMetrics:
         Gauge(
             "sfumesh_redis_ok", "1 when this node is registered in Redis", registry=self.registry
         ).set_function(lambda: float(redis_ok()))
+
+    def watch_media(self, hub: MediaHub) -> None:
+        """Per track and node-wide media metrics, read from `hub` when scraped."""
+        self.registry.register(MediaCollector(hub))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -135,6 +135,9 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpReceiver, _R + "decoder_queue", "init"),
     (RTCRtpReceiver, _R + "decoder_thread", "init"),
     (aiortc.rtcrtpreceiver, "StreamStatistics", "member"),
+    (StreamStatistics, "_clockrate", "init"),
+    (StreamStatistics, "packets_lost", "member"),
+    (StreamStatistics, "jitter", "member"),
     (aiortc.rtcrtpreceiver, "NackGenerator", "member"),
     (StreamStatistics, "add", "member"),
     (NackGenerator, "add", "member"),
@@ -152,6 +155,7 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender, _S + "rtp_timestamp", "init"),
     (RTCRtpSender, _S + "octet_count", "init"),
     (RTCRtpSender, _S + "packet_count", "init"),
+    (RTCRtpSender, _S + "stats", "init"),
     (RTCRtpSender._handle_rtcp_packet, "_send_keyframe", "uses"),
     (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
@@ -233,6 +237,18 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
 # --------------------------------------------------------------------------- receive side
 
 
+@dataclass(frozen=True)
+class Reception:
+    """What a receiver report says (or would say) about one stream."""
+
+    #: cumulative packets lost (expected - received; may dip after duplicates)
+    packets_lost: int
+    #: interarrival jitter (RFC 3550), seconds
+    jitter_s: float
+    #: round-trip time from the report's LSR/DLSR, seconds; None when not known
+    rtt_s: float | None = None
+
+
 class _DiscardingQueue(queue.Queue[Any]):
     """Stands in for a tapped receiver's decoder queue: counts and drops frames."""
 
@@ -261,7 +277,11 @@ class RtpTap:
         self._streams: dict[int, StreamStatistics] = r._RTCRtpReceiver__remote_streams
         self._nack: NackGenerator | None = r._RTCRtpReceiver__nack_generator
         self._estimator: RemoteBitrateEstimator | None = r._RTCRtpReceiver__remote_bitrate_estimator
+        #: monotonic time the tap was made (start of the first bitrate window)
+        self.created = time.monotonic()
         self.packets = 0
+        #: RTP payload bytes handed to the handler (after RTX unwrap)
+        self.bytes = 0
         self.dropped = 0
         self.handler_errors = 0
         #: last REMB estimate (bit/s) sent toward the publisher, None before the first
@@ -274,6 +294,20 @@ class RtpTap:
     def media_ssrcs(self) -> list[int]:
         """SSRCs seen so far, retransmission (RTX) SSRCs excluded."""
         return [ssrc for ssrc in self._streams if ssrc not in self._rtx_ssrc]
+
+    def reception(self) -> Reception:
+        """Loss and jitter of the publisher's media SSRCs, from the statistics aiortc keeps
+        for its receiver reports (read, never reset: `fraction_lost` is not touched)."""
+        lost = 0
+        jitter = 0.0
+        for ssrc, stats in self._streams.items():
+            if ssrc in self._rtx_ssrc:
+                continue
+            lost += stats.packets_lost
+            clock_rate: int = stats._clockrate
+            if clock_rate:
+                jitter = max(jitter, stats.jitter / clock_rate)
+        return Reception(packets_lost=lost, jitter_s=jitter)
 
     async def _receive(self, parameters: RTCRtpReceiveParameters) -> None:
         # RTCRtpReceiver.receive() without the decoder thread.
@@ -347,6 +381,7 @@ class RtpTap:
             await r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
 
         self.packets += 1
+        self.bytes += len(packet.payload)
         try:
             await self._handler(packet)
         except Exception:
@@ -447,7 +482,11 @@ class SenderTap:
         #: the codec the subscriber negotiated (what forwarded packets must carry)
         self.codec: RTCRtpCodecParameters | None = None
         self.mid: str | None = None
+        #: monotonic time the tap was made (start of the first bitrate window)
+        self.created = time.monotonic()
         self.packets_sent = 0
+        #: RTP payload bytes sent (what sender reports count as octets)
+        self.bytes_sent = 0
         self.send_errors = 0
         self.keyframe_requests = 0
         #: last REMB (bit/s) the subscriber reported for this sender's SSRC
@@ -484,6 +523,21 @@ class SenderTap:
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    def reception(self) -> Reception | None:
+        """The subscriber's latest receiver report for this sender (loss, jitter, RTT), as
+        aiortc's `_handle_rtcp_packet` keeps it; None before the first report."""
+        report = self._s._RTCRtpSender__stats.get(f"remote-inbound-rtp_{id(self._s)}")
+        if report is None:
+            return None
+        clock_rate = self.codec.clockRate if self.codec is not None else 0
+        jitter = report.jitter / clock_rate if clock_rate and report.jitter else 0.0
+        rtt = report.roundTripTime
+        return Reception(
+            packets_lost=int(report.packetsLost or 0),
+            jitter_s=float(jitter),
+            rtt_s=None if rtt is None else float(rtt),
+        )
 
     async def _send_parameters(self, parameters: RTCRtpSendParameters) -> None:
         if self.codec is None:
@@ -534,9 +588,11 @@ class SenderTap:
                 return False
         s._RTCRtpSender__ntp_timestamp = ntp
         s._RTCRtpSender__rtp_timestamp = packet.timestamp
-        s._RTCRtpSender__octet_count += len(packet.payload)
+        size = len(packet.payload)
+        s._RTCRtpSender__octet_count += size
         s._RTCRtpSender__packet_count += 1
         self.packets_sent += 1
+        self.bytes_sent += size
         return True
 
 

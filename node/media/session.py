@@ -87,18 +87,23 @@ class Published:
         self.forwarder: Forwarder[SenderTap] | None = None
         self.subscriptions: dict[MediaSession, Subscription] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
+        #: keyframe requests (PLI) sent to the publisher, after the throttle
+        self.keyframe_requests = 0
         self.tap: RtpTap = adapter.tap_rtp(receiver, self.on_rtp)
 
     async def on_rtp(self, packet: RtpPacket) -> None:
         forwarder = self.forwarder
         if forwarder is None:
             return
+        media = self.owner.media
         for sink, out in forwarder.forward(packet):
-            await sink.send(out)
+            if await sink.send(out):
+                media.forwarded_packets += 1
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe now, unless one was asked for recently."""
         if self.throttle.allow(time.monotonic()):
+            self.keyframe_requests += 1
             self.owner.media.spawn(self._send_keyframe_request())
 
     async def _send_keyframe_request(self) -> None:
@@ -412,6 +417,8 @@ class MediaHub:
         # local connections per room, as the hub sees them (set by the owner)
         self.members: Callable[[str], set[Connection]] = lambda slug: set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: packets sent to subscribers since start (all sessions, ended ones included)
+        self.forwarded_packets = 0
 
     def configuration(self) -> Any:
         servers = [RTCIceServer(urls=url) for url in self.ice_servers]
