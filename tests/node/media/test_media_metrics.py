@@ -11,8 +11,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Api
-from tests.node.media.test_room_media import AUDIO_FRAMES, VIDEO_FRAMES, MediaClient, until
-from tests.node.test_live_inprocess import connect
+from tests.node.media.test_room_media import (
+    AUDIO_FRAMES,
+    VIDEO_FRAMES,
+    MediaClient,
+    join_clients,
+    until,
+)
 
 Labels = tuple[str, str, str, str]
 
@@ -53,12 +58,7 @@ async def test_media_metrics_per_track_and_gone_after_leave(make_app: Any) -> No
     started = time.monotonic()
     async with AsyncExitStack() as stack:
         try:
-            for name in ("alice", "bob"):
-                peer = await connect(stack, api, await api.session_token(tokens[name]))
-                await peer.join("studio")
-                client = MediaClient(peer, name)
-                clients.append(client)
-                client.start()
+            await join_clients(stack, api, tokens, ["alice", "bob"], "studio", clients)
             alice, bob = clients
             await alice.start_publishing()
             await bob.start_publishing()

@@ -27,8 +27,7 @@ from node.media import adapter
 from node.media.adapter import SenderTap
 from node.media.session import MediaSession, Published
 from tests.conftest import Api
-from tests.node.media.test_room_media import MediaClient, RemoteTrack, until
-from tests.node.test_live_inprocess import connect
+from tests.node.media.test_room_media import MediaClient, RemoteTrack, join_clients, until
 
 LIMIT = 8.0  # seconds any single wait may take
 
@@ -59,12 +58,7 @@ async def scene(make_app: Any) -> AsyncIterator[Scene]:
     clients: list[MediaClient] = []
     async with AsyncExitStack() as stack:
         try:
-            for name in ("alice", "bob"):
-                peer = await connect(stack, api, await api.session_token(tokens[name]))
-                await peer.join("studio")
-                client = MediaClient(peer, name)
-                clients.append(client)
-                client.start()
+            await join_clients(stack, api, tokens, ["alice", "bob"], "studio", clients)
             alice, bob = clients
             await alice.start_publishing()
             await until(lambda: len(bob.tracks("video")) == 1, "bob's video track", LIMIT)

@@ -21,13 +21,12 @@ from aiortc import (
     MediaStreamTrack,
     RTCPeerConnection,
     RTCSessionDescription,
-    VideoStreamTrack,
 )
 from aiortc.mediastreams import MediaStreamError
-from av import VideoFrame
 
 from node.media import adapter
 from tests.conftest import Api
+from tests.node.media.test_loopback import SmallPattern
 from tests.node.test_live_inprocess import Peer, connect
 
 log = logging.getLogger(__name__)
@@ -37,18 +36,25 @@ AUDIO_FRAMES = 31
 WAIT = 30.0
 
 
-class SmallPattern(VideoStreamTrack):
-    """320x240 frames whose shade changes, 30 fps."""
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = VideoFrame(width=320, height=240)
-        shade = (pts // 3000) % 200
-        for plane in frame.planes:
-            plane.update(bytes([shade]) * plane.buffer_size)
-        frame.pts = pts
-        frame.time_base = time_base
-        return frame
+async def join_clients(
+    stack: AsyncExitStack,
+    api: Api,
+    tokens: dict[str, str],
+    names: list[str],
+    slug: str,
+    clients: list[MediaClient],
+    *,
+    start: bool = True,
+) -> None:
+    """Each named user connects its WebSocket, joins `slug`, and (if `start`) starts its
+    MediaClient; appended to `clients` one by one, so a failure still closes the earlier."""
+    for name in names:
+        peer = await connect(stack, api, await api.session_token(tokens[name]))
+        await peer.join(slug)
+        client = MediaClient(peer, name)
+        clients.append(client)
+        if start:
+            client.start()
 
 
 class RemoteTrack:
@@ -173,12 +179,7 @@ async def test_two_clients_decode_each_other_third_joins_and_leaves(
             refused = await loner.request("offer", pc="publish", sdp="v=0")
             assert refused["type"] == "error" and refused["code"] == "not-in-room"
 
-            for name in names[:2]:
-                peer = await connect(stack, api, await api.session_token(tokens[name]))
-                await peer.join("studio")
-                client = MediaClient(peer, name)
-                clients.append(client)
-                client.start()
+            await join_clients(stack, api, tokens, names[:2], "studio", clients)
             alice, bob = clients
             await alice.start_publishing()
             await bob.start_publishing()
@@ -245,10 +246,7 @@ async def test_closed_webrtc_connection_ends_membership(make_app: Any) -> None:
     clients: list[MediaClient] = []
     async with AsyncExitStack() as stack:
         try:
-            for name in ("alice", "bob"):
-                peer = await connect(stack, api, await api.session_token(tokens[name]))
-                await peer.join("studio")
-                clients.append(MediaClient(peer, name))
+            await join_clients(stack, api, tokens, ["alice", "bob"], "studio", clients, start=False)
             alice, bob = clients
             # bob listens through Peer.next (no reader task); alice's reader answers offers
             alice.start()
