@@ -377,6 +377,18 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def write_report(path: Path, figures: dict[str, Any]) -> bool:
+    """The figures as JSON at `path`; False (said on stderr) when it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+    except OSError as error:
+        print(f"sfumesh bench: cannot write {path}: {error}", file=sys.stderr)
+        return False
+    print(f"written: {path}")
+    return True
+
+
 def print_phases(rows: list[tuple[int, Phase]]) -> None:
     """The table every bench prints: one line per (phase number, phase)."""
     header = f"{'phase':<48} {'ok':>7} {'errors':>7} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}"
@@ -492,12 +504,6 @@ def run_bench(
         print(f"sfumesh bench: {error}", file=sys.stderr)
         return 1
     print_table(run)
-    if json_path is not None:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report(run), indent=2) + "\n")
-        except OSError as error:
-            print(f"sfumesh bench: cannot write {json_path}: {error}", file=sys.stderr)
-            return 1
-        print(f"written: {json_path}")
+    if json_path is not None and not write_report(json_path, report(run)):
+        return 1
     return 1 if run.errors else 0

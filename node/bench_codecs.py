@@ -24,7 +24,6 @@ payload bytes (no RTP, SRTP, UDP or IP headers).
 from __future__ import annotations
 
 import fractions
-import json
 import os
 import platform
 import sys
@@ -39,6 +38,8 @@ import av
 from aiortc.codecs import h264, vpx
 from aiortc.codecs.base import Decoder, Encoder
 from aiortc.jitterbuffer import JitterFrame
+
+from node.bench import write_report
 
 FPS = 30
 TIME_BASE = fractions.Fraction(1, FPS)
@@ -405,12 +406,6 @@ def run_codecs_bench(*, json_path: Path | None, duration_s: float = DEFAULT_DURA
         _say(f"sfumesh bench: codec error: {error}", err=True)
         return 1
     print_table(results, duration_s)
-    if json_path is not None:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report(results, duration_s), indent=2) + "\n")
-        except OSError as error:
-            _say(f"sfumesh bench: cannot write {json_path}: {error}", err=True)
-            return 1
-        _say(f"written: {json_path}")
+    if json_path is not None and not write_report(json_path, report(results, duration_s)):
+        return 1
     return 0 if all(r.decoded_frames == r.frames for r in results) else 1

@@ -54,6 +54,7 @@ from node.bench import (
     print_errors,
     print_phases,
     rounded,
+    write_report,
 )
 from node.config import LiveSettings, RoomSettings
 from node.launch import LocalNode, start_nodes
@@ -636,12 +637,6 @@ def run_join_bench(
         _say(f"sfumesh bench: {error}", err=True)
         return 1
     print_table(run)
-    if json_path is not None:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report(run), indent=2) + "\n")
-        except OSError as error:
-            _say(f"sfumesh bench: cannot write {json_path}: {error}", err=True)
-            return 1
-        _say(f"written: {json_path}")
+    if json_path is not None and not write_report(json_path, report(run)):
+        return 1
     return 1 if run.errors else 0
