@@ -54,7 +54,7 @@ def reexec_in_private_netns(argv: Sequence[str] | None = None) -> NoReturn:
     """Replace this process by `argv` (default: this command) in a private namespace."""
     command = private_netns_command(argv or [sys.executable, *sys.argv])
     os.environ[MARKER_ENV] = "1"
-    os.execvp(command[0], command)
+    os.execvp(command[0], command)  # noqa: S606 (argv list, no shell parsing)
 
 
 def _ip(*args: str) -> None:
