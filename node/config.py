@@ -97,10 +97,17 @@ class MediaSettings(BaseModel):
     host_addresses: list[str] = Field(default_factory=list)
     # STUN/TURN server URLs (e.g. "stun:stun.example.org:3478").
     ice_servers: list[str] = Field(default_factory=list)
+    # Addresses announced to clients instead of the host addresses (same ports), e.g. the
+    # public address of a node behind 1:1 NAT; [] = announce the host candidates as they are.
+    announced_addresses: list[str] = Field(default_factory=list)
     # At most one keyframe request toward a publisher's track per this many seconds.
     keyframe_interval_s: float = Field(default=0.5, gt=0)
+    # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
+    # above it are dropped and counted; REMB toward the publisher never asks for more.
+    max_video_bitrate: int = Field(default=8_000_000, gt=0)
+    max_audio_bitrate: int = Field(default=512_000, gt=0)
 
-    @field_validator("host_addresses")
+    @field_validator("host_addresses", "announced_addresses")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         for address in value:
@@ -175,6 +182,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
+    "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
 }
 
 

@@ -203,7 +203,20 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         token_keys = {"demo": new_key()}
         ports = None if smoke else _ports_or_free(port, nodes)
         started.extend(
-            start_nodes(services, token_keys, count=nodes, data_dir=data_dir, ports=ports)
+            start_nodes(
+                services,
+                token_keys,
+                count=nodes,
+                data_dir=data_dir,
+                ports=ports,
+                # Browsers on this machine reach the nodes on loopback (aioice skips it unless
+                # told); unless the operator chose addresses.
+                extra_env={
+                    "SFUMESH_MEDIA_HOST_ADDRESSES": os.environ.get(
+                        "SFUMESH_MEDIA_HOST_ADDRESSES", '["127.0.0.1"]'
+                    )
+                },
+            )
         )
         if smoke:
             return _report_smoke(started)

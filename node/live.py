@@ -50,8 +50,7 @@ class Live:
         self.hub = Hub()
         self.events = EventPump(redis, settings.node_name, self.hub.deliver)
         self.hub.on_room_empty = self.events.unwatch
-        media = settings.media
-        self.media = MediaHub(media.ice_servers, media.keyframe_interval_s, self.media_failed)
+        self.media = MediaHub(settings.media, self.media_failed)
         self.media.members = lambda slug: set(self.hub.rooms.get(slug, ()))
         self.hub.on_leave = self.media.left
         self.registry = Registry(

@@ -88,6 +88,9 @@ PINNED_AIOICE_VERSION: Final = "0.13.0"
 _NTP_UNIX_OFFSET: Final = 2_208_988_800
 
 PacketHandler = Callable[[RtpPacket], Awaitable[None]]
+#: called with a reason ("unknown-ssrc", "unknown-payload-type", "bad-rtx", "unrouted") per
+#: dropped packet
+DropCallback = Callable[[str], None]
 
 
 @dataclass
@@ -160,6 +163,9 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_register_rtp_receiver", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_router", "init"),
+    (aiortc.rtcdtlstransport.RtpRouter, "route_rtp", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "route_rtp", "uses"),
     (aioice.ice, "get_host_addresses", "member"),
     (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
 )
@@ -284,8 +290,18 @@ class RtpTap:
         self.bytes = 0
         self.dropped = 0
         self.handler_errors = 0
-        #: last REMB estimate (bit/s) sent toward the publisher, None before the first
+        #: last REMB (bit/s) sent toward the publisher, None before the first
         self.remb_bitrate: int | None = None
+        #: aiortc's own estimate behind that REMB (before `remb_limit` lowered it)
+        self.remb_estimate: int | None = None
+        #: when set, REMB toward the publisher never exceeds what it returns (if not None)
+        self.remb_limit: Callable[[], int | None] | None = None
+        self.on_drop: DropCallback | None = None
+        # SSRCs this receiver accepts: the ones the offer declared (media and RTX), or else
+        # the first media SSRC that arrives. Anything else is dropped, so a hostile sender
+        # cannot grow per-SSRC state.
+        self._ssrcs: set[int] = set()
+        self._declared = False
         r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
         r.receive = self._receive
         r._handle_rtp_packet = self._handle_rtp_packet
@@ -309,6 +325,11 @@ class RtpTap:
                 jitter = max(jitter, stats.jitter / clock_rate)
         return Reception(packets_lost=lost, jitter_s=jitter)
 
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(reason)
+
     async def _receive(self, parameters: RTCRtpReceiveParameters) -> None:
         # RTCRtpReceiver.receive() without the decoder thread.
         r = self._r
@@ -320,6 +341,10 @@ class RtpTap:
         for encoding in parameters.encodings:
             if encoding.rtx:
                 self._rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+                self._ssrcs.add(encoding.rtx.ssrc)
+            if encoding.ssrc:
+                self._ssrcs.add(encoding.ssrc)
+        self._declared = bool(self._ssrcs)
         for codec in parameters.codecs:
             if is_rtx(codec) and codec.payloadType is not None:
                 self._rtx_pts.add(codec.payloadType)
@@ -337,6 +362,16 @@ class RtpTap:
         if not r._enabled:
             return
 
+        codec = self.codecs.get(packet.payload_type)
+        if codec is None:
+            self._drop("unknown-payload-type")
+            return
+        if packet.ssrc not in self._ssrcs:
+            if self._declared or self._ssrcs or packet.payload_type in self._rtx_pts:
+                self._drop("unknown-ssrc")
+                return
+            self._ssrcs.add(packet.ssrc)
+
         estimator = self._estimator
         if estimator is not None and packet.extensions.abs_send_time is not None:
             remb = estimator.add(
@@ -347,20 +382,20 @@ class RtpTap:
             )
             rtcp_ssrc = r._RTCRtpReceiver__rtcp_ssrc
             if rtcp_ssrc is not None and remb is not None:
-                self.remb_bitrate = remb[0]
+                bitrate, ssrcs = remb
+                self.remb_estimate = bitrate
+                limit = self.remb_limit() if self.remb_limit is not None else None
+                if limit is not None and limit < bitrate:
+                    bitrate = limit
+                self.remb_bitrate = bitrate
                 await r._send_rtcp(
                     RtcpPsfbPacket(
                         fmt=RTCP_PSFB_APP,
                         ssrc=rtcp_ssrc,
                         media_ssrc=0,
-                        fci=pack_remb_fci(*remb),
+                        fci=pack_remb_fci(bitrate, ssrcs),
                     )
                 )
-
-        codec = self.codecs.get(packet.payload_type)
-        if codec is None:
-            self.dropped += 1
-            return
 
         # statistics for receiver reports (aiortc keeps them for RTX SSRCs too)
         stats = self._streams.get(packet.ssrc)
@@ -372,7 +407,7 @@ class RtpTap:
             apt = self._rtx_apt.get(packet.payload_type)
             original_ssrc = self._rtx_ssrc.get(packet.ssrc)
             if apt is None or original_ssrc is None or len(packet.payload) < 2:
-                self.dropped += 1
+                self._drop("bad-rtx")
                 return
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
 
@@ -397,6 +432,25 @@ def tap_rtp(receiver: RTCRtpReceiver, handler: PacketHandler) -> RtpTap:
     setRemoteDescription and before the connection is established).
     """
     return RtpTap(receiver, handler)
+
+
+def count_unrouted(transport: aiortc.RTCDtlsTransport, on_drop: DropCallback) -> None:
+    """Call `on_drop("unrouted")` for every RTP packet `transport` discards because no
+    receiver matches its SSRC or payload type (aiortc drops those silently). Idempotent."""
+    t: Any = transport
+    router = t._rtp_router
+    if getattr(router, "_sfumesh_counted", False):
+        return
+    route_rtp = router.route_rtp
+
+    def counting_route_rtp(packet: RtpPacket) -> Any:
+        receiver = route_rtp(packet)
+        if receiver is None:
+            on_drop("unrouted")
+        return receiver
+
+    router.route_rtp = counting_route_rtp
+    router._sfumesh_counted = True
 
 
 async def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> bool:

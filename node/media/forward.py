@@ -282,3 +282,37 @@ class Forwarder(Generic[K]):
                 out.append((key, rewritten))
         self.packets_out += len(out)
         return out
+
+
+# --------------------------------------------------------------------------- budget
+
+
+class ByteBudget:
+    """A token bucket over RTP payload bytes: `rate_bps` bits/s with `burst_s` of burst.
+
+    `allow(size, now)` takes `size` bytes if the bucket holds them; a packet that does not fit
+    is refused whole (counted in `refused`), so a publisher far above its budget loses the
+    excess, not everything.
+    """
+
+    __slots__ = ("_capacity", "_level", "_rate", "_stamp", "rate_bps", "refused")
+
+    def __init__(self, rate_bps: int, burst_s: float = 1.0) -> None:
+        self.rate_bps = rate_bps
+        self._rate = rate_bps / 8.0  # bytes per second
+        self._capacity = self._rate * burst_s
+        self._level = self._capacity
+        self._stamp: float | None = None
+        self.refused = 0
+
+    def allow(self, size: int, now: float) -> bool:
+        stamp = self._stamp
+        if stamp is not None:
+            level = self._level + (now - stamp) * self._rate
+            self._level = level if level < self._capacity else self._capacity
+        self._stamp = now
+        if size <= self._level:
+            self._level -= size
+            return True
+        self.refused += 1
+        return False

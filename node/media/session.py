@@ -41,15 +41,25 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from node.config import MediaSettings
 from node.hub import Connection
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
-from node.media.forward import Forwarder, KeyframeThrottle, SubscriberRewriter, keyframe_detector
+from node.media.forward import (
+    ByteBudget,
+    Forwarder,
+    KeyframeThrottle,
+    SubscriberRewriter,
+    keyframe_detector,
+)
+from node.media.sdp import announce_addresses
 
 log = logging.getLogger(__name__)
 
 # How long the node keeps asking a publisher for a keyframe while a subscriber waits for one.
 KEYFRAME_WAIT_S = 10.0
+# Dropped packets are logged at most once per track and reason per this many seconds.
+DROP_LOG_INTERVAL_S = 10.0
 
 FailedCallback = Callable[[str, int], Coroutine[Any, Any, None]]
 
@@ -81,7 +91,15 @@ class Published:
         self.owner = owner
         self.mid = mid
         self.kind = kind
-        self.throttle = KeyframeThrottle(owner.media.keyframe_interval_s)
+        media = owner.media
+        self.throttle = KeyframeThrottle(media.settings.keyframe_interval_s)
+        limit = (
+            media.settings.max_video_bitrate
+            if kind == "video"
+            else media.settings.max_audio_bitrate
+        )
+        self.budget = ByteBudget(limit)
+        self._drop_logged: dict[str, tuple[float, int]] = {}
         self.mime_type = ""
         self.codec: RTCRtpCodecCapability | None = None
         self.forwarder: Forwarder[SenderTap] | None = None
@@ -90,15 +108,50 @@ class Published:
         #: keyframe requests (PLI) sent to the publisher, after the throttle
         self.keyframe_requests = 0
         self.tap: RtpTap = adapter.tap_rtp(receiver, self.on_rtp)
+        self.tap.on_drop = self.dropped
+        self.tap.remb_limit = self.remb_limit
 
     async def on_rtp(self, packet: RtpPacket) -> None:
         forwarder = self.forwarder
         if forwarder is None:
             return
+        if not self.budget.allow(len(packet.payload), time.monotonic()):
+            self.dropped("over-budget")
+            return
         media = self.owner.media
         for sink, out in forwarder.forward(packet):
             if await sink.send(out):
                 media.forwarded_packets += 1
+
+    def dropped(self, reason: str) -> None:
+        """Count a packet of this track that is not forwarded; log now and then."""
+        media = self.owner.media
+        media.dropped[reason] = media.dropped.get(reason, 0) + 1
+        now = time.monotonic()
+        last, count = self._drop_logged.get(reason, (-DROP_LOG_INTERVAL_S, 0))
+        if now - last >= DROP_LOG_INTERVAL_S:
+            log.warning(
+                "media.packets_dropped",
+                extra={
+                    "session_id": self.owner.session_id,
+                    "mid": self.mid,
+                    "reason": reason,
+                    "count": count + 1,
+                },
+            )
+            self._drop_logged[reason] = (now, 0)
+        else:
+            self._drop_logged[reason] = (last, count + 1)
+
+    def remb_limit(self) -> int:
+        """What REMB may ask of the publisher: its budget, and no more than the slowest
+        subscriber's last REMB for this track."""
+        limit = self.budget.rate_bps
+        for subscription in self.subscriptions.values():
+            remb = subscription.sink.remb_bitrate
+            if remb is not None and remb < limit:
+                limit = remb
+        return limit
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe now, unless one was asked for recently."""
@@ -200,6 +253,10 @@ class MediaSession:
                 raise MediaError("bad-sdp", f"the offer cannot be used: {error}") from error
             if self.closed:
                 raise MediaError("not-in-room", "this session left the room")
+            for transceiver in pc.getTransceivers():
+                transport = transceiver.receiver.transport
+                if transport is not None:
+                    adapter.count_unrouted(transport, self.media.count_unrouted)
             answer = pc.localDescription.sdp
             codecs = _negotiated_codecs(answer)
             for mid, published in self.published.items():
@@ -216,7 +273,7 @@ class MediaSession:
                     extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
                 )
                 self.media.track_published(published)
-            return answer
+            return self.media.announce(answer)
 
     async def subscribe_answer(self, sdp: str) -> None:
         async with self._subscribe_lock:
@@ -349,7 +406,8 @@ class MediaSession:
             await pc.setLocalDescription(await pc.createOffer())
             if self.closed:
                 return
-            self.conn.send({"type": "offer", "pc": "subscribe", "sdp": pc.localDescription.sdp})
+            sdp = self.media.announce(pc.localDescription.sdp)
+            self.conn.send({"type": "offer", "pc": "subscribe", "sdp": sdp})
 
     # ----------------------------------------------------------------- end
 
@@ -402,14 +460,8 @@ def _preferences(kind: str, codec: RTCRtpCodecCapability) -> list[RTCRtpCodecCap
 class MediaHub:
     """This node's media sessions, by connection, and the rooms' published tracks."""
 
-    def __init__(
-        self,
-        ice_servers: list[str],
-        keyframe_interval_s: float,
-        on_failed: FailedCallback | None = None,
-    ) -> None:
-        self.ice_servers = list(ice_servers)
-        self.keyframe_interval_s = keyframe_interval_s
+    def __init__(self, settings: MediaSettings, on_failed: FailedCallback | None = None) -> None:
+        self.settings = settings
         self.on_failed = on_failed
         self.sessions: dict[Connection, MediaSession] = {}
         # slug -> media sessions in that room on this node
@@ -419,9 +471,18 @@ class MediaHub:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: packets sent to subscribers since start (all sessions, ended ones included)
         self.forwarded_packets = 0
+        #: packets received but not forwarded since start, by reason
+        self.dropped: dict[str, int] = {}
+
+    def count_unrouted(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def announce(self, sdp: str) -> str:
+        """The node's SDP as clients must see it (announced addresses, if configured)."""
+        return announce_addresses(sdp, self.settings.announced_addresses)
 
     def configuration(self) -> Any:
-        servers = [RTCIceServer(urls=url) for url in self.ice_servers]
+        servers = [RTCIceServer(urls=url) for url in self.settings.ice_servers]
         return adapter.rtc_configuration(servers)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -221,6 +221,16 @@ class MediaCollector(Collector):
             "Published tracks being forwarded to a subscriber (track x subscriber)",
             value=subscriptions,
         )
+        dropped = CounterMetricFamily(
+            "sfumesh_media_dropped_packets",
+            "RTP packets from publishers not forwarded, by reason: over-budget (above "
+            "media.max_*_bitrate), unknown-ssrc, unknown-payload-type, bad-rtx, unrouted (no "
+            "receiver matches: aiortc drops it)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.hub.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         yield CounterMetricFamily(
             "sfumesh_media_forwarded_packets",
             "RTP packets this node forwarded to subscribers since start (all sessions)",

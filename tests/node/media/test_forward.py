@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiortc.rtp import RtpPacket
 
 from node.media.forward import (
+    ByteBudget,
     Forwarder,
     KeyframeThrottle,
     SubscriberRewriter,
@@ -182,3 +183,26 @@ def test_forwarder_without_detector_starts_immediately():
     fwd.add(1, SubscriberRewriter(0x1, 111, seq_base=7, ts_base=0))
     out = fwd.forward(pkt(9, 0))
     assert [(k, p.sequence_number) for k, p in out] == [(1, 7)]
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def test_budget_allows_its_rate_and_refuses_the_excess() -> None:
+    budget = ByteBudget(80_000, burst_s=1.0)  # 10 000 bytes/s, 10 000 bytes of burst
+    assert budget.allow(10_000, 0.0)
+    assert not budget.allow(1, 0.0)
+    # Half a second refills 5 000 bytes: one 4 000-byte packet fits, a second does not.
+    assert budget.allow(4_000, 0.5)
+    assert not budget.allow(4_000, 0.5)
+    assert budget.refused == 2
+    # Never more than the burst, however long the pause.
+    assert budget.allow(10_000, 100.0)
+    assert not budget.allow(1, 100.0)
+
+
+def test_budget_over_time_passes_about_its_rate() -> None:
+    budget = ByteBudget(800_000)  # 100 000 bytes/s
+    passed = sum(1000 for i in range(10_000) if budget.allow(1000, i * 0.001))  # 1 MB/s offered
+    # 10 s at 100 kB/s plus the initial 100 kB burst
+    assert 1_000_000 <= passed <= 1_100_000

@@ -25,7 +25,7 @@ from aiortc.rtp import RtpPacket
 from node.context import EXTENSION, NodeContext
 from node.media import adapter
 from node.media.adapter import SenderTap
-from node.media.session import MediaSession, Published
+from node.media.session import MediaHub, MediaSession, Published
 from tests.conftest import Api
 from tests.node.media.test_room_media import MediaClient, RemoteTrack, join_clients, until
 
@@ -41,6 +41,8 @@ class Scene:
     video: RemoteTrack  # what bob decodes
     alice_sender: RTCRtpSender  # alice's video sender
     bob_receiver: RTCRtpReceiver  # bob's receiver of alice's video
+    media: MediaHub  # the node's
+    api: Api
 
 
 def _kind(transceivers: list[Any], kind: str) -> Any:
@@ -48,8 +50,8 @@ def _kind(transceivers: list[Any], kind: str) -> Any:
 
 
 @asynccontextmanager
-async def scene(make_app: Any) -> AsyncIterator[Scene]:
-    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+async def scene(make_app: Any, **settings: Any) -> AsyncIterator[Scene]:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"], **settings)
     api = Api(test_app.test_client())
     context: NodeContext = test_app.app.extensions[EXTENSION]
     media = context.live.media
@@ -79,6 +81,8 @@ async def scene(make_app: Any) -> AsyncIterator[Scene]:
                 video=video,
                 alice_sender=_kind(alice.publish.getTransceivers(), "video").sender,
                 bob_receiver=_kind(bob.subscribe.getTransceivers(), "video").receiver,
+                media=media,
+                api=api,
             )
         finally:
             for client in clients:

@@ -1,0 +1,38 @@
+"""announce_addresses: what a node behind 1:1 NAT tells clients."""
+
+from __future__ import annotations
+
+from node.media.sdp import announce_addresses
+
+SDP = "\r\n".join(
+    [
+        "v=0",
+        "m=video 50000 UDP/TLS/RTP/SAVPF 97",
+        "c=IN IP4 10.0.0.5",
+        "a=candidate:abc 1 udp 2130706431 10.0.0.5 50000 typ host",
+        "a=candidate:def 1 udp 1694498815 198.51.100.9 50000 typ srflx raddr 10.0.0.5 rport 50000",
+        "a=end-of-candidates",
+        "",
+    ]
+)
+
+
+def test_no_addresses_keeps_the_sdp() -> None:
+    assert announce_addresses(SDP, []) == SDP
+
+
+def test_host_candidates_announced_on_the_given_addresses() -> None:
+    out = announce_addresses(SDP, ["203.0.113.7", "2001:db8::7"])
+    lines = out.split("\r\n")
+    assert "a=candidate:abc 1 udp 2130706431 203.0.113.7 50000 typ host" in lines
+    assert "a=candidate:abc1 1 udp 2130706431 2001:db8::7 50000 typ host" in lines
+    assert not any(" 10.0.0.5 50000 typ host" in line for line in lines)
+    # other candidate types and lines are kept as they were
+    assert SDP.split("\r\n")[4] in lines
+    assert "c=IN IP4 203.0.113.7" in lines
+    assert out.endswith("\r\n")
+
+
+def test_duplicate_addresses_give_one_candidate() -> None:
+    out = announce_addresses(SDP, ["203.0.113.7", "203.0.113.7"])
+    assert out.count("203.0.113.7 50000 typ host") == 1
