@@ -16,6 +16,14 @@ sender (its RTCP BYE ends the subscriber's remote track), sets the transceiver's
 "inactive" and renegotiates. The subscribe SDP therefore grows by one m-line per track ever
 sent on it.
 
+A publisher stops sending a track by offering its m-line without "send" (removeTrack); the
+track then ends at every subscriber as above, and starts again (as a new track there) if a
+later offer sends on it again.
+
+Per published track the node keeps a byte budget (`media.max_video_bitrate` /
+`max_audio_bitrate`): packets above it are dropped and counted, and the REMB the node sends
+the publisher never exceeds the budget nor the lowest REMB of the track's subscribers.
+
 All private aiortc access stays in `node.media.adapter`.
 """
 
@@ -259,8 +267,19 @@ class MediaSession:
                     adapter.count_unrouted(transport, self.media.count_unrouted)
             answer = pc.localDescription.sdp
             codecs = _negotiated_codecs(answer)
+            # The publisher stops sending a track by offering it without "send" (what
+            # removeTrack does) and may later send on it again (addTrack reusing it).
+            sending = {
+                t.mid
+                for t in pc.getTransceivers()
+                if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
+            }
             for mid, published in self.published.items():
-                if mid in known:
+                if mid not in sending:
+                    if published.forwarder is not None:
+                        self.media.track_unpublished(published)
+                    continue
+                if mid in known and published.forwarder is not None:
                     continue
                 codec = codecs.get(mid)
                 if codec is None:
@@ -516,6 +535,18 @@ class MediaHub:
             if conn is owner.conn or conn.room != owner.slug:
                 continue
             self.session(conn).subscribe(published)
+
+    def track_unpublished(self, published: Published) -> None:
+        """The publisher stopped sending a track: it ends at every subscriber."""
+        for subscriber in list(published.subscriptions):
+            subscriber.unsubscribe(published)
+        published.forwarder = None
+        if published.keyframe_task is not None:
+            published.keyframe_task.cancel()
+        log.info(
+            "media.track_unpublished",
+            extra={"session_id": published.owner.session_id, "mid": published.mid},
+        )
 
     def joined(self, conn: Connection) -> None:
         """A late joiner gets every track already published in its room."""

@@ -138,6 +138,13 @@ class MediaClient:
         await self.send("offer", pc="publish", sdp=self.publish.localDescription.sdp)
         await asyncio.wait_for(self.published.wait(), WAIT)
 
+    async def renegotiate_publish(self) -> None:
+        """Offer the publish connection again (after a direction change) and apply the answer."""
+        self.published.clear()
+        await self.publish.setLocalDescription(await self.publish.createOffer())
+        await self.send("offer", pc="publish", sdp=self.publish.localDescription.sdp)
+        await asyncio.wait_for(self.published.wait(), WAIT)
+
     def tracks(self, kind: str) -> list[RemoteTrack]:
         return [t for t in self.remote if t.kind == kind]
 
@@ -257,6 +264,47 @@ async def test_closed_webrtc_connection_ends_membership(make_app: Any) -> None:
             left = await bob.peer.next("participant-left")
             assert left["reason"] == "media-failed"
             assert left["session_id"] == alice.peer.session_id
+        finally:
+            for client in clients:
+                await client.close()
+
+
+@pytest.mark.slow
+async def test_publisher_stops_and_resumes_a_track_by_renegotiation(make_app: Any) -> None:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    tokens = {name: await api.user_token(name) for name in ("alice", "bob")}
+    await api.create_room(tokens["alice"], "studio")
+    clients: list[MediaClient] = []
+    work_before = adapter.CODEC_WORK.total
+    async with AsyncExitStack() as stack:
+        try:
+            await join_clients(stack, api, tokens, ["alice", "bob"], "studio", clients)
+            alice, bob = clients
+            await alice.start_publishing()
+            await until(lambda: len(bob.tracks("video")) == 1, what="bob's video")
+            first = bob.tracks("video")[0]
+            audio = bob.tracks("audio")[0]
+            await until(lambda: first.frames >= 10, what="bob decodes alice")
+
+            # Alice stops sending video (as removeTrack does): bob's video track ends, the
+            # audio goes on.
+            video = next(t for t in alice.publish.getTransceivers() if t.kind == "video")
+            video.direction = "inactive"
+            await alice.renegotiate_publish()
+            await asyncio.wait_for(first.ended.wait(), WAIT)
+            heard = audio.frames
+            await until(lambda: audio.frames > heard + 10, what="audio still flowing")
+            assert not audio.ended.is_set()
+
+            # She sends video again on the same transceiver: bob gets a new track that decodes.
+            video.direction = "sendonly"
+            await alice.renegotiate_publish()
+            await until(lambda: len(bob.tracks("video")) == 2, what="bob's new video track")
+            again = bob.tracks("video")[1]
+            await until(lambda: again.frames >= 10, what="bob decodes the resumed video")
+            assert alice.errors == [] and bob.errors == []
+            assert adapter.CODEC_WORK.total == work_before
         finally:
             for client in clients:
                 await client.close()
