@@ -25,16 +25,21 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   track ended from the peer connection / transceiver state instead.
 * Send side. A sender whose track is `None` polls every 20 ms; `tap_sender()` gives it a
   `ParkedTrack` whose `recv()` waits until stopped, so the sender's RTP loop stays parked and
-  never creates an encoder. `SenderTap.send()` writes a raw packet with the sender's SSRC and
-  MID, a fresh abs-send-time, through the transport's `_send_rtp` (SRTP protect + ICE send),
-  stores it in the sender's RTP history (so aiortc's `_retransmit` answers subscriber NACKs,
-  RTX-wrapped when negotiated; `_retransmit` is wrapped on the instance only to count the
-  NACKed sequence numbers and the answers) and updates the counters aiortc's RTCP task puts
-  in sender reports. `SenderTap.drop` is a test hook: it simulates loss on the way to the
-  subscriber after the packet entered the history (None, the default, in production). A
-  subscriber's PLI/FIR calls `sender._send_keyframe()` (which only sets a flag the pack path
-  never reads): replaced on the instance by a callback. A subscriber's REMB sets
-  `encoder.target_bitrate`: the encoder slot holds a counting wrapper that records it.
+  never creates an encoder. `SenderTap.write()` is the forwarding hot path, synchronous: it
+  packs the RTP header and the one-byte header extensions (MID, abs-send-time, audio level,
+  with ids from the sender's negotiated map) itself instead of building an `RtpPacket` and
+  serialising it, SRTP-protects with the DTLS transport's `_tx_srtp` and writes to the
+  nominated ICE pair's socket directly, instead of awaiting the `_send_rtp` -> ICE `send` ->
+  `sendto` -> `send_data` coroutine chain (measured: ~21 -> ~14 us per forwarded copy). It
+  keeps the DTLS transport's byte/packet counters and the sender-report counters right and
+  stores a light `_Kept` record in the sender's RTP history, which aiortc's `_retransmit`
+  serialises (RTX-wrapped when negotiated) only when a subscriber NACKs it; `_retransmit`
+  is wrapped on the instance only to count the NACKed sequence numbers and the answers.
+  `SenderTap.drop` is a test hook: it simulates loss on the way to the subscriber after the
+  packet entered the history (None, the default, in production). A subscriber's PLI/FIR
+  calls `sender._send_keyframe()` (which only sets a flag the pack path never reads):
+  replaced on the instance by a callback. A subscriber's REMB sets `encoder.target_bitrate`:
+  the encoder slot holds a counting wrapper that records it.
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
@@ -46,15 +51,17 @@ import asyncio
 import ipaddress
 import logging
 import queue
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import aioice
 import aioice.ice
 import aiortc
 import aiortc.rtcdtlstransport
+import aiortc.rtcicetransport
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 from aiortc import RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
@@ -71,6 +78,8 @@ from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTP_HISTORY_SIZE,
+    HeaderExtensions,
+    HeaderExtensionsMap,
     RtcpPsfbPacket,
     RtpPacket,
     pack_remb_fci,
@@ -166,6 +175,17 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_router", "init"),
     (aiortc.rtcdtlstransport.RtpRouter, "route_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "route_rtp", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_tx_srtp", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_state", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__tx_bytes", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__tx_packets", "init"),
+    (aiortc.rtcdtlstransport.State, "CONNECTED", "member"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_connection", "init"),
+    (HeaderExtensionsMap, "_HeaderExtensionsMap__ids", "init"),
+    (RTCRtpSender._retransmit, "serialize", "uses"),
+    (aioice.ice.Connection, "_nominated", "init"),
+    (aioice.ice.CandidatePair, "protocol", "init"),
+    (aioice.ice.CandidatePair, "remote_addr", "member"),
     (aioice.ice, "get_host_addresses", "member"),
     (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
 )
@@ -519,6 +539,87 @@ def _ntp_now() -> int:
     return ((seconds + _NTP_UNIX_OFFSET) << 32) | int((now - seconds) * 4294967296.0)
 
 
+@dataclass(frozen=True, slots=True)
+class SendStamp:
+    """The send time shared by every copy of one forwarded packet (taken once per packet)."""
+
+    #: 64-bit NTP time (what sender reports pair with the RTP timestamp)
+    ntp: int
+    #: the abs-send-time header extension's 3 bytes (6.18 fixed-point seconds)
+    abs_send_time: bytes
+
+
+def send_stamp() -> SendStamp:
+    ntp = _ntp_now()
+    return SendStamp(ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"))
+
+
+_RTP_HEADER: Final = struct.Struct("!BBHLLHH")  # fixed header + one-byte extension header
+_CONNECTED: Final = aiortc.rtcdtlstransport.State.CONNECTED
+
+
+class _Kept:
+    """A sent packet as the RTP history keeps it: built into an `RtpPacket` only if the
+    subscriber NACKs it (aiortc's `_retransmit` reads these attributes and `serialize`s)."""
+
+    __slots__ = (
+        "_abs_send_time",
+        "_mid",
+        "audio_level",
+        "marker",
+        "payload",
+        "payload_type",
+        "sequence_number",
+        "ssrc",
+        "timestamp",
+    )
+
+    csrc: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        ssrc: int,
+        payload: bytes,
+        audio_level: Any,
+        abs_send_time: int,
+        mid: str | None,
+    ) -> None:
+        self.payload_type = payload_type
+        self.marker = marker
+        self.sequence_number = sequence_number
+        self.timestamp = timestamp
+        self.ssrc = ssrc
+        self.payload = payload
+        self.audio_level = audio_level
+        self._abs_send_time = abs_send_time
+        self._mid = mid
+
+    @property
+    def extensions(self) -> HeaderExtensions:
+        return HeaderExtensions(
+            abs_send_time=self._abs_send_time, audio_level=self.audio_level, mid=self._mid
+        )
+
+    def packet(self) -> RtpPacket:
+        packet = RtpPacket(
+            payload_type=self.payload_type,
+            marker=self.marker,
+            sequence_number=self.sequence_number,
+            timestamp=self.timestamp,
+            ssrc=self.ssrc,
+            payload=self.payload,
+        )
+        packet.extensions = self.extensions
+        return packet
+
+    def serialize(self, extensions_map: HeaderExtensionsMap) -> bytes:
+        return self.packet().serialize(extensions_map)
+
+
 class SenderTap:
     """An `RTCRtpSender` the node writes raw RTP through (see `send`)."""
 
@@ -553,7 +654,12 @@ class SenderTap:
         #: the RTP history and counts it as sent but does not write it (simulated loss on the
         #: way to the subscriber, which a NACK then repairs). Never set in production.
         self.drop: Callable[[RtpPacket], bool] | None = None
-        self._history: dict[int, RtpPacket] = s._RTCRtpSender__rtp_history
+        self._history: dict[int, Any] = s._RTCRtpSender__rtp_history
+        self._mid_element = b""
+        self._abs_prefix = b""
+        self._audio_level_id = 0
+        self._dtls: Any = None
+        self._ice: Any = None
         self._extensions_map = s._RTCRtpSender__rtp_header_extensions_map
         self._original_send = s.send
         self._ready = asyncio.Event()
@@ -600,7 +706,24 @@ class SenderTap:
             self.mid = parameters.muxId
             self._s._RTCRtpSender__encoder = _CountingEncoder(self.codec, self)
         await self._original_send(parameters)
+        self._prepare_header_extensions()
         self._ready.set()
+
+    def _prepare_header_extensions(self) -> None:
+        # The one-byte-header extension elements are the same for every packet of this
+        # sender except abs-send-time's value (and audio level): build the rest once.
+        ids: HeaderExtensions = self._extensions_map._HeaderExtensionsMap__ids
+        mid = (self.mid or "").encode()
+        self._mid_element = (
+            bytes([(ids.mid << 4) | (len(mid) - 1)]) + mid
+            if ids.mid and 0 < len(mid) <= 16
+            else b""
+        )
+        self._abs_prefix = bytes([(ids.abs_send_time << 4) | 2]) if ids.abs_send_time else b""
+        self._audio_level_id = ids.audio_level or 0
+        dtls: Any = self.sender.transport
+        self._dtls = dtls
+        self._ice = dtls.transport._connection
 
     def _keyframe_requested(self) -> None:
         self.keyframe_requests += 1
@@ -615,39 +738,97 @@ class SenderTap:
             self.retransmitted += 1
         await self._original_retransmit(sequence_number)
 
-    async def send(self, packet: RtpPacket) -> bool:
-        """Send `packet` (payload type and numbering already the subscriber's) as this sender.
+    def write(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        payload: bytes,
+        audio_level: Any,
+        stamp: SendStamp,
+    ) -> bool:
+        """Send one RTP packet as this sender, synchronously: the forwarding hot path.
 
-        Sets the SSRC, MID and abs-send-time, keeps the packet for NACK answers and the
-        counters for sender reports. False (packet dropped) if not connected.
+        The header (this sender's SSRC; MID, abs-send-time and audio level extensions) is
+        packed directly, SRTP-protected and written to the nominated ICE pair's socket
+        without the coroutine chain of `RTCDtlsTransport._send_rtp`. The packet is kept for
+        NACK answers and the sender-report counters are updated. False (dropped) if the
+        sender is not started or not connected.
         """
-        s = self._s
-        if self.codec is None:
+        dtls = self._dtls
+        if dtls is None:
             return False
-        packet.ssrc = s._ssrc
-        extensions = packet.extensions
-        ntp = _ntp_now()
-        extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-        extensions.mid = self.mid
-        extensions.transport_sequence_number = None
-        extensions.rtp_stream_id = None
-        extensions.repaired_rtp_stream_id = None
-        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        s = self._s
+        ssrc: int = s._ssrc
+        abs_send_time = stamp.abs_send_time
+        if self._abs_prefix:
+            elements = self._mid_element + self._abs_prefix + abs_send_time
+        else:
+            elements = self._mid_element
+        level_id = self._audio_level_id
+        if level_id and audio_level is not None:
+            elements += bytes(
+                [(level_id << 4), (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)]
+            )
+        pad = -len(elements) & 3
+        if pad:
+            elements += b"\0" * pad
+        data = (
+            _RTP_HEADER.pack(
+                0x90,
+                (marker << 7) | payload_type,
+                sequence_number,
+                timestamp,
+                ssrc,
+                0xBEDE,
+                len(elements) >> 2,
+            )
+            + elements
+            + payload
+        )
+        self._history[sequence_number % RTP_HISTORY_SIZE] = _Kept(
+            payload_type,
+            marker,
+            sequence_number,
+            timestamp,
+            ssrc,
+            payload,
+            audio_level,
+            int.from_bytes(abs_send_time, "big"),
+            self.mid,
+        )
         drop = self.drop
-        if drop is None or not drop(packet):
-            try:
-                await s.transport._send_rtp(packet.serialize(self._extensions_map))
-            except ConnectionError:
+        if drop is None or not drop(self._history[sequence_number % RTP_HISTORY_SIZE].packet()):
+            pair = self._ice._nominated.get(1)
+            if dtls._state is not _CONNECTED or pair is None:
                 self.send_errors += 1
                 return False
-        s._RTCRtpSender__ntp_timestamp = ntp
-        s._RTCRtpSender__rtp_timestamp = packet.timestamp
-        size = len(packet.payload)
+            protected = dtls._tx_srtp.protect(data)
+            pair.protocol.transport.sendto(protected, pair.remote_addr)
+            dtls._RTCDtlsTransport__tx_bytes += len(protected)
+            dtls._RTCDtlsTransport__tx_packets += 1
+        s._RTCRtpSender__ntp_timestamp = stamp.ntp
+        s._RTCRtpSender__rtp_timestamp = timestamp
+        size = len(payload)
         s._RTCRtpSender__octet_count += size
         s._RTCRtpSender__packet_count += 1
         self.packets_sent += 1
         self.bytes_sent += size
         return True
+
+    async def send(self, packet: RtpPacket) -> bool:
+        """Send `packet` (payload type and numbering already the subscriber's) as this
+        sender (see `write`); its SSRC, extensions, CSRCs and padding are not used."""
+        return self.write(
+            packet.payload_type,
+            packet.marker,
+            packet.sequence_number,
+            packet.timestamp,
+            packet.payload,
+            packet.extensions.audio_level,
+            send_stamp(),
+        )
 
 
 def tap_sender(sender: RTCRtpSender) -> SenderTap:

@@ -75,8 +75,9 @@ class SubscriberRewriter:
         self._seq_offset = (seq_base - packet.sequence_number) & SEQ_MASK
         self._ts_offset = (ts_base - packet.timestamp) & TS_MASK
 
-    def rewrite(self, packet: RtpPacket) -> RtpPacket | None:
-        """The packet to send to this subscriber, or None to drop `packet` for it."""
+    def numbers(self, packet: RtpPacket) -> tuple[int, int] | None:
+        """The (sequence number, timestamp) `packet` goes out with to this subscriber, or
+        None to drop it for this subscriber."""
         seq = packet.sequence_number
         if packet.ssrc != self._in_ssrc:
             if self._in_ssrc is None:
@@ -106,11 +107,18 @@ class SubscriberRewriter:
         if ext == self._ext_max:
             self._last_out_seq = out_seq
             self._last_out_ts = out_ts
+        return out_seq, out_ts
+
+    def rewrite(self, packet: RtpPacket) -> RtpPacket | None:
+        """The packet to send to this subscriber, or None to drop `packet` for it."""
+        numbers = self.numbers(packet)
+        if numbers is None:
+            return None
         out = RtpPacket(
             payload_type=self.payload_type,
             marker=packet.marker,
-            sequence_number=out_seq,
-            timestamp=out_ts,
+            sequence_number=numbers[0],
+            timestamp=numbers[1],
             ssrc=self.ssrc,
             payload=packet.payload,
         )
@@ -265,8 +273,9 @@ class Forwarder(Generic[K]):
             (key, rewriter) for key, rewriter in self._rewriters.items() if key not in self._waiting
         )
 
-    def forward(self, packet: RtpPacket) -> list[tuple[K, RtpPacket]]:
-        """The (subscriber, packet) pairs to send for one incoming packet."""
+    def admit(self, packet: RtpPacket) -> tuple[tuple[K, SubscriberRewriter], ...]:
+        """Count `packet` in, release subscribers waiting for a keyframe if it starts one;
+        the (subscriber, rewriter) pairs it goes to. The caller counts `packets_out`."""
         self.packets_in += 1
         if self._waiting:
             detector = self._is_keyframe_start
@@ -275,8 +284,12 @@ class Forwarder(Generic[K]):
                 self._rebuild()
             else:
                 self.dropped_waiting += len(self._waiting)
+        return self._targets
+
+    def forward(self, packet: RtpPacket) -> list[tuple[K, RtpPacket]]:
+        """The (subscriber, packet) pairs to send for one incoming packet."""
         out: list[tuple[K, RtpPacket]] = []
-        for key, rewriter in self._targets:
+        for key, rewriter in self.admit(packet):
             rewritten = rewriter.rewrite(packet)
             if rewritten is not None:
                 out.append((key, rewritten))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aioice
 import aioice.ice
 import pytest
-from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.rtp import RtpPacket
 
 from node.media import adapter
+from tests.node.media.test_room_media import until
 
 
 def test_check_aiortc_passes_on_pinned_version():
@@ -63,3 +67,61 @@ async def test_host_addresses_include_loopback():
 def test_host_addresses_are_validated():
     with pytest.raises(ValueError):
         adapter.set_host_addresses(["not-an-address"])
+
+
+async def test_written_packets_carry_the_senders_header_and_extensions():
+    """`SenderTap.write` packs the header by hand: what the peer parses must be exactly the
+    sender's SSRC, the given numbers and payload, its MID, the stamp's abs-send-time and the
+    audio level (audio and video senders, whose negotiated extensions differ)."""
+    adapter.set_host_addresses(["127.0.0.1"])
+    node = RTCPeerConnection(adapter.rtc_configuration())
+    peer = RTCPeerConnection(adapter.rtc_configuration())
+    received: dict[str, list[RtpPacket]] = {"audio": [], "video": []}
+    try:
+        sinks = {
+            kind: adapter.tap_sender(node.addTransceiver(kind, direction="sendonly").sender)
+            for kind in ("audio", "video")
+        }
+
+        @peer.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(t.receiver for t in peer.getTransceivers() if t.receiver.track is track)
+
+            async def keep(packet: RtpPacket) -> None:
+                received[track.kind].append(packet)
+
+            adapter.tap_rtp(receiver, keep)
+
+        await node.setLocalDescription(await node.createOffer())
+        await peer.setRemoteDescription(node.localDescription)
+        await peer.setLocalDescription(await peer.createAnswer())
+        await node.setRemoteDescription(peer.localDescription)
+        for sink in sinks.values():
+            await asyncio.wait_for(sink.wait_ready(), 10)
+        stamp = adapter.send_stamp()
+        for kind, sink in sinks.items():
+            assert sink.payload_type is not None
+            for seq in range(1000, 1010):
+                level = (seq % 2 == 0, seq % 100) if kind == "audio" else None
+                payload = bytes([0x10, seq % 256]) + bytes(20)
+                assert sink.write(sink.payload_type, seq % 2, seq, seq * 960, payload, level, stamp)
+        await until(lambda: min(len(v) for v in received.values()) >= 10, "the packets", 10)
+        for kind, sink in sinks.items():
+            packets = received[kind]
+            assert [p.sequence_number for p in packets] == list(range(1000, 1010))
+            for p in packets:
+                seq = p.sequence_number
+                assert (p.ssrc, p.payload_type, p.marker) == (sink.ssrc, sink.payload_type, seq % 2)
+                assert p.timestamp == seq * 960
+                assert p.payload == bytes([0x10, seq % 256]) + bytes(20)
+                assert p.extensions.mid == sink.mid
+                if kind == "audio":
+                    assert p.extensions.audio_level == (seq % 2 == 0, seq % 100)
+                else:
+                    sent = int.from_bytes(stamp.abs_send_time, "big")
+                    assert p.extensions.abs_send_time == sent
+            assert sink.packets_sent == 10 and sink.send_errors == 0
+    finally:
+        await node.close()
+        await peer.close()
+        adapter.set_host_addresses(None)
