@@ -37,10 +37,12 @@ ws_blueprint = Blueprint("ws", __name__)
 
 
 class ClientError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: extra fields of the `error` message (e.g. `pc` for media errors)
+        self.fields = fields
 
 
 Handler = Callable[[NodeContext, Connection, dict[str, Any]], Awaitable[dict[str, Any] | None]]
@@ -240,7 +242,7 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
     try:
         reply = await handler(context, conn, frame)
     except ClientError as error:
-        conn.send(_error(frame_id, error.code, error.message))
+        conn.send({**_error(frame_id, error.code, error.message), **error.fields})
         return
     except (RedisError, OSError, LockError) as error:
         log.warning("ws.state_unavailable", extra={"error": str(error)})
@@ -378,11 +380,11 @@ _PCS = ("publish", "subscribe")
 _MAX_SDP = 60000
 
 
-def _media_session(context: NodeContext, conn: Connection) -> MediaSession:
+def _media_session(context: NodeContext, conn: Connection, pc: str) -> MediaSession:
     try:
         return context.live.media.session(conn)
     except MediaError as error:
-        raise ClientError(error.code, error.message) from error
+        raise ClientError(error.code, error.message, pc=pc) from error
 
 
 def _pc_field(frame: dict[str, Any], expected: str | None = None) -> str:
@@ -397,11 +399,11 @@ async def _offer(context: NodeContext, conn: Connection, frame: dict[str, Any]) 
     """The client's offer for its publish connection; the node answers it."""
     _pc_field(frame, "publish")
     sdp = _string_field(frame, "sdp", _MAX_SDP)
-    session = _media_session(context, conn)
+    session = _media_session(context, conn, "publish")
     try:
         answer = await session.publish_offer(sdp)
     except MediaError as error:
-        raise ClientError(error.code, error.message) from error
+        raise ClientError(error.code, error.message, pc="publish") from error
     return {"type": "answer", "pc": "publish", "sdp": answer}
 
 
@@ -409,11 +411,11 @@ async def _answer(context: NodeContext, conn: Connection, frame: dict[str, Any])
     """The client's answer to the node's subscribe offer."""
     _pc_field(frame, "subscribe")
     sdp = _string_field(frame, "sdp", _MAX_SDP)
-    session = _media_session(context, conn)
+    session = _media_session(context, conn, "subscribe")
     try:
         await session.subscribe_answer(sdp)
     except MediaError as error:
-        raise ClientError(error.code, error.message) from error
+        raise ClientError(error.code, error.message, pc="subscribe") from error
     return {"type": "ack"}
 
 
@@ -421,11 +423,11 @@ async def _candidate(
     context: NodeContext, conn: Connection, frame: dict[str, Any]
 ) -> dict[str, Any]:
     pc = _pc_field(frame)
-    session = _media_session(context, conn)
+    session = _media_session(context, conn, pc)
     try:
         await session.add_candidate(pc, frame.get("candidate"))
     except MediaError as error:
-        raise ClientError(error.code, error.message) from error
+        raise ClientError(error.code, error.message, pc=pc) from error
     return {"type": "ack"}
 
 

@@ -10,9 +10,9 @@
 // for outgoing messages and is handed incoming ones through `handle(message)`.
 //
 // Events (RoomMedia is an EventTarget):
-// - "track": detail {track, streams, mid, transceiver}, a remote track on the subscribe
-//   connection. The node does not (yet) say whose track it is: every remote track arrives
-//   in the same stream, so `mid` is the handle to match it with a participant later.
+// - "track": detail {track, streams, mid, transceiver, owner}, a remote track on the
+//   subscribe connection; `owner` is {session_id, user_id, kind} from the offer's `tracks`
+//   map (every remote track arrives in the same stream, so this is how to tell whose it is).
 // - "trackended": detail {track, mid}, the node stopped sending it (its m-line became
 //   inactive; the publisher left).
 // - "error": detail {error, pc}, a step of the negotiation failed.
@@ -88,6 +88,8 @@ export class RoomMedia extends EventTarget {
     if (message.type === "answer" && message.pc === "publish") {
       await this.publishPc?.setRemoteDescription({ type: "answer", sdp: message.sdp });
     } else if (message.type === "offer" && message.pc === "subscribe") {
+      /** @type {Record<string, {session_id: string, user_id: string, kind: string}>} */
+      this.owners = { ...this.owners, ...(message.tracks ?? {}) };
       const pc = (this.subscribePc ??= this.newPc("subscribe"));
       await pc.setRemoteDescription({ type: "offer", sdp: message.sdp });
       await pc.setLocalDescription();
@@ -125,7 +127,10 @@ export class RoomMedia extends EventTarget {
       };
       stream.addEventListener("removetrack", onRemove);
     }
-    this.dispatchEvent(new CustomEvent("track", { detail: { track, streams, mid, transceiver } }));
+    const owner = (mid !== null && this.owners?.[mid]) || null;
+    this.dispatchEvent(
+      new CustomEvent("track", { detail: { track, streams, mid, transceiver, owner } }),
+    );
   }
 
   /** @param {unknown} error @param {string} pc */

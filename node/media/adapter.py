@@ -426,6 +426,8 @@ class RtpTap:
         if packet.payload_type in self._rtx_pts:
             apt = self._rtx_apt.get(packet.payload_type)
             original_ssrc = self._rtx_ssrc.get(packet.ssrc)
+            if len(packet.payload) < 2 and packet.padding_size:
+                return  # a padding-only probe (bandwidth estimation): nothing to forward
             if apt is None or original_ssrc is None or len(packet.payload) < 2:
                 self._drop("bad-rtx")
                 return

@@ -213,6 +213,8 @@ class MediaSession:
         self._subscribe_lock = asyncio.Lock()
         self._needs_offer = False
         self._offer_task: asyncio.Task[None] | None = None
+        #: tracks this session receives, by transceiver of its subscribe PC
+        self.incoming: dict[RTCRtpTransceiver, Subscription] = {}
 
     # ----------------------------------------------------------------- peer connections
 
@@ -367,6 +369,7 @@ class MediaSession:
         sink.on_keyframe_request = published.request_keyframe
         subscription = Subscription(published, self, transceiver, sink)
         published.subscriptions[self] = subscription
+        self.incoming[transceiver] = subscription
         subscription.task = self.media.spawn(self._attach(subscription))
         self.renegotiate()
 
@@ -405,6 +408,7 @@ class MediaSession:
         subscription = published.subscriptions.pop(self, None)
         if subscription is None:
             return
+        self.incoming.pop(subscription.transceiver, None)
         if published.forwarder is not None:
             published.forwarder.remove(subscription.sink)
         if subscription.task is not None:
@@ -436,7 +440,17 @@ class MediaSession:
             if self.closed:
                 return
             sdp = self.media.announce(pc.localDescription.sdp)
-            self.conn.send({"type": "offer", "pc": "subscribe", "sdp": sdp})
+            # Whose is each m-line: aiortc gives every track of a connection one stream id.
+            tracks = {
+                transceiver.mid: {
+                    "session_id": subscription.published.owner.session_id,
+                    "user_id": subscription.published.owner.conn.user_id,
+                    "kind": subscription.published.kind,
+                }
+                for transceiver, subscription in self.incoming.items()
+                if transceiver.mid is not None
+            }
+            self.conn.send({"type": "offer", "pc": "subscribe", "sdp": sdp, "tracks": tracks})
 
     # ----------------------------------------------------------------- end
 

@@ -363,6 +363,10 @@ async def test_bad_frame(scene: Scene, name: str) -> None:
     assert error["code"] == case.code, error
     assert isinstance(error["message"], str) and error["message"], error
     assert error.get("id") == expected_id, error
+    # Media errors say which peer connection they are about.
+    if isinstance(frame, dict) and frame.get("pc") in ("publish", "subscribe"):
+        if case.code != "bad-frame":
+            assert error.get("pc") == frame["pc"], error
     await still_answers(peer)
 
     assert not [m for m in peer.seen if m["type"] in ("ack", "joined", "pong")], peer.seen

@@ -45,7 +45,8 @@ async ({ sessionToken, slug, videoCodec }) => {
   const send = (message) => ws.send(JSON.stringify({ ...message, id: `m${++counter}` }));
   const media = (room.media = new RoomMedia(send, stream, { videoCodec }));
   media.addEventListener("track", (event) => {
-    room.tracks.push({ kind: event.detail.track.kind, mid: event.detail.mid });
+    const owner = event.detail.owner;
+    room.tracks.push({ kind: event.detail.track.kind, mid: event.detail.mid, owner });
   });
   media.addEventListener("trackended", (event) => room.ended.push(event.detail.track.kind));
   media.addEventListener("error", (event) => {
@@ -194,7 +195,9 @@ async def test_two_browsers_see_and_hear_each_other(
         states = await until_all(pages, decoded, DECODE_LIMIT_S)
         log.info("%s: both pages decoding after %.1f s", codec, time.monotonic() - started)
 
-        for state in states:
+        for state, other in zip(states, reversed(sessions), strict=True):
+            # The node's offer said whose tracks they are: the other page's.
+            assert {t["owner"]["session_id"] for t in state["tracks"]} == {other}, state
             assert state["errors"] == [], state
             assert state["publish"] == state["subscribe"] == "connected", state
             # One participant besides this page: one video and one audio track from it.

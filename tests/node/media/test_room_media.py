@@ -88,6 +88,8 @@ class MediaClient:
         self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
         self.remote: list[RemoteTrack] = []
         self.offers = 0
+        #: the latest subscribe offer's `tracks`: mid -> {session_id, user_id, kind}
+        self.track_owners: dict[str, dict[str, str]] = {}
         self.errors: list[dict[str, Any]] = []
         self.published = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -117,6 +119,7 @@ class MediaClient:
         kind = message.get("type")
         if kind == "offer" and message.get("pc") == "subscribe":
             self.offers += 1
+            self.track_owners = message["tracks"]
             await self.subscribe.setRemoteDescription(
                 RTCSessionDescription(sdp=message["sdp"], type="offer")
             )
@@ -201,6 +204,13 @@ async def test_two_clients_decode_each_other_third_joins_and_leaves(
             for client in clients:
                 assert len(client.tracks("video")) == 1 and len(client.tracks("audio")) == 1
                 assert client.errors == []
+            # Each subscribe offer says whose every m-line is.
+            for client, other in ((alice, bob), (bob, alice)):
+                owners = client.track_owners
+                assert sorted(o["kind"] for o in owners.values()) == ["audio", "video"]
+                assert {o["session_id"] for o in owners.values()} == {other.peer.session_id}
+                mids = {t.mid for t in client.subscribe.getTransceivers()}
+                assert set(owners) <= mids
 
             # A third joins late: it gets both publishers' tracks, and they get its own.
             peer = await connect(stack, api, await api.session_token(tokens["carol"]))
