@@ -1,0 +1,234 @@
+"""mesh/serf.py against real `serf agent` processes on loopback (encryption and rpc_auth on).
+
+`serf_agents` and `eventually` are shared with test_serf_agents.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.agent import SerfAgent, SerfAgentConfig, serf_keygen
+from mesh.serf import (
+    Event,
+    QueryReply,
+    SerfAuthError,
+    SerfClient,
+    SerfConnectionError,
+    SerfError,
+)
+from node.services import free_port
+
+WAIT_S = 30.0  # generous: two shared cores, Serf's own timers are seconds
+
+
+@contextlib.asynccontextmanager
+async def serf_agents(
+    tmp_path: Path,
+    names: Sequence[str],
+    *,
+    join: bool = True,
+    snapshot: bool = True,
+    **options: Any,
+) -> AsyncIterator[list[SerfAgent]]:
+    """Real agents on free loopback ports, one shared gossip key, each its own rpc_auth;
+    joined to the first one; stopped by PID at the end whatever happens."""
+    key = serf_keygen()
+    agents: list[SerfAgent] = []
+    try:
+        for name in names:
+            config = SerfAgentConfig(
+                node_name=name,
+                bind=f"127.0.0.1:{free_port()}",
+                rpc_addr=f"127.0.0.1:{free_port()}",
+                rpc_auth=secrets.token_urlsafe(16),
+                encrypt_key=key,
+                tags={"region": f"region-{name}"},
+                snapshot_path=tmp_path / "serf" / f"{name}.snapshot" if snapshot else None,
+            )
+            agents.append(SerfAgent(config, tmp_path / "serf", **options))
+            await agents[-1].start()
+        if join and len(agents) > 1:
+            async with agents[0].client() as serf:
+                assert await serf.join([a.config.bind for a in agents[1:]]) == len(agents) - 1
+        yield agents
+    finally:
+        for agent in agents:
+            await agent.stop()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, within_s: float = WAIT_S
+) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"not within {within_s}s: {what}")
+        await asyncio.sleep(0.2)
+
+
+async def next_item(iterator: Any) -> Any:
+    return await asyncio.wait_for(anext(iterator), WAIT_S)
+
+
+@pytest.mark.slow
+async def test_query_and_respond_between_two_nodes(tmp_path: Path) -> None:
+    async with (
+        serf_agents(tmp_path, ["a", "b"]) as (a, b),
+        a.client() as serf_a,
+        b.client() as serf_b,
+        serf_b.stream("query:relay") as queries,
+    ):
+
+        async def answer() -> None:
+            async for event in queries:
+                await queries.respond(event.id, b"pong:" + event.payload)
+
+        responder = asyncio.create_task(answer())
+        try:
+            replies: list[QueryReply] = []
+            async with serf_a.query(
+                "relay", b"ping", filter_nodes=["b"], request_ack=True, timeout=10
+            ) as results:
+                async for reply in results:
+                    replies.append(reply)
+                    if {r.type for r in replies} == {"ack", "response"}:
+                        break  # stop reading early: `done` only comes at the timeout
+            assert QueryReply("response", "b", b"pong:ping") in replies
+            assert QueryReply("ack", "b", b"") in replies
+            assert len(await serf_a.members()) == 2  # the connection is still in step
+        finally:
+            responder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await responder
+
+
+@pytest.mark.slow
+async def test_stream_and_calls_interleave_on_one_connection(tmp_path: Path) -> None:
+    async with (
+        serf_agents(tmp_path, ["solo"]) as (agent,),
+        agent.client() as serf,
+        serf.stream(["user", "query"]) as events,
+    ):
+        user_events: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def consume() -> None:
+            async for event in events:
+                if event.event == "query":  # answered on the connection it arrived on
+                    await events.respond(event.id, b"here:" + event.payload)
+                else:
+                    await user_events.put(event)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            members, stats, _, coordinate, _ = await asyncio.gather(
+                serf.members(),
+                serf.stats(),
+                serf.event("hello", b"1", coalesce=False),
+                serf.get_coordinate("solo"),
+                serf.tags(set={"load": "3"}, delete=["region"]),
+            )
+            assert [m.name for m in members] == ["solo"]
+            assert members[0].addr == "127.0.0.1" and members[0].status == "alive"
+            assert stats["agent"]["name"] == "solo" and stats["serf"]["encrypted"] == "true"
+            assert coordinate is not None and len(coordinate["Vec"]) == 8
+            assert await serf.get_coordinate("nobody") is None
+            event = await asyncio.wait_for(user_events.get(), WAIT_S)
+            assert (event.name, event.payload, event.coalesce) == ("hello", b"1", False)
+
+            results = serf.query("whoami", b"?", timeout=2)
+            first = await next_item(results)
+            assert first == QueryReply("response", "solo", b"here:?")
+            await results.close()  # early stop; the `done` record still arrives and is dropped
+            await asyncio.sleep(3)
+            (member,) = await serf.members_filtered(tags={"load": "3"}, status="alive")
+            assert member.tags == {"load": "3"}
+            assert await serf.members_filtered(name="other") == []
+            await serf.event("again", b"2")
+            assert (await asyncio.wait_for(user_events.get(), WAIT_S)).name == "again"
+            assert serf.reconnects == 0  # never out of step, never dropped
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+
+
+@pytest.mark.slow
+async def test_error_header_raises_with_serfs_message(tmp_path: Path) -> None:
+    async with serf_agents(tmp_path, ["solo"]) as (agent,), agent.client() as serf:
+        with pytest.raises(SerfError, match="exceeds configured limit") as too_big:
+            await serf.event("big", b"x" * 4000)
+        assert too_big.value.command == "event"
+        with pytest.raises(SerfError, match="No pending queries matching ID"):
+            await serf.respond(424242, b"late")
+        # `join` sends its body even after an error header: it must be read, not left behind.
+        with pytest.raises(SerfError, match="Failed to join") as refused:
+            await serf.join([f"127.0.0.1:{free_port()}"])
+        assert refused.value.command == "join"
+        with pytest.raises(SerfError, match="Invalid event filter"):
+            await serf.stream("no-such-event")
+        with pytest.raises(SerfError, match="invalid filter"):
+            await serf.members_filtered(name="(")
+        assert [m.name for m in await serf.members()] == ["solo"]
+        assert serf.reconnects == 0
+
+
+@pytest.mark.slow
+async def test_wrong_or_missing_auth_is_a_clear_error(tmp_path: Path) -> None:
+    async with serf_agents(tmp_path, ["solo"]) as (agent,):
+        with pytest.raises(SerfAuthError, match="Invalid authentication token"):
+            await SerfClient(agent.rpc_addr, "not-the-token").connect()
+        async with SerfClient(agent.rpc_addr) as anonymous:
+            with pytest.raises(SerfAuthError, match="Authentication required"):
+                await anonymous.members()
+            with pytest.raises(SerfAuthError):
+                await anonymous.stats()  # a body command: no body follows an auth error
+        with pytest.raises(SerfConnectionError):
+            await SerfClient(f"127.0.0.1:{free_port()}", "x", timeout=2).connect()
+
+
+@pytest.mark.slow
+async def test_agent_restart_reconnects_and_resubscribes(tmp_path: Path) -> None:
+    reconnected_calls: list[int] = []
+
+    async def on_reconnect() -> None:
+        reconnected_calls.append(1)
+
+    async with (
+        serf_agents(tmp_path, ["solo"], restart=False) as (agent,),
+        agent.client(
+            timeout=3, backoff_initial=0.1, backoff_max=1, on_reconnect=on_reconnect
+        ) as serf,
+        serf.stream("user") as events,
+    ):
+        await serf.event("before", b"")
+        assert (await next_item(events)).name == "before"
+        running_query = await serf.query("nobody-answers", timeout=60)
+
+        await agent.stop()
+        with pytest.raises(SerfConnectionError):
+            await next_item(running_query)  # a query does not survive its connection
+
+        async def disconnected() -> bool:
+            return not serf.connected
+
+        await eventually(disconnected, "client notices the agent is gone")
+        with pytest.raises(SerfConnectionError):
+            await serf.members()
+
+        await agent.start()  # same ports, same snapshot
+
+        async def reconnected() -> bool:
+            return serf.connected
+
+        await eventually(reconnected, "client reconnects")
+        assert serf.reconnects >= 1 and len(reconnected_calls) == serf.reconnects
+        assert [m.name for m in await serf.members()] == ["solo"]
+        await serf.event("after", b"")
+        assert (await next_item(events)).name == "after"  # the same stream, resubscribed
