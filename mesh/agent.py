@@ -220,6 +220,8 @@ class SerfAgent:
             f"serf:{self.config.node_name}",
             [binary, "agent", f"-config-file={self.config_path}"],
             self.log_path,
+            # a node killed outright must not leave its agent behind, alive in the cluster
+            die_with_parent=True,
         )
         self.gave_up = False
         await self._launch()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 from datetime import datetime
 from typing import Any
 
 from beanie import PydanticObjectId
 from bson.errors import InvalidId
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
+from mesh.vivaldi import Coordinate, rank_from_samples
 from node import keys
 from node.auth import authenticated_user
 from node.context import node_context
@@ -201,31 +204,153 @@ async def join_room(slug: str) -> RoomGrant:
     )
 
 
+class CoordinateView(BaseModel):
+    """A Serf Vivaldi coordinate (seconds), as `get-coordinate` gives it."""
+
+    vec: list[float]
+    error: float
+    adjustment: float
+    height: float
+
+
+class LoadView(BaseModel):
+    sessions: int
+    cpu_percent: float
+
+
 class NodeView(BaseModel):
     name: str
     region: str
     url: str
     ws_url: str
     started_at: float
+    # From the Serf mesh; null when the node is not (yet) seen there or the mesh is off.
+    serf_status: str | None = None
+    coordinate: CoordinateView | None = None
+    load: LoadView | None = None
 
 
 class NodeList(BaseModel):
     nodes: list[NodeView]
 
 
+async def _node_views() -> list[NodeView]:
+    context = node_context()
+    members = {m.name: m for m in context.cluster.members()}
+    views = []
+    for info in await context.live.registry.live():
+        member = members.get(info.name)
+        coordinate = load = None
+        if member is not None and member.coordinate is not None:
+            c = member.coordinate
+            coordinate = CoordinateView(
+                vec=list(c.vec), error=c.error, adjustment=c.adjustment, height=c.height
+            )
+        if member is not None:
+            load = LoadView(sessions=member.load.sessions, cpu_percent=member.load.cpu_percent)
+        views.append(
+            NodeView(
+                name=info.name,
+                region=info.region,
+                url=info.url,
+                ws_url=info.ws_url,
+                started_at=info.started_at,
+                serf_status=member.status if member is not None else None,
+                coordinate=coordinate,
+                load=load,
+            )
+        )
+    return views
+
+
 @api.get("/nodes")
 @validate_response(NodeList)
 async def live_nodes() -> NodeList:
-    """Nodes whose registry record is fresh (coordinates and load come with the Mesh)."""
-    infos = await node_context().live.registry.live()
-    return NodeList(
-        nodes=[
-            NodeView(
-                name=i.name, region=i.region, url=i.url, ws_url=i.ws_url, started_at=i.started_at
+    """Nodes whose registry record is fresh, with their Serf coordinate and load."""
+    return NodeList(nodes=await _node_views())
+
+
+class RttSample(BaseModel):
+    node: str = Field(min_length=1, max_length=128)
+    rtt_ms: float = Field(gt=0, le=10_000)
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: list[RttSample] = Field(min_length=1, max_length=16)
+
+
+class RankedNode(BaseModel):
+    name: str
+    region: str
+    url: str
+    ws_url: str
+    # Measured by the client when it sampled this node, else estimated from coordinates;
+    # null when neither is known (no coordinate: the mesh is off or not settled yet).
+    rtt_ms: float | None
+    measured: bool
+
+
+class Ranking(BaseModel):
+    nodes: list[RankedNode]
+
+
+@api.post("/nodes/rank")
+@validate_request(RankRequest)
+@validate_response(Ranking)
+async def rank_nodes(data: RankRequest) -> Ranking:
+    """Rank every live node for this client, nearest first: the client's RTT samples to a
+    few nodes place it among the nodes' Vivaldi coordinates (N4)."""
+    views = await _node_views()
+    samples: dict[str, float] = {}
+    for sample in data.samples:
+        # a repeated node keeps its best sample (the least queued)
+        seconds = sample.rtt_ms / 1000
+        samples[sample.node] = min(seconds, samples.get(sample.node, seconds))
+    coords = {
+        v.name: Coordinate(
+            tuple(v.coordinate.vec),
+            v.coordinate.error,
+            v.coordinate.adjustment,
+            v.coordinate.height,
+        )
+        for v in views
+        if v.coordinate is not None
+    }
+    order = {name: rtt for name, rtt in rank_from_samples(samples, coords)}
+    by_name = {v.name: v for v in views}
+
+    def key(view: NodeView) -> tuple[float, str]:
+        rtt = order.get(view.name, samples.get(view.name, math.inf))
+        return (rtt, view.name)
+
+    ranked = []
+    for view in sorted(by_name.values(), key=key):
+        rtt = order.get(view.name, samples.get(view.name))
+        known = rtt is not None and math.isfinite(rtt)
+        ranked.append(
+            RankedNode(
+                name=view.name,
+                region=view.region,
+                url=view.url,
+                ws_url=view.ws_url,
+                rtt_ms=round(rtt * 1000, 3) if known and rtt is not None else None,
+                measured=view.name in samples,
             )
-            for i in infos
-        ]
+        )
+    return Ranking(nodes=ranked)
+
+
+@api.get("/ping")
+async def ping() -> Response:
+    """Tiny and never cached: clients time it to a few nodes before asking for a ranking."""
+    response = Response(
+        json.dumps({"node": node_context().settings.node_name}),
+        content_type="application/json",
     )
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @api.get("/rooms/<slug>/messages")

@@ -17,6 +17,7 @@ from node.api import api
 from node.config import Settings
 from node.context import EXTENSION, NodeContext
 from node.errors import install_error_handlers
+from node.cluster import Cluster
 from node.live import Live
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.ratelimit import LoginLimiter
@@ -67,6 +68,8 @@ def create_app(settings: Settings) -> Quart:
         )
         metrics.watch_media(live.media)
         live.metrics = metrics
+        cluster = Cluster(settings, live)
+        await cluster.start()
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,
             redis=redis,
@@ -76,6 +79,7 @@ def create_app(settings: Settings) -> Quart:
             login_limiter=LoginLimiter(redis, settings.login_limit),
             live=live,
             metrics=metrics,
+            cluster=cluster,
         )
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 
@@ -85,6 +89,7 @@ def create_app(settings: Settings) -> Quart:
         if context is not None:
             await context.live.drain()
             await context.live.stop()
+            await context.cluster.stop(leave=True)
             for lock_client in context.live.lock_redis:
                 await lock_client.aclose()
             await context.redis.aclose()
@@ -136,6 +141,7 @@ def create_app(settings: Settings) -> Quart:
                 checks[name] = "ok"
             except Exception as error:
                 checks[name] = f"unreachable: {type(error).__name__}"
+        checks["serf"] = context.cluster.ready()
         if context.live.draining:
             checks["node"] = "draining"
         elif checks.get("redis") == "ok" and not (

@@ -115,6 +115,30 @@ class MediaSettings(BaseModel):
         return value
 
 
+class SerfSettings(BaseModel):
+    """The node's Serf agent (the Mesh issue): its own child agent, or an operator's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "own": start `serf agent` beside the node; "attach": use the agent at rpc_addr;
+    # "off": no mesh (a single node; placement falls back to the Redis registry).
+    mode: Literal["own", "attach", "off"] = "own"
+    bind: str = "0.0.0.0:7946"
+    # The address other agents reach this one on ("" = Serf picks it from bind).
+    advertise: str = ""
+    rpc_addr: str = "127.0.0.1:7373"
+    rpc_auth: SecretStr = SecretStr("")
+    # Gossip encryption key (`serf keygen`); required in "own" mode.
+    encrypt_key: SecretStr = SecretStr("")
+    # Agents to join at start (host:port of their bind addresses).
+    join: list[str] = Field(default_factory=list)
+    # "" = <data_dir>/serf/<node_name>.snapshot
+    snapshot_path: str = ""
+    # How often the node's load tag may change, and the membership view is resynced.
+    load_tag_period_s: float = Field(default=10.0, gt=0)
+    resync_period_s: float = Field(default=30.0, gt=0)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -139,6 +163,7 @@ class Settings(BaseModel):
     rooms: RoomSettings = Field(default_factory=RoomSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    serf: SerfSettings = Field(default_factory=SerfSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -183,6 +208,15 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
     "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
+    "SFUMESH_SERF_MODE": "serf.mode",
+    "SFUMESH_SERF_BIND": "serf.bind",
+    "SFUMESH_SERF_ADVERTISE": "serf.advertise",
+    "SFUMESH_SERF_RPC_ADDR": "serf.rpc_addr",
+    "SFUMESH_SERF_RPC_AUTH": "serf.rpc_auth",
+    "SFUMESH_SERF_ENCRYPT_KEY": "serf.encrypt_key",
+    "SFUMESH_SERF_JOIN": "serf.join",
+    "SFUMESH_SERF_SNAPSHOT_PATH": "serf.snapshot_path",
+    "SFUMESH_SERF_LOAD_TAG_PERIOD_S": "serf.load_tag_period_s",
 }
 
 

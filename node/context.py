@@ -9,6 +9,7 @@ from pymongo import AsyncMongoClient
 from quart import current_app
 from redis.asyncio import Redis
 
+from node.cluster import Cluster
 from node.config import Settings
 from node.live import Live
 from node.metrics import NodeMetrics
@@ -29,6 +30,7 @@ class NodeContext:
     login_limiter: LoginLimiter
     live: Live
     metrics: NodeMetrics
+    cluster: Cluster
 
 
 def node_context() -> NodeContext:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import secrets
+import time
 import signal
 import socket
 import sys
@@ -22,7 +23,7 @@ from node.log import setup_logging
 from node.services import BackingServices, ServiceError, free_port
 from node.tokens import new_key
 
-SMOKE_STEPS = 7
+SMOKE_STEPS = 8
 
 
 class SmokeFailure(Exception):
@@ -156,7 +157,26 @@ async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
             tokens = [state["user_token"], reply.json()["user_token"]]
             return await _live_room(urls, state["slug"], tokens)
 
+        async def mesh() -> str:
+            # Every node sees every node alive in Serf, with a coordinate, and ranks them.
+            deadline = time.monotonic() + 30
+            while True:
+                nodes = _expect(await http.get("/api/nodes"), 200, "nodes").json()["nodes"]
+                ready = [n for n in nodes if n["serf_status"] == "alive" and n["coordinate"]]
+                if len(ready) == len(urls):
+                    break
+                if time.monotonic() > deadline:
+                    raise SmokeFailure(f"mesh: {len(ready)} of {len(urls)} nodes seen in Serf")
+                await asyncio.sleep(0.5)
+            samples = [{"node": n["name"], "rtt_ms": 1.0 + i} for i, n in enumerate(nodes[:3])]
+            ranked = _expect(
+                await http.post("/api/nodes/rank", json={"samples": samples}), 200, "rank"
+            ).json()["nodes"]
+            regions = ", ".join(sorted(n["region"] for n in nodes))
+            return f"{len(ready)} nodes alive in Serf ({regions}); nearest {ranked[0]['name']}"
+
         steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            ("mesh", mesh),
             ("signup", signup),
             ("login", login),
             ("session", session),

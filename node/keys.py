@@ -78,3 +78,12 @@ def room_fence_applied(slug: str) -> str:
 
 def room_events(slug: str) -> str:
     return _room(slug, "events")
+
+
+def node_reap_lock(name: str) -> str:
+    """Held by the one node that reaps a failed node's sessions (Serf said it failed)."""
+    return f"{PREFIX}:node-reap-lock:{name}"
+
+
+def node_reap_fence(name: str) -> str:
+    return f"{PREFIX}:node-reap-fence:{name}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from mesh.agent import serf_keygen
 from node.services import BackingServices, ManagedProcess, ServiceError, free_port
 
 
@@ -19,6 +21,8 @@ class LocalNode:
     name: str
     url: str
     process: ManagedProcess
+    #: the node's own Serf agent (None when started without the mesh)
+    serf: SerfLaunch | None = None
 
     def stop(self) -> None:
         self.process.stop()
@@ -68,6 +72,31 @@ def wait_ready(node: LocalNode, timeout: float = 30.0) -> None:
     raise ServiceError(f"node {node.name} was not ready within {timeout}s")
 
 
+@dataclass(frozen=True)
+class SerfLaunch:
+    """Where a local node's Serf agent listens, and the cluster's secrets."""
+
+    bind: str
+    rpc_addr: str
+    rpc_auth: str
+    encrypt_key: str
+
+    def env(self, join: list[str]) -> dict[str, str]:
+        return {
+            "SFUMESH_SERF_MODE": "own",
+            "SFUMESH_SERF_BIND": self.bind,
+            "SFUMESH_SERF_RPC_ADDR": self.rpc_addr,
+            "SFUMESH_SERF_RPC_AUTH": self.rpc_auth,
+            "SFUMESH_SERF_ENCRYPT_KEY": self.encrypt_key,
+            "SFUMESH_SERF_JOIN": json.dumps(join),
+        }
+
+
+def local_serf(rpc_auth: str, encrypt_key: str) -> SerfLaunch:
+    """Free loopback ports for one more agent of a local cluster."""
+    return SerfLaunch(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", rpc_auth, encrypt_key)
+
+
 # Regions given to local nodes in turn, so a local mesh looks like the one it stands for.
 LOCAL_REGIONS = ("eu-west", "ap-southeast", "ap-vn", "us-east", "sa-east", "af-south")
 
@@ -80,13 +109,21 @@ def start_nodes(
     data_dir: Path,
     ports: list[int] | None = None,
     extra_env: dict[str, str] | None = None,
+    mesh: bool = True,
 ) -> list[LocalNode]:
-    """`count` nodes named node-1.. with distinct regions and ports, started side by side."""
+    """`count` nodes named node-1.. with distinct regions and ports, started side by side;
+    with `mesh`, each with its own Serf agent (gossip encrypted, RPC auth on), all joined."""
     nodes: list[LocalNode] = []
+    rpc_auth, encrypt_key = secrets.token_urlsafe(24), serf_keygen()
+    first_bind: list[str] = []
     try:
         for index in range(count):
             port = ports[index] if ports else free_port()
             name = f"node-{index + 1}"
+            serf = local_serf(rpc_auth, encrypt_key) if mesh else None
+            serf_env = serf.env(first_bind) if serf else {"SFUMESH_SERF_MODE": "off"}
+            if serf is not None and not first_bind:
+                first_bind.append(serf.bind)
             env = node_env(
                 services,
                 token_keys,
@@ -95,13 +132,14 @@ def start_nodes(
                 data_dir=data_dir,
                 extra={
                     "SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)],
+                    **serf_env,
                     **(extra_env or {}),
                 },
             )
             process = ManagedProcess(
                 name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
             )
-            nodes.append(LocalNode(name, f"http://127.0.0.1:{port}", process))
+            nodes.append(LocalNode(name, f"http://127.0.0.1:{port}", process, serf))
             process.start()
         for node in nodes:
             wait_ready(node)
@@ -120,13 +158,24 @@ def start_node(
     data_dir: Path,
     port: int | None = None,
     extra_env: dict[str, str] | None = None,
+    serf: SerfLaunch | None = None,
+    join: list[str] | None = None,
 ) -> LocalNode:
+    """One node; with `serf`, beside its own agent (joining `join`), else without a mesh."""
     port = port or free_port()
-    env = node_env(services, token_keys, name=name, port=port, data_dir=data_dir, extra=extra_env)
+    serf_env = serf.env(join or []) if serf else {"SFUMESH_SERF_MODE": "off"}
+    env = node_env(
+        services,
+        token_keys,
+        name=name,
+        port=port,
+        data_dir=data_dir,
+        extra={**serf_env, **(extra_env or {})},
+    )
     process = ManagedProcess(
         name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
     )
-    node = LocalNode(name, f"http://127.0.0.1:{port}", process)
+    node = LocalNode(name, f"http://127.0.0.1:{port}", process, serf)
     process.start()
     try:
         wait_ready(node)

@@ -63,6 +63,15 @@ class Registry:
         records = await self._redis.mget([keys.node(name) for name in names])
         return [name for name, raw in zip(names, records, strict=True) if raw is None]
 
+    async def remove(self, name: str) -> bool:
+        """Drop another node's record now (Serf says it failed). True if there was one. A
+        node that is in fact alive finds its record gone and re-asserts its state."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.node(name))
+            pipe.srem(keys.NODES, name)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
     async def forget(self, name: str) -> None:
         """Drop a dead node from the set, unless it came back meanwhile."""
         if not await self._redis.exists(keys.node(name)):

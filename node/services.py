@@ -9,6 +9,7 @@ PID, and one that dies is reported through `dead()`/`watch()`, never ignored.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import secrets
@@ -44,6 +45,15 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the forked child before exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclass
 class ManagedProcess:
     """A child process we started; stopped by its PID, never by name."""
@@ -52,6 +62,9 @@ class ManagedProcess:
     argv: list[str]
     log_path: Path
     env: dict[str, str] | None = None
+    #: ask the kernel to SIGTERM the child when this process dies, even by `kill -9` (Linux;
+    #: call `start` from the main thread: the signal follows the thread that forked)
+    die_with_parent: bool = False
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     stopping: bool = False
 
@@ -70,6 +83,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         log.info("service.started", extra={"service": self.name, "pid": self.pid})
 

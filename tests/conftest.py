@@ -64,6 +64,8 @@ def make_settings(
             "tokens.keys": token_keys,
             "tokens.signing_key_id": next(iter(token_keys)),
             "public_base_url": "https://rooms.example.org",
+            # In-process apps run without a Serf agent; node processes get one (launch.py).
+            "serf.mode": "off",
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         return load_settings(env={}, overrides=values)
