@@ -70,7 +70,7 @@ class Cluster:
         return self.serf_settings.mode != "off"
 
     def ready(self) -> str:
-        """"ok", or why the mesh is not usable now."""
+        """ "ok", or why the mesh is not usable now."""
         if not self.enabled:
             return "ok"
         if self.agent is not None and not self.agent.ready:

@@ -6,11 +6,11 @@ import asyncio
 import json
 import os
 import secrets
-import time
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
