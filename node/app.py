@@ -141,7 +141,8 @@ def create_app(settings: Settings) -> Quart:
                 checks[name] = "ok"
             except Exception as error:
                 checks[name] = f"unreachable: {type(error).__name__}"
-        checks["serf"] = context.cluster.ready()
+        if context.cluster.enabled:
+            checks["serf"] = context.cluster.ready()
         if context.live.draining:
             checks["node"] = "draining"
         elif checks.get("redis") == "ok" and not (

@@ -226,19 +226,7 @@ class SessionStore:
         return Connected(current or record, _text(previous))
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        raw = await self._redis.hgetall(keys.session(session_id))
-        field = {_text(k): _text(v) for k, v in raw.items()}
-        if "generation" not in field or "user_id" not in field:
-            return None
-        return SessionRecord(
-            session_id=session_id,
-            user_id=field["user_id"],
-            node=field.get("node", ""),
-            region=field.get("region", ""),
-            connected_at=float(field.get("connected_at", "0")),
-            generation=int(field["generation"]),
-            room=field.get("room", ""),
-        )
+        return await read_session(self._redis, session_id)
 
     async def end_session(self, session_id: str, generation: int, reason: str) -> bool:
         """The one way a session ends (close, timeout, node gone). False if superseded."""
@@ -425,6 +413,23 @@ class SessionStore:
             else:
                 await self._redis.srem(keys.node_sessions(node), session_id)
         return ended
+
+
+async def read_session(redis: Redis, session_id: str) -> SessionRecord | None:
+    """A session's record as Redis holds it (None if there is none)."""
+    raw = await redis.hgetall(keys.session(session_id))
+    field = {_text(k): _text(v) for k, v in raw.items()}
+    if "generation" not in field or "user_id" not in field:
+        return None
+    return SessionRecord(
+        session_id=session_id,
+        user_id=field["user_id"],
+        node=field.get("node", ""),
+        region=field.get("region", ""),
+        connected_at=float(field.get("connected_at", "0")),
+        generation=int(field["generation"]),
+        room=field.get("room", ""),
+    )
 
 
 def _text(value: Any) -> str:

@@ -5,9 +5,12 @@ before its Redis record would expire."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,6 +46,21 @@ async def _nodes(http: httpx.AsyncClient, url: str) -> dict[str, dict[str, Any]]
     reply = await http.get(f"{url}/api/nodes")
     assert reply.status_code == 200
     return {n["name"]: n for n in reply.json()["nodes"]}
+
+
+def _cluster_run(
+    services: BackingServices, rpc_addr: str, rpc_auth: str, what: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "node.cli", "cluster", what, "--json"]
+    argv += ["--rpc-addr", rpc_addr, "--rpc-auth", rpc_auth, "--redis-url", services.redis_url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFUMESH_")}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def _cluster(services: BackingServices, rpc_addr: str, rpc_auth: str, what: str) -> Any:
+    result = _cluster_run(services, rpc_addr, rpc_auth, what)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 async def _eventually(
@@ -104,6 +122,32 @@ async def test_mesh_converges_publishes_load_ranks_and_reaps_a_killed_node(
         assert (ranked["node-1"]["rtt_ms"], ranked["node-1"]["measured"]) == (40, True)
         assert (ranked["node-2"]["rtt_ms"], ranked["node-2"]["measured"]) == (2, True)
         assert ranked["node-3"]["measured"] is False and ranked["node-3"]["rtt_ms"] > 0
+
+        # The operator's view, through node-1's agent and the cluster's Redis.
+        serf = nodes[0].serf
+        assert serf is not None
+        members = _cluster(backing, serf.rpc_addr, serf.rpc_auth, "members")
+        assert sorted((m["name"], m["status"]) for m in members) == [
+            ("node-1", "alive"),
+            ("node-2", "alive"),
+            ("node-3", "alive"),
+        ]
+        assert {m["region"] for m in members} == {"eu-west", "ap-southeast", "ap-vn"}
+        assert all(m["coordinate_error"] is not None for m in members)
+        matrix = _cluster(backing, serf.rpc_addr, serf.rpc_auth, "rtt")
+        assert sorted(matrix) == ["node-1", "node-2", "node-3"]
+        assert all(matrix[a][a] >= 0 and matrix[a]["node-2"] >= 0 for a in matrix)
+        rooms = _cluster(backing, serf.rpc_addr, serf.rpc_auth, "rooms")
+        room = next(r for r in rooms if r["room"] == "meshroom")
+        assert (room["people"], room["nodes"]) == (2, ["node-1", "node-3"])
+        sessions = _cluster(backing, serf.rpc_addr, serf.rpc_auth, "sessions")
+        mine = {r["session_id"]: r for r in sessions}
+        assert mine[doomed.session_id]["node"] == "node-3"
+        assert mine[doomed.session_id]["room"] == "meshroom"
+        assert _cluster(backing, serf.rpc_addr, serf.rpc_auth, "relays") == []
+        # A wrong RPC key is a clear error, not a traceback.
+        wrong = _cluster_run(backing, serf.rpc_addr, "wrong-key", "members")
+        assert wrong.returncode == 1 and "auth" in wrong.stderr.lower(), wrong.stderr
 
         # kill -9 node-3 (its agent dies with it): Serf declares it failed and the room
         # hears its participant leave, while its Redis record still had most of a minute.
