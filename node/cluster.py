@@ -10,6 +10,7 @@ waiting for its Redis record to expire) and drops its registry record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -64,6 +65,7 @@ class Cluster:
         self.view: MembershipView | None = None
         self.load: LoadPublisher | None = None
         self._cpu = CpuMeter()
+        self._join_task: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -119,11 +121,7 @@ class Cluster:
             )
             await self.client.tags(set=dict(tags))
         if serf.join:
-            try:
-                await self.client.join(list(serf.join), replay=False)
-            except SerfError as error:
-                # retry_join (own mode) keeps trying; the snapshot may rejoin by itself.
-                log.warning("serf.join_failed", extra={"error": str(error)})
+            self._join_task = asyncio.create_task(self._join(list(serf.join)), name="serf-join")
         self.view = MembershipView(
             self.client, on_failed=self.node_failed, resync_s=serf.resync_period_s
         )
@@ -131,6 +129,21 @@ class Cluster:
         self.load = LoadPublisher(self.client, self.measure_load, serf.load_tag_period_s)
         self.load.start()
         log.info("serf.started", extra={"mode": serf.mode, "members": len(self.view.members)})
+
+    async def _join(self, addresses: list[str]) -> None:
+        """Join the given agents, retrying with backoff until one answers: nodes of a new
+        cluster start side by side, and the first may not be listening yet."""
+        delay = 0.5
+        while self.client is not None:
+            try:
+                joined = await self.client.join(addresses, replay=False)
+                if joined:
+                    log.info("serf.joined", extra={"joined": joined})
+                    return
+            except (SerfError, OSError) as error:
+                log.info("serf.join_retry", extra={"error": str(error), "in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def measure_load(self) -> Load:
         return Load(len(self.live.hub.connections), self._cpu.percent())
@@ -157,6 +170,8 @@ class Cluster:
 
     async def stop(self, leave: bool = True) -> None:
         """Stop; our own agent leaves the cluster gracefully first (an operator's stays)."""
+        if self._join_task is not None:
+            self._join_task.cancel()
         if self.load is not None:
             await self.load.stop()
         if self.view is not None:
