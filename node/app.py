@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 from werkzeug.exceptions import NotFound
 
 from node.api import api
+from node.cluster import Cluster
 from node.config import Settings
 from node.context import EXTENSION, NodeContext
 from node.errors import install_error_handlers
-from node.cluster import Cluster
 from node.live import Live
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.ratelimit import LoginLimiter

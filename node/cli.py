@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh import cli as cluster_cli
 from node.config import ConfigError, load_settings
 from node.log import setup_logging
 from node.tokens import new_key
@@ -51,7 +52,33 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
 
 
+def _bench_forward(args: argparse.Namespace) -> int:
+    from node.bench_forward.run import parse_size, parse_subscribers, run_forward_bench
+
+    try:
+        subscribers = parse_subscribers(args.subscribers)
+        video_size = parse_size(args.video_size)
+    except ValueError as error:
+        print(f"sfumesh bench: {error}", file=sys.stderr)
+        return 2
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    setup_logging("WARNING")
+    return run_forward_bench(
+        subscribers=subscribers,
+        rounds=args.rounds,
+        window_s=args.window,
+        warmup_s=args.warmup,
+        systems=systems,
+        json_path=args.json,
+        max_mediarelay=args.max_mediarelay,
+        video_size=video_size,
+        workdir=args.workdir,
+    )
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "forward":
+        return _bench_forward(args)
     from node.bench import run_bench
 
     return run_bench(
@@ -91,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join", "codecs"])
+    bench.add_argument("name", choices=["api", "join", "codecs", "forward"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
@@ -106,7 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
     )
+    forward = bench.add_argument_group("forward (the forwarding core against MediaRelay and Janus)")
+    forward.add_argument(
+        "--subscribers", default="1,4,16,32", help="forward: K values, comma-separated"
+    )
+    forward.add_argument("--rounds", type=int, default=2, help="forward: rounds per K")
+    forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
+    forward.add_argument("--warmup", type=float, default=3.0, help="forward: warm-up, s")
+    forward.add_argument(
+        "--systems",
+        help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1 "
+        "(default: all; Janus only when node.bench_forward.janus is there)",
+    )
+    forward.add_argument(
+        "--max-mediarelay",
+        type=int,
+        help="forward: run MediaRelay only for K up to this (default: every K)",
+    )
+    forward.add_argument(
+        "--video-size", default="640x360", help="forward: the publisher's VP8 size, WxH"
+    )
+    forward.add_argument(
+        "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
+    )
     bench.set_defaults(run=_bench)
+
+    cluster = commands.add_parser(
+        "cluster", help="the mesh as an operator sees it: members, rtt, rooms, sessions, relays"
+    )
+    cluster_cli.add_arguments(cluster)
+    cluster.set_defaults(run=cluster_cli.run)
 
     keygen = commands.add_parser("keygen", help="print a fresh token signing secret")
     keygen.set_defaults(run=_keygen)

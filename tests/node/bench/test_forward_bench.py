@@ -1,0 +1,241 @@
+"""`sfumesh bench forward`: the analysis on synthetic data, and a short real run."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from node.bench_forward import media as bench_media
+from node.bench_forward.peers import StreamCounter, window_counts
+from node.bench_forward.run import (
+    BenchConfig,
+    Window,
+    estimate_offset,
+    fit_line,
+    fits,
+    frame_latencies,
+    janus_module_available,
+    plan,
+    ratios,
+    split_evenly,
+)
+from node.cli import main
+from node.netns import in_private_netns
+
+ISSUE_KEYS = (
+    "system",
+    "subscribers",
+    "cpu_us_per_packet",
+    "packets_per_s",
+    "added_latency_ms_p50",
+    "added_latency_ms_p99",
+    "loss",
+)
+
+
+def _publisher(frames: int, start_ts: int = 4_000_000_000) -> list[tuple[int, float]]:
+    """Frames as the publisher numbers them (irregular steps), sent at 30 fps."""
+    out = []
+    ts = start_ts
+    for n in range(1, frames + 1):
+        ts = (ts + bench_media.video_ts_step(n)) & 0xFFFFFFFF
+        out.append((ts, 100.0 + n / 30))
+    return out
+
+
+def test_timestamp_steps_are_irregular_and_average_one_frame() -> None:
+    steps = [bench_media.video_ts_step(n) for n in range(1, 3001)]
+    assert all(2970 <= s <= 3030 for s in steps)
+    assert len(set(steps)) > 50
+    assert abs(sum(steps) / len(steps) - 3000) < 2
+
+
+def test_alignment_finds_the_offset_and_the_latencies() -> None:
+    rng = random.Random(7)
+    published = _publisher(600)  # wraps past 2**32 on the way
+    offset = 123_456_789
+    received = []
+    expected = {}
+    for index, (ts, sent) in enumerate(published[200:500]):
+        if index % 3 == 1:
+            continue  # frames the SFU dropped
+        delay = rng.uniform(0.001, 0.080)
+        received.append(((ts + offset) & 0xFFFFFFFF, sent + delay))
+        expected[(ts + offset) & 0xFFFFFFFF] = delay
+    assert estimate_offset(published, received) == offset
+    latencies = frame_latencies(published, received)
+    assert latencies is not None and len(latencies) == len(received)
+    for (ts, _), latency in zip(received, latencies, strict=True):
+        assert latency == pytest.approx(expected[ts])
+
+
+def test_alignment_tolerates_timestamps_rounded_by_a_tick() -> None:
+    # MediaRelay's decoder and re-encoder sometimes move a timestamp by one tick.
+    published = _publisher(300)
+    offset = 987_654
+    received = [
+        ((ts + offset + (n % 3) - 1) & 0xFFFFFFFF, sent + 0.040)
+        for n, (ts, sent) in enumerate(published[100:250])
+    ]
+    found = estimate_offset(published, received)
+    assert found is not None and abs(found - offset) <= 1
+    latencies = frame_latencies(published, received)
+    assert latencies is not None and len(latencies) == len(received)
+    assert all(x == pytest.approx(0.040) for x in latencies)
+
+
+def test_alignment_survives_seconds_of_delay_and_refuses_unrelated_frames() -> None:
+    published = _publisher(900)
+    offset = 42
+    late = [((ts + offset) & 0xFFFFFFFF, sent + 4.5) for ts, sent in published[300:600:4]]
+    latencies = frame_latencies(published, late)
+    assert latencies is not None and all(x == pytest.approx(4.5) for x in latencies)
+    # A stream of regular steps that is not the publisher's matches no single offset.
+    unrelated = [(n * 3000 + 17, 100.0 + n / 30 + 0.01) for n in range(300, 600)]
+    assert estimate_offset(published, unrelated) is None
+    assert frame_latencies(published, []) is None
+
+
+def test_stream_counter_counts_gaps_late_packets_and_duplicates() -> None:
+    counter = StreamCounter()
+    for seq in (65533, 65534, 65535, 0, 1):  # wraps
+        counter.add(1, seq, 100)
+    before = counter.snapshot()
+    for seq in (2, 5, 6, 3, 3, 8):  # 4 and 7 lost, 3 late then duplicated
+        counter.add(1, seq, 100)
+    counts = window_counts(before, counter.snapshot())
+    assert counts == {
+        "packets": 6,
+        "bytes": 600,
+        "expected": 7,
+        "lost": 2,
+        "late": 1,
+        "duplicates": 1,
+    }
+    counter.add(2, 500, 100)  # a new SSRC continues the numbering
+    counter.add(2, 501, 100)
+    assert counter.ssrc_changes == 1
+    assert window_counts(before, counter.snapshot())["expected"] == 9
+
+
+def test_slope_fit_and_ratios() -> None:
+    line = fit_line([1, 4, 16, 32], [5 + 2 * k for k in (1, 4, 16, 32)])
+    assert line is not None
+    assert line.slope == pytest.approx(2) and line.intercept == pytest.approx(5)
+    assert fit_line([4, 4], [1, 2]) is None
+
+    windows = []
+    for k in (1, 4, 16, 32):
+        # sfumesh: 5 % base + 6000 us/s per subscriber at 200 pkt/s each -> 30 us/packet
+        windows.append(_window("sfumesh", k, 0.05 + 0.006 * k, 200 * k))
+        # janus: 45 us/packet
+        windows.append(_window("janus", k, 0.02 + 0.009 * k, 200 * k))
+        # mediarelay: 30 % per subscriber, and it falls behind at K >= 16
+        windows.append(_window("mediarelay", k, 0.3 * k, 110 * k, kept_up=k < 16))
+    fitted = {f["system"]: f for f in fits(windows, ["sfumesh", "mediarelay", "janus"])}
+    assert fitted["sfumesh"]["marginal_us_per_packet"] == pytest.approx(30)
+    assert fitted["sfumesh"]["intercept_cpu_pct"] == pytest.approx(5)
+    assert fitted["janus"]["marginal_us_per_packet"] == pytest.approx(45)
+    assert fitted["mediarelay"]["subscribers_used"] == [1, 4]
+    assert fitted["mediarelay"]["subscribers_excluded"] == [16, 32]
+    compared = ratios(list(fitted.values()))
+    assert compared["cpu_per_subscriber"]["mediarelay/sfumesh"] == pytest.approx(50)
+    assert compared["cpu_per_subscriber"]["janus/sfumesh"] == pytest.approx(1.5)
+    assert compared["targets"]["mediarelay_ratio_met"] is True
+    assert compared["targets"]["sfumesh_marginal_met"] is True
+
+
+def _window(system: str, k: int, cpu_per_s: float, pps: float, kept_up: bool = True) -> Window:
+    window = Window(system, k, 0, 0)
+    window.window_s = 10.0
+    window.cpu_s = cpu_per_s * 10
+    window.packets_per_s = pps
+    window.publisher_frames = 300
+    window.frames_received = 300 if kept_up else 100
+    return window
+
+
+def test_plan_alternates_the_order_and_limits_mediarelay() -> None:
+    config = BenchConfig(
+        subscribers=[1, 4, 16],
+        rounds=2,
+        systems=["sfumesh", "mediarelay", "janus"],
+        max_mediarelay=4,
+    )
+    steps = plan(config)
+    assert [(k, r) for k, r, _ in steps] == [(1, 0), (1, 1), (4, 0), (4, 1), (16, 0), (16, 1)]
+    assert steps[0][2] == ["sfumesh", "mediarelay", "janus"]
+    assert steps[1][2] == ["janus", "mediarelay", "sfumesh"]
+    assert steps[4][2] == ["sfumesh", "janus"]
+    assert steps[5][2] == ["janus", "sfumesh"]
+    assert split_evenly(32, 8) == [8, 8, 8, 8]
+    assert split_evenly(9, 8) == [5, 4]
+    assert split_evenly(1, 8) == [1]
+
+
+def test_media_cache_round_trip(tmp_path: Path) -> None:
+    params = bench_media.MediaParams(width=160, height=96, seconds=1.0)
+    media, path = bench_media.load_or_encode(params, tmp_path)
+    assert path.exists() and len(media.video) == 30 and len(media.audio) == 50
+    assert media.keyframes[0] and not any(media.keyframes[1:])
+    again, _ = bench_media.load_or_encode(params, tmp_path)
+    assert again.video == media.video and again.audio == media.audio
+
+
+@pytest.fixture(autouse=True)
+def _keep_test_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("node.cli.setup_logging", lambda *_: None)
+
+
+@pytest.mark.slow
+def test_short_real_run_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not in_private_netns():
+        pytest.fail("run pytest in the private network namespace (./scripts/test does)")
+    # scripts/setup installs janus: all three systems, always.
+    assert janus_module_available() and shutil.which("janus") is not None
+    systems = ["sfumesh", "mediarelay", "janus"]
+    out = tmp_path / "forward.json"
+    argv = [
+        "bench",
+        "forward",
+        "--subscribers",
+        "1,2",
+        "--rounds",
+        "1",
+        "--window",
+        "2",
+        "--warmup",
+        "1",
+        "--systems",
+        ",".join(systems),
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    figures = json.loads(out.read_text())
+    rows = {(r["system"], r["subscribers"]): r for r in figures["results"]}
+    assert set(rows) == {(s, k) for s in systems for k in (1, 2)}
+    for (system, k), row in rows.items():
+        for key in (*ISSUE_KEYS, "rounds", "clean_windows", "retransmissions"):
+            assert key in row, (system, k, key)
+        assert row["rounds"] == 1 and not row["errors"], row
+        assert row["packets_per_s"] > 0, row
+        for key in ("cpu_us_per_packet", "added_latency_ms_p50", "added_latency_ms_p99"):
+            value = row[key]
+            assert isinstance(value, int | float) and not isinstance(value, bool), (key, row)
+        assert row["added_latency_ms_p50"] <= row["added_latency_ms_p99"]
+        if system == "sfumesh":
+            assert row["loss"] == 0, row
+    assert {f["system"] for f in figures["fits"]} == set(systems)
+    assert "cpu_per_subscriber" in figures["ratios"]
+    assert "sfumesh" in printed.out and "us per forwarded packet" in printed.out
