@@ -9,14 +9,16 @@ On top of that port, three things Serf does not have:
 
 - client placement: a browser measures the RTT to 3-5 nodes whose coordinates are known,
   `estimate_client` places it in the same space and `rank_nodes` / `rank_from_samples`
-  order every node by estimated RTT (used by `POST /api/nodes/rank`);
+  order every node by estimated RTT (used by `POST /api/nodes/rank`); `suggest_probes`
+  says which nodes to measure (3 at random, then the 2 best-ranked);
 - `synthetic_matrix`: RTTs between points on a globe (fibre propagation, route inflation,
   access delay, noise), for tests and the bench when no measured matrix is at hand;
 - `simulate`: Vivaldi over a whole matrix the way the paper and Serf's `phantom.go` do it
   (every round, every node samples one random other node), and `evaluate` of the result.
 
-Pure: no I/O, no asyncio, no global random state (every random choice takes a
-`random.Random`, so a seed gives the same result every time).
+Pure: no I/O, no asyncio, no global random state: every random choice takes a
+`random.Random` (a fresh unseeded one when None is given), so a seed gives the same result
+every time.
 
 Units: seconds everywhere, as in Serf, except where a name says `_ms`.
 """
@@ -90,9 +92,17 @@ def _diff(vec1: Sequence[float], vec2: Sequence[float]) -> list[float]:
 
 
 def _go_duration_seconds(seconds: float) -> float:
-    """`time.Duration(seconds * 1e9).Seconds()`: Go truncates to whole nanoseconds."""
-    nanoseconds = int(seconds * SECONDS_TO_NANOSECONDS)  # truncates toward zero, as Go does
-    whole = int(nanoseconds / 1_000_000_000) if nanoseconds < 0 else nanoseconds // 1_000_000_000
+    """`time.Duration(seconds * 1e9).Seconds()`: Go truncates to whole nanoseconds.
+
+    Values a Duration cannot hold (NaN, infinities, beyond +-292 years) come back as they
+    are: Go's result for those is platform-defined, and a coordinate that produces them is
+    reset by `VivaldiClient.update` either way."""
+    scaled = seconds * SECONDS_TO_NANOSECONDS
+    if not (-(2.0**63) < scaled < 2.0**63):  # also NaN
+        return seconds
+    nanoseconds = int(scaled)  # truncates toward zero, as Go does
+    # Go's `/` and `%` truncate toward zero; a Duration is never negative here, but be exact.
+    whole = -(-nanoseconds // 1_000_000_000) if nanoseconds < 0 else nanoseconds // 1_000_000_000
     rest = nanoseconds - whole * 1_000_000_000
     return float(whole) + float(rest) / 1e9
 
@@ -118,7 +128,9 @@ class Coordinate:
 
     @classmethod
     def from_rpc(
-        cls, data: Mapping[str, object] | Mapping[bytes, object], dimensionality: int | None = 8
+        cls,
+        data: Mapping[str, object] | Mapping[bytes, object],
+        dimensionality: int | None = DIMENSIONALITY,
     ) -> Coordinate:
         """A coordinate from Serf's RPC (`get-coordinate`'s `Coord`): Vec, Error, Adjustment,
         Height. Keys may be str or bytes (msgpack raw). Raises CoordinateError on a missing
@@ -256,7 +268,9 @@ def format_serf_rtt(seconds: float) -> str:
 class VivaldiClient:
     """Serf's `coordinate.Client`: one node's coordinate, updated from RTT observations."""
 
-    def __init__(self, config: VivaldiConfig = DEFAULT_CONFIG, rng: random.Random | None = None):
+    def __init__(
+        self, config: VivaldiConfig = DEFAULT_CONFIG, rng: random.Random | None = None
+    ) -> None:
         self.config = config
         self._rng = rng
         self._coord = Coordinate.origin(config)
@@ -353,24 +367,19 @@ class VivaldiClient:
 
 # --- client placement ------------------------------------------------------------------
 
-# How many start points the client fit descends from, and how far.
-CLIENT_FIT_STARTS = 4
-CLIENT_FIT_ITERATIONS = 60
-# Weight of the prior that a client's height (its access delay) is small, against the sum of
-# squared relative errors of its samples; the scale is the median height of the nodes,
-# at least CLIENT_HEIGHT_SCALE_MIN_S.
-CLIENT_HEIGHT_PRIOR = 1.0
-CLIENT_HEIGHT_SCALE_MIN_S = 0.005
+# Gradient steps that refine a client's coordinate from its start point.
+CLIENT_FIT_ITERATIONS = 30
 
 
 @dataclass(frozen=True)
 class _Fit:
+    """The client fit: squared relative errors of the samples, position and height free."""
+
     samples: tuple[tuple[Coordinate, float], ...]
     height_min: float
-    height_scale: float
 
     def offsets(self, vec: Sequence[float]) -> list[float]:
-        """The estimate to each sample without the client's height."""
+        """The estimate to each sampled node, without the client's own height."""
         return [
             _magnitude(_diff(vec, coord.vec)) + coord.height + coord.adjustment
             for coord, _ in self.samples
@@ -380,12 +389,11 @@ class _Fit:
         total = 0.0
         for offset, (_, rtt_s) in zip(self.offsets(vec), self.samples, strict=True):
             total += ((offset + height - rtt_s) / rtt_s) ** 2
-        return total + CLIENT_HEIGHT_PRIOR * (height / self.height_scale) ** 2
+        return total
 
     def best_height(self, vec: Sequence[float]) -> float:
-        """The height minimising `cost` for this position (closed form)."""
-        num = 0.0
-        den = CLIENT_HEIGHT_PRIOR / (self.height_scale * self.height_scale)
+        """The height minimising `cost` at this position (closed form, >= height_min)."""
+        num = den = 0.0
         for offset, (_, rtt_s) in zip(self.offsets(vec), self.samples, strict=True):
             weight = 1.0 / (rtt_s * rtt_s)
             num += weight * (rtt_s - offset)
@@ -393,13 +401,13 @@ class _Fit:
         return max(self.height_min, num / den)
 
     def descend(self, vec: list[float], iterations: int) -> tuple[list[float], float, float]:
-        """Gradient descent with backtracking on position and height from `vec`."""
+        """Gradient descent with backtracking on position and height, from `vec`."""
         height = self.best_height(vec)
         cost = self.cost(vec, height)
         step = min(rtt_s for _, rtt_s in self.samples) * 0.5
         for _ in range(iterations):
             grad = [0.0] * len(vec)
-            grad_h = 2.0 * CLIENT_HEIGHT_PRIOR * height / (self.height_scale * self.height_scale)
+            grad_h = 0.0
             for coord, rtt_s in self.samples:
                 delta = _diff(vec, coord.vec)
                 dist = _magnitude(delta)
@@ -448,44 +456,34 @@ def estimate_client(
     """Place a client from RTT samples (seconds) to nodes whose coordinates are known.
 
     The fit minimises the squared relative errors of the samples,
-    `sum(((|x - x_i| + h + h_i + a_i - rtt_i) / rtt_i)^2)`, plus a prior that the client's
-    height (its access delay) is small: `(h / H)^2` with H the median height of the nodes
-    (at least 5 ms). With 3-5 samples in 8 dimensions the samples alone do not pin a point
-    down (many points fit them exactly, most of them off the surface the nodes live on),
-    so the fit starts where clients are likely to be: at the coordinates of the sampled
-    nodes and of `candidates` (the other known nodes). Each start gets its best height,
-    the `CLIENT_FIT_STARTS` best starts are refined by gradient descent, the best result
-    wins. The height prior matters: without it a far-away client fits just as well sitting
-    on a node it did not measure with a huge height, and is sent there.
+    `sum(((|x - x_i| + h + h_i + a_i - rtt_i) / rtt_i)^2)`, over the position x and the
+    client's height h (its access delay, free: browsers on Wi-Fi or mobile have large
+    ones). With 3-5 samples in 8 dimensions the samples alone do not pin a point down: many
+    points fit them exactly, most of them off the surface the nodes live on. So the fit
+    starts where the client most likely is: at the known node (sampled or one of
+    `candidates`) whose estimated RTTs to the sampled nodes, plus the best height, match the
+    samples best; then `CLIENT_FIT_ITERATIONS` gradient steps refine it.
 
-    This ranked better on synthetic matrices than Vivaldi updates from the origin and than
-    a fit started at the nearest sampled node (docs in the bench and the tests).
+    Chosen on synthetic matrices (tests/mesh/test_vivaldi.py, `sfumesh bench vivaldi`):
+    Vivaldi updates from the origin, or a fit from the nearest sampled node, or the best of
+    several starts, or a prior that the client's height is small, all picked the nearest
+    node less often; the prior broke down for clients with 20-60 ms of access delay.
 
     Raises CoordinateError on no samples, mixed dimensions, an invalid coordinate or an
     RTT outside (0, 10 s].
     """
     _check_samples(samples)
     dims = len(samples[0][0].vec)
+    fit = _Fit(tuple(samples), config.height_min)
     starts = [coord for coord, _ in samples]
     starts += [coord for coord in candidates if coord.is_valid() and len(coord.vec) == dims]
-    heights = sorted(coord.height for coord in starts)
-    scale = max(CLIENT_HEIGHT_SCALE_MIN_S, heights[len(heights) // 2])
-    fit = _Fit(tuple(samples), config.height_min, scale)
-    seen: set[tuple[float, ...]] = set()
-    scored: list[tuple[float, tuple[float, ...]]] = []
+    best_start = starts[0].vec
+    best_cost = math.inf
     for coord in starts:
-        if coord.vec in seen:
-            continue
-        seen.add(coord.vec)
-        scored.append((fit.cost(coord.vec, fit.best_height(coord.vec)), coord.vec))
-    scored.sort()
-    best: tuple[list[float], float, float] | None = None
-    for _, start in scored[:CLIENT_FIT_STARTS]:
-        result = fit.descend(list(start), CLIENT_FIT_ITERATIONS)
-        if best is None or result[2] < best[2]:
-            best = result
-    assert best is not None  # there is at least one sample, so one start
-    vec, height, cost = best
+        cost = fit.cost(coord.vec, fit.best_height(coord.vec))
+        if cost < best_cost:
+            best_start, best_cost = coord.vec, cost
+    vec, height, cost = fit.descend(list(best_start), CLIENT_FIT_ITERATIONS)
     error = min(config.vivaldi_error_max, math.sqrt(cost / len(samples)))
     return Coordinate(vec=tuple(vec), error=error, adjustment=0.0, height=height)
 
@@ -550,7 +548,7 @@ def suggest_probes(
     nodes that `rank_from_samples` puts first. The procedure the bench and the tests found
     to work: 3 random probes, then the 2 nodes suggested here, then `rank_from_samples` on
     all 5: on synthetic regional meshes it picks the true nearest node far more often than 3
-    samples can (see the bench's README section).
+    samples can (`sfumesh bench vivaldi`, tests/mesh/test_vivaldi.py).
     """
     measured = {
         name

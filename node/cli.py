@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import cli as cluster_cli
+from node.bench_vivaldi import add_arguments as add_vivaldi_arguments
 from node.config import ConfigError, load_settings
 from node.log import setup_logging
 from node.tokens import new_key
@@ -65,7 +66,7 @@ def _bench_forward(args: argparse.Namespace) -> int:
     setup_logging("WARNING")
     return run_forward_bench(
         subscribers=subscribers,
-        rounds=args.rounds,
+        rounds=2 if args.rounds is None else args.rounds,
         window_s=args.window,
         warmup_s=args.warmup,
         systems=systems,
@@ -77,6 +78,10 @@ def _bench_forward(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "vivaldi":
+        from node.bench_vivaldi import run as run_vivaldi_bench
+
+        return run_vivaldi_bench(args)
     if args.name == "forward":
         return _bench_forward(args)
     from node.bench import run_bench
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join", "codecs", "forward"])
+    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
@@ -137,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument(
         "--subscribers", default="1,4,16,32", help="forward: K values, comma-separated"
     )
-    forward.add_argument("--rounds", type=int, default=2, help="forward: rounds per K")
+    forward.add_argument(
+        "--rounds",
+        type=int,
+        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000)",
+    )
     forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
     forward.add_argument("--warmup", type=float, default=3.0, help="forward: warm-up, s")
     forward.add_argument(
@@ -156,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument(
         "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
     )
+    add_vivaldi_arguments(bench)
     bench.set_defaults(run=_bench)
 
     cluster = commands.add_parser(

@@ -122,6 +122,7 @@ async def test_mesh_converges_publishes_load_ranks_and_reaps_a_killed_node(
         assert (ranked["node-1"]["rtt_ms"], ranked["node-1"]["measured"]) == (40, True)
         assert (ranked["node-2"]["rtt_ms"], ranked["node-2"]["measured"]) == (2, True)
         assert ranked["node-3"]["measured"] is False and ranked["node-3"]["rtt_ms"] > 0
+        assert reply.json()["probe_next"] == ["node-3"]  # the one left to measure
 
         # The operator's view, through node-1's agent and the cluster's Redis.
         serf = nodes[0].serf

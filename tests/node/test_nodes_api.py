@@ -30,7 +30,9 @@ async def test_rank_without_coordinates_uses_the_samples(api: Api) -> None:
         "/api/nodes/rank", json={"samples": [{"node": "node-1", "rtt_ms": 12.5}]}
     )
     assert response.status_code == 200
-    ranked = (await response.get_json())["nodes"]
+    body = await response.get_json()
+    assert body["probe_next"] == []  # nothing to suggest without coordinates
+    ranked = body["nodes"]
     assert ranked == [
         {
             "name": "node-1",
