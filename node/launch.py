@@ -121,26 +121,20 @@ def start_nodes(
             port = ports[index] if ports else free_port()
             name = f"node-{index + 1}"
             serf = local_serf(rpc_auth, encrypt_key) if mesh else None
-            serf_env = serf.env(first_bind) if serf else {"SFUMESH_SERF_MODE": "off"}
-            if serf is not None and not first_bind:
-                first_bind.append(serf.bind)
-            env = node_env(
+            region = {"SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)]}
+            node = _spawn(
                 services,
                 token_keys,
                 name=name,
                 port=port,
                 data_dir=data_dir,
-                extra={
-                    "SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)],
-                    **serf_env,
-                    **(extra_env or {}),
-                },
+                extra_env={**region, **(extra_env or {})},
+                serf=serf,
+                join=list(first_bind),
             )
-            process = ManagedProcess(
-                name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
-            )
-            nodes.append(LocalNode(name, f"http://127.0.0.1:{port}", process, serf))
-            process.start()
+            nodes.append(node)
+            if serf is not None and not first_bind:
+                first_bind.append(serf.bind)
         for node in nodes:
             wait_ready(node)
     except BaseException:
@@ -150,19 +144,18 @@ def start_nodes(
     return nodes
 
 
-def start_node(
+def _spawn(
     services: BackingServices,
     token_keys: dict[str, str],
     *,
     name: str,
+    port: int,
     data_dir: Path,
-    port: int | None = None,
-    extra_env: dict[str, str] | None = None,
-    serf: SerfLaunch | None = None,
-    join: list[str] | None = None,
+    extra_env: dict[str, str] | None,
+    serf: SerfLaunch | None,
+    join: list[str] | None,
 ) -> LocalNode:
-    """One node; with `serf`, beside its own agent (joining `join`), else without a mesh."""
-    port = port or free_port()
+    """Start one node process (not waiting for it)."""
     serf_env = serf.env(join or []) if serf else {"SFUMESH_SERF_MODE": "off"}
     env = node_env(
         services,
@@ -177,6 +170,31 @@ def start_node(
     )
     node = LocalNode(name, f"http://127.0.0.1:{port}", process, serf)
     process.start()
+    return node
+
+
+def start_node(
+    services: BackingServices,
+    token_keys: dict[str, str],
+    *,
+    name: str,
+    data_dir: Path,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    serf: SerfLaunch | None = None,
+    join: list[str] | None = None,
+) -> LocalNode:
+    """One node; with `serf`, beside its own agent (joining `join`), else without a mesh."""
+    node = _spawn(
+        services,
+        token_keys,
+        name=name,
+        port=port or free_port(),
+        data_dir=data_dir,
+        extra_env=extra_env,
+        serf=serf,
+        join=join,
+    )
     try:
         wait_ready(node)
     except BaseException:

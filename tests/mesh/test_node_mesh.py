@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mesh.closest import pick_node
 from node.launch import LocalNode, start_nodes
 from node.services import BackingServices
 from node.tokens import new_key
@@ -123,6 +124,14 @@ async def test_mesh_converges_publishes_load_ranks_and_reaps_a_killed_node(
         assert (ranked["node-2"]["rtt_ms"], ranked["node-2"]["measured"]) == (2, True)
         assert ranked["node-3"]["measured"] is False and ranked["node-3"]["rtt_ms"] > 0
         assert reply.json()["probe_next"] == ["node-3"]  # the one left to measure
+
+        # The client helper: pings, ranks, follows the suggestions; every node is ranked and
+        # the first is the one it measured fastest (all three measured: only three exist).
+        picked = await pick_node(http, urls[1])
+        assert sorted(n.name for n in picked) == ["node-1", "node-2", "node-3"]
+        assert all(n.measured and n.rtt_ms is not None for n in picked)
+        assert picked[0].rtt_ms == min(n.rtt_ms for n in picked if n.rtt_ms is not None)
+        assert picked[0].url in urls
 
         # The operator's view, through node-1's agent and the cluster's Redis.
         serf = nodes[0].serf

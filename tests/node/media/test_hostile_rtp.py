@@ -29,6 +29,20 @@ def _metric(text: str, name: str, reason: str) -> float:
     return 0.0
 
 
+def record_rembs(sender: Any) -> list[int]:
+    """The REMB bitrates `sender` (alice's) receives from now on, in order."""
+    rembs: list[int] = []
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            rembs.append(unpack_remb_fci(packet.fci)[0])
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp
+    return rembs
+
+
 @pytest.mark.slow
 async def test_foreign_ssrcs_and_payload_types_are_dropped_and_counted(make_app: Any) -> None:
     async with scene(make_app) as s:
@@ -81,17 +95,7 @@ async def test_publisher_above_budget_loses_the_excess_and_is_asked_for_less(
     make_app: Any,
 ) -> None:
     async with scene(make_app) as s:
-        # REMB values alice's sender receives from the node.
-        rembs: list[int] = []
-        sender: Any = s.alice_sender
-        original = sender._handle_rtcp_packet
-
-        async def handle_rtcp(packet: Any) -> None:
-            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
-                rembs.append(unpack_remb_fci(packet.fci)[0])
-            await original(packet)
-
-        sender._handle_rtcp_packet = handle_rtcp
+        rembs = record_rembs(s.alice_sender)
         budget = 20_000  # bits/s: far below what alice sends
         s.published.budget = ByteBudget(budget)
         before = s.media.dropped.get("over-budget", 0)
@@ -113,16 +117,7 @@ async def test_publisher_above_budget_loses_the_excess_and_is_asked_for_less(
 @pytest.mark.slow
 async def test_remb_upstream_follows_the_slowest_subscriber(make_app: Any) -> None:
     async with scene(make_app) as s:
-        rembs: list[int] = []
-        sender: Any = s.alice_sender
-        original = sender._handle_rtcp_packet
-
-        async def handle_rtcp(packet: Any) -> None:
-            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
-                rembs.append(unpack_remb_fci(packet.fci)[0])
-            await original(packet)
-
-        sender._handle_rtcp_packet = handle_rtcp
+        rembs = record_rembs(s.alice_sender)
         await until(lambda: s.published.tap.remb_estimate is not None, "a first REMB", LIMIT)
         # Bob reports a congested link: only his chosen figure, several times a second.
         receiver: Any = s.bob_receiver
