@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
+from quart import Quart
+from quart.testing.app import TestApp
 from quart.typing import TestAppProtocol, TestClientProtocol
 from redis.asyncio import Redis
 
@@ -25,6 +27,12 @@ from node.services import BackingServices
 from node.tokens import new_key
 
 SettingsFactory = Callable[..., Settings]
+
+
+def running_app(app: Quart) -> TestAppProtocol:
+    """An in-process app whose start and stop may take a while on a busy machine (the
+    shutdown drains sessions and closes every peer connection; Quart allows 6 s)."""
+    return TestApp(app, startup_timeout=60, shutdown_timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +101,7 @@ async def make_app(
     async def start(**overrides: Any) -> TestAppProtocol:
         settings = make_settings(**overrides)
         databases.add(settings.database)
-        test_app = create_app(settings).test_app()
+        test_app = running_app(create_app(settings))
         await test_app.startup()
         running.append(test_app)
         return test_app

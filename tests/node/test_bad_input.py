@@ -32,7 +32,7 @@ from node.context import EXTENSION, NodeContext
 from node.models import DOCUMENT_MODELS, Message, Room, User
 from node.services import BackingServices
 from node.tokens import Purpose, TokenService, new_key
-from tests.conftest import Api, bearer, error_of
+from tests.conftest import Api, bearer, error_of, running_app
 
 MAX_BODY = 64 * 1024  # settings.max_body_bytes, the default the fixtures keep
 ABSENT_ID = "0123456789abcdef01234567"  # a well-formed ObjectId no document has
@@ -162,9 +162,10 @@ async def open_world(backing: BackingServices, data_dir: Path) -> AsyncIterator[
             "tokens.keys": keys,
             "tokens.signing_key_id": "k1",
             "public_base_url": "https://rooms.example.org",
+            "serf.mode": "off",  # an in-process node, no Serf agent
         },
     )
-    test_app = create_app(settings).test_app()
+    test_app = running_app(create_app(settings))
     await test_app.startup()
     redis = Redis.from_url(backing.redis_url)
     try:
