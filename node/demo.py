@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -244,6 +245,9 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         for node in started:
             print(f"  {node.name}: {node.url}/  (logs: {data_dir}/{node.name}.log)")
         print(f"  API docs: {started[0].url}/docs")
+        cluster_env = _write_cluster_env(data_dir, started[0], services)
+        if cluster_env is not None:
+            print(f"  the mesh: . {cluster_env} && sfumesh cluster members  (rtt, rooms, ...)")
         print("  Ctrl-C stops it.")
         return _wait_until_stopped(services, started)
     except ServiceError as error:
@@ -253,6 +257,23 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         for node in started:
             node.stop()
         services.stop()
+
+
+def _write_cluster_env(data_dir: Path, node: LocalNode, services: BackingServices) -> Path | None:
+    """A 0600 file with what `sfumesh cluster` needs to reach this demo (its secrets are
+    the demo's own, made for this run; they are not printed)."""
+    if node.serf is None:
+        return None
+    path = data_dir / "cluster.env"
+    lines = [
+        f"export SFUMESH_SERF_RPC_ADDR={shlex.quote(node.serf.rpc_addr)}",
+        f"export SFUMESH_SERF_RPC_AUTH={shlex.quote(node.serf.rpc_auth)}",
+        f"export REDIS_URL={shlex.quote(services.redis_url)}",
+    ]
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _ports_or_free(first: int, count: int) -> list[int]:
