@@ -184,6 +184,8 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (HeaderExtensionsMap, "_HeaderExtensionsMap__ids", "init"),
     (RTCRtpSender._retransmit, "serialize", "uses"),
     (aioice.ice.Connection, "_nominated", "init"),
+    (aioice.ice.Connection, "ice_controlling", "init"),
+    (RTCRtpReceiver, "_set_rtcp_ssrc", "member"),
     (aioice.ice.CandidatePair, "protocol", "init"),
     (aioice.ice.CandidatePair, "remote_addr", "member"),
     (aioice.ice, "get_host_addresses", "member"),
@@ -253,6 +255,19 @@ def set_host_addresses(addresses: Sequence[str] | None) -> None:
         return [a for a in fixed if (use_ipv6 if ":" in a else use_ipv4)]
 
     _ice_module.get_host_addresses = get_host_addresses
+
+
+def set_ice_controlling(transport: aiortc.RTCIceTransport, controlling: bool) -> None:
+    """Give an ORTC `RTCIceTransport` its ICE role before `start()` (aiortc's ORTC API has no
+    role parameter; RTCPeerConnection sets it the same way). Used by node-to-node relays."""
+    connection: Any = transport._connection
+    connection.ice_controlling = controlling
+
+
+def set_rtcp_ssrc(receiver: RTCRtpReceiver, ssrc: int) -> None:
+    """The SSRC an ORTC receiver sends its RTCP (reports, NACK, PLI, REMB) from; without it
+    aiortc sends none. RTCPeerConnection does this for every transceiver's receiver."""
+    receiver._set_rtcp_ssrc(ssrc)
 
 
 def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
