@@ -562,13 +562,16 @@ class SendStamp:
 
     #: 64-bit NTP time (what sender reports pair with the RTP timestamp)
     ntp: int
-    #: the abs-send-time header extension's 3 bytes (6.18 fixed-point seconds)
+    #: the abs-send-time header extension's 3 bytes (6.18 fixed-point seconds) ...
     abs_send_time: bytes
+    #: ... and their value (what the RTP history keeps for retransmissions)
+    abs_send_time_value: int
 
 
 def send_stamp() -> SendStamp:
     ntp = _ntp_now()
-    return SendStamp(ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"))
+    abs_send_time = (ntp >> 14) & 0x00FFFFFF
+    return SendStamp(ntp, abs_send_time.to_bytes(3, "big"), abs_send_time)
 
 
 _RTP_HEADER: Final = struct.Struct("!BBHLLHH")  # fixed header + one-byte extension header
@@ -672,8 +675,9 @@ class SenderTap:
         #: way to the subscriber, which a NACK then repairs). Never set in production.
         self.drop: Callable[[RtpPacket], bool] | None = None
         self._history: dict[int, Any] = s._RTCRtpSender__rtp_history
-        self._mid_element = b""
-        self._abs_prefix = b""
+        # MID element + abs-send-time's id byte: the same in every packet of this sender
+        self._leading_elements = b""
+        self._abs_send_time = False
         self._audio_level_id = 0
         self._dtls: Any = None
         self._ice: Any = None
@@ -731,12 +735,14 @@ class SenderTap:
         # sender except abs-send-time's value (and audio level): build the rest once.
         ids: HeaderExtensions = self._extensions_map._HeaderExtensionsMap__ids
         mid = (self.mid or "").encode()
-        self._mid_element = (
+        mid_element = (
             bytes([(ids.mid << 4) | (len(mid) - 1)]) + mid
             if ids.mid and 0 < len(mid) <= 16
             else b""
         )
-        self._abs_prefix = bytes([(ids.abs_send_time << 4) | 2]) if ids.abs_send_time else b""
+        self._abs_send_time = bool(ids.abs_send_time)
+        abs_prefix = bytes([(ids.abs_send_time << 4) | 2]) if ids.abs_send_time else b""
+        self._leading_elements = mid_element + abs_prefix
         self._audio_level_id = ids.audio_level or 0
         dtls: Any = self.sender.transport
         self._dtls = dtls
@@ -778,11 +784,9 @@ class SenderTap:
             return False
         s = self._s
         ssrc: int = s._ssrc
-        abs_send_time = stamp.abs_send_time
-        if self._abs_prefix:
-            elements = self._mid_element + self._abs_prefix + abs_send_time
-        else:
-            elements = self._mid_element
+        elements = self._leading_elements
+        if self._abs_send_time:
+            elements += stamp.abs_send_time
         level_id = self._audio_level_id
         if level_id and audio_level is not None:
             elements += bytes(
@@ -804,7 +808,7 @@ class SenderTap:
             + elements
             + payload
         )
-        self._history[sequence_number % RTP_HISTORY_SIZE] = _Kept(
+        kept = self._history[sequence_number % RTP_HISTORY_SIZE] = _Kept(
             payload_type,
             marker,
             sequence_number,
@@ -812,11 +816,11 @@ class SenderTap:
             ssrc,
             payload,
             audio_level,
-            int.from_bytes(abs_send_time, "big"),
+            stamp.abs_send_time_value,
             self.mid,
         )
         drop = self.drop
-        if drop is None or not drop(self._history[sequence_number % RTP_HISTORY_SIZE].packet()):
+        if drop is None or not drop(kept.packet()):
             pair = self._ice._nominated.get(1)
             if dtls._state is not _CONNECTED or pair is None:
                 self.send_errors += 1
