@@ -598,18 +598,11 @@ class MediaHub:
                 del self.rooms[slug]
         session.closed = True
         for published in session.published.values():
-            for subscriber in list(published.subscriptions):
-                subscriber.unsubscribe(published)
-            published.forwarder = None
+            self.track_unpublished(published)
+        # closed: its subscriptions only stop forwarding (its PCs close below)
         for other in list(room or ()):
             for published in other.published.values():
-                subscription = published.subscriptions.pop(session, None)
-                if subscription is None:
-                    continue
-                if subscription.task is not None:
-                    subscription.task.cancel()
-                if published.forwarder is not None:
-                    published.forwarder.remove(subscription.sink)
+                session.unsubscribe(published)
         log.info("media.left", extra={"session_id": session.session_id, "room": slug})
         self.spawn(session.close())
 
