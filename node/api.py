@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
-from mesh.vivaldi import Coordinate, rank_from_samples, suggest_probes
+from mesh.vivaldi import rank_from_samples, suggest_probes
 from node import keys
 from node.auth import authenticated_user
 from node.context import node_context
@@ -306,43 +306,33 @@ class Ranking(BaseModel):
 async def rank_nodes(data: RankRequest) -> Ranking:
     """Rank every live node for this client, nearest first: the client's RTT samples to a
     few nodes place it among the nodes' Vivaldi coordinates (N4)."""
-    views = await _node_views()
+    context = node_context()
+    infos = await context.live.registry.live()
     samples: dict[str, float] = {}
     for sample in data.samples:
         # a repeated node keeps its best sample (the least queued)
         seconds = sample.rtt_ms / 1000
         samples[sample.node] = min(seconds, samples.get(sample.node, seconds))
+    live = {info.name for info in infos}
     coords = {
-        v.name: Coordinate(
-            tuple(v.coordinate.vec),
-            v.coordinate.error,
-            v.coordinate.adjustment,
-            v.coordinate.height,
-        )
-        for v in views
-        if v.coordinate is not None
+        name: coordinate
+        for name, coordinate in context.cluster.coordinates().items()
+        if name in live
     }
-    order = {name: rtt for name, rtt in rank_from_samples(samples, coords)}
-    by_name = {v.name: v for v in views}
-
-    def key(view: NodeView) -> tuple[float, str]:
-        rtt = order.get(view.name, samples.get(view.name, math.inf))
-        return (rtt, view.name)
-
-    ranked = []
-    for view in sorted(by_name.values(), key=key):
-        rtt = order.get(view.name, samples.get(view.name))
-        known = rtt is not None and math.isfinite(rtt)
-        ranked.append(
-            RankedNode(
-                name=view.name,
-                region=view.region,
-                url=view.url,
-                ws_url=view.ws_url,
-                rtt_ms=round(rtt * 1000, 3) if known and rtt is not None else None,
-                measured=view.name in samples,
-            )
+    # measured beats estimated; neither known: inf (last, null)
+    rtts = {name: samples.get(name, math.inf) for name in live}
+    rtts.update(rank_from_samples(samples, coords))
+    ranked = [
+        RankedNode(
+            name=info.name,
+            region=info.region,
+            url=info.url,
+            ws_url=info.ws_url,
+            rtt_ms=round(rtts[info.name] * 1000, 3) if math.isfinite(rtts[info.name]) else None,
+            measured=info.name in samples,
         )
+        for info in sorted(infos, key=lambda i: (rtts[i.name], i.name))
+    ]
     return Ranking(nodes=ranked, probe_next=suggest_probes(samples, coords, 2) if coords else [])
 
 

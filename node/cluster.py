@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from mesh.agent import SerfAgent, SerfAgentConfig
 from mesh.membership import Load, LoadPublisher, MembershipView, NodeMember, node_tags
 from mesh.serf import SerfClient, SerfError
+from mesh.vivaldi import Coordinate
 from node import keys
 from node.config import Settings
 from node.live import Live
@@ -81,13 +82,18 @@ class Cluster:
             return "serf RPC not connected"
         return "ok"
 
+    def tags(self) -> dict[str, str]:
+        """The tags this node gossips: region, public URL, media addresses, version, load."""
+        settings = self.settings
+        media = settings.media.announced_addresses or settings.media.host_addresses
+        return dict(node_tags(settings.region, settings.base_url, media, node_version()))
+
     def agent_config(self) -> SerfAgentConfig:
         serf = self.serf_settings
         settings = self.settings
         snapshot = serf.snapshot_path or str(
             settings.data_dir / "serf" / f"{settings.node_name}.snapshot"
         )
-        media = settings.media.announced_addresses or settings.media.host_addresses
         return SerfAgentConfig(
             node_name=settings.node_name,
             bind=serf.bind,
@@ -96,7 +102,7 @@ class Cluster:
             rpc_auth=serf.rpc_auth,
             encrypt_key=serf.encrypt_key,
             require_encryption=True,
-            tags=dict(node_tags(settings.region, settings.base_url, media, node_version())),
+            tags=self.tags(),
             snapshot_path=Path(snapshot),
             retry_join=list(serf.join) or None,
         )
@@ -113,13 +119,7 @@ class Cluster:
             self.client = SerfClient(serf.rpc_addr, serf.rpc_auth.get_secret_value())
         await self.client.connect()
         if serf.mode == "attach":
-            tags = node_tags(
-                self.settings.region,
-                self.settings.base_url,
-                self.settings.media.announced_addresses or self.settings.media.host_addresses,
-                node_version(),
-            )
-            await self.client.tags(set=dict(tags))
+            await self.client.tags(set=self.tags())
         if serf.join:
             self._join_task = asyncio.create_task(self._join(list(serf.join)), name="serf-join")
         self.view = MembershipView(
@@ -147,6 +147,10 @@ class Cluster:
 
     def measure_load(self) -> Load:
         return Load(len(self.live.hub.connections), self._cpu.percent())
+
+    def coordinates(self) -> dict[str, Coordinate]:
+        """Alive members' Vivaldi coordinates ({} without the mesh)."""
+        return self.view.coordinates() if self.view is not None else {}
 
     def members(self) -> list[NodeMember]:
         return list(self.view.members.values()) if self.view is not None else []
