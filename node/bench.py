@@ -373,6 +373,11 @@ def _bench_api(data_dir: Path, run: BenchRun) -> None:
                     print(f"sfumesh bench: could not drop {database}: {error}", file=sys.stderr)
 
 
+def say(text: str = "", *, err: bool = False) -> None:
+    """One line of a bench's output (stdout is its report; errors go to stderr)."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 

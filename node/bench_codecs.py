@@ -26,7 +26,6 @@ from __future__ import annotations
 import fractions
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from aiortc.codecs import h264, vpx
 from aiortc.codecs.base import Decoder, Encoder
 from aiortc.jitterbuffer import JitterFrame
 
-from node.bench import write_report
+from node.bench import say, write_report
 
 FPS = 30
 TIME_BASE = fractions.Fraction(1, FPS)
@@ -319,18 +318,14 @@ def measure(codec: Codec, pattern: MovingPattern, frames: int) -> CodecResult:
     return result
 
 
-def _say(text: str, *, err: bool = False) -> None:
-    print(text, file=sys.stderr if err else sys.stdout)
-
-
 def print_table(results: list[CodecResult], duration_s: float) -> None:
     frames = results[0].frames if results else 0
-    _say(
+    say(
         f"sfumesh bench codecs: aiortc {_aiortc_version()} codecs via PyAV {av.__version__}, "
         f"{duration_s:g} s of 30 fps video ({frames} frames) per row after {WARMUP_FRAMES} "
         f"warm-up frames, {os.cpu_count() or '?'} CPUs"
     )
-    _say(
+    say(
         "ms/frame is CPU time of this process (user + sys, all its threads) per frame; "
         "fps/core = 1000 / encode ms"
     )
@@ -338,17 +333,17 @@ def print_table(results: list[CodecResult], duration_s: float) -> None:
         f"{'codec':<6} {'size':>9} {'enc ms/frame':>13} {'dec ms/frame':>13} "
         f"{'enc fps/core':>13} {'kbit/s':>8} {'target':>7} {'keyframes':>10}"
     )
-    _say(header)
-    _say("-" * len(header))
+    say(header)
+    say("-" * len(header))
     for result in results:
-        _say(
+        say(
             f"{result.codec:<6} {f'{result.width}x{result.height}':>9} "
             f"{result.encode_ms_per_frame:>13.2f} {result.decode_ms_per_frame:>13.2f} "
             f"{1000 / result.encode_ms_per_frame:>13.0f} {result.bitrate_kbps:>8.0f} "
             f"{result.target_bitrate // 1000:>7} {result.keyframes:>10}"
         )
-    _say("")
-    _say(
+    say("")
+    say(
         "wall ms/frame (encode / decode): "
         + ", ".join(
             f"{r.codec} {r.height}p {r.encode_wall_s * 1000 / r.frames:.2f} / "
@@ -358,7 +353,7 @@ def print_table(results: list[CodecResult], duration_s: float) -> None:
     )
     short = [r for r in results if r.decoded_frames != r.frames]
     for result in short:
-        _say(
+        say(
             f"note: {result.codec} {result.height}p decoded {result.decoded_frames} "
             f"of {result.frames} frames"
         )
@@ -390,7 +385,7 @@ def run_codecs_bench(*, json_path: Path | None, duration_s: float = DEFAULT_DURA
     """`sfumesh bench codecs`: 0 when every row decoded every frame, 1 when not, 2 on bad
     arguments."""
     if not 0 < duration_s <= MAX_DURATION_S:
-        _say(f"sfumesh bench: --duration must be > 0 and <= {MAX_DURATION_S:g}", err=True)
+        say(f"sfumesh bench: --duration must be > 0 and <= {MAX_DURATION_S:g}", err=True)
         return 2
     frames = max(1, round(duration_s * FPS))
     results: list[CodecResult] = []
@@ -400,10 +395,10 @@ def run_codecs_bench(*, json_path: Path | None, duration_s: float = DEFAULT_DURA
             for codec in CODECS:
                 results.append(measure(codec, pattern, frames))
     except KeyboardInterrupt:
-        _say("sfumesh bench: interrupted", err=True)
+        say("sfumesh bench: interrupted", err=True)
         return 130
     except av.FFmpegError as error:
-        _say(f"sfumesh bench: codec error: {error}", err=True)
+        say(f"sfumesh bench: codec error: {error}", err=True)
         return 1
     print_table(results, duration_s)
     if json_path is not None and not write_report(json_path, report(results, duration_s)):

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import secrets
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ from node.bench import (
     print_errors,
     print_phases,
     rounded,
+    say,
     write_report,
 )
 from node.config import LiveSettings, RoomSettings
@@ -83,10 +83,6 @@ FRAMES_PER_TURN = 2
 QUIET_TYPES = frozenset(
     {"hello", "participant-joined", "participant-left", "participant-replaced", "chat", "pong"}
 )
-
-
-def _say(text: str, *, err: bool = False) -> None:
-    print(text, file=sys.stderr if err else sys.stdout)
 
 
 @dataclass
@@ -510,7 +506,7 @@ async def _drive(nodes: list[LocalNode], services: BackingServices, run: JoinRun
         try:
             await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
         except TimeoutError:
-            _say("sfumesh bench: some WebSockets did not close in time", err=True)
+            say("sfumesh bench: some WebSockets did not close in time", err=True)
         for client in http.values():
             await client.aclose()
 
@@ -541,12 +537,12 @@ def _bench_join(data_dir: Path, run: JoinRun) -> None:
                 try:
                     drop_external_database(external_store, database)
                 except Exception as error:
-                    _say(f"sfumesh bench: could not drop {database}: {error}", err=True)
+                    say(f"sfumesh bench: could not drop {database}: {error}", err=True)
 
 
 def print_table(run: JoinRun) -> None:
     cpus = os.cpu_count() or "?"
-    _say(
+    say(
         f"sfumesh bench join: {run.nodes} nodes, {run.clients} clients (WebSockets round-robin, "
         f"HTTP join on another node), {run.duration_s:g} s per phase, {cpus} CPUs"
     )
@@ -557,18 +553,18 @@ def print_table(run: JoinRun) -> None:
             for phase in group.all()
         ]
     )
-    _say("")
+    say("")
     for name, phases in (("spread rooms", run.spread), ("one room    ", run.one_room)):
-        _say(
+        say(
             f"full join, {name}: {phases.join.per_s:.1f} joins/s, "
             f"p50 {ms(phases.join.percentile_ms(0.50))} ms, "
             f"p99 {ms(phases.join.percentile_ms(0.99))} ms"
         )
     if run.bench_cpu:
         shares = ", ".join(f"{key} {share:.2f}" for key, share in run.bench_cpu.items())
-        _say(f"this process's CPU, in cores: {shares}")
+        say(f"this process's CPU, in cores: {shares}")
     if run.paced_s:
-        _say(f"clients waited {run.paced_s:.1f} s in all to stay under the frame rate limit")
+        say(f"clients waited {run.paced_s:.1f} s in all to stay under the frame rate limit")
     print_errors(run.phases)
 
 
@@ -619,7 +615,7 @@ def run_join_bench(
         or not 1 <= clients <= MAX_CLIENTS
         or not 4 <= bcrypt_cost <= 31
     ):
-        _say(
+        say(
             f"sfumesh bench: --duration must be > 0, --nodes 1..{MAX_NODES}, "
             f"--clients 1..{MAX_CLIENTS}, --bcrypt-cost 4..31",
             err=True,
@@ -631,10 +627,10 @@ def run_join_bench(
         with tempfile.TemporaryDirectory(prefix="sfumesh-bench-") as tmp:
             _bench_join(Path(tmp), run)
     except KeyboardInterrupt:
-        _say("sfumesh bench: interrupted; nodes and services stopped", err=True)
+        say("sfumesh bench: interrupted; nodes and services stopped", err=True)
         return 130
     except (ServiceError, BenchFailure) as error:
-        _say(f"sfumesh bench: {error}", err=True)
+        say(f"sfumesh bench: {error}", err=True)
         return 1
     print_table(run)
     if json_path is not None and not write_report(json_path, report(run)):

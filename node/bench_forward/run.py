@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from node.bench import ms, percentile, rounded, write_report
+from node.bench import ms, percentile, rounded, say, write_report
 from node.bench_forward import media as bench_media
 from node.bench_forward.peers import SUBSCRIBERS_PER_PROCESS
 from node.bench_forward.systems import System
@@ -703,10 +703,6 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 # --------------------------------------------------------------------------- output
 
 
-def _say(text: str = "", *, err: bool = False) -> None:
-    print(text, file=sys.stderr if err else sys.stdout, flush=True)
-
-
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -721,13 +717,13 @@ def print_table(
     elapsed_s: float,
 ) -> None:
     params = media.params
-    _say(
+    say(
         f"sfumesh bench forward: 1 publisher ({params.width}x{params.height} VP8 "
         f"{media.video_bitrate / 1e6:.2f} Mbit/s {params.fps} fps + Opus), "
         f"{config.rounds} round(s), {config.warmup_s:g} s warm-up + {config.window_s:g} s "
         f"window, {os.cpu_count() or '?'} CPUs, {elapsed_s / 60:.1f} min"
     )
-    _say(
+    say(
         "CPU = SFU process user+sys (all threads); us/pkt = CPU per packet received by all "
         "subscribers; latency = first packet sent -> first packet received per video frame"
     )
@@ -735,12 +731,12 @@ def print_table(
         f"{'system':<20} {'K':>3} {'rnd':>3} {'clean':>5} {'CPU %':>7} {'us/pkt':>7} "
         f"{'pkt/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'loss':>8} {'rtx':>5} {'frames':>6}"
     )
-    _say(header)
-    _say("-" * len(header))
+    say(header)
+    say("-" * len(header))
     for row in rows:
         loss = row["loss"]
         delivery = row["frame_delivery"]
-        _say(
+        say(
             f"{row['system']:<20} {row['subscribers']:>3} {row['rounds']:>3} "
             f"{row['clean_windows']:>5} {_num(row['cpu_pct']):>7} "
             f"{_num(row['cpu_us_per_packet']):>7} {_num(row['packets_per_s'], 0):>8} "
@@ -749,40 +745,40 @@ def print_table(
             f"{'-' if delivery is None else f'{delivery:.0%}':>6}"
         )
         for error in row["errors"]:
-            _say(f"    error: {error.splitlines()[0][:160]}")
-    _say("(clean = windows without loss or retransmission; frames = share of the publisher's")
-    _say(" video frames each subscriber received; medians over rounds)")
+            say(f"    error: {error.splitlines()[0][:160]}")
+    say("(clean = windows without loss or retransmission; frames = share of the publisher's")
+    say(" video frames each subscriber received; medians over rounds)")
     busy = [w.machine_busy for w in windows if w.machine_busy is not None]
     if busy:
-        _say(
+        say(
             f"whole machine busy during the windows (bench and anything else running): median "
             f"{statistics.median(busy):.0%}, max {max(busy):.0%}"
         )
-    _say()
-    _say("cost slope over K (least squares of SFU CPU against K, windows that kept up):")
+    say()
+    say("cost slope over K (least squares of SFU CPU against K, windows that kept up):")
     for fit in fitted:
         excluded = fit["subscribers_excluded"]
         note = f"; K={','.join(map(str, excluded))} left out (fell behind)" if excluded else ""
-        _say(
+        say(
             f"  {fit['system']:<20} {_num(fit['marginal_us_per_packet']):>6} us per forwarded "
             f"packet, {_num(fit['cpu_pct_per_subscriber'], 2)} % CPU per subscriber "
             f"({_num(fit['packets_per_s_per_subscriber'], 0)} pkt/s each), base "
             f"{_num(fit['intercept_cpu_pct'])} %, {fit['points']} windows{note}"
         )
     targets = compared["targets"]
-    _say()
+    say()
     for key, value in compared["cpu_per_subscriber"].items():
         per_packet = compared["marginal_per_packet"].get(key)
-        _say(
+        say(
             f"  {key:<30} {_num(value, 2)}x CPU per subscriber, "
             f"{_num(per_packet, 2)}x per forwarded packet"
         )
-    _say(
+    say(
         f"target: >= {TARGET_RATIO:g}x less CPU per subscriber than MediaRelay: "
         f"{_verdict(targets['mediarelay_ratio_met'])} "
         f"({_num(targets['mediarelay_over_sfumesh_per_subscriber'], 1)}x)"
     )
-    _say(
+    say(
         f"target: marginal cost <= {TARGET_MARGINAL_US:g} us per forwarded packet: "
         f"{_verdict(targets['sfumesh_marginal_met'])} "
         f"({_num(targets['sfumesh_marginal_us_per_packet'])} us)"
@@ -850,7 +846,7 @@ def plan(config: BenchConfig) -> list[tuple[int, int, list[str]]]:
 async def run_all(
     config: BenchConfig, address: str, media_path: Path, workdir: Path
 ) -> list[Window]:
-    runner = Runner(config, address, media_path, workdir, _say)
+    runner = Runner(config, address, media_path, workdir, say)
     windows: list[Window] = []
     for k, round_no, order in plan(config):
         for position, name in enumerate(order):
@@ -867,7 +863,7 @@ async def run_all(
                     f"{window.retransmissions}{'' if window.clean else ' (unclean)'}"
                 )
             )
-            _say(
+            say(
                 f"[{name} K={k} round {round_no + 1}] {outcome} ({time.monotonic() - began:.0f} s)",
                 err=True,
             )
@@ -904,10 +900,10 @@ def run_forward_bench(
     if chosen is None:
         chosen = [s for s in SYSTEM_NAMES if not s.startswith("janus") or janus_module_available()]
         if len(chosen) < len(SYSTEM_NAMES):
-            _say(f"sfumesh bench: {JANUS_MODULE} is not available; Janus left out", err=True)
+            say(f"sfumesh bench: {JANUS_MODULE} is not available; Janus left out", err=True)
     unknown = [s for s in chosen if s not in SYSTEM_NAMES]
     if unknown or not subscribers or rounds < 1 or window_s <= 0 or warmup_s < 0:
-        _say(
+        say(
             f"sfumesh bench: systems are {', '.join(SYSTEM_NAMES)}; --rounds >= 1, "
             "--window > 0, --warmup >= 0",
             err=True,
@@ -915,10 +911,10 @@ def run_forward_bench(
         return 2
     if any(s.startswith("janus") for s in chosen):
         if not janus_module_available():
-            _say(f"sfumesh bench: {JANUS_MODULE} is not available", err=True)
+            say(f"sfumesh bench: {JANUS_MODULE} is not available", err=True)
             return 2
         if shutil.which("janus") is None:
-            _say(
+            say(
                 "sfumesh bench: `janus` is not installed (Debian: apt-get install janus); "
                 "leave it out with --systems sfumesh,mediarelay",
                 err=True,
@@ -927,7 +923,7 @@ def run_forward_bench(
     try:
         params = bench_media.MediaParams(width=video_size[0], height=video_size[1])
     except ValueError as error:
-        _say(f"sfumesh bench: {error}", err=True)
+        say(f"sfumesh bench: {error}", err=True)
         return 2
     if not in_private_netns():
         reexec_in_private_netns()  # the same command, in a namespace of its own
@@ -943,7 +939,7 @@ def run_forward_bench(
     try:
         address = ensure_veth()
     except NetnsError as error:
-        _say(f"sfumesh bench: {error}", err=True)
+        say(f"sfumesh bench: {error}", err=True)
         return 1
     began = time.monotonic()
     media, media_path = bench_media.load_or_encode(params)
@@ -953,7 +949,7 @@ def run_forward_bench(
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sfu-fwd-")))
             windows = asyncio.run(run_all(config, address, media_path, workdir))
     except KeyboardInterrupt:
-        _say("sfumesh bench: interrupted; every process stopped", err=True)
+        say("sfumesh bench: interrupted; every process stopped", err=True)
         return 130
     elapsed = time.monotonic() - began
     rows = aggregate(windows)
