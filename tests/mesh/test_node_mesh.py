@@ -53,7 +53,8 @@ def _cluster_run(
     services: BackingServices, rpc_addr: str, rpc_auth: str, what: str
 ) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "node.cli", "cluster", what, "--json"]
-    argv += ["--rpc-addr", rpc_addr, "--rpc-auth", rpc_auth, "--redis-url", services.redis_url]
+    # "=" form: a key may start with "-"
+    argv += [f"--rpc-addr={rpc_addr}", f"--rpc-auth={rpc_auth}", "--redis-url", services.redis_url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SFUMESH_")}
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
 
