@@ -1,7 +1,8 @@
 """`sfumesh cluster members|rtt|rooms|sessions|relays [--json]`: the operator's view (N8).
 
 Membership and coordinates come from any node's Serf agent over RPC (`--rpc-addr`,
-`--rpc-auth`); rooms and sessions from the cluster's Redis (`--redis-url`). Each falls back
+`--rpc-auth`); rooms, sessions and relays from the cluster's Redis (`--redis-url`; each node
+writes its relays' figures there every few seconds). Each falls back
 to the node configuration (`--config FILE` and the usual environment variables).
 """
 
@@ -140,6 +141,51 @@ async def _sessions(args: argparse.Namespace, settings: Settings) -> list[dict[s
         await redis.aclose()
 
 
+async def _relays(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    """One row per node pair, from what both ends report (`sfumesh:relays:<node>`): the
+    direction a->b is the first node's "out" and the second's "in"."""
+    redis = _redis(args, settings)
+    try:
+        ends: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for node in sorted(_text(n) for n in await redis.smembers(keys.NODES)):
+            raw = await redis.get(keys.node_relays(node))
+            if raw is None:
+                continue
+            for entry in json.loads(raw).get("relays", []):
+                pair = (str(entry["pair"][0]), str(entry["pair"][1]))
+                ends.setdefault(pair, {})[node] = entry
+    finally:
+        await redis.aclose()
+    rows = []
+    for (first, second), by_node in sorted(ends.items()):
+        a, b = by_node.get(first, {}), by_node.get(second, {})
+        either = a or b
+        rtts = [e["rtt_ms"] for e in (a, b) if e.get("rtt_ms") is not None]
+        rows.append(
+            {
+                "pair": [first, second],
+                "state": either.get("state"),
+                "rooms": sorted(set(a.get("rooms", [])) | set(b.get("rooms", []))),
+                "tracks_ab": a.get("tracks_out", b.get("tracks_in")),
+                "tracks_ba": a.get("tracks_in", b.get("tracks_out")),
+                "kbps_ab": _kbps(a.get("bitrate_out_bps", b.get("bitrate_in_bps"))),
+                "kbps_ba": _kbps(a.get("bitrate_in_bps", b.get("bitrate_out_bps"))),
+                "rtt_ms": round(sum(rtts) / len(rtts), 2) if rtts else None,
+                "rtt_estimated_ms": either.get("rtt_estimated_ms"),
+                "lost_ab": b.get("packets_lost_in"),
+                "lost_ba": a.get("packets_lost_in"),
+                "jitter_ab_ms": b.get("jitter_in_ms"),
+                "jitter_ba_ms": a.get("jitter_in_ms"),
+                "setup_ms": either.get("setup_ms"),
+            }
+        )
+    return rows
+
+
+def _kbps(bps: Any) -> float | None:
+    return None if bps is None else round(float(bps) / 1000, 1)
+
+
 def _table(rows: Sequence[dict[str, Any]], empty: str) -> str:
     if not rows:
         return empty
@@ -171,7 +217,7 @@ async def _run(args: argparse.Namespace) -> Any:
         return await _rooms(args, settings)
     if args.what == "sessions":
         return await _sessions(args, settings)
-    return []  # relays: none until nodes relay media to each other (the Relay issue)
+    return await _relays(args, settings)
 
 
 def run(args: argparse.Namespace) -> int:

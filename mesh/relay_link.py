@@ -42,7 +42,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,6 +60,7 @@ from aiortc import (
 from aiortc.rtcrtpparameters import (
     RTCRtcpFeedback,
     RTCRtcpParameters,
+    RTCRtpCodecCapability,
     RTCRtpCodecParameters,
     RTCRtpDecodingParameters,
     RTCRtpHeaderExtensionParameters,
@@ -97,6 +98,14 @@ class _Codec:
     clock_rate: int
     channels: int | None = None
     parameters: Mapping[str, str | int] = field(default_factory=dict)
+
+    def capability(self) -> RTCRtpCodecCapability:
+        return RTCRtpCodecCapability(
+            mimeType=self.mime_type,
+            clockRate=self.clock_rate,
+            channels=self.channels,
+            parameters=dict(self.parameters),
+        )
 
 
 _VIDEO_FEEDBACK: Final = (
@@ -234,7 +243,8 @@ def _candidate(value: object, index: int) -> str:
     return value
 
 
-def _track(value: object, index: int) -> TrackInfo:
+def parse_track(value: object, index: int) -> TrackInfo:
+    """One validated track entry ([ssrc, id, kind, payload type, codec])."""
     name = f"track {index}"
     if not isinstance(value, list) or len(value) != 5:
         raise ValueError(
@@ -295,7 +305,7 @@ def parse_description(value: object) -> RelayDescription:
         raise ValueError("relay description: tracks (t) must be a list")
     if len(tracks) > MAX_TRACKS:
         raise ValueError(f"relay description: more than {MAX_TRACKS} tracks (t)")
-    parsed_tracks = tuple(_track(track, index) for index, track in enumerate(tracks))
+    parsed_tracks = tuple(parse_track(track, index) for index, track in enumerate(tracks))
     if len({track.ssrc for track in parsed_tracks}) != len(parsed_tracks):
         raise ValueError("relay description: two tracks share an SSRC")
     if len({track.track_id for track in parsed_tracks}) != len(parsed_tracks):
@@ -457,7 +467,7 @@ class RelayLink:
             raise ValueError(f"kind must be audio or video, got {kind!r}")
         sender = RTCRtpSender(kind, self._dtls)
         tap = adapter.tap_sender(sender)
-        info = _track([tap.ssrc, track_id, _KIND_CODES[kind], payload_type, codec], 0)
+        info = parse_track([tap.ssrc, track_id, _KIND_CODES[kind], payload_type, codec], 0)
         self.local_tracks[track_id] = LocalTrack(info, sender, tap)
         if self.connected:
             await self._start_sender(self.local_tracks[track_id])
@@ -492,7 +502,11 @@ class RelayLink:
         description = (
             remote if isinstance(remote, RelayDescription) else parse_description(dict(remote))
         )
-        wanted = {track.ssrc: track for track in description.tracks}
+        await self.set_remote_tracks(description.tracks)
+
+    async def set_remote_tracks(self, tracks: Iterable[TrackInfo]) -> None:
+        """Receive exactly `tracks` (the peer's whole list after a `tracks` update)."""
+        wanted = {track.ssrc: track for track in tracks}
         for ssrc in [s for s, t in self.remote_tracks.items() if wanted.get(s) != t.info]:
             await self.remote_tracks.pop(ssrc).receiver.stop()
         for ssrc, info in wanted.items():

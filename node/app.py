@@ -70,6 +70,8 @@ def create_app(settings: Settings) -> Quart:
         live.metrics = metrics
         cluster = Cluster(settings, live)
         await cluster.start()
+        if cluster.relay is not None:
+            metrics.watch_relays(cluster.relay)
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,
             redis=redis,
@@ -88,6 +90,8 @@ def create_app(settings: Settings) -> Quart:
         context: NodeContext | None = app.extensions.pop(EXTENSION, None)
         if context is not None:
             await context.live.drain()
+            if context.cluster.relay is not None:
+                await context.cluster.relay.stop()  # before the media it forwards goes
             await context.live.stop()
             await context.cluster.stop(leave=True)
             for lock_client in context.live.lock_redis:

@@ -6,6 +6,9 @@ this node's settings; gossip encryption required), "attach" uses an operator's a
 `rpc_addr` with `rpc_auth`, "off" runs without a mesh. When a member fails, every node
 hears it; the one that gets the reap lock ends the dead node's sessions at once (instead of
 waiting for its Redis record to expire) and drops its registry record.
+
+With the mesh on, the node also runs the relay manager (`mesh.relay`): media between nodes
+for rooms that span them, signalled over the same agent.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from redis.exceptions import RedisError
 
 from mesh.agent import SerfAgent, SerfAgentConfig
 from mesh.membership import Load, LoadPublisher, MembershipView, NodeMember, node_tags
+from mesh.relay import RelayManager
 from mesh.serf import SerfClient, SerfError
-from mesh.vivaldi import Coordinate
+from mesh.vivaldi import Coordinate, CoordinateError, estimate_rtt
 from node import keys
 from node.config import Settings
 from node.live import Live
@@ -65,6 +69,7 @@ class Cluster:
         self.client: SerfClient | None = None
         self.view: MembershipView | None = None
         self.load: LoadPublisher | None = None
+        self.relay: RelayManager | None = None
         self._cpu = CpuMeter()
         self._join_task: asyncio.Task[None] | None = None
 
@@ -128,6 +133,20 @@ class Cluster:
         await self.view.start()
         self.load = LoadPublisher(self.client, self.measure_load, serf.load_tag_period_s)
         self.load.start()
+        live = self.live
+        self.relay = RelayManager(
+            self.settings.node_name,
+            self.settings.relay,
+            self.client,
+            live.redis,
+            live.media,
+            live.sessions,
+            alive=self.is_alive,
+            estimate_rtt_s=self.estimate_rtt_s,
+        )
+        live.media.on_tracks_changed = self.relay.changed
+        live.on_room_changed = self.relay.changed
+        await self.relay.start()
         log.info("serf.started", extra={"mode": serf.mode, "members": len(self.view.members)})
 
     async def _join(self, addresses: list[str]) -> None:
@@ -155,10 +174,28 @@ class Cluster:
     def members(self) -> list[NodeMember]:
         return list(self.view.members.values()) if self.view is not None else []
 
+    def is_alive(self, name: str) -> bool:
+        """Whether Serf sees `name` alive now."""
+        member = self.view.members.get(name) if self.view is not None else None
+        return member is not None and member.alive
+
+    def estimate_rtt_s(self, name: str) -> float | None:
+        """The Vivaldi estimate of the RTT from this node to `name` (seconds)."""
+        coordinates = self.coordinates()
+        mine, theirs = coordinates.get(self.settings.node_name), coordinates.get(name)
+        if mine is None or theirs is None:
+            return None
+        try:
+            return estimate_rtt(mine, theirs)
+        except CoordinateError:
+            return None
+
     async def node_failed(self, name: str) -> None:
         """Serf declared `name` failed: reap its sessions now (one node does it)."""
         if name == self.settings.node_name:
             return
+        if self.relay is not None:
+            await self.relay.peer_gone(name)
         live = self.live
         try:
             async with live.lock.hold(keys.node_reap_lock(name), keys.node_reap_fence(name)):
@@ -176,6 +213,10 @@ class Cluster:
         """Stop; our own agent leaves the cluster gracefully first (an operator's stays)."""
         if self._join_task is not None:
             self._join_task.cancel()
+        if self.relay is not None:
+            await self.relay.stop()
+            self.live.media.on_tracks_changed = None
+            self.live.on_room_changed = None
         if self.load is not None:
             await self.load.stop()
         if self.view is not None:

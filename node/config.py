@@ -139,6 +139,26 @@ class SerfSettings(BaseModel):
     resync_period_s: float = Field(default=30.0, gt=0)
 
 
+class RelaySettings(BaseModel):
+    """Media relays between nodes (the Relay issue); on whenever the mesh is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long an idle relay (no track either way) stays open before it closes.
+    linger_s: float = Field(default=10.0, ge=0)
+    # How offers and answers travel: "inline" in the Serf query itself (ORTC-style, under
+    # 1 KB), or "redis": the message in a short-lived Redis key, the query carrying its name.
+    carrier: Literal["inline", "redis"] = "inline"
+    # One signalling attempt waits this long for the answer, then it is sent again.
+    attempt_timeout_s: float = Field(default=1.0, gt=0)
+    attempts: int = Field(default=6, gt=0)
+    # Fault injection for tests: ignore the first N offers received (the sender's retry must
+    # establish the relay). Always 0 in service.
+    drop_first_offers: int = Field(default=0, ge=0)
+    # How often each node writes its relays' figures for `sfumesh cluster relays`.
+    report_period_s: float = Field(default=2.0, gt=0)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -164,6 +184,7 @@ class Settings(BaseModel):
     live: LiveSettings = Field(default_factory=LiveSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     serf: SerfSettings = Field(default_factory=SerfSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -217,6 +238,11 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_SERF_JOIN": "serf.join",
     "SFUMESH_SERF_SNAPSHOT_PATH": "serf.snapshot_path",
     "SFUMESH_SERF_LOAD_TAG_PERIOD_S": "serf.load_tag_period_s",
+    "SFUMESH_RELAY_LINGER_S": "relay.linger_s",
+    "SFUMESH_RELAY_CARRIER": "relay.carrier",
+    "SFUMESH_RELAY_ATTEMPT_TIMEOUT_S": "relay.attempt_timeout_s",
+    "SFUMESH_RELAY_DROP_FIRST_OFFERS": "relay.drop_first_offers",
+    "SFUMESH_RELAY_REPORT_PERIOD_S": "relay.report_period_s",
 }
 
 

@@ -18,6 +18,8 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
 | `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
+| `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
+| `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
 keys share a slot and one Lua script may touch them all.
@@ -87,3 +89,11 @@ def node_reap_lock(name: str) -> str:
 
 def node_reap_fence(name: str) -> str:
     return f"{PREFIX}:node-reap-fence:{name}"
+
+
+def node_relays(name: str) -> str:
+    return f"{PREFIX}:relays:{name}"
+
+
+def relay_message(message_id: str) -> str:
+    return f"{PREFIX}:relay-msg:{message_id}"

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
@@ -48,7 +48,9 @@ class Live:
             session_ttl_s=settings.tokens.session_ttl_s,
         )
         self.hub = Hub()
-        self.events = EventPump(redis, settings.node_name, self.hub.deliver)
+        self.events = EventPump(redis, settings.node_name, self._deliver)
+        # told the slug of a room whose membership changed (the relay re-plans)
+        self.on_room_changed: Callable[[str], None] | None = None
         self.hub.on_room_empty = self.events.unwatch
         self.media = MediaHub(settings.media, self.media_failed)
         self.media.members = lambda slug: set(self.hub.rooms.get(slug, ()))
@@ -84,6 +86,14 @@ class Live:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._reaper(), name="reaper"),
         ]
+
+    async def _deliver(
+        self, slug: str | None, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        await self.hub.deliver(slug, event_id, event_type, data)
+        if slug is not None and event_type.startswith("participant-"):
+            if self.on_room_changed is not None:
+                self.on_room_changed(slug)
 
     def run_cleanup(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run state cleanup as its own task: a cancelled request must not cut it short."""

@@ -3,7 +3,8 @@
 Labels are bounded: HTTP routes are the rule templates (`/api/rooms/<slug>`), never the
 paths themselves, so a crawler cannot grow the series without end. Media metrics (per
 track bitrate, packets, loss, jitter, RTT; node totals) come from `node.media.stats`, read
-from live media state at scrape time, so only live tracks have series.
+from live media state at scrape time, so only live tracks have series; relay figures (per
+peer node) come from `mesh.relay`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mesh.relay import RelayCollector
 from node.media.stats import MediaCollector
 
 if TYPE_CHECKING:
+    from mesh.relay import RelayManager
     from node.media.session import MediaHub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,6 +85,10 @@ class NodeMetrics:
     def watch_media(self, hub: MediaHub) -> None:
         """Per track and node-wide media metrics, read from `hub` when scraped."""
         self.registry.register(MediaCollector(hub))
+
+    def watch_relays(self, manager: RelayManager) -> None:
+        """The relays' figures and counters (mesh.relay), read when scraped."""
+        self.registry.register(RelayCollector(manager))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

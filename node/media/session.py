@@ -24,6 +24,10 @@ Per published track the node keeps a byte budget (`media.max_video_bitrate` /
 `max_audio_bitrate`): packets above it are dropped and counted, and the REMB the node sends
 the publisher never exceeds the budget nor the lowest REMB of the track's subscribers.
 
+A track may also come from another node over a relay (`mesh.relay`): its publisher is then a
+`RelayedOwner` and its packets arrive through the relay link's tap; local subscribers get it
+exactly like a local track (`MediaHub.add_relayed`).
+
 All private aiortc access stays in `node.media.adapter`.
 """
 
@@ -34,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import (
     MediaStreamTrack,
@@ -92,10 +96,48 @@ class Subscription:
     task: asyncio.Task[None] | None = None
 
 
-class Published:
-    """One track a publisher sends to this node, and its fan-out."""
+class TrackOwner(Protocol):
+    """Who publishes a track: a local `MediaSession`, or a `RelayedOwner` on another node."""
 
-    def __init__(self, owner: MediaSession, mid: str, kind: str, receiver: RTCRtpReceiver) -> None:
+    @property
+    def media(self) -> MediaHub: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def conn(self) -> Connection | None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class RelayedOwner:
+    """The publisher (on node `node`) of a track that reaches this node over a relay."""
+
+    media: MediaHub
+    session_id: str
+    user_id: str
+    slug: str
+    node: str
+    conn: None = None
+
+
+class Published:
+    """One track a publisher sends to this node, and its fan-out.
+
+    A local track's packets come from `receiver` (tapped here); a relayed track passes the
+    relay link's `tap`, whose handler calls `on_rtp`."""
+
+    def __init__(
+        self,
+        owner: TrackOwner,
+        mid: str,
+        kind: str,
+        receiver: RTCRtpReceiver | None = None,
+        *,
+        tap: RtpTap | None = None,
+    ) -> None:
         self.owner = owner
         self.mid = mid
         self.kind = kind
@@ -112,10 +154,16 @@ class Published:
         self.codec: RTCRtpCodecCapability | None = None
         self.forwarder: Forwarder[SenderTap] | None = None
         self.subscriptions: dict[MediaSession, Subscription] = {}
+        #: node name -> the relay sender carrying this track there (managed by mesh.relay)
+        self.relays: dict[str, SenderTap] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         #: keyframe requests (PLI) sent to the publisher, after the throttle
         self.keyframe_requests = 0
-        self.tap: RtpTap = adapter.tap_rtp(receiver, self.on_rtp)
+        if tap is None:
+            if receiver is None:
+                raise ValueError("a published track needs its receiver or a tap")
+            tap = adapter.tap_rtp(receiver, self.on_rtp)
+        self.tap: RtpTap = tap
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
 
@@ -165,8 +213,9 @@ class Published:
         """What REMB may ask of the publisher: its budget, and no more than the slowest
         subscriber's last REMB for this track."""
         limit = self.budget.rate_bps
-        for subscription in self.subscriptions.values():
-            remb = subscription.sink.remb_bitrate
+        sinks = [s.sink for s in self.subscriptions.values()] + list(self.relays.values())
+        for sink in sinks:
+            remb = sink.remb_bitrate
             if remb is not None and remb < limit:
                 limit = remb
         return limit
@@ -204,6 +253,7 @@ class MediaSession:
         self.conn = conn
         self.slug = slug
         self.session_id = conn.session_id
+        self.user_id = conn.user_id
         self.generation = conn.generation
         self.closed = False
         self.publish_pc: RTCPeerConnection | None = None
@@ -444,7 +494,7 @@ class MediaSession:
             tracks = {
                 transceiver.mid: {
                     "session_id": subscription.published.owner.session_id,
-                    "user_id": subscription.published.owner.conn.user_id,
+                    "user_id": subscription.published.owner.user_id,
                     "kind": subscription.published.kind,
                 }
                 for transceiver, subscription in self.incoming.items()
@@ -511,6 +561,10 @@ class MediaHub:
         self.rooms: dict[str, set[MediaSession]] = {}
         # local connections per room, as the hub sees them (set by the owner)
         self.members: Callable[[str], set[Connection]] = lambda slug: set()
+        # slug -> tracks relayed here from other nodes (see add_relayed)
+        self.relayed: dict[str, set[Published]] = {}
+        # told the room's slug whenever a local track starts or ends (the relay re-plans)
+        self.on_tracks_changed: Callable[[str], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         #: packets sent to subscribers since start (all sessions, ended ones included)
         self.forwarded_packets = 0
@@ -559,6 +613,41 @@ class MediaHub:
             if conn is owner.conn or conn.room != owner.slug:
                 continue
             self.session(conn).subscribe(published)
+        if owner.conn is not None and self.on_tracks_changed is not None:
+            self.on_tracks_changed(owner.slug)
+
+    def local_tracks(self, slug: str) -> list[Published]:
+        """The tracks published on this node in `slug` that are being forwarded now."""
+        return [
+            published
+            for session in self.rooms.get(slug, ())
+            if not session.closed
+            for published in session.published.values()
+            if published.forwarder is not None
+        ]
+
+    def add_relayed(self, published: Published, codec: RTCRtpCodecCapability) -> None:
+        """A track from another node arrived over a relay: fan it out like a local one."""
+        published.codec = codec
+        published.mime_type = codec.mimeType
+        published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+        self.relayed.setdefault(published.owner.slug, set()).add(published)
+        log.info(
+            "media.relayed_track_added",
+            extra={"session_id": published.owner.session_id, "track": published.mid},
+        )
+        self.track_published(published)
+
+    def remove_relayed(self, published: Published) -> None:
+        """A relayed track ended (its publisher left, or the relay went away)."""
+        slug = published.owner.slug
+        tracks = self.relayed.get(slug)
+        if tracks is None or published not in tracks:
+            return
+        tracks.discard(published)
+        if not tracks:
+            del self.relayed[slug]
+        self.track_unpublished(published)
 
     def track_unpublished(self, published: Published) -> None:
         """The publisher stopped sending a track: it ends at every subscriber."""
@@ -571,6 +660,8 @@ class MediaHub:
             "media.track_unpublished",
             extra={"session_id": published.owner.session_id, "mid": published.mid},
         )
+        if published.owner.conn is not None and self.on_tracks_changed is not None:
+            self.on_tracks_changed(published.owner.slug)
 
     def joined(self, conn: Connection) -> None:
         """A late joiner gets every track already published in its room."""
@@ -579,6 +670,7 @@ class MediaHub:
             return
         others = [s for s in self.rooms.get(slug, ()) if s.conn is not conn and not s.closed]
         tracks = [p for s in others for p in s.published.values() if p.forwarder is not None]
+        tracks += [p for p in self.relayed.get(slug, ()) if p.forwarder is not None]
         if not tracks:
             return
         session = self.session(conn)
@@ -603,6 +695,8 @@ class MediaHub:
         for other in list(room or ()):
             for published in other.published.values():
                 session.unsubscribe(published)
+        for published in list(self.relayed.get(slug, ())):
+            session.unsubscribe(published)
         log.info("media.left", extra={"session_id": session.session_id, "room": slug})
         self.spawn(session.close())
 
@@ -614,6 +708,7 @@ class MediaHub:
         sessions = list(self.sessions.values())
         self.sessions.clear()
         self.rooms.clear()
+        self.relayed.clear()
         for session in sessions:
             session.closed = True
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)

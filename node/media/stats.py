@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.media.adapter import Reception
+from node.media.adapter import CODEC_WORK, Reception
 
 if TYPE_CHECKING:
     from node.media.session import MediaHub
@@ -236,3 +236,11 @@ class MediaCollector(Collector):
             "RTP packets this node forwarded to subscribers since start (all sessions)",
             value=self.hub.forwarded_packets,
         )
+        codec = CounterMetricFamily(
+            "sfumesh_media_codec_frames",
+            "Frames this node's media core decoded or encoded itself (forwarding keeps both 0)",
+            labels=["work"],
+        )
+        codec.add_metric(["decoded"], CODEC_WORK.decoded_frames)
+        codec.add_metric(["encoded"], CODEC_WORK.encoded_frames)
+        yield codec
