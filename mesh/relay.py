@@ -226,6 +226,15 @@ class RelayManager:
         """Something that may change the plan happened (membership, tracks, nodes)."""
         self._dirty.set()
 
+    async def open(self, peer: str) -> None:
+        """Offer a relay to `peer` now, with no track yet (the planner opens relays when
+        demand appears; benches and tests open them directly). Returns once it is up or
+        failed; `relays[peer].state` says which."""
+        if peer in self.relays or peer in self._opening:
+            return
+        self._opening.add(peer)
+        await self._open(peer, {})
+
     async def peer_gone(self, peer: str) -> None:
         """Serf says `peer` failed or left: its relay ends now."""
         relay = self.relays.get(peer)

@@ -1,0 +1,133 @@
+"""mesh/relay_signal.py: the relay's Serf messages, their validation and their size bound."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh import relay_signal as signal
+from mesh.relay_link import TrackInfo
+from mesh.relay_signal import MAX_MESSAGE_BYTES, Message
+
+CANDIDATE = "3151584716 1 udp 2130706431 127.0.0.1 40123 typ host"
+
+
+def description(tracks: int = 0) -> dict[str, object]:
+    return {
+        "v": 1,
+        "u": "Ab3d",
+        "p": "p" * 22,
+        "f": base64.b64encode(bytes(range(32))).decode(),
+        "d": "s",
+        "c": [CANDIDATE],
+        "t": [[1000 + i, f"{'a' * 32}:{i}", "v", 96, "VP8"] for i in range(tracks)],
+    }
+
+
+def track(i: int) -> TrackInfo:
+    if i % 2:
+        return TrackInfo(2000 + i, f"{'b' * 32}:{i}", "audio", 111, "opus")
+    return TrackInfo(2000 + i, f"{'b' * 32}:{i}", "video", 96, "VP8")
+
+
+def offer(tracks: int = 0) -> Message:
+    return Message(
+        "offer", "req1", "node-1", "boot1", "link1", description(tracks), known_link="old1"
+    )
+
+
+def test_offer_round_trip() -> None:
+    message = offer(2)
+    decoded = signal.decode(signal.encode(message))
+    assert decoded.kind == "offer" and decoded.node == "node-1" and decoded.boot == "boot1"
+    assert decoded.link == "link1" and decoded.known_link == "old1"
+    assert decoded.description == message.description
+
+
+def test_an_offer_too_big_is_refused_and_fit_moves_tracks_out() -> None:
+    big = offer(20)
+    with pytest.raises(ValueError, match="more than 1000"):
+        signal.encode(big)
+    fitted, left = signal.fit_description(big)
+    data = signal.encode(fitted)
+    assert len(data) <= MAX_MESSAGE_BYTES
+    kept = fitted.description["t"] if fitted.description else []
+    assert len(kept) + len(left) == 20 and len(kept) >= 5
+    assert big.description is not None
+    assert [t[1] for t in kept + left] == [t[1] for t in big.description["t"]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(added=st.integers(0, 60), removed=st.integers(0, 60))
+def test_track_updates_fit_and_carry_every_change_in_order(added: int, removed: int) -> None:
+    header = Message("tracks", "", "node-1", "boot1", "link1")
+    adds = [track(i) for i in range(added)]
+    removes = [f"{'c' * 32}:{i}" for i in range(removed)]
+    updates = signal.track_updates(header, 7, adds, removes)
+    assert [u.seq for u in updates] == list(range(7, 7 + len(updates)))
+    carried_adds: list[TrackInfo] = []
+    carried_removes: list[str] = []
+    for update in updates:
+        data = signal.encode(update)
+        assert len(data) <= MAX_MESSAGE_BYTES
+        back = signal.decode(data)
+        assert back.seq == update.seq and back.link == "link1"
+        carried_adds += back.added
+        carried_removes += back.removed
+    assert carried_adds == adds and carried_removes == removes
+    if added + removed == 0:
+        assert updates == []
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"m": "hello"}, "unknown kind"),
+        ({"r": ""}, "field 'r'"),
+        ({"n": "bad node!"}, "field 'n'"),
+        ({"l": "x" * 40}, "field 'l'"),
+        ({"d": {"v": 2}}, "missing field"),
+        ({"k": 5}, "field 'k'"),
+    ],
+)
+def test_bad_offers_are_refused(change: dict[str, object], complaint: str) -> None:
+    wire = {**offer().wire(), **change}
+    with pytest.raises(ValueError, match=complaint):
+        signal.decode(json.dumps(wire).encode())
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"m": "tracks", "r": "a", "n": "n1", "b": "b", "l": "l", "s": 0, "a": [], "x": []},
+        {"m": "tracks", "r": "a", "n": "n1", "b": "b", "l": "l", "s": True, "a": [], "x": []},
+        {"m": "tracks", "r": "a", "n": "n1", "b": "b", "l": "l", "s": 1, "a": {}, "x": []},
+        {"m": "tracks", "r": "a", "n": "n1", "b": "b", "l": "l", "s": 1, "a": [[1]], "x": []},
+        {"m": "tracks", "r": "a", "n": "n1", "b": "b", "l": "l", "s": 1, "a": [], "x": [""]},
+        {"m": "refuse", "r": "a"},
+        {"m": "close", "r": "a", "n": "n1", "b": "b"},
+        ["not", "an", "object"],
+    ],
+)
+def test_bad_messages_are_refused(wire: object) -> None:
+    with pytest.raises(ValueError):
+        signal.decode(json.dumps(wire).encode())
+
+
+def test_oversized_and_non_json_input_is_refused_before_parsing() -> None:
+    with pytest.raises(ValueError, match="more than 1000"):
+        signal.decode(b"{" + b" " * 2000 + b"}")
+    with pytest.raises(ValueError, match="not JSON"):
+        signal.decode(b"\xff\xfe")
+
+
+def test_replies_need_no_sender_and_pointers_are_recognised() -> None:
+    assert signal.decode(b'{"m":"ok","r":"abc"}').kind == "ok"
+    refused = signal.decode(b'{"m":"refuse","r":"abc","e":"glare"}')
+    assert refused.reason == "glare"
+    assert signal.is_pointer("sfumesh:relay-msg:" + "a" * 24)
+    assert not signal.is_pointer("sfumesh:session:{x}")
