@@ -177,6 +177,8 @@ class RelayManager:
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._opening: set[str] = set()
+        #: what the last plan wanted sent to each peer (an answer carries it at once)
+        self._wanted: dict[str, dict[str, Published]] = {}
         self._offers_to_drop = settings.drop_first_offers
         self._dirty = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -293,6 +295,7 @@ class RelayManager:
 
     async def _reconcile(self) -> None:
         desired = await self._desired()
+        self._wanted = desired
         now = time.monotonic()
         for peer, tracks in desired.items():
             relay = self.relays.get(peer)
@@ -695,6 +698,11 @@ class RelayManager:
             self.spawn(self._end(existing, "replaced"))
         relay = self._relay(peer, offer.link, False, offer.boot)
         self.totals.opened += 1
+        # What this node already wants to send there goes in the answer (saves a round trip
+        # when both nodes wanted the relay: the glare loser's tracks).
+        for track_id, published in self._wanted.get(peer, {}).items():
+            if published.forwarder is not None:
+                await self._add_send(relay, track_id, published)
         try:
             description = await relay.link.local_description()
         except RuntimeError as error:
@@ -705,6 +713,7 @@ class RelayManager:
             Message("answer", offer.request, self.name, self.boot, relay.link_id, description)
         )
         relay.answer = answer
+        relay.announced = {track[1] for track in (answer.description or {}).get("t", [])}
         relay.answered.set()
         assert offer.description is not None  # decode() guarantees it for offers
         self.spawn(self._connect(relay, offer.description))

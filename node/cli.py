@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import cli as cluster_cli
+from node.bench_relay import add_arguments as add_relay_arguments
 from node.bench_vivaldi import add_arguments as add_vivaldi_arguments
 from node.config import ConfigError, load_settings
 from node.log import setup_logging
@@ -84,6 +85,10 @@ def _bench(args: argparse.Namespace) -> int:
         return run_vivaldi_bench(args)
     if args.name == "forward":
         return _bench_forward(args)
+    if args.name == "relay":
+        from node.bench_relay import run as run_relay_bench
+
+        return run_relay_bench(args)
     from node.bench import run_bench
 
     return run_bench(
@@ -123,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi"])
+    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
     )
     add_vivaldi_arguments(bench)
+    add_relay_arguments(bench)
     bench.set_defaults(run=_bench)
 
     cluster = commands.add_parser(

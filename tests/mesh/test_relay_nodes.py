@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from node import keys
 from node.launch import LocalNode, start_nodes
 from node.media import adapter
+from node.participant import MediaPeer, until
 from node.services import BackingServices
 from node.tokens import new_key
-from tests.mesh.relay_client import NodeMediaClient, until
 from tests.mesh.test_node_mesh import _cluster
 from tests.node.live_client import User, create_room, sign_up
 from tests.node.test_live_mesh import FAST_LIVENESS
@@ -84,11 +84,11 @@ async def relays_of(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
 
 async def join_and_publish(
     stack: AsyncExitStack, user: User, node: LocalNode, slug: str, name: str
-) -> tuple[NodeMediaClient, str]:
+) -> tuple[MediaPeer, str]:
     sock = await user.connect(node.url)
     stack.push_async_callback(sock.close)
     await user.join(sock, slug, node.url)
-    client = NodeMediaClient(sock, name)
+    client = MediaPeer(sock, name)
     stack.push_async_callback(client.close)
     await client.start_publishing()
     return client, sock.session_id

@@ -14,32 +14,18 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection, VideoStreamTrack
+from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
-from av import VideoFrame
 
 from node.media import adapter
 from node.media.adapter import SenderTap
 from node.media.forward import Forwarder, KeyframeThrottle, SubscriberRewriter, keyframe_detector
+from node.participant import SmallPattern
 
 log = logging.getLogger(__name__)
 
 FRAMES_WANTED = 40
-
-
-class SmallPattern(VideoStreamTrack):
-    """320x240 frames whose shade changes, 30 fps (aiortc's VideoStreamTrack clock)."""
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = VideoFrame(width=320, height=240)
-        shade = (pts // 3000) % 200
-        for plane in frame.planes:
-            plane.update(bytes([shade]) * plane.buffer_size)
-        frame.pts = pts
-        frame.time_base = time_base
-        return frame
 
 
 async def negotiate(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:

@@ -25,8 +25,8 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 
 from node.media import adapter
+from node.participant import SmallPattern
 from tests.conftest import Api
-from tests.node.media.test_loopback import SmallPattern
 from tests.node.test_live_inprocess import Peer, connect
 
 log = logging.getLogger(__name__)

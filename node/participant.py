@@ -1,25 +1,131 @@
-"""An aiortc participant of real node processes (over `tests.node.live_client.Socket`):
-publishes a test pattern and a tone, answers the node's subscribe offers, and counts the
-frames it decodes per remote track, with the owner the offer's `tracks` names."""
+"""A participant of real node processes, as a program sees it: the WebSocket (`Socket`,
+every message kept in order) and an aiortc `MediaPeer` that publishes a test pattern and a
+tone, answers the node's subscribe offers and counts the frames it decodes per remote track
+(with the owner the offer's `tracks` names). Used by `sfumesh bench relay` and the tests.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription
+import websockets
+from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import VideoFrame
+from websockets.asyncio.client import ClientConnection
 
 from node.media import adapter
-from tests.node.live_client import Socket
-from tests.node.media.test_loopback import SmallPattern
 
 log = logging.getLogger(__name__)
 
+TIMEOUT = 15.0
 WAIT_S = 40.0
+
+
+class SmallPattern(VideoStreamTrack):
+    """320x240 frames whose shade changes, 30 fps (aiortc's VideoStreamTrack clock)."""
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame(width=320, height=240)
+        shade = (pts // 3000) % 200
+        for plane in frame.planes:
+            plane.update(bytes([shade]) * plane.buffer_size)
+        frame.pts = pts
+        frame.time_base = time_base
+        return frame
+
+
+@dataclass
+class Socket:
+    ws: ClientConnection
+    node_url: str
+    session_token: str
+    session_id: str = ""
+    node: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+    _ids: int = 0
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.messages.append(json.loads(raw))
+                self.arrived.set()
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        finally:
+            self.arrived.set()
+
+    @property
+    def closed(self) -> bool:
+        return self.reader is not None and self.reader.done()
+
+    async def wait_for(self, type_: str, within_s: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        """The first message of this type whose fields (or participant's) match."""
+
+        def fits(message: dict[str, Any]) -> bool:
+            if message.get("type") != type_:
+                return False
+            inner = message.get("participant", {})
+            return all(message.get(k, inner.get(k)) == v for k, v in match.items())
+
+        async def scan() -> dict[str, Any]:
+            seen = 0
+            while True:
+                for message in self.messages[seen:]:
+                    if fits(message):
+                        return message
+                seen = len(self.messages)
+                if self.closed:
+                    raise ConnectionError(f"closed before {type_} {match}: {self.messages[-3:]}")
+                self.arrived.clear()
+                if len(self.messages) == seen:
+                    await self.arrived.wait()
+
+        return await asyncio.wait_for(scan(), within_s)
+
+    async def request(self, type_: str, **fields: Any) -> dict[str, Any]:
+        self._ids += 1
+        frame_id = f"{type_}-{self._ids}"
+        await self.ws.send(json.dumps({"type": type_, "id": frame_id, **fields}))
+        reply = await self.wait_for_id(frame_id)
+        return reply
+
+    async def wait_for_id(self, frame_id: str) -> dict[str, Any]:
+        async def scan() -> dict[str, Any]:
+            while True:
+                for message in self.messages:
+                    if message.get("id") == frame_id:
+                        return message
+                if self.closed:
+                    raise ConnectionError(f"closed before reply {frame_id}")
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(scan(), TIMEOUT)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+async def open_socket(node_url: str, session_token: str) -> Socket:
+    """A node's WebSocket for this session, once its `hello` arrived."""
+    ws_url = node_url.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
+    sock = Socket(await websockets.connect(ws_url, max_size=2**22), node_url, session_token)
+    sock.reader = asyncio.create_task(sock._read())
+    hello = await sock.wait_for("hello")
+    sock.session_id, sock.node = hello["session_id"], hello["node"]
+    return sock
 
 
 class Received:
@@ -48,7 +154,7 @@ class Received:
             self.ended.set()
 
 
-class NodeMediaClient:
+class MediaPeer:
     def __init__(self, sock: Socket, name: str) -> None:
         self.sock = sock
         self.name = name
