@@ -356,7 +356,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging("WARNING")
     relay_run = RelayRun(trials=args.joins, window_s=args.cpu_window)
-    adapter.set_host_addresses(["127.0.0.1"])
+    adapter.set_host_addresses(["127.0.0.1"])  # the participants in this process
+    try:
+        return _run(args, relay_run, carriers)
+    finally:
+        adapter.set_host_addresses(None)
+
+
+def _run(args: argparse.Namespace, relay_run: RelayRun, carriers: list[str]) -> int:
     asyncio.run(_sdp_sizes(relay_run))
     with tempfile.TemporaryDirectory(prefix="sfumesh-bench-relay-") as tmp:
         data_dir = Path(tmp)

@@ -1,0 +1,39 @@
+"""`sfumesh bench relay`: a short real run prints its table and writes the issue's figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+
+pytestmark = pytest.mark.slow
+
+ISSUE_KEYS = (
+    "setup_ms_p50",
+    "setup_ms_p95",
+    "cpu_us_per_relayed_packet",
+    "signalling_bytes_max",
+)
+
+
+def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "relay.json"
+    argv = ["bench", "relay", "--joins", "2", "--cpu-window", "2", "--json", str(out)]
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    figures = json.loads(out.read_text())
+    for key in ISSUE_KEYS:
+        value = figures[key]
+        assert isinstance(value, int | float) and value > 0, (key, figures)
+    assert figures["setup_ms_p50"] <= figures["setup_ms_p95"]
+    assert figures["signalling_bytes_max"] <= 1000
+    for carrier in ("inline", "redis"):
+        assert figures[carrier]["trials_ok"] == 2 and figures[carrier]["failures"] == 0
+    # the pointer carrier's Serf messages are only pointers
+    assert figures["redis"]["signalling_bytes_max"] < 100
+    assert figures["sdp_offer_bytes"]["2"] > 1000  # why SDP cannot ride in a Serf message
+    assert "setup p50" in printed.out and "µs CPU per relayed packet" in printed.out
