@@ -10,12 +10,14 @@ next trial waits until the relay is closed on both nodes. Run once per signallin
 "inline" (the ORTC description in the Serf query, the default) and "redis" (the message in a
 short-lived Redis key, the query carrying its name).
 
-Then, with A and B both in the room (one relay, two tracks each way), CPU time of each node
-process over a window, minus what the same process used over an equal window before anyone
-joined (heartbeats, gossip, reports), divided by the packets it relayed (sent over + received
-from the relay) in that window. That node time also covers taking the same packets in from
-the local publisher and handing them to the local subscriber, so it is an upper bound of the
-relay's own cost; the Serf agents and the participants run in other processes.
+CPU: A and B both publishing, first on two nodes (one relay, two tracks each way), then B
+on node-1 as well (no relay), a window each. `cpu_us_per_relayed_packet` is both node
+processes' CPU in the first window minus theirs in the second, per packet that crossed the
+relay: the relay's own cost (send over the link on one node, receive on the other), since
+ingest from the publishers and delivery to the subscribers happen in both windows. Also per
+node, an upper bound: its CPU in the first window, minus its idle CPU (an equal window before
+anyone joined), per packet it relayed (out + in). The Serf agents and the participants run
+in other processes; the machine is shared, so differences of small numbers are noisy.
 
 Signalling: the largest Serf message any node sent (`signalling_bytes_max`) and the bytes
 both ends sent to set up one relay (offer, answer, tracks updates, replies), per trial.
@@ -75,6 +77,12 @@ class RelayRun:
     #: each node process's CPU (cores) with nobody in a room: subtracted from the window
     idle_cores: dict[str, float] = field(default_factory=dict)
     relayed_packets: dict[str, int] = field(default_factory=dict)
+    #: both nodes' CPU with A and B on two nodes, minus node CPU with both on one node,
+    #: per packet crossing the relay
+    marginal_us: float | None = None
+    crossing_packets: int = 0
+    cpu_relayed_s: float = 0.0
+    cpu_local_s: float = 0.0
     sdp_bytes: dict[int, int] = field(default_factory=dict)
 
 
@@ -118,10 +126,11 @@ async def _relays(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
     return {} if raw is None else {e["peer"]: e for e in json.loads(raw)["relays"]}
 
 
-async def _metric(http: httpx.AsyncClient, node: LocalNode, name: str) -> float:
+async def _metric(http: httpx.AsyncClient, node: LocalNode, name: str, label: str = "") -> float:
+    """The sum of a metric's samples on one node (those whose labels contain `label`)."""
     text = (await http.get(f"{node.url}/metrics")).text
     pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for _, value in pattern.findall(text))
+    return sum(float(value) for labels, value in pattern.findall(text) if label in labels)
 
 
 def _cpu_s(pid: int) -> float:
@@ -185,14 +194,14 @@ async def _drive(
                     result.signalling_bytes.append(
                         int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
                     )
-                    if trial == run.trials - 1 and run.window_s > 0 and not run.cpu_us:
-                        await _cpu_window(http, nodes, run, a, b_id)
                 except (AssertionError, RuntimeError, httpx.HTTPError) as error:
                     result.failures += 1
                     say(f"sfumesh bench relay: trial {trial + 1} failed: {error}", err=True)
                 finally:
                     await b.close()
                     await b_sock.close()
+            if run.window_s > 0 and run.marginal_us is None:
+                await _cpu_phase(http, redis, nodes, run, a, b_token, slug)
             result.message_bytes_max = max(
                 [
                     await _metric(http, node, "sfumesh_relay_signalling_message_bytes_max")
@@ -215,28 +224,68 @@ async def _idle_cpu(nodes: list[LocalNode], run: RelayRun) -> None:
             run.idle_cores[name] = (_cpu_s(pid) - before[name]) / run.window_s
 
 
-async def _cpu_window(
-    http: httpx.AsyncClient, nodes: list[LocalNode], run: RelayRun, a: MediaPeer, b_id: str
+async def _window(
+    http: httpx.AsyncClient, nodes: list[LocalNode], seconds: float
+) -> dict[str, tuple[float, float, float]]:
+    """Per node: (CPU seconds, relayed packets out, relayed packets in) over `seconds`."""
+
+    async def sample() -> dict[str, tuple[float, float, float]]:
+        out = {}
+        for node in nodes:
+            assert node.process.pid is not None
+            sent = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="out"')
+            got = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="in"')
+            out[node.name] = (_cpu_s(node.process.pid), sent, got)
+        return out
+
+    before = await sample()
+    await asyncio.sleep(seconds)
+    after = await sample()
+    return {
+        name: tuple(b - a for a, b in zip(before[name], after[name], strict=True))  # type: ignore[misc]
+        for name in after
+    }
+
+
+async def _cpu_phase(
+    http: httpx.AsyncClient,
+    redis: Redis,
+    nodes: list[LocalNode],
+    run: RelayRun,
+    a: MediaPeer,
+    b_token: str,
+    slug: str,
 ) -> None:
-    """CPU per relayed packet on each node, A and B both publishing."""
-    await asyncio.sleep(2.0)  # past the start: keyframes, bitrate ramp
-    before = {}
-    for node in nodes:
-        assert node.process.pid is not None
-        packets = await _metric(http, node, "sfumesh_relay_packets_total")
-        before[node.name] = (_cpu_s(node.process.pid), packets)
-    await asyncio.sleep(run.window_s)
-    for node in nodes:
-        assert node.process.pid is not None
-        packets = await _metric(http, node, "sfumesh_relay_packets_total")
-        cpu, earlier = _cpu_s(node.process.pid), before[node.name]
-        relayed = int(packets - earlier[1])
-        run.relayed_packets[node.name] = relayed
-        busy = cpu - earlier[0] - run.idle_cores.get(node.name, 0.0) * run.window_s
-        if relayed:
-            run.cpu_us[node.name] = max(busy, 0.0) * 1e6 / relayed
-    if not a.decodes(b_id):
-        raise RuntimeError("A stopped decoding B during the CPU window")
+    """The same two participants, first on two nodes (relayed), then both on node-1."""
+    a_id = a.sock.session_id
+    windows: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for label, node in (("relayed", nodes[1]), ("local", nodes[0])):
+        await _no_relay(redis)
+        b_sock = await _join(http, node.url, b_token, slug)
+        b = MediaPeer(b_sock, "B")
+        try:
+            await b.start_publishing()
+            b_id = b_sock.session_id
+            await until(lambda: a.decodes(b_id) and b.decodes(a_id), f"A and B ({label})")  # noqa: B023
+            await asyncio.sleep(2.0)  # past the start: keyframes, bitrate ramp
+            windows[label] = await _window(http, nodes, run.window_s)
+            if not (a.decodes(b_id) and b.decodes(a_id)):
+                raise RuntimeError(f"A and B stopped decoding each other ({label})")
+        finally:
+            await b.close()
+            await b_sock.close()
+    relayed, local = windows["relayed"], windows["local"]
+    crossing = sum(sent for _, sent, _ in relayed.values())
+    for name, (cpu, sent, got) in relayed.items():
+        run.relayed_packets[name] = int(sent + got)
+        busy = cpu - run.idle_cores.get(name, 0.0) * run.window_s
+        if sent + got:
+            run.cpu_us[name] = max(busy, 0.0) * 1e6 / (sent + got)
+    run.cpu_relayed_s = sum(cpu for cpu, _, _ in relayed.values())
+    run.cpu_local_s = sum(cpu for cpu, _, _ in local.values())
+    if crossing:
+        run.crossing_packets = int(crossing)
+        run.marginal_us = (run.cpu_relayed_s - run.cpu_local_s) * 1e6 / crossing
 
 
 async def _sdp_sizes(run: RelayRun) -> None:
@@ -296,9 +345,21 @@ def print_table(run: RelayRun) -> None:
     say("")
     say("setup: B's join starts -> A decodes B's first relayed video frame (ms);")
     say("link: relay offer -> ICE and DTLS up, on the offering node (ms)")
+    if run.marginal_us is not None:
+        say(
+            f"relay's own CPU: {run.marginal_us:.1f} µs per packet crossing the relay "
+            f"(both nodes {run.cpu_relayed_s:.2f} s with A and B on two nodes, "
+            f"{run.cpu_local_s:.2f} s with both on one node, {run.window_s:g} s each, "
+            f"{run.crossing_packets} packets crossed)"
+        )
+        local_us = run.cpu_local_s * 1e6 / run.crossing_packets
+        say(
+            f"for scale, at the same packet rate: {local_us:.1f} µs of node CPU per packet "
+            "taken in from a publisher and handed to a local subscriber"
+        )
     for name, cpu in sorted(run.cpu_us.items()):
         say(
-            f"{name}: {cpu:.1f} µs CPU per relayed packet "
+            f"{name}: {cpu:.1f} µs node CPU per relayed packet, upper bound "
             f"({run.relayed_packets[name]} packets in {run.window_s:g} s; idle use "
             f"{run.idle_cores.get(name, 0.0):.3f} cores subtracted)"
         )
@@ -314,10 +375,16 @@ def report(run: RelayRun) -> dict[str, Any]:
         "carrier": main.carrier,
         "setup_ms_p50": rounded(percentile(ordered, 0.5)),
         "setup_ms_p95": rounded(percentile(ordered, 0.95)),
-        "cpu_us_per_relayed_packet": rounded(
-            sum(run.cpu_us.values()) / len(run.cpu_us) if run.cpu_us else None
+        "cpu_us_per_relayed_packet": rounded(run.marginal_us),
+        "cpu_us_per_relayed_packet_upper_bound_by_node": {
+            k: rounded(v) for k, v in run.cpu_us.items()
+        },
+        "crossing_packets_in_window": run.crossing_packets,
+        "cpu_s_both_nodes_relayed": rounded(run.cpu_relayed_s, 3),
+        "cpu_s_both_nodes_local": rounded(run.cpu_local_s, 3),
+        "cpu_us_per_local_packet": rounded(
+            run.cpu_local_s * 1e6 / run.crossing_packets if run.crossing_packets else None
         ),
-        "cpu_us_per_relayed_packet_by_node": {k: rounded(v) for k, v in run.cpu_us.items()},
         "relayed_packets_in_window": run.relayed_packets,
         "idle_cores_subtracted": {k: rounded(v, 4) for k, v in run.idle_cores.items()},
         "signalling_bytes_max": max((c.message_bytes_max for c in run.carriers), default=0),

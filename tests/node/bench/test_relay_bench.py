@@ -28,7 +28,10 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     figures = json.loads(out.read_text())
     for key in ISSUE_KEYS:
         value = figures[key]
-        assert isinstance(value, int | float) and value > 0, (key, figures)
+        # the CPU figure is a difference of two noisy windows: any sign on a short run
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, figures)
+        assert key == "cpu_us_per_relayed_packet" or value > 0, (key, figures)
+    assert figures["crossing_packets_in_window"] > 0
     assert figures["setup_ms_p50"] <= figures["setup_ms_p95"]
     assert figures["signalling_bytes_max"] <= 1000
     for carrier in ("inline", "redis"):
@@ -36,4 +39,4 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     # the pointer carrier's Serf messages are only pointers
     assert figures["redis"]["signalling_bytes_max"] < 100
     assert figures["sdp_offer_bytes"]["2"] > 1000  # why SDP cannot ride in a Serf message
-    assert "setup p50" in printed.out and "µs CPU per relayed packet" in printed.out
+    assert "setup p50" in printed.out and "relay's own CPU" in printed.out
