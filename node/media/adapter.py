@@ -64,7 +64,7 @@ import aiortc.rtcdtlstransport
 import aiortc.rtcicetransport
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
-from aiortc import RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import get_encoder, is_rtx
 from aiortc.codecs.base import Encoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -190,6 +190,7 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aioice.ice.CandidatePair, "remote_addr", "member"),
     (aioice.ice, "get_host_addresses", "member"),
     (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
+    (aiortc.RTCPeerConnection, "_RTCPeerConnection__localRtp", "member"),
 )
 
 
@@ -270,9 +271,32 @@ def set_rtcp_ssrc(receiver: RTCRtpReceiver, ssrc: int) -> None:
     receiver._set_rtcp_ssrc(ssrc)
 
 
+async def start_negotiated_sender(pc: aiortc.RTCPeerConnection, transceiver: Any) -> bool:
+    """Start the sender of a negotiated sending transceiver if aiortc has not: its
+    `RTCPeerConnection.__connect` (run for every applied answer) starts a sender only when
+    the transport is connected at that moment, so m-lines an answer adds while the first
+    DTLS handshake runs are never started. True once the sender runs."""
+    sender: Any = transceiver.sender
+    if sender._RTCRtpSender__started:
+        return True
+    if transceiver.currentDirection not in ("sendonly", "sendrecv"):
+        return False
+    if transceiver.receiver.transport.state != "connected":
+        return False
+    connection: Any = pc
+    await sender.send(connection._RTCPeerConnection__localRtp(transceiver))
+    return True
+
+
 def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
-    """An explicit configuration: without one aiortc contacts a public STUN server."""
-    return RTCConfiguration(iceServers=list(ice_servers))
+    """An explicit configuration: without one aiortc contacts a public STUN server.
+
+    Bundle policy "max-bundle": every transceiver uses the first one's transport from the
+    start. With aiortc's default ("balanced") a transceiver takes the transport of the first
+    one of its kind, and when an answer bundles that first one onto the primary transport,
+    the later ones added before that answer keep the discarded transport: they never send
+    (the third person joining a room quickly got no audio or video from the second)."""
+    return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
 # --------------------------------------------------------------------------- receive side

@@ -34,6 +34,7 @@ All private aiortc access stays in `node.media.adapter`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -70,6 +71,10 @@ log = logging.getLogger(__name__)
 
 # How long the node keeps asking a publisher for a keyframe while a subscriber waits for one.
 KEYFRAME_WAIT_S = 10.0
+# A subscription's sender not running after this long is checked (and started if aiortc
+# skipped it); after SENDER_START_S it is given up, and logged.
+SENDER_CHECK_S = 0.5
+SENDER_START_S = 60.0
 # Dropped packets are logged at most once per track and reason per this many seconds.
 DROP_LOG_INTERVAL_S = 10.0
 
@@ -426,7 +431,15 @@ class MediaSession:
     async def _attach(self, subscription: Subscription) -> None:
         """Once the subscriber has answered and the sender started, start forwarding."""
         sink = subscription.sink
-        await sink.wait_ready()
+        if not await self._sender_started(subscription):
+            log.warning(
+                "media.sender_not_started",
+                extra={
+                    "session_id": self.session_id,
+                    "publisher": subscription.published.owner.session_id,
+                },
+            )
+            return
         published = subscription.published
         forwarder = published.forwarder
         current = published.subscriptions.get(self)
@@ -452,6 +465,22 @@ class MediaSession:
         )
         if forwarder.waiting:
             published.keep_asking_for_keyframe()
+
+    async def _sender_started(self, subscription: Subscription) -> bool:
+        """Wait for the subscription's sender to run; start it if aiortc skipped it (see
+        `adapter.start_negotiated_sender`). False if it never does."""
+        sink = subscription.sink
+        deadline = time.monotonic() + SENDER_START_S
+        while not sink.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sink.wait_ready(), SENDER_CHECK_S)
+            pc = self.subscribe_pc
+            if sink.ready or pc is None:
+                break
+            if self.closed or time.monotonic() > deadline:
+                return False
+            await adapter.start_negotiated_sender(pc, subscription.transceiver)
+        return sink.ready
 
     def unsubscribe(self, published: Published) -> None:
         """Stop sending `published` here: stop forwarding now, then end the track."""
