@@ -65,6 +65,7 @@ from node.media.adapter import SenderTap
 from node.media.forward import Forwarder, SubscriberRewriter
 from node.media.session import MediaHub, Published, RelayedOwner
 from node.sessions import SessionStore, read_session
+from node.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class RelayManager:
         self._wanted: dict[str, dict[str, Published]] = {}
         self._offers_to_drop = settings.drop_first_offers
         self._dirty = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("relay.task_failed")
         self._loops: list[asyncio.Task[None]] = []
         #: the latest figures per peer (what `report` wrote), for /metrics
         self.report: list[dict[str, Any]] = []
@@ -207,22 +208,12 @@ class RelayManager:
             return_exceptions=True,
         )
         await asyncio.gather(*(self._end(r, "node-stopping") for r in relays))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(keys.node_relays(self.name))
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("relay.task_failed", exc_info=task.exception())
+        return self._tasks.spawn(work)
 
     def changed(self, slug: str | None = None) -> None:
         """Something that may change the plan happened (membership, tracks, nodes)."""

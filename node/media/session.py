@@ -66,6 +66,7 @@ from node.media.forward import (
     keyframe_detector,
 )
 from node.media.sdp import announce_addresses
+from node.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -594,7 +595,7 @@ class MediaHub:
         self.relayed: dict[str, set[Published]] = {}
         # told the room's slug whenever a local track starts or ends (the relay re-plans)
         self.on_tracks_changed: Callable[[str], None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("media.task_failed")
         #: packets sent to subscribers since start (all sessions, ended ones included)
         self.forwarded_packets = 0
         #: packets received but not forwarded since start, by reason
@@ -612,15 +613,7 @@ class MediaHub:
         return adapter.rtc_configuration(servers)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("media.task_failed", exc_info=task.exception())
+        return self._tasks.spawn(work)
 
     def session(self, conn: Connection) -> MediaSession:
         """The connection's media session (made on first use); it must be in a room."""
@@ -741,6 +734,4 @@ class MediaHub:
         for session in sessions:
             session.closed = True
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 from pathlib import Path
 
 import httpx
@@ -21,9 +20,9 @@ from tests.node.live_client import create_room, sign_up
 from tests.node.media.test_browser import (
     DECODE_LIMIT_S,
     FRAMES,
-    HANG_UP,
     STEP_S,
     decoded,
+    hang_up_and_see_tracks_end,
     join_and_publish,
     until_all,
 )
@@ -67,14 +66,7 @@ async def test_two_browsers_on_two_nodes(backing: BackingServices, tmp_path: Pat
                 assert state["audio"][0]["packets"] > 0, state
 
             # The first hangs up on node 1: its tracks end at the second, on node 2.
-            await asyncio.wait_for(first.evaluate(HANG_UP), STEP_S)
-            deadline = time.monotonic() + STEP_S
-            ended: list[str] = []
-            while len(ended) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
-                ended = await asyncio.wait_for(second.evaluate("() => window.room.ended"), STEP_S)
-            assert sorted(ended) == ["audio", "video"]
-            await asyncio.wait_for(second.evaluate(HANG_UP), STEP_S)
+            await hang_up_and_see_tracks_end(first, second)
     finally:
         for node in nodes:
             node.stop()

@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from node import keys
-from node.launch import LocalNode, start_nodes
+from node.launch import LocalNode, start_node, start_nodes
 from node.media import adapter
 from node.participant import MediaPeer, until
 from node.services import BackingServices
@@ -63,9 +63,11 @@ async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def _nodes(services: BackingServices, data_dir: Path, count: int, **env: str) -> list[LocalNode]:
-    extra = {**RELAY_ENV, "SFUMESH_DATABASE": f"relay_{secrets.token_hex(4)}", **env}
-    return start_nodes(services, {"k1": new_key()}, count=count, data_dir=data_dir, extra_env=extra)
+TOKEN_KEYS = {"k1": new_key()}
+
+
+def _env() -> dict[str, str]:
+    return {**RELAY_ENV, "SFUMESH_DATABASE": f"relay_{secrets.token_hex(4)}"}
 
 
 async def metric(http: httpx.AsyncClient, node: LocalNode, name: str) -> float:
@@ -97,7 +99,8 @@ async def join_and_publish(
 async def test_a_room_across_three_nodes(
     backing: BackingServices, tmp_path: Path, http: httpx.AsyncClient, redis: Redis
 ) -> None:
-    nodes = _nodes(backing, tmp_path, 3)
+    env = _env()
+    nodes = start_nodes(backing, TOKEN_KEYS, count=3, data_dir=tmp_path, extra_env=env)
     node1, node2, node3 = nodes
     try:
         async with AsyncExitStack() as stack:
@@ -166,6 +169,26 @@ async def test_a_room_across_three_nodes(
             await until(lambda: c.ended_from(b2_id), "C's tracks from B to end", within_s=20)
             seen = a.from_(c_id, "video")[0].frames
             await until(lambda: a.decodes(c_id, frames=seen + 10), "A to keep decoding C")
+            old_link = r1["node-2"]["link"]
+
+            # node 2 comes back (same name, its agent rejoins): a fresh relay, nothing stale
+            assert node1.serf is not None and node2.serf is not None
+            node2 = await asyncio.to_thread(
+                start_node,
+                backing,
+                TOKEN_KEYS,
+                name="node-2",
+                data_dir=tmp_path,
+                extra_env={**env, "SFUMESH_REGION": "ap-southeast"},
+                serf=node2.serf,
+                join=[node1.serf.bind],
+            )
+            nodes.append(node2)
+            b3, b3_id = await join_and_publish(stack, users[1], node2, slug, "B3")
+            await until(lambda: a.decodes(b3_id) and b3.decodes(a_id), "B on the restarted node")
+            await until(lambda: c.decodes(b3_id) and b3.decodes(c_id), "B and C again")
+            fresh = (await relays_of(redis, "node-1")).get("node-2")
+            assert fresh is not None and fresh["link"] != old_link
     finally:
         for node in nodes:
             node.stop()

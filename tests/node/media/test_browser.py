@@ -161,6 +161,18 @@ async def until_all(
         await asyncio.sleep(0.5)
 
 
+async def hang_up_and_see_tracks_end(leaver: Page, stayer: Page) -> None:
+    """`leaver` hangs up; its audio and video end at `stayer`, which then hangs up too."""
+    await asyncio.wait_for(leaver.evaluate(HANG_UP), STEP_S)
+    deadline = time.monotonic() + STEP_S
+    ended: list[str] = []
+    while len(ended) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        ended = await asyncio.wait_for(stayer.evaluate("() => window.room.ended"), STEP_S)
+    assert sorted(ended) == ["audio", "video"]
+    await asyncio.wait_for(stayer.evaluate(HANG_UP), STEP_S)
+
+
 def decoded(state: dict[str, Any]) -> bool:
     return bool(
         any(v["frames"] > FRAMES for v in state["video"])
@@ -210,11 +222,4 @@ async def test_two_browsers_see_and_hear_each_other(
             assert state["sent"] == [f"video/{codec}"], state
 
         # The first hangs up: its tracks end at the second (inactive m-lines).
-        await asyncio.wait_for(first.evaluate(HANG_UP), STEP_S)
-        deadline = time.monotonic() + STEP_S
-        ended: list[str] = []
-        while len(ended) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            ended = await asyncio.wait_for(second.evaluate("() => window.room.ended"), STEP_S)
-        assert sorted(ended) == ["audio", "video"]
-        await asyncio.wait_for(second.evaluate(HANG_UP), STEP_S)
+        await hang_up_and_see_tracks_end(first, second)
