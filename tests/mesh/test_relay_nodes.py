@@ -141,15 +141,20 @@ async def test_a_room_across_three_nodes(
                 assert 0 < largest <= 1000
 
             # each relay has its Vivaldi estimate once coordinates have converged a little,
-            # and its measured RTT from the RTCP reports of its senders
+            # its measured RTT from the RTCP reports of its senders, and its bitrates (from
+            # the second report of a link on)
             deadline = time.monotonic() + 40
             while True:
                 entry = (await relays_of(redis, "node-1"))["node-2"]
-                if entry["rtt_estimated_ms"] is not None and entry["rtt_ms"] is not None:
+                if (
+                    entry["rtt_estimated_ms"] is not None
+                    and entry["rtt_ms"] is not None
+                    and entry["bitrate_out_bps"] > 0
+                    and entry["bitrate_in_bps"] > 0
+                ):
                     break
                 assert time.monotonic() < deadline, entry
                 await asyncio.sleep(0.5)
-            assert entry["bitrate_out_bps"] > 0 and entry["bitrate_in_bps"] > 0
 
             # B leaves: node 1 stops sending to node 2, and the relay closes after the linger
             await b.sock.close()
