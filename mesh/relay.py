@@ -452,7 +452,8 @@ class RelayManager:
             reason = "no-answer" if reply is None else reply.reason or reply.kind
             if reason == "glare":
                 self.totals.glare_refused += 1
-            await self._end(relay, f"offer-{reason}", retry=reason != "glare")
+            # glare too waits a little: the winning offer is on its way here
+            await self._end(relay, f"offer-{reason}", retry=True)
             return
         relay.peer_boot = reply.boot
         await self._connect(relay, reply.description)
