@@ -76,6 +76,7 @@ POINTER_TTL_MS: Final = 30_000
 #: waiting before offering again to a peer after a failed attempt (doubles, up to the max)
 RETRY_BACKOFF_S: Final = 0.5
 RETRY_BACKOFF_MAX_S: Final = 8.0
+STOP_WAIT_S: Final = 5.0
 
 
 def relay_track_id(published: Published) -> str:
@@ -201,7 +202,9 @@ class RelayManager:
     async def stop(self) -> None:
         for task in self._loops:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._loops:
+            # the query stream's unsubscribe waits on the agent: never let it hold a shutdown
+            await asyncio.wait(self._loops, timeout=STOP_WAIT_S)
         relays = list(self.relays.values())
         await asyncio.gather(
             *(self._tell_closed(relay) for relay in relays if relay.state == "up"),
