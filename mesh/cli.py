@@ -20,6 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from mesh.membership import MembershipView, NodeMember
+from mesh.relay import read_relays
 from mesh.serf import SerfClient, SerfError
 from mesh.vivaldi import estimate_rtt
 from node import keys
@@ -148,10 +149,7 @@ async def _relays(args: argparse.Namespace, settings: Settings) -> list[dict[str
     try:
         ends: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for node in sorted(_text(n) for n in await redis.smembers(keys.NODES)):
-            raw = await redis.get(keys.node_relays(node))
-            if raw is None:
-                continue
-            for entry in json.loads(raw).get("relays", []):
+            for entry in (await read_relays(redis, node)).values():
                 pair = (str(entry["pair"][0]), str(entry["pair"][1]))
                 ends.setdefault(pair, {})[node] = entry
     finally:

@@ -144,7 +144,6 @@ class RelayTotals:
     glare_refused: int = 0
     packets_out: int = 0
     packets_in: int = 0
-    setup_ms: list[float] = field(default_factory=list)
 
 
 Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
@@ -477,8 +476,6 @@ class RelayManager:
         relay.up_at = time.monotonic()
         relay.up.set()
         setup_ms = (relay.up_at - relay.opened_at) * 1000
-        self.totals.setup_ms.append(setup_ms)
-        del self.totals.setup_ms[:-100]
         self._backoff.pop(relay.peer, None)
         log.info(
             "relay.up",
@@ -807,6 +804,13 @@ class RelayManager:
             p.tap.packets for r in self.relays.values() for p in r.received.values()
         )
         return out, got
+
+
+async def read_relays(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
+    """What `node` last reported of its relays (`RelayManager.figures`), by peer node;
+    {} when it reports none (or has not for three periods)."""
+    raw = await redis.get(keys.node_relays(node))
+    return {} if raw is None else {e["peer"]: e for e in json.loads(raw)["relays"]}
 
 
 class RelayCollector(Collector):

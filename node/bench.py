@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import secrets
 import signal
 import sys
@@ -371,6 +372,23 @@ def _bench_api(data_dir: Path, run: BenchRun) -> None:
                     drop_external_database(external_store, database)
                 except Exception as error:
                     print(f"sfumesh bench: could not drop {database}: {error}", file=sys.stderr)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """user + sys CPU seconds of process `pid`, all its threads (not its children)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def metric_sum(text: str, name: str, label: str = "") -> float:
+    """The sum of a metric's samples in Prometheus text (those whose labels contain
+    `label`, e.g. 'direction="out"')."""
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    return sum(float(value) for labels, value in pattern.findall(text) if label in labels)
 
 
 def say(text: str = "", *, err: bool = False) -> None:

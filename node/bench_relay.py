@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import re
 import secrets
 import tempfile
 import time
@@ -45,8 +43,17 @@ import httpx
 from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
-from node import keys
-from node.bench import ms, no_interrupts, percentile, rounded, say, write_report
+from mesh.relay import read_relays
+from node.bench import (
+    metric_sum,
+    ms,
+    no_interrupts,
+    percentile,
+    process_cpu_s,
+    rounded,
+    say,
+    write_report,
+)
 from node.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.media import adapter
@@ -121,28 +128,16 @@ async def _join(http: httpx.AsyncClient, url: str, user_token: str, slug: str) -
     return sock
 
 
-async def _relays(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
-    raw = await redis.get(keys.node_relays(node))
-    return {} if raw is None else {e["peer"]: e for e in json.loads(raw)["relays"]}
-
-
 async def _metric(http: httpx.AsyncClient, node: LocalNode, name: str, label: str = "") -> float:
-    """The sum of a metric's samples on one node (those whose labels contain `label`)."""
-    text = (await http.get(f"{node.url}/metrics")).text
-    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for labels, value in pattern.findall(text) if label in labels)
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return metric_sum((await http.get(f"{node.url}/metrics")).text, name, label)
 
 
 async def _no_relay(redis: Redis, within_s: float = 20.0) -> None:
     deadline = time.monotonic() + within_s
-    while (await _relays(redis, "node-1")).get("node-2") or (await _relays(redis, "node-2")).get(
-        "node-1"
-    ):
+    while True:
+        one, two = await read_relays(redis, "node-1"), await read_relays(redis, "node-2")
+        if "node-2" not in one and "node-1" not in two:
+            return
         if time.monotonic() > deadline:
             raise RuntimeError("the relay between node-1 and node-2 did not close")
         await asyncio.sleep(0.1)
@@ -187,7 +182,7 @@ async def _drive(
                     )
                     result.setup_ms.append((first - started) * 1000)
                     await asyncio.sleep(0.6)  # one report period: both ends' figures
-                    ends = [await _relays(redis, "node-1"), await _relays(redis, "node-2")]
+                    ends = [await read_relays(redis, "node-1"), await read_relays(redis, "node-2")]
                     one, two = ends[0].get("node-2", {}), ends[1].get("node-1", {})
                     if one.get("setup_ms") is not None:
                         result.link_setup_ms.append(float(one["setup_ms"]))
@@ -217,11 +212,11 @@ async def _drive(
 async def _idle_cpu(nodes: list[LocalNode], run: RelayRun) -> None:
     """Each node's CPU use with no media at all (heartbeats, gossip, reports)."""
     pids = {node.name: node.process.pid for node in nodes}
-    before = {name: _cpu_s(pid) for name, pid in pids.items() if pid is not None}
+    before = {name: process_cpu_s(pid) for name, pid in pids.items() if pid is not None}
     await asyncio.sleep(run.window_s)
     for name, pid in pids.items():
         if pid is not None:
-            run.idle_cores[name] = (_cpu_s(pid) - before[name]) / run.window_s
+            run.idle_cores[name] = (process_cpu_s(pid) - before[name]) / run.window_s
 
 
 async def _window(
@@ -235,7 +230,7 @@ async def _window(
             assert node.process.pid is not None
             sent = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="out"')
             got = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="in"')
-            out[node.name] = (_cpu_s(node.process.pid), sent, got)
+            out[node.name] = (process_cpu_s(node.process.pid), sent, got)
         return out
 
     before = await sample()

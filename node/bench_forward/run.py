@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from node.bench import ms, percentile, rounded, say, write_report
+from node.bench import ms, percentile, process_cpu_s, rounded, say, write_report
 from node.bench_forward import media as bench_media
 from node.bench_forward.peers import SUBSCRIBERS_PER_PROCESS
 from node.bench_forward.systems import System
@@ -271,16 +271,6 @@ class Window:
             kept_up=self.kept_up,
         )
         return data
-
-
-_TICKS: Final = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """user + sys CPU seconds of process `pid`, all its threads (not its children)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def machine_cpu() -> tuple[float, float]:

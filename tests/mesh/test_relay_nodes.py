@@ -5,22 +5,20 @@ but the participants."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import re
 import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 
-from node import keys
+from mesh.relay import read_relays
+from node.bench import metric_sum
 from node.launch import LocalNode, start_node, start_nodes
 from node.media import adapter
 from node.participant import MediaPeer, until
@@ -72,16 +70,7 @@ def _env() -> dict[str, str]:
 
 async def metric(http: httpx.AsyncClient, node: LocalNode, name: str) -> float:
     """The sum of a metric's samples on one node."""
-    text = (await http.get(f"{node.url}/metrics")).text
-    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for _, value in pattern.findall(text))
-
-
-async def relays_of(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
-    raw = await redis.get(keys.node_relays(node))
-    if raw is None:
-        return {}
-    return {entry["peer"]: entry for entry in json.loads(raw)["relays"]}
+    return metric_sum((await http.get(f"{node.url}/metrics")).text, name)
 
 
 async def join_and_publish(
@@ -121,7 +110,7 @@ async def test_a_room_across_three_nodes(
                 describe=lambda: " | ".join(x.describe() for x in (a, b, c)),
             )
             # one copy of each track per node pair and direction, not per subscriber
-            r1 = await relays_of(redis, "node-1")
+            r1 = await read_relays(redis, "node-1")
             assert set(r1) == {"node-2", "node-3"}
             assert r1["node-2"]["tracks_out"] == 2 and r1["node-2"]["tracks_in"] == 2
             assert r1["node-2"]["rooms"] == [slug]
@@ -145,7 +134,7 @@ async def test_a_room_across_three_nodes(
             # the second report of a link on)
             deadline = time.monotonic() + 40
             while True:
-                entry = (await relays_of(redis, "node-1"))["node-2"]
+                entry = (await read_relays(redis, "node-1"))["node-2"]
                 if (
                     entry["rtt_estimated_ms"] is not None
                     and entry["rtt_ms"] is not None
@@ -160,7 +149,7 @@ async def test_a_room_across_three_nodes(
             await b.sock.close()
             await until(lambda: a.ended_from(b_id) and c.ended_from(b_id), "B's tracks to end")
             deadline = time.monotonic() + 20
-            while "node-2" in await relays_of(redis, "node-1"):
+            while "node-2" in await read_relays(redis, "node-1"):
                 assert time.monotonic() < deadline, "the idle relay node-1/node-2 stayed open"
                 await asyncio.sleep(0.2)
             assert a.decodes(c_id) and c.decodes(a_id)
@@ -192,7 +181,7 @@ async def test_a_room_across_three_nodes(
             b3, b3_id = await join_and_publish(stack, users[1], node2, slug, "B3")
             await until(lambda: a.decodes(b3_id) and b3.decodes(a_id), "B on the restarted node")
             await until(lambda: c.decodes(b3_id) and b3.decodes(c_id), "B and C again")
-            fresh = (await relays_of(redis, "node-1")).get("node-2")
+            fresh = (await read_relays(redis, "node-1")).get("node-2")
             assert fresh is not None and fresh["link"] != old_link
     finally:
         for node in nodes:
