@@ -25,18 +25,21 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from mesh.process import ManagedProcess, ServiceError
 from mesh.serf import Member, SerfAuthError, SerfClient, SerfConnectionError, SerfError
-from node.services import ManagedProcess, ServiceError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "serf.json"
+#: the project's `serf.json`, shipped in the package as `mesh/data/serf.json` (a link to the
+#: checkout's top-level file, copied into wheels), found as package data
+DEFAULT_TEMPLATE = Path(str(resources.files("mesh") / "data" / "serf.json"))
 # Every key Serf 0.8/0.9 reads from a config file (command/agent/config.go).
 SERF_CONFIG_KEYS = frozenset(
     "advertise bind broadcast_timeout disable_coordinates disable_name_resolution discover "

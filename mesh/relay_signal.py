@@ -14,12 +14,12 @@ Requests (`n`: sending node, `b`: its boot id, `l`: the link id, `r`: request id
 Replies: `answer {d: description}`, `ok`, or `refuse {e: reason}` ("glare", "unknown-link",
 "bad", "gap", "busy").
 
-`d` is `mesh.relay_link`'s description (ICE ufrag/password/candidates, DTLS fingerprint and
+`d` is `node.relay.link`'s description (ICE ufrag/password/candidates, DTLS fingerprint and
 role, tracks as [ssrc, id, kind, payload type, codec]); an offer or answer carries as many of
 the sender's tracks as fit, the rest follow as `tracks` updates.
 
 With the "redis" carrier a message is stored under a short-lived Redis key and the query
-carries only `{"ptr": key}` (see `mesh.relay.RelayManager`).
+carries only `{"ptr": key}` (see `node.relay.manager.RelayManager`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from mesh.relay_link import MAX_TRACKS, TrackInfo, parse_description, parse_track
+from mesh.relay_description import MAX_TRACKS, TrackInfo, parse_description, parse_track
 
 MAX_MESSAGE_BYTES: Final = 1000
 QUERY_NAME: Final = "sfumesh-relay"

@@ -86,7 +86,7 @@ class Copy:
 
 
 class MemberLike(Protocol):
-    """What `RoomView.from_members` reads of a membership (`node.sessions.Membership`)."""
+    """What `RoomView.from_members` reads of a membership (`node.state.sessions.Membership`)."""
 
     @property
     def session_id(self) -> str: ...

@@ -24,7 +24,7 @@ Per published track the node keeps a byte budget (`media.max_video_bitrate` /
 `max_audio_bitrate`): packets above it are dropped and counted, and the REMB the node sends
 the publisher never exceeds the budget nor the lowest REMB of the track's subscribers.
 
-A track may also come from another node over a relay (`mesh.relay`): its publisher is then a
+A track may also come from another node over a relay (`node.relay.manager`): its publisher is then a
 `RelayedOwner` and its packets arrive through the relay link's tap; local subscribers get it
 exactly like a local track (`MediaHub.add_relayed`).
 
@@ -55,7 +55,6 @@ from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from node.config import MediaSettings
-from node.hub import Connection
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
 from node.media.forward import (
@@ -66,6 +65,7 @@ from node.media.forward import (
     keyframe_detector,
 )
 from node.media.sdp import announce_addresses
+from node.state.hub import Connection
 from node.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Published:
         self.codec: RTCRtpCodecCapability | None = None
         self.forwarder: Forwarder[SenderTap] | None = None
         self.subscriptions: dict[MediaSession, Subscription] = {}
-        #: node name -> the relay sender carrying this track there (managed by mesh.relay)
+        #: node name -> the relay sender carrying this track there (managed by node.relay.manager)
         self.relays: dict[str, SenderTap] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         #: keyframe requests (PLI) sent to the publisher, after the throttle

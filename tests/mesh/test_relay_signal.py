@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh import relay_signal as signal
-from mesh.relay_link import TrackInfo
+from mesh.relay_description import TrackInfo
 from mesh.relay_signal import MAX_MESSAGE_BYTES, Message
 
 CANDIDATE = "3151584716 1 udp 2130706431 127.0.0.1 40123 typ host"

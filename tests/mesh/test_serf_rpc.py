@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from mesh.agent import SerfAgent, SerfAgentConfig, serf_keygen
+from mesh.process import free_port
 from mesh.serf import (
     Event,
     QueryReply,
@@ -23,7 +24,6 @@ from mesh.serf import (
     SerfConnectionError,
     SerfError,
 )
-from node.services import free_port
 
 WAIT_S = 30.0  # generous: two shared cores, Serf's own timers are seconds
 

@@ -39,7 +39,7 @@ from mesh.vivaldi import (
     suggest_probes,
     synthetic_matrix,
 )
-from node.bench_vivaldi import (
+from node.bench.vivaldi import (
     MatrixError,
     add_arguments,
     load_matrix,

@@ -1,5 +1,5 @@
 """A client of real node processes: HTTP with httpx, WebSocket with `websockets`
-(`node.participant.Socket`).
+(`node.local.participant.Socket`).
 
 Every message a socket receives is kept in order, so tests can check the whole history
 (who was reported gone, in which order chats came), not just the latest message.
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from node.participant import Socket, open_socket
+from node.local.participant import Socket, open_socket
 
 __all__ = ["PASSWORD", "Socket", "User", "create_room", "sign_up"]
 

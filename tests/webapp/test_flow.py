@@ -19,7 +19,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, expect
 
-from node.launch import LocalNode
+from node.local.launch import LocalNode
 from tests.browser import chromium
 from tests.node.live_client import PASSWORD, sign_up
 from tests.webapp.web import (

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
-from node.launch import LocalNode
+from node.local.launch import LocalNode
 from tests.browser import chromium
 from tests.node.live_client import create_room, sign_up
 from tests.webapp.web import hello, new_page, until, wait_joined, web_context

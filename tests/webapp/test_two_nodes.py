@@ -15,8 +15,8 @@ import httpx
 import pytest
 from playwright.async_api import BrowserContext, Route, expect
 
-from node.launch import LocalNode, start_nodes
-from node.services import BackingServices
+from node.local.launch import LocalNode, start_nodes
+from node.runtime.services import BackingServices
 from tests.browser import chromium
 from tests.node.live_client import create_room, sign_up
 from tests.webapp.web import decoding, hello, new_page, send_chat, wait_joined, web_context

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from node.bench_forward import media as bench_media
-from node.bench_forward.peers import StreamCounter, window_counts
-from node.bench_forward.run import (
+from node.bench.forward import media as bench_media
+from node.bench.forward.peers import StreamCounter, window_counts
+from node.bench.forward.run import (
     BenchConfig,
     Window,
     estimate_offset,
@@ -23,8 +23,8 @@ from node.bench_forward.run import (
     ratios,
     split_evenly,
 )
-from node.cli import main
-from node.netns import in_private_netns
+from node.cli.main import main
+from node.local.netns import in_private_netns
 
 ISSUE_KEYS = (
     "system",
@@ -188,7 +188,7 @@ def test_media_cache_round_trip(tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _keep_test_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("node.cli.setup_logging", lambda *_: None)
+    monkeypatch.setattr("node.cli.main.setup_logging", lambda *_: None)
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
-from node import netns
-from node.bench_forward.janus import JanusError, JanusSignalling, JanusSystem
-from node.bench_forward.systems import SIGNALLING, signalling_from_spec
+from node.bench.forward.janus import JanusError, JanusSignalling, JanusSystem
+from node.bench.forward.systems import SIGNALLING, signalling_from_spec
+from node.local import netns
 from node.media import adapter
 
 pytestmark = pytest.mark.slow

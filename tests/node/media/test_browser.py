@@ -20,7 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import Page
 
-from node.launch import LocalNode
+from node.local.launch import LocalNode
 from tests.browser import chromium, page
 from tests.node.live_client import create_room, sign_up
 

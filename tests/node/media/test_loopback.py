@@ -18,10 +18,10 @@ from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 
+from node.local.participant import SmallPattern
 from node.media import adapter
 from node.media.adapter import SenderTap
 from node.media.forward import Forwarder, KeyframeThrottle, SubscriberRewriter, keyframe_detector
-from node.participant import SmallPattern
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import pytest
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.rtp import RtpPacket
 
-from node.context import EXTENSION, NodeContext
 from node.media import adapter
 from node.media.adapter import SenderTap
 from node.media.session import MediaHub, MediaSession, Published
+from node.web.context import EXTENSION, NodeContext
 from tests.conftest import Api
 from tests.node.media.test_room_media import MediaClient, RemoteTrack, join_clients, until
 

@@ -24,10 +24,10 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from node.local.participant import SmallPattern
 from node.media import adapter
-from node.participant import SmallPattern
 from tests.conftest import Api
-from tests.node.test_live_inprocess import Peer, connect
+from tests.node.runtime.test_live_inprocess import Peer, connect
 
 log = logging.getLogger(__name__)
 

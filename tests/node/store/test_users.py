@@ -1,0 +1,143 @@
+"""U1-U4: sign-up, uniqueness, hashes never leaving the store, views by viewer."""
+
+from __future__ import annotations
+
+import bcrypt
+import pytest
+
+from node.store.models import User
+from tests.conftest import Api, bearer, error_of
+
+
+async def test_signup_returns_public_fields_only(api: Api) -> None:
+    user = await api.signup("alice")
+    assert set(user) == {"id", "username", "display_name"}
+    assert user["username"] == "alice" and user["display_name"] == "Alice"
+
+
+async def test_password_is_stored_as_bcrypt_hash_only(api: Api) -> None:
+    await api.signup("alice")
+    stored = await User.find_one(User.username_key == "alice")
+    assert stored is not None
+    assert stored.password_hash.startswith("$2b$04$")
+    assert api.password not in stored.model_dump_json()
+    assert bcrypt.checkpw(api.password.encode(), stored.password_hash.encode())
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"username": "alice"}, {"username": "ALICE", "email": "other@example.org"}),
+        ({"username": "alice"}, {"username": "bob", "email": "Alice@Example.org"}),
+    ],
+)
+async def test_duplicate_username_or_email_is_409_and_writes_nothing(
+    api: Api, first: dict[str, str], second: dict[str, str]
+) -> None:
+    await api.signup(**first)
+    body = {
+        "email": f"{second['username']}@example.org",
+        "password": api.password,
+        "display_name": "Second",
+        **second,
+    }
+    response = await api.client.post("/api/users", json=body)
+    assert response.status_code == 409
+    assert (await error_of(response))["code"] == "user_exists"
+    assert await User.find_all().count() == 1
+
+
+async def test_password_over_72_bytes_is_refused_not_truncated(api: Api) -> None:
+    body = {
+        "username": "long",
+        "email": "long@example.org",
+        "password": "é" * 37,  # 74 bytes in UTF-8, 37 characters
+        "display_name": "Long",
+    }
+    response = await api.client.post("/api/users", json=body)
+    assert response.status_code == 422
+    assert "72 bytes" in (await error_of(response))["message"]
+    assert await User.find_all().count() == 0
+
+
+async def test_password_of_exactly_72_bytes_works_and_73rd_byte_matters(api: Api) -> None:
+    api.password = "p" * 72
+    await api.signup("edge")
+    await api.login("edge")
+    response = await api.client.post(
+        "/api/auth/login", json={"login": "edge", "password": "p" * 72 + "x"}
+    )
+    assert response.status_code == 401
+
+
+async def test_login_by_username_or_email_case_insensitive(api: Api) -> None:
+    await api.signup("alice")
+    assert await api.login("ALICE")
+    assert await api.login("Alice@EXAMPLE.org")
+
+
+async def test_me_shows_email_to_self_only(api: Api) -> None:
+    alice_token = await api.user_token("alice")
+    bob_token = await api.user_token("bob")
+    me = await (await api.client.get("/api/users/me", headers=bearer(alice_token))).get_json()
+    assert me["email"] == "alice@example.org"
+    assert "password" not in str(me) and "hash" not in str(me)
+
+    by_bob = await api.client.get(f"/api/users/{me['id']}", headers=bearer(bob_token))
+    assert await by_bob.get_json() == {"id": me["id"], "username": "alice", "display_name": "Alice"}
+    by_self = await api.client.get(f"/api/users/{me['id']}", headers=bearer(alice_token))
+    assert (await by_self.get_json())["email"] == "alice@example.org"
+
+    by_name = await api.client.get("/api/users/by-username/ALICE", headers=bearer(bob_token))
+    assert await by_name.get_json() == {
+        "id": me["id"],
+        "username": "alice",
+        "display_name": "Alice",
+    }
+
+
+async def test_user_lookup_needs_a_user_token(api: Api) -> None:
+    user = await api.signup("alice")
+    response = await api.client.get(f"/api/users/{user['id']}")
+    assert response.status_code == 401
+    response = await api.client.get("/api/users/by-username/alice")
+    assert response.status_code == 401
+
+
+async def test_unknown_user_lookups_are_404(api: Api) -> None:
+    token = await api.user_token("alice")
+    for path in (
+        "/api/users/0123456789abcdef01234567",
+        "/api/users/nope",
+        "/api/users/by-username/nobody",
+    ):
+        response = await api.client.get(path, headers=bearer(token))
+        assert response.status_code == 404
+        assert (await error_of(response))["code"] == "user_not_found"
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_answer(api: Api) -> None:
+    await api.signup("alice")
+    wrong = await api.client.post(
+        "/api/auth/login", json={"login": "alice", "password": "nope-nope"}
+    )
+    unknown = await api.client.post(
+        "/api/auth/login", json={"login": "zed", "password": "nope-nope"}
+    )
+    assert wrong.status_code == unknown.status_code == 401
+    assert await wrong.get_json() == await unknown.get_json()
+
+
+async def test_display_name_is_normalised_and_controls_refused(api: Api) -> None:
+    user = await api.signup("nfd", display_name="  Cafe\u0301  ")
+    assert user["display_name"] == "Café"
+    response = await api.client.post(
+        "/api/users",
+        json={
+            "username": "evil",
+            "email": "evil@example.org",
+            "password": api.password,
+            "display_name": "admin\u202egpj",
+        },
+    )
+    assert response.status_code == 422
