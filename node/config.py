@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -287,3 +288,9 @@ def load_settings(
         return Settings.model_validate(data)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def new_key() -> str:
+    """A fresh token signing secret (for demos, tests and `sfumesh keygen`); here, beside the
+    settings that hold the keys, so launchers need nothing of the web layer."""
+    return secrets.token_urlsafe(48)

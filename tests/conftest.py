@@ -20,11 +20,10 @@ from quart.testing.app import TestApp
 from quart.typing import TestAppProtocol, TestClientProtocol
 from redis.asyncio import Redis
 
-from node.config import Settings, load_settings
+from node.config import Settings, load_settings, new_key
 from node.local.launch import LocalNode, start_node
 from node.runtime.services import BackingServices
 from node.web.app import create_app
-from node.web.tokens import new_key
 
 SettingsFactory = Callable[..., Settings]
 

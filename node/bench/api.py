@@ -36,10 +36,10 @@ from typing import Any
 import httpx
 
 from mesh.process import ServiceError
+from node.config import new_key
 from node.local.launch import LocalNode, start_node
 from node.log import setup_logging
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_BCRYPT_COST = 12

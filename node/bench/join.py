@@ -57,11 +57,10 @@ from node.bench.api import (
     say,
     write_report,
 )
-from node.config import LiveSettings, RoomSettings
+from node.config import LiveSettings, RoomSettings, new_key
 from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 
 DEFAULT_NODES = 3
 DEFAULT_CLIENTS = 60

@@ -54,13 +54,13 @@ from node.bench.api import (
     say,
     write_report,
 )
+from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
 from node.local.participant import MediaPeer, Socket, open_socket, until
 from node.log import setup_logging
 from node.media import adapter
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 
 PASSWORD = "bench relay password"  # noqa: S105 (throwaway users in a throwaway store)
 CARRIERS = ("inline", "redis")

@@ -12,9 +12,8 @@ from typing import Any
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, load_settings, new_key
 from node.log import setup_logging
-from node.web.tokens import new_key
 
 
 def _node(args: argparse.Namespace) -> int:

@@ -20,10 +20,10 @@ import httpx
 import websockets
 
 from mesh.process import ServiceError, free_port
+from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 
 SMOKE_STEPS = 8
 

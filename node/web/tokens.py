@@ -129,8 +129,3 @@ class TokenService:
         if purpose is not Purpose.USER and not claims.session_id:
             raise TokenError("token carries no session")
         return claims
-
-
-def new_key() -> str:
-    """A fresh signing secret (for demos, tests and `sfumesh` users generating config)."""
-    return secrets.token_urlsafe(48)

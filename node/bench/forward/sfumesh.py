@@ -35,9 +35,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from node.bench.forward.systems import SIGNALLING
+from node.config import new_key
 from node.local.launch import LocalNode, start_node
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 
 log = logging.getLogger(__name__)
 

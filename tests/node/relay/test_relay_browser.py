@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from node.config import new_key
 from node.local.launch import start_nodes
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 from tests.browser import chromium, page
 from tests.node.live_client import create_room, sign_up
 from tests.node.media.test_browser import (

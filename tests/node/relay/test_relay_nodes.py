@@ -18,15 +18,15 @@ import pytest
 from redis.asyncio import Redis
 
 from node.bench.api import metric_sum
+from node.config import new_key
 from node.local.launch import LocalNode, start_node, start_nodes
 from node.local.participant import MediaPeer, until
 from node.media import adapter
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
-from tests.node.runtime.test_node_mesh import _cluster
 from tests.node.live_client import User, create_room, sign_up
 from tests.node.runtime.test_live_mesh import FAST_LIVENESS
+from tests.node.runtime.test_node_mesh import _cluster
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
+from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.sessions import Membership
-from node.web.tokens import new_key
 from tests.node.live_client import Socket, User, create_room, sign_up
 
 pytestmark = pytest.mark.slow

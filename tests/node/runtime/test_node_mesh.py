@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from mesh.closest import pick_node
+from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
-from node.web.tokens import new_key
 from tests.node.live_client import create_room, sign_up
 from tests.node.runtime.test_live_mesh import FAST_LIVENESS
 

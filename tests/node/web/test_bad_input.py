@@ -26,12 +26,12 @@ from pymongo import AsyncMongoClient
 from quart.typing import TestClientProtocol as QuartClient
 from redis.asyncio import Redis
 
-from node.config import TokenSettings, load_settings
+from node.config import TokenSettings, load_settings, new_key
 from node.runtime.services import BackingServices
 from node.store.models import DOCUMENT_MODELS, Message, Room, User
 from node.web.app import create_app
 from node.web.context import EXTENSION, NodeContext
-from node.web.tokens import Purpose, TokenService, new_key
+from node.web.tokens import Purpose, TokenService
 from tests.conftest import Api, bearer, error_of, running_app
 
 MAX_BODY = 64 * 1024  # settings.max_body_bytes, the default the fixtures keep

@@ -8,8 +8,8 @@ import json
 import jwt
 import pytest
 
-from node.config import TokenSettings
-from node.web.tokens import Purpose, TokenError, TokenService, new_key
+from node.config import TokenSettings, new_key
+from node.web.tokens import Purpose, TokenError, TokenService
 from tests.conftest import Api, bearer, error_of
 
 KEY_A, KEY_B = new_key(), new_key()

@@ -22,11 +22,11 @@ from pydantic import SecretStr
 from quart.testing.connections import WebsocketDisconnectError
 from redis.asyncio import Redis
 
-from node.config import Settings, TokenSettings
+from node.config import Settings, TokenSettings, new_key
 from node.state import keys
 from node.store.models import Message
 from node.web.context import EXTENSION, NodeContext
-from node.web.tokens import Purpose, TokenService, new_key
+from node.web.tokens import Purpose, TokenService
 from tests.conftest import Api
 from tests.node.runtime.test_live_inprocess import Peer, connect
 

@@ -32,8 +32,8 @@ from node.state import keys
 from node.store.models import Message
 from node.web.ws import HANDLERS
 from tests.conftest import Api
-from tests.node.web.test_fuzz import json_values, surrogate_text, texts, tricky_text
 from tests.node.runtime.test_live_inprocess import connect
+from tests.node.web.test_fuzz import json_values, surrogate_text, texts, tricky_text
 from tests.node.web.test_ws_bad_input import MAX_FRAME, Scene, node_context, open_scene
 
 FUZZ = settings(
