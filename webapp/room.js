@@ -16,7 +16,7 @@
 // Events: "state" {state, attempt?, delay?}, "hello" {session_id, node, region},
 // "joined" {participants, self}, "participant-joined" {participant}, "participant-left"
 // {session_id}, "chat" {message}, "track"/"trackended" (RoomMedia's), "media" {media} (a
-// new RoomMedia), "ended" {reason} (replaced, left, room-full, ...: no reconnect follows).
+// new RoomMedia), "ended" {reason} (replaced, left, room_full, ...: no reconnect follows).
 
 import { ApiError, request, roomPath } from "./api.js";
 import { forgetPick, pickNode } from "./closest.js";
@@ -27,7 +27,7 @@ const REQUEST_TIMEOUT_MS = 15_000;
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 15_000;
 // Join errors that no retry can fix.
-const FINAL_JOIN_ERRORS = new Set(["room-full", "room_not_found", "already-joined", "invalid_slug"]);
+const FINAL_JOIN_ERRORS = new Set(["room_full", "room_not_found", "already_joined", "invalid_slug"]);
 
 /** A delay for the n-th retry (n >= 1): exponential, capped, jittered ("equal jitter"). */
 export function backoff(/** @type {number} */ attempt) {

@@ -326,9 +326,9 @@ class MediaSession:
             except Exception as error:
                 # aiortc raises assorted errors on bad SDP; none may take the node down.
                 log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
-                raise MediaError("bad-sdp", f"the offer cannot be used: {error}") from error
+                raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
             if self.closed:
-                raise MediaError("not-in-room", "this session left the room")
+                raise MediaError("not_in_room", "this session left the room")
             for transceiver in pc.getTransceivers():
                 transport = transceiver.receiver.transport
                 if transport is not None:
@@ -366,19 +366,19 @@ class MediaSession:
         async with self._subscribe_lock:
             pc = self.subscribe_pc
             if pc is None or pc.signalingState != "have-local-offer":
-                raise MediaError("no-offer", "there is no subscribe offer to answer")
+                raise MediaError("no_offer", "there is no subscribe offer to answer")
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
             except Exception as error:
                 log.info("media.bad_answer", extra={"session_id": self.session_id}, exc_info=True)
-                raise MediaError("bad-sdp", f"the answer cannot be used: {error}") from error
+                raise MediaError("bad_sdp", f"the answer cannot be used: {error}") from error
         if self._needs_offer:
             self.renegotiate()
 
     async def add_candidate(self, role: str, candidate: Any) -> None:
         pc = self.publish_pc if role == "publish" else self.subscribe_pc
         if pc is None:
-            raise MediaError("no-connection", f"there is no {role} connection yet")
+            raise MediaError("no_connection", f"there is no {role} connection yet")
         if (
             candidate is None
             or candidate == ""
@@ -395,17 +395,17 @@ class MediaSession:
             mid = candidate.get("sdpMid")
             index = candidate.get("sdpMLineIndex")
             if not (mid is None or isinstance(mid, str)):
-                raise MediaError("bad-candidate", "sdpMid must be a string")
+                raise MediaError("bad_candidate", "sdpMid must be a string")
             if not (index is None or (isinstance(index, int) and not isinstance(index, bool))):
-                raise MediaError("bad-candidate", "sdpMLineIndex must be an integer")
+                raise MediaError("bad_candidate", "sdpMLineIndex must be an integer")
             if mid is None and index is None:
                 index = 0
         else:
-            raise MediaError("bad-candidate", "candidate must be a string or an object")
+            raise MediaError("bad_candidate", "candidate must be a string or an object")
         try:
             parsed = candidate_from_sdp(line.removeprefix("a=").removeprefix("candidate:"))
         except (ValueError, IndexError) as error:
-            raise MediaError("bad-candidate", "the candidate cannot be parsed") from error
+            raise MediaError("bad_candidate", "the candidate cannot be parsed") from error
         parsed.sdpMid = mid
         parsed.sdpMLineIndex = index
         await pc.addIceCandidate(parsed)
@@ -619,7 +619,7 @@ class MediaHub:
         """The connection's media session (made on first use); it must be in a room."""
         slug = conn.room
         if slug is None:
-            raise MediaError("not-in-room", "join a room before sending media")
+            raise MediaError("not_in_room", "join a room before sending media")
         existing = self.sessions.get(conn)
         if existing is not None and existing.slug == slug and not existing.closed:
             return existing

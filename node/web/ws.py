@@ -149,7 +149,7 @@ async def _receive_loop(context: NodeContext, conn: Connection) -> str:
             raw = await asyncio.wait_for(websocket.receive(), settings.ws_idle_timeout_s)
         except TimeoutError:
             conn.close(
-                CLOSE_IDLE, {"type": "error", "code": "idle-timeout", "message": "no frames"}
+                CLOSE_IDLE, {"type": "error", "code": "idle_timeout", "message": "no frames"}
             )
             return "timeout"
         now = time.monotonic()
@@ -175,7 +175,7 @@ async def _receive_loop(context: NodeContext, conn: Connection) -> str:
                     and not any("\ud800" <= char <= "\udfff" for char in str(candidate))
                 ):
                     frame_id = candidate
-            conn.send(_error(frame_id, "rate-limited", "too many frames; slow down"))
+            conn.send(_error(frame_id, "rate_limited", "too many frames; slow down"))
             continue
         allowance -= 1
         try:
@@ -196,24 +196,24 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
     if not isinstance(raw, str):
         # A binary frame; an empty one arrives as None (Quart reads `bytes or text`).
         if isinstance(raw, bytes) and len(raw) > limit:
-            conn.send(_error(None, "frame-too-large", f"frames are limited to {limit} bytes"))
+            conn.send(_error(None, "frame_too_large", f"frames are limited to {limit} bytes"))
         else:
-            conn.send(_error(None, "bad-frame", "frames are JSON objects in text frames"))
+            conn.send(_error(None, "bad_frame", "frames are JSON objects in text frames"))
         return
     # The limit is in bytes: a text frame of N characters is up to 4N bytes of UTF-8.
     size = len(raw)
     if size <= limit < 4 * size:
         size = len(raw.encode("utf-8", "surrogatepass"))
     if size > limit:
-        conn.send(_error(None, "frame-too-large", f"frames are limited to {limit} bytes"))
+        conn.send(_error(None, "frame_too_large", f"frames are limited to {limit} bytes"))
         return
     try:
         frame = json.loads(raw)
     except (ValueError, RecursionError):
-        conn.send(_error(None, "bad-frame", "frames are JSON objects"))
+        conn.send(_error(None, "bad_frame", "frames are JSON objects"))
         return
     if not isinstance(frame, dict):
-        conn.send(_error(None, "bad-frame", "frames are JSON objects"))
+        conn.send(_error(None, "bad_frame", "frames are JSON objects"))
         return
     frame_id = frame.get("id")
     # An id the reply can carry back as it came: an integer, or a string of up to 64
@@ -227,7 +227,7 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
             and not any("\ud800" <= char <= "\udfff" for char in str(frame_id))
         )
     ):
-        conn.send(_error(None, "bad-frame", "id must be a string or integer of <= 64 chars"))
+        conn.send(_error(None, "bad_frame", "id must be a string or integer of <= 64 chars"))
         return
     frame_type = frame.get("type")
     handler = HANDLERS.get(frame_type) if isinstance(frame_type, str) else None
@@ -237,7 +237,7 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
             message = f"unknown message type {frame_type[:64]!r}"
         else:
             message = "type must be a string naming a message type"
-        conn.send(_error(frame_id, "unknown-type", message))
+        conn.send(_error(frame_id, "unknown_type", message))
         return
     try:
         reply = await handler(context, conn, frame)
@@ -262,7 +262,7 @@ def _error(frame_id: Any, code: str, message: str) -> dict[str, Any]:
 def _string_field(frame: dict[str, Any], name: str, max_len: int) -> str:
     value = frame.get(name)
     if not isinstance(value, str) or not value or len(value) > max_len:
-        raise ClientError("bad-frame", f"{name} must be a non-empty string")
+        raise ClientError("bad_frame", f"{name} must be a non-empty string")
     return value
 
 
@@ -275,20 +275,20 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     token = _string_field(frame, "room_token", 4096)
     # Tokens are ASCII; anything else (a lone surrogate, say) would fail in the JWT library.
     if not token.isascii():
-        raise ClientError("bad-token", "malformed token")
+        raise ClientError("bad_token", "malformed token")
     try:
         claims = context.tokens.verify(token, Purpose.ROOM)
     except TokenError as error:
-        raise ClientError("bad-token", str(error)) from error
+        raise ClientError("bad_token", str(error)) from error
     if (claims.session_id, claims.user_id, claims.node) != (
         conn.session_id,
         conn.user_id,
         live.name,
     ):
-        raise ClientError("wrong-token", "this room token is for another session or node")
+        raise ClientError("wrong_token", "this room token is for another session or node")
     slug = str(claims.room)
     if conn.room == slug:
-        raise ClientError("already-joined", "this session is already in the room")
+        raise ClientError("already_joined", "this session is already in the room")
     result = await live.sessions.activate(slug, conn.session_id, conn.generation)
     if result is None:
         raise ClientError(
@@ -323,7 +323,7 @@ async def _leave(context: NodeContext, conn: Connection, frame: dict[str, Any]) 
     live = context.live
     slug = conn.room
     if slug is None:
-        raise ClientError("not-in-room", "this session is not in a room")
+        raise ClientError("not_in_room", "this session is not in a room")
     await live.sessions.leave(slug, conn.session_id, conn.generation, "leave")
     live.hub.leave_room(conn)
     return {"type": "ack", "room": slug}
@@ -333,14 +333,14 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     live = context.live
     slug = conn.room
     if slug is None:
-        raise ClientError("not-in-room", "join a room before chatting")
+        raise ClientError("not_in_room", "join a room before chatting")
     raw = frame.get("text")
     if not isinstance(raw, str) or len(raw) > 16000:
-        raise ClientError("bad-frame", "text must be a string")
+        raise ClientError("bad_frame", "text must be a string")
     try:
         text = clean_text(raw, max_chars=4000, allow_newlines=True)
     except ValueError as error:
-        raise ClientError("invalid-text", f"text: {error}") from error
+        raise ClientError("invalid_text", f"text: {error}") from error
     limit_key = keys.chat_limit(conn.session_id)
     async with live.redis.pipeline(transaction=True) as pipe:
         pipe.incr(limit_key)
@@ -353,12 +353,12 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
             # Redis lost its data; the node puts this session back when it answers again.
             raise ClientError("unavailable", "room state is unavailable; try again")
         # The membership ended behind this connection's back (an HTTP join elsewhere).
-        raise ClientError("not-in-room", "this session is no longer in the room")
+        raise ClientError("not_in_room", "this session is no longer in the room")
     if int(count) > context.settings.live.chat_per_s:
-        raise ClientError("rate-limited", "too many chat messages; wait a moment")
+        raise ClientError("rate_limited", "too many chat messages; wait a moment")
     room = await Room.find_one(Room.slug == slug)
     if room is None:
-        raise ClientError("room-not-found", "the room no longer exists")
+        raise ClientError("room_not_found", "the room no longer exists")
     message = await append_message(room, conn.user_id, conn.display_name, text)
     ts = message.ts.astimezone(UTC) if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
     event = {
@@ -391,7 +391,7 @@ def _pc_field(frame: dict[str, Any], expected: str | None = None) -> str:
     pc = frame.get("pc")
     if pc not in _PCS or (expected is not None and pc != expected):
         allowed = expected or " or ".join(_PCS)
-        raise ClientError("bad-frame", f"pc must be {allowed!r}")
+        raise ClientError("bad_frame", f"pc must be {allowed!r}")
     return str(pc)
 
 

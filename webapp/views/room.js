@@ -190,7 +190,7 @@ async function enterRoom(room) {
         },
         { key: "go_home", action: goHome },
       ]);
-    } else if (reason === "room-full") {
+    } else if (reason === "room_full") {
       showNotice("room_full_title", "room_full_text", { capacity: room.capacity, room: room.name }, [
         { key: "retry", primary: true, action: () => showRoom(room.slug) },
         { key: "go_home", action: goHome },

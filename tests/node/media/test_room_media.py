@@ -187,7 +187,7 @@ async def test_two_clients_decode_each_other_third_joins_and_leaves(
             # Before joining, media is refused.
             loner = await connect(stack, api, await api.session_token(tokens["alice"]))
             refused = await loner.request("offer", pc="publish", sdp="v=0")
-            assert refused["type"] == "error" and refused["code"] == "not-in-room"
+            assert refused["type"] == "error" and refused["code"] == "not_in_room"
 
             await join_clients(stack, api, tokens, names[:2], "studio", clients)
             alice, bob = clients

@@ -123,7 +123,7 @@ async def test_join_before_websocket_is_409(api: Api) -> None:
     session = await api.session_token(alice)
     response = await api.client.post("/api/rooms/lobby/join", headers=bearer(session))
     assert response.status_code == 409
-    assert (await response.get_json())["error"]["code"] == "not-connected"
+    assert (await response.get_json())["error"]["code"] == "not_connected"
 
 
 async def test_capacity_counts_people_and_refresh_gets_back_in(
@@ -138,7 +138,7 @@ async def test_capacity_counts_people_and_refresh_gets_back_in(
         fourth = await connect(stack, api, await api.session_token(users[3]))
         response = await fourth.http_join(slug)
         assert response.status_code == 409
-        assert (await response.get_json())["error"]["code"] == "room-full"
+        assert (await response.get_json())["error"]["code"] == "room_full"
         # The third user "refreshes": a new session of the same user gets back in, and
         # replaces the old one (policy "replace"), which is told and closed.
         again = await connect(stack, api, await api.session_token(users[2]))
@@ -169,25 +169,25 @@ async def test_bad_frames_get_errors_and_change_nothing(api: Api, redis: Any) ->
     async with AsyncExitStack() as stack:
         a = await connect(stack, api, await api.session_token(alice))
         frames = {
-            "not json": "bad-frame",
-            "[1]": "bad-frame",
-            json.dumps({"type": "ping", "id": ["x"]}): "bad-frame",
-            json.dumps({"type": 5}): "unknown-type",
-            json.dumps({"no": "type"}): "unknown-type",
+            "not json": "bad_frame",
+            "[1]": "bad_frame",
+            json.dumps({"type": "ping", "id": ["x"]}): "bad_frame",
+            json.dumps({"type": 5}): "unknown_type",
+            json.dumps({"no": "type"}): "unknown_type",
         }
         for frame, code in frames.items():
             await a.ws.send(frame)
             assert (await a.next("error"))["code"] == code, frame
-        assert (await a.request("dance"))["code"] == "unknown-type"
-        assert (await a.request("chat", text="hello"))["code"] == "not-in-room"
-        assert (await a.request("leave"))["code"] == "not-in-room"
-        assert (await a.request("join", room_token="garbage"))["code"] == "bad-token"
-        assert (await a.request("join"))["code"] == "bad-frame"
+        assert (await a.request("dance"))["code"] == "unknown_type"
+        assert (await a.request("chat", text="hello"))["code"] == "not_in_room"
+        assert (await a.request("leave"))["code"] == "not_in_room"
+        assert (await a.request("join", room_token="garbage"))["code"] == "bad_token"
+        assert (await a.request("join"))["code"] == "bad_frame"
         assert (await a.request("join", room_token=await api.session_token(alice)))[
             "code"
-        ] == "bad-token"
+        ] == "bad_token"
         await a.ws.send("x" * (64 * 1024 + 1))
-        assert (await a.next("error"))["code"] == "frame-too-large"
+        assert (await a.next("error"))["code"] == "frame_too_large"
         assert (await a.request("ping"))["type"] == "pong"
     assert not await redis.exists(keys.room_members("lobby"))
 
@@ -214,7 +214,7 @@ async def test_duplicate_policy_reject_and_allow(make_app: Any) -> None:
             response = await second.http_join(f"room-{policy}")
             assert response.status_code == second_status
             if policy == "reject":
-                assert (await response.get_json())["error"]["code"] == "already-joined"
+                assert (await response.get_json())["error"]["code"] == "already_joined"
             else:
                 # Two devices of one person in a room for one: capacity counts people.
                 ack = await second.request(
@@ -268,7 +268,7 @@ async def test_pending_seat_expires_with_its_room_token(make_app: Any) -> None:
         # The first user is admitted over HTTP but never sends the WebSocket join.
         assert (await a.http_join("tiny")).status_code == 200
         full = await b.http_join("tiny")
-        assert (await full.get_json())["error"]["code"] == "room-full"
+        assert (await full.get_json())["error"]["code"] == "room_full"
         await asyncio.sleep(1.2)
         assert (await b.http_join("tiny")).status_code == 200
         assert not [m for m in a.seen + b.seen if m["type"] == "participant-left"]
@@ -286,7 +286,7 @@ async def test_metrics_count_frames_errors_chats_and_ends(api: Api) -> None:
         assert "sfumesh_ws_connections 1.0" in text and "sfumesh_rooms_local 1.0" in text
         assert 'sfumesh_ws_frames_total{type="chat"} 1.0' in text
         assert 'sfumesh_ws_frames_total{type="unknown"} 1.0' in text
-        assert 'sfumesh_ws_errors_total{code="unknown-type"} 1.0' in text
+        assert 'sfumesh_ws_errors_total{code="unknown_type"} 1.0' in text
         assert "sfumesh_chat_messages_total 1.0" in text
     await asyncio.sleep(0.2)
     text = await (await api.client.get("/metrics")).get_data(as_text=True)

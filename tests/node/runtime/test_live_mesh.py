@@ -138,7 +138,7 @@ async def test_capacity_4_refresh_20_times_then_fifth_is_refused(
     assert current.session_id in {m.session_id for m in members}
     fifth = await users[4].connect(mesh[1])
     refused = await users[4].http_join(fifth, "four", mesh[2])
-    assert refused.status_code == 409 and refused.json()["error"]["code"] == "room-full"
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "room_full"
     for sock in [*sockets[:3], current, fifth]:
         await sock.close()
 
@@ -158,7 +158,7 @@ async def test_100_users_at_once_into_capacity_8(
     statuses = [reply.status_code for reply in replies]
     assert statuses.count(200) == 8 and statuses.count(409) == 92, statuses
     assert {reply.json()["error"]["code"] for reply in replies if reply.status_code == 409} == {
-        "room-full"
+        "room_full"
     }
     admitted = [s for s, reply in zip(sockets, replies, strict=True) if reply.status_code == 200]
     acks = await asyncio.gather(

@@ -174,105 +174,105 @@ NO_CODEC_SDP = (
 
 CASES: dict[str, Case] = {
     # Not JSON objects.
-    "not-json": Case(raw("not json"), "bad-frame"),
-    "empty-text": Case(raw(""), "bad-frame"),
-    "truncated-json": Case(raw('{"type": "ping", "id": "x"'), "bad-frame"),
-    "binary-garbage": Case(raw(b"\x00\xff\xfe"), "bad-frame"),
-    "binary-json": Case(raw(b'{"type": "ping", "id": "bin"}'), "bad-frame"),
-    "json-list": Case(raw('[{"type": "ping"}]'), "bad-frame"),
-    "json-string": Case(raw('"ping"'), "bad-frame"),
-    "json-number": Case(raw("1"), "bad-frame"),
-    "json-null": Case(raw("null"), "bad-frame"),
-    "json-true": Case(raw("true"), "bad-frame"),
-    "deep-list": Case(raw(nested(30_000)), "bad-frame"),
-    "deep-object": Case(raw('{"a":' * 10_000 + "1" + "}" * 10_000), "bad-frame"),
-    "deep-field": Case(raw('{"type": "ping", "x": ' + nested(20_000) + "}"), "bad-frame"),
+    "not-json": Case(raw("not json"), "bad_frame"),
+    "empty-text": Case(raw(""), "bad_frame"),
+    "truncated-json": Case(raw('{"type": "ping", "id": "x"'), "bad_frame"),
+    "binary-garbage": Case(raw(b"\x00\xff\xfe"), "bad_frame"),
+    "binary-json": Case(raw(b'{"type": "ping", "id": "bin"}'), "bad_frame"),
+    "json-list": Case(raw('[{"type": "ping"}]'), "bad_frame"),
+    "json-string": Case(raw('"ping"'), "bad_frame"),
+    "json-number": Case(raw("1"), "bad_frame"),
+    "json-null": Case(raw("null"), "bad_frame"),
+    "json-true": Case(raw("true"), "bad_frame"),
+    "deep-list": Case(raw(nested(30_000)), "bad_frame"),
+    "deep-object": Case(raw('{"a":' * 10_000 + "1" + "}" * 10_000), "bad_frame"),
+    "deep-field": Case(raw('{"type": "ping", "x": ' + nested(20_000) + "}"), "bad_frame"),
     # Type and id.
-    "missing-type": Case(raw({"text": "hi"}), "unknown-type"),
-    "type-number": Case(raw({"type": 5}), "unknown-type"),
-    "type-null": Case(raw({"type": None}), "unknown-type"),
-    "type-list": Case(raw({"type": ["ping"]}), "unknown-type"),
-    "type-object": Case(raw({"type": {"ping": 1}}), "unknown-type"),
-    "type-nested": Case(lambda s: json.loads(f'{{"type": {nested(900)}}}'), "unknown-type"),
-    "type-unknown": Case(raw({"type": "dance"}), "unknown-type"),
-    "type-case": Case(raw({"type": "PING"}), "unknown-type"),
-    "type-empty": Case(raw({"type": ""}), "unknown-type"),
-    "type-server-only": Case(raw({"type": "hello"}), "unknown-type"),
-    "type-huge": Case(raw({"type": "x" * 60_000}), "unknown-type"),
-    "id-list": Case(raw({"type": "ping", "id": ["x"]}), "bad-frame"),
-    "id-object": Case(raw({"type": "ping", "id": {"x": 1}}), "bad-frame"),
-    "id-float": Case(raw({"type": "ping", "id": 1.5}), "bad-frame"),
-    "id-bool": Case(raw({"type": "ping", "id": True}), "bad-frame"),
-    "id-too-long": Case(raw({"type": "ping", "id": "i" * 65}), "bad-frame"),
-    "id-huge-number": Case(raw({"type": "ping", "id": 10**70}), "bad-frame"),
-    "id-lone-surrogate": Case(raw({"type": "ping", "id": "\ud800"}), "bad-frame"),
-    "id-bad-type-too": Case(raw({"type": "dance", "id": ["x"]}), "bad-frame"),
+    "missing-type": Case(raw({"text": "hi"}), "unknown_type"),
+    "type-number": Case(raw({"type": 5}), "unknown_type"),
+    "type-null": Case(raw({"type": None}), "unknown_type"),
+    "type-list": Case(raw({"type": ["ping"]}), "unknown_type"),
+    "type-object": Case(raw({"type": {"ping": 1}}), "unknown_type"),
+    "type-nested": Case(lambda s: json.loads(f'{{"type": {nested(900)}}}'), "unknown_type"),
+    "type-unknown": Case(raw({"type": "dance"}), "unknown_type"),
+    "type-case": Case(raw({"type": "PING"}), "unknown_type"),
+    "type-empty": Case(raw({"type": ""}), "unknown_type"),
+    "type-server-only": Case(raw({"type": "hello"}), "unknown_type"),
+    "type-huge": Case(raw({"type": "x" * 60_000}), "unknown_type"),
+    "id-list": Case(raw({"type": "ping", "id": ["x"]}), "bad_frame"),
+    "id-object": Case(raw({"type": "ping", "id": {"x": 1}}), "bad_frame"),
+    "id-float": Case(raw({"type": "ping", "id": 1.5}), "bad_frame"),
+    "id-bool": Case(raw({"type": "ping", "id": True}), "bad_frame"),
+    "id-too-long": Case(raw({"type": "ping", "id": "i" * 65}), "bad_frame"),
+    "id-huge-number": Case(raw({"type": "ping", "id": 10**70}), "bad_frame"),
+    "id-lone-surrogate": Case(raw({"type": "ping", "id": "\ud800"}), "bad_frame"),
+    "id-bad-type-too": Case(raw({"type": "dance", "id": ["x"]}), "bad_frame"),
     # Size: the limit counts bytes (UTF-8), not characters.
-    "too-large-ascii": Case(raw("x" * (MAX_FRAME + 1)), "frame-too-large"),
+    "too-large-ascii": Case(raw("x" * (MAX_FRAME + 1)), "frame_too_large"),
     "too-large-json": Case(
-        raw(json.dumps({"type": "ping", "pad": "x" * MAX_FRAME})), "frame-too-large"
+        raw(json.dumps({"type": "ping", "pad": "x" * MAX_FRAME})), "frame_too_large"
     ),
     "too-large-multibyte": Case(
         raw(json.dumps({"type": "ping", "pad": "ā" * (MAX_FRAME // 2)}, ensure_ascii=False)),
-        "frame-too-large",
+        "frame_too_large",
     ),
-    "too-large-binary": Case(raw(b"x" * (MAX_FRAME + 1)), "frame-too-large"),
+    "too-large-binary": Case(raw(b"x" * (MAX_FRAME + 1)), "frame_too_large"),
     "too-large-chat": Case(
         raw(json.dumps({"type": "chat", "text": "€" * 30_000}, ensure_ascii=False)),
-        "frame-too-large",
+        "frame_too_large",
     ),
     # join: the room token.
-    "join-no-token": Case(raw({"type": "join"}), "bad-frame"),
-    "join-token-number": Case(raw({"type": "join", "room_token": 123}), "bad-frame"),
-    "join-token-list": Case(raw({"type": "join", "room_token": ["a.b.c"]}), "bad-frame"),
-    "join-token-empty": Case(raw({"type": "join", "room_token": ""}), "bad-frame"),
-    "join-token-too-long": Case(raw({"type": "join", "room_token": "a" * 5000}), "bad-frame"),
-    "join-token-garbage": Case(raw({"type": "join", "room_token": "garbage"}), "bad-token"),
-    "join-token-jwt-like": Case(raw({"type": "join", "room_token": "a.b.c"}), "bad-token"),
-    "join-token-surrogate": Case(raw({"type": "join", "room_token": "a.\udcff.c"}), "bad-token"),
-    "join-token-non-ascii": Case(raw({"type": "join", "room_token": "ä.ö.ü"}), "bad-token"),
+    "join-no-token": Case(raw({"type": "join"}), "bad_frame"),
+    "join-token-number": Case(raw({"type": "join", "room_token": 123}), "bad_frame"),
+    "join-token-list": Case(raw({"type": "join", "room_token": ["a.b.c"]}), "bad_frame"),
+    "join-token-empty": Case(raw({"type": "join", "room_token": ""}), "bad_frame"),
+    "join-token-too-long": Case(raw({"type": "join", "room_token": "a" * 5000}), "bad_frame"),
+    "join-token-garbage": Case(raw({"type": "join", "room_token": "garbage"}), "bad_token"),
+    "join-token-jwt-like": Case(raw({"type": "join", "room_token": "a.b.c"}), "bad_token"),
+    "join-token-surrogate": Case(raw({"type": "join", "room_token": "a.\udcff.c"}), "bad_token"),
+    "join-token-non-ascii": Case(raw({"type": "join", "room_token": "ä.ö.ü"}), "bad_token"),
     "join-token-expired": Case(
         lambda s: {"type": "join", "room_token": s.token("alice", "den", ttl_s=-60)},
-        "bad-token",
+        "bad_token",
     ),
     "join-session-token": Case(
-        lambda s: {"type": "join", "room_token": s.peers["alice"].session_token}, "bad-token"
+        lambda s: {"type": "join", "room_token": s.peers["alice"].session_token}, "bad_token"
     ),
     "join-user-token": Case(
         lambda s: {
             "type": "join",
             "room_token": s.tokens.issue(Purpose.USER, s.user_ids["alice"]).token,
         },
-        "bad-token",
+        "bad_token",
     ),
     "join-unknown-key": Case(
-        lambda s: {"type": "join", "room_token": other_key_token(s, "k9")}, "bad-token"
+        lambda s: {"type": "join", "room_token": other_key_token(s, "k9")}, "bad_token"
     ),
     "join-foreign-key-same-kid": Case(
-        lambda s: {"type": "join", "room_token": other_key_token(s, "k1")}, "bad-token"
+        lambda s: {"type": "join", "room_token": other_key_token(s, "k1")}, "bad_token"
     ),
     "join-tampered": Case(
         lambda s: {"type": "join", "room_token": s.token("alice", "den")[:-4] + "AAAA"},
-        "bad-token",
+        "bad_token",
     ),
     # join: a valid token, but not this connection's.
     "join-another-sessions-grant": Case(
-        lambda s: {"type": "join", "room_token": s.dave_grant}, "wrong-token"
+        lambda s: {"type": "join", "room_token": s.dave_grant}, "wrong_token"
     ),
     "join-token-for-another-session": Case(
         lambda s: {
             "type": "join",
             "room_token": s.token("alice", "den", session_id=s.peers["carol"].session_id),
         },
-        "wrong-token",
+        "wrong_token",
     ),
     "join-token-for-another-node": Case(
         lambda s: {"type": "join", "room_token": s.token("alice", "den", node="node-2")},
-        "wrong-token",
+        "wrong_token",
     ),
     "join-token-for-another-user": Case(
         lambda s: {"type": "join", "room_token": s.token("alice", "den", user=s.user_ids["bob"])},
-        "wrong-token",
+        "wrong_token",
     ),
     # join: this connection's token, but nothing to join.
     "join-not-admitted": Case(
@@ -289,54 +289,54 @@ CASES: dict[str, Case] = {
         who="carol",
     ),
     "join-again": Case(
-        lambda s: {"type": "join", "room_token": s.token("alice", "lobby")}, "already-joined"
+        lambda s: {"type": "join", "room_token": s.token("alice", "lobby")}, "already_joined"
     ),
     # leave and chat outside a room.
-    "leave-not-in-room": Case(raw({"type": "leave"}), "not-in-room", who="carol"),
-    "chat-not-in-room": Case(raw({"type": "chat", "text": "hi"}), "not-in-room", who="carol"),
+    "leave-not-in-room": Case(raw({"type": "leave"}), "not_in_room", who="carol"),
+    "chat-not-in-room": Case(raw({"type": "chat", "text": "hi"}), "not_in_room", who="carol"),
     # chat: the text.
-    "chat-no-text": Case(raw({"type": "chat"}), "bad-frame"),
-    "chat-text-null": Case(raw({"type": "chat", "text": None}), "bad-frame"),
-    "chat-text-number": Case(raw({"type": "chat", "text": 5}), "bad-frame"),
-    "chat-text-list": Case(raw({"type": "chat", "text": ["hi"]}), "bad-frame"),
-    "chat-text-way-too-long": Case(raw({"type": "chat", "text": "x" * 16_001}), "bad-frame"),
-    "chat-empty": Case(raw({"type": "chat", "text": ""}), "invalid-text"),
-    "chat-blank": Case(raw({"type": "chat", "text": " \n\t\u3000 "}), "invalid-text"),
-    "chat-invisible": Case(raw({"type": "chat", "text": "\u200b\u2060\u3164"}), "invalid-text"),
-    "chat-control": Case(raw({"type": "chat", "text": "hi\x00there"}), "invalid-text"),
-    "chat-bidi": Case(raw({"type": "chat", "text": "hi \u202e there"}), "invalid-text"),
-    "chat-surrogate": Case(raw({"type": "chat", "text": "hi \udc00"}), "invalid-text"),
-    "chat-too-long": Case(raw({"type": "chat", "text": "x" * (CHAT_MAX + 1)}), "invalid-text"),
+    "chat-no-text": Case(raw({"type": "chat"}), "bad_frame"),
+    "chat-text-null": Case(raw({"type": "chat", "text": None}), "bad_frame"),
+    "chat-text-number": Case(raw({"type": "chat", "text": 5}), "bad_frame"),
+    "chat-text-list": Case(raw({"type": "chat", "text": ["hi"]}), "bad_frame"),
+    "chat-text-way-too-long": Case(raw({"type": "chat", "text": "x" * 16_001}), "bad_frame"),
+    "chat-empty": Case(raw({"type": "chat", "text": ""}), "invalid_text"),
+    "chat-blank": Case(raw({"type": "chat", "text": " \n\t\u3000 "}), "invalid_text"),
+    "chat-invisible": Case(raw({"type": "chat", "text": "\u200b\u2060\u3164"}), "invalid_text"),
+    "chat-control": Case(raw({"type": "chat", "text": "hi\x00there"}), "invalid_text"),
+    "chat-bidi": Case(raw({"type": "chat", "text": "hi \u202e there"}), "invalid_text"),
+    "chat-surrogate": Case(raw({"type": "chat", "text": "hi \udc00"}), "invalid_text"),
+    "chat-too-long": Case(raw({"type": "chat", "text": "x" * (CHAT_MAX + 1)}), "invalid_text"),
     "chat-too-long-after-nfc": Case(
-        raw({"type": "chat", "text": "e\u0301" * (CHAT_MAX + 1)}), "invalid-text"
+        raw({"type": "chat", "text": "e\u0301" * (CHAT_MAX + 1)}), "invalid_text"
     ),
     # Media signalling: which connection, in a room, usable SDP and candidates.
-    "offer": Case(raw({"type": "offer", "sdp": "v=0"}), "bad-frame"),
+    "offer": Case(raw({"type": "offer", "sdp": "v=0"}), "bad_frame"),
     "offer-for-subscribe": Case(
-        raw({"type": "offer", "pc": "subscribe", "sdp": "v=0"}), "bad-frame"
+        raw({"type": "offer", "pc": "subscribe", "sdp": "v=0"}), "bad_frame"
     ),
-    "offer-no-sdp": Case(raw({"type": "offer", "pc": "publish"}), "bad-frame"),
-    "offer-sdp-number": Case(raw({"type": "offer", "pc": "publish", "sdp": 5}), "bad-frame"),
+    "offer-no-sdp": Case(raw({"type": "offer", "pc": "publish"}), "bad_frame"),
+    "offer-sdp-number": Case(raw({"type": "offer", "pc": "publish", "sdp": 5}), "bad_frame"),
     "offer-not-in-room": Case(
-        raw({"type": "offer", "pc": "publish", "sdp": "v=0"}), "not-in-room", who="carol"
+        raw({"type": "offer", "pc": "publish", "sdp": "v=0"}), "not_in_room", who="carol"
     ),
     "offer-garbage-sdp": Case(
-        raw({"type": "offer", "pc": "publish", "sdp": "m=video x\r\nbogus\r\n"}), "bad-sdp"
+        raw({"type": "offer", "pc": "publish", "sdp": "m=video x\r\nbogus\r\n"}), "bad_sdp"
     ),
     "offer-no-usable-codec": Case(
-        raw({"type": "offer", "pc": "publish", "sdp": NO_CODEC_SDP}), "bad-sdp"
+        raw({"type": "offer", "pc": "publish", "sdp": NO_CODEC_SDP}), "bad_sdp"
     ),
-    "answer-for-publish": Case(raw({"type": "answer", "pc": "publish", "sdp": "v=0"}), "bad-frame"),
+    "answer-for-publish": Case(raw({"type": "answer", "pc": "publish", "sdp": "v=0"}), "bad_frame"),
     "answer-without-offer": Case(
-        raw({"type": "answer", "pc": "subscribe", "sdp": "v=0"}), "no-offer"
+        raw({"type": "answer", "pc": "subscribe", "sdp": "v=0"}), "no_offer"
     ),
-    "candidate-no-pc": Case(raw({"type": "candidate", "candidate": "x"}), "bad-frame"),
+    "candidate-no-pc": Case(raw({"type": "candidate", "candidate": "x"}), "bad_frame"),
     "candidate-no-connection": Case(
-        raw({"type": "candidate", "pc": "publish", "candidate": CANDIDATE}), "no-connection"
+        raw({"type": "candidate", "pc": "publish", "candidate": CANDIDATE}), "no_connection"
     ),
     "candidate-not-in-room": Case(
         raw({"type": "candidate", "pc": "publish", "candidate": CANDIDATE}),
-        "not-in-room",
+        "not_in_room",
         who="carol",
     ),
 }
@@ -365,7 +365,7 @@ async def test_bad_frame(scene: Scene, name: str) -> None:
     assert error.get("id") == expected_id, error
     # Media errors say which peer connection they are about.
     if isinstance(frame, dict) and frame.get("pc") in ("publish", "subscribe"):
-        if case.code != "bad-frame":
+        if case.code != "bad_frame":
             assert error.get("pc") == frame["pc"], error
     await still_answers(peer)
 
@@ -390,7 +390,7 @@ async def test_empty_binary_frame(scene: Scene) -> None:
     event = {"type": "websocket.receive", "bytes": b"", "text": None}
     await alice.ws._send_queue.put(event)
     error = await alice.next("error")
-    assert error["code"] == "bad-frame" and "id" not in error, error
+    assert error["code"] == "bad_frame" and "id" not in error, error
     await still_answers(alice)
     assert await room_state(scene.redis) == before
 
@@ -436,11 +436,11 @@ async def test_a_failed_join_leaves_the_pending_grant_usable(scene: Scene) -> No
     """Alice presenting dave's grant changes nothing: dave can still use it afterwards."""
     alice, dave = scene.peers["alice"], scene.peers["dave"]
     token = scene.dave_grant
-    assert (await alice.request("join", room_token=token))["code"] == "wrong-token"
+    assert (await alice.request("join", room_token=token))["code"] == "wrong_token"
     ack = await dave.request("join", room_token=token)
     assert ack["type"] == "ack" and ack["room"] == "den", ack
     # And it works once: presented again, dave is already there.
-    assert (await dave.request("join", room_token=token))["code"] == "already-joined"
+    assert (await dave.request("join", room_token=token))["code"] == "already_joined"
 
 
 # --- floods --------------------------------------------------------------------------
@@ -465,7 +465,7 @@ async def test_chat_flood_is_rate_limited(api: Api, redis: Redis) -> None:
         acked = [f"m{n}" for n in range(sent) if replies[f"c{n}"]["type"] == "ack"]
         refused = [r for r in replies.values() if r["type"] == "error"]
         assert refused, "a burst of 4x the limit was not limited at all"
-        assert {r["code"] for r in refused} == {"rate-limited"}, refused
+        assert {r["code"] for r in refused} == {"rate_limited"}, refused
         assert len(acked) + len(refused) == sent
         # Only what was acknowledged is stored and sent to the room, once, in order.
         stored = [m.text for m in await Message.find(Message.room == "lobby").to_list()]
@@ -499,7 +499,7 @@ async def test_frame_flood_is_rate_limited(make_app: Callable[..., Any], redis: 
                 replies[message["id"]] = message
             else:
                 alice.seen.append(message)
-        limited = [r for r in replies.values() if r.get("code") == "rate-limited"]
+        limited = [r for r in replies.values() if r.get("code") == "rate_limited"]
         assert limited, "200 frames at once at 20 a second were not limited"
         assert all(r["type"] == "error" for r in limited)
         assert not [m for m in alice.seen if m["type"] == "error"], alice.seen
@@ -512,7 +512,7 @@ async def test_frame_flood_is_rate_limited(make_app: Callable[..., Any], redis: 
             reply = await alice.request("ping")
             if reply["type"] == "pong":
                 break
-            assert reply["code"] == "rate-limited", reply
+            assert reply["code"] == "rate_limited", reply
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the socket never answered again after the flood")
@@ -551,7 +551,7 @@ async def test_idle_client_times_out_and_leaves_once(
             assert await redis.hexists(keys.room_members("lobby"), sid)
             # Alice says nothing more.
             error = await alice.next("error")
-            assert error["code"] == "idle-timeout", error
+            assert error["code"] == "idle_timeout", error
             with pytest.raises(WebsocketDisconnectError) as closed:
                 await alice.next("never")
             assert closed.value.args == (4002,)  # hub.CLOSE_IDLE
@@ -591,7 +591,7 @@ async def test_http_join_again_keeps_an_active_member_active(scene: Scene) -> No
     again = await alice.http_join("lobby")
     assert again.status_code == 200, await again.get_data(as_text=True)
     reply = await alice.request("join", room_token=(await again.get_json())["room_token"])
-    assert reply["type"] == "ack" or reply["code"] == "already-joined", reply
+    assert reply["type"] == "ack" or reply["code"] == "already_joined", reply
     raw: Any = await scene.redis.hget(keys.room_members("lobby"), alice.session_id)
     assert json.loads(raw)["state"] == "active"
     room = await (await scene.api.client.get("/api/rooms/lobby")).get_json()
@@ -607,7 +607,7 @@ async def test_moved_session_no_longer_chats_in_the_old_room(scene: Scene) -> No
     assert not await scene.redis.hexists(keys.room_members("lobby"), alice.session_id)
     before = await room_state(scene.redis)
     reply = await alice.request("chat", text="still here?")
-    assert reply["code"] == "not-in-room", reply
+    assert reply["code"] == "not_in_room", reply
     assert await room_state(scene.redis) == before
     # The grant for the new room still works.
     ack = await alice.request("join", room_token=(await moved.get_json())["room_token"])

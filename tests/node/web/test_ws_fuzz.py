@@ -48,16 +48,16 @@ PING_ID = "\x00fuzz-ping"  # no generated frame uses it (checked below)
 
 # Codes the node may answer bad input with: refusals, never its own failure.
 CLIENT_CODES = {
-    "bad-frame",
-    "unknown-type",
-    "frame-too-large",
-    "bad-token",
-    "wrong-token",
+    "bad_frame",
+    "unknown_type",
+    "frame_too_large",
+    "bad_token",
+    "wrong_token",
     "not-admitted",
-    "already-joined",
-    "not-in-room",
-    "invalid-text",
-    "rate-limited",
+    "already_joined",
+    "not_in_room",
+    "invalid_text",
+    "rate_limited",
     "unsupported",
 }
 
