@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import platform
-import re
 import secrets
-import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +31,16 @@ from typing import Any
 import httpx
 
 from mesh.process import ServiceError
+from node.bench.harness import (
+    BenchFailure,
+    Watch,
+    drop_external_database,
+    http_client,
+    load,
+    no_interrupts,
+    timed,
+)
+from node.bench.report import Phase, ms, print_errors, print_phases, rounded, write_report
 from node.config import new_key
 from node.local.launch import LocalNode, start_node
 from node.log import setup_logging
@@ -46,149 +51,6 @@ DEFAULT_BCRYPT_COST = 12
 # Failed-login limits far above anything a bench run can reach (only failures count, and a
 # successful login gives its slot back, but requests in flight hold one each).
 LOGIN_LIMIT = 1_000_000_000
-REQUEST_TIMEOUT_S = 120.0
-# Below Hypercorn's 5 s keep-alive timeout, so that a pooled connection left idle during a
-# phase is never reused just as the server closes it (a spurious "server disconnected").
-KEEPALIVE_EXPIRY_S = 1.0
-WATCH_INTERVAL_S = 0.2
-MAX_ERROR_SAMPLES = 5
-
-
-class BenchFailure(Exception):
-    """The bench could not run to the end (setup failed, a process died)."""
-
-
-@dataclass
-class Phase:
-    """Outcome of one kind of request in one phase."""
-
-    key: str
-    label: str
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    error_samples: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> int:
-        return len(self.latencies_ms)
-
-    @property
-    def per_s(self) -> float:
-        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def percentile_ms(self, q: float) -> float | None:
-        return percentile(sorted(self.latencies_ms), q)
-
-    def record_error(self, detail: str) -> None:
-        self.errors += 1
-        if len(self.error_samples) < MAX_ERROR_SAMPLES:
-            self.error_samples.append(detail)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "ok": self.ok,
-            "errors": self.errors,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "per_s": round(self.per_s, 2),
-            "p50_ms": rounded(self.percentile_ms(0.50)),
-            "p99_ms": rounded(self.percentile_ms(0.99)),
-            "max_ms": rounded(max(self.latencies_ms, default=None)),
-            "error_samples": self.error_samples,
-        }
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """The q-quantile (0..1) with linear interpolation between ranks; None without values."""
-    if not sorted_values:
-        return None
-    rank = (len(sorted_values) - 1) * q
-    low = int(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
-
-
-def rounded(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-@dataclass
-class Watch:
-    """Set `abort` as soon as the node or an embedded service dies, and say which."""
-
-    node: LocalNode
-    services: BackingServices
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
-    deaths: list[str] = field(default_factory=list)
-
-    async def run(self) -> None:
-        while True:
-            dead = self.services.dead()
-            if self.node.process.exit_code() is not None:
-                dead.append(self.node.process)
-            if dead:
-                self.deaths.extend(child.death_report() for child in dead)
-                self.abort.set()
-                return
-            await asyncio.sleep(WATCH_INTERVAL_S)
-
-    def check(self) -> None:
-        if self.deaths:
-            raise BenchFailure("a process died during the bench:\n" + "\n".join(self.deaths))
-
-
-async def _timed(
-    phase: Phase,
-    client: httpx.AsyncClient,
-    method: str,
-    path: str,
-    body: dict[str, Any] | None = None,
-) -> httpx.Response | None:
-    """One request; its latency on success, an error otherwise."""
-    started = time.perf_counter()
-    try:
-        response = await client.request(method, path, json=body)
-    except httpx.HTTPError as error:
-        phase.record_error(f"{method} {path}: {type(error).__name__}: {error}")
-        return None
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    if not response.is_success:
-        phase.record_error(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
-        return None
-    phase.latencies_ms.append(elapsed_ms)
-    return response
-
-
-async def load(
-    phase: Phase,
-    workers: int,
-    deadline: float,
-    abort: asyncio.Event,
-    one_request: Callable[[], Awaitable[None]],
-) -> None:
-    """`workers` loops that each start requests back to back until the deadline.
-
-    The phase's time runs until the last request in flight has finished, so that the rate
-    counts every completed request against the time it really took.
-    """
-    started = time.perf_counter()
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline and not abort.is_set():
-            await one_request()
-
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    phase.elapsed_s = time.perf_counter() - started
-
-
-def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=connections,
-        max_keepalive_connections=connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY_S,
-    )
-    return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
 
 
 async def _setup_room(client: httpx.AsyncClient, prefix: str, password: str) -> str:
@@ -202,9 +64,9 @@ async def _setup_room(client: httpx.AsyncClient, prefix: str, password: str) -> 
         "display_name": "Bench owner",
     }
     slug = f"bench-{prefix.rstrip('_')}"
-    if await _timed(setup, client, "POST", "/api/users", signup) is not None:
+    if await timed(setup, client, "POST", "/api/users", signup) is not None:
         login = {"login": owner, "password": password}
-        reply = await _timed(setup, client, "POST", "/api/auth/login", login)
+        reply = await timed(setup, client, "POST", "/api/auth/login", login)
         if reply is not None:
             headers = {"Authorization": f"Bearer {reply.json()['user_token']}"}
             try:
@@ -221,7 +83,7 @@ async def _setup_room(client: httpx.AsyncClient, prefix: str, password: str) -> 
     if setup.errors:
         raise BenchFailure("setup failed: " + "; ".join(setup.error_samples))
     path = f"/api/rooms/{slug}"
-    check = await _timed(setup, client, "GET", path)
+    check = await timed(setup, client, "GET", path)
     if check is None:
         raise BenchFailure("setup failed: " + "; ".join(setup.error_samples))
     return path
@@ -271,7 +133,7 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
                     "password": password,
                     "display_name": f"Bench user {username}",
                 }
-                if await _timed(signups, client, "POST", "/api/users", body) is not None:
+                if await timed(signups, client, "POST", "/api/users", body) is not None:
                     users.append(username)
 
             deadline = time.perf_counter() + run.duration_s
@@ -287,13 +149,13 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
             def login_into(phase: Phase) -> Callable[[], Awaitable[None]]:
                 async def login() -> None:
                     body = {"login": users[next(turn) % len(users)], "password": password}
-                    await _timed(phase, client, "POST", "/api/auth/login", body)
+                    await timed(phase, client, "POST", "/api/auth/login", body)
 
                 return login
 
             def get_into(phase: Phase) -> Callable[[], Awaitable[None]]:
                 async def get() -> None:
-                    await _timed(phase, get_client, "GET", room_path)
+                    await timed(phase, get_client, "GET", room_path)
 
                 return get
 
@@ -319,30 +181,6 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
             watch.check()
     finally:
         watcher.cancel()
-
-
-@contextmanager
-def no_interrupts() -> Iterator[None]:
-    """A second Ctrl-C must not cut the clean-up short and leave children running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def drop_external_database(mongodb_uri: str, database: str) -> None:
-    """Bench users written to a store we did not start are removed again."""
-    from pymongo import MongoClient
-
-    mongo: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri, serverSelectionTimeoutMS=5000)
-    try:
-        mongo.drop_database(database)
-    finally:
-        mongo.close()
 
 
 def _bench_api(data_dir: Path, run: BenchRun) -> None:
@@ -375,56 +213,6 @@ def _bench_api(data_dir: Path, run: BenchRun) -> None:
                     print(f"sfumesh bench: could not drop {database}: {error}", file=sys.stderr)
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """user + sys CPU seconds of process `pid`, all its threads (not its children)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def metric_sum(text: str, name: str, label: str = "") -> float:
-    """The sum of a metric's samples in Prometheus text (those whose labels contain
-    `label`, e.g. 'direction="out"')."""
-    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for labels, value in pattern.findall(text) if label in labels)
-
-
-def say(text: str = "", *, err: bool = False) -> None:
-    """One line of a bench's output (stdout is its report; errors go to stderr)."""
-    print(text, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-def ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def write_report(path: Path, figures: dict[str, Any]) -> bool:
-    """The figures as JSON at `path`; False (said on stderr) when it cannot be written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(figures, indent=2) + "\n")
-    except OSError as error:
-        print(f"sfumesh bench: cannot write {path}: {error}", file=sys.stderr)
-        return False
-    print(f"written: {path}")
-    return True
-
-
-def print_phases(rows: list[tuple[int, Phase]]) -> None:
-    """The table every bench prints: one line per (phase number, phase)."""
-    header = f"{'phase':<48} {'ok':>7} {'errors':>7} {'per s':>9} {'p50 ms':>9} {'p99 ms':>9}"
-    print(header)
-    print("-" * len(header))
-    for number, phase in rows:
-        print(
-            f"{number} {phase.label:<46} {phase.ok:>7} {phase.errors:>7} {phase.per_s:>9.1f} "
-            f"{ms(phase.percentile_ms(0.50)):>9} {ms(phase.percentile_ms(0.99)):>9}"
-        )
-
-
 def print_table(run: BenchRun) -> None:
     cpus = os.cpu_count() or "?"
     print(
@@ -440,17 +228,6 @@ def print_table(run: BenchRun) -> None:
         f"(idle: p50 {ms(idle.percentile_ms(0.50))} ms, p99 {ms(idle.percentile_ms(0.99))} ms)"
     )
     print_errors(run.phases)
-
-
-def print_errors(phases: list[Phase]) -> None:
-    errors = sum(phase.errors for phase in phases)
-    if not errors:
-        print("errors: none")
-        return
-    print(f"ERRORS: {errors} failed requests")
-    for phase in phases:
-        for sample in phase.error_samples:
-            print(f"  {phase.key}: {sample}")
 
 
 def report(run: BenchRun) -> dict[str, Any]:
@@ -477,37 +254,14 @@ def report(run: BenchRun) -> dict[str, Any]:
     }
 
 
-def run_bench(
-    name: str,
+def run_api_bench(
     *,
     json_path: Path | None,
     duration_s: float,
     concurrency: int = DEFAULT_CONCURRENCY,
     bcrypt_cost: int | None = None,
-    nodes: int | None = None,
-    clients: int | None = None,
 ) -> int:
-    """Run the named bench; 0 when it ran without errors, 1 when not, 2 on bad arguments.
-
-    `bcrypt_cost`, `nodes` and `clients` left at None take the named bench's defaults.
-    """
-    if name == "join":
-        from node.bench.join import run_join_bench
-
-        return run_join_bench(
-            json_path=json_path,
-            duration_s=duration_s,
-            nodes=nodes,
-            clients=clients,
-            bcrypt_cost=bcrypt_cost,
-        )
-    if name == "codecs":
-        from node.bench.codecs import run_codecs_bench
-
-        return run_codecs_bench(json_path=json_path, duration_s=duration_s)
-    if name != "api":
-        print(f"sfumesh bench: unknown bench {name!r} (known: api, join, codecs)", file=sys.stderr)
-        return 2
+    """Run `bench api`; 0 when it ran without errors, 1 when not, 2 on bad arguments."""
     if bcrypt_cost is None:
         bcrypt_cost = DEFAULT_BCRYPT_COST
     if not duration_s > 0 or concurrency < 1 or not 4 <= bcrypt_cost <= 31:

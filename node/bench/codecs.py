@@ -38,7 +38,7 @@ from aiortc.codecs import h264, vpx
 from aiortc.codecs.base import Decoder, Encoder
 from aiortc.jitterbuffer import JitterFrame
 
-from node.bench.api import say, write_report
+from node.bench.report import say, write_report
 
 FPS = 30
 TIME_BASE = fractions.Fraction(1, FPS)

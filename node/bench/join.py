@@ -41,22 +41,16 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from mesh.process import ServiceError
-from node.bench.api import (
+from node.bench.harness import (
     WATCH_INTERVAL_S,
     BenchFailure,
-    Phase,
     Watch,
     drop_external_database,
     http_client,
     load,
-    ms,
     no_interrupts,
-    print_errors,
-    print_phases,
-    rounded,
-    say,
-    write_report,
 )
+from node.bench.report import Phase, ms, print_errors, print_phases, rounded, say, write_report
 from node.config import LiveSettings, RoomSettings, new_key
 from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging

@@ -44,10 +44,10 @@ from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
 from mesh.process import ServiceError
-from node.bench.api import (
+from node.bench.harness import no_interrupts
+from node.bench.report import (
     metric_sum,
     ms,
-    no_interrupts,
     percentile,
     process_cpu_s,
     rounded,

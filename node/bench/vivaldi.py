@@ -271,7 +271,7 @@ def bench(
     trials: int,
 ) -> dict[str, Any]:
     """Run both parts; the figures for the table and the JSON report."""
-    from node.bench.api import rounded  # here: importing this module stays cheap for the CLI
+    from node.bench.report import rounded  # here: importing this module stays cheap for the CLI
 
     started = time.perf_counter()
     coords = simulate(matrix, rounds, seed)
@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
         trials=trials,
     )
     print_table(figures)
-    from node.bench.api import write_report
+    from node.bench.report import write_report
 
     json_path: Path | None = getattr(args, "json", None)
     if json_path is not None and not write_report(json_path, figures):

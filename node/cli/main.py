@@ -88,16 +88,27 @@ def _bench(args: argparse.Namespace) -> int:
         from node.bench.relay import run as run_relay_bench
 
         return run_relay_bench(args)
-    from node.bench.api import run_bench
+    if args.name == "join":
+        from node.bench.join import run_join_bench
 
-    return run_bench(
-        args.name,
+        return run_join_bench(
+            json_path=args.json,
+            duration_s=args.duration,
+            nodes=args.nodes,
+            clients=args.clients,
+            bcrypt_cost=args.bcrypt_cost,
+        )
+    if args.name == "codecs":
+        from node.bench.codecs import run_codecs_bench
+
+        return run_codecs_bench(json_path=args.json, duration_s=args.duration)
+    from node.bench.api import run_api_bench
+
+    return run_api_bench(
         json_path=args.json,
         duration_s=args.duration,
         concurrency=args.concurrency,
         bcrypt_cost=args.bcrypt_cost,
-        nodes=args.nodes,
-        clients=args.clients,
     )
 
 

@@ -25,7 +25,7 @@ from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.runtime.services import BackingServices
 
-SMOKE_STEPS = 8
+SMOKE_STEPS = 9
 
 
 class SmokeFailure(Exception):
@@ -177,7 +177,17 @@ async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
             regions = ", ".join(sorted(n["region"] for n in nodes))
             return f"{len(ready)} nodes alive in Serf ({regions}); nearest {ranked[0]['name']}"
 
+        async def web_client() -> str:
+            # The page and files from each folder of it: an installed wheel must carry them all.
+            page = _expect(await http.get("/"), 200, "web client").text
+            if "<html" not in page.lower():
+                raise SmokeFailure("web client: / is not the page")
+            for path in ("/static/app.js", "/static/views/room.js", "/static/i18n/en.json"):
+                _expect(await http.get(path), 200, f"web client {path}")
+            return "page, scripts and translations served"
+
         steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            ("web client", web_client),
             ("mesh", mesh),
             ("signup", signup),
             ("login", login),

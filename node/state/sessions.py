@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
+from node.errors import Conflict
 from node.state import keys
 from node.state.lock import DistributedLock, FencedScript
-from node.web.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class SessionStore:
         """Step 2 of joining (S2): admit the session into the room as a pending member."""
         record = await self.get(session_id)
         if record is None or record.user_id != user_id:
-            raise APIError(409, "not_connected", "connect the WebSocket first, then join")
+            raise Conflict("not_connected", "connect the WebSocket first, then join")
         if record.room and record.room != slug:
             await self.leave(record.room, session_id, record.generation, "moved")
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
@@ -291,13 +291,13 @@ class SessionStore:
             ]
             same_user = [m for m in others if m.user_id == user_id]
             if same_user and policy == "reject":
-                raise APIError(409, "already_joined", "this user is already in the room")
+                raise Conflict("already_joined", "this user is already in the room")
             replaced = same_user if policy == "replace" else []
             replaced_ids = {m.session_id for m in replaced}
             people = {m.user_id for m in others if m.session_id not in replaced_ids}
             # Capacity counts people, not sessions (R6): a user already inside takes no seat.
             if user_id not in people and len(people) >= capacity:
-                raise APIError(409, "room_full", f"the room is full ({capacity} people)")
+                raise Conflict("room_full", f"the room is full ({capacity} people)")
             membership = Membership(
                 session_id,
                 user_id,

@@ -10,9 +10,9 @@ from beanie.operators import And, Or
 from bson.errors import InvalidId
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from node.errors import Invalid
 from node.store.models import Message, Room
 from node.store.text import clean_text
-from node.web.errors import APIError
 
 MAX_PAGE = 100
 
@@ -84,10 +84,10 @@ async def history(room: Room, before: str | None, limit: int) -> HistoryPage:
         try:
             cursor_id = PydanticObjectId(before)
         except (InvalidId, TypeError) as error:
-            raise APIError(422, "invalid_cursor", "before: not a message id") from error
+            raise Invalid("invalid_cursor", "before: not a message id") from error
         anchor = await Message.find_one(Message.id == cursor_id, Message.room == room.slug)
         if anchor is None:
-            raise APIError(422, "invalid_cursor", "before: no such message in this room")
+            raise Invalid("invalid_cursor", "before: no such message in this room")
         query.append(
             Or(Message.ts < anchor.ts, And(Message.ts == anchor.ts, Message.id < anchor.id))
         )

@@ -17,12 +17,12 @@ from pymongo.errors import DuplicateKeyError
 from redis.asyncio import Redis
 
 from node.config import RoomSettings
+from node.errors import Conflict, Forbidden, Invalid, NotFound
 from node.state import keys
 from node.state.sessions import Membership
 from node.store.models import Room, User
 from node.store.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, clean_text
 from node.store.users import username_key
-from node.web.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,10 @@ async def create_room(
     """Checked first, then stored under `guard` (the room lock, S6), so refused input
     takes no lock; the unique index stays the final word should a lock ever be lost."""
     if not may_create_rooms(creator, settings):
-        raise APIError(403, "forbidden", "room creation is limited to allow-listed users")
+        raise Forbidden("forbidden", "room creation is limited to allow-listed users")
     capacity = new.capacity if new.capacity is not None else settings.default_capacity
     if capacity > settings.max_capacity:
-        raise APIError(422, "invalid_input", f"capacity: must be at most {settings.max_capacity}")
+        raise Invalid("invalid_input", f"capacity: must be at most {settings.max_capacity}")
     room = Room(
         slug=new.slug, name=new.name or new.slug, capacity=capacity, creator_id=str(creator.id)
     )
@@ -186,7 +186,7 @@ async def create_room(
         async with guard() if guard is not None else nullcontext():
             await room.insert()
     except DuplicateKeyError as error:
-        raise APIError(409, "room_exists", f"the room {new.slug!r} already exists") from error
+        raise Conflict("room_exists", f"the room {new.slug!r} already exists") from error
     log.info("room.created", extra={"room": room.slug, "user_id": room.creator_id})
     return room
 
@@ -195,10 +195,10 @@ async def get_room(raw_slug: str) -> Room:
     try:
         slug = normalize_slug(raw_slug)
     except ValueError as error:
-        raise APIError(422, "invalid_slug", f"slug: {error}") from error
+        raise Invalid("invalid_slug", f"slug: {error}") from error
     room = await Room.find_one(Room.slug == slug)
     if room is None:
-        raise APIError(404, "room_not_found", "no such room")
+        raise NotFound("room_not_found", "no such room")
     return room
 
 

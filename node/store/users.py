@@ -12,10 +12,10 @@ import bcrypt
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 from pymongo.errors import DuplicateKeyError
 
+from node.errors import Conflict, RateLimited, Unauthenticated
 from node.state.ratelimit import LoginLimiter, Reservation
 from node.store.models import User
 from node.store.text import clean_text
-from node.web.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ async def create_user(new: NewUser, hasher: PasswordHasher) -> User:
         await user.insert()
     except DuplicateKeyError as error:
         # Which index clashed is not said: that would tell strangers an email is registered.
-        raise APIError(409, "user_exists", "username or email is already registered") from error
+        raise Conflict("user_exists", "username or email is already registered") from error
     log.info("user.created", extra={"user_id": str(user.id)})
     return user
 
@@ -157,11 +157,8 @@ async def authenticate(
     if not isinstance(reservation, Reservation):
         wait = max(1, round(reservation))
         log.warning("login.rate_limited", extra={"address": address})
-        raise APIError(
-            429,
-            "rate_limited",
-            f"too many failed logins, try again in {wait} s",
-            headers={"Retry-After": str(wait)},
+        raise RateLimited(
+            "rate_limited", f"too many failed logins, try again in {wait} s", retry_after_s=wait
         )
     failed = False
     try:
@@ -170,7 +167,7 @@ async def authenticate(
         if not ok or user is None:
             failed = True
             log.info("login.failed", extra={"address": address})
-            raise APIError(401, "invalid_credentials", "wrong login or password")
+            raise Unauthenticated("invalid_credentials", "wrong login or password")
     finally:
         # Only a checked, wrong password keeps its slot: a success, or an attempt cut off
         # before it was answered (client gone, store error), gives it back.

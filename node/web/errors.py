@@ -11,6 +11,16 @@ from quart_schema import RequestSchemaValidationError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from node.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+    legacy_fields,
+)
 from node.state.lock import LockError, LockUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,25 @@ class APIError(Exception):
         self.message = message
         self.headers = headers or {}
         self.details = details
+
+
+# The one mapping from a domain refusal to its HTTP status.
+_DOMAIN_STATUS: dict[type[DomainError], int] = {
+    Invalid: 422,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    RateLimited: 429,
+}
+
+
+def from_domain(error: DomainError) -> APIError:
+    status = next((code for kind, code in _DOMAIN_STATUS.items() if isinstance(error, kind)), 400)
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return APIError(status, error.code, error.message, headers=headers)
 
 
 def _malformed_json(why: str = "the body is not valid JSON") -> APIError:
@@ -64,6 +93,7 @@ class JSONCheckedRequest(Request):
 
 def error_response(error: APIError) -> tuple[Response, int, dict[str, str]]:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
+    body.update(legacy_fields(error.code))
     if error.details:
         body["details"] = error.details
     return jsonify({"error": body}), error.status, error.headers
@@ -95,6 +125,10 @@ def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(APIError)
     async def _api_error(error: APIError) -> Any:
         return error_response(error)
+
+    @app.errorhandler(DomainError)
+    async def _domain_error(error: DomainError) -> Any:
+        return error_response(from_domain(error))
 
     @app.errorhandler(RequestSchemaValidationError)
     async def _schema_error(error: RequestSchemaValidationError) -> Any:

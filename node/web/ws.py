@@ -21,6 +21,7 @@ from bson.errors import InvalidId
 from quart import Blueprint, Response, jsonify, websocket
 from redis.exceptions import RedisError
 
+from node.errors import DomainError, legacy_fields
 from node.media.session import MediaError, MediaSession
 from node.state import keys
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
@@ -148,9 +149,7 @@ async def _receive_loop(context: NodeContext, conn: Connection) -> str:
         try:
             raw = await asyncio.wait_for(websocket.receive(), settings.ws_idle_timeout_s)
         except TimeoutError:
-            conn.close(
-                CLOSE_IDLE, {"type": "error", "code": "idle_timeout", "message": "no frames"}
-            )
+            conn.close(CLOSE_IDLE, _error(None, "idle_timeout", "no frames"))
             return "timeout"
         now = time.monotonic()
         allowance = min(
@@ -244,6 +243,9 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
     except ClientError as error:
         conn.send({**_error(frame_id, error.code, error.message), **error.fields})
         return
+    except DomainError as error:
+        conn.send(_error(frame_id, error.code, error.message))
+        return
     except (RedisError, OSError, LockError) as error:
         log.warning("ws.state_unavailable", extra={"error": str(error)})
         conn.send(_error(frame_id, "unavailable", "room state is unavailable; try again"))
@@ -254,6 +256,7 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
 
 def _error(frame_id: Any, code: str, message: str) -> dict[str, Any]:
     error: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    error.update(legacy_fields(code))
     if frame_id is not None:
         error["id"] = frame_id
     return error
@@ -292,7 +295,7 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     result = await live.sessions.activate(slug, conn.session_id, conn.generation)
     if result is None:
         raise ClientError(
-            "not-admitted", "no pending join for this connection: POST /api/rooms/{slug}/join"
+            "not_admitted", "no pending join for this connection: POST /api/rooms/{slug}/join"
         )
     membership, event_id, active = result
     if conn.room is not None:

@@ -47,10 +47,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from node.bench.api import ms, percentile, process_cpu_s, rounded, say, write_report
 from node.bench.forward import media as bench_media
 from node.bench.forward.peers import SUBSCRIBERS_PER_PROCESS
 from node.bench.forward.systems import System
+from node.bench.report import ms, percentile, process_cpu_s, rounded, say, write_report
 from node.local.netns import NetnsError, ensure_veth, in_private_netns, reexec_in_private_netns
 
 DEFAULT_SUBSCRIBERS: Final = (1, 4, 16, 32)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from node.bench.api import metric_sum
+from node.bench.report import metric_sum
 from node.config import new_key
 from node.local.launch import LocalNode, start_node, start_nodes
 from node.local.participant import MediaPeer, until

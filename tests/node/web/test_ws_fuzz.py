@@ -53,7 +53,7 @@ CLIENT_CODES = {
     "frame_too_large",
     "bad_token",
     "wrong_token",
-    "not-admitted",
+    "not_admitted",
     "already_joined",
     "not_in_room",
     "invalid_text",

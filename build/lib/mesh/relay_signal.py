@@ -1,0 +1,224 @@
+"""The relay's signalling messages between nodes: what they carry, and their size bound.
+
+Nodes talk over Serf queries addressed to one node (`FilterNodes`); the query's response is
+the reply. Serf delays or loses messages above ~1 KB (FINDINGS), so every message, request
+and reply, is compact JSON of at most `MAX_MESSAGE_BYTES`, checked when it is built.
+
+Requests (`n`: sending node, `b`: its boot id, `l`: the link id, `r`: request id):
+
+* `offer`  `{d: description, k: link id the sender knew for this pair ("" if none)}`
+* `tracks` `{s: sequence number, a: [track, ...] added, x: [track id, ...] removed}`: the
+  sender's tracks after the link is up, as deltas split to fit (`track_updates`).
+* `close`  the sender closed the link (idle after its linger, or shutting down).
+
+Replies: `answer {d: description}`, `ok`, or `refuse {e: reason}` ("glare", "unknown-link",
+"bad", "gap", "busy").
+
+`d` is `node.relay.link`'s description (ICE ufrag/password/candidates, DTLS fingerprint and
+role, tracks as [ssrc, id, kind, payload type, codec]); an offer or answer carries as many of
+the sender's tracks as fit, the rest follow as `tracks` updates.
+
+With the "redis" carrier a message is stored under a short-lived Redis key and the query
+carries only `{"ptr": key}` (see `node.relay.manager.RelayManager`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from mesh.relay_description import MAX_TRACKS, TrackInfo, parse_description, parse_track
+
+MAX_MESSAGE_BYTES: Final = 1000
+QUERY_NAME: Final = "sfumesh-relay"
+KINDS: Final = ("offer", "answer", "tracks", "close", "ok", "refuse")
+REQUESTS: Final = ("offer", "tracks", "close")
+
+_NODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_REASON: Final = re.compile(r"[a-z-]{1,32}")
+_POINTER: Final = re.compile(r"sfumesh:relay-msg:[A-Za-z0-9_-]{8,64}")
+
+
+def new_id() -> str:
+    """A random id for a link, a request or a node's boot."""
+    return secrets.token_urlsafe(9)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One signalling message (validated by `decode`)."""
+
+    kind: str
+    request: str
+    node: str = ""
+    boot: str = ""
+    link: str = ""
+    description: dict[str, Any] | None = None
+    known_link: str = ""
+    seq: int = 0
+    added: tuple[TrackInfo, ...] = ()
+    removed: tuple[str, ...] = ()
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"m": self.kind, "r": self.request}
+        if self.node:
+            out["n"] = self.node
+        if self.boot:
+            out["b"] = self.boot
+        if self.link:
+            out["l"] = self.link
+        if self.description is not None:
+            out["d"] = self.description
+        if self.kind == "offer":
+            out["k"] = self.known_link
+        if self.kind == "tracks":
+            out["s"] = self.seq
+            out["a"] = [track.wire() for track in self.added]
+            out["x"] = list(self.removed)
+        if self.reason:
+            out["e"] = self.reason
+        return out
+
+
+def encode(message: Message) -> bytes:
+    """Compact JSON; ValueError above `MAX_MESSAGE_BYTES` (the caller splits or trims)."""
+    data = json.dumps(message.wire(), separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"relay message is {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def _field(value: dict[str, Any], name: str, pattern: re.Pattern[str], required: bool) -> str:
+    raw = value.get(name, "")
+    if not isinstance(raw, str) or (raw and not pattern.fullmatch(raw)) or (required and not raw):
+        raise ValueError(f"relay message: bad or missing field {name!r}")
+    return raw
+
+
+def decode(data: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate a message; ValueError says what is wrong with it."""
+    if len(data) > limit:
+        raise ValueError(f"relay message is {len(data)} bytes, more than {limit}")
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"relay message is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError("relay message must be a JSON object")
+    kind = value.get("m")
+    if kind not in KINDS:
+        raise ValueError(f"relay message: unknown kind {kind!r}")
+    request = _field(value, "r", _TOKEN, True)
+    is_request = kind in REQUESTS
+    node = _field(value, "n", _NODE, is_request)
+    boot = _field(value, "b", _TOKEN, is_request)
+    link = _field(value, "l", _TOKEN, is_request)
+    description = None
+    if kind in ("offer", "answer"):
+        description = parse_description(value.get("d")).wire()
+    known = _field(value, "k", _TOKEN, False) if kind == "offer" else ""
+    seq = 0
+    added: tuple[TrackInfo, ...] = ()
+    removed: tuple[str, ...] = ()
+    if kind == "tracks":
+        raw_seq = value.get("s")
+        if isinstance(raw_seq, bool) or not isinstance(raw_seq, int) or not 1 <= raw_seq < 2**53:
+            raise ValueError("relay message: s must be a positive integer")
+        seq = raw_seq
+        raw_added, raw_removed = value.get("a"), value.get("x")
+        if not isinstance(raw_added, list) or not isinstance(raw_removed, list):
+            raise ValueError("relay message: a and x must be lists")
+        if len(raw_added) + len(raw_removed) > MAX_TRACKS:
+            raise ValueError(f"relay message: more than {MAX_TRACKS} track changes")
+        added = tuple(parse_track(track, index) for index, track in enumerate(raw_added))
+        removed = tuple(
+            parse_track([1, track_id, "a", 0, "opus"], index).track_id
+            for index, track_id in enumerate(raw_removed)
+        )
+    reason = _field(value, "e", _REASON, kind == "refuse")
+    return Message(
+        kind=kind,
+        request=request,
+        node=node,
+        boot=boot,
+        link=link,
+        description=description,
+        known_link=known,
+        seq=seq,
+        added=added,
+        removed=removed,
+        reason=reason,
+    )
+
+
+def fit_description(message: Message) -> tuple[Message, list[dict[str, Any]]]:
+    """`message` (an offer or answer) with as many of its description's tracks as fit under
+    the size bound; the tracks left out (wire form) are to follow as `tracks` updates."""
+    if message.description is None:
+        return message, []
+    tracks = list(message.description.get("t", []))
+    left: list[dict[str, Any]] = []
+    while True:
+        trimmed = Message(
+            **{**message.__dict__, "description": {**message.description, "t": tracks}}
+        )
+        try:
+            encode(trimmed)
+            return trimmed, left
+        except ValueError:
+            if not tracks:
+                raise
+            left.insert(0, tracks.pop())
+
+
+def track_updates(
+    header: Message,
+    first_seq: int,
+    added: Sequence[TrackInfo],
+    removed: Iterable[str],
+) -> list[Message]:
+    """`tracks` messages (numbered from `first_seq`) carrying these changes, each under the
+    size bound; removals go first so that a re-added id is never seen twice at once."""
+    changes: list[TrackInfo | str] = [*removed, *added]
+    messages: list[Message] = []
+    current_added: list[TrackInfo] = []
+    current_removed: list[str] = []
+
+    def build(seq: int, a: list[TrackInfo], x: list[str]) -> Message:
+        return Message(
+            kind="tracks",
+            request=new_id(),
+            node=header.node,
+            boot=header.boot,
+            link=header.link,
+            seq=seq,
+            added=tuple(a),
+            removed=tuple(x),
+        )
+
+    for change in changes:
+        trial_added = current_added + ([change] if isinstance(change, TrackInfo) else [])
+        trial_removed = current_removed + ([change] if isinstance(change, str) else [])
+        try:
+            encode(build(first_seq + len(messages), trial_added, trial_removed))
+            current_added, current_removed = trial_added, trial_removed
+        except ValueError:
+            if not current_added and not current_removed:
+                raise
+            messages.append(build(first_seq + len(messages), current_added, current_removed))
+            current_added = [change] if isinstance(change, TrackInfo) else []
+            current_removed = [change] if isinstance(change, str) else []
+    if current_added or current_removed:
+        messages.append(build(first_seq + len(messages), current_added, current_removed))
+    return messages
+
+
+def is_pointer(value: Any) -> bool:
+    return isinstance(value, str) and bool(_POINTER.fullmatch(value))

@@ -1,0 +1,1 @@
+"""One sfumesh node: HTTP API, tokens, users, rooms, state."""

@@ -1,0 +1,599 @@
+"""Client processes of `sfumesh bench forward`: one publisher, and subscribers N per process.
+
+    python -m node.bench.forward.peers publisher --spec JSON --address A --media FILE
+    python -m node.bench.forward.peers subscribers --spec JSON --address A --count N
+
+Every system under test gets exactly these clients; only the signalling differs
+(`signalling_from_spec`). A process talks to the driver in JSON lines: it writes events on
+stdout (`{"event": "ready", ...}` once set up, `{"event": "error", "message": ...}` when it
+cannot be, `{"event": "marked", ...}` per `mark`) and reads commands on stdin:
+
+* `{"cmd": "mark"}`: answer with everything counted since the previous mark (the first
+  answer covers the set-up and warm-up), then start counting afresh. Two marks bracket a
+  measuring window.
+* `{"cmd": "stop"}` (or stdin closing): hang up, close the peer connections, exit 0.
+
+Logs go to stderr, never stdout.
+
+Publisher: an aiortc `RTCPeerConnection` with sendonly VP8 video and Opus audio whose senders
+are tapped (`adapter.tap_sender`), so aiortc never encodes: pre-encoded payloads
+(`node.bench.forward.media`) go out through `SenderTap.send` at 30 fps (each frame's packets
+back to back, as an encoder's output) and every 20 ms for audio, with sequence numbers,
+timestamps (irregular video steps, `media.video_ts_step`), marker bits and payload types set
+here. A keyframe request (PLI/FIR) restarts the loop at its keyframe (at most once a second).
+Per video frame the monotonic time its first packet was handed to the sender is recorded.
+
+Subscribers: each an `RTCPeerConnection` whose receivers are tapped (`adapter.tap_rtp`): raw
+RTP, never depayloaded nor decoded. Per stream: packets, payload bytes, sequence gaps (loss),
+packets that fill an earlier gap (retransmissions or reordering: the tap unwraps RTX, so a
+repaired packet shows up as a late one) and duplicates; per video frame the monotonic time
+its first packet arrived, keyed by RTP timestamp. `time.monotonic()` is the same clock in
+every process of the machine, so arrival minus send time is the latency through the SFU
+(and the two aiortc stacks at either end).
+
+UDP receive buffers: aiortc/aioice make their sockets with `loop.create_datagram_endpoint`;
+these processes run on an event loop whose `create_datagram_endpoint` raises SO_RCVBUF of
+each new socket (SO_RCVBUFFORCE when allowed, as root), public asyncio API only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.rtp import RtpPacket
+
+from node.bench.forward import media as bench_media
+from node.bench.forward.systems import Signalling, signalling_from_spec
+from node.media import adapter
+
+log = logging.getLogger("node.bench.forward.peers")
+_rng = random.SystemRandom()
+
+#: subscribers per client process (K is spread over ceil(K / this) processes)
+SUBSCRIBERS_PER_PROCESS: Final = 8
+RCVBUF_BYTES: Final = 4 * 1024 * 1024
+#: a keyframe request restarts the loop at most this often
+KEYFRAME_MIN_INTERVAL_S: Final = 1.0
+#: how many recent video timestamps a subscriber remembers to tell new frames from old
+SEEN_FRAMES: Final = 2048
+#: gaps longer than this are counted as loss but not remembered packet by packet
+MAX_TRACKED_GAP: Final = 2000
+CLOSE_TIMEOUT_S: Final = 10.0
+#: frames later than this behind schedule are not sent in a burst: the schedule restarts
+MAX_BEHIND_S: Final = 0.5
+#: set-up of subscribers in one process at once
+SETUP_CONCURRENCY: Final = 4
+
+
+# --------------------------------------------------------------------------- event loop
+
+
+def set_receive_buffer(sock: Any, size: int = RCVBUF_BYTES) -> int:
+    """Raise `sock`'s receive buffer to `size` (beyond rmem_max when permitted); returns
+    the size the kernel reports afterwards (twice the request, as Linux books it)."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError:
+            pass
+    got: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return got
+
+
+class BigBufferLoop(asyncio.SelectorEventLoop):
+    """An event loop whose UDP sockets get large receive buffers (see module doc)."""
+
+    rcvbuf: int | None = None
+
+    async def create_datagram_endpoint(
+        self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any
+    ) -> tuple[asyncio.DatagramTransport, Any]:
+        transport, protocol = await super().create_datagram_endpoint(
+            protocol_factory, *args, **kwargs
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            BigBufferLoop.rcvbuf = set_receive_buffer(sock)
+        return transport, protocol
+
+
+def run_on_big_buffer_loop(main: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=BigBufferLoop) as runner:
+        return runner.run(main)
+
+
+# --------------------------------------------------------------------------- driver link
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def command_loop(reader: asyncio.StreamReader, on_mark: Callable[[], dict[str, Any]]) -> None:
+    """Answer `mark` until `stop` or the end of stdin."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        try:
+            command = json.loads(line)
+        except ValueError:
+            log.warning("bad command line: %r", line[:200])
+            continue
+        name = command.get("cmd") if isinstance(command, dict) else None
+        if name == "mark":
+            emit("marked", t=time.monotonic(), **on_mark())
+        elif name == "stop":
+            return
+        else:
+            log.warning("unknown command: %r", command)
+
+
+def codec_preferences(kind: str, mime_type: str) -> list[RTCRtpCodecCapability]:
+    """aiortc's capabilities for `mime_type` (and RTX), so the answer picks that codec."""
+    capabilities = RTCRtpSender.getCapabilities(kind).codecs
+    wanted = [c for c in capabilities if c.mimeType.lower() == mime_type.lower()]
+    rtx = [c for c in capabilities if c.mimeType.lower() == f"{kind}/rtx"]
+    return wanted + rtx
+
+
+async def close_quietly(what: str, work: Awaitable[None]) -> None:
+    try:
+        await asyncio.wait_for(work, CLOSE_TIMEOUT_S)
+    except Exception as error:  # closing must go on whatever fails
+        log.warning("closing %s failed: %s: %s", what, type(error).__name__, error)
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+class Publisher:
+    """Sends the pre-encoded loop through tapped senders; never encodes."""
+
+    def __init__(self, media: bench_media.PreEncoded, signalling: Signalling) -> None:
+        self.media = media
+        self.signalling = signalling
+        self.pc = RTCPeerConnection(adapter.rtc_configuration())
+        video = self.pc.addTransceiver("video", direction="sendonly")
+        video.setCodecPreferences(codec_preferences("video", "video/VP8"))
+        audio = self.pc.addTransceiver("audio", direction="sendonly")
+        audio.setCodecPreferences(codec_preferences("audio", "audio/opus"))
+        self.video = adapter.tap_sender(video.sender)
+        self.audio = adapter.tap_sender(audio.sender)
+        self.video.on_keyframe_request = self._keyframe_requested
+        self.frames: list[tuple[int, float]] = []
+        self.counts = {"video": [0, 0, 0], "audio": [0, 0, 0]}  # packets, bytes, frames
+        self.keyframe_requests = 0
+        self.restarts = 0
+        self.schedule_resets = 0
+        self._restart = False
+        self._last_restart = -math.inf
+        self._tasks: list[asyncio.Task[None]] = []
+        self._marked = {"nacked": 0, "retransmitted": 0, "keyframe_requests": 0, "restarts": 0}
+
+    def _keyframe_requested(self) -> None:
+        self.keyframe_requests += 1
+        now = time.monotonic()
+        if now - self._last_restart >= KEYFRAME_MIN_INTERVAL_S:
+            self._last_restart = now
+            self._restart = True
+
+    async def start(self, limit_s: float) -> None:
+        await asyncio.wait_for(self.signalling.publish(self.pc), limit_s)
+        await asyncio.wait_for(
+            asyncio.gather(self.video.wait_ready(), self.audio.wait_ready()), limit_s
+        )
+        self._tasks = [
+            asyncio.ensure_future(self._send_video()),
+            asyncio.ensure_future(self._send_audio()),
+        ]
+
+    async def _send(self, tap: adapter.SenderTap, kind: str, packet: RtpPacket) -> None:
+        if await tap.send(packet):
+            counts = self.counts[kind]
+            counts[0] += 1
+            counts[1] += len(packet.payload)
+
+    async def _send_video(self) -> None:
+        media = self.media
+        fps = media.params.fps
+        payload_type = self.video.payload_type
+        assert payload_type is not None
+        sequence = _rng.randrange(1 << 15)
+        timestamp = _rng.randrange(1 << 30)
+        counter = 0
+        index = 0
+        interval = 1 / fps
+        due = time.monotonic()
+        while True:
+            if self._restart:
+                self._restart = False
+                self.restarts += 1
+                index = 0
+            payloads = media.video[index % len(media.video)]
+            index += 1
+            counter += 1
+            timestamp = (timestamp + bench_media.video_ts_step(counter, fps)) & 0xFFFFFFFF
+            self.frames.append((timestamp, time.monotonic()))
+            self.counts["video"][2] += 1
+            last = len(payloads) - 1
+            for number, payload in enumerate(payloads):
+                packet = RtpPacket(
+                    payload_type=payload_type,
+                    marker=1 if number == last else 0,
+                    sequence_number=sequence,
+                    timestamp=timestamp,
+                    payload=payload,
+                )
+                sequence = (sequence + 1) & 0xFFFF
+                await self._send(self.video, "video", packet)
+            due += interval
+            delay = due - time.monotonic()
+            if delay < -MAX_BEHIND_S:
+                self.schedule_resets += 1
+                due = time.monotonic()
+                delay = 0
+            await asyncio.sleep(max(0.0, delay))
+
+    async def _send_audio(self) -> None:
+        media = self.media
+        payload_type = self.audio.payload_type
+        assert payload_type is not None
+        sequence = _rng.randrange(1 << 15)
+        timestamp = _rng.randrange(1 << 30)
+        index = 0
+        due = time.monotonic()
+        while True:
+            payload = media.audio[index % len(media.audio)]
+            packet = RtpPacket(
+                payload_type=payload_type,
+                marker=1 if index == 0 else 0,
+                sequence_number=sequence,
+                timestamp=timestamp,
+                payload=payload,
+            )
+            index += 1
+            sequence = (sequence + 1) & 0xFFFF
+            timestamp = (timestamp + bench_media.AUDIO_TS_STEP) & 0xFFFFFFFF
+            await self._send(self.audio, "audio", packet)
+            self.counts["audio"][2] += 1
+            due += bench_media.AUDIO_PTIME_S
+            delay = due - time.monotonic()
+            if delay < -MAX_BEHIND_S:
+                due = time.monotonic()
+                delay = 0
+            await asyncio.sleep(max(0.0, delay))
+
+    def mark(self) -> dict[str, Any]:
+        """Counts since the previous mark; the frames sent since then."""
+        frames, self.frames = self.frames, []
+        totals = {
+            "nacked": self.video.nacked + self.audio.nacked,
+            "retransmitted": self.video.retransmitted + self.audio.retransmitted,
+            "keyframe_requests": self.keyframe_requests,
+            "restarts": self.restarts,
+        }
+        deltas = {key: value - self._marked[key] for key, value in totals.items()}
+        self._marked = totals
+        counts = {kind: list(values) for kind, values in self.counts.items()}
+        for values in self.counts.values():
+            values[:] = [0, 0, 0]
+        return {
+            "publisher": {
+                **deltas,
+                "video": dict(zip(("packets", "bytes", "frames"), counts["video"], strict=True)),
+                "audio": dict(zip(("packets", "bytes", "frames"), counts["audio"], strict=True)),
+                "send_errors": self.video.send_errors + self.audio.send_errors,
+                "schedule_resets": self.schedule_resets,
+                "frames": frames,
+            }
+        }
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await close_quietly("publisher signalling", self.signalling.close())
+        await close_quietly("publisher connection", self.pc.close())
+
+
+# --------------------------------------------------------------------------- subscribers
+
+
+class StreamCounter:
+    """Sequence accounting of one received stream (one kind on one subscriber)."""
+
+    __slots__ = (
+        "bytes",
+        "duplicates",
+        "ext_max",
+        "high_seq",
+        "late",
+        "missing",
+        "packets",
+        "ssrc",
+        "ssrc_changes",
+    )
+
+    def __init__(self) -> None:
+        self.ssrc: int | None = None
+        self.ssrc_changes = 0
+        self.packets = 0
+        self.bytes = 0
+        #: highest extended sequence number (counting from 0 at the first packet)
+        self.ext_max = -1
+        self.high_seq = 0
+        self.late = 0
+        self.duplicates = 0
+        self.missing: set[int] = set()
+
+    def add(self, ssrc: int, sequence_number: int, size: int) -> None:
+        self.packets += 1
+        self.bytes += size
+        if ssrc != self.ssrc:
+            # A new source: numbering continues right after the old one.
+            if self.ssrc is not None:
+                self.ssrc_changes += 1
+            self.ssrc = ssrc
+            self.high_seq = sequence_number
+            self.ext_max += 1
+            self.missing.clear()
+            return
+        delta = ((sequence_number - self.high_seq + 0x8000) & 0xFFFF) - 0x8000
+        if delta > 0:
+            if delta > 1 and delta <= MAX_TRACKED_GAP:
+                self.missing.update(range(self.ext_max + 1, self.ext_max + delta))
+            self.ext_max += delta
+            self.high_seq = sequence_number
+            if len(self.missing) > 4 * MAX_TRACKED_GAP:
+                floor = self.ext_max - MAX_TRACKED_GAP
+                self.missing = {s for s in self.missing if s > floor}
+            return
+        ext = self.ext_max + delta
+        if ext in self.missing:
+            self.missing.discard(ext)
+            self.late += 1
+        else:
+            self.duplicates += 1
+
+    def snapshot(self) -> tuple[int, int, int, int, int]:
+        return (self.packets, self.bytes, self.ext_max, self.late, self.duplicates)
+
+
+def window_counts(
+    before: tuple[int, int, int, int, int], after: tuple[int, int, int, int, int]
+) -> dict[str, int]:
+    """Packets, bytes, expected, lost, late and duplicates between two snapshots."""
+    packets = after[0] - before[0]
+    duplicates = after[4] - before[4]
+    expected = after[2] - before[2]
+    return {
+        "packets": packets,
+        "bytes": after[1] - before[1],
+        "expected": expected,
+        "lost": max(0, expected - (packets - duplicates)),
+        "late": after[3] - before[3],
+        "duplicates": duplicates,
+    }
+
+
+class Subscriber:
+    """One subscriber: a peer connection whose received RTP is counted, never decoded."""
+
+    def __init__(self, number: int, signalling: Signalling) -> None:
+        self.number = number
+        self.signalling = signalling
+        self.pc = RTCPeerConnection(adapter.rtc_configuration())
+        self.streams = {"video": StreamCounter(), "audio": StreamCounter()}
+        self._marked = {kind: counter.snapshot() for kind, counter in self.streams.items()}
+        self.frames: list[tuple[int, float]] = []
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self.receiving = asyncio.Event()
+        self.taps: list[adapter.RtpTap] = []
+        self.failed = False
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            transceiver = self._transceiver(track)
+            if transceiver is None:
+                log.warning("subscriber %d: a track without a transceiver", number)
+                return
+            self.taps.append(adapter.tap_rtp(transceiver.receiver, self._handler(track.kind)))
+
+        @self.pc.on("connectionstatechange")
+        def on_state() -> None:
+            if self.pc.connectionState == "failed":
+                self.failed = True
+
+    def _transceiver(self, track: MediaStreamTrack) -> RTCRtpTransceiver | None:
+        return next((t for t in self.pc.getTransceivers() if t.receiver.track is track), None)
+
+    def _handler(self, kind: str) -> Callable[[RtpPacket], Awaitable[None]]:
+        counter = self.streams.get(kind)
+        if counter is None:
+            counter = self.streams[kind] = StreamCounter()
+            self._marked[kind] = counter.snapshot()
+        stream = counter
+
+        if kind != "video":
+
+            async def on_audio(packet: RtpPacket) -> None:
+                stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
+                self._check_receiving()
+
+            return on_audio
+
+        async def on_video(packet: RtpPacket) -> None:
+            now = time.monotonic()
+            stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
+            timestamp = packet.timestamp
+            if timestamp not in self._seen:
+                self._seen.add(timestamp)
+                self._seen_order.append(timestamp)
+                if len(self._seen_order) > SEEN_FRAMES:
+                    self._seen.discard(self._seen_order.popleft())
+                self.frames.append((timestamp, now))
+            self._check_receiving()
+
+        return on_video
+
+    def _check_receiving(self) -> None:
+        if not self.receiving.is_set() and all(
+            self.streams[kind].packets for kind in ("video", "audio")
+        ):
+            self.receiving.set()
+
+    async def subscribe(self, limit_s: float) -> None:
+        await asyncio.wait_for(self.signalling.subscribe(self.pc), limit_s)
+
+    def mark(self) -> dict[str, Any]:
+        streams: dict[str, Any] = {}
+        for kind, counter in self.streams.items():
+            now = counter.snapshot()
+            streams[kind] = window_counts(self._marked[kind], now)
+            self._marked[kind] = now
+        frames, self.frames = self.frames, []
+        return {
+            "number": self.number,
+            "streams": streams,
+            "ssrc_changes": sum(c.ssrc_changes for c in self.streams.values()),
+            "failed": self.failed,
+            "frames": frames,
+        }
+
+    async def close(self) -> None:
+        await close_quietly(f"subscriber {self.number} signalling", self.signalling.close())
+        await close_quietly(f"subscriber {self.number} connection", self.pc.close())
+
+
+# --------------------------------------------------------------------------- process mains
+
+
+async def publisher_main(spec: dict[str, Any], media_path: Path, limit_s: float) -> int:
+    media = bench_media.load(media_path)
+    reader = await stdin_reader()
+    publisher = Publisher(media, signalling_from_spec(spec, "publisher"))
+    try:
+        try:
+            await publisher.start(limit_s)
+        except Exception as error:
+            log.exception("publisher set-up failed")
+            emit("error", message=f"publisher: {type(error).__name__}: {error}")
+            return 1
+        emit("ready", t=time.monotonic(), rcvbuf=BigBufferLoop.rcvbuf)
+        await command_loop(reader, publisher.mark)
+    finally:
+        await publisher.close()
+    emit("stopped")
+    return 0
+
+
+async def subscribers_main(spec: dict[str, Any], count: int, first: int, limit_s: float) -> int:
+    reader = await stdin_reader()
+    subscribers = [
+        Subscriber(first + n, signalling_from_spec(spec, "subscriber")) for n in range(count)
+    ]
+    gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def start(subscriber: Subscriber) -> None:
+        async with gate:
+            await subscriber.subscribe(limit_s)
+        await asyncio.wait_for(subscriber.receiving.wait(), limit_s)
+
+    try:
+        results = await asyncio.gather(*(start(s) for s in subscribers), return_exceptions=True)
+        failures = [
+            f"subscriber {s.number}: {type(r).__name__}: {r}"
+            for s, r in zip(subscribers, results, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        if failures:
+            for subscriber, result in zip(subscribers, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("subscriber %d set-up failed", subscriber.number, exc_info=result)
+            emit("error", message="; ".join(failures[:3]), failed=len(failures))
+            return 1
+        emit("ready", t=time.monotonic(), rcvbuf=BigBufferLoop.rcvbuf)
+
+        def mark() -> dict[str, Any]:
+            return {"subscribers": [s.mark() for s in subscribers]}
+
+        await command_loop(reader, mark)
+    finally:
+        await asyncio.gather(*(s.close() for s in subscribers))
+    emit("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.bench.forward.peers")
+    parser.add_argument("role", choices=["publisher", "subscribers"])
+    parser.add_argument("--spec", required=True, help="the system's spec, JSON")
+    parser.add_argument("--address", required=True, help="the only ICE host address")
+    parser.add_argument("--media", type=Path, help="publisher: pre-encoded media file")
+    parser.add_argument("--count", type=int, default=1, help="subscribers in this process")
+    parser.add_argument("--first", type=int, default=0, help="number of the first subscriber")
+    parser.add_argument("--timeout", type=float, default=60.0, help="set-up time limit, s")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    spec = json.loads(args.spec)
+    import_system_modules(str(spec.get("system")))
+    adapter.set_host_addresses([args.address])
+    if args.role == "publisher":
+        if args.media is None:
+            parser.error("the publisher needs --media")
+        return run_on_big_buffer_loop(publisher_main(spec, args.media, args.timeout))
+    return run_on_big_buffer_loop(subscribers_main(spec, args.count, args.first, args.timeout))
+
+
+def import_system_modules(system: str) -> None:
+    """Import the module that registers `system`'s signalling (each registers its own)."""
+    import importlib
+
+    module = {
+        "sfumesh": "node.bench.forward.sfumesh",
+        "mediarelay": "node.bench.forward.mediarelay",
+        "janus": "node.bench.forward.janus",
+    }.get(system)
+    if module is not None:
+        importlib.import_module(module)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

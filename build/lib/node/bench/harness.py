@@ -1,0 +1,136 @@
+"""How the HTTP benches (api, join) drive real node processes: a pooled client, closed-loop
+load until a deadline, a watch that aborts when a process dies, clean-up that a second Ctrl-C
+cannot cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from node.bench.report import Phase
+from node.local.launch import LocalNode
+from node.runtime.services import BackingServices
+
+REQUEST_TIMEOUT_S = 120.0
+
+
+# Below Hypercorn's 5 s keep-alive timeout, so that a pooled connection left idle during a
+# phase is never reused just as the server closes it (a spurious "server disconnected").
+KEEPALIVE_EXPIRY_S = 1.0
+
+
+WATCH_INTERVAL_S = 0.2
+
+
+class BenchFailure(Exception):
+    """The bench could not run to the end (setup failed, a process died)."""
+
+
+@dataclass
+class Watch:
+    """Set `abort` as soon as the node or an embedded service dies, and say which."""
+
+    node: LocalNode
+    services: BackingServices
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    deaths: list[str] = field(default_factory=list)
+
+    async def run(self) -> None:
+        while True:
+            dead = self.services.dead()
+            if self.node.process.exit_code() is not None:
+                dead.append(self.node.process)
+            if dead:
+                self.deaths.extend(child.death_report() for child in dead)
+                self.abort.set()
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def check(self) -> None:
+        if self.deaths:
+            raise BenchFailure("a process died during the bench:\n" + "\n".join(self.deaths))
+
+
+async def timed(
+    phase: Phase,
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+) -> httpx.Response | None:
+    """One request; its latency on success, an error otherwise."""
+    started = time.perf_counter()
+    try:
+        response = await client.request(method, path, json=body)
+    except httpx.HTTPError as error:
+        phase.record_error(f"{method} {path}: {type(error).__name__}: {error}")
+        return None
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if not response.is_success:
+        phase.record_error(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+        return None
+    phase.latencies_ms.append(elapsed_ms)
+    return response
+
+
+async def load(
+    phase: Phase,
+    workers: int,
+    deadline: float,
+    abort: asyncio.Event,
+    one_request: Callable[[], Awaitable[None]],
+) -> None:
+    """`workers` loops that each start requests back to back until the deadline.
+
+    The phase's time runs until the last request in flight has finished, so that the rate
+    counts every completed request against the time it really took.
+    """
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline and not abort.is_set():
+            await one_request()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    phase.elapsed_s = time.perf_counter() - started
+
+
+def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=connections,
+        max_keepalive_connections=connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
+    return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
+
+
+@contextmanager
+def no_interrupts() -> Iterator[None]:
+    """A second Ctrl-C must not cut the clean-up short and leave children running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def drop_external_database(mongodb_uri: str, database: str) -> None:
+    """Bench users written to a store we did not start are removed again."""
+    from pymongo import MongoClient
+
+    mongo: MongoClient[dict[str, Any]] = MongoClient(mongodb_uri, serverSelectionTimeoutMS=5000)
+    try:
+        mongo.drop_database(database)
+    finally:
+        mongo.close()

@@ -1,0 +1,450 @@
+"""`sfumesh bench relay`: how fast a room spans two nodes, and what relaying costs.
+
+Embedded services and two node processes, each with its own Serf agent, start as in the
+demo (media on 127.0.0.1, relays lingering 0 s so that every trial opens a fresh relay).
+Participant A (aiortc, in this process) publishes video and audio on node-1 and stays.
+Per trial, participant B joins the same room on node-2 and publishes; the setup time is from
+the start of B's join (the HTTP join, then the WebSocket join) to the first frame of B's
+video that A decodes, which went B -> node-2 -> relay -> node-1 -> A. B then leaves and the
+next trial waits until the relay is closed on both nodes. Run once per signalling carrier:
+"inline" (the ORTC description in the Serf query, the default) and "redis" (the message in a
+short-lived Redis key, the query carrying its name).
+
+CPU: A and B both publishing, first on two nodes (one relay, two tracks each way), then B
+on node-1 as well (no relay), a window each. `cpu_us_per_relayed_packet` is both node
+processes' CPU in the first window minus theirs in the second, per packet that crossed the
+relay: the relay's own cost (send over the link on one node, receive on the other), since
+ingest from the publishers and delivery to the subscribers happen in both windows. Also per
+node, an upper bound: its CPU in the first window, minus its idle CPU (an equal window before
+anyone joined), per packet it relayed (out + in). The Serf agents and the participants run
+in other processes; the machine is shared, so differences of small numbers are noisy.
+
+Signalling: the largest Serf message any node sent (`signalling_bytes_max`) and the bytes
+both ends sent to set up one relay (offer, answer, tracks updates, replies), per trial.
+For comparison, the size of an SDP offer aiortc makes for a relay-like connection with 2
+and with 8 tracks (what would have to go through Redis with the pointer design).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiortc import RTCPeerConnection
+from redis.asyncio import Redis
+
+from mesh.process import ServiceError
+from node.bench.harness import no_interrupts
+from node.bench.report import (
+    metric_sum,
+    ms,
+    percentile,
+    process_cpu_s,
+    rounded,
+    say,
+    write_report,
+)
+from node.config import new_key
+from node.local.launch import LocalNode, start_nodes
+from node.local.participant import MediaPeer, Socket, open_socket, until
+from node.log import setup_logging
+from node.media import adapter
+from node.relay.manager import read_relays
+from node.runtime.services import BackingServices
+
+PASSWORD = "bench relay password"  # noqa: S105 (throwaway users in a throwaway store)
+CARRIERS = ("inline", "redis")
+
+
+@dataclass
+class CarrierRun:
+    carrier: str
+    setup_ms: list[float] = field(default_factory=list)
+    link_setup_ms: list[float] = field(default_factory=list)
+    signalling_bytes: list[int] = field(default_factory=list)
+    message_bytes_max: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class RelayRun:
+    trials: int
+    window_s: float
+    carriers: list[CarrierRun] = field(default_factory=list)
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    #: each node process's CPU (cores) with nobody in a room: subtracted from the window
+    idle_cores: dict[str, float] = field(default_factory=dict)
+    relayed_packets: dict[str, int] = field(default_factory=dict)
+    #: both nodes' CPU with A and B on two nodes, minus node CPU with both on one node,
+    #: per packet crossing the relay
+    marginal_us: float | None = None
+    crossing_packets: int = 0
+    cpu_relayed_s: float = 0.0
+    cpu_local_s: float = 0.0
+    sdp_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("relay (rooms spanning two nodes)")
+    group.add_argument("--joins", type=int, default=20, help="relay: joins timed per carrier")
+    group.add_argument("--carriers", default=",".join(CARRIERS), help="relay: inline and/or redis")
+    group.add_argument(
+        "--cpu-window", type=float, default=10.0, help="relay: CPU measuring window, s"
+    )
+
+
+async def _sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
+    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
+    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
+    reply.raise_for_status()
+    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
+    login.raise_for_status()
+    token: str = login.json()["user_token"]
+    return token
+
+
+async def _join(http: httpx.AsyncClient, url: str, user_token: str, slug: str) -> Socket:
+    auth = {"Authorization": f"Bearer {user_token}"}
+    session = await http.post(f"{url}/api/sessions", headers=auth)
+    session.raise_for_status()
+    sock = await open_socket(url, session.json()["session_token"])
+    joined = await http.post(
+        f"{url}/api/rooms/{slug}/join",
+        headers={"Authorization": f"Bearer {sock.session_token}"},
+    )
+    joined.raise_for_status()
+    ack = await sock.request("join", room_token=joined.json()["room_token"])
+    if ack.get("type") != "ack":
+        raise RuntimeError(f"join refused: {ack}")
+    return sock
+
+
+async def _metric(http: httpx.AsyncClient, node: LocalNode, name: str, label: str = "") -> float:
+    return metric_sum((await http.get(f"{node.url}/metrics")).text, name, label)
+
+
+async def _no_relay(redis: Redis, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        one, two = await read_relays(redis, "node-1"), await read_relays(redis, "node-2")
+        if "node-2" not in one and "node-1" not in two:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the relay between node-1 and node-2 did not close")
+        await asyncio.sleep(0.1)
+
+
+async def _drive(
+    nodes: list[LocalNode], services: BackingServices, run: RelayRun, result: CarrierRun
+) -> None:
+    node1, node2 = nodes
+    redis = Redis.from_url(services.redis_url)
+    async with httpx.AsyncClient(timeout=30) as http:
+        stamp = secrets.token_hex(3)
+        a_token = await _sign_up(http, node1.url, f"a{stamp}")
+        b_token = await _sign_up(http, node1.url, f"b{stamp}")
+        slug = f"relay-bench-{stamp}"
+        created = await http.post(
+            f"{node1.url}/api/rooms",
+            json={"slug": slug, "capacity": 8},
+            headers={"Authorization": f"Bearer {a_token}"},
+        )
+        created.raise_for_status()
+        if run.window_s > 0 and not run.idle_cores:
+            await _idle_cpu(nodes, run)
+        a_sock = await _join(http, node1.url, a_token, slug)
+        a = MediaPeer(a_sock, "A")
+        await a.start_publishing()
+        try:
+            for trial in range(run.trials):
+                await _no_relay(redis)
+                started = time.monotonic()
+                b_sock = await _join(http, node2.url, b_token, slug)
+                b = MediaPeer(b_sock, "B")
+                try:
+                    await b.start_publishing()
+                    b_id = b_sock.session_id
+                    await until(
+                        lambda: any(r.first_frame_at for r in a.from_(b_id, "video")),  # noqa: B023
+                        f"A to decode B (trial {trial + 1})",
+                    )
+                    first = min(
+                        r.first_frame_at or 0 for r in a.from_(b_id, "video") if r.first_frame_at
+                    )
+                    result.setup_ms.append((first - started) * 1000)
+                    await asyncio.sleep(0.6)  # one report period: both ends' figures
+                    ends = [await read_relays(redis, "node-1"), await read_relays(redis, "node-2")]
+                    one, two = ends[0].get("node-2", {}), ends[1].get("node-1", {})
+                    if one.get("setup_ms") is not None:
+                        result.link_setup_ms.append(float(one["setup_ms"]))
+                    result.signalling_bytes.append(
+                        int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
+                    )
+                except (AssertionError, RuntimeError, httpx.HTTPError) as error:
+                    result.failures += 1
+                    say(f"sfumesh bench relay: trial {trial + 1} failed: {error}", err=True)
+                finally:
+                    await b.close()
+                    await b_sock.close()
+            if run.window_s > 0 and run.marginal_us is None:
+                await _cpu_phase(http, redis, nodes, run, a, b_token, slug)
+            result.message_bytes_max = max(
+                [
+                    await _metric(http, node, "sfumesh_relay_signalling_message_bytes_max")
+                    for node in nodes
+                ]
+            )
+        finally:
+            await a.close()
+            await a_sock.close()
+            await redis.aclose()
+
+
+async def _idle_cpu(nodes: list[LocalNode], run: RelayRun) -> None:
+    """Each node's CPU use with no media at all (heartbeats, gossip, reports)."""
+    pids = {node.name: node.process.pid for node in nodes}
+    before = {name: process_cpu_s(pid) for name, pid in pids.items() if pid is not None}
+    await asyncio.sleep(run.window_s)
+    for name, pid in pids.items():
+        if pid is not None:
+            run.idle_cores[name] = (process_cpu_s(pid) - before[name]) / run.window_s
+
+
+async def _window(
+    http: httpx.AsyncClient, nodes: list[LocalNode], seconds: float
+) -> dict[str, tuple[float, float, float]]:
+    """Per node: (CPU seconds, relayed packets out, relayed packets in) over `seconds`."""
+
+    async def sample() -> dict[str, tuple[float, float, float]]:
+        out = {}
+        for node in nodes:
+            assert node.process.pid is not None
+            sent = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="out"')
+            got = await _metric(http, node, "sfumesh_relay_packets_total", 'direction="in"')
+            out[node.name] = (process_cpu_s(node.process.pid), sent, got)
+        return out
+
+    before = await sample()
+    await asyncio.sleep(seconds)
+    after = await sample()
+    return {
+        name: tuple(b - a for a, b in zip(before[name], after[name], strict=True))  # type: ignore[misc]
+        for name in after
+    }
+
+
+async def _cpu_phase(
+    http: httpx.AsyncClient,
+    redis: Redis,
+    nodes: list[LocalNode],
+    run: RelayRun,
+    a: MediaPeer,
+    b_token: str,
+    slug: str,
+) -> None:
+    """The same two participants, first on two nodes (relayed), then both on node-1."""
+    a_id = a.sock.session_id
+    windows: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for label, node in (("relayed", nodes[1]), ("local", nodes[0])):
+        await _no_relay(redis)
+        b_sock = await _join(http, node.url, b_token, slug)
+        b = MediaPeer(b_sock, "B")
+        try:
+            await b.start_publishing()
+            b_id = b_sock.session_id
+            await until(lambda: a.decodes(b_id) and b.decodes(a_id), f"A and B ({label})")  # noqa: B023
+            await asyncio.sleep(2.0)  # past the start: keyframes, bitrate ramp
+            windows[label] = await _window(http, nodes, run.window_s)
+            if not (a.decodes(b_id) and b.decodes(a_id)):
+                raise RuntimeError(f"A and B stopped decoding each other ({label})")
+        finally:
+            await b.close()
+            await b_sock.close()
+    relayed, local = windows["relayed"], windows["local"]
+    crossing = sum(sent for _, sent, _ in relayed.values())
+    for name, (cpu, sent, got) in relayed.items():
+        run.relayed_packets[name] = int(sent + got)
+        busy = cpu - run.idle_cores.get(name, 0.0) * run.window_s
+        if sent + got:
+            run.cpu_us[name] = max(busy, 0.0) * 1e6 / (sent + got)
+    run.cpu_relayed_s = sum(cpu for cpu, _, _ in relayed.values())
+    run.cpu_local_s = sum(cpu for cpu, _, _ in local.values())
+    if crossing:
+        run.crossing_packets = int(crossing)
+        run.marginal_us = (run.cpu_relayed_s - run.cpu_local_s) * 1e6 / crossing
+
+
+async def _sdp_sizes(run: RelayRun) -> None:
+    for tracks in (2, 8):
+        pc = RTCPeerConnection()
+        for index in range(tracks):
+            pc.addTransceiver("video" if index % 2 == 0 else "audio", direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        run.sdp_bytes[tracks] = len(pc.localDescription.sdp.encode())
+        await pc.close()
+
+
+def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carrier: str) -> None:
+    result = CarrierRun(carrier)
+    run.carriers.append(result)
+    env = {
+        "SFUMESH_DATABASE": f"bench_{secrets.token_hex(4)}",
+        "SFUMESH_BCRYPT_COST": "4",
+        "SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]',
+        "SFUMESH_RELAY_LINGER_S": "0",
+        "SFUMESH_RELAY_CARRIER": carrier,
+        "SFUMESH_RELAY_REPORT_PERIOD_S": "0.5",
+        "SFUMESH_LOG_LEVEL": "WARNING",
+    }
+    nodes: list[LocalNode] = []
+    try:
+        nodes = start_nodes(
+            services, {"bench": new_key()}, count=2, data_dir=data_dir / carrier, extra_env=env
+        )
+        asyncio.run(_drive(nodes, services, run, result))
+    finally:
+        with no_interrupts():
+            for node in nodes:
+                node.stop()
+
+
+def print_table(run: RelayRun) -> None:
+    say(
+        f"sfumesh bench relay: 2 nodes on loopback, {run.trials} trials per carrier, "
+        f"{os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'carrier':<8} {'ok':>4} {'fail':>5} {'setup p50':>10} {'p95':>8} "
+        f"{'link p50':>9} {'bytes/relay':>12} {'max msg':>8}"
+    )
+    say(header)
+    for result in run.carriers:
+        ordered = sorted(result.setup_ms)
+        links = sorted(result.link_setup_ms)
+        per_relay = sorted(float(b) for b in result.signalling_bytes)
+        say(
+            f"{result.carrier:<8} {len(ordered):>4} {result.failures:>5} "
+            f"{ms(percentile(ordered, 0.5)):>10} {ms(percentile(ordered, 0.95)):>8} "
+            f"{ms(percentile(links, 0.5)):>9} "
+            f"{int(percentile(per_relay, 0.5) or 0):>12} {int(result.message_bytes_max):>8}"
+        )
+    say("")
+    say("setup: B's join starts -> A decodes B's first relayed video frame (ms);")
+    say("link: relay offer -> ICE and DTLS up, on the offering node (ms)")
+    if run.marginal_us is not None:
+        say(
+            f"relay's own CPU: {run.marginal_us:.1f} µs per packet crossing the relay "
+            f"(both nodes {run.cpu_relayed_s:.2f} s with A and B on two nodes, "
+            f"{run.cpu_local_s:.2f} s with both on one node, {run.window_s:g} s each, "
+            f"{run.crossing_packets} packets crossed)"
+        )
+        local_us = run.cpu_local_s * 1e6 / run.crossing_packets
+        say(
+            f"for scale, at the same packet rate: {local_us:.1f} µs of node CPU per packet "
+            "taken in from a publisher and handed to a local subscriber"
+        )
+    for name, cpu in sorted(run.cpu_us.items()):
+        say(
+            f"{name}: {cpu:.1f} µs node CPU per relayed packet, upper bound "
+            f"({run.relayed_packets[name]} packets in {run.window_s:g} s; idle use "
+            f"{run.idle_cores.get(name, 0.0):.3f} cores subtracted)"
+        )
+    for tracks, size in sorted(run.sdp_bytes.items()):
+        say(f"an aiortc SDP offer with {tracks} tracks: {size} bytes (ORTC description: < 1000)")
+
+
+def report(run: RelayRun) -> dict[str, Any]:
+    main = run.carriers[0] if run.carriers else CarrierRun("none")
+    ordered = sorted(main.setup_ms)
+    figures: dict[str, Any] = {
+        "bench": "relay",
+        "carrier": main.carrier,
+        "setup_ms_p50": rounded(percentile(ordered, 0.5)),
+        "setup_ms_p95": rounded(percentile(ordered, 0.95)),
+        "cpu_us_per_relayed_packet": rounded(run.marginal_us),
+        "cpu_us_per_relayed_packet_upper_bound_by_node": {
+            k: rounded(v) for k, v in run.cpu_us.items()
+        },
+        "crossing_packets_in_window": run.crossing_packets,
+        "cpu_s_both_nodes_relayed": rounded(run.cpu_relayed_s, 3),
+        "cpu_s_both_nodes_local": rounded(run.cpu_local_s, 3),
+        "cpu_us_per_local_packet": rounded(
+            run.cpu_local_s * 1e6 / run.crossing_packets if run.crossing_packets else None
+        ),
+        "relayed_packets_in_window": run.relayed_packets,
+        "idle_cores_subtracted": {k: rounded(v, 4) for k, v in run.idle_cores.items()},
+        "signalling_bytes_max": max((c.message_bytes_max for c in run.carriers), default=0),
+        "sdp_offer_bytes": {str(k): v for k, v in run.sdp_bytes.items()},
+        "trials": run.trials,
+        "cpu_window_s": run.window_s,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for result in run.carriers:
+        setup = sorted(result.setup_ms)
+        links = sorted(result.link_setup_ms)
+        figures[result.carrier] = {
+            "setup_ms_p50": rounded(percentile(setup, 0.5)),
+            "setup_ms_p95": rounded(percentile(setup, 0.95)),
+            "link_setup_ms_p50": rounded(percentile(links, 0.5)),
+            "link_setup_ms_p95": rounded(percentile(links, 0.95)),
+            "signalling_bytes_per_relay_p50": percentile(
+                sorted(float(b) for b in result.signalling_bytes), 0.5
+            ),
+            "signalling_bytes_max": result.message_bytes_max,
+            "trials_ok": len(setup),
+            "failures": result.failures,
+        }
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    carriers = [c.strip() for c in args.carriers.split(",") if c.strip()]
+    if not carriers or any(c not in CARRIERS for c in carriers):
+        say(f"sfumesh bench relay: --carriers takes {', '.join(CARRIERS)}", err=True)
+        return 2
+    if args.joins < 1:
+        say("sfumesh bench relay: --joins must be at least 1", err=True)
+        return 2
+    setup_logging("WARNING")
+    relay_run = RelayRun(trials=args.joins, window_s=args.cpu_window)
+    adapter.set_host_addresses(["127.0.0.1"])  # the participants in this process
+    try:
+        return _run(args, relay_run, carriers)
+    finally:
+        adapter.set_host_addresses(None)
+
+
+def _run(args: argparse.Namespace, relay_run: RelayRun, carriers: list[str]) -> int:
+    asyncio.run(_sdp_sizes(relay_run))
+    with tempfile.TemporaryDirectory(prefix="sfumesh-bench-relay-") as tmp:
+        data_dir = Path(tmp)
+        try:
+            services = BackingServices.start(
+                os.environ.get("REDIS_URL", ""), "", data_dir / "services"
+            )
+        except ServiceError as error:
+            say(f"sfumesh bench relay: {error}", err=True)
+            return 1
+        try:
+            for carrier in carriers:
+                _run_carrier(data_dir, services, relay_run, carrier)
+        finally:
+            with no_interrupts():
+                services.stop()
+    print_table(relay_run)
+    if args.json is not None and not write_report(args.json, report(relay_run)):
+        return 1
+    ok = all(c.setup_ms and not c.failures for c in relay_run.carriers)
+    return 0 if ok else 1

@@ -1,0 +1,235 @@
+"""`sfumesh cluster members|rtt|rooms|sessions|relays [--json]`: the operator's view (N8).
+
+Membership and coordinates come from any node's Serf agent over RPC (`--rpc-addr`,
+`--rpc-auth`); rooms, sessions and relays from the cluster's Redis (`--redis-url`; each node
+writes its relays' figures there every few seconds). Each falls back
+to the node configuration (`--config FILE` and the usual environment variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from mesh.membership import MembershipView, NodeMember
+from mesh.serf import SerfClient, SerfError
+from mesh.vivaldi import estimate_rtt
+from node.config import ConfigError, Settings, load_settings
+from node.relay.manager import read_relays
+from node.state import keys
+from node.state.sessions import Membership, read_session
+
+COMMANDS = ("members", "rtt", "rooms", "sessions", "relays")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=COMMANDS, help="what to show")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    parser.add_argument("--config", type=Path, help="a node's TOML configuration")
+    parser.add_argument("--rpc-addr", help="a Serf agent's RPC address (host:port)")
+    parser.add_argument("--rpc-auth", help="its RPC auth key (or SFUMESH_SERF_RPC_AUTH)")
+    parser.add_argument("--redis-url", help="the cluster's Redis (or REDIS_URL)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+async def _view(args: argparse.Namespace, settings: Settings) -> MembershipView:
+    rpc_addr = args.rpc_addr or settings.serf.rpc_addr
+    auth = args.rpc_auth if args.rpc_auth is not None else settings.serf.rpc_auth
+    secret = auth if isinstance(auth, str) else auth.get_secret_value()
+    client = SerfClient(rpc_addr, secret, reconnect=False)
+    await client.connect()
+    view = MembershipView(client)
+    try:
+        await view.resync()
+    finally:
+        await client.close()
+    return view
+
+
+def _member_row(member: NodeMember) -> dict[str, Any]:
+    return {
+        "name": member.name,
+        "region": member.region,
+        "status": member.status,
+        "address": f"{member.addr}:{member.port}",
+        "http": member.http,
+        "sessions": member.load.sessions,
+        "cpu_percent": member.load.cpu_percent,
+        "coordinate_error": None if member.coordinate is None else member.coordinate.error,
+    }
+
+
+async def _members(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    view = await _view(args, settings)
+    return [_member_row(m) for m in sorted(view.members.values(), key=lambda m: m.name)]
+
+
+async def _rtt(args: argparse.Namespace, settings: Settings) -> dict[str, dict[str, float | None]]:
+    coords = (await _view(args, settings)).coordinates()
+    names = sorted(coords)
+    return {
+        a: {b: round(estimate_rtt(coords[a], coords[b]) * 1000, 3) for b in names} for a in names
+    }
+
+
+def _redis(args: argparse.Namespace, settings: Settings) -> Redis:
+    url = args.redis_url or settings.redis_url.get_secret_value()
+    if not url:
+        raise ConfigError("the cluster's Redis is not known: give --redis-url or REDIS_URL")
+    return Redis.from_url(url)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _rooms(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    redis = _redis(args, settings)
+    try:
+        rows = []
+        for slug in sorted(_text(s) for s in await redis.smembers(keys.ROOMS_LIVE)):
+            raw = await redis.hgetall(keys.room_members(slug))
+            members = [Membership.decode(v) for v in raw.values()]
+            if not members:
+                continue
+            rows.append(
+                {
+                    "room": slug,
+                    "people": len({m.user_id for m in members}),
+                    "sessions": len(members),
+                    "nodes": sorted({m.node for m in members}),
+                }
+            )
+        return rows
+    finally:
+        await redis.aclose()
+
+
+async def _sessions(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    redis = _redis(args, settings)
+    try:
+        rows = []
+        for node in sorted(_text(n) for n in await redis.smembers(keys.NODES)):
+            for session_id in sorted(
+                _text(s) for s in await redis.smembers(keys.node_sessions(node))
+            ):
+                record = await read_session(redis, session_id)
+                if record is None:
+                    continue
+                rows.append(
+                    {
+                        "session_id": record.session_id,
+                        "user_id": record.user_id,
+                        "node": record.node,
+                        "region": record.region,
+                        "room": record.room or None,
+                        "generation": record.generation,
+                    }
+                )
+        return rows
+    finally:
+        await redis.aclose()
+
+
+async def _relays(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    """One row per node pair, from what both ends report (`sfumesh:relays:<node>`): the
+    direction a->b is the first node's "out" and the second's "in"."""
+    redis = _redis(args, settings)
+    try:
+        ends: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for node in sorted(_text(n) for n in await redis.smembers(keys.NODES)):
+            for entry in (await read_relays(redis, node)).values():
+                pair = (str(entry["pair"][0]), str(entry["pair"][1]))
+                ends.setdefault(pair, {})[node] = entry
+    finally:
+        await redis.aclose()
+    rows = []
+    for (first, second), by_node in sorted(ends.items()):
+        a, b = by_node.get(first, {}), by_node.get(second, {})
+        either = a or b
+        rtts = [e["rtt_ms"] for e in (a, b) if e.get("rtt_ms") is not None]
+        rows.append(
+            {
+                "pair": [first, second],
+                "state": either.get("state"),
+                "rooms": sorted(set(a.get("rooms", [])) | set(b.get("rooms", []))),
+                "tracks_ab": a.get("tracks_out", b.get("tracks_in")),
+                "tracks_ba": a.get("tracks_in", b.get("tracks_out")),
+                "kbps_ab": _kbps(a.get("bitrate_out_bps", b.get("bitrate_in_bps"))),
+                "kbps_ba": _kbps(a.get("bitrate_in_bps", b.get("bitrate_out_bps"))),
+                "rtt_ms": round(sum(rtts) / len(rtts), 2) if rtts else None,
+                "rtt_estimated_ms": either.get("rtt_estimated_ms"),
+                "lost_ab": b.get("packets_lost_in"),
+                "lost_ba": a.get("packets_lost_in"),
+                "jitter_ab_ms": b.get("jitter_in_ms"),
+                "jitter_ba_ms": a.get("jitter_in_ms"),
+                "setup_ms": either.get("setup_ms"),
+            }
+        )
+    return rows
+
+
+def _kbps(bps: Any) -> float | None:
+    return None if bps is None else round(float(bps) / 1000, 1)
+
+
+def _table(rows: Sequence[dict[str, Any]], empty: str) -> str:
+    if not rows:
+        return empty
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+async def _run(args: argparse.Namespace) -> Any:
+    settings = _settings(args)
+    if args.what == "members":
+        return await _members(args, settings)
+    if args.what == "rtt":
+        return await _rtt(args, settings)
+    if args.what == "rooms":
+        return await _rooms(args, settings)
+    if args.what == "sessions":
+        return await _sessions(args, settings)
+    return await _relays(args, settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = asyncio.run(_run(args))
+    except (ConfigError, SerfError, OSError) as error:
+        print(f"sfumesh cluster {args.what}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.what == "rtt":
+        names = list(result)
+        rows = [{"ms": a, **{b: result[a][b] for b in names}} for a in names]
+        print(_table(rows, "no coordinates yet"))
+    else:
+        print(_table(result, f"no {args.what}"))
+    return 0

@@ -1,0 +1,205 @@
+"""`sfumesh`: the command line (node, demo, bench, keygen)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.bench.relay import add_arguments as add_relay_arguments
+from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
+from node.cli import cluster as cluster_cli
+from node.config import ConfigError, load_settings, new_key
+from node.log import setup_logging
+
+
+def _node(args: argparse.Namespace) -> int:
+    from node.web.server import run_node
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "node_name": args.node_name,
+            "region": args.region,
+            "data_dir": args.data_dir,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as error:
+        print(f"sfumesh node: bad configuration: {error}", file=sys.stderr)
+        return 2
+    if not settings.tokens.keys:
+        print(
+            'sfumesh node: no token signing keys. Set SFUMESH_TOKEN_KEYS=\'{"k1": "<secret>"}\' '
+            "and SFUMESH_TOKEN_SIGNING_KEY_ID=k1 (or [tokens] in the config file); "
+            "`sfumesh keygen` prints a fresh key.",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging(settings.log_level)
+    return asyncio.run(run_node(settings))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from node.local.demo import run_demo
+
+    return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
+
+
+def _bench_forward(args: argparse.Namespace) -> int:
+    from node.bench.forward.run import parse_size, parse_subscribers, run_forward_bench
+
+    try:
+        subscribers = parse_subscribers(args.subscribers)
+        video_size = parse_size(args.video_size)
+    except ValueError as error:
+        print(f"sfumesh bench: {error}", file=sys.stderr)
+        return 2
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    setup_logging("WARNING")
+    return run_forward_bench(
+        subscribers=subscribers,
+        rounds=2 if args.rounds is None else args.rounds,
+        window_s=args.window,
+        warmup_s=args.warmup,
+        systems=systems,
+        json_path=args.json,
+        max_mediarelay=args.max_mediarelay,
+        video_size=video_size,
+        workdir=args.workdir,
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.name == "vivaldi":
+        from node.bench.vivaldi import run as run_vivaldi_bench
+
+        return run_vivaldi_bench(args)
+    if args.name == "forward":
+        return _bench_forward(args)
+    if args.name == "relay":
+        from node.bench.relay import run as run_relay_bench
+
+        return run_relay_bench(args)
+    if args.name == "join":
+        from node.bench.join import run_join_bench
+
+        return run_join_bench(
+            json_path=args.json,
+            duration_s=args.duration,
+            nodes=args.nodes,
+            clients=args.clients,
+            bcrypt_cost=args.bcrypt_cost,
+        )
+    if args.name == "codecs":
+        from node.bench.codecs import run_codecs_bench
+
+        return run_codecs_bench(json_path=args.json, duration_s=args.duration)
+    from node.bench.api import run_api_bench
+
+    return run_api_bench(
+        json_path=args.json,
+        duration_s=args.duration,
+        concurrency=args.concurrency,
+        bcrypt_cost=args.bcrypt_cost,
+    )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(new_key())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfumesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    node = commands.add_parser("node", help="run one node")
+    node.add_argument("--config", type=Path, help="TOML config file (env overrides it)")
+    node.add_argument("--host")
+    node.add_argument("--port", type=int)
+    node.add_argument("--node-name")
+    node.add_argument("--region")
+    node.add_argument("--data-dir", type=Path)
+    node.set_defaults(run=_node)
+
+    demo = commands.add_parser("demo", help="a local mesh with embedded services")
+    demo.add_argument("--nodes", type=int, default=3, help="number of nodes")
+    demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
+    demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
+    demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks named in the issues")
+    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay"])
+    bench.add_argument("--json", type=Path, help="also write the figures here")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    bench.add_argument(
+        "--concurrency", type=int, default=8, help="api: requests in flight during signups/logins"
+    )
+    bench.add_argument(
+        "--bcrypt-cost",
+        type=int,
+        help="the nodes' bcrypt cost (default: api 12 as in production, join 4)",
+    )
+    bench.add_argument("--nodes", type=int, help="join: node processes (default 3)")
+    bench.add_argument(
+        "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
+    )
+    forward = bench.add_argument_group("forward (the forwarding core against MediaRelay and Janus)")
+    forward.add_argument(
+        "--subscribers", default="1,4,16,32", help="forward: K values, comma-separated"
+    )
+    forward.add_argument(
+        "--rounds",
+        type=int,
+        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000)",
+    )
+    forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
+    forward.add_argument("--warmup", type=float, default=3.0, help="forward: warm-up, s")
+    forward.add_argument(
+        "--systems",
+        help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1 "
+        "(default: all; Janus only when node.bench.forward.janus is there)",
+    )
+    forward.add_argument(
+        "--max-mediarelay",
+        type=int,
+        help="forward: run MediaRelay only for K up to this (default: every K)",
+    )
+    forward.add_argument(
+        "--video-size", default="640x360", help="forward: the publisher's VP8 size, WxH"
+    )
+    forward.add_argument(
+        "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
+    )
+    add_vivaldi_arguments(bench)
+    add_relay_arguments(bench)
+    bench.set_defaults(run=_bench)
+
+    cluster = commands.add_parser(
+        "cluster", help="the mesh as an operator sees it: members, rtt, rooms, sessions, relays"
+    )
+    cluster_cli.add_arguments(cluster)
+    cluster.set_defaults(run=cluster_cli.run)
+
+    keygen = commands.add_parser("keygen", help="print a fresh token signing secret")
+    keygen.set_defaults(run=_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

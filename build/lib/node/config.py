@@ -1,0 +1,296 @@
+"""Node configuration: a TOML file, then environment variables on top.
+
+Every setting has a default that works for a local node. Secrets are `SecretStr` so that
+printing or logging the config never shows them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class TokenSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # kid -> secret. Verification accepts every key here; signing uses `signing_key_id`,
+    # so a key is rotated by adding the new one, switching the id, and later dropping the old.
+    keys: dict[str, SecretStr] = Field(default_factory=dict)
+    signing_key_id: str = ""
+    issuer: str = "sfumesh"
+    audience: str = "sfumesh"
+    user_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    session_ttl_s: int = Field(default=24 * 3600, gt=0)
+    room_ttl_s: int = Field(default=5 * 60, gt=0)
+
+    @model_validator(mode="after")
+    def _signing_key_is_known(self) -> TokenSettings:
+        if self.keys and self.signing_key_id not in self.keys:
+            raise ValueError(f"tokens.signing_key_id {self.signing_key_id!r} is not in tokens.keys")
+        for kid, secret in self.keys.items():
+            if len(secret.get_secret_value().encode()) < 32:
+                raise ValueError(f"tokens.keys[{kid!r}] must be at least 32 bytes")
+        return self
+
+
+class LoginLimitSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Failed logins allowed per window, counted per login name and per client address.
+    per_login: int = Field(default=5, gt=0)
+    per_address: int = Field(default=20, gt=0)
+    window_s: float = Field(default=300.0, gt=0)
+
+
+class RoomSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    create_policy: Literal["anyone", "allowlist"] = "anyone"
+    # Usernames allowed to create rooms when create_policy is "allowlist".
+    creators: list[str] = Field(default_factory=list)
+    default_capacity: int = Field(default=8, gt=0)
+    max_capacity: int = Field(default=100, gt=0)
+
+
+class LiveSettings(BaseModel):
+    """Sessions, rooms and the node registry in Redis (the Sessions issue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A node record lives this long without a refresh; after that the node counts as dead
+    # and its sessions are reaped by the others.
+    node_ttl_s: float = Field(default=10.0, gt=0)
+    reaper_period_s: float = Field(default=3.0, gt=0)
+    # No frame (not even `ping`) from a client for this long ends its session.
+    ws_idle_timeout_s: float = Field(default=45.0, gt=0)
+    ws_max_frame_bytes: int = Field(default=64 * 1024, gt=0)
+    # Frames per second a client may send before it is told to slow down.
+    ws_frames_per_s: int = Field(default=50, gt=0)
+    chat_per_s: int = Field(default=5, gt=0)
+    # A user joining a room they are already in: replace the old session, reject, or allow.
+    duplicate_policy: Literal["replace", "reject", "allow"] = "replace"
+    lock_ttl_s: float = Field(default=5.0, gt=0)
+    # How long a request waits for a busy room lock before it is told to try again (503).
+    lock_wait_s: float = Field(default=10.0, gt=0)
+    # Extra independent Redis servers for the lock quorum (the state Redis is always one).
+    lock_redis_urls: list[SecretStr] = Field(default_factory=list)
+
+
+class MediaSettings(BaseModel):
+    """WebRTC media (the Media core issue). Empty lists mean: nothing configured, nothing
+    contacted (no public STUN server unless listed in `ice_servers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Addresses ICE host candidates are gathered on; [] = aioice's own discovery (every
+    # interface except 127.0.0.1). ["127.0.0.1"] for loopback tests and demos.
+    host_addresses: list[str] = Field(default_factory=list)
+    # STUN/TURN server URLs (e.g. "stun:stun.example.org:3478").
+    ice_servers: list[str] = Field(default_factory=list)
+    # Addresses announced to clients instead of the host addresses (same ports), e.g. the
+    # public address of a node behind 1:1 NAT; [] = announce the host candidates as they are.
+    announced_addresses: list[str] = Field(default_factory=list)
+    # At most one keyframe request toward a publisher's track per this many seconds.
+    keyframe_interval_s: float = Field(default=0.5, gt=0)
+    # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
+    # above it are dropped and counted; REMB toward the publisher never asks for more.
+    max_video_bitrate: int = Field(default=8_000_000, gt=0)
+    max_audio_bitrate: int = Field(default=512_000, gt=0)
+
+    @field_validator("host_addresses", "announced_addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            ipaddress.ip_address(address)
+        return value
+
+
+class SerfSettings(BaseModel):
+    """The node's Serf agent (the Mesh issue): its own child agent, or an operator's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "own": start `serf agent` beside the node; "attach": use the agent at rpc_addr;
+    # "off": no mesh (a single node; placement falls back to the Redis registry).
+    mode: Literal["own", "attach", "off"] = "own"
+    bind: str = "0.0.0.0:7946"
+    # The address other agents reach this one on ("" = Serf picks it from bind).
+    advertise: str = ""
+    rpc_addr: str = "127.0.0.1:7373"
+    rpc_auth: SecretStr = SecretStr("")
+    # Gossip encryption key (`serf keygen`); required in "own" mode.
+    encrypt_key: SecretStr = SecretStr("")
+    # Agents to join at start (host:port of their bind addresses).
+    join: list[str] = Field(default_factory=list)
+    # "" = <data_dir>/serf/<node_name>.snapshot
+    snapshot_path: str = ""
+    # How often the node's load tag may change, and the membership view is resynced.
+    load_tag_period_s: float = Field(default=10.0, gt=0)
+    resync_period_s: float = Field(default=30.0, gt=0)
+
+
+class RelaySettings(BaseModel):
+    """Media relays between nodes (the Relay issue); on whenever the mesh is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long an idle relay (no track either way) stays open before it closes.
+    linger_s: float = Field(default=10.0, ge=0)
+    # How offers and answers travel: "inline" in the Serf query itself (ORTC-style, under
+    # 1 KB), or "redis": the message in a short-lived Redis key, the query carrying its name.
+    carrier: Literal["inline", "redis"] = "inline"
+    # One signalling attempt waits this long for the answer, then it is sent again.
+    attempt_timeout_s: float = Field(default=1.0, gt=0)
+    attempts: int = Field(default=6, gt=0)
+    # Fault injection for tests: ignore the first N offers received (the sender's retry must
+    # establish the relay). Always 0 in service.
+    drop_first_offers: int = Field(default=0, ge=0)
+    # How often each node writes its relays' figures for `sfumesh cluster relays`.
+    report_period_s: float = Field(default=2.0, gt=0)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = "node-1"
+    region: str = "local"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = ""
+    # Empty means: start an embedded server (redis-server / nx-27017) under data_dir.
+    redis_url: SecretStr = SecretStr("")
+    mongodb_uri: SecretStr = SecretStr("")
+    database: str = "sfumesh"
+    data_dir: Path = Path(".data")
+    bcrypt_cost: int = Field(default=12, ge=4, le=31)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    log_level: str = "INFO"
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (for per-address login
+    # limits); requests from anywhere else are taken at their socket address.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
+    rooms: RoomSettings = Field(default_factory=RoomSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    serf: SerfSettings = Field(default_factory=SerfSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self.public_base_url or f"http://{self.host}:{self.port}"
+
+
+# Environment variable -> dotted setting. Values are parsed as JSON when they look like it
+# (numbers, lists, objects), otherwise taken as strings.
+ENV_VARS: dict[str, str] = {
+    "SFUMESH_NODE_NAME": "node_name",
+    "SFUMESH_REGION": "region",
+    "SFUMESH_HOST": "host",
+    "SFUMESH_PORT": "port",
+    "SFUMESH_PUBLIC_BASE_URL": "public_base_url",
+    "REDIS_URL": "redis_url",
+    "MONGODB_URI": "mongodb_uri",
+    "SFUMESH_DATABASE": "database",
+    "SFUMESH_DATA_DIR": "data_dir",
+    "SFUMESH_BCRYPT_COST": "bcrypt_cost",
+    "SFUMESH_MAX_BODY_BYTES": "max_body_bytes",
+    "SFUMESH_LOG_LEVEL": "log_level",
+    "SFUMESH_TRUSTED_PROXIES": "trusted_proxies",
+    "SFUMESH_TOKEN_KEYS": "tokens.keys",
+    "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",
+    "SFUMESH_LOGIN_LIMIT_PER_LOGIN": "login_limit.per_login",
+    "SFUMESH_LOGIN_LIMIT_PER_ADDRESS": "login_limit.per_address",
+    "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",
+    "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
+    "SFUMESH_ROOM_CREATORS": "rooms.creators",
+    "SFUMESH_ROOM_MAX_CAPACITY": "rooms.max_capacity",
+    "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
+    "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
+    "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
+    "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
+    "SFUMESH_CHAT_PER_S": "live.chat_per_s",
+    "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
+    "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
+    "SFUMESH_ICE_SERVERS": "media.ice_servers",
+    "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
+    "SFUMESH_SERF_MODE": "serf.mode",
+    "SFUMESH_SERF_BIND": "serf.bind",
+    "SFUMESH_SERF_ADVERTISE": "serf.advertise",
+    "SFUMESH_SERF_RPC_ADDR": "serf.rpc_addr",
+    "SFUMESH_SERF_RPC_AUTH": "serf.rpc_auth",
+    "SFUMESH_SERF_ENCRYPT_KEY": "serf.encrypt_key",
+    "SFUMESH_SERF_JOIN": "serf.join",
+    "SFUMESH_SERF_SNAPSHOT_PATH": "serf.snapshot_path",
+    "SFUMESH_SERF_LOAD_TAG_PERIOD_S": "serf.load_tag_period_s",
+    "SFUMESH_RELAY_LINGER_S": "relay.linger_s",
+    "SFUMESH_RELAY_CARRIER": "relay.carrier",
+    "SFUMESH_RELAY_ATTEMPT_TIMEOUT_S": "relay.attempt_timeout_s",
+    "SFUMESH_RELAY_DROP_FIRST_OFFERS": "relay.drop_first_offers",
+    "SFUMESH_RELAY_REPORT_PERIOD_S": "relay.report_period_s",
+}
+
+
+def _parse_env_value(raw: str) -> Any:
+    if raw[:1] in "[{" or raw.lstrip("-").isdigit():
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"cannot parse {raw[:20]!r}...: {error}") from error
+    return raw
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def load_settings(
+    path: Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """File, then environment, then explicit overrides (dotted keys), validated once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config file {path}: {error}") from error
+    environ = os.environ if env is None else env
+    for name, dotted in ENV_VARS.items():
+        if environ.get(name):
+            try:
+                _set_dotted(data, dotted, _parse_env_value(environ[name]))
+            except ConfigError as error:
+                raise ConfigError(f"{name}: {error}") from error
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return Settings.model_validate(data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def new_key() -> str:
+    """A fresh token signing secret (for demos, tests and `sfumesh keygen`); here, beside the
+    settings that hold the keys, so launchers need nothing of the web layer."""
+    return secrets.token_urlsafe(48)

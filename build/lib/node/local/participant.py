@@ -1,0 +1,261 @@
+"""A participant of real node processes, as a program sees it: the WebSocket (`Socket`,
+every message kept in order) and an aiortc `MediaPeer` that publishes a test pattern and a
+tone, answers the node's subscribe offers and counts the frames it decodes per remote track
+(with the owner the offer's `tracks` names). Used by `sfumesh bench relay` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import VideoFrame
+from websockets.asyncio.client import ClientConnection
+
+from node.media import adapter
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 15.0
+WAIT_S = 40.0
+
+
+class SmallPattern(VideoStreamTrack):
+    """320x240 frames whose shade changes, 30 fps (aiortc's VideoStreamTrack clock)."""
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame(width=320, height=240)
+        shade = (pts // 3000) % 200
+        for plane in frame.planes:
+            plane.update(bytes([shade]) * plane.buffer_size)
+        frame.pts = pts
+        frame.time_base = time_base
+        return frame
+
+
+@dataclass
+class Socket:
+    ws: ClientConnection
+    node_url: str
+    session_token: str
+    session_id: str = ""
+    node: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+    _ids: int = 0
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.messages.append(json.loads(raw))
+                self.arrived.set()
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        finally:
+            self.arrived.set()
+
+    @property
+    def closed(self) -> bool:
+        return self.reader is not None and self.reader.done()
+
+    async def wait_for(self, type_: str, within_s: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        """The first message of this type whose fields (or participant's) match."""
+
+        def fits(message: dict[str, Any]) -> bool:
+            if message.get("type") != type_:
+                return False
+            inner = message.get("participant", {})
+            return all(message.get(k, inner.get(k)) == v for k, v in match.items())
+
+        async def scan() -> dict[str, Any]:
+            seen = 0
+            while True:
+                for message in self.messages[seen:]:
+                    if fits(message):
+                        return message
+                seen = len(self.messages)
+                if self.closed:
+                    raise ConnectionError(f"closed before {type_} {match}: {self.messages[-3:]}")
+                self.arrived.clear()
+                if len(self.messages) == seen:
+                    await self.arrived.wait()
+
+        return await asyncio.wait_for(scan(), within_s)
+
+    async def request(self, type_: str, **fields: Any) -> dict[str, Any]:
+        self._ids += 1
+        frame_id = f"{type_}-{self._ids}"
+        await self.ws.send(json.dumps({"type": type_, "id": frame_id, **fields}))
+        reply = await self.wait_for_id(frame_id)
+        return reply
+
+    async def wait_for_id(self, frame_id: str) -> dict[str, Any]:
+        async def scan() -> dict[str, Any]:
+            while True:
+                for message in self.messages:
+                    if message.get("id") == frame_id:
+                        return message
+                if self.closed:
+                    raise ConnectionError(f"closed before reply {frame_id}")
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(scan(), TIMEOUT)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+async def open_socket(node_url: str, session_token: str) -> Socket:
+    """A node's WebSocket for this session, once its `hello` arrived."""
+    ws_url = node_url.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
+    sock = Socket(await websockets.connect(ws_url, max_size=2**22), node_url, session_token)
+    sock.reader = asyncio.create_task(sock._read())
+    hello = await sock.wait_for("hello")
+    sock.session_id, sock.node = hello["session_id"], hello["node"]
+    return sock
+
+
+class Received:
+    """A remote track: frames decoded until it ends."""
+
+    def __init__(self, track: MediaStreamTrack, mid: str | None) -> None:
+        self.track = track
+        self.kind = track.kind
+        self.mid = mid
+        self.owner = ""
+        self.frames = 0
+        self.first_frame_at: float | None = None
+        self.ended = asyncio.Event()
+        self.task = asyncio.ensure_future(self._consume())
+
+    async def _consume(self) -> None:
+        try:
+            while True:
+                await self.track.recv()
+                self.frames += 1
+                if self.first_frame_at is None:
+                    self.first_frame_at = time.monotonic()
+        except MediaStreamError:
+            pass
+        finally:
+            self.ended.set()
+
+
+class MediaPeer:
+    def __init__(self, sock: Socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.publish = RTCPeerConnection(adapter.rtc_configuration())
+        self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
+        self.received: list[Received] = []
+        self.owners: dict[str, str] = {}  # mid -> publisher session id
+        self.errors: list[dict[str, Any]] = []
+        self._seen = 0
+        self._reader = asyncio.ensure_future(self._read())
+
+        @self.subscribe.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            mid = next(
+                (t.mid for t in self.subscribe.getTransceivers() if t.receiver.track is track),
+                None,
+            )
+            received = Received(track, mid)
+            received.owner = self.owners.get(mid or "", "")
+            self.received.append(received)
+
+    async def _read(self) -> None:
+        while True:
+            while self._seen < len(self.sock.messages):
+                message = self.sock.messages[self._seen]
+                self._seen += 1
+                await self._handle(message)
+            if self.sock.closed:
+                return
+            self.sock.arrived.clear()
+            if self._seen == len(self.sock.messages):
+                await self.sock.arrived.wait()
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "offer" and message.get("pc") == "subscribe":
+            self.owners.update(
+                {mid: str(owner["session_id"]) for mid, owner in message["tracks"].items()}
+            )
+            await self.subscribe.setRemoteDescription(
+                RTCSessionDescription(sdp=message["sdp"], type="offer")
+            )
+            await self.subscribe.setLocalDescription(await self.subscribe.createAnswer())
+            sdp = self.subscribe.localDescription.sdp
+            await self.sock.request("answer", pc="subscribe", sdp=sdp)
+            for received in self.received:
+                received.owner = received.owner or self.owners.get(received.mid or "", "")
+        elif kind == "error":
+            log.error("%s got an error: %s", self.name, message)
+            self.errors.append(message)
+
+    async def start_publishing(self) -> None:
+        self.publish.addTransceiver(SmallPattern(), direction="sendonly")
+        self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        await self.publish.setLocalDescription(await self.publish.createOffer())
+        sdp = self.publish.localDescription.sdp
+        answer = await self.sock.request("offer", pc="publish", sdp=sdp)
+        assert answer["type"] == "answer" and answer["pc"] == "publish", answer
+        await self.publish.setRemoteDescription(
+            RTCSessionDescription(sdp=answer["sdp"], type="answer")
+        )
+
+    def from_(self, session_id: str, kind: str) -> list[Received]:
+        return [r for r in self.received if r.owner == session_id and r.kind == kind]
+
+    def decodes(self, session_id: str, frames: int = 20) -> bool:
+        """Video and audio of `session_id` are arriving (at least `frames` of each)."""
+        return all(
+            any(r.frames >= frames and not r.ended.is_set() for r in self.from_(session_id, k))
+            for k in ("video", "audio")
+        )
+
+    def describe(self) -> str:
+        return f"{self.name}: " + ", ".join(
+            f"{r.owner[:6] or '?'}/{r.mid}/{r.kind}={r.frames}{'x' if r.ended.is_set() else ''}"
+            for r in self.received
+        )
+
+    def ended_from(self, session_id: str) -> bool:
+        tracks = [r for r in self.received if r.owner == session_id]
+        return bool(tracks) and all(r.ended.is_set() for r in tracks)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.publish.close()
+        await self.subscribe.close()
+        for received in self.received:
+            received.task.cancel()
+        await asyncio.gather(*(r.task for r in self.received), return_exceptions=True)
+
+
+async def until(
+    check: Callable[[], bool],
+    what: str,
+    within_s: float = WAIT_S,
+    describe: Callable[[], str] | None = None,
+) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            state = f" ({describe()})" if describe is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{state}")
+        await asyncio.sleep(0.1)

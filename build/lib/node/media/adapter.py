@@ -1,0 +1,886 @@
+"""The one module allowed to touch aiortc / aioice private attributes (aiortc==1.16.0).
+
+Everything the node needs from aiortc's internals goes through the small functions and
+classes here, so that an aiortc upgrade breaks in one place, and `check_aiortc()` (called at
+start-up) refuses to run with a clear message when something this module relies on is gone.
+
+What is tapped, and why (read from aiortc 1.16.0's source):
+
+* Receive side (T1, raw RTP). `RTCDtlsTransport` decrypts SRTP, parses the packet and awaits
+  `receiver._handle_rtp_packet(packet, arrival_time_ms)`. aiortc's version then feeds the
+  bandwidth estimator (REMB), RTCP statistics, unwraps RTX, generates NACKs, depayloads the
+  codec payload, runs a jitter buffer and puts complete frames on the decoder queue.
+  `tap_rtp()` replaces that method on the instance with a copy of the first half (REMB,
+  statistics for receiver reports, RTX unwrap, NACK generation) that hands the raw packet to
+  the node instead of depayloading it: no depayload, no jitter buffer, nothing queued to a
+  decoder. aiortc's own RTCP task (`_run_rtcp`, receiver reports) keeps running from the
+  statistics we feed. Not kept: `getSynchronizationSources()` data (costs a datetime per
+  packet) and the jitter buffer's own PLI on a frame gap (the SFU asks for keyframes itself).
+* `RTCRtpReceiver.receive()` always starts a decoder thread. `tap_rtp()` also replaces
+  `receive` on the instance with a copy that registers the receiver with its transport and
+  starts the RTCP task, but starts no decoder thread. As belt and braces the decoder queue is
+  replaced by one that counts (in `CODEC_WORK`) and drops anything put on it.
+  Consequence: the node-side `RemoteStreamTrack` never yields frames nor ends by itself (its
+  end is signalled by aiortc's decoder thread, which never runs); the node learns that a
+  track ended from the peer connection / transceiver state instead.
+* Send side. A sender whose track is `None` polls every 20 ms; `tap_sender()` gives it a
+  `ParkedTrack` whose `recv()` waits until stopped, so the sender's RTP loop stays parked and
+  never creates an encoder. `SenderTap.write()` is the forwarding hot path, synchronous: it
+  packs the RTP header and the one-byte header extensions (MID, abs-send-time, audio level,
+  with ids from the sender's negotiated map) itself instead of building an `RtpPacket` and
+  serialising it, SRTP-protects with the DTLS transport's `_tx_srtp` and writes to the
+  nominated ICE pair's socket directly, instead of awaiting the `_send_rtp` -> ICE `send` ->
+  `sendto` -> `send_data` coroutine chain (measured: ~21 -> ~14 us per forwarded copy). It
+  keeps the DTLS transport's byte/packet counters and the sender-report counters right and
+  stores a light `_Kept` record in the sender's RTP history, which aiortc's `_retransmit`
+  serialises (RTX-wrapped when negotiated) only when a subscriber NACKs it; `_retransmit`
+  is wrapped on the instance only to count the NACKed sequence numbers and the answers.
+  `SenderTap.drop` is a test hook: it simulates loss on the way to the subscriber after the
+  packet entered the history (None, the default, in production). A subscriber's PLI/FIR
+  calls `sender._send_keyframe()` (which only sets a flag the pack path never reads):
+  replaced on the instance by a callback. A subscriber's REMB sets `encoder.target_bitrate`:
+  the encoder slot holds a counting wrapper that records it.
+* ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
+  (process-wide) with a fixed list, so loopback works and production nodes announce only the
+  addresses they are configured with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import queue
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+import aioice
+import aioice.ice
+import aiortc
+import aiortc.rtcdtlstransport
+import aiortc.rtcicetransport
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import get_encoder, is_rtx
+from aiortc.codecs.base import Encoder
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcrtpparameters import (
+    RTCRtpCodecParameters,
+    RTCRtpReceiveParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTP_HISTORY_SIZE,
+    HeaderExtensions,
+    HeaderExtensionsMap,
+    RtcpPsfbPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unwrap_rtx,
+)
+from av.frame import Frame
+from av.packet import Packet
+
+logger = logging.getLogger(__name__)
+
+PINNED_AIORTC_VERSION: Final = "1.16.0"
+PINNED_AIOICE_VERSION: Final = "0.13.0"
+
+# Seconds between 1900-01-01 (NTP epoch) and 1970-01-01 (Unix epoch).
+_NTP_UNIX_OFFSET: Final = 2_208_988_800
+
+PacketHandler = Callable[[RtpPacket], Awaitable[None]]
+#: called with a reason ("unknown-ssrc", "unknown-payload-type", "bad-rtx", "unrouted") per
+#: dropped packet
+DropCallback = Callable[[str], None]
+
+
+@dataclass
+class CodecWork:
+    """Frames the node itself handed to a decoder or an encoder. Forwarding keeps both 0."""
+
+    decoded_frames: int = 0
+    encoded_frames: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.decoded_frames + self.encoded_frames
+
+
+#: Process-wide count of codec work done by node-side (tapped) receivers and senders.
+CODEC_WORK = CodecWork()
+
+
+# --------------------------------------------------------------------------- start-up check
+
+_R = "_RTCRtpReceiver__"
+_S = "_RTCRtpSender__"
+
+# (owner, attribute, where): "member" = hasattr(owner, attribute) (methods, class attributes,
+# module globals); "init" = an instance attribute assigned in owner.__init__ (name-mangled
+# instance attributes are not visible on the class, so we read the names __init__ stores);
+# "uses" = the global/attribute name is referenced by that function's code.
+_REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
+    (RTCRtpReceiver, "receive", "member"),
+    (RTCRtpReceiver, "_handle_rtp_packet", "member"),
+    (RTCRtpReceiver, "_run_rtcp", "member"),
+    (RTCRtpReceiver, "_send_rtcp", "member"),
+    (RTCRtpReceiver, "_send_rtcp_nack", "member"),
+    (RTCRtpReceiver, "_send_rtcp_pli", "member"),
+    (RTCRtpReceiver, "_enabled", "init"),
+    (RTCRtpReceiver, _R + "started", "init"),
+    (RTCRtpReceiver, _R + "codecs", "init"),
+    (RTCRtpReceiver, _R + "rtx_ssrc", "init"),
+    (RTCRtpReceiver, _R + "transport", "init"),
+    (RTCRtpReceiver, _R + "rtcp_task", "init"),
+    (RTCRtpReceiver, _R + "rtcp_ssrc", "init"),
+    (RTCRtpReceiver, _R + "remote_streams", "init"),
+    (RTCRtpReceiver, _R + "remote_bitrate_estimator", "init"),
+    (RTCRtpReceiver, _R + "nack_generator", "init"),
+    (RTCRtpReceiver, _R + "decoder_queue", "init"),
+    (RTCRtpReceiver, _R + "decoder_thread", "init"),
+    (aiortc.rtcrtpreceiver, "StreamStatistics", "member"),
+    (StreamStatistics, "_clockrate", "init"),
+    (StreamStatistics, "packets_lost", "member"),
+    (StreamStatistics, "jitter", "member"),
+    (aiortc.rtcrtpreceiver, "NackGenerator", "member"),
+    (StreamStatistics, "add", "member"),
+    (NackGenerator, "add", "member"),
+    (NackGenerator, "missing", "init"),
+    (RemoteBitrateEstimator, "add", "member"),
+    (RTCRtpSender, "send", "member"),
+    (RTCRtpSender, "_send_keyframe", "member"),
+    (RTCRtpSender, "_retransmit", "member"),
+    (RTCRtpSender, "_ssrc", "init"),
+    (RTCRtpSender, _S + "started", "init"),
+    (RTCRtpSender, _S + "rtp_history", "init"),
+    (RTCRtpSender, _S + "rtp_header_extensions_map", "init"),
+    (RTCRtpSender, _S + "encoder", "init"),
+    (RTCRtpSender, _S + "ntp_timestamp", "init"),
+    (RTCRtpSender, _S + "rtp_timestamp", "init"),
+    (RTCRtpSender, _S + "octet_count", "init"),
+    (RTCRtpSender, _S + "packet_count", "init"),
+    (RTCRtpSender, _S + "stats", "init"),
+    (RTCRtpSender._handle_rtcp_packet, "_send_keyframe", "uses"),
+    (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_register_rtp_receiver", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_router", "init"),
+    (aiortc.rtcdtlstransport.RtpRouter, "route_rtp", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "route_rtp", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_tx_srtp", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_state", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__tx_bytes", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__tx_packets", "init"),
+    (aiortc.rtcdtlstransport.State, "CONNECTED", "member"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_connection", "init"),
+    (HeaderExtensionsMap, "_HeaderExtensionsMap__ids", "init"),
+    (RTCRtpSender._retransmit, "serialize", "uses"),
+    (aioice.ice.Connection, "_nominated", "init"),
+    (aioice.ice.Connection, "ice_controlling", "init"),
+    (RTCRtpReceiver, "_set_rtcp_ssrc", "member"),
+    (aioice.ice.CandidatePair, "protocol", "init"),
+    (aioice.ice.CandidatePair, "remote_addr", "member"),
+    (aioice.ice, "get_host_addresses", "member"),
+    (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
+    (aiortc.RTCPeerConnection, "_RTCPeerConnection__localRtp", "member"),
+)
+
+
+def _describe(owner: Any) -> str:
+    return str(getattr(owner, "__qualname__", None) or getattr(owner, "__name__", owner))
+
+
+def _present(owner: Any, name: str, where: str) -> bool:
+    if where == "member":
+        return hasattr(owner, name)
+    function = owner.__init__ if where == "init" else owner
+    code = getattr(function, "__code__", None)
+    return code is not None and name in code.co_names
+
+
+def missing_private_api() -> list[str]:
+    """Names of the private aiortc/aioice attributes this module needs that are absent."""
+    return [
+        f"{_describe(owner)}.{name}"
+        for owner, name, where in _REQUIRED
+        if not _present(owner, name, where)
+    ]
+
+
+def check_aiortc() -> None:
+    """Refuse to start when aiortc/aioice lack a private attribute the media core uses."""
+    missing = missing_private_api()
+    installed = f"aiortc {aiortc.__version__}, aioice {aioice.__version__}"
+    if missing:
+        raise RuntimeError(
+            f"the installed {installed} lacks private API the media core relies on: "
+            f"{', '.join(missing)}. sfumesh is pinned to aiortc=={PINNED_AIORTC_VERSION} "
+            f"(aioice=={PINNED_AIOICE_VERSION}); install those versions."
+        )
+    versions = (aiortc.__version__, aioice.__version__)
+    if versions != (PINNED_AIORTC_VERSION, PINNED_AIOICE_VERSION):
+        logger.warning(
+            "running with %s; the media core was checked against aiortc==%s, aioice==%s",
+            installed,
+            PINNED_AIORTC_VERSION,
+            PINNED_AIOICE_VERSION,
+        )
+
+
+# --------------------------------------------------------------------------- ICE configuration
+
+_ice_module: Any = aioice.ice
+_ORIGINAL_GET_HOST_ADDRESSES: Final = aioice.ice.get_host_addresses
+
+
+def set_host_addresses(addresses: Sequence[str] | None) -> None:
+    """Make every ICE agent in this process gather host candidates on exactly `addresses`.
+
+    `None` restores aioice's own discovery (every interface except 127.0.0.1). Include
+    "127.0.0.1" for loopback tests and demos. Takes effect for agents gathering afterwards.
+    """
+    if addresses is None:
+        _ice_module.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+        return
+    fixed = tuple(str(ipaddress.ip_address(address)) for address in addresses)
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (use_ipv6 if ":" in a else use_ipv4)]
+
+    _ice_module.get_host_addresses = get_host_addresses
+
+
+def set_ice_controlling(transport: aiortc.RTCIceTransport, controlling: bool) -> None:
+    """Give an ORTC `RTCIceTransport` its ICE role before `start()` (aiortc's ORTC API has no
+    role parameter; RTCPeerConnection sets it the same way). Used by node-to-node relays."""
+    connection: Any = transport._connection
+    connection.ice_controlling = controlling
+
+
+def set_rtcp_ssrc(receiver: RTCRtpReceiver, ssrc: int) -> None:
+    """The SSRC an ORTC receiver sends its RTCP (reports, NACK, PLI, REMB) from; without it
+    aiortc sends none. RTCPeerConnection does this for every transceiver's receiver."""
+    receiver._set_rtcp_ssrc(ssrc)
+
+
+async def start_negotiated_sender(pc: aiortc.RTCPeerConnection, transceiver: Any) -> bool:
+    """Start the sender of a negotiated sending transceiver if aiortc has not: its
+    `RTCPeerConnection.__connect` (run for every applied answer) starts a sender only when
+    the transport is connected at that moment, so m-lines an answer adds while the first
+    DTLS handshake runs are never started. True once the sender runs."""
+    sender: Any = transceiver.sender
+    if sender._RTCRtpSender__started:
+        return True
+    if transceiver.currentDirection not in ("sendonly", "sendrecv"):
+        return False
+    if transceiver.receiver.transport.state != "connected":
+        return False
+    connection: Any = pc
+    await sender.send(connection._RTCPeerConnection__localRtp(transceiver))
+    return True
+
+
+def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
+    """An explicit configuration: without one aiortc contacts a public STUN server.
+
+    Bundle policy "max-bundle": every transceiver uses the first one's transport from the
+    start. With aiortc's default ("balanced") a transceiver takes the transport of the first
+    one of its kind, and when an answer bundles that first one onto the primary transport,
+    the later ones added before that answer keep the discarded transport: they never send
+    (the third person joining a room quickly got no audio or video from the second)."""
+    return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+# --------------------------------------------------------------------------- receive side
+
+
+@dataclass(frozen=True)
+class Reception:
+    """What a receiver report says (or would say) about one stream."""
+
+    #: cumulative packets lost (expected - received; may dip after duplicates)
+    packets_lost: int
+    #: interarrival jitter (RFC 3550), seconds
+    jitter_s: float
+    #: round-trip time from the report's LSR/DLSR, seconds; None when not known
+    rtt_s: float | None = None
+
+
+class _DiscardingQueue(queue.Queue[Any]):
+    """Stands in for a tapped receiver's decoder queue: counts and drops frames."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not None:
+            CODEC_WORK.decoded_frames += 1
+            logger.error("a frame reached a tapped receiver's decoder queue (dropped)")
+
+
+class RtpTap:
+    """A receiver whose raw RTP goes to `handler` and is never depayloaded nor decoded."""
+
+    def __init__(self, receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+        r: Any = receiver
+        if r._RTCRtpReceiver__started or r._RTCRtpReceiver__decoder_thread is not None:
+            raise RuntimeError("tap_rtp() must be called before the receiver is started")
+        self.receiver = receiver
+        self._r = r
+        self._handler = handler
+        self.started = False
+        #: payload type -> codec, filled when the connection starts the receiver
+        self.codecs: dict[int, RTCRtpCodecParameters] = r._RTCRtpReceiver__codecs
+        self._rtx_ssrc: dict[int, int] = r._RTCRtpReceiver__rtx_ssrc
+        self._rtx_pts: set[int] = set()
+        self._rtx_apt: dict[int, int] = {}
+        self._streams: dict[int, StreamStatistics] = r._RTCRtpReceiver__remote_streams
+        self._nack: NackGenerator | None = r._RTCRtpReceiver__nack_generator
+        self._estimator: RemoteBitrateEstimator | None = r._RTCRtpReceiver__remote_bitrate_estimator
+        #: monotonic time the tap was made (start of the first bitrate window)
+        self.created = time.monotonic()
+        self.packets = 0
+        #: RTP payload bytes handed to the handler (after RTX unwrap)
+        self.bytes = 0
+        self.dropped = 0
+        self.handler_errors = 0
+        #: last REMB (bit/s) sent toward the publisher, None before the first
+        self.remb_bitrate: int | None = None
+        #: aiortc's own estimate behind that REMB (before `remb_limit` lowered it)
+        self.remb_estimate: int | None = None
+        #: when set, REMB toward the publisher never exceeds what it returns (if not None)
+        self.remb_limit: Callable[[], int | None] | None = None
+        self.on_drop: DropCallback | None = None
+        # SSRCs this receiver accepts: the ones the offer declared (media and RTX), or else
+        # the first media SSRC that arrives. Anything else is dropped, so a hostile sender
+        # cannot grow per-SSRC state.
+        self._ssrcs: set[int] = set()
+        self._declared = False
+        r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
+        r.receive = self._receive
+        r._handle_rtp_packet = self._handle_rtp_packet
+
+    @property
+    def media_ssrcs(self) -> list[int]:
+        """SSRCs seen so far, retransmission (RTX) SSRCs excluded."""
+        return [ssrc for ssrc in self._streams if ssrc not in self._rtx_ssrc]
+
+    def reception(self) -> Reception:
+        """Loss and jitter of the publisher's media SSRCs, from the statistics aiortc keeps
+        for its receiver reports (read, never reset: `fraction_lost` is not touched)."""
+        lost = 0
+        jitter = 0.0
+        for ssrc, stats in self._streams.items():
+            if ssrc in self._rtx_ssrc:
+                continue
+            lost += stats.packets_lost
+            clock_rate: int = stats._clockrate
+            if clock_rate:
+                jitter = max(jitter, stats.jitter / clock_rate)
+        return Reception(packets_lost=lost, jitter_s=jitter)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(reason)
+
+    async def _receive(self, parameters: RTCRtpReceiveParameters) -> None:
+        # RTCRtpReceiver.receive() without the decoder thread.
+        r = self._r
+        if r._RTCRtpReceiver__started:
+            return
+        for codec in parameters.codecs:
+            if codec.payloadType is not None:
+                self.codecs[codec.payloadType] = codec
+        for encoding in parameters.encodings:
+            if encoding.rtx:
+                self._rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+                self._ssrcs.add(encoding.rtx.ssrc)
+            if encoding.ssrc:
+                self._ssrcs.add(encoding.ssrc)
+        self._declared = bool(self._ssrcs)
+        for codec in parameters.codecs:
+            if is_rtx(codec) and codec.payloadType is not None:
+                self._rtx_pts.add(codec.payloadType)
+                apt = codec.parameters.get("apt")
+                if isinstance(apt, int) and apt in self.codecs:
+                    self._rtx_apt[codec.payloadType] = apt
+        r._RTCRtpReceiver__transport._register_rtp_receiver(r, parameters)
+        r._RTCRtpReceiver__rtcp_task = asyncio.ensure_future(r._run_rtcp())
+        r._RTCRtpReceiver__started = True
+        self.started = True
+
+    async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        # RTCRtpReceiver._handle_rtp_packet() up to NACK generation, then the handler.
+        r = self._r
+        if not r._enabled:
+            return
+
+        codec = self.codecs.get(packet.payload_type)
+        if codec is None:
+            self._drop("unknown-payload-type")
+            return
+        if packet.ssrc not in self._ssrcs:
+            if self._declared or self._ssrcs or packet.payload_type in self._rtx_pts:
+                self._drop("unknown-ssrc")
+                return
+            self._ssrcs.add(packet.ssrc)
+
+        estimator = self._estimator
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=packet.ssrc,
+            )
+            rtcp_ssrc = r._RTCRtpReceiver__rtcp_ssrc
+            if rtcp_ssrc is not None and remb is not None:
+                bitrate, ssrcs = remb
+                self.remb_estimate = bitrate
+                limit = self.remb_limit() if self.remb_limit is not None else None
+                if limit is not None and limit < bitrate:
+                    bitrate = limit
+                self.remb_bitrate = bitrate
+                await r._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP,
+                        ssrc=rtcp_ssrc,
+                        media_ssrc=0,
+                        fci=pack_remb_fci(bitrate, ssrcs),
+                    )
+                )
+
+        # statistics for receiver reports (aiortc keeps them for RTX SSRCs too)
+        stats = self._streams.get(packet.ssrc)
+        if stats is None:
+            stats = self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+
+        if packet.payload_type in self._rtx_pts:
+            apt = self._rtx_apt.get(packet.payload_type)
+            original_ssrc = self._rtx_ssrc.get(packet.ssrc)
+            if len(packet.payload) < 2 and packet.padding_size:
+                return  # a padding-only probe (bandwidth estimation): nothing to forward
+            if apt is None or original_ssrc is None or len(packet.payload) < 2:
+                self._drop("bad-rtx")
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+
+        nack = self._nack
+        if nack is not None and nack.add(packet):
+            await r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
+
+        self.packets += 1
+        self.bytes += len(packet.payload)
+        try:
+            await self._handler(packet)
+        except Exception:
+            # An exception here would end the DTLS transport's receive loop.
+            self.handler_errors += 1
+            logger.exception("RTP handler failed (packet dropped)")
+
+
+def tap_rtp(receiver: RTCRtpReceiver, handler: PacketHandler) -> RtpTap:
+    """Send `receiver`'s raw RTP packets to `handler`; never depayload or decode them.
+
+    Call before the peer connection starts the receiver (e.g. in the "track" event, or after
+    setRemoteDescription and before the connection is established).
+    """
+    return RtpTap(receiver, handler)
+
+
+def count_unrouted(transport: aiortc.RTCDtlsTransport, on_drop: DropCallback) -> None:
+    """Call `on_drop("unrouted")` for every RTP packet `transport` discards because no
+    receiver matches its SSRC or payload type (aiortc drops those silently). Idempotent."""
+    t: Any = transport
+    router = t._rtp_router
+    if getattr(router, "_sfumesh_counted", False):
+        return
+    route_rtp = router.route_rtp
+
+    def counting_route_rtp(packet: RtpPacket) -> Any:
+        receiver = route_rtp(packet)
+        if receiver is None:
+            on_drop("unrouted")
+        return receiver
+
+    router.route_rtp = counting_route_rtp
+    router._sfumesh_counted = True
+
+
+async def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> bool:
+    """Send a PLI for `media_ssrc` to the peer sending to `receiver`. False if not ready."""
+    r: Any = receiver
+    if r._RTCRtpReceiver__rtcp_ssrc is None:
+        return False
+    await r._send_rtcp_pli(media_ssrc)
+    return True
+
+
+# --------------------------------------------------------------------------- send side
+
+
+class ParkedTrack(MediaStreamTrack):
+    """A sender track that never yields: the sender's RTP loop waits and never encodes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._stopped = asyncio.Event()
+
+    async def recv(self) -> Frame | Packet[Any]:
+        await self._stopped.wait()
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._stopped.set()
+
+
+class _CountingEncoder(Encoder):
+    """Occupies a tapped sender's encoder slot: counts encodes, records REMB."""
+
+    def __init__(self, codec: RTCRtpCodecParameters, tap: SenderTap) -> None:
+        self._codec = codec
+        self._tap = tap
+        self._inner: Encoder | None = None
+
+    def _encoder(self) -> Encoder:
+        if self._inner is None:
+            self._inner = get_encoder(self._codec)
+        return self._inner
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        CODEC_WORK.encoded_frames += 1
+        logger.error("a tapped sender encoded a frame")
+        return self._encoder().encode(frame, force_keyframe)
+
+    def pack(self, packet: Packet[Any]) -> tuple[list[bytes], int]:
+        return self._encoder().pack(packet)
+
+    # RTCRtpSender._handle_rtcp_packet sets this on a subscriber's REMB.
+    @property
+    def target_bitrate(self) -> int | None:
+        return self._tap.remb_bitrate
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        self._tap.remb_bitrate = bitrate
+
+
+def _ntp_now() -> int:
+    now = time.time()
+    seconds = int(now)
+    return ((seconds + _NTP_UNIX_OFFSET) << 32) | int((now - seconds) * 4294967296.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SendStamp:
+    """The send time shared by every copy of one forwarded packet (taken once per packet)."""
+
+    #: 64-bit NTP time (what sender reports pair with the RTP timestamp)
+    ntp: int
+    #: the abs-send-time header extension's 3 bytes (6.18 fixed-point seconds) ...
+    abs_send_time: bytes
+    #: ... and their value (what the RTP history keeps for retransmissions)
+    abs_send_time_value: int
+
+
+def send_stamp() -> SendStamp:
+    ntp = _ntp_now()
+    abs_send_time = (ntp >> 14) & 0x00FFFFFF
+    return SendStamp(ntp, abs_send_time.to_bytes(3, "big"), abs_send_time)
+
+
+_RTP_HEADER: Final = struct.Struct("!BBHLLHH")  # fixed header + one-byte extension header
+_CONNECTED: Final = aiortc.rtcdtlstransport.State.CONNECTED
+
+
+class _Kept:
+    """A sent packet as the RTP history keeps it: built into an `RtpPacket` only if the
+    subscriber NACKs it (aiortc's `_retransmit` reads these attributes and `serialize`s)."""
+
+    __slots__ = (
+        "_abs_send_time",
+        "_mid",
+        "audio_level",
+        "marker",
+        "payload",
+        "payload_type",
+        "sequence_number",
+        "ssrc",
+        "timestamp",
+    )
+
+    csrc: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        ssrc: int,
+        payload: bytes,
+        audio_level: Any,
+        abs_send_time: int,
+        mid: str | None,
+    ) -> None:
+        self.payload_type = payload_type
+        self.marker = marker
+        self.sequence_number = sequence_number
+        self.timestamp = timestamp
+        self.ssrc = ssrc
+        self.payload = payload
+        self.audio_level = audio_level
+        self._abs_send_time = abs_send_time
+        self._mid = mid
+
+    @property
+    def extensions(self) -> HeaderExtensions:
+        return HeaderExtensions(
+            abs_send_time=self._abs_send_time, audio_level=self.audio_level, mid=self._mid
+        )
+
+    def packet(self) -> RtpPacket:
+        packet = RtpPacket(
+            payload_type=self.payload_type,
+            marker=self.marker,
+            sequence_number=self.sequence_number,
+            timestamp=self.timestamp,
+            ssrc=self.ssrc,
+            payload=self.payload,
+        )
+        packet.extensions = self.extensions
+        return packet
+
+    def serialize(self, extensions_map: HeaderExtensionsMap) -> bytes:
+        return self.packet().serialize(extensions_map)
+
+
+class SenderTap:
+    """An `RTCRtpSender` the node writes raw RTP through (see `send`)."""
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        s: Any = sender
+        if s._RTCRtpSender__started:
+            raise RuntimeError("tap_sender() must be called before the sender is started")
+        if sender.track is None:
+            sender.replaceTrack(ParkedTrack(sender.kind))
+        elif not isinstance(sender.track, ParkedTrack):
+            logger.warning("tapped sender has a real track: its frames would be encoded")
+        self.sender = sender
+        self._s = s
+        self.parameters: RTCRtpSendParameters | None = None
+        #: the codec the subscriber negotiated (what forwarded packets must carry)
+        self.codec: RTCRtpCodecParameters | None = None
+        self.mid: str | None = None
+        #: monotonic time the tap was made (start of the first bitrate window)
+        self.created = time.monotonic()
+        self.packets_sent = 0
+        #: RTP payload bytes sent (what sender reports count as octets)
+        self.bytes_sent = 0
+        self.send_errors = 0
+        self.keyframe_requests = 0
+        #: last REMB (bit/s) the subscriber reported for this sender's SSRC
+        self.remb_bitrate: int | None = None
+        #: sequence numbers the subscriber NACKed, and how many were answered from history
+        self.nacked = 0
+        self.retransmitted = 0
+        self.on_keyframe_request: Callable[[], None] | None = None
+        #: Test hook: when set and it returns True for a packet, `send` keeps the packet in
+        #: the RTP history and counts it as sent but does not write it (simulated loss on the
+        #: way to the subscriber, which a NACK then repairs). Never set in production.
+        self.drop: Callable[[RtpPacket], bool] | None = None
+        self._history: dict[int, Any] = s._RTCRtpSender__rtp_history
+        # MID element + abs-send-time's id byte: the same in every packet of this sender
+        self._leading_elements = b""
+        self._abs_send_time = False
+        self._audio_level_id = 0
+        self._dtls: Any = None
+        self._ice: Any = None
+        self._extensions_map = s._RTCRtpSender__rtp_header_extensions_map
+        self._original_send = s.send
+        self._ready = asyncio.Event()
+        s.send = self._send_parameters
+        s._send_keyframe = self._keyframe_requested
+        self._original_retransmit = s._retransmit
+        s._retransmit = self._retransmit
+
+    @property
+    def ssrc(self) -> int:
+        ssrc: int = self._s._ssrc
+        return ssrc
+
+    @property
+    def payload_type(self) -> int | None:
+        return None if self.codec is None else self.codec.payloadType
+
+    @property
+    def ready(self) -> bool:
+        return self.codec is not None
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    def reception(self) -> Reception | None:
+        """The subscriber's latest receiver report for this sender (loss, jitter, RTT), as
+        aiortc's `_handle_rtcp_packet` keeps it; None before the first report."""
+        report = self._s._RTCRtpSender__stats.get(f"remote-inbound-rtp_{id(self._s)}")
+        if report is None:
+            return None
+        clock_rate = self.codec.clockRate if self.codec is not None else 0
+        jitter = report.jitter / clock_rate if clock_rate and report.jitter else 0.0
+        rtt = report.roundTripTime
+        return Reception(
+            packets_lost=int(report.packetsLost or 0),
+            jitter_s=float(jitter),
+            rtt_s=None if rtt is None else float(rtt),
+        )
+
+    async def _send_parameters(self, parameters: RTCRtpSendParameters) -> None:
+        if self.codec is None:
+            self.parameters = parameters
+            self.codec = parameters.codecs[0]
+            self.mid = parameters.muxId
+            self._s._RTCRtpSender__encoder = _CountingEncoder(self.codec, self)
+        await self._original_send(parameters)
+        self._prepare_header_extensions()
+        self._ready.set()
+
+    def _prepare_header_extensions(self) -> None:
+        # The one-byte-header extension elements are the same for every packet of this
+        # sender except abs-send-time's value (and audio level): build the rest once.
+        ids: HeaderExtensions = self._extensions_map._HeaderExtensionsMap__ids
+        mid = (self.mid or "").encode()
+        mid_element = (
+            bytes([(ids.mid << 4) | (len(mid) - 1)]) + mid
+            if ids.mid and 0 < len(mid) <= 16
+            else b""
+        )
+        self._abs_send_time = bool(ids.abs_send_time)
+        abs_prefix = bytes([(ids.abs_send_time << 4) | 2]) if ids.abs_send_time else b""
+        self._leading_elements = mid_element + abs_prefix
+        self._audio_level_id = ids.audio_level or 0
+        dtls: Any = self.sender.transport
+        self._dtls = dtls
+        self._ice = dtls.transport._connection
+
+    def _keyframe_requested(self) -> None:
+        self.keyframe_requests += 1
+        if self.on_keyframe_request is not None:
+            self.on_keyframe_request()
+
+    async def _retransmit(self, sequence_number: int) -> None:
+        # RTCRtpSender._retransmit answers a NACKed sequence number from the RTP history.
+        self.nacked += 1
+        kept = self._history.get(sequence_number % RTP_HISTORY_SIZE)
+        if kept is not None and kept.sequence_number == sequence_number:
+            self.retransmitted += 1
+        await self._original_retransmit(sequence_number)
+
+    def write(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        payload: bytes,
+        audio_level: Any,
+        stamp: SendStamp,
+    ) -> bool:
+        """Send one RTP packet as this sender, synchronously: the forwarding hot path.
+
+        The header (this sender's SSRC; MID, abs-send-time and audio level extensions) is
+        packed directly, SRTP-protected and written to the nominated ICE pair's socket
+        without the coroutine chain of `RTCDtlsTransport._send_rtp`. The packet is kept for
+        NACK answers and the sender-report counters are updated. False (dropped) if the
+        sender is not started or not connected.
+        """
+        dtls = self._dtls
+        if dtls is None:
+            return False
+        s = self._s
+        ssrc: int = s._ssrc
+        elements = self._leading_elements
+        if self._abs_send_time:
+            elements += stamp.abs_send_time
+        level_id = self._audio_level_id
+        if level_id and audio_level is not None:
+            elements += bytes(
+                [(level_id << 4), (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)]
+            )
+        pad = -len(elements) & 3
+        if pad:
+            elements += b"\0" * pad
+        data = (
+            _RTP_HEADER.pack(
+                0x90,
+                (marker << 7) | payload_type,
+                sequence_number,
+                timestamp,
+                ssrc,
+                0xBEDE,
+                len(elements) >> 2,
+            )
+            + elements
+            + payload
+        )
+        kept = self._history[sequence_number % RTP_HISTORY_SIZE] = _Kept(
+            payload_type,
+            marker,
+            sequence_number,
+            timestamp,
+            ssrc,
+            payload,
+            audio_level,
+            stamp.abs_send_time_value,
+            self.mid,
+        )
+        drop = self.drop
+        if drop is None or not drop(kept.packet()):
+            pair = self._ice._nominated.get(1)
+            if dtls._state is not _CONNECTED or pair is None:
+                self.send_errors += 1
+                return False
+            protected = dtls._tx_srtp.protect(data)
+            pair.protocol.transport.sendto(protected, pair.remote_addr)
+            dtls._RTCDtlsTransport__tx_bytes += len(protected)
+            dtls._RTCDtlsTransport__tx_packets += 1
+        s._RTCRtpSender__ntp_timestamp = stamp.ntp
+        s._RTCRtpSender__rtp_timestamp = timestamp
+        size = len(payload)
+        s._RTCRtpSender__octet_count += size
+        s._RTCRtpSender__packet_count += 1
+        self.packets_sent += 1
+        self.bytes_sent += size
+        return True
+
+    async def send(self, packet: RtpPacket) -> bool:
+        """Send `packet` (payload type and numbering already the subscriber's) as this
+        sender (see `write`); its SSRC, extensions, CSRCs and padding are not used."""
+        return self.write(
+            packet.payload_type,
+            packet.marker,
+            packet.sequence_number,
+            packet.timestamp,
+            packet.payload,
+            packet.extensions.audio_level,
+            send_stamp(),
+        )
+
+
+def tap_sender(sender: RTCRtpSender) -> SenderTap:
+    """Prepare `sender` for raw RTP forwarding; call before the connection starts it."""
+    return SenderTap(sender)
+
+
+async def send_rtp(sender: SenderTap, packet: RtpPacket) -> bool:
+    """Write a raw RTP packet through a tapped sender (see `SenderTap.send`)."""
+    return await sender.send(packet)

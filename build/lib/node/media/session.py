@@ -1,0 +1,737 @@
+"""Per-connection media state and the per-room registry of published tracks on this node.
+
+Layout: two peer connections per participant, each with exactly one offerer, so that
+renegotiation is glare-free by construction:
+
+* the **publish** connection: the client offers its (sendonly) audio and video, the node
+  answers. The node taps each incoming track's raw RTP (`tap_rtp`) into a `Forwarder`.
+* the **subscribe** connection: the node offers, the client answers. The node adds one
+  sendonly transceiver per track of every other local participant in the room (a tapped
+  sender, `tap_sender`) and renegotiates whenever publishers come and go. Offers are
+  serialised: a new one is made only in the "stable" state, after the client's answer.
+
+Removing a track: aiortc 1.16 cannot take an m-line out of an offer (a stopped transceiver is
+still offered with its old direction, and m-lines are never recycled), so the node stops the
+sender (its RTCP BYE ends the subscriber's remote track), sets the transceiver's direction to
+"inactive" and renegotiates. The subscribe SDP therefore grows by one m-line per track ever
+sent on it.
+
+A publisher stops sending a track by offering its m-line without "send" (removeTrack); the
+track then ends at every subscriber as above, and starts again (as a new track there) if a
+later offer sends on it again.
+
+Per published track the node keeps a byte budget (`media.max_video_bitrate` /
+`max_audio_bitrate`): packets above it are dropped and counted, and the REMB the node sends
+the publisher never exceeds the budget nor the lowest REMB of the track's subscribers.
+
+A track may also come from another node over a relay (`node.relay.manager`): its publisher is then a
+`RelayedOwner` and its packets arrive through the relay link's tap; local subscribers get it
+exactly like a local track (`MediaHub.add_relayed`).
+
+All private aiortc access stays in `node.media.adapter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.rtp import RtpPacket
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+from node.config import MediaSettings
+from node.media import adapter
+from node.media.adapter import RtpTap, SenderTap
+from node.media.forward import (
+    ByteBudget,
+    Forwarder,
+    KeyframeThrottle,
+    SubscriberRewriter,
+    keyframe_detector,
+)
+from node.media.sdp import announce_addresses
+from node.state.hub import Connection
+from node.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+# How long the node keeps asking a publisher for a keyframe while a subscriber waits for one.
+KEYFRAME_WAIT_S = 10.0
+# A subscription's sender not running after this long is checked (and started if aiortc
+# skipped it); after SENDER_START_S it is given up, and logged.
+SENDER_CHECK_S = 0.5
+SENDER_START_S = 60.0
+# Dropped packets are logged at most once per track and reason per this many seconds.
+DROP_LOG_INTERVAL_S = 10.0
+
+FailedCallback = Callable[[str, int], Coroutine[Any, Any, None]]
+
+
+class MediaError(Exception):
+    """Bad media input from a client; `code` goes back in an `error` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One published track sent to one subscriber (a transceiver on its subscribe PC)."""
+
+    published: Published
+    subscriber: MediaSession
+    transceiver: RTCRtpTransceiver
+    sink: SenderTap
+    task: asyncio.Task[None] | None = None
+
+
+class TrackOwner(Protocol):
+    """Who publishes a track: a local `MediaSession`, or a `RelayedOwner` on another node."""
+
+    @property
+    def media(self) -> MediaHub: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def conn(self) -> Connection | None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class RelayedOwner:
+    """The publisher (on node `node`) of a track that reaches this node over a relay."""
+
+    media: MediaHub
+    session_id: str
+    user_id: str
+    slug: str
+    node: str
+    conn: None = None
+
+
+class Published:
+    """One track a publisher sends to this node, and its fan-out.
+
+    A local track's packets come from `receiver` (tapped here); a relayed track passes the
+    relay link's `tap`, whose handler calls `on_rtp`."""
+
+    def __init__(
+        self,
+        owner: TrackOwner,
+        mid: str,
+        kind: str,
+        receiver: RTCRtpReceiver | None = None,
+        *,
+        tap: RtpTap | None = None,
+    ) -> None:
+        self.owner = owner
+        self.mid = mid
+        self.kind = kind
+        media = owner.media
+        self.throttle = KeyframeThrottle(media.settings.keyframe_interval_s)
+        limit = (
+            media.settings.max_video_bitrate
+            if kind == "video"
+            else media.settings.max_audio_bitrate
+        )
+        self.budget = ByteBudget(limit)
+        self._drop_logged: dict[str, tuple[float, int]] = {}
+        self.mime_type = ""
+        self.codec: RTCRtpCodecCapability | None = None
+        self.forwarder: Forwarder[SenderTap] | None = None
+        self.subscriptions: dict[MediaSession, Subscription] = {}
+        #: node name -> the relay sender carrying this track there (managed by node.relay.manager)
+        self.relays: dict[str, SenderTap] = {}
+        self.keyframe_task: asyncio.Task[None] | None = None
+        #: keyframe requests (PLI) sent to the publisher, after the throttle
+        self.keyframe_requests = 0
+        if tap is None:
+            if receiver is None:
+                raise ValueError("a published track needs its receiver or a tap")
+            tap = adapter.tap_rtp(receiver, self.on_rtp)
+        self.tap: RtpTap = tap
+        self.tap.on_drop = self.dropped
+        self.tap.remb_limit = self.remb_limit
+
+    async def on_rtp(self, packet: RtpPacket) -> None:
+        forwarder = self.forwarder
+        if forwarder is None:
+            return
+        if not self.budget.allow(len(packet.payload), time.monotonic()):
+            self.dropped("over-budget")
+            return
+        # The hot path: no awaits, no packet objects; one send stamp for every copy.
+        stamp = adapter.send_stamp()
+        payload = packet.payload
+        marker = packet.marker
+        level = packet.extensions.audio_level
+        sent = 0
+        for sink, rewriter in forwarder.admit(packet):
+            numbers = rewriter.numbers(packet)
+            if numbers is not None and sink.write(
+                rewriter.payload_type, marker, numbers[0], numbers[1], payload, level, stamp
+            ):
+                sent += 1
+        forwarder.packets_out += sent
+        self.owner.media.forwarded_packets += sent
+
+    def dropped(self, reason: str) -> None:
+        """Count a packet of this track that is not forwarded; log now and then."""
+        media = self.owner.media
+        media.dropped[reason] = media.dropped.get(reason, 0) + 1
+        now = time.monotonic()
+        last, count = self._drop_logged.get(reason, (-DROP_LOG_INTERVAL_S, 0))
+        if now - last >= DROP_LOG_INTERVAL_S:
+            log.warning(
+                "media.packets_dropped",
+                extra={
+                    "session_id": self.owner.session_id,
+                    "mid": self.mid,
+                    "reason": reason,
+                    "count": count + 1,
+                },
+            )
+            self._drop_logged[reason] = (now, 0)
+        else:
+            self._drop_logged[reason] = (last, count + 1)
+
+    def remb_limit(self) -> int:
+        """What REMB may ask of the publisher: its budget, and no more than the slowest
+        subscriber's last REMB for this track."""
+        limit = self.budget.rate_bps
+        sinks = [s.sink for s in self.subscriptions.values()] + list(self.relays.values())
+        for sink in sinks:
+            remb = sink.remb_bitrate
+            if remb is not None and remb < limit:
+                limit = remb
+        return limit
+
+    def request_keyframe(self) -> None:
+        """Ask the publisher for a keyframe now, unless one was asked for recently."""
+        if self.throttle.allow(time.monotonic()):
+            self.keyframe_requests += 1
+            self.owner.media.spawn(self._send_keyframe_request())
+
+    async def _send_keyframe_request(self) -> None:
+        for ssrc in self.tap.media_ssrcs:
+            await adapter.request_keyframe(self.tap.receiver, ssrc)
+
+    def keep_asking_for_keyframe(self) -> None:
+        """While a subscriber waits for a keyframe, keep asking (throttled) for a while."""
+        if self.keyframe_task is None or self.keyframe_task.done():
+            self.keyframe_task = self.owner.media.spawn(self._keyframe_loop())
+
+    async def _keyframe_loop(self) -> None:
+        deadline = time.monotonic() + KEYFRAME_WAIT_S
+        while self.forwarder is not None and self.forwarder.waiting:
+            if time.monotonic() > deadline:
+                log.warning("media.no_keyframe", extra={"session_id": self.owner.session_id})
+                return
+            self.request_keyframe()
+            await asyncio.sleep(self.throttle.interval)
+
+
+class MediaSession:
+    """The two peer connections of one WebSocket connection, while it is in a room."""
+
+    def __init__(self, media: MediaHub, conn: Connection, slug: str) -> None:
+        self.media = media
+        self.conn = conn
+        self.slug = slug
+        self.session_id = conn.session_id
+        self.user_id = conn.user_id
+        self.generation = conn.generation
+        self.closed = False
+        self.publish_pc: RTCPeerConnection | None = None
+        self.subscribe_pc: RTCPeerConnection | None = None
+        self.published: dict[str, Published] = {}
+        self._publish_lock = asyncio.Lock()
+        self._subscribe_lock = asyncio.Lock()
+        self._needs_offer = False
+        self._offer_task: asyncio.Task[None] | None = None
+        #: tracks this session receives, by transceiver of its subscribe PC
+        self.incoming: dict[RTCRtpTransceiver, Subscription] = {}
+
+    # ----------------------------------------------------------------- peer connections
+
+    def _new_pc(self, role: str) -> RTCPeerConnection:
+        pc = RTCPeerConnection(self.media.configuration())
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            state = pc.connectionState
+            log.info(
+                "media.pc_state",
+                extra={"session_id": self.session_id, "pc": role, "state": state},
+            )
+            if state in ("failed", "closed") and not self.closed:
+                self.media.report_failed(self)
+
+        return pc
+
+    def _publish(self) -> RTCPeerConnection:
+        if self.publish_pc is None:
+            pc = self.publish_pc = self._new_pc("publish")
+
+            @pc.on("track")
+            def on_track(track: MediaStreamTrack) -> None:
+                transceiver = next(
+                    (t for t in pc.getTransceivers() if t.receiver.track is track), None
+                )
+                if transceiver is None or transceiver.mid is None:
+                    return
+                if transceiver.mid in self.published:
+                    return
+                self.published[transceiver.mid] = Published(
+                    self, transceiver.mid, track.kind, transceiver.receiver
+                )
+
+        return self.publish_pc
+
+    def _subscribe(self) -> RTCPeerConnection:
+        if self.subscribe_pc is None:
+            self.subscribe_pc = self._new_pc("subscribe")
+        return self.subscribe_pc
+
+    # ----------------------------------------------------------------- client messages
+
+    async def publish_offer(self, sdp: str) -> str:
+        """Apply the client's publish offer; returns the node's answer."""
+        async with self._publish_lock:
+            pc = self._publish()
+            known = set(self.published)
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                await pc.setLocalDescription(await pc.createAnswer())
+            except Exception as error:
+                # aiortc raises assorted errors on bad SDP; none may take the node down.
+                log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
+                raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
+            if self.closed:
+                raise MediaError("not_in_room", "this session left the room")
+            for transceiver in pc.getTransceivers():
+                transport = transceiver.receiver.transport
+                if transport is not None:
+                    adapter.count_unrouted(transport, self.media.count_unrouted)
+            answer = pc.localDescription.sdp
+            codecs = _negotiated_codecs(answer)
+            # The publisher stops sending a track by offering it without "send" (what
+            # removeTrack does) and may later send on it again (addTrack reusing it).
+            sending = {
+                t.mid
+                for t in pc.getTransceivers()
+                if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
+            }
+            for mid, published in self.published.items():
+                if mid not in sending:
+                    if published.forwarder is not None:
+                        self.media.track_unpublished(published)
+                    continue
+                if mid in known and published.forwarder is not None:
+                    continue
+                codec = codecs.get(mid)
+                if codec is None:
+                    continue
+                published.codec = codec
+                published.mime_type = codec.mimeType
+                published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+                log.info(
+                    "media.track_published",
+                    extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
+                )
+                self.media.track_published(published)
+            return self.media.announce(answer)
+
+    async def subscribe_answer(self, sdp: str) -> None:
+        async with self._subscribe_lock:
+            pc = self.subscribe_pc
+            if pc is None or pc.signalingState != "have-local-offer":
+                raise MediaError("no_offer", "there is no subscribe offer to answer")
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            except Exception as error:
+                log.info("media.bad_answer", extra={"session_id": self.session_id}, exc_info=True)
+                raise MediaError("bad_sdp", f"the answer cannot be used: {error}") from error
+        if self._needs_offer:
+            self.renegotiate()
+
+    async def add_candidate(self, role: str, candidate: Any) -> None:
+        pc = self.publish_pc if role == "publish" else self.subscribe_pc
+        if pc is None:
+            raise MediaError("no_connection", f"there is no {role} connection yet")
+        if (
+            candidate is None
+            or candidate == ""
+            or (isinstance(candidate, dict) and not candidate.get("candidate"))
+        ):
+            await pc.addIceCandidate(None)  # end of candidates
+            return
+        if isinstance(candidate, str):
+            line: str = candidate
+            mid: Any = None
+            index: Any = 0
+        elif isinstance(candidate, dict) and isinstance(candidate.get("candidate"), str):
+            line = candidate["candidate"]
+            mid = candidate.get("sdpMid")
+            index = candidate.get("sdpMLineIndex")
+            if not (mid is None or isinstance(mid, str)):
+                raise MediaError("bad_candidate", "sdpMid must be a string")
+            if not (index is None or (isinstance(index, int) and not isinstance(index, bool))):
+                raise MediaError("bad_candidate", "sdpMLineIndex must be an integer")
+            if mid is None and index is None:
+                index = 0
+        else:
+            raise MediaError("bad_candidate", "candidate must be a string or an object")
+        try:
+            parsed = candidate_from_sdp(line.removeprefix("a=").removeprefix("candidate:"))
+        except (ValueError, IndexError) as error:
+            raise MediaError("bad_candidate", "the candidate cannot be parsed") from error
+        parsed.sdpMid = mid
+        parsed.sdpMLineIndex = index
+        await pc.addIceCandidate(parsed)
+
+    # ----------------------------------------------------------------- subscriptions
+
+    def subscribe(self, published: Published) -> None:
+        """Start sending `published` to this session (a new sendonly transceiver)."""
+        if self.closed or self in published.subscriptions or published.codec is None:
+            return
+        pc = self._subscribe()
+        transceiver = pc.addTransceiver(published.kind, direction="sendonly")
+        preferred = _preferences(published.kind, published.codec)
+        if preferred:
+            transceiver.setCodecPreferences(preferred)
+        sink = adapter.tap_sender(transceiver.sender)
+        sink.on_keyframe_request = published.request_keyframe
+        subscription = Subscription(published, self, transceiver, sink)
+        published.subscriptions[self] = subscription
+        self.incoming[transceiver] = subscription
+        subscription.task = self.media.spawn(self._attach(subscription))
+        self.renegotiate()
+
+    async def _attach(self, subscription: Subscription) -> None:
+        """Once the subscriber has answered and the sender started, start forwarding."""
+        sink = subscription.sink
+        if not await self._sender_started(subscription):
+            log.warning(
+                "media.sender_not_started",
+                extra={
+                    "session_id": self.session_id,
+                    "publisher": subscription.published.owner.session_id,
+                },
+            )
+            return
+        published = subscription.published
+        forwarder = published.forwarder
+        current = published.subscriptions.get(self)
+        if self.closed or forwarder is None or current is not subscription:
+            return
+        payload_type = sink.payload_type
+        if payload_type is None:
+            return
+        if sink.codec is not None and sink.codec.mimeType.lower() != published.mime_type.lower():
+            log.warning(
+                "media.codec_mismatch",
+                extra={"session_id": self.session_id, "codec": sink.codec.mimeType},
+            )
+            return
+        forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
+        log.info(
+            "media.subscribed",
+            extra={
+                "session_id": self.session_id,
+                "publisher": published.owner.session_id,
+                "kind": published.kind,
+            },
+        )
+        if forwarder.waiting:
+            published.keep_asking_for_keyframe()
+
+    async def _sender_started(self, subscription: Subscription) -> bool:
+        """Wait for the subscription's sender to run; start it if aiortc skipped it (see
+        `adapter.start_negotiated_sender`). False if it never does."""
+        sink = subscription.sink
+        deadline = time.monotonic() + SENDER_START_S
+        while not sink.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sink.wait_ready(), SENDER_CHECK_S)
+            pc = self.subscribe_pc
+            if sink.ready or pc is None:
+                break
+            if self.closed or time.monotonic() > deadline:
+                return False
+            await adapter.start_negotiated_sender(pc, subscription.transceiver)
+        return sink.ready
+
+    def unsubscribe(self, published: Published) -> None:
+        """Stop sending `published` here: stop forwarding now, then end the track."""
+        subscription = published.subscriptions.pop(self, None)
+        if subscription is None:
+            return
+        self.incoming.pop(subscription.transceiver, None)
+        if published.forwarder is not None:
+            published.forwarder.remove(subscription.sink)
+        if subscription.task is not None:
+            subscription.task.cancel()
+        if not self.closed:
+            self.media.spawn(self._end_track(subscription))
+
+    async def _end_track(self, subscription: Subscription) -> None:
+        # The sender's RTCP BYE ends the subscriber's remote track.
+        await subscription.transceiver.sender.stop()
+        subscription.transceiver.direction = "inactive"
+        self.renegotiate()
+
+    def renegotiate(self) -> None:
+        """Send the client a fresh subscribe offer (now, or after the pending answer)."""
+        self._needs_offer = True
+        if self.closed:
+            return
+        if self._offer_task is None or self._offer_task.done():
+            self._offer_task = self.media.spawn(self._offer())
+
+    async def _offer(self) -> None:
+        async with self._subscribe_lock:
+            pc = self.subscribe_pc
+            if pc is None or self.closed or pc.signalingState != "stable":
+                return  # the answer's handler offers again
+            self._needs_offer = False
+            await pc.setLocalDescription(await pc.createOffer())
+            if self.closed:
+                return
+            sdp = self.media.announce(pc.localDescription.sdp)
+            # Whose is each m-line: aiortc gives every track of a connection one stream id.
+            tracks = {
+                transceiver.mid: {
+                    "session_id": subscription.published.owner.session_id,
+                    "user_id": subscription.published.owner.user_id,
+                    "kind": subscription.published.kind,
+                }
+                for transceiver, subscription in self.incoming.items()
+                if transceiver.mid is not None
+            }
+            self.conn.send({"type": "offer", "pc": "subscribe", "sdp": sdp, "tracks": tracks})
+
+    # ----------------------------------------------------------------- end
+
+    async def close(self) -> None:
+        self.closed = True
+        for published in self.published.values():
+            if published.keyframe_task is not None:
+                published.keyframe_task.cancel()
+        if self._offer_task is not None:
+            self._offer_task.cancel()
+        for pc in (self.publish_pc, self.subscribe_pc):
+            if pc is not None:
+                await pc.close()
+
+
+def _negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecCapability]:
+    """mid -> the first (chosen) media codec of each audio/video section of an answer."""
+    description = SessionDescription.parse(answer_sdp)
+    chosen: dict[str, RTCRtpCodecCapability] = {}
+    for media in description.media:
+        mid = media.rtp.muxId
+        if media.kind not in ("audio", "video") or not mid:
+            continue
+        for codec in media.rtp.codecs:
+            if codec.mimeType.lower().endswith("/rtx"):
+                continue
+            chosen[mid] = RTCRtpCodecCapability(
+                mimeType=codec.mimeType,
+                clockRate=codec.clockRate,
+                channels=codec.channels,
+                parameters=dict(codec.parameters),
+            )
+            break
+    return chosen
+
+
+def _preferences(kind: str, codec: RTCRtpCodecCapability) -> list[RTCRtpCodecCapability]:
+    """The node's capabilities for `codec`'s MIME type (and RTX), in that order."""
+    capabilities = RTCRtpSender.getCapabilities(kind).codecs
+    wanted = codec.mimeType.lower()
+    same = [c for c in capabilities if c.mimeType.lower() == wanted]
+    if wanted == "video/h264":
+        profile = str(codec.parameters.get("profile-level-id", ""))[:2]
+        exact = [c for c in same if str(c.parameters.get("profile-level-id", ""))[:2] == profile]
+        same = exact or same
+    rtx = [c for c in capabilities if c.mimeType.lower() == f"{kind}/rtx"]
+    return same + rtx if same else []
+
+
+class MediaHub:
+    """This node's media sessions, by connection, and the rooms' published tracks."""
+
+    def __init__(self, settings: MediaSettings, on_failed: FailedCallback | None = None) -> None:
+        self.settings = settings
+        self.on_failed = on_failed
+        self.sessions: dict[Connection, MediaSession] = {}
+        # slug -> media sessions in that room on this node
+        self.rooms: dict[str, set[MediaSession]] = {}
+        # local connections per room, as the hub sees them (set by the owner)
+        self.members: Callable[[str], set[Connection]] = lambda slug: set()
+        # slug -> tracks relayed here from other nodes (see add_relayed)
+        self.relayed: dict[str, set[Published]] = {}
+        # told the room's slug whenever a local track starts or ends (the relay re-plans)
+        self.on_tracks_changed: Callable[[str], None] | None = None
+        self._tasks = TaskSet("media.task_failed")
+        #: packets sent to subscribers since start (all sessions, ended ones included)
+        self.forwarded_packets = 0
+        #: packets received but not forwarded since start, by reason
+        self.dropped: dict[str, int] = {}
+
+    def count_unrouted(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def announce(self, sdp: str) -> str:
+        """The node's SDP as clients must see it (announced addresses, if configured)."""
+        return announce_addresses(sdp, self.settings.announced_addresses)
+
+    def configuration(self) -> Any:
+        servers = [RTCIceServer(urls=url) for url in self.settings.ice_servers]
+        return adapter.rtc_configuration(servers)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._tasks.spawn(work)
+
+    def session(self, conn: Connection) -> MediaSession:
+        """The connection's media session (made on first use); it must be in a room."""
+        slug = conn.room
+        if slug is None:
+            raise MediaError("not_in_room", "join a room before sending media")
+        existing = self.sessions.get(conn)
+        if existing is not None and existing.slug == slug and not existing.closed:
+            return existing
+        session = MediaSession(self, conn, slug)
+        self.sessions[conn] = session
+        self.rooms.setdefault(slug, set()).add(session)
+        return session
+
+    def track_published(self, published: Published) -> None:
+        """A new track: send it to every other local participant of the room."""
+        owner = published.owner
+        for conn in self.members(owner.slug):
+            if conn is owner.conn or conn.room != owner.slug:
+                continue
+            self.session(conn).subscribe(published)
+        if owner.conn is not None and self.on_tracks_changed is not None:
+            self.on_tracks_changed(owner.slug)
+
+    def local_tracks(self, slug: str) -> list[Published]:
+        """The tracks published on this node in `slug` that are being forwarded now."""
+        return [
+            published
+            for session in self.rooms.get(slug, ())
+            if not session.closed
+            for published in session.published.values()
+            if published.forwarder is not None
+        ]
+
+    def add_relayed(self, published: Published, codec: RTCRtpCodecCapability) -> None:
+        """A track from another node arrived over a relay: fan it out like a local one."""
+        published.codec = codec
+        published.mime_type = codec.mimeType
+        published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+        self.relayed.setdefault(published.owner.slug, set()).add(published)
+        log.info(
+            "media.relayed_track_added",
+            extra={"session_id": published.owner.session_id, "track": published.mid},
+        )
+        self.track_published(published)
+
+    def remove_relayed(self, published: Published) -> None:
+        """A relayed track ended (its publisher left, or the relay went away)."""
+        slug = published.owner.slug
+        tracks = self.relayed.get(slug)
+        if tracks is None or published not in tracks:
+            return
+        tracks.discard(published)
+        if not tracks:
+            del self.relayed[slug]
+        self.track_unpublished(published)
+
+    def track_unpublished(self, published: Published) -> None:
+        """The publisher stopped sending a track: it ends at every subscriber."""
+        for subscriber in list(published.subscriptions):
+            subscriber.unsubscribe(published)
+        published.forwarder = None
+        if published.keyframe_task is not None:
+            published.keyframe_task.cancel()
+        log.info(
+            "media.track_unpublished",
+            extra={"session_id": published.owner.session_id, "mid": published.mid},
+        )
+        if published.owner.conn is not None and self.on_tracks_changed is not None:
+            self.on_tracks_changed(published.owner.slug)
+
+    def joined(self, conn: Connection) -> None:
+        """A late joiner gets every track already published in its room."""
+        slug = conn.room
+        if slug is None:
+            return
+        others = [s for s in self.rooms.get(slug, ()) if s.conn is not conn and not s.closed]
+        tracks = [p for s in others for p in s.published.values() if p.forwarder is not None]
+        tracks += [p for p in self.relayed.get(slug, ()) if p.forwarder is not None]
+        if not tracks:
+            return
+        session = self.session(conn)
+        for published in tracks:
+            session.subscribe(published)
+
+    def left(self, conn: Connection, slug: str) -> None:
+        """The connection left `slug` (any path): its tracks end everywhere, its PCs close."""
+        session = self.sessions.get(conn)
+        if session is None or session.slug != slug:
+            return
+        del self.sessions[conn]
+        room = self.rooms.get(slug)
+        if room is not None:
+            room.discard(session)
+            if not room:
+                del self.rooms[slug]
+        session.closed = True
+        for published in session.published.values():
+            self.track_unpublished(published)
+        # closed: its subscriptions only stop forwarding (its PCs close below)
+        for other in list(room or ()):
+            for published in other.published.values():
+                session.unsubscribe(published)
+        for published in list(self.relayed.get(slug, ())):
+            session.unsubscribe(published)
+        log.info("media.left", extra={"session_id": session.session_id, "room": slug})
+        self.spawn(session.close())
+
+    def report_failed(self, session: MediaSession) -> None:
+        if self.on_failed is not None:
+            self.spawn(self.on_failed(session.session_id, session.generation))
+
+    async def close(self) -> None:
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        self.rooms.clear()
+        self.relayed.clear()
+        for session in sessions:
+            session.closed = True
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self._tasks.cancel_all()

@@ -1,0 +1,246 @@
+"""Media metrics (E1), read from live media state when /metrics is scraped.
+
+`MediaCollector` is a prometheus_client collector: nothing is recorded per packet beyond the
+counters the taps already keep, and every series belongs to a live track, so the label set
+is bounded by what is connected now and a session's series vanish when it leaves.
+
+Labels: `session` (the session id), `direction` ("in": a track a publisher sends to this
+node; "out": a track this node forwards to a subscriber), `kind` (audio/video) and `track`
+(the published track, "<publisher session id>:<mid>", the same for "in" and its "out"s).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from node.media.adapter import CODEC_WORK, Reception
+
+if TYPE_CHECKING:
+    from node.media.session import MediaHub
+
+LABELS = ["session", "direction", "kind", "track"]
+
+#: Bitrate is averaged over at least this long: scrapes closer together repeat the last value.
+MIN_RATE_WINDOW_S = 1.0
+
+
+@dataclass
+class _Mark:
+    at: float
+    octets: int
+    rate: float | None = None
+
+
+class _Rates:
+    """Bits/s between scrapes, per tap (weakly held: gone with the tap)."""
+
+    def __init__(self) -> None:
+        self._marks: weakref.WeakKeyDictionary[object, _Mark] = weakref.WeakKeyDictionary()
+
+    def rate(self, tap: object, created: float, octets: int, now: float) -> float:
+        mark = self._marks.get(tap)
+        if mark is None:
+            mark = self._marks[tap] = _Mark(created, 0)
+        elapsed = now - mark.at
+        if mark.rate is None or elapsed >= MIN_RATE_WINDOW_S:
+            mark.rate = (octets - mark.octets) * 8 / elapsed if elapsed > 0 else 0.0
+            if elapsed >= MIN_RATE_WINDOW_S:
+                mark.at = now
+                mark.octets = octets
+        return mark.rate
+
+
+@dataclass(frozen=True)
+class _Track:
+    labels: list[str]
+    packets: int
+    octets: int
+    bitrate: float
+    reception: Reception | None
+    nacked: int | None
+    retransmitted: int | None
+    keyframe_requests: int
+    remb: int | None
+
+
+class MediaCollector(Collector):
+    """Per track and node-wide media figures of one `MediaHub`."""
+
+    def __init__(self, hub: MediaHub) -> None:
+        self.hub = hub
+        self._rates = _Rates()
+
+    def tracks(self) -> Iterator[_Track]:
+        now = time.monotonic()
+        seen: set[tuple[str, ...]] = set()
+        for session in list(self.hub.sessions.values()):
+            if session.closed:
+                continue
+            for published in list(session.published.values()):
+                if published.forwarder is None:
+                    continue
+                track = f"{session.session_id}:{published.mid}"
+                tap = published.tap
+                labels = [session.session_id, "in", published.kind, track]
+                if tuple(labels) not in seen:
+                    seen.add(tuple(labels))
+                    yield _Track(
+                        labels,
+                        tap.packets,
+                        tap.bytes,
+                        self._rates.rate(tap, tap.created, tap.bytes, now),
+                        tap.reception(),
+                        None,
+                        None,
+                        published.keyframe_requests,
+                        tap.remb_bitrate,
+                    )
+                for subscription in list(published.subscriptions.values()):
+                    subscriber = subscription.subscriber
+                    sink = subscription.sink
+                    if subscriber.closed or not sink.ready:
+                        continue
+                    labels = [subscriber.session_id, "out", published.kind, track]
+                    if tuple(labels) in seen:
+                        continue
+                    seen.add(tuple(labels))
+                    yield _Track(
+                        labels,
+                        sink.packets_sent,
+                        sink.bytes_sent,
+                        self._rates.rate(sink, sink.created, sink.bytes_sent, now),
+                        sink.reception(),
+                        sink.nacked,
+                        sink.retransmitted,
+                        sink.keyframe_requests,
+                        sink.remb_bitrate,
+                    )
+
+    def collect(self) -> Iterator[Metric]:
+        packets = CounterMetricFamily(
+            "sfumesh_media_packets",
+            "RTP packets per track: received from the publisher (in, retransmissions "
+            "included) or sent to the subscriber (out)",
+            labels=LABELS,
+        )
+        octets = CounterMetricFamily(
+            "sfumesh_media_bytes",
+            "RTP payload bytes per track (headers and padding not counted)",
+            labels=LABELS,
+        )
+        bitrate = GaugeMetricFamily(
+            "sfumesh_media_bitrate_bps",
+            "RTP payload bits/s per track, averaged since the previous scrape (at least "
+            f"{MIN_RATE_WINDOW_S:g} s; since the track started on the first scrape)",
+            labels=LABELS,
+        )
+        lost = GaugeMetricFamily(
+            "sfumesh_media_packets_lost",
+            "Cumulative packets lost (RTCP receiver report figure): in = as this node counts "
+            "the publisher's stream, out = as the subscriber last reported it",
+            labels=LABELS,
+        )
+        jitter = GaugeMetricFamily(
+            "sfumesh_media_jitter_seconds",
+            "RTP interarrival jitter (RFC 3550): in = measured here, out = as the subscriber "
+            "last reported it",
+            labels=LABELS,
+        )
+        rtt = GaugeMetricFamily(
+            "sfumesh_media_rtt_seconds",
+            "Round-trip time to the subscriber (out only), from its receiver reports' "
+            "LSR/DLSR, smoothed by aiortc; absent until known. Publisher RTT is not measured "
+            "(the node sends no sender reports on publish connections)",
+            labels=LABELS,
+        )
+        nacks = CounterMetricFamily(
+            "sfumesh_media_nacks",
+            "Sequence numbers the subscriber NACKed (out only)",
+            labels=LABELS,
+        )
+        retransmissions = CounterMetricFamily(
+            "sfumesh_media_retransmissions",
+            "NACKed packets answered from the sender's RTP history (out only)",
+            labels=LABELS,
+        )
+        keyframes = CounterMetricFamily(
+            "sfumesh_media_keyframe_requests",
+            "Keyframe requests: in = PLIs this node sent to the publisher (throttled), "
+            "out = PLI/FIR received from the subscriber",
+            labels=LABELS,
+        )
+        remb = GaugeMetricFamily(
+            "sfumesh_media_remb_bps",
+            "Latest REMB estimate: in = sent by this node to the publisher, out = received "
+            "from the subscriber; absent before the first",
+            labels=LABELS,
+        )
+        published_tracks = 0
+        subscriptions = 0
+        for item in self.tracks():
+            labels = item.labels
+            if labels[1] == "in":
+                published_tracks += 1
+            else:
+                subscriptions += 1
+            packets.add_metric(labels, item.packets)
+            octets.add_metric(labels, item.octets)
+            bitrate.add_metric(labels, item.bitrate)
+            if item.reception is not None:
+                lost.add_metric(labels, item.reception.packets_lost)
+                jitter.add_metric(labels, item.reception.jitter_s)
+                if item.reception.rtt_s is not None:
+                    rtt.add_metric(labels, item.reception.rtt_s)
+            if item.nacked is not None:
+                nacks.add_metric(labels, item.nacked)
+            if item.retransmitted is not None:
+                retransmissions.add_metric(labels, item.retransmitted)
+            keyframes.add_metric(labels, item.keyframe_requests)
+            if item.remb is not None:
+                remb.add_metric(labels, item.remb)
+        sessions = sum(1 for s in list(self.hub.sessions.values()) if not s.closed)
+        yield from (packets, octets, bitrate, lost, jitter, rtt, nacks, retransmissions)
+        yield from (keyframes, remb)
+        yield GaugeMetricFamily(
+            "sfumesh_media_sessions", "Media sessions on this node", value=sessions
+        )
+        yield GaugeMetricFamily(
+            "sfumesh_media_published_tracks",
+            "Tracks published to this node (negotiated)",
+            value=published_tracks,
+        )
+        yield GaugeMetricFamily(
+            "sfumesh_media_forwarded_tracks",
+            "Published tracks being forwarded to a subscriber (track x subscriber)",
+            value=subscriptions,
+        )
+        dropped = CounterMetricFamily(
+            "sfumesh_media_dropped_packets",
+            "RTP packets from publishers not forwarded, by reason: over-budget (above "
+            "media.max_*_bitrate), unknown-ssrc, unknown-payload-type, bad-rtx, unrouted (no "
+            "receiver matches: aiortc drops it)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.hub.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            "sfumesh_media_forwarded_packets",
+            "RTP packets this node forwarded to subscribers since start (all sessions)",
+            value=self.hub.forwarded_packets,
+        )
+        codec = CounterMetricFamily(
+            "sfumesh_media_codec_frames",
+            "Frames this node's media core decoded or encoded itself (forwarding keeps both 0)",
+            labels=["work"],
+        )
+        codec.add_metric(["decoded"], CODEC_WORK.decoded_frames)
+        codec.add_metric(["encoded"], CODEC_WORK.encoded_frames)
+        yield codec

@@ -1,0 +1,878 @@
+"""The relay manager: media between nodes for rooms that span them (N5, N6, N7).
+
+One `RelayManager` per node. It works out what this node must send (`mesh.span.plan` over the
+rooms with a local published track, from the rooms' memberships in Redis): one copy of each
+local track to every other node of the room with at least one subscriber. Tracks travel over
+one `node.relay.link.RelayLink` per node pair, shared by all rooms and both directions.
+
+Signalling (`mesh.relay_signal`) goes over Serf queries addressed to the peer node, each
+message under 1 KB; the query's response is the reply.
+
+* **Open.** The node that first has something to send offers (a new link id and request
+  id); the peer answers with its own description. An attempt that gets no reply within
+  `relay.attempt_timeout_s` is sent again (same request, same link); a receiver that already
+  answered that link answers again with the same answer (duplicates change nothing).
+* **Glare.** Both nodes offering at once: the offer of the node whose name sorts first wins.
+  The other node drops its own offer and answers; the winner refuses the loser's offer with
+  "glare". An offer that names the link it replaces (`k`), or comes from a restarted peer
+  (a new boot id), always replaces the old link.
+* **Tracks.** Added and removed as demand changes, as numbered `tracks` deltas (split to stay
+  under the bound), one in flight per link; the receiver applies them in order and ignores
+  repeats. Packets are forwarded raw (`Published.on_rtp` on both sides, nothing decoded); a
+  relayed track becomes a `Published` on the receiving node, fanned out to its local
+  subscribers like a local one, and their keyframe requests travel back as PLI over the link.
+* **Close.** A link with no track either way lingers `relay.linger_s`, then closes (and tells
+  the peer). ICE or DTLS failure, the peer's `close`, or Serf declaring the peer failed ends
+  the link at once: its relayed tracks end at the local subscribers; if demand remains, a
+  fresh link is offered (after a short backoff). Nothing is persisted: a restarted node
+  starts with no relays and a new boot id.
+
+Each node writes its relays' figures to Redis (`sfumesh:relays:<node>`, short TTL) for
+`sfumesh cluster relays`; /metrics has the same figures (`RelayCollector`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mesh import relay_signal as signal
+from mesh.relay_description import TrackInfo, is_controlling, parse_description
+from mesh.relay_signal import Message
+from mesh.serf import EventStream, SerfClient, SerfError
+from mesh.span import RoomView, TrackRef, node_pair, plan
+from node.config import RelaySettings
+from node.media.adapter import SenderTap
+from node.media.forward import Forwarder, SubscriberRewriter
+from node.media.session import MediaHub, Published, RelayedOwner
+from node.relay.link import CODECS, RelayLink, RemoteTrack
+from node.state import keys
+from node.state.sessions import SessionStore, read_session
+from node.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+#: payload type per codec on relay links (any fixed choice works: both ends read it from `t`)
+PAYLOAD_TYPES: Final = {"VP8": 96, "H264": 102, "opus": 111, "PCMU": 0, "PCMA": 8, "G722": 9}
+#: how long a pointer message (the "redis" carrier) lives
+POINTER_TTL_MS: Final = 30_000
+#: waiting before offering again to a peer after a failed attempt (doubles, up to the max)
+RETRY_BACKOFF_S: Final = 0.5
+RETRY_BACKOFF_MAX_S: Final = 8.0
+STOP_WAIT_S: Final = 5.0
+
+
+def relay_track_id(published: Published) -> str:
+    """The mesh-wide id of a track on a relay: "<publisher session id>:<mid>"."""
+    return f"{published.owner.session_id}:{published.mid}"
+
+
+def codec_name(mime_type: str) -> str | None:
+    """The relay description's codec name for a MIME type, or None if it cannot be relayed."""
+    wanted = mime_type.lower()
+    return next((name for name, c in CODECS.items() if c.mime_type.lower() == wanted), None)
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """A local track this node sends to the peer."""
+
+    published: Published
+    tap: SenderTap
+    forwarder: Forwarder[SenderTap] | None = None
+    attach: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class Relay:
+    """This node's end of the link to one peer node."""
+
+    peer: str
+    link_id: str
+    link: RelayLink
+    offered_by_me: bool
+    state: str = "opening"  # opening (offering or answering) | up | closed
+    peer_boot: str = ""
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: Message | None = None
+    sends: dict[str, Outgoing] = field(default_factory=dict)
+    #: ids of `sends` the peer has been told about (in the offer/answer or a delta)
+    announced: set[str] = field(default_factory=set)
+    #: the peer's tracks, by id, and the local sources made from them
+    remote: dict[str, TrackInfo] = field(default_factory=dict)
+    received: dict[str, Published] = field(default_factory=dict)
+    in_seq: int = 0
+    out_seq: int = 0
+    updating: asyncio.Lock = field(default_factory=asyncio.Lock)
+    receiving: asyncio.Lock = field(default_factory=asyncio.Lock)
+    idle_since: float | None = None
+    opened_at: float = field(default_factory=time.monotonic)
+    up_at: float | None = None
+    signalling_bytes: int = 0
+    messages: int = 0
+
+
+@dataclass
+class RelayTotals:
+    """Counters since start, ended relays included."""
+
+    opened: int = 0
+    failed: int = 0
+    closed: int = 0
+    messages_sent: int = 0
+    message_bytes_max: int = 0
+    attempts_retried: int = 0
+    offers_dropped: int = 0
+    glare_refused: int = 0
+    packets_out: int = 0
+    packets_in: int = 0
+
+
+Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+
+
+class RelayManager:
+    def __init__(
+        self,
+        name: str,
+        settings: RelaySettings,
+        serf: SerfClient,
+        redis: Redis,
+        media: MediaHub,
+        sessions: SessionStore,
+        *,
+        alive: Callable[[str], bool] = lambda node: True,
+        estimate_rtt_s: Callable[[str], float | None] = lambda node: None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.serf = serf
+        self.redis = redis
+        self.media = media
+        self.sessions = sessions
+        self.alive = alive
+        self.estimate_rtt_s = estimate_rtt_s
+        self.boot = signal.new_id()
+        self.relays: dict[str, Relay] = {}
+        self.totals = RelayTotals()
+        #: the last link id used with each peer (an offer names the link it replaces)
+        self._last_link: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self._opening: set[str] = set()
+        #: what the last plan wanted sent to each peer (an answer carries it at once)
+        self._wanted: dict[str, dict[str, Published]] = {}
+        self._offers_to_drop = settings.drop_first_offers
+        self._dirty = asyncio.Event()
+        self._tasks = TaskSet("relay.task_failed")
+        self._loops: list[asyncio.Task[None]] = []
+        #: the latest figures per peer (what `report` wrote), for /metrics
+        self.report: list[dict[str, Any]] = []
+        self._marks: dict[tuple[str, str], tuple[float, int, int]] = {}
+
+    # ----------------------------------------------------------------- life
+
+    async def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._serve(), name="relay-serve"),
+            asyncio.create_task(self._run(), name="relay-plan"),
+            asyncio.create_task(self._report_loop(), name="relay-report"),
+        ]
+        self.changed()
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        if self._loops:
+            # the query stream's unsubscribe waits on the agent: never let it hold a shutdown
+            await asyncio.wait(self._loops, timeout=STOP_WAIT_S)
+        relays = list(self.relays.values())
+        await asyncio.gather(
+            *(self._tell_closed(relay) for relay in relays if relay.state == "up"),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*(self._end(r, "node-stopping") for r in relays))
+        await self._tasks.cancel_all()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(keys.node_relays(self.name))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._tasks.spawn(work)
+
+    def changed(self, slug: str | None = None) -> None:
+        """Something that may change the plan happened (membership, tracks, nodes)."""
+        self._dirty.set()
+
+    async def open(self, peer: str) -> None:
+        """Offer a relay to `peer` now, with no track yet (the planner opens relays when
+        demand appears; benches and tests open them directly). Returns once it is up or
+        failed; `relays[peer].state` says which."""
+        if peer in self.relays or peer in self._opening:
+            return
+        self._opening.add(peer)
+        await self._open(peer, {})
+
+    async def peer_gone(self, peer: str) -> None:
+        """Serf says `peer` failed or left: its relay ends now."""
+        relay = self.relays.get(peer)
+        if relay is not None:
+            await self._end(relay, "peer-gone")
+
+    # ----------------------------------------------------------------- planning
+
+    async def _run(self) -> None:
+        while True:
+            timeout = self._next_wake()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout)
+            self._dirty.clear()
+            try:
+                await self._reconcile()
+            except (RedisError, OSError) as error:
+                log.warning("relay.plan_failed", extra={"error": str(error)})
+                await asyncio.sleep(0.5)
+                self._dirty.set()
+
+    def _next_wake(self) -> float:
+        now = time.monotonic()
+        wake = now + self.settings.report_period_s  # a periodic re-plan catches missed events
+        for relay in self.relays.values():
+            if relay.idle_since is not None:
+                wake = min(wake, relay.idle_since + self.settings.linger_s)
+        for at in self._retry_at.values():
+            wake = min(wake, at)
+        return max(0.01, wake - now)
+
+    async def _desired(self) -> dict[str, dict[str, Published]]:
+        """Peer node -> the local tracks it must get (by relay track id)."""
+        rooms: list[RoomView] = []
+        by_id: dict[str, Published] = {}
+        for slug in list(self.media.rooms):
+            tracks = [
+                p for p in self.media.local_tracks(slug) if codec_name(p.mime_type) is not None
+            ]
+            if not tracks:
+                continue
+            members = await self.sessions.members(slug)
+            refs = set()
+            for published in tracks:
+                track_id = relay_track_id(published)
+                by_id[track_id] = published
+                refs.add(TrackRef(published.owner.session_id, track_id, published.kind, self.name))
+            rooms.append(RoomView.from_members(slug, members, refs))
+        desired: dict[str, dict[str, Published]] = {}
+        for copy in plan(rooms, self.name).sends:
+            if self.alive(copy.target):
+                desired.setdefault(copy.target, {})[copy.track.track_id] = by_id[
+                    copy.track.track_id
+                ]
+        return desired
+
+    async def _reconcile(self) -> None:
+        desired = await self._desired()
+        self._wanted = desired
+        now = time.monotonic()
+        for peer, tracks in desired.items():
+            relay = self.relays.get(peer)
+            if relay is None:
+                if peer not in self._opening and self._retry_at.get(peer, 0.0) <= now:
+                    self._opening.add(peer)
+                    self.spawn(self._open(peer, tracks))
+            elif relay.state == "up":
+                await self._apply_sends(relay, tracks)
+        for peer, relay in list(self.relays.items()):
+            if peer not in desired and relay.state == "up" and relay.sends:
+                await self._apply_sends(relay, {})
+        for relay in list(self.relays.values()):
+            if relay.state != "up":
+                continue
+            if relay.sends or relay.remote:
+                relay.idle_since = None
+                continue
+            if relay.idle_since is None:
+                relay.idle_since = now
+            if now - relay.idle_since >= self.settings.linger_s:
+                log.info("relay.idle_close", extra={"peer": relay.peer, "link": relay.link_id})
+                await self._tell_closed(relay)
+                await self._end(relay, "idle")
+
+    # ----------------------------------------------------------------- sending tracks
+
+    async def _add_send(self, relay: Relay, track_id: str, published: Published) -> None:
+        name = codec_name(published.mime_type)
+        if name is None:
+            return
+        tap = await relay.link.add_track(track_id, published.kind, name, PAYLOAD_TYPES[name])
+        out = Outgoing(published, tap, forwarder=published.forwarder)
+        relay.sends[track_id] = out
+        out.attach = self.spawn(self._attach(relay, track_id, out))
+
+    async def _attach(self, relay: Relay, track_id: str, out: Outgoing) -> None:
+        """Once the link's sender runs, the track's forwarder feeds it (from a keyframe)."""
+        await out.tap.wait_ready()
+        published = out.published
+        forwarder = published.forwarder
+        payload_type = out.tap.payload_type
+        if (
+            relay.sends.get(track_id) is not out
+            or forwarder is None
+            or forwarder is not out.forwarder
+            or payload_type is None
+        ):
+            return
+        out.tap.on_keyframe_request = published.request_keyframe
+        forwarder.add(out.tap, SubscriberRewriter(out.tap.ssrc, payload_type))
+        published.relays[relay.peer] = out.tap
+        if forwarder.waiting:
+            published.keep_asking_for_keyframe()
+
+    def _detach(self, relay: Relay, out: Outgoing) -> None:
+        if out.attach is not None:
+            out.attach.cancel()
+        if out.forwarder is not None:
+            out.forwarder.remove(out.tap)
+        if out.published.relays.get(relay.peer) is out.tap:
+            del out.published.relays[relay.peer]
+        self.totals.packets_out += out.tap.packets_sent
+
+    async def _apply_sends(self, relay: Relay, wanted: dict[str, Published]) -> None:
+        async with relay.updating:
+            if relay.state != "up":
+                return
+            removed = [
+                track_id
+                for track_id, out in relay.sends.items()
+                if wanted.get(track_id) is not out.published
+                or out.forwarder is not out.published.forwarder
+            ]
+            for track_id in removed:
+                out = relay.sends.pop(track_id)
+                self._detach(relay, out)
+                await relay.link.remove_track(track_id)
+            for track_id, published in wanted.items():
+                if track_id not in relay.sends:
+                    await self._add_send(relay, track_id, published)
+            tell_removed = [t for t in removed if t in relay.announced]
+            tell_added = [
+                relay.link.local_tracks[t].info
+                for t in relay.sends
+                if t not in relay.announced or t in removed
+            ]
+            if not tell_removed and not tell_added:
+                return
+            header = Message("tracks", "", self.name, self.boot, relay.link_id)
+            updates = signal.track_updates(header, relay.out_seq + 1, tell_added, tell_removed)
+            for update in updates:
+                reply = await self._ask(relay, update)
+                if relay.state != "up":
+                    return
+                if reply is None or reply.kind != "ok":
+                    reason = reply.reason if reply is not None else "no-reply"
+                    log.warning(
+                        "relay.update_refused", extra={"peer": relay.peer, "reason": reason}
+                    )
+                    self.spawn(self._end(relay, f"update-{reason}"))
+                    return
+                relay.out_seq = update.seq
+                relay.announced -= set(update.removed)
+                relay.announced |= {track.track_id for track in update.added}
+
+    # ----------------------------------------------------------------- opening
+
+    def _new_link(self, peer: str) -> tuple[RelayLink, list[Relay]]:
+        holder: list[Relay] = []
+
+        async def on_rtp(remote: RemoteTrack, packet: Any) -> None:
+            published = holder[0].received.get(remote.track_id) if holder else None
+            if published is not None:
+                await published.on_rtp(packet)
+
+        def on_ended(reason: str) -> None:
+            if holder and holder[0].state != "closed":
+                self.spawn(self._end(holder[0], reason))
+
+        link = RelayLink(is_controlling(self.name, peer), on_rtp, on_ended)
+        return link, holder
+
+    def _relay(self, peer: str, link_id: str, offered_by_me: bool, boot: str = "") -> Relay:
+        link, holder = self._new_link(peer)
+        relay = Relay(peer, link_id, link, offered_by_me, peer_boot=boot)
+        holder.append(relay)
+        self.relays[peer] = relay
+        self._last_link[peer] = link_id
+        return relay
+
+    async def _open(self, peer: str, tracks: dict[str, Published]) -> None:
+        try:
+            await self._offer(peer, tracks)
+        finally:
+            self._opening.discard(peer)
+
+    async def _offer(self, peer: str, tracks: dict[str, Published]) -> None:
+        known = self._last_link.get(peer, "")
+        relay = self._relay(peer, signal.new_id(), True)
+        self.totals.opened += 1
+        log.info("relay.offering", extra={"peer": peer, "link": relay.link_id})
+        for track_id, published in tracks.items():
+            await self._add_send(relay, track_id, published)
+        description = await relay.link.local_description()
+        offer, _left = signal.fit_description(
+            Message(
+                "offer",
+                signal.new_id(),
+                self.name,
+                self.boot,
+                relay.link_id,
+                description,
+                known_link=known,
+            )
+        )
+        relay.announced = {track[1] for track in (offer.description or {}).get("t", [])}
+        reply = await self._ask(relay, offer)
+        if self.relays.get(peer) is not relay:
+            await relay.link.close()  # superseded (glare lost, or the peer's newer offer)
+            return
+        if reply is None or reply.kind != "answer" or reply.description is None:
+            reason = "no-answer" if reply is None else reply.reason or reply.kind
+            if reason == "glare":
+                self.totals.glare_refused += 1
+            # glare too waits a little: the winning offer is on its way here
+            await self._end(relay, f"offer-{reason}", retry=True)
+            return
+        relay.peer_boot = reply.boot
+        await self._connect(relay, reply.description)
+
+    async def _connect(self, relay: Relay, description: dict[str, Any]) -> None:
+        try:
+            await relay.link.connect(description)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            log.warning("relay.connect_failed", extra={"peer": relay.peer, "error": str(error)})
+            await self._end(relay, "connect-failed", retry=True)
+            return
+        if self.relays.get(relay.peer) is not relay or relay.state == "closed":
+            await relay.link.close()
+            return
+        relay.remote = {track.track_id: track for track in parse_description(description).tracks}
+        await self._received_changed(relay)
+        relay.state = "up"
+        relay.up_at = time.monotonic()
+        relay.up.set()
+        setup_ms = (relay.up_at - relay.opened_at) * 1000
+        self._backoff.pop(relay.peer, None)
+        log.info(
+            "relay.up",
+            extra={"peer": relay.peer, "link": relay.link_id, "setup_ms": round(setup_ms, 1)},
+        )
+        self.changed()
+
+    # ----------------------------------------------------------------- receiving tracks
+
+    async def _received_changed(self, relay: Relay) -> None:
+        """Make local sources for the peer's new tracks; end those it no longer sends."""
+        current = {remote.track_id: remote for remote in relay.link.remote_tracks.values()}
+        for track_id in [t for t in relay.received if t not in current]:
+            self.media.remove_relayed(relay.received.pop(track_id))
+        for track_id, remote in current.items():
+            known = relay.received.get(track_id)
+            if known is not None and known.tap is remote.tap:
+                continue
+            if known is not None:  # the same track again, on a new sender
+                self.media.remove_relayed(relay.received.pop(track_id))
+            session_id = track_id.rsplit(":", 1)[0]
+            record = await read_session(self.redis, session_id)
+            if record is None or not record.room:
+                log.info("relay.track_without_room", extra={"track": track_id})
+                continue
+            if relay.state == "closed" or relay.link.remote_tracks.get(remote.ssrc) is not remote:
+                return
+            owner = RelayedOwner(self.media, session_id, record.user_id, record.room, relay.peer)
+            published = Published(owner, track_id, remote.info.kind, tap=remote.tap)
+            relay.received[track_id] = published
+            spec = CODECS[remote.info.codec]
+            self.media.add_relayed(published, spec.capability())
+
+    # ----------------------------------------------------------------- ending
+
+    async def _end(self, relay: Relay, reason: str, *, retry: bool = False) -> None:
+        """End a relay on this side: its sent tracks stop, its received tracks end."""
+        if relay.state == "closed":
+            return
+        was_up = relay.state == "up"
+        relay.state = "closed"
+        relay.up.set()  # wake waiters; they check the state
+        relay.answered.set()
+        if self.relays.get(relay.peer) is relay:
+            del self.relays[relay.peer]
+        if was_up:
+            self.totals.closed += 1
+        else:
+            self.totals.failed += 1
+        for out in relay.sends.values():
+            self._detach(relay, out)
+        relay.sends.clear()
+        for published in relay.received.values():
+            self.totals.packets_in += published.tap.packets
+            self.media.remove_relayed(published)
+        relay.received.clear()
+        log.info("relay.ended", extra={"peer": relay.peer, "link": relay.link_id, "reason": reason})
+        if retry:
+            delay = self._backoff.get(relay.peer, RETRY_BACKOFF_S)
+            self._backoff[relay.peer] = min(delay * 2, RETRY_BACKOFF_MAX_S)
+            self._retry_at[relay.peer] = time.monotonic() + delay
+        else:
+            self._retry_at.pop(relay.peer, None)
+        try:
+            await relay.link.close()
+        except Exception:
+            log.exception("relay.close_failed")
+        self.changed()
+
+    async def _tell_closed(self, relay: Relay) -> None:
+        message = Message("close", signal.new_id(), self.name, self.boot, relay.link_id)
+        await self._ask(relay, message, attempts=1)
+
+    # ----------------------------------------------------------------- messages out
+
+    async def _carry(self, data: bytes) -> bytes:
+        if self.settings.carrier != "redis":
+            return data
+        key = keys.relay_message(signal.new_id() + signal.new_id())
+        await self.redis.set(key, data, px=POINTER_TTL_MS)
+        return json.dumps({"ptr": key}, separators=(",", ":")).encode()
+
+    async def _uncarry(self, payload: bytes) -> bytes:
+        if not payload.startswith(b'{"ptr":'):
+            return payload
+        try:
+            pointer = json.loads(payload).get("ptr")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError("relay message: bad pointer") from exc
+        if not signal.is_pointer(pointer):
+            raise ValueError("relay message: bad pointer")
+        data = await self.redis.get(pointer)
+        if data is None:
+            raise ValueError("relay message: the pointer's key is gone")
+        return data.encode() if isinstance(data, str) else bytes(data)
+
+    def _count(self, relay: Relay | None, payload: bytes) -> None:
+        self.totals.messages_sent += 1
+        self.totals.message_bytes_max = max(self.totals.message_bytes_max, len(payload))
+        if relay is not None:
+            relay.messages += 1
+            relay.signalling_bytes += len(payload)
+
+    async def _ask(self, relay: Relay, message: Message, attempts: int = 0) -> Message | None:
+        """Send a request to the relay's peer; its reply, or None after every attempt
+        timed out (or the relay was replaced meanwhile)."""
+        payload = await self._carry(signal.encode(message))
+        for attempt in range(attempts or self.settings.attempts):
+            if attempt:
+                self.totals.attempts_retried += 1
+                log.info(
+                    "relay.retry",
+                    extra={"peer": relay.peer, "kind": message.kind, "attempt": attempt + 1},
+                )
+            if self.relays.get(relay.peer) is not relay and message.kind != "close":
+                return None
+            self._count(relay, payload)
+            try:
+                async with self.serf.query(
+                    signal.QUERY_NAME,
+                    payload,
+                    filter_nodes=[relay.peer],
+                    timeout=self.settings.attempt_timeout_s,
+                ) as replies:
+                    async for reply in replies:
+                        if reply.type != "response" or reply.node != relay.peer:
+                            continue
+                        try:
+                            answer = signal.decode(await self._uncarry(reply.payload))
+                        except ValueError as error:
+                            log.warning("relay.bad_reply", extra={"error": str(error)})
+                            continue
+                        if answer.request == message.request:
+                            return answer
+            except (SerfError, OSError) as error:
+                log.warning("relay.query_failed", extra={"peer": relay.peer, "error": str(error)})
+                await asyncio.sleep(self.settings.attempt_timeout_s)
+        return None
+
+    # ----------------------------------------------------------------- messages in
+
+    async def _serve(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with self.serf.stream("query") as events:
+                    delay = 0.2
+                    async for event in events:
+                        if event.name == signal.QUERY_NAME:
+                            self.spawn(self._answer_query(events, event.id, event.payload))
+            except (SerfError, OSError) as error:
+                log.warning("relay.stream_lost", extra={"error": str(error)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _answer_query(self, events: EventStream, query_id: int, payload: bytes) -> None:
+        relay: Relay | None = None
+        try:
+            message = signal.decode(await self._uncarry(payload))
+        except (ValueError, RedisError) as error:
+            log.warning("relay.bad_message", extra={"error": str(error)})
+            reply: Message | None = Message("refuse", "bad", reason="bad")
+        else:
+            reply = await self.handle(message)
+            relay = self.relays.get(message.node)
+        if reply is None:
+            return
+        data = await self._carry(signal.encode(reply))
+        self._count(relay, data)
+        try:
+            await events.respond(query_id, data)
+        except (SerfError, OSError) as error:
+            log.warning("relay.respond_failed", extra={"error": str(error)})
+
+    async def handle(self, message: Message) -> Message | None:
+        """The reply to one request from another node (None: no reply at all)."""
+        if message.node == self.name:
+            return Message("refuse", message.request, reason="bad")
+        if message.kind == "offer":
+            return await self._on_offer(message)
+        if message.kind == "tracks":
+            return await self._on_tracks(message)
+        if message.kind == "close":
+            relay = self.relays.get(message.node)
+            if relay is not None and relay.link_id == message.link:
+                await self._end(relay, "peer-closed")
+            return Message("ok", message.request)
+        return Message("refuse", message.request, reason="bad")
+
+    async def _on_offer(self, offer: Message) -> Message | None:
+        peer = offer.node
+        if self._offers_to_drop > 0:
+            self._offers_to_drop -= 1
+            self.totals.offers_dropped += 1
+            log.warning("relay.offer_dropped_on_purpose", extra={"peer": peer})
+            return None
+        existing = self.relays.get(peer)
+        if existing is not None:
+            if existing.link_id == offer.link:
+                # a repeat (the answer was lost or late): the same answer again
+                await existing.answered.wait()
+                return existing.answer or Message("refuse", offer.request, reason="busy")
+            replaces = (
+                (existing.peer_boot and existing.peer_boot != offer.boot)
+                or offer.known_link == existing.link_id
+                or not existing.offered_by_me
+                or self.name > peer
+            )
+            if not replaces:
+                log.info("relay.glare_refused", extra={"peer": peer, "link": offer.link})
+                return Message("refuse", offer.request, reason="glare")
+            self.spawn(self._end(existing, "replaced"))
+        relay = self._relay(peer, offer.link, False, offer.boot)
+        self.totals.opened += 1
+        # What this node already wants to send there goes in the answer (saves a round trip
+        # when both nodes wanted the relay: the glare loser's tracks).
+        for track_id, published in self._wanted.get(peer, {}).items():
+            if published.forwarder is not None:
+                await self._add_send(relay, track_id, published)
+        try:
+            description = await relay.link.local_description()
+        except RuntimeError as error:
+            log.error("relay.no_description", extra={"error": str(error)})
+            await self._end(relay, "no-description")
+            return Message("refuse", offer.request, reason="busy")
+        answer, _left = signal.fit_description(
+            Message("answer", offer.request, self.name, self.boot, relay.link_id, description)
+        )
+        relay.answer = answer
+        relay.announced = {track[1] for track in (answer.description or {}).get("t", [])}
+        relay.answered.set()
+        assert offer.description is not None  # decode() guarantees it for offers
+        self.spawn(self._connect(relay, offer.description))
+        log.info("relay.answering", extra={"peer": peer, "link": relay.link_id})
+        return answer
+
+    async def _on_tracks(self, update: Message) -> Message:
+        relay = self.relays.get(update.node)
+        if relay is None or relay.link_id != update.link:
+            return Message("refuse", update.request, reason="unknown-link")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(relay.up.wait(), 15)
+        if relay.state != "up":
+            return Message("refuse", update.request, reason="unknown-link")
+        async with relay.receiving:
+            if update.seq <= relay.in_seq:
+                return Message("ok", update.request)  # a repeat
+            if update.seq != relay.in_seq + 1:
+                return Message("refuse", update.request, reason="gap")
+            for track_id in update.removed:
+                relay.remote.pop(track_id, None)
+            for track in update.added:
+                relay.remote[track.track_id] = track
+            relay.in_seq = update.seq
+            await relay.link.set_remote_tracks(relay.remote.values())
+            await self._received_changed(relay)
+        self.changed()
+        return Message("ok", update.request)
+
+    # ----------------------------------------------------------------- figures
+
+    async def _report_loop(self) -> None:
+        period = self.settings.report_period_s
+        while True:
+            self.report = self.figures()
+            try:
+                await self.redis.set(
+                    keys.node_relays(self.name),
+                    json.dumps({"node": self.name, "at": time.time(), "relays": self.report}),
+                    px=int(period * 3000),
+                )
+            except (RedisError, OSError) as error:
+                log.warning("relay.report_failed", extra={"error": str(error)})
+            await asyncio.sleep(period)
+
+    def figures(self) -> list[dict[str, Any]]:
+        """One entry per relay: pair, rooms, tracks, bitrate, RTT, loss, jitter."""
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for peer, relay in sorted(self.relays.items()):
+            sent = sum(o.tap.bytes_sent for o in relay.sends.values())
+            got = sum(p.tap.bytes for p in relay.received.values())
+            at, sent_before, got_before = self._marks.get((peer, relay.link_id), (now, sent, got))
+            elapsed = now - at
+            self._marks[(peer, relay.link_id)] = (now, sent, got)
+            receptions = [r for o in relay.sends.values() if (r := o.tap.reception()) is not None]
+            rtts = [r.rtt_s for r in receptions if r.rtt_s is not None]
+            incoming = [p.tap.reception() for p in relay.received.values()]
+            estimate = self.estimate_rtt_s(peer)
+            rooms = {o.published.owner.slug for o in relay.sends.values()}
+            rooms |= {p.owner.slug for p in relay.received.values()}
+            out.append(
+                {
+                    "pair": list(node_pair(self.name, peer)),
+                    "node": self.name,
+                    "peer": peer,
+                    "link": relay.link_id,
+                    "state": relay.state,
+                    "rooms": sorted(rooms),
+                    "tracks_out": len(relay.sends),
+                    "tracks_in": len(relay.received),
+                    "bitrate_out_bps": round((sent - sent_before) * 8 / elapsed) if elapsed else 0,
+                    "bitrate_in_bps": round((got - got_before) * 8 / elapsed) if elapsed else 0,
+                    "rtt_ms": round(sum(rtts) / len(rtts) * 1000, 2) if rtts else None,
+                    "rtt_estimated_ms": None if estimate is None else round(estimate * 1000, 2),
+                    "packets_lost_in": sum(r.packets_lost for r in incoming),
+                    "jitter_in_ms": round(max((r.jitter_s for r in incoming), default=0) * 1000, 2),
+                    "setup_ms": None
+                    if relay.up_at is None
+                    else round((relay.up_at - relay.opened_at) * 1000, 1),
+                    "signalling_messages": relay.messages,
+                    "signalling_bytes": relay.signalling_bytes,
+                }
+            )
+        live = {(peer, relay.link_id) for peer, relay in self.relays.items()}
+        for mark in [m for m in self._marks if m not in live]:
+            del self._marks[mark]
+        return out
+
+    def packets(self) -> tuple[int, int]:
+        """Relayed packets (out, in) since start, ended relays included."""
+        out = self.totals.packets_out + sum(
+            o.tap.packets_sent for r in self.relays.values() for o in r.sends.values()
+        )
+        got = self.totals.packets_in + sum(
+            p.tap.packets for r in self.relays.values() for p in r.received.values()
+        )
+        return out, got
+
+
+async def read_relays(redis: Redis, node: str) -> dict[str, dict[str, Any]]:
+    """What `node` last reported of its relays (`RelayManager.figures`), by peer node;
+    {} when it reports none (or has not for three periods)."""
+    raw = await redis.get(keys.node_relays(node))
+    return {} if raw is None else {e["peer"]: e for e in json.loads(raw)["relays"]}
+
+
+class RelayCollector(Collector):
+    """/metrics: the relays' latest figures, per peer, and the manager's counters."""
+
+    def __init__(self, manager: RelayManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self.manager
+        tracks = GaugeMetricFamily(
+            "sfumesh_relay_tracks", "Tracks on a relay", labels=["peer", "direction"]
+        )
+        bitrate = GaugeMetricFamily(
+            "sfumesh_relay_bitrate_bps", "Relay bitrate (bit/s)", labels=["peer", "direction"]
+        )
+        rtt = GaugeMetricFamily(
+            "sfumesh_relay_rtt_seconds",
+            "Relay round-trip time: measured (RTCP) or estimated (Vivaldi)",
+            labels=["peer", "source"],
+        )
+        lost = GaugeMetricFamily(
+            "sfumesh_relay_packets_lost", "Packets lost on relayed tracks in", labels=["peer"]
+        )
+        jitter = GaugeMetricFamily(
+            "sfumesh_relay_jitter_seconds", "Jitter of relayed tracks in", labels=["peer"]
+        )
+        for entry in manager.report:
+            peer = entry["peer"]
+            tracks.add_metric([peer, "out"], entry["tracks_out"])
+            tracks.add_metric([peer, "in"], entry["tracks_in"])
+            bitrate.add_metric([peer, "out"], entry["bitrate_out_bps"])
+            bitrate.add_metric([peer, "in"], entry["bitrate_in_bps"])
+            if entry["rtt_ms"] is not None:
+                rtt.add_metric([peer, "measured"], entry["rtt_ms"] / 1000)
+            if entry["rtt_estimated_ms"] is not None:
+                rtt.add_metric([peer, "estimated"], entry["rtt_estimated_ms"] / 1000)
+            lost.add_metric([peer], entry["packets_lost_in"])
+            jitter.add_metric([peer], entry["jitter_in_ms"] / 1000)
+        yield from (tracks, bitrate, rtt, lost, jitter)
+        relays = GaugeMetricFamily("sfumesh_relays", "Relays open now")
+        relays.add_metric([], len(manager.relays))
+        yield relays
+        totals = manager.totals
+        events = CounterMetricFamily(
+            "sfumesh_relay_events", "Relays opened, failed and closed", labels=["event"]
+        )
+        for event, value in (
+            ("opened", totals.opened),
+            ("failed", totals.failed),
+            ("closed", totals.closed),
+            ("retried", totals.attempts_retried),
+            ("glare", totals.glare_refused),
+        ):
+            events.add_metric([event], value)
+        yield events
+        out, got = manager.packets()
+        packets = CounterMetricFamily(
+            "sfumesh_relay_packets", "Packets relayed", labels=["direction"]
+        )
+        packets.add_metric(["out"], out)
+        packets.add_metric(["in"], got)
+        yield packets
+        messages = CounterMetricFamily("sfumesh_relay_signalling_messages", "Messages sent")
+        messages.add_metric([], totals.messages_sent)
+        yield messages
+        largest = GaugeMetricFamily(
+            "sfumesh_relay_signalling_message_bytes_max", "Largest signalling message sent"
+        )
+        largest.add_metric([], totals.message_bytes_max)
+        yield largest

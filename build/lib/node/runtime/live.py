@@ -1,0 +1,235 @@
+"""The live half of a node: sessions, rooms and events, with their background loops.
+
+Owns the node's registry record (heartbeat), the reaper of dead nodes' sessions, the event
+reader, and the drain on shutdown (S5). Redis outages are retried with backoff; when Redis
+answers again, the node re-asserts its live sessions (item 9 of the Sessions issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from node.config import Settings
+from node.media import adapter
+from node.media.session import MediaHub
+from node.runtime.metrics import NodeMetrics
+from node.state.events import EventPump
+from node.state.hub import CLOSE_DRAINING, Connection, Hub
+from node.state.lock import DistributedLock, LockError
+from node.state.registry import NodeInfo, Registry
+from node.state.sessions import Membership, SessionRecord, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+class Live:
+    def __init__(self, settings: Settings, redis: Redis, lock_redis: list[Redis]) -> None:
+        live = settings.live
+        self.settings = settings
+        self.redis = redis
+        self.lock_redis = lock_redis
+        self.lock = DistributedLock(
+            [redis, *lock_redis], redis, ttl_s=live.lock_ttl_s, wait_s=live.lock_wait_s
+        )
+        self.sessions = SessionStore(
+            redis,
+            self.lock,
+            settings.node_name,
+            settings.region,
+            pending_ttl_s=settings.tokens.room_ttl_s,
+            session_ttl_s=settings.tokens.session_ttl_s,
+        )
+        self.hub = Hub()
+        self.events = EventPump(redis, settings.node_name, self._deliver)
+        # told the slug of a room whose membership changed (the relay re-plans)
+        self.on_room_changed: Callable[[str], None] | None = None
+        self.hub.on_room_empty = self.events.unwatch
+        self.media = MediaHub(settings.media, self.media_failed)
+        self.media.members = lambda slug: set(self.hub.rooms.get(slug, ()))
+        self.hub.on_leave = self.media.left
+        self.registry = Registry(
+            redis,
+            NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
+            live.node_ttl_s,
+        )
+        self.metrics: NodeMetrics | None = None
+        self.draining = False
+        self.redis_ok = False
+        self._registered = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cleanups: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        return self.settings.node_name
+
+    async def start(self) -> None:
+        """Start the loops; the first registration happens in the heartbeat, which keeps
+        trying while Redis is away (the node reports not-ready until then).
+
+        Refuses to start (RuntimeError) when the installed aiortc lacks what the media core
+        relies on."""
+        adapter.check_aiortc()
+        if self.settings.media.host_addresses:
+            adapter.set_host_addresses(self.settings.media.host_addresses)
+        await self._beat()
+        self._tasks = [
+            asyncio.create_task(self.events.run(), name="events"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._reaper(), name="reaper"),
+        ]
+
+    async def _deliver(
+        self, slug: str | None, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        await self.hub.deliver(slug, event_id, event_type, data)
+        if slug is not None and event_type.startswith("participant-"):
+            if self.on_room_changed is not None:
+                self.on_room_changed(slug)
+
+    def run_cleanup(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run state cleanup as its own task: a cancelled request must not cut it short."""
+        task = asyncio.create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def end_connection(self, conn: Connection, reason: str) -> None:
+        self.hub.leave_room(conn)
+        if self.metrics is not None:
+            self.metrics.sessions_ended.labels(reason).inc()
+        if conn.superseded:
+            return
+        for attempt in range(5):
+            try:
+                await self.sessions.end_session(conn.session_id, conn.generation, reason)
+                return
+            except (RedisError, OSError, LockError) as error:
+                log.warning(
+                    "session.end_retry", extra={"session_id": conn.session_id, "error": str(error)}
+                )
+                await asyncio.sleep(0.2 * 2**attempt)
+        # Left for the reaper: this node's record stays, but a restart reaps its own leftovers.
+        log.error("session.end_failed", extra={"session_id": conn.session_id})
+
+    async def media_failed(self, session_id: str, generation: int) -> None:
+        """The hook the media layer calls when a session's WebRTC connection fails or closes:
+        the same idempotent, generation-guarded leave as every other way out (S3)."""
+        conn = self.hub.connections.get(session_id)
+        if conn is None or conn.generation != generation or conn.room is None:
+            return
+        slug = conn.room
+        await self.sessions.leave(slug, session_id, generation, "media-failed")
+        self.hub.leave_room(conn)
+        conn.send({"type": "left", "room": slug, "reason": "media-failed"})
+
+    async def drain(self) -> None:
+        """S5: tell clients where to go, end every local session, leave the registry."""
+        self.draining = True
+        try:
+            others = [n for n in await self.registry.live() if n.name != self.name]
+        except (RedisError, OSError):
+            others = []
+        target = random.choice(others) if others else None  # noqa: S311
+        notice: dict[str, Any] = {"type": "reconnect", "node": target.name if target else None}
+        if target is not None:
+            notice["url"] = target.url
+        connections = list(self.hub.connections.values())
+        for conn in connections:
+            conn.close(CLOSE_DRAINING, notice, reason="node-draining")
+        await asyncio.gather(
+            *(self.end_connection(conn, "node-draining") for conn in connections),
+            return_exceptions=True,
+        )
+        log.info("node.drained", extra={"sessions": len(connections), "to": notice["node"]})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=10)
+        await self.media.close()
+        if self.settings.media.host_addresses:
+            adapter.set_host_addresses(None)
+        try:
+            await self.registry.deregister()
+        except (RedisError, OSError) as error:
+            log.warning("node.deregister_failed", extra={"error": str(error)})
+
+    async def _heartbeat(self) -> None:
+        period = self.settings.live.node_ttl_s / 3
+        while True:
+            await asyncio.sleep(period if self.redis_ok else min(period, 0.5))
+            await self._beat()
+
+    async def _beat(self) -> None:
+        try:
+            if not self._registered:
+                # Sessions left in Redis by an earlier life of this node (a crash) are dead.
+                reaped = await self.sessions.reap_node(self.name)
+                await self.registry.register()
+                self._registered = True
+                log.info("node.registered", extra={"reaped_own_sessions": reaped})
+            else:
+                if not await self.registry.is_registered():
+                    # Our record should outlive several beats: its absence means Redis lost
+                    # its data (restart, failover), however short the outage was. Sessions
+                    # go back first, so that being registered again means being whole again.
+                    log.warning("redis.state_lost")
+                    await self._reassert()
+                elif not self.redis_ok:
+                    log.info("redis.back")
+                await self.registry.register()
+            self.redis_ok = True
+        except (RedisError, OSError, LockError) as error:
+            if self.redis_ok or not self._registered:
+                log.warning("redis.unreachable", extra={"error": str(error)})
+            self.redis_ok = False
+
+    async def _reassert(self) -> None:
+        for conn in list(self.hub.connections.values()):
+            record = SessionRecord(
+                conn.session_id,
+                conn.user_id,
+                self.name,
+                self.settings.region,
+                time.time(),
+                conn.generation,
+                conn.room or "",
+            )
+            membership = None
+            if conn.room:
+                membership = Membership(
+                    conn.session_id,
+                    conn.user_id,
+                    conn.display_name,
+                    self.name,
+                    conn.generation,
+                    "active",
+                    time.time(),
+                )
+            await self.sessions.reassert(record, membership)
+        log.info("sessions.reasserted", extra={"sessions": len(self.hub.connections)})
+
+    async def _reaper(self) -> None:
+        period = self.settings.live.reaper_period_s
+        while True:
+            await asyncio.sleep(period * (0.8 + random.random() * 0.4))  # noqa: S311
+            try:
+                for name in await self.registry.expired():
+                    if name == self.name:
+                        continue
+                    ended = await self.sessions.reap_node(name)
+                    await self.registry.forget(name)
+                    log.info("node.reaped", extra={"dead_node": name, "sessions": ended})
+            except (RedisError, OSError, LockError) as error:
+                log.warning("reaper.failed", extra={"error": str(error)})

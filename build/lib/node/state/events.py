@@ -1,0 +1,137 @@
+"""Room events across nodes: one Redis stream per room, one inbox stream per node.
+
+Why streams and not pub/sub: a stream gives every event one server-assigned id and one
+order that every node reads alike (chat must arrive "in the same order everywhere"), and a
+node that lost its Redis connection for a moment resumes from the last id it saw instead
+of silently missing what was published meanwhile.
+
+Each node runs one reader over its inbox and the streams of the rooms that have local
+sessions; when that set changes it writes a `wake` entry to its own inbox so the blocking
+read picks up the new streams at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from node.state import keys
+
+log = logging.getLogger(__name__)
+
+INBOX_MAXLEN = 1000
+ROOM_MAXLEN = 2000
+BLOCK_MS = 2000
+
+# (room slug or None for the inbox, event id, event type, event data)
+Deliver = Callable[[str | None, str, str, dict[str, Any]], Awaitable[None]]
+
+
+def stream_id_key(event_id: str) -> tuple[int, int]:
+    millis, _, seq = event_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
+class EventPump:
+    def __init__(self, redis: Redis, node: str, deliver: Deliver) -> None:
+        self._redis = redis
+        self._node = node
+        self._deliver = deliver
+        self._inbox = keys.node_inbox(node)
+        self._positions: dict[str, str] = {self._inbox: f"{int(time.time() * 1000)}-0"}
+        self._rooms: dict[str, str] = {}  # stream key -> slug
+        self.healthy = asyncio.Event()
+
+    async def watch(self, slug: str, after_id: str) -> None:
+        stream = keys.room_events(slug)
+        if stream in self._positions:
+            if stream_id_key(after_id) < stream_id_key(self._positions[stream]):
+                self._positions[stream] = after_id
+            return
+        self._positions[stream] = after_id
+        self._rooms[stream] = slug
+        await self.send_to_node(self._node, "wake", {})
+
+    async def events_after(self, slug: str, after_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """The room's events after `after_id`, oldest first (a joining connection's backlog)."""
+        entries: Any = await self._redis.xrange(keys.room_events(slug), min=f"({after_id}")
+        backlog = []
+        for raw_id, fields in entries:
+            event_type = fields.get(b"type", b"").decode()
+            try:
+                data = json.loads(fields.get(b"data", b"{}"))
+            except ValueError:
+                continue
+            event_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            backlog.append((event_id, event_type, data))
+        return backlog
+
+    def unwatch(self, slug: str) -> None:
+        stream = keys.room_events(slug)
+        self._positions.pop(stream, None)
+        self._rooms.pop(stream, None)
+
+    async def publish(self, slug: str, event_type: str, data: dict[str, Any]) -> str:
+        event_id = await self._redis.xadd(
+            keys.room_events(slug),
+            {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
+            maxlen=ROOM_MAXLEN,
+            approximate=True,
+        )
+        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+
+    async def send_to_node(self, node: str, event_type: str, data: dict[str, Any]) -> None:
+        await self._redis.xadd(
+            keys.node_inbox(node),
+            {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
+            maxlen=INBOX_MAXLEN,
+            approximate=True,
+        )
+
+    async def run(self) -> None:
+        """Read and deliver until cancelled; reconnects with backoff when Redis is away."""
+        backoff = 0.1
+        while True:
+            try:
+                streams: dict[Any, Any] = dict(self._positions)
+                batches: Any = await self._redis.xread(streams, count=200, block=BLOCK_MS)
+                self.healthy.set()
+                backoff = 0.1
+            except (RedisError, OSError) as error:
+                self.healthy.clear()
+                log.warning("events.read_failed", extra={"error": str(error), "retry_s": backoff})
+                await asyncio.sleep(backoff * (1 + random.random() / 2))  # noqa: S311
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for raw_stream, entries in batches or []:
+                stream = raw_stream.decode() if isinstance(raw_stream, bytes) else raw_stream
+                for raw_id, fields in entries:
+                    event_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                    if stream in self._positions:
+                        self._positions[stream] = event_id
+                    slug = None if stream == self._inbox else self._rooms.get(stream)
+                    if stream != self._inbox and slug is None:
+                        continue  # unwatched meanwhile
+                    await self._dispatch(slug, event_id, fields)
+
+    async def _dispatch(self, slug: str | None, event_id: str, fields: dict[bytes, bytes]) -> None:
+        event_type = fields.get(b"type", b"").decode()
+        try:
+            data = json.loads(fields.get(b"data", b"{}"))
+        except ValueError:
+            log.error("events.undecodable", extra={"event_id": event_id})
+            return
+        if event_type == "wake":
+            return
+        try:
+            await self._deliver(slug, event_id, event_type, data)
+        except Exception:
+            log.exception("events.deliver_failed", extra={"event_id": event_id, "room": slug})

@@ -1,0 +1,206 @@
+"""This node's WebSocket connections, and room events turned into client messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.state.events import stream_id_key
+
+log = logging.getLogger(__name__)
+
+SEND_QUEUE = 1000
+# Close codes (4000-4999 are the application's).
+CLOSE_REPLACED = 4000
+CLOSE_DRAINING = 4001
+CLOSE_IDLE = 4002
+CLOSE_SLOW = 4003
+
+
+# (event id, event type, data)
+RoomEvent = tuple[str, str, dict[str, Any]]
+
+
+@dataclass(eq=False)
+class Connection:
+    session_id: str
+    user_id: str
+    display_name: str
+    generation: int
+    room: str | None = None
+    # Room events up to and including this id are already in the client's `joined` snapshot.
+    after: str = "0-0"
+    outbox: asyncio.Queue[dict[str, Any] | None] = field(
+        default_factory=lambda: asyncio.Queue(SEND_QUEUE)
+    )
+    close_code: int | None = None
+    # Why the server closed it, when it did (the room hears this as the leave reason).
+    close_reason: str | None = None
+    # Set when a newer connection of this session took over: its cleanup must not run.
+    superseded: bool = False
+    # Told of every `error` sent (metrics).
+    on_error: Callable[[str], None] | None = None
+    # While joining: live room events wait here until the backlog is sent (Hub.catch_up).
+    held: list[RoomEvent] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.close_code is not None:
+            return
+        if self.on_error is not None and message.get("type") == "error":
+            self.on_error(str(message.get("code")))
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("ws.slow_client", extra={"session_id": self.session_id})
+            self.close(CLOSE_SLOW)
+
+    def close(
+        self, code: int, final: dict[str, Any] | None = None, reason: str | None = None
+    ) -> None:
+        """Send `final` (if any) after what is queued, then close the socket."""
+        if self.close_code is not None:
+            return
+        self.close_reason = reason
+        if final is not None:
+            try:
+                self.outbox.put_nowait(final)
+            except asyncio.QueueFull:
+                pass
+        self.close_code = code
+        try:
+            self.outbox.put_nowait(None)
+        except asyncio.QueueFull:
+            # The sender stops at close_code even without seeing the marker.
+            pass
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.rooms: dict[str, set[Connection]] = {}
+        # Called with a slug when its last local connection leaves (stop reading its events).
+        self.on_room_empty: Callable[[str], None] | None = None
+        # Called with (connection, slug) whenever a connection leaves a local room, however
+        # it leaves (the media layer closes its peer connections and tracks).
+        self.on_leave: Callable[[Connection, str], None] | None = None
+
+    def add(self, conn: Connection) -> Connection | None:
+        """Register a connection; returns the older one of the same session, if any."""
+        previous = self.connections.get(conn.session_id)
+        self.connections[conn.session_id] = conn
+        return previous
+
+    def remove(self, conn: Connection) -> None:
+        if self.connections.get(conn.session_id) is conn:
+            del self.connections[conn.session_id]
+        self.leave_room(conn)
+
+    def enter_room(self, conn: Connection, slug: str, after: str) -> None:
+        """Join the local room; live events are held until `catch_up` sends the backlog."""
+        self.leave_room(conn)
+        conn.room = slug
+        conn.after = after
+        conn.held = []
+        self.rooms.setdefault(slug, set()).add(conn)
+
+    def catch_up(self, conn: Connection, slug: str, backlog: list[RoomEvent]) -> None:
+        """Send the room's events after the connection's join (read from the stream), then
+        those held meanwhile: each once, in stream order, whatever the reader had done."""
+        held, conn.held = conn.held or [], None
+        for event_id, event_type, data in sorted(
+            backlog + held, key=lambda event: stream_id_key(event[0])
+        ):
+            if conn.room == slug:
+                self._deliver_one(conn, slug, event_id, event_type, data)
+
+    def leave_room(self, conn: Connection) -> str | None:
+        """Returns the slug when this was the room's last local connection."""
+        slug = conn.room
+        conn.room = None
+        conn.held = None
+        if slug is None:
+            return None
+        if self.on_leave is not None:
+            self.on_leave(conn, slug)
+        members = self.rooms.get(slug)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.rooms[slug]
+                if self.on_room_empty is not None:
+                    self.on_room_empty(slug)
+                return slug
+        return None
+
+    def supersede(self, session_id: str, generation: int) -> None:
+        conn = self.connections.get(session_id)
+        if conn is not None and conn.generation < generation:
+            replace(conn, same_session=True)
+
+    async def deliver(
+        self, slug: str | None, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        if slug is None:
+            if event_type == "superseded":
+                self.supersede(str(data["session_id"]), int(data["generation"]))
+            return
+        for conn in list(self.rooms.get(slug, ())):
+            if conn.held is not None:
+                conn.held.append((event_id, event_type, data))
+            else:
+                self._deliver_one(conn, slug, event_id, event_type, data)
+
+    def _deliver_one(
+        self, conn: Connection, slug: str, event_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        if stream_id_key(conn.after) >= stream_id_key(event_id):
+            return  # already in its `joined` snapshot, or already sent
+        conn.after = event_id
+        message = client_message(event_type, data, slug)
+        if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
+            self.leave_room(conn)
+            replace(conn, same_session=False)
+        elif (
+            event_type == "participant-left"
+            and data["session_id"] == conn.session_id
+            and data.get("reason") == "moved"
+        ):
+            # Its membership ended behind its back (an HTTP join to another room, on any
+            # node): it stops hearing this room, and is told so. Every other way out is
+            # this connection's own doing, and its handler has already let go of the room.
+            self.leave_room(conn)
+            conn.send({"type": "left", "room": slug, "reason": "moved"})
+        elif message is not None:
+            conn.send(message)
+
+
+def replace(conn: Connection, *, same_session: bool) -> None:
+    """Close a connection that another took over. A newer connection of the same session
+    owns the session now, so the old one's cleanup must not run; a replaced other session
+    (same user, policy "replace") still ends its own session record on close."""
+    conn.superseded = same_session
+    conn.close(CLOSE_REPLACED, {"type": "session-replaced", "session_id": conn.session_id})
+
+
+def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str, Any] | None:
+    if event_type == "participant-joined":
+        return {
+            "type": "participant-joined",
+            "room": slug,
+            "participant": {
+                "session_id": data["session_id"],
+                "user_id": data["user_id"],
+                "display_name": data["display_name"],
+                "node": data["node"],
+            },
+        }
+    if event_type == "participant-left":
+        return {"type": "participant-left", "room": slug, **data}
+    if event_type == "participant-replaced":
+        return {"type": "participant-replaced", "room": slug, **data}
+    if event_type == "chat":
+        return {"type": "chat", "room": slug, **data}
+    return None

@@ -1,0 +1,99 @@
+"""Every Redis key sfumesh uses, in one place.
+
+Live state only; users, rooms and messages are in the document store.
+
+| key | type | what |
+|---|---|---|
+| `sfumesh:node:<name>` | string (JSON), TTL | node registry record; expiry = node dead (N2) |
+| `sfumesh:nodes` | set | names of registered nodes, so reapers find expired ones |
+| `sfumesh:node-sessions:<name>` | set | session ids whose WebSocket is on that node |
+| `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
+| `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
+| `sfumesh:session-gen:{<sid>}` | counter, TTL | the session's last generation; outlives the hash |
+| `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON |
+| `sfumesh:{room:<slug>}:lock` | string | the room's distributed lock |
+| `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
+| `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
+| `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
+| `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
+| `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
+| `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
+| `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
+| `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
+
+Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
+keys share a slot and one Lua script may touch them all.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sfumesh"
+NODES = f"{PREFIX}:nodes"
+ROOMS_LIVE = f"{PREFIX}:rooms-live"
+
+
+def node(name: str) -> str:
+    return f"{PREFIX}:node:{name}"
+
+
+def node_sessions(name: str) -> str:
+    return f"{PREFIX}:node-sessions:{name}"
+
+
+def node_inbox(name: str) -> str:
+    return f"{PREFIX}:node-inbox:{name}"
+
+
+def session(session_id: str) -> str:
+    return f"{PREFIX}:session:{{{session_id}}}"
+
+
+def session_generation(session_id: str) -> str:
+    """Kept apart from the session hash so that deleting the hash never restarts the count:
+    a generation handed out twice would let an old connection's cleanup end a new one."""
+    return f"{PREFIX}:session-gen:{{{session_id}}}"
+
+
+def chat_limit(session_id: str) -> str:
+    return f"{PREFIX}:chat-limit:{session_id}"
+
+
+def _room(slug: str, part: str) -> str:
+    return f"{PREFIX}:{{room:{slug}}}:{part}"
+
+
+def room_members(slug: str) -> str:
+    return _room(slug, "members")
+
+
+def room_lock(slug: str) -> str:
+    return _room(slug, "lock")
+
+
+def room_fence(slug: str) -> str:
+    return _room(slug, "fence")
+
+
+def room_fence_applied(slug: str) -> str:
+    return _room(slug, "fence-applied")
+
+
+def room_events(slug: str) -> str:
+    return _room(slug, "events")
+
+
+def node_reap_lock(name: str) -> str:
+    """Held by the one node that reaps a failed node's sessions (Serf said it failed)."""
+    return f"{PREFIX}:node-reap-lock:{name}"
+
+
+def node_reap_fence(name: str) -> str:
+    return f"{PREFIX}:node-reap-fence:{name}"
+
+
+def node_relays(name: str) -> str:
+    return f"{PREFIX}:relays:{name}"
+
+
+def relay_message(message_id: str) -> str:
+    return f"{PREFIX}:relay-msg:{message_id}"

@@ -1,0 +1,436 @@
+"""Sessions and room membership in Redis (S1-S6, R6): the correctness core.
+
+A session is one WebSocket's identity. Each (re)connection of a session bumps its
+**generation**; every cleanup names the generation it belongs to, and a cleanup whose
+generation is no longer current touches nothing. That is what makes the page-refresh race
+harmless: the old connection's close can never end the new one.
+
+Room membership changes run under the room's distributed lock, and each write is a fenced
+Lua script that also appends the matching event to the room's stream in the same atomic
+step: a membership change and its announcement can never be split, and an event can never
+be sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from node.errors import Conflict
+from node.state import keys
+from node.state.lock import DistributedLock, FencedScript
+
+log = logging.getLogger(__name__)
+
+DuplicatePolicy = Literal["replace", "reject", "allow"]
+STREAM_MAXLEN = 2000
+
+# KEYS[1] session, KEYS[2] its generation counter (same slot). ARGV: user, node, region,
+# now, counter TTL ms. Returns {generation, previous node}.
+_CONNECT = """
+local previous = redis.call('HGET', KEYS[1], 'node') or ''
+local generation = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[1], 'generation', generation, 'user_id', ARGV[1], 'node', ARGV[2],
+           'region', ARGV[3], 'connected_at', ARGV[4])
+if redis.call('HEXISTS', KEYS[1], 'room') == 0 then redis.call('HSET', KEYS[1], 'room', '') end
+return {generation, previous}
+"""
+
+# KEYS[1] session. ARGV[1] generation. Deletes the record only if that generation is current.
+_DROP_SESSION = """
+if redis.call('HGET', KEYS[1], 'generation') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] session. ARGV: generation, room, expected room (''= any). Conditional room update.
+_SET_SESSION_ROOM = """
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'room') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'room', ARGV[2])
+return 1
+"""
+
+# Fenced bodies: KEYS[2] members, KEYS[3] events; ARGV[2..] as noted.
+# ARGV[2] session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5..] replaced sessions.
+_JOIN = """
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local new = cjson.decode(ARGV[3])
+for i = 5, #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if old then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    local gone = cjson.decode(old)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-replaced',
+      'data', cjson.encode({session_id = ARGV[i], user_id = gone.user_id,
+                            by_session_id = ARGV[2]}))
+  end
+end
+return 1
+"""
+
+# ARGV[2] session, ARGV[3] generation, ARGV[4] maxlen. Returns {event id, membership} or nil.
+_ACTIVATE = """
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return nil end
+local member = cjson.decode(raw)
+if tonumber(member.generation) ~= tonumber(ARGV[3]) then return nil end
+member.state = 'active'
+local encoded = cjson.encode(member)
+redis.call('HSET', KEYS[2], ARGV[2], encoded)
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-joined',
+  'data', encoded)
+return {id, encoded}
+"""
+
+# ARGV[2] session, ARGV[3] generation (removes memberships of that generation or older),
+# ARGV[4] maxlen, ARGV[5] reason. Returns the removed membership JSON or nil.
+_LEAVE = """
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return nil end
+local member = cjson.decode(raw)
+if tonumber(member.generation) > tonumber(ARGV[3]) then return nil end
+redis.call('HDEL', KEYS[2], ARGV[2])
+if member.state == 'active' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-left',
+    'data', cjson.encode({session_id = ARGV[2], user_id = member.user_id, reason = ARGV[5]}))
+end
+return raw
+"""
+
+# KEYS[1] generation counter. ARGV: generation, TTL ms. Never lets the counter go back.
+_RAISE_GENERATION = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+# ARGV[2..] sessions whose pending memberships expired: dropped without an event (the room
+# never heard of them).
+_DROP_PENDING = """
+for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+# ARGV[2] session, ARGV[3] membership JSON: put back a membership lost with Redis's data.
+_REASSERT = """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    user_id: str
+    node: str
+    region: str
+    connected_at: float
+    generation: int
+    room: str
+
+
+@dataclass(frozen=True)
+class Membership:
+    session_id: str
+    user_id: str
+    display_name: str
+    node: str
+    generation: int
+    state: Literal["pending", "active"]
+    joined_at: float
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Membership:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            session_id=str(data["session_id"]),
+            user_id=str(data["user_id"]),
+            display_name=str(data["display_name"]),
+            node=str(data["node"]),
+            generation=int(data["generation"]),
+            state="active" if data["state"] == "active" else "pending",
+            joined_at=float(data["joined_at"]),
+        )
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "display_name": self.display_name,
+            "node": self.node,
+        }
+
+
+@dataclass(frozen=True)
+class Connected:
+    record: SessionRecord
+    previous_node: str
+
+
+class SessionStore:
+    def __init__(
+        self,
+        redis: Redis,
+        lock: DistributedLock,
+        node: str,
+        region: str,
+        pending_ttl_s: float = 300.0,
+        session_ttl_s: float = 24 * 3600.0,
+    ) -> None:
+        self._redis = redis
+        # The generation counter lives as long as a session token could still connect.
+        self._generation_ttl_ms = int(session_ttl_s * 1000) + 60_000
+        # A pending membership older than this (the room token's lifetime) can never be
+        # activated: it stops holding a seat.
+        self._pending_ttl_s = pending_ttl_s
+        self._lock = lock
+        self.node = node
+        self.region = region
+        self._connect = redis.register_script(_CONNECT)
+        self._raise_generation = redis.register_script(_RAISE_GENERATION)
+        self._drop = redis.register_script(_DROP_SESSION)
+        self._set_room = redis.register_script(_SET_SESSION_ROOM)
+        self._join = FencedScript(redis, _JOIN)
+        self._activate = FencedScript(redis, _ACTIVATE)
+        self._leave = FencedScript(redis, _LEAVE)
+        self._reassert = FencedScript(redis, _REASSERT)
+        self._drop_pending = FencedScript(redis, _DROP_PENDING)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def connect(self, session_id: str, user_id: str) -> Connected:
+        now = time.time()
+        generation, previous = await self._connect(
+            keys=[keys.session(session_id), keys.session_generation(session_id)],
+            args=[user_id, self.node, self.region, now, self._generation_ttl_ms],
+        )
+        await self._redis.sadd(keys.node_sessions(self.node), session_id)
+        record = SessionRecord(
+            session_id, user_id, self.node, self.region, now, int(generation), ""
+        )
+        current = await self.get(session_id)
+        return Connected(current or record, _text(previous))
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        return await read_session(self._redis, session_id)
+
+    async def end_session(self, session_id: str, generation: int, reason: str) -> bool:
+        """The one way a session ends (close, timeout, node gone). False if superseded."""
+        record = await self.get(session_id)
+        if record is None or record.generation != generation:
+            return False
+        if record.room:
+            await self.leave(record.room, session_id, generation, reason)
+        dropped = await self._drop(keys=[keys.session(session_id)], args=[generation])
+        await self._redis.srem(keys.node_sessions(record.node), session_id)
+        if dropped:
+            log.info("session.ended", extra={"session_id": session_id, "reason": reason})
+        return bool(dropped)
+
+    # -- rooms ----------------------------------------------------------------------------
+
+    async def members(self, slug: str) -> list[Membership]:
+        raw = await self._redis.hgetall(keys.room_members(slug))
+        return [Membership.decode(value) for value in raw.values()]
+
+    async def join(
+        self,
+        slug: str,
+        session_id: str,
+        user_id: str,
+        display_name: str,
+        capacity: int,
+        policy: DuplicatePolicy,
+    ) -> tuple[SessionRecord, list[Membership]]:
+        """Step 2 of joining (S2): admit the session into the room as a pending member."""
+        record = await self.get(session_id)
+        if record is None or record.user_id != user_id:
+            raise Conflict("not_connected", "connect the WebSocket first, then join")
+        if record.room and record.room != slug:
+            await self.leave(record.room, session_id, record.generation, "moved")
+        async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            members = await self.members(slug)
+            current = next((m for m in members if m.session_id == session_id), None)
+            if (
+                current is not None
+                and current.state == "active"
+                and current.generation == record.generation
+            ):
+                # Already in, on this very connection: joining again changes nothing.
+                return record, []
+            expired = [
+                m.session_id
+                for m in members
+                if m.state == "pending"
+                and m.session_id != session_id
+                and m.joined_at < time.time() - self._pending_ttl_s
+            ]
+            if expired:
+                await self._drop_pending(
+                    keys.room_fence_applied(slug),
+                    lease.fence,
+                    keys=[keys.room_members(slug)],
+                    args=expired,
+                )
+            others = [
+                m for m in members if m.session_id != session_id and m.session_id not in expired
+            ]
+            same_user = [m for m in others if m.user_id == user_id]
+            if same_user and policy == "reject":
+                raise Conflict("already_joined", "this user is already in the room")
+            replaced = same_user if policy == "replace" else []
+            replaced_ids = {m.session_id for m in replaced}
+            people = {m.user_id for m in others if m.session_id not in replaced_ids}
+            # Capacity counts people, not sessions (R6): a user already inside takes no seat.
+            if user_id not in people and len(people) >= capacity:
+                raise Conflict("room_full", f"the room is full ({capacity} people)")
+            membership = Membership(
+                session_id,
+                user_id,
+                display_name,
+                record.node,
+                record.generation,
+                "pending",
+                time.time(),
+            )
+            await self._join(
+                keys.room_fence_applied(slug),
+                lease.fence,
+                keys=[keys.room_members(slug), keys.room_events(slug)],
+                args=[session_id, membership.encode(), STREAM_MAXLEN, *sorted(replaced_ids)],
+            )
+        await self._redis.sadd(keys.ROOMS_LIVE, slug)
+        await self._set_room(keys=[keys.session(session_id)], args=[record.generation, slug, ""])
+        log.info(
+            "room.join",
+            extra={"room": slug, "session_id": session_id, "replaced": len(replaced)},
+        )
+        return record, replaced
+
+    async def activate(
+        self, slug: str, session_id: str, generation: int
+    ) -> tuple[Membership, str, list[Membership]] | None:
+        """Step 3 (the WebSocket `join`): the membership goes live and is announced.
+
+        Returns the membership, the id of its `participant-joined` event and the room's
+        active members, or None when there is no pending membership of this generation.
+        """
+        async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            result = await self._activate(
+                keys.room_fence_applied(slug),
+                lease.fence,
+                keys=[keys.room_members(slug), keys.room_events(slug)],
+                args=[session_id, generation, STREAM_MAXLEN],
+            )
+            if result is None:
+                return None
+            event_id, encoded = result
+            members = await self.members(slug)
+        active = [m for m in members if m.state == "active"]
+        return Membership.decode(encoded), _text(event_id), active
+
+    async def leave(
+        self, slug: str, session_id: str, generation: int, reason: str
+    ) -> Membership | None:
+        """Remove the session's membership if it is of this generation or older.
+
+        Idempotent: only the call that removes it gets it back (and appends
+        `participant-left`); every other call, before or after, gets None.
+        """
+        async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            removed = await self._leave(
+                keys.room_fence_applied(slug),
+                lease.fence,
+                keys=[keys.room_members(slug), keys.room_events(slug)],
+                args=[session_id, generation, STREAM_MAXLEN, reason],
+            )
+            empty = removed is not None and not await self._redis.hlen(keys.room_members(slug))
+        if removed is None:
+            return None
+        if empty:
+            await self._redis.srem(keys.ROOMS_LIVE, slug)
+        await self._set_room(keys=[keys.session(session_id)], args=[generation, "", slug])
+        membership = Membership.decode(removed)
+        log.info("room.leave", extra={"room": slug, "session_id": session_id, "reason": reason})
+        return membership
+
+    async def reassert(self, record: SessionRecord, membership: Membership | None) -> None:
+        """Put a live local session back after Redis lost it (restart without data)."""
+        session_key = keys.session(record.session_id)
+        # After a data loss the counter restarts: lift it above the live generation first.
+        await self._raise_generation(
+            keys=[keys.session_generation(record.session_id)],
+            args=[record.generation, self._generation_ttl_ms],
+        )
+        if not await self._redis.exists(session_key):
+            await self._redis.hset(
+                session_key,
+                mapping={
+                    "user_id": record.user_id,
+                    "node": record.node,
+                    "region": record.region,
+                    "connected_at": record.connected_at,
+                    "generation": record.generation,
+                    "room": record.room if membership else "",
+                },
+            )
+        await self._redis.sadd(keys.node_sessions(self.node), record.session_id)
+        if membership is None:
+            return
+        slug = record.room
+        async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            await self._reassert(
+                keys.room_fence_applied(slug),
+                lease.fence,
+                keys=[keys.room_members(slug)],
+                args=[record.session_id, membership.encode()],
+            )
+        await self._redis.sadd(keys.ROOMS_LIVE, slug)
+
+    async def reap_node(self, node: str) -> int:
+        """End every session of a node that is gone. Idempotent; safe on many nodes at once."""
+        ended = 0
+        session_ids = await self._redis.smembers(keys.node_sessions(node))
+        for raw_id in session_ids:
+            session_id = _text(raw_id)
+            record = await self.get(session_id)
+            if record is not None and record.node == node:
+                ended += await self.end_session(session_id, record.generation, "node-gone")
+            else:
+                await self._redis.srem(keys.node_sessions(node), session_id)
+        return ended
+
+
+async def read_session(redis: Redis, session_id: str) -> SessionRecord | None:
+    """A session's record as Redis holds it (None if there is none)."""
+    raw = await redis.hgetall(keys.session(session_id))
+    field = {_text(k): _text(v) for k, v in raw.items()}
+    if "generation" not in field or "user_id" not in field:
+        return None
+    return SessionRecord(
+        session_id=session_id,
+        user_id=field["user_id"],
+        node=field.get("node", ""),
+        region=field.get("region", ""),
+        connected_at=float(field.get("connected_at", "0")),
+        generation=int(field["generation"]),
+        room=field.get("room", ""),
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

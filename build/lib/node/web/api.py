@@ -1,0 +1,366 @@
+"""HTTP routes of the public contract (../shared/API.md): users, auth, sessions, rooms, chat."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from datetime import datetime
+from typing import Any
+
+from beanie import PydanticObjectId
+from bson.errors import InvalidId
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response, request
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from mesh.vivaldi import rank_from_samples, suggest_probes
+from node.state import keys
+from node.store.messages import (
+    HistoryPage,
+    HistoryQuery,
+    MessageView,
+    NewMessage,
+    append_message,
+    history,
+    message_view,
+)
+from node.store.models import User
+from node.store.rooms import NewRoom, RoomView, create_room, get_room, qr_svg, room_url, room_view
+from node.store.users import (
+    LoginRequest,
+    NewUser,
+    OwnUser,
+    PublicUser,
+    authenticate,
+    create_user,
+    own_view,
+    public_view,
+    username_key,
+)
+from node.web.auth import authenticated_user
+from node.web.context import node_context
+from node.web.errors import APIError
+from node.web.tokens import Purpose
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+class UserToken(BaseModel):
+    user_token: str
+    expires_at: datetime
+
+
+class SessionGrant(BaseModel):
+    session_id: str
+    session_token: str
+    expires_at: datetime
+
+
+def client_address(trusted_proxies: list[str]) -> str:
+    """The socket peer, or behind trusted proxies the nearest address they did not add."""
+    address = request.remote_addr or "unknown"
+    if address not in trusted_proxies:
+        return address
+    forwarded = [
+        hop.strip()
+        for header in request.headers.getlist("X-Forwarded-For")
+        for hop in header.split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(forwarded):
+        if hop not in trusted_proxies:
+            return hop
+    return address
+
+
+@api.post("/users")
+@validate_request(NewUser)
+@validate_response(PublicUser, 201)
+async def sign_up(data: NewUser) -> tuple[PublicUser, int]:
+    user = await create_user(data, node_context().hasher)
+    return public_view(user), 201
+
+
+@api.post("/auth/login")
+@validate_request(LoginRequest)
+@validate_response(UserToken)
+async def login(data: LoginRequest) -> UserToken:
+    context = node_context()
+    address = client_address(context.settings.trusted_proxies)
+    user = await authenticate(data, address, context.hasher, context.login_limiter)
+    issued = context.tokens.issue(Purpose.USER, str(user.id))
+    return UserToken(user_token=issued.token, expires_at=issued.expires_at)
+
+
+@api.get("/users/me")
+@validate_response(OwnUser)
+async def me() -> OwnUser:
+    _, user = await authenticated_user(Purpose.USER)
+    return own_view(user)
+
+
+@api.get("/users/by-username/<username>")
+@validate_response(PublicUser)
+async def user_by_username(username: str) -> PublicUser:
+    await authenticated_user(Purpose.USER)
+    user = await User.find_one(User.username_key == username_key(username))
+    if user is None:
+        raise APIError(404, "user_not_found", "no such user")
+    return public_view(user)
+
+
+@api.get("/users/<user_id>")
+async def user_by_id(user_id: str) -> dict[str, Any]:
+    _, viewer = await authenticated_user(Purpose.USER)
+    try:
+        user = await User.get(PydanticObjectId(user_id))
+    except (InvalidId, TypeError):
+        user = None
+    if user is None:
+        raise APIError(404, "user_not_found", "no such user")
+    # Email and sign-up date only for the user themself.
+    view = own_view(user) if user.id == viewer.id else public_view(user)
+    return view.model_dump(mode="json")
+
+
+@api.post("/sessions")
+@validate_response(SessionGrant, 201)
+async def new_session() -> tuple[SessionGrant, int]:
+    _, user = await authenticated_user(Purpose.USER)
+    session_id = secrets.token_hex(16)
+    issued = node_context().tokens.issue(Purpose.SESSION, str(user.id), session_id=session_id)
+    return SessionGrant(
+        session_id=session_id, session_token=issued.token, expires_at=issued.expires_at
+    ), 201
+
+
+@api.post("/rooms")
+@validate_request(NewRoom)
+@validate_response(RoomView, 201)
+async def new_room(data: NewRoom) -> tuple[RoomView, int]:
+    context = node_context()
+    _, user = await authenticated_user(Purpose.USER)
+    lock = context.live.lock
+    room = await create_room(
+        data,
+        user,
+        context.settings.rooms,
+        guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+    )
+    return await room_view(room, context.settings.base_url, context.redis), 201
+
+
+@api.get("/rooms/<slug>")
+@validate_response(RoomView)
+async def room_info(slug: str) -> RoomView:
+    context = node_context()
+    room = await get_room(slug)
+    return await room_view(room, context.settings.base_url, context.redis)
+
+
+@api.get("/rooms/<slug>/qr.svg")
+async def room_qr(slug: str) -> Response:
+    room = await get_room(slug)
+    svg = qr_svg(room_url(node_context().settings.base_url, room.slug))
+    return Response(svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=3600"})
+
+
+class RoomGrant(BaseModel):
+    room_token: str
+    expires_at: datetime
+    room: str
+    # The node that holds this session's WebSocket: the room token works there only.
+    node: str
+    node_url: str | None
+
+
+@api.post("/rooms/<slug>/join")
+@validate_response(RoomGrant)
+async def join_room(slug: str) -> RoomGrant:
+    """Step 2 of joining (S2): on any node; the WebSocket must already be open somewhere."""
+    context = node_context()
+    claims, user = await authenticated_user(Purpose.SESSION)
+    room = await get_room(slug)
+    assert claims.session_id is not None  # session tokens always carry one
+    record, _ = await context.live.sessions.join(
+        room.slug,
+        claims.session_id,
+        str(user.id),
+        user.display_name,
+        room.capacity,
+        context.settings.live.duplicate_policy,
+    )
+    issued = context.tokens.issue(
+        Purpose.ROOM, str(user.id), session_id=claims.session_id, room=room.slug, node=record.node
+    )
+    nodes = {info.name: info for info in await context.live.registry.live()}
+    return RoomGrant(
+        room_token=issued.token,
+        expires_at=issued.expires_at,
+        room=room.slug,
+        node=record.node,
+        node_url=nodes[record.node].url if record.node in nodes else None,
+    )
+
+
+class CoordinateView(BaseModel):
+    """A Serf Vivaldi coordinate (seconds), as `get-coordinate` gives it."""
+
+    vec: list[float]
+    error: float
+    adjustment: float
+    height: float
+
+
+class LoadView(BaseModel):
+    sessions: int
+    cpu_percent: float
+
+
+class NodeView(BaseModel):
+    name: str
+    region: str
+    url: str
+    ws_url: str
+    started_at: float
+    # From the Serf mesh; null when the node is not (yet) seen there or the mesh is off.
+    serf_status: str | None = None
+    coordinate: CoordinateView | None = None
+    load: LoadView | None = None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeView]
+
+
+async def _node_views() -> list[NodeView]:
+    context = node_context()
+    members = {m.name: m for m in context.cluster.members()}
+    views = []
+    for info in await context.live.registry.live():
+        member = members.get(info.name)
+        coordinate = load = None
+        if member is not None and member.coordinate is not None:
+            c = member.coordinate
+            coordinate = CoordinateView(
+                vec=list(c.vec), error=c.error, adjustment=c.adjustment, height=c.height
+            )
+        if member is not None:
+            load = LoadView(sessions=member.load.sessions, cpu_percent=member.load.cpu_percent)
+        views.append(
+            NodeView(
+                name=info.name,
+                region=info.region,
+                url=info.url,
+                ws_url=info.ws_url,
+                started_at=info.started_at,
+                serf_status=member.status if member is not None else None,
+                coordinate=coordinate,
+                load=load,
+            )
+        )
+    return views
+
+
+@api.get("/nodes")
+@validate_response(NodeList)
+async def live_nodes() -> NodeList:
+    """Nodes whose registry record is fresh, with their Serf coordinate and load."""
+    return NodeList(nodes=await _node_views())
+
+
+class RttSample(BaseModel):
+    node: str = Field(min_length=1, max_length=128)
+    rtt_ms: float = Field(gt=0, le=10_000)
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: list[RttSample] = Field(min_length=1, max_length=16)
+
+
+class RankedNode(BaseModel):
+    name: str
+    region: str
+    url: str
+    ws_url: str
+    # Measured by the client when it sampled this node, else estimated from coordinates;
+    # null when neither is known (no coordinate: the mesh is off or not settled yet).
+    rtt_ms: float | None
+    measured: bool
+
+
+class Ranking(BaseModel):
+    nodes: list[RankedNode]
+    # Up to 2 nodes worth measuring next (not measured yet, ranked first): a client that
+    # measured 3 random nodes, then these, and asks again picks the true nearest far more
+    # often (sfumesh bench vivaldi).
+    probe_next: list[str]
+
+
+@api.post("/nodes/rank")
+@validate_request(RankRequest)
+@validate_response(Ranking)
+async def rank_nodes(data: RankRequest) -> Ranking:
+    """Rank every live node for this client, nearest first: the client's RTT samples to a
+    few nodes place it among the nodes' Vivaldi coordinates (N4)."""
+    context = node_context()
+    infos = await context.live.registry.live()
+    samples: dict[str, float] = {}
+    for sample in data.samples:
+        # a repeated node keeps its best sample (the least queued)
+        seconds = sample.rtt_ms / 1000
+        samples[sample.node] = min(seconds, samples.get(sample.node, seconds))
+    live = {info.name for info in infos}
+    coords = {
+        name: coordinate
+        for name, coordinate in context.cluster.coordinates().items()
+        if name in live
+    }
+    # measured beats estimated; neither known: inf (last, null)
+    rtts = {name: samples.get(name, math.inf) for name in live}
+    rtts.update(rank_from_samples(samples, coords))
+    ranked = [
+        RankedNode(
+            name=info.name,
+            region=info.region,
+            url=info.url,
+            ws_url=info.ws_url,
+            rtt_ms=round(rtts[info.name] * 1000, 3) if math.isfinite(rtts[info.name]) else None,
+            measured=info.name in samples,
+        )
+        for info in sorted(infos, key=lambda i: (rtts[i.name], i.name))
+    ]
+    return Ranking(nodes=ranked, probe_next=suggest_probes(samples, coords, 2) if coords else [])
+
+
+@api.get("/ping")
+async def ping() -> Response:
+    """Tiny and never cached: clients time it to a few nodes before asking for a ranking."""
+    response = Response(
+        json.dumps({"node": node_context().settings.node_name}),
+        content_type="application/json",
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@api.get("/rooms/<slug>/messages")
+@validate_querystring(HistoryQuery)
+@validate_response(HistoryPage)
+async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
+    await authenticated_user(Purpose.SESSION)
+    room = await get_room(slug)
+    return await history(room, query_args.before, query_args.limit)
+
+
+@api.post("/rooms/<slug>/messages")
+@validate_request(NewMessage)
+@validate_response(MessageView, 201)
+async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
+    _, user = await authenticated_user(Purpose.SESSION)
+    room = await get_room(slug)
+    message = await append_message(room, str(user.id), user.display_name, data.text)
+    return message_view(message), 201

@@ -1,0 +1,188 @@
+"""The Quart application of one node: routes, error shape, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from quart import Quart, Response, g, request, send_from_directory
+from quart_schema import QuartSchema
+from redis.asyncio import Redis
+from werkzeug.exceptions import NotFound
+
+from node.config import Settings
+from node.runtime.cluster import Cluster
+from node.runtime.live import Live
+from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
+from node.state.ratelimit import LoginLimiter
+from node.store.db import open_store, ping_store
+from node.store.users import PasswordHasher
+from node.web.api import api
+from node.web.context import EXTENSION, NodeContext
+from node.web.errors import install_error_handlers
+from node.web.tokens import TokenService
+from node.web.ws import ws_blueprint
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("sfumesh.access")
+
+#: the web client, found as package data (an installed wheel has no checkout around it);
+#: installed wheels are unpacked on disk, so the resource is a real directory
+WEBAPP_DIR = Path(str(resources.files("webapp")))
+READY_TIMEOUT_S = 2.0
+
+
+def create_app(settings: Settings) -> Quart:
+    """The node's app. Redis and the store must already be reachable at the settings' URLs."""
+    # Checked now, not at the first request: a node without signing keys must not start.
+    tokens = TokenService(settings.tokens)
+    app = Quart(__name__, static_folder=None)
+    # "//" must not be merged by a redirect: "/api/rooms/a%2F/x" would reach another room.
+    app.url_map.merge_slashes = False
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    QuartSchema(
+        app,
+        info={"title": "sfumesh node API", "version": "0.1.0"},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+    )
+    install_error_handlers(app)
+    app.register_blueprint(api)
+    app.register_blueprint(ws_blueprint)
+
+    @app.before_serving
+    async def _open() -> None:
+        redis = Redis.from_url(settings.redis_url.get_secret_value())
+        store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
+        hasher = PasswordHasher(settings.bcrypt_cost)
+        await hasher.warm_up()
+        lock_redis = [
+            Redis.from_url(url.get_secret_value()) for url in settings.live.lock_redis_urls
+        ]
+        live = Live(settings, redis, lock_redis)
+        await live.start()
+        metrics = NodeMetrics(settings.node_name, settings.region)
+        metrics.watch(
+            lambda: len(live.hub.connections), lambda: len(live.hub.rooms), lambda: live.redis_ok
+        )
+        metrics.watch_media(live.media)
+        live.metrics = metrics
+        cluster = Cluster(settings, live)
+        await cluster.start()
+        if cluster.relay is not None:
+            metrics.watch_relays(cluster.relay)
+        app.extensions[EXTENSION] = NodeContext(
+            settings=settings,
+            redis=redis,
+            store=store,
+            tokens=tokens,
+            hasher=hasher,
+            login_limiter=LoginLimiter(redis, settings.login_limit),
+            live=live,
+            metrics=metrics,
+            cluster=cluster,
+        )
+        log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
+
+    @app.after_serving
+    async def _close() -> None:
+        context: NodeContext | None = app.extensions.pop(EXTENSION, None)
+        if context is not None:
+            await context.live.drain()
+            if context.cluster.relay is not None:
+                await context.cluster.relay.stop()  # before the media it forwards goes
+            await context.live.stop()
+            await context.cluster.stop(leave=True)
+            for lock_client in context.live.lock_redis:
+                await lock_client.aclose()
+            await context.redis.aclose()
+            await context.store.close()
+        log.info("node.stopped", extra={"node": settings.node_name})
+
+    @app.before_request
+    async def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def _access_log(response: Response) -> Response:
+        started = getattr(g, "started", None)
+        elapsed = (time.perf_counter() - started) * 1000 if started else None
+        # The path only, never the query string: tokens may travel there (WebSocket).
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        if context is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            context.metrics.http_requests.labels(
+                request.method, route, str(response.status_code)
+            ).inc()
+            if elapsed is not None:
+                context.metrics.http_seconds.labels(route).observe(elapsed / 1000)
+        access_log.info(
+            "http.request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "ms": round(elapsed, 2) if elapsed is not None else None,
+            },
+        )
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "node": settings.node_name}
+
+    @app.get("/readyz")
+    async def readyz() -> tuple[dict[str, Any], int]:
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        checks: dict[str, str] = {}
+        if context is None:
+            return {"status": "starting", "checks": checks}, 503
+        probes = {"redis": context.redis.ping(), "store": ping_store(context.store)}
+        for name, probe in probes.items():
+            try:
+                await asyncio.wait_for(probe, READY_TIMEOUT_S)
+                checks[name] = "ok"
+            except Exception as error:
+                checks[name] = f"unreachable: {type(error).__name__}"
+        if context.cluster.enabled:
+            checks["serf"] = context.cluster.ready()
+        if context.live.draining:
+            checks["node"] = "draining"
+        elif checks.get("redis") == "ok" and not (
+            context.live.redis_ok and await context.live.registry.is_registered()
+        ):
+            checks["node"] = "not registered in Redis (yet)"
+        ready = all(value == "ok" for value in checks.values())
+        return {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+        }, 200 if ready else 503
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        body = context.metrics.render() if context is not None else b""
+        return Response(body, content_type=CONTENT_TYPE)
+
+    @app.get("/static/<path:filename>")
+    async def webapp_static(filename: str) -> Response:
+        # send_from_directory refuses paths leaving WEBAPP_DIR and missing files with a
+        # NotFound, which the error handlers turn into the contract's 404.
+        # The type is fixed: Python 3.11 alone guesses application/javascript for .js.
+        if filename.endswith("/"):
+            raise NotFound()  # not a directory listing, nor the file under a second name
+        script = filename.endswith((".js", ".mjs"))
+        return await send_from_directory(
+            WEBAPP_DIR, filename, mimetype="text/javascript" if script else None
+        )
+
+    @app.get("/")
+    @app.get("/r/<path:slug>")
+    async def webapp(slug: str | None = None) -> Response:
+        return await send_from_directory(WEBAPP_DIR, "index.html")
+
+    return app

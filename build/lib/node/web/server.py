@@ -1,0 +1,90 @@
+"""Run one node: backing services (given or embedded), the app under Hypercorn, clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from pydantic import SecretStr
+
+from mesh.process import ManagedProcess
+from node.config import Settings
+from node.runtime.services import BackingServices
+from node.web.app import create_app
+from node.web.context import EXTENSION, NodeContext
+
+log = logging.getLogger(__name__)
+
+EXIT_SERVICE_DIED = 3
+GRACEFUL_TIMEOUT_S = 10.0
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.accesslog = None  # the app logs each request itself, structured
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def run_node(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until an embedded service dies (exit 3)."""
+    services = await asyncio.to_thread(
+        BackingServices.start,
+        settings.redis_url.get_secret_value(),
+        settings.mongodb_uri.get_secret_value(),
+        settings.data_dir / "services",
+    )
+    exit_code = 0
+    try:
+        settings = settings.model_copy(
+            update={
+                "redis_url": SecretStr(services.redis_url),
+                "mongodb_uri": SecretStr(services.mongodb_uri),
+            }
+        )
+        app = create_app(settings)
+        stop = asyncio.Event()
+        draining: list[asyncio.Task[None]] = []
+
+        async def drain_then_stop() -> None:
+            # Before Hypercorn's graceful wait: open WebSockets would hold it for its whole
+            # timeout, and clients must hear `reconnect` while this node still answers.
+            context: NodeContext | None = app.extensions.get(EXTENSION)
+            if context is not None:
+                try:
+                    await context.live.drain()
+                except Exception:
+                    log.exception("node.drain_failed")
+            stop.set()
+
+        def on_signal() -> None:
+            if not draining:
+                draining.append(asyncio.create_task(drain_then_stop()))
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+
+        async def on_death(child: ManagedProcess) -> None:
+            nonlocal exit_code
+            exit_code = EXIT_SERVICE_DIED
+            stop.set()
+
+        watcher = asyncio.create_task(services.watch(on_death))
+        log.info(
+            "node.listening",
+            extra={"node": settings.node_name, "url": settings.base_url, "region": settings.region},
+        )
+        try:
+            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+        finally:
+            watcher.cancel()
+    finally:
+        await asyncio.to_thread(services.stop)
+    log.info("node.exit", extra={"node": settings.node_name, "code": exit_code})
+    return exit_code

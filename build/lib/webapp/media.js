@@ -1,0 +1,179 @@
+// The browser side of a node's media protocol (README "Live rooms", API.md).
+//
+// Two peer connections, each with one offerer, so renegotiation never collides:
+// - publish: this page offers its sendonly audio + video, the node answers;
+// - subscribe: the node offers the room's other tracks (again whenever they change),
+//   this page answers.
+// Candidates trickle both ways as `candidate {candidate, pc}`.
+//
+// The session WebSocket stays with the caller: RoomMedia gets a `send(message)` function
+// for outgoing messages and is handed incoming ones through `handle(message)`.
+//
+// Events (RoomMedia is an EventTarget):
+// - "track": detail {track, streams, mid, transceiver, owner}, a remote track on the
+//   subscribe connection; `owner` is {session_id, user_id, kind} from the offer's `tracks`
+//   map (every remote track arrives in the same stream, so this is how to tell whose it is).
+// - "trackended": detail {track, mid}, the node stopped sending it (its m-line became
+//   inactive; the publisher left).
+// - "error": detail {error, pc}, a step of the negotiation failed.
+
+/**
+ * @typedef {{type: string, pc?: string, sdp?: string, candidate?: unknown}} Message
+ * @typedef {{
+ *   iceServers?: RTCIceServer[],
+ *   videoCodec?: string | null,
+ * }} RoomMediaOptions
+ */
+
+export class RoomMedia extends EventTarget {
+  /**
+   * @param {(message: object) => void} send sends one JSON message on the session WebSocket
+   * @param {MediaStream | null} localStream what to publish (null: only receive)
+   * @param {RoomMediaOptions} [options] `iceServers` defaults to none, so nothing is
+   *   contacted that the deployment did not name; `videoCodec` ("VP8", "H264", ...) is put
+   *   first in the publish offer, and the node forwards whatever the publisher sends.
+   */
+  constructor(send, localStream, options = {}) {
+    super();
+    this.send = send;
+    this.localStream = localStream;
+    this.iceServers = options.iceServers ?? [];
+    this.videoCodec = options.videoCodec ?? null;
+    /** @type {RTCPeerConnection | null} */
+    this.publishPc = null;
+    /** @type {RTCPeerConnection | null} */
+    this.subscribePc = null;
+    this.closed = false;
+    // Messages are handled one after another: a renegotiation offer must not start
+    // while the previous one is still being answered.
+    this.queue = Promise.resolve();
+  }
+
+  /** Offer the local stream's tracks to the node; resolves once the offer is sent. */
+  async publish() {
+    if (this.localStream === null) throw new Error("no local stream to publish");
+    if (this.publishPc !== null) throw new Error("already publishing");
+    const pc = (this.publishPc = this.newPc("publish"));
+    for (const track of this.localStream.getTracks()) {
+      const transceiver = pc.addTransceiver(track, {
+        direction: "sendonly",
+        streams: [this.localStream],
+      });
+      if (track.kind === "video" && this.videoCodec) {
+        preferCodec(transceiver, "video", this.videoCodec);
+      }
+    }
+    await pc.setLocalDescription();
+    this.send({ type: "offer", pc: "publish", sdp: pc.localDescription.sdp });
+  }
+
+  /**
+   * Consume a message from the node if it is about media.
+   * @param {Message} message
+   * @returns {boolean} whether it was a media message
+   */
+  handle(message) {
+    const pc = message.pc;
+    if (pc !== "publish" && pc !== "subscribe") return false;
+    if (!["offer", "answer", "candidate"].includes(message.type)) return false;
+    this.queue = this.queue
+      .then(() => this.apply(message))
+      .catch((error) => this.fail(error, pc));
+    return true;
+  }
+
+  /** @param {Message} message */
+  async apply(message) {
+    if (this.closed) return;
+    if (message.type === "answer" && message.pc === "publish") {
+      await this.publishPc?.setRemoteDescription({ type: "answer", sdp: message.sdp });
+    } else if (message.type === "offer" && message.pc === "subscribe") {
+      /** @type {Record<string, {session_id: string, user_id: string, kind: string}>} */
+      this.owners = { ...this.owners, ...(message.tracks ?? {}) };
+      const pc = (this.subscribePc ??= this.newPc("subscribe"));
+      await pc.setRemoteDescription({ type: "offer", sdp: message.sdp });
+      await pc.setLocalDescription();
+      this.send({ type: "answer", pc: "subscribe", sdp: pc.localDescription.sdp });
+    } else if (message.type === "candidate") {
+      const pc = message.pc === "publish" ? this.publishPc : this.subscribePc;
+      if (pc !== null) await pc.addIceCandidate(toCandidate(message.candidate));
+    }
+  }
+
+  /** @param {"publish" | "subscribe"} role */
+  newPc(role) {
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    pc.addEventListener("icecandidate", (event) => {
+      if (this.closed) return;
+      // null: this side has gathered all its candidates.
+      this.send({ type: "candidate", pc: role, candidate: event.candidate?.toJSON() ?? null });
+    });
+    if (role === "subscribe") {
+      pc.addEventListener("track", (event) => this.onTrack(event));
+    }
+    return pc;
+  }
+
+  /** @param {RTCTrackEvent} event */
+  onTrack(event) {
+    const { track, streams, transceiver } = event;
+    const mid = transceiver.mid;
+    // An inactive m-line takes the track out of its streams (it is muted, not ended).
+    for (const stream of streams) {
+      const onRemove = (/** @type {MediaStreamTrackEvent} */ removed) => {
+        if (removed.track !== track) return;
+        stream.removeEventListener("removetrack", onRemove);
+        this.dispatchEvent(new CustomEvent("trackended", { detail: { track, mid } }));
+      };
+      stream.addEventListener("removetrack", onRemove);
+    }
+    const owner = (mid !== null && this.owners?.[mid]) || null;
+    this.dispatchEvent(
+      new CustomEvent("track", { detail: { track, streams, mid, transceiver, owner } }),
+    );
+  }
+
+  /** @param {unknown} error @param {string} pc */
+  fail(error, pc) {
+    if (this.closed) return;
+    this.dispatchEvent(new CustomEvent("error", { detail: { error, pc } }));
+  }
+
+  /** Close both connections; the local stream's tracks stay with their owner. */
+  close() {
+    this.closed = true;
+    this.publishPc?.close();
+    this.subscribePc?.close();
+  }
+}
+
+/**
+ * Put `codec` (e.g. "H264") first among the transceiver's codecs; the node answers with the
+ * first codec of the offer that it knows.
+ * @param {RTCRtpTransceiver} transceiver @param {string} kind @param {string} codec
+ */
+export function preferCodec(transceiver, kind, codec) {
+  const all = RTCRtpReceiver.getCapabilities(kind)?.codecs ?? [];
+  const wanted = `${kind}/${codec}`.toLowerCase();
+  const chosen = all.filter((c) => c.mimeType.toLowerCase() === wanted);
+  if (chosen.length === 0) throw new Error(`this browser cannot use ${codec}`);
+  // H264 without packetization-mode=1 cannot carry frames larger than one packet.
+  chosen.sort((a, b) => packetizationMode(b) - packetizationMode(a));
+  transceiver.setCodecPreferences([...chosen, ...all.filter((c) => !chosen.includes(c))]);
+}
+
+/** @param {RTCRtpCodec} codec */
+function packetizationMode(codec) {
+  return /packetization-mode=1/.test(codec.sdpFmtpLine ?? "") ? 1 : 0;
+}
+
+/**
+ * The protocol allows a bare candidate line or {candidate, sdpMid, sdpMLineIndex}.
+ * @param {unknown} value
+ * @returns {RTCIceCandidateInit | undefined}
+ */
+function toCandidate(value) {
+  if (value === null || value === undefined || value === "") return undefined;
+  if (typeof value === "string") return { candidate: value, sdpMLineIndex: 0 };
+  return /** @type {RTCIceCandidateInit} */ (value);
+}

@@ -1,0 +1,239 @@
+// The room page: the room looked up (or a notice why not), then the grid, chat, people and
+// controls wired to the room connection. The live room is on `window.sfumesh` for tests
+// and debugging.
+
+import { ApiError, auth, request, roomPath } from "../api.js";
+import { tr } from "../i18n.js";
+import { RoomConnection } from "../room.js";
+import { logoutTo, showAuth } from "./auth.js";
+import { chatPanel } from "./chat.js";
+import { setupFullscreen, setupMicAndCamera } from "./controls.js";
+import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
+import { videoGrid } from "./grid.js";
+import { INVITE_KEY, openInvite } from "./invite.js";
+import { goHome, showNotice } from "./notice.js";
+import { currentUser } from "./user.js";
+
+/** @param {string} slug */
+export async function showRoom(slug) {
+  let room;
+  try {
+    room = await request("GET", roomPath(slug));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {
+      const actions = [{ key: "go_home", action: goHome, primary: true }];
+      return showNotice("room_not_found_title", "room_not_found_text", { room: slug }, actions);
+    }
+    if (error instanceof ApiError && error.status === 422) {
+      return showNotice("room_invalid_title", "room_invalid_text", { room: slug }, [
+        { key: "go_home", action: goHome, primary: true },
+      ]);
+    }
+    return showNotice("error_title", "error_network", {}, [
+      { key: "retry", action: () => showRoom(slug), primary: true },
+    ]);
+  }
+  document.title = `${room.name} · sfumesh`;
+  if (currentUser() === null) return showAuth(() => showRoom(slug), room);
+  await enterRoom(room);
+}
+
+/** Camera and microphone if we may, microphone alone, or nothing (then we only watch). */
+async function localMedia() {
+  if (!navigator.mediaDevices?.getUserMedia) return null;
+  const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 24 } };
+  for (const constraints of [{ audio: true, video }, { audio: true }, { video }]) {
+    try {
+      return await navigator.mediaDevices.getUserMedia(constraints);
+    } catch (error) {
+      console.warn("getUserMedia", constraints, error);
+    }
+  }
+  return null;
+}
+
+/** @param {any} room */
+async function enterRoom(room) {
+  const view = clone("tpl-room");
+  const section = /** @type {HTMLElement} */ ($(view, ".room"));
+  $(view, "#room-title").textContent = room.name;
+  const connStatus = /** @type {HTMLElement} */ ($(view, "#conn"));
+  const peopleList = /** @type {HTMLUListElement} */ ($(view, "#people"));
+  const peopleCount = /** @type {HTMLElement} */ ($(view, "#people-count"));
+  const buttons = {
+    mic: /** @type {HTMLButtonElement} */ ($(view, "#btn-mic")),
+    cam: /** @type {HTMLButtonElement} */ ($(view, "#btn-cam")),
+    invite: /** @type {HTMLButtonElement} */ ($(view, "#btn-invite")),
+    fullscreen: /** @type {HTMLButtonElement} */ ($(view, "#btn-fullscreen")),
+    leave: /** @type {HTMLButtonElement} */ ($(view, "#btn-leave")),
+  };
+  tr(connStatus, "camera_starting");
+  render(view);
+  document.body.classList.add("in-room");
+
+  const localStream = await localMedia();
+
+  const grid = videoGrid($(section, "#grid"), $(section, "#unmute-audio"), localStream);
+  const { tiles } = grid;
+  /** @type {Map<string, {session_id: string, user_id: string, display_name: string, node: string}>} */
+  const participants = new Map();
+  let selfSession = "";
+
+  grid.tileFor("self", currentUser()?.display_name ?? "", true);
+
+  // -- participants --------------------------------------------------------------------
+
+  const renderPeople = () => {
+    peopleCount.textContent = String(participants.size);
+    const items = [...participants.values()]
+      .sort((a, b) => a.display_name.localeCompare(b.display_name))
+      .map((p) => {
+        const li = h("li", {}, h("span", { class: "person" }, p.display_name));
+        if (p.session_id === selfSession) li.append(" ", tr(h("span", { class: "tag" }), "you"));
+        if (p.node) li.append(" ", h("span", { class: "node" }, p.node));
+        return li;
+      });
+    peopleList.replaceChildren(...items);
+  };
+
+  /** @param {{session_id: string, user_id: string, display_name: string, node: string}} p */
+  const addParticipant = (p) => {
+    participants.set(p.session_id, p);
+    if (p.session_id !== selfSession) grid.tileFor(p.session_id, p.display_name);
+  };
+
+  // -- connection ----------------------------------------------------------------------
+
+  const conn = new RoomConnection({
+    slug: room.slug,
+    sessionToken: (renew) => auth.sessionToken(renew),
+    localStream,
+  });
+  window.sfumesh = { conn, room, tiles, participants };
+
+  const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
+
+  conn.addEventListener("state", (event) => {
+    const { state, delay, node } = /** @type {CustomEvent} */ (event).detail;
+    section.dataset.state = state;
+    const keys = /** @type {Record<string, string>} */ ({
+      picking: "state_picking",
+      connecting: "state_connecting",
+      joining: "state_joining",
+      reconnecting: "state_reconnecting",
+      ended: "state_ended",
+    });
+    if (state === "joined") tr(connStatus, "state_joined", { node: nodeLabel(node) });
+    else if (state === "waiting") tr(connStatus, "state_waiting", { seconds: Math.ceil(delay / 1000) });
+    else if (keys[state]) tr(connStatus, keys[state]);
+  });
+  /** @type {{node: string, region: string} | null} */
+  let hello = null;
+  const nodeLabel = (/** @type {string} */ node) => (hello?.region ? `${node} (${hello.region})` : node);
+  conn.addEventListener("hello", (event) => {
+    hello = /** @type {CustomEvent} */ (event).detail;
+    selfSession = /** @type {CustomEvent} */ (event).detail.session_id;
+  });
+  conn.addEventListener("joined", (event) => {
+    const { participants: list, self } = /** @type {CustomEvent} */ (event).detail;
+    participants.clear();
+    for (const key of [...tiles.keys()]) if (key !== "self") grid.removeTile(key);
+    selfSession = self?.session_id ?? selfSession;
+    for (const p of list) addParticipant(p);
+    if (self) participants.set(self.session_id, self);
+    renderPeople();
+    chat.catchUp();
+    if (sessionStorage.getItem(INVITE_KEY) === room.slug) {
+      sessionStorage.removeItem(INVITE_KEY);
+      openInvite(room, buttons.invite);
+    }
+  });
+  conn.addEventListener("participant-joined", (event) => {
+    addParticipant(/** @type {CustomEvent} */ (event).detail.participant);
+    renderPeople();
+  });
+  conn.addEventListener("participant-left", (event) => {
+    const sessionId = /** @type {CustomEvent} */ (event).detail.session_id;
+    participants.delete(sessionId);
+    grid.removeTile(sessionId);
+    renderPeople();
+  });
+  conn.addEventListener("chat", (event) => {
+    chat.receive(/** @type {CustomEvent} */ (event).detail.message);
+  });
+  conn.addEventListener("track", (event) => {
+    const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
+    const key = owner?.session_id ?? `mid-${mid}`;
+    grid.showTrack(key, participants.get(key)?.display_name ?? "…", track);
+  });
+  conn.addEventListener("trackended", (event) => {
+    grid.dropTrack(/** @type {CustomEvent} */ (event).detail.track);
+  });
+  conn.addEventListener("media", (event) => {
+    if (/** @type {CustomEvent} */ (event).detail.media !== null) return;
+    // The connection dropped: remote tracks come again with the next subscribe offer.
+    grid.dropRemoteTracks();
+  });
+  conn.addEventListener("ended", (event) => {
+    const { reason, message } = /** @type {CustomEvent} */ (event).detail;
+    if (reason === "left") return;
+    stopLocal();
+    if (reason === "replaced") {
+      showNotice("replaced_title", "replaced_text", {}, [
+        {
+          key: "use_here",
+          primary: true,
+          action: async () => {
+            await auth.sessionToken(true);
+            showRoom(room.slug);
+          },
+        },
+        { key: "go_home", action: goHome },
+      ]);
+    } else if (reason === "room_full") {
+      showNotice("room_full_title", "room_full_text", { capacity: room.capacity, room: room.name }, [
+        { key: "retry", primary: true, action: () => showRoom(room.slug) },
+        { key: "go_home", action: goHome },
+      ]);
+    } else if (reason === "unauthorized") {
+      logoutTo(() => showRoom(room.slug));
+    } else {
+      const text = message || reason;
+      showNotice("error_title", "room_ended_text", { reason: text }, [
+        { key: "retry", primary: true, action: () => showRoom(room.slug) },
+        { key: "go_home", action: goHome },
+      ]);
+    }
+  });
+
+  // -- controls ------------------------------------------------------------------------
+
+  setupMicAndCamera(buttons.mic, buttons.cam, localStream, grid.updateSelf);
+  buttons.invite.addEventListener("click", () => openInvite(room, buttons.invite));
+  const stopFullscreen = setupFullscreen(buttons.fullscreen, section, grid.layout);
+
+  const stopLocal = () => {
+    for (const track of localStream?.getTracks() ?? []) track.stop();
+  };
+  buttons.leave.addEventListener("click", async () => {
+    buttons.leave.disabled = true;
+    await conn.leave();
+    stopLocal();
+    location.assign("/");
+  });
+
+  // -- tabs (chat / people) ------------------------------------------------------------
+  setupTabs([
+    { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
+    { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
+  ]);
+
+  setTeardown(() => {
+    grid.stop();
+    chat.stop();
+    stopFullscreen();
+    document.body.classList.remove("in-room", "fullscreen");
+  });
+
+  conn.start();
+}
