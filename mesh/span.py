@@ -2,8 +2,8 @@
 
 Pure functions, no I/O. The relay manager builds one `RoomView` per live room from the room's
 membership in Redis (`sfumesh:{room:<slug>}:members`, session -> node) and the published tracks,
-calls `plan(rooms, me)` whenever any of it changes, `diff`s the result against the plan it
-applied last, and applies the `PlanChange` to its relay connections.
+calls `plan(rooms, me)` whenever any of it changes, and makes the relays carry the plan's
+`sends` (each node sends only what it publishes: what it receives, its peers decide).
 
 The rules:
 
@@ -21,9 +21,9 @@ The rules:
   with the smaller name first (`node_pair`), so both ends name it alike.
 * A pair is *needed* while it carries at least one copy (optionally also while the two nodes
   merely share a room: `prewarm`, which trades an idle connection for a faster first frame).
-  A pair no longer needed is *idle*; it lingers `linger_s` before it closes
-  (`update_idle`, `idle_pairs_to_close`), so a brief dip in demand does not cost a new
-  handshake.
+  A pair no longer needed is *idle*; the relay manager lets it linger `relay.linger_s`
+  before it closes (judged from what the link carries both ways, which only the link knows),
+  so a brief dip in demand does not cost a new handshake.
 """
 
 from __future__ import annotations
@@ -226,68 +226,8 @@ def plan(rooms: Iterable[RoomView], me: str, *, prewarm: bool = False) -> RelayP
     )
 
 
-@dataclass(frozen=True)
-class PlanChange:
-    """How to go from one plan to the next, pair by pair.
-
-    `open`: pairs needed now and not before (open the relay, or stop its linger timer).
-    `idle`: pairs needed before and not now (start the linger timer; see `update_idle`).
-    `add` / `remove`: per pair, the copies to start / stop (either direction). Apply
-    removals before additions; a pair in `idle` has all its copies in `remove`.
-    """
-
-    open: frozenset[NodePair] = frozenset()
-    idle: frozenset[NodePair] = frozenset()
-    add: Mapping[NodePair, frozenset[Copy]] = field(default_factory=dict)
-    remove: Mapping[NodePair, frozenset[Copy]] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.open or self.idle or self.add or self.remove)
-
-
 def _group(copies: Iterable[Copy]) -> dict[NodePair, frozenset[Copy]]:
     grouped: dict[NodePair, set[Copy]] = {}
     for copy in copies:
         grouped.setdefault(copy.pair, set()).add(copy)
     return {pair: frozenset(items) for pair, items in sorted(grouped.items())}
-
-
-def diff(old: RelayPlan, new: RelayPlan) -> PlanChange:
-    """The change from `old` to `new` (plans of the same node)."""
-    if old.me != new.me:
-        raise ValueError(f"plans of different nodes: {old.me!r} and {new.me!r}")
-    before, after = old.copies, new.copies
-    return PlanChange(
-        open=new.pairs - old.pairs,
-        idle=old.pairs - new.pairs,
-        add=_group(after - before),
-        remove=_group(before - after),
-    )
-
-
-def update_idle(
-    idle_since: Mapping[NodePair, float],
-    open_pairs: Iterable[NodePair],
-    current: RelayPlan,
-    now: float,
-) -> dict[NodePair, float]:
-    """The idle clock of every open relay after `current` was applied.
-
-    A pair that is open but not needed keeps the time it went idle (or gets `now` if it just
-    did); a needed pair, or one no longer open, has no entry.
-    """
-    return {pair: idle_since.get(pair, now) for pair in open_pairs if pair not in current.pairs}
-
-
-def idle_pairs_to_close(
-    idle_since: Mapping[NodePair, float], now: float, linger_s: float
-) -> list[NodePair]:
-    """The idle pairs that have lingered `linger_s` or more by `now`, oldest first."""
-    due = [(since, pair) for pair, since in idle_since.items() if now - since >= linger_s]
-    return [pair for _, pair in sorted(due)]
-
-
-def next_close_at(idle_since: Mapping[NodePair, float], linger_s: float) -> float | None:
-    """When the next idle pair becomes due (for the manager's timer), or None."""
-    return min(idle_since.values()) + linger_s if idle_since else None

@@ -53,7 +53,7 @@ import logging
 import queue
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -96,7 +96,7 @@ PINNED_AIOICE_VERSION: Final = "0.13.0"
 # Seconds between 1900-01-01 (NTP epoch) and 1970-01-01 (Unix epoch).
 _NTP_UNIX_OFFSET: Final = 2_208_988_800
 
-PacketHandler = Callable[[RtpPacket], Awaitable[None]]
+PacketHandler = Callable[[RtpPacket], None]
 #: called with a reason ("unknown-ssrc", "unknown-payload-type", "bad-rtx", "unrouted") per
 #: dropped packet
 DropCallback = Callable[[str], None]
@@ -479,7 +479,7 @@ class RtpTap:
         self.packets += 1
         self.bytes += len(packet.payload)
         try:
-            await self._handler(packet)
+            self._handler(packet)
         except Exception:
             # An exception here would end the DTLS transport's receive loop.
             self.handler_errors += 1
@@ -862,25 +862,7 @@ class SenderTap:
         self.bytes_sent += size
         return True
 
-    async def send(self, packet: RtpPacket) -> bool:
-        """Send `packet` (payload type and numbering already the subscriber's) as this
-        sender (see `write`); its SSRC, extensions, CSRCs and padding are not used."""
-        return self.write(
-            packet.payload_type,
-            packet.marker,
-            packet.sequence_number,
-            packet.timestamp,
-            packet.payload,
-            packet.extensions.audio_level,
-            send_stamp(),
-        )
-
 
 def tap_sender(sender: RTCRtpSender) -> SenderTap:
     """Prepare `sender` for raw RTP forwarding; call before the connection starts it."""
     return SenderTap(sender)
-
-
-async def send_rtp(sender: SenderTap, packet: RtpPacket) -> bool:
-    """Write a raw RTP packet through a tapped sender (see `SenderTap.send`)."""
-    return await sender.send(packet)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Hashable
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from aiortc.rtp import RtpPacket
 
@@ -109,24 +109,6 @@ class SubscriberRewriter:
             self._last_out_ts = out_ts
         return out_seq, out_ts
 
-    def rewrite(self, packet: RtpPacket) -> RtpPacket | None:
-        """The packet to send to this subscriber, or None to drop `packet` for it."""
-        numbers = self.numbers(packet)
-        if numbers is None:
-            return None
-        out = RtpPacket(
-            payload_type=self.payload_type,
-            marker=packet.marker,
-            sequence_number=numbers[0],
-            timestamp=numbers[1],
-            ssrc=self.ssrc,
-            payload=packet.payload,
-        )
-        out.csrc = packet.csrc
-        out.padding_size = packet.padding_size
-        out.extensions.audio_level = packet.extensions.audio_level
-        return out
-
     def to_subscriber_seq(self, publisher_seq: int) -> int:
         """The subscriber-side sequence number of a publisher sequence number."""
         return (publisher_seq + self._seq_offset) & SEQ_MASK
@@ -221,16 +203,32 @@ class KeyframeThrottle:
 
 # --------------------------------------------------------------------------- fan-out
 
-K = TypeVar("K", bound=Hashable)
+
+class Sink(Hashable, Protocol):
+    """Where a forwarder writes a subscriber's copy (in the node: `adapter.SenderTap`)."""
+
+    def write(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        payload: bytes,
+        audio_level: Any,
+        stamp: Any,
+    ) -> bool: ...
+
+
+K = TypeVar("K", bound=Sink)
 
 
 class Forwarder(Generic[K]):
     """Fans one publisher track's packets out to its subscribers.
 
-    `K` identifies a subscriber (e.g. the sender handle the caller writes to). With a
+    `K` is a subscriber's sink, the sender its copies are written to. With a
     keyframe detector, a new subscriber gets nothing until a keyframe starts (ask the
     publisher for one when adding it). Per packet: one keyframe test only while someone
-    waits, then one rewrite per subscriber.
+    waits, then one renumbering and one write per subscriber.
     """
 
     def __init__(self, is_keyframe_start: Callable[[bytes], bool] | None = None) -> None:
@@ -286,15 +284,22 @@ class Forwarder(Generic[K]):
                 self.dropped_waiting += len(self._waiting)
         return self._targets
 
-    def forward(self, packet: RtpPacket) -> list[tuple[K, RtpPacket]]:
-        """The (subscriber, packet) pairs to send for one incoming packet."""
-        out: list[tuple[K, RtpPacket]] = []
-        for key, rewriter in self.admit(packet):
-            rewritten = rewriter.rewrite(packet)
-            if rewritten is not None:
-                out.append((key, rewritten))
-        self.packets_out += len(out)
-        return out
+    def forward(self, packet: RtpPacket, stamp: object) -> int:
+        """Write `packet` to every subscriber it goes to, renumbered for each, the payload
+        shared (no packet object per copy); how many copies were written. `stamp` is the
+        one send time every copy carries (the sink's own type)."""
+        payload = packet.payload
+        marker = packet.marker
+        level = packet.extensions.audio_level
+        sent = 0
+        for sink, rewriter in self.admit(packet):
+            numbers = rewriter.numbers(packet)
+            if numbers is not None and sink.write(
+                rewriter.payload_type, marker, numbers[0], numbers[1], payload, level, stamp
+            ):
+                sent += 1
+        self.packets_out += sent
+        return sent
 
 
 # --------------------------------------------------------------------------- budget

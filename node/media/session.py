@@ -173,7 +173,7 @@ class Published:
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
 
-    async def on_rtp(self, packet: RtpPacket) -> None:
+    def on_rtp(self, packet: RtpPacket) -> None:
         forwarder = self.forwarder
         if forwarder is None:
             return
@@ -181,19 +181,22 @@ class Published:
             self.dropped("over-budget")
             return
         # The hot path: no awaits, no packet objects; one send stamp for every copy.
-        stamp = adapter.send_stamp()
-        payload = packet.payload
-        marker = packet.marker
-        level = packet.extensions.audio_level
-        sent = 0
-        for sink, rewriter in forwarder.admit(packet):
-            numbers = rewriter.numbers(packet)
-            if numbers is not None and sink.write(
-                rewriter.payload_type, marker, numbers[0], numbers[1], payload, level, stamp
-            ):
-                sent += 1
-        forwarder.packets_out += sent
-        self.owner.media.forwarded_packets += sent
+        self.owner.media.forwarded_packets += forwarder.forward(packet, adapter.send_stamp())
+
+    def attach(self, sink: SenderTap) -> bool:
+        """Forward this track to `sink`, a started sender (a subscriber's, or a relay's to
+        another node): from the next keyframe, which is asked for, and with the sink's
+        keyframe requests reaching the publisher. The one way a sink joins the fan-out.
+        False when it cannot (the track has no forwarder, or the sink no payload type)."""
+        forwarder = self.forwarder
+        payload_type = sink.payload_type
+        if forwarder is None or payload_type is None:
+            return False
+        sink.on_keyframe_request = self.request_keyframe
+        forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
+        if forwarder.waiting:
+            self.keep_asking_for_keyframe()
+        return True
 
     def dropped(self, reason: str) -> None:
         """Count a packet of this track that is not forwarded; log now and then."""
@@ -455,7 +458,8 @@ class MediaSession:
                 extra={"session_id": self.session_id, "codec": sink.codec.mimeType},
             )
             return
-        forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
+        if not published.attach(sink):
+            return
         log.info(
             "media.subscribed",
             extra={
@@ -464,8 +468,6 @@ class MediaSession:
                 "kind": published.kind,
             },
         )
-        if forwarder.waiting:
-            published.keep_asking_for_keyframe()
 
     async def _sender_started(self, subscription: Subscription) -> bool:
         """Wait for the subscription's sender to run; start it if aiortc skipped it (see

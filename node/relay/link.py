@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -177,7 +177,7 @@ class LocalTrack:
 
 
 #: called for every raw RTP packet received over the link, with the track it belongs to
-RtpCallback = Callable[[RemoteTrack, RtpPacket], Awaitable[None]]
+RtpCallback = Callable[[RemoteTrack, RtpPacket], None]
 #: called once when the link ends (closed, ICE or DTLS failure), with a reason
 EndedCallback = Callable[[str], None]
 
@@ -316,8 +316,8 @@ class RelayLink:
         adapter.set_rtcp_ssrc(receiver, self._rtcp_ssrc)
         remote: RemoteTrack
 
-        async def handler(packet: RtpPacket) -> None:
-            await self._on_rtp(remote, packet)
+        def handler(packet: RtpPacket) -> None:
+            self._on_rtp(remote, packet)
 
         tap = adapter.tap_rtp(receiver, handler)
         remote = RemoteTrack(info, receiver, tap)

@@ -54,7 +54,7 @@ from mesh.serf import EventStream, SerfClient, SerfError
 from mesh.span import RoomView, TrackRef, node_pair, plan
 from node.config import RelaySettings
 from node.media.adapter import SenderTap
-from node.media.forward import Forwarder, SubscriberRewriter
+from node.media.forward import Forwarder
 from node.media.session import MediaHub, Published, RelayedOwner
 from node.relay.link import CODECS, RelayLink, RemoteTrack
 from node.state import keys
@@ -323,20 +323,10 @@ class RelayManager:
         """Once the link's sender runs, the track's forwarder feeds it (from a keyframe)."""
         await out.tap.wait_ready()
         published = out.published
-        forwarder = published.forwarder
-        payload_type = out.tap.payload_type
-        if (
-            relay.sends.get(track_id) is not out
-            or forwarder is None
-            or forwarder is not out.forwarder
-            or payload_type is None
-        ):
+        if relay.sends.get(track_id) is not out or published.forwarder is not out.forwarder:
             return
-        out.tap.on_keyframe_request = published.request_keyframe
-        forwarder.add(out.tap, SubscriberRewriter(out.tap.ssrc, payload_type))
-        published.relays[relay.peer] = out.tap
-        if forwarder.waiting:
-            published.keep_asking_for_keyframe()
+        if published.attach(out.tap):
+            published.relays[relay.peer] = out.tap
 
     def _detach(self, relay: Relay, out: Outgoing) -> None:
         if out.attach is not None:
@@ -394,10 +384,10 @@ class RelayManager:
     def _new_link(self, peer: str) -> tuple[RelayLink, list[Relay]]:
         holder: list[Relay] = []
 
-        async def on_rtp(remote: RemoteTrack, packet: Any) -> None:
+        def on_rtp(remote: RemoteTrack, packet: Any) -> None:
             published = holder[0].received.get(remote.track_id) if holder else None
             if published is not None:
-                await published.on_rtp(packet)
+                published.on_rtp(packet)
 
         def on_ended(reason: str) -> None:
             if holder and holder[0].state != "closed":

@@ -10,19 +10,14 @@ from hypothesis import strategies as st
 
 from mesh.span import (
     Copy,
-    PlanChange,
     RelayPlan,
     RoomView,
     TrackKey,
     TrackRef,
     all_copies,
-    diff,
-    idle_pairs_to_close,
-    next_close_at,
     node_pair,
     peer_of,
     plan,
-    update_idle,
 )
 
 
@@ -102,30 +97,7 @@ def test_leaving_stops_copies_and_idles_the_pair() -> None:
     after = [room("r", {"A": "node1"})]
     old, new = plan(before, "node1"), plan(after, "node1")
     assert new.sends == new.receives == frozenset() and new.pairs == frozenset()
-    change = diff(old, new)
-    pair = ("node1", "node2")
-    assert change.idle == {pair} and change.open == frozenset()
-    assert change.add == {}
-    assert change.remove == {pair: old.copies}
-    # The relay lingers, then closes.
-    idle = update_idle({}, [pair], new, now=100.0)
-    assert idle == {pair: 100.0}
-    assert idle_pairs_to_close(idle, now=101.0, linger_s=5.0) == []
-    assert next_close_at(idle, linger_s=5.0) == 105.0
-    assert idle_pairs_to_close(idle, now=105.0, linger_s=5.0) == [pair]
-
-
-def test_rejoin_within_the_linger_reuses_the_pair() -> None:
-    pair = ("node1", "node2")
-    spanning = plan([room("r", {"A": "node1", "B": "node2"})], "node1")
-    alone = plan([room("r", {"A": "node1"})], "node1")
-    idle = update_idle({}, [pair], alone, now=10.0)
-    idle = update_idle(idle, [pair], alone, now=12.0)
-    assert idle == {pair: 10.0}  # the clock is not reset while it stays idle
-    change = diff(alone, spanning)
-    assert change.open == {pair} and set(change.add) == {pair}
-    assert update_idle(idle, [pair], spanning, now=13.0) == {}
-    assert next_close_at({}, linger_s=5.0) is None
+    assert old.pairs == {("node1", "node2")} and old.copies
 
 
 def test_a_room_on_one_node_needs_no_relay() -> None:
@@ -133,7 +105,6 @@ def test_a_room_on_one_node_needs_no_relay() -> None:
     p = plan(rooms, "node1")
     assert p == RelayPlan("node1")
     assert all_copies(rooms) == frozenset()
-    assert diff(p, p) == PlanChange() and diff(p, p).empty
 
 
 def test_two_rooms_share_one_pair() -> None:
@@ -180,13 +151,12 @@ def test_unsubscribing_removes_only_that_copy() -> None:
     old = plan([room("r", members)], "node1")
     # B2 drops A's video; B still wants it: nothing changes on the relay.
     same = plan([room("r", members, B2={("A", "a0")})], "node1")
-    assert diff(old, same).empty
+    assert same == old
     # Both drop it: that copy goes, the pair stays.
     fewer = plan([room("r", members, B={("A", "a0")}, B2={("A", "a0")})], "node1")
-    change = diff(old, fewer)
-    pair = ("node1", "node2")
-    assert change.open == change.idle == frozenset() and change.add == {}
-    assert change.remove == {pair: {Copy(TrackRef("A", "v1", "video", "node1"), "node2")}}
+    assert fewer.pairs == old.pairs
+    assert old.copies - fewer.copies == {Copy(TrackRef("A", "v1", "video", "node1"), "node2")}
+    assert fewer.copies < old.copies
 
 
 def test_tracks_of_non_members_and_own_tracks_are_ignored() -> None:
@@ -219,18 +189,6 @@ def test_from_members_skips_pending() -> None:
     assert plan([view], "node1").pairs == frozenset()
     everyone = RoomView.from_members("r", members, active_only=False)
     assert everyone.nodes == {"node1", "node2"}
-
-
-def test_idle_pairs_close_oldest_first() -> None:
-    idle = {("a", "b"): 5.0, ("a", "c"): 1.0, ("a", "d"): 9.0}
-    assert idle_pairs_to_close(idle, now=10.0, linger_s=5.0) == [("a", "c"), ("a", "b")]
-    assert idle_pairs_to_close(idle, now=0.0, linger_s=0.0) == []
-    assert idle_pairs_to_close({}, now=10.0, linger_s=0.0) == []
-
-
-def test_diff_needs_one_node() -> None:
-    with pytest.raises(ValueError):
-        diff(RelayPlan("node1"), RelayPlan("node2"))
 
 
 # -- property ---------------------------------------------------------------------------
@@ -297,24 +255,3 @@ def test_every_remote_subscriber_gets_each_track_exactly_once(rooms: list[RoomVi
         # Relays are symmetric: both ends agree on what each pair carries.
         for pair, copies in p.by_pair().items():
             assert plans[peer_of(pair, me)].copies_on(pair) == copies
-
-
-@settings(max_examples=200, deadline=None)
-@given(rooms_strategy(), rooms_strategy(), st.sampled_from(NODES))
-def test_diff_applied_to_old_gives_new(
-    before: list[RoomView], after: list[RoomView], me: str
-) -> None:
-    old, new = plan(before, me), plan(after, me)
-    change = diff(old, new)
-    copies = set(old.copies)
-    for removed in change.remove.values():
-        assert removed <= copies
-        copies -= removed
-    for added in change.add.values():
-        assert not added & copies
-        copies |= added
-    assert copies == new.copies
-    assert (old.pairs - change.idle) | change.open == new.pairs
-    for pair in change.idle:
-        assert change.remove.get(pair, frozenset()) == old.copies_on(pair)
-        assert pair not in change.add

@@ -220,8 +220,16 @@ class Publisher:
             asyncio.ensure_future(self._send_audio()),
         ]
 
-    async def _send(self, tap: adapter.SenderTap, kind: str, packet: RtpPacket) -> None:
-        if await tap.send(packet):
+    def _send(self, tap: adapter.SenderTap, kind: str, packet: RtpPacket) -> None:
+        if tap.write(
+            packet.payload_type,
+            packet.marker,
+            packet.sequence_number,
+            packet.timestamp,
+            packet.payload,
+            packet.extensions.audio_level,
+            adapter.send_stamp(),
+        ):
             counts = self.counts[kind]
             counts[0] += 1
             counts[1] += len(packet.payload)
@@ -258,7 +266,7 @@ class Publisher:
                     payload=payload,
                 )
                 sequence = (sequence + 1) & 0xFFFF
-                await self._send(self.video, "video", packet)
+                self._send(self.video, "video", packet)
             due += interval
             delay = due - time.monotonic()
             if delay < -MAX_BEHIND_S:
@@ -287,7 +295,7 @@ class Publisher:
             index += 1
             sequence = (sequence + 1) & 0xFFFF
             timestamp = (timestamp + bench_media.AUDIO_TS_STEP) & 0xFFFFFFFF
-            await self._send(self.audio, "audio", packet)
+            self._send(self.audio, "audio", packet)
             self.counts["audio"][2] += 1
             due += bench_media.AUDIO_PTIME_S
             delay = due - time.monotonic()
@@ -441,7 +449,7 @@ class Subscriber:
     def _transceiver(self, track: MediaStreamTrack) -> RTCRtpTransceiver | None:
         return next((t for t in self.pc.getTransceivers() if t.receiver.track is track), None)
 
-    def _handler(self, kind: str) -> Callable[[RtpPacket], Awaitable[None]]:
+    def _handler(self, kind: str) -> Callable[[RtpPacket], None]:
         counter = self.streams.get(kind)
         if counter is None:
             counter = self.streams[kind] = StreamCounter()
@@ -450,13 +458,13 @@ class Subscriber:
 
         if kind != "video":
 
-            async def on_audio(packet: RtpPacket) -> None:
+            def on_audio(packet: RtpPacket) -> None:
                 stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
                 self._check_receiving()
 
             return on_audio
 
-        async def on_video(packet: RtpPacket) -> None:
+        def on_video(packet: RtpPacket) -> None:
             now = time.monotonic()
             stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
             timestamp = packet.timestamp

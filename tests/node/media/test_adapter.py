@@ -87,7 +87,7 @@ async def test_written_packets_carry_the_senders_header_and_extensions():
         def on_track(track: MediaStreamTrack) -> None:
             receiver = next(t.receiver for t in peer.getTransceivers() if t.receiver.track is track)
 
-            async def keep(packet: RtpPacket) -> None:
+            def keep(packet: RtpPacket) -> None:
                 received[track.kind].append(packet)
 
             adapter.tap_rtp(receiver, keep)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiortc.rtp import RtpPacket
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.media.forward import (
     ByteBudget,
@@ -28,34 +32,56 @@ def rewriter(seq_base: int = 1000, ts_base: int = 50_000, **kw) -> SubscriberRew
     return SubscriberRewriter(0xABCDEF01, 100, seq_base=seq_base, ts_base=ts_base, **kw)
 
 
-def test_first_packet_starts_at_subscriber_base_and_rewrites_ssrc_pt():
-    rw = rewriter()
+class Recorded:
+    """A sink that keeps what the forwarder wrote to it (the node's is adapter.SenderTap)."""
+
+    def __init__(self, name: str) -> None:
+        self.name: str = name
+        self.writes: list[tuple[Any, ...]] = []
+
+    def write(self, *fields: Any) -> bool:
+        self.writes.append(fields)  # payload type, marker, number, timestamp, payload, ...
+        return True
+
+    def numbers(self) -> list[int]:
+        return [write[2] for write in self.writes]
+
+
+def test_first_packet_starts_at_subscriber_base_and_keeps_payload_marker_level():
+    fwd: Forwarder[Recorded] = Forwarder()
+    sink = Recorded("a")
+    fwd.add(sink, rewriter())
     src = pkt(31_000, 7_000_000, marker=1, payload=b"payload")
     src.extensions.audio_level = (False, 30)
-    src.csrc = [5]
-    out = rw.rewrite(src)
-    assert out is not None
-    assert (out.sequence_number, out.timestamp) == (1000, 50_000)
-    assert (out.ssrc, out.payload_type, out.marker) == (0xABCDEF01, 100, 1)
-    assert out.payload is src.payload  # no copy of the payload
-    assert out.csrc == [5]
-    assert out.extensions.audio_level == (False, 30)
+    stamp = object()
+    assert fwd.forward(src, stamp) == 1
+    [(payload_type, marker, seq, ts, payload, level, sent_stamp)] = sink.writes
+    assert (seq, ts) == (1000, 50_000)
+    assert (payload_type, marker) == (100, 1)
+    assert payload is src.payload  # no copy of the payload
+    assert level == (False, 30) and sent_stamp is stamp
     # the incoming packet is untouched (shared by every subscriber)
     assert (src.sequence_number, src.ssrc, src.payload_type) == (31_000, PUB_SSRC, PUB_PT)
 
 
 def test_offsets_keep_gaps():
     rw = rewriter()
-    outs = [rw.rewrite(pkt(s, t)) for s, t in [(500, 9000), (501, 9000), (505, 12000)]]
-    assert [(o.sequence_number, o.timestamp) for o in outs if o] == [
+    outs = [rw.numbers(pkt(s, t)) for s, t in [(500, 9000), (501, 9000), (505, 12000)]]
+    assert [o for o in outs if o] == [
         (1000, 50_000),
         (1001, 50_000),
         (1005, 53_000),
     ]
 
 
+def first_number(rw: SubscriberRewriter) -> int:
+    numbers = rw.numbers(pkt(10, 10))
+    assert numbers is not None
+    return numbers[0]
+
+
 def test_random_bases_differ_per_subscriber():
-    bases = {SubscriberRewriter(1, 100).rewrite(pkt(10, 10)).sequence_number for _ in range(20)}  # type: ignore[union-attr]
+    bases = {first_number(SubscriberRewriter(1, 100)) for _ in range(20)}
     assert len(bases) > 1
     assert all(b < 0x8000 for b in bases)
 
@@ -63,45 +89,45 @@ def test_random_bases_differ_per_subscriber():
 def test_sequence_wraparound_of_input_and_output():
     rw = rewriter(seq_base=65_534)
     seqs = [65_533, 65_534, 65_535, 0, 1, 2]
-    outs = [rw.rewrite(pkt(s, 0)) for s in seqs]
-    assert [o.sequence_number for o in outs if o] == [65_534, 65_535, 0, 1, 2, 3]
+    outs = [rw.numbers(pkt(s, 0)) for s in seqs]
+    assert [o[0] for o in outs if o] == [65_534, 65_535, 0, 1, 2, 3]
 
 
 def test_timestamp_wraparound():
     rw = rewriter(ts_base=0xFFFF_FF00)
-    a = rw.rewrite(pkt(1, 100))
-    b = rw.rewrite(pkt(2, 100 + 0x200))
+    a = rw.numbers(pkt(1, 100))
+    b = rw.numbers(pkt(2, 100 + 0x200))
     assert a is not None and b is not None
-    assert a.timestamp == 0xFFFF_FF00
-    assert b.timestamp == 0x100
+    assert a[1] == 0xFFFF_FF00
+    assert b[1] == 0x100
 
 
 def test_many_wraps_no_drops():
     rw = rewriter(seq_base=10)
     for i in range(300):  # 300 * 1000 sequence numbers: several 16-bit wraps
-        out = rw.rewrite(pkt((40_000 + i * 1000) & 0xFFFF, i * 3000))
+        out = rw.numbers(pkt((40_000 + i * 1000) & 0xFFFF, i * 3000))
         assert out is not None
-        assert out.sequence_number == (10 + i * 1000) & 0xFFFF
+        assert out[0] == (10 + i * 1000) & 0xFFFF
 
 
 def test_reordered_kept_and_packets_before_start_dropped():
     rw = rewriter()
-    assert rw.rewrite(pkt(100, 0)) is not None
-    assert rw.rewrite(pkt(103, 0)) is not None
-    late = rw.rewrite(pkt(101, 0))  # reordered, after the start: kept with its own number
-    assert late is not None and late.sequence_number == 1001
-    assert rw.rewrite(pkt(99, 0)) is None  # older than the subscriber's first packet
+    assert rw.numbers(pkt(100, 0)) is not None
+    assert rw.numbers(pkt(103, 0)) is not None
+    late = rw.numbers(pkt(101, 0))  # reordered, after the start: kept with its own number
+    assert late is not None and late[0] == 1001
+    assert rw.numbers(pkt(99, 0)) is None  # older than the subscriber's first packet
 
 
 def test_reordered_across_wrap_before_start_dropped():
     rw = rewriter()
-    assert rw.rewrite(pkt(1, 0)) is not None
-    assert rw.rewrite(pkt(65_535, 0)) is None
+    assert rw.numbers(pkt(1, 0)) is not None
+    assert rw.numbers(pkt(65_535, 0)) is None
 
 
 def test_nack_mapping_roundtrip():
     rw = rewriter(seq_base=3)
-    rw.rewrite(pkt(65_000, 0))
+    rw.numbers(pkt(65_000, 0))
     assert rw.to_subscriber_seq(65_000) == 3
     assert rw.to_subscriber_seq(2) == (3 + 538) & 0xFFFF
     for s in (0, 1, 65_535, 12_345):
@@ -110,14 +136,39 @@ def test_nack_mapping_roundtrip():
 
 def test_source_switch_continues_numbering():
     rw = rewriter(switch_ts_step=3000)
-    rw.rewrite(pkt(10, 1000))
-    last = rw.rewrite(pkt(11, 4000))
+    rw.numbers(pkt(10, 1000))
+    last = rw.numbers(pkt(11, 4000))
     assert last is not None
-    new = rw.rewrite(pkt(60_000, 123, ssrc=0x2222))
+    new = rw.numbers(pkt(60_000, 123, ssrc=0x2222))
     assert new is not None
-    assert new.sequence_number == last.sequence_number + 1
-    assert new.timestamp == last.timestamp + 3000
-    assert rw.rewrite(pkt(12, 7000)) is None  # late packet of the old source
+    assert new[0] == last[0] + 1
+    assert new[1] == last[1] + 3000
+    assert rw.numbers(pkt(12, 7000)) is None  # late packet of the old source
+
+
+@given(
+    start=st.integers(0, 0xFFFF),
+    seq_base=st.integers(0, 0xFFFF),
+    steps=st.lists(st.integers(-200, 400), min_size=1, max_size=200),
+)
+def test_renumbering_is_a_fixed_shift_from_the_first_packet(start, seq_base, steps):
+    """Any walk of publisher numbers (gaps, reordering, wraps): every packet kept gets
+    publisher + offset (mod 2^16), the offset fixed by the first; NACKs map back exactly;
+    nothing older than the first packet is sent."""
+    rw = rewriter(seq_base=seq_base)
+    assert rw.numbers(pkt(start, 0)) == (seq_base, 50_000)
+    position = 0  # publisher numbers relative to the first, unwrapped
+    newest = 0
+    for step in steps:
+        position = max(position + step, newest - 0x7FFF)  # within half the number space
+        newest = max(newest, position)
+        seq = (start + position) & 0xFFFF
+        out = rw.numbers(pkt(seq, 0))
+        if position < 0:
+            assert out is None
+        else:
+            assert out is not None and out[0] == (seq_base + position) & 0xFFFF
+            assert rw.to_publisher_seq(out[0]) == seq
 
 
 def test_vp8_keyframe_detection():
@@ -155,34 +206,46 @@ def test_keyframe_throttle():
 
 
 def test_forwarder_fans_out_and_waits_for_keyframe():
-    fwd: Forwarder[str] = Forwarder(vp8_is_keyframe_start)
-    fwd.add("a", SubscriberRewriter(0xA, 100, seq_base=0, ts_base=0))
+    fwd: Forwarder[Recorded] = Forwarder(vp8_is_keyframe_start)
+    a, b = Recorded("a"), Recorded("b")
+    fwd.add(a, SubscriberRewriter(0xA, 100, seq_base=0, ts_base=0))
     delta = b"\x10\x01\x00"
     key = b"\x10\x00\x00"
-    assert fwd.forward(pkt(1, 0, payload=delta)) == []
-    assert fwd.waiting == {"a"}
-    first = fwd.forward(pkt(2, 3000, payload=key))
-    assert [(k, p.ssrc, p.sequence_number) for k, p in first] == [("a", 0xA, 0)]
-    fwd.add("b", SubscriberRewriter(0xB, 101, seq_base=500, ts_base=0))
-    out = fwd.forward(pkt(3, 3000, payload=delta))
-    assert [(k, p.sequence_number) for k, p in out] == [("a", 1)]
-    out = fwd.forward(pkt(4, 6000, payload=key))
-    assert sorted((k, p.ssrc, p.payload_type, p.sequence_number) for k, p in out) == [
-        ("a", 0xA, 100, 2),
-        ("b", 0xB, 101, 500),
-    ]
-    assert out[0][1] is not out[1][1]  # one packet object per subscriber (RTP history)
-    assert fwd.remove("a") is not None
-    assert [k for k, _ in fwd.forward(pkt(5, 6000, payload=delta))] == ["b"]
-    assert len(fwd) == 1 and "b" in fwd and "a" not in fwd
+    assert fwd.forward(pkt(1, 0, payload=delta), None) == 0
+    assert fwd.waiting == {a}
+    assert fwd.forward(pkt(2, 3000, payload=key), None) == 1
+    assert a.numbers() == [0]
+    fwd.add(b, SubscriberRewriter(0xB, 101, seq_base=500, ts_base=0))
+    assert fwd.forward(pkt(3, 3000, payload=delta), None) == 1
+    assert (a.numbers(), b.numbers()) == ([0, 1], [])
+    assert fwd.forward(pkt(4, 6000, payload=key), None) == 2
+    assert [w[:3] for w in a.writes[-1:] + b.writes] == [(100, 0, 2), (101, 0, 500)]
+    assert fwd.remove(a) is not None
+    assert fwd.forward(pkt(5, 6000, payload=delta), None) == 1
+    assert (len(a.writes), b.numbers()) == (3, [500, 501])
+    assert len(fwd) == 1 and b in fwd and a not in fwd
     assert fwd.packets_in == 5 and fwd.packets_out == 5 and fwd.dropped_waiting == 2
 
 
+def test_forwarder_counts_only_the_copies_a_sink_took():
+    class Refusing(Recorded):
+        def write(self, *fields: Any) -> bool:
+            super().write(*fields)
+            return False
+
+    fwd: Forwarder[Recorded] = Forwarder()
+    fwd.add(Recorded("ok"), SubscriberRewriter(0x1, 111, seq_base=7, ts_base=0))
+    fwd.add(Refusing("closed"), SubscriberRewriter(0x2, 111, seq_base=7, ts_base=0))
+    assert fwd.forward(pkt(9, 0), None) == 1
+    assert fwd.packets_out == 1
+
+
 def test_forwarder_without_detector_starts_immediately():
-    fwd: Forwarder[int] = Forwarder()
-    fwd.add(1, SubscriberRewriter(0x1, 111, seq_base=7, ts_base=0))
-    out = fwd.forward(pkt(9, 0))
-    assert [(k, p.sequence_number) for k, p in out] == [(1, 7)]
+    fwd: Forwarder[Recorded] = Forwarder()
+    sink = Recorded("one")
+    fwd.add(sink, SubscriberRewriter(0x1, 111, seq_base=7, ts_base=0))
+    assert fwd.forward(pkt(9, 0), None) == 1
+    assert sink.numbers() == [7]
 
 
 # --------------------------------------------------------------------------- budget

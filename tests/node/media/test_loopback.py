@@ -61,10 +61,9 @@ async def test_forward_vp8_without_codec_work(loopback_ice: None) -> None:
 
     first_packet = asyncio.Event()
 
-    async def on_rtp(packet: RtpPacket) -> None:
+    def on_rtp(packet: RtpPacket) -> None:
         first_packet.set()
-        for sink, out in forwarder.forward(packet):
-            await sink.send(out)
+        forwarder.forward(packet, adapter.send_stamp())
 
     @node_in.on("track")
     def on_publisher_track(track: MediaStreamTrack) -> None:

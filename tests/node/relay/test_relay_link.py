@@ -40,7 +40,7 @@ class Received:
         self.packets: list[tuple[int, str, RtpPacket]] = []
         self.changed = asyncio.Event()
 
-    async def __call__(self, track: RemoteTrack, packet: RtpPacket) -> None:
+    def __call__(self, track: RemoteTrack, packet: RtpPacket) -> None:
         self.packets.append((track.ssrc, track.track_id, packet))
         self.changed.set()
 
@@ -187,7 +187,7 @@ def test_roles_are_deterministic() -> None:
 
 
 async def test_same_role_on_both_sides_is_refused() -> None:
-    async def ignore(track: RemoteTrack, packet: RtpPacket) -> None:
+    def ignore(track: RemoteTrack, packet: RtpPacket) -> None:
         return None
 
     a, b = RelayLink(True, ignore), RelayLink(True, ignore)
