@@ -47,6 +47,10 @@ class RateLimited(DomainError):
     """Too often; `retry_after_s` says when to try again (HTTP 429)."""
 
 
+class Unavailable(DomainError):
+    """Live state is away for a moment; not the client's fault (HTTP 503, retry soon)."""
+
+
 # The codes the WebSocket spelled with hyphens before the one spelling; gone next release.
 _HYPHENATED_BEFORE = frozenset(
     {

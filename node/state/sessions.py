@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from node.errors import Conflict
+from node.errors import Conflict, Forbidden, RateLimited, Unavailable
 from node.state import keys
 from node.state.lock import DistributedLock, FencedScript
 
@@ -242,6 +242,32 @@ class SessionStore:
         return bool(dropped)
 
     # -- rooms ----------------------------------------------------------------------------
+
+    async def admit_chat(
+        self, slug: str, session_id: str, per_s: int, *, in_room_now: bool
+    ) -> None:
+        """Count one chat message of `session_id` against its limit (`per_s` a second), in
+        one transaction with the checks: raises when over it, or, for `in_room_now` (a
+        connection that joined the room), when its membership has ended."""
+        limit_key = keys.chat_limit(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(limit_key)
+            pipe.expire(limit_key, 1, nx=True)
+            pipe.hexists(keys.room_members(slug), session_id)
+            pipe.exists(keys.session(session_id))
+            count, _, member, session = await pipe.execute()
+        if in_room_now and not member:
+            if not session:
+                # Redis lost its data; the node puts this session back when it answers again.
+                raise Unavailable(
+                    "unavailable", "room state is unavailable; try again", retry_after_s=1
+                )
+            # The membership ended behind this connection's back (an HTTP join elsewhere).
+            raise Forbidden("not_in_room", "this session is no longer in the room")
+        if int(count) > per_s:
+            raise RateLimited(
+                "rate_limited", "too many chat messages; wait a moment", retry_after_s=1
+            )
 
     async def members(self, slug: str) -> list[Membership]:
         raw = await self._redis.hgetall(keys.room_members(slug))

@@ -17,14 +17,18 @@ from node.store.text import clean_text
 MAX_PAGE = 100
 
 
-def _check_text(value: str) -> str:
-    return clean_text(value, max_chars=4000, allow_newlines=True)
+MAX_CHAT_CHARS = 4000
+
+
+def clean_chat_text(value: str) -> str:
+    """A chat message's text as stored, or ValueError saying why it cannot be."""
+    return clean_text(value, max_chars=MAX_CHAT_CHARS, allow_newlines=True)
 
 
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    text: Annotated[str, Field(max_length=16000), AfterValidator(_check_text)]
+    text: Annotated[str, Field(max_length=16000), AfterValidator(clean_chat_text)]
 
 
 class HistoryQuery(BaseModel):

@@ -43,6 +43,23 @@ class Room(Document):
         name = "rooms"
 
 
+class RoomPerson(Document):
+    """A user who has joined the room at least once (R7, "the room's people"): they read its
+    history and post to it. The id is (room, user), so recording twice changes nothing."""
+
+    id: str  # type: ignore[assignment]  # "<room slug>\n<user id>": one record per pair
+    room: str
+    user_id: str
+    first_joined_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "room_people"
+
+    @staticmethod
+    def key(room: str, user_id: str) -> str:
+        return f"{room}\n{user_id}"
+
+
 class Message(Document):
     id: PydanticObjectId = Field(default_factory=PydanticObjectId)
     room: str
@@ -60,4 +77,4 @@ class Message(Document):
         ]
 
 
-DOCUMENT_MODELS: list[type[Document]] = [User, Room, Message]
+DOCUMENT_MODELS: list[type[Document]] = [User, Room, RoomPerson, Message]

@@ -6,7 +6,7 @@ import io
 import logging
 import unicodedata
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -20,7 +20,7 @@ from node.config import RoomSettings
 from node.errors import Conflict, Forbidden, Invalid, NotFound
 from node.state import keys
 from node.state.sessions import Membership
-from node.store.models import Room, User
+from node.store.models import Room, RoomPerson, User
 from node.store.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, clean_text
 from node.store.users import username_key
 
@@ -206,3 +206,27 @@ def qr_svg(url: str) -> bytes:
     out = io.BytesIO()
     segno.make_qr(url, error="m").save(out, kind="svg", scale=4, border=2, xmldecl=False)
     return out.getvalue()
+
+
+async def remember_person(room: Room, user_id: str) -> None:
+    """`user_id` is one of the room's people from now on (idempotent)."""
+    with suppress(DuplicateKeyError):
+        await RoomPerson(
+            id=RoomPerson.key(room.slug, user_id), room=room.slug, user_id=user_id
+        ).insert()
+
+
+async def is_person(room: Room, user_id: str) -> bool:
+    """Whether `user_id` is one of the room's people: its creator, or has joined it."""
+    if room.creator_id == user_id:
+        return True
+    return await RoomPerson.get(RoomPerson.key(room.slug, user_id)) is not None
+
+
+async def room_person(raw_slug: str, user_id: str) -> Room:
+    """The room, when `user_id` is one of its people (history, posting and what a room keeps
+    are theirs alone); 403 `not_joined` otherwise."""
+    room = await get_room(raw_slug)
+    if not await is_person(room, user_id):
+        raise Forbidden("not_joined", "only the room's people may do this: join the room first")
+    return room

@@ -15,18 +15,28 @@ from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from mesh.vivaldi import rank_from_samples, suggest_probes
+from node.runtime.chat import Poster, post_chat
 from node.state import keys
 from node.store.messages import (
     HistoryPage,
     HistoryQuery,
     MessageView,
     NewMessage,
-    append_message,
     history,
     message_view,
 )
 from node.store.models import User
-from node.store.rooms import NewRoom, RoomView, create_room, get_room, qr_svg, room_url, room_view
+from node.store.rooms import (
+    NewRoom,
+    RoomView,
+    create_room,
+    get_room,
+    qr_svg,
+    remember_person,
+    room_person,
+    room_url,
+    room_view,
+)
 from node.store.users import (
     LoginRequest,
     NewUser,
@@ -191,6 +201,7 @@ async def join_room(slug: str) -> RoomGrant:
         room.capacity,
         context.settings.live.duplicate_policy,
     )
+    await remember_person(room, str(user.id))
     issued = context.tokens.issue(
         Purpose.ROOM, str(user.id), session_id=claims.session_id, room=room.slug, node=record.node
     )
@@ -351,8 +362,8 @@ async def ping() -> Response:
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)
 async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
-    await authenticated_user(Purpose.SESSION)
-    room = await get_room(slug)
+    _, user = await authenticated_user(Purpose.SESSION)
+    room = await room_person(slug, str(user.id))
     return await history(room, query_args.before, query_args.limit)
 
 
@@ -360,7 +371,9 @@ async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
 @validate_request(NewMessage)
 @validate_response(MessageView, 201)
 async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
-    _, user = await authenticated_user(Purpose.SESSION)
+    claims, user = await authenticated_user(Purpose.SESSION)
     room = await get_room(slug)
-    message = await append_message(room, str(user.id), user.display_name, data.text)
+    assert claims.session_id is not None  # session tokens always carry one
+    poster = Poster(claims.session_id, str(user.id), user.display_name, in_room_now=False)
+    message, _ = await post_chat(node_context().live, room, poster, data.text)
     return message_view(message), 201

@@ -19,6 +19,7 @@ from node.errors import (
     NotFound,
     RateLimited,
     Unauthenticated,
+    Unavailable,
     legacy_fields,
 )
 from node.state.lock import LockError, LockUnavailable
@@ -52,6 +53,7 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     NotFound: 404,
     Conflict: 409,
     RateLimited: 429,
+    Unavailable: 503,
 }
 
 

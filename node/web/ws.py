@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import Any
 
 from beanie import PydanticObjectId
@@ -23,12 +22,11 @@ from redis.exceptions import RedisError
 
 from node.errors import DomainError, legacy_fields
 from node.media.session import MediaError, MediaSession
-from node.state import keys
+from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
-from node.store.messages import append_message
+from node.store.messages import clean_chat_text
 from node.store.models import Room, User
-from node.store.text import clean_text
 from node.web.context import NodeContext, node_context
 from node.web.tokens import Purpose, TokenError
 
@@ -341,42 +339,15 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     if not isinstance(raw, str) or len(raw) > 16000:
         raise ClientError("bad_frame", "text must be a string")
     try:
-        text = clean_text(raw, max_chars=4000, allow_newlines=True)
+        text = clean_chat_text(raw)
     except ValueError as error:
         raise ClientError("invalid_text", f"text: {error}") from error
-    limit_key = keys.chat_limit(conn.session_id)
-    async with live.redis.pipeline(transaction=True) as pipe:
-        pipe.incr(limit_key)
-        pipe.expire(limit_key, 1, nx=True)
-        pipe.hexists(keys.room_members(slug), conn.session_id)
-        pipe.exists(keys.session(conn.session_id))
-        count, _, member, session = await pipe.execute()
-    if not member:
-        if not session:
-            # Redis lost its data; the node puts this session back when it answers again.
-            raise ClientError("unavailable", "room state is unavailable; try again")
-        # The membership ended behind this connection's back (an HTTP join elsewhere).
-        raise ClientError("not_in_room", "this session is no longer in the room")
-    if int(count) > context.settings.live.chat_per_s:
-        raise ClientError("rate_limited", "too many chat messages; wait a moment")
     room = await Room.find_one(Room.slug == slug)
     if room is None:
         raise ClientError("room_not_found", "the room no longer exists")
-    message = await append_message(room, conn.user_id, conn.display_name, text)
-    ts = message.ts.astimezone(UTC) if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
-    event = {
-        "id": str(message.id),
-        "from": {
-            "session_id": conn.session_id,
-            "user_id": conn.user_id,
-            "display_name": conn.display_name,
-        },
-        "text": message.text,
-        "ts": ts.isoformat(),
-    }
-    await live.events.publish(slug, "chat", event)
-    context.metrics.chat_messages.inc()
-    return {"type": "ack", "message_id": event["id"], "ts": event["ts"]}
+    poster = Poster(conn.session_id, conn.user_id, conn.display_name, in_room_now=True)
+    message, ts = await post_chat(live, room, poster, text)
+    return {"type": "ack", "message_id": str(message.id), "ts": ts}
 
 
 _PCS = ("publish", "subscribe")

@@ -328,3 +328,48 @@ async def test_events_during_activation_reach_the_joiner(
         while len(chats) < 2:
             chats.append((await b.next("chat"))["text"])
         assert chats == ["during the join", "after the join"]
+
+
+async def test_http_chat_is_the_room_s_and_reaches_the_live_room(make_app: Any) -> None:
+    """One write path (node/runtime/chat.py): an HTTP post is checked like a WebSocket chat
+    (only the room's people, the same per-session limit) and shows up live in the room."""
+    api = Api((await make_app(live__chat_per_s=2)).test_client())
+    alice = await api.user_token("alice")
+    bob = await api.user_token("bob")
+    await api.create_room(alice, "lobby")
+    bob_session = await api.session_token(bob)
+    history = "/api/rooms/lobby/messages"
+    # Bob has never joined: neither the history nor posting is his.
+    for response in (
+        await api.client.get(history, headers=bearer(bob_session)),
+        await api.client.post(history, json={"text": "hi"}, headers=bearer(bob_session)),
+    ):
+        assert response.status_code == 403
+        assert (await response.get_json())["error"]["code"] == "not_joined"
+    assert await Message.find_all().count() == 0
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, api, await api.session_token(alice))
+        b = await connect(stack, api, bob_session)
+        await a.join("lobby")
+        await b.join("lobby")
+        assert (await b.request("leave"))["type"] == "ack"
+        # Joined once: one of the room's people, even while not in it now.
+        posted = await api.client.post(
+            history, json={"text": "from the web"}, headers=bearer(bob_session)
+        )
+        assert posted.status_code == 201, await posted.get_data(as_text=True)
+        chat = await a.next("chat")
+        assert chat["text"] == "from the web" and chat["from"]["display_name"] == "Bob"
+        assert chat["id"] == (await posted.get_json())["id"]
+        # The limit is the session's, whichever way its messages come.
+        codes = []
+        for _ in range(3):
+            response = await api.client.post(
+                history, json={"text": "again"}, headers=bearer(bob_session)
+            )
+            codes.append(response.status_code)
+        # within one second (the window) at most 2 of 4 pass; later posts may pass again
+        assert 429 in codes and set(codes) <= {201, 429}
+        assert await Message.find_all().count() == 1 + codes.count(201)
+    page = await api.client.get(history, headers=bearer(bob_session))
+    assert page.status_code == 200

@@ -1,0 +1,56 @@
+"""Posting to a room's chat (R4): the one write path, for the WebSocket and HTTP alike.
+
+Both check the same things in the same order: the text (cheap limits first), who may post,
+the per-session rate limit (counted in Redis, so it holds across nodes), then store the
+message and publish it to the room's live event stream, so every open page on every node
+shows it, whichever way it came. Who may post: a WebSocket connection in the room now
+(`in_room_now`: its membership is re-checked in Redis), or over HTTP one of the room's people
+(its creator, or a user who has joined it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from node.errors import Forbidden
+from node.runtime.live import Live
+from node.store.messages import append_message
+from node.store.models import Message, Room
+from node.store.rooms import is_person
+
+
+@dataclass(frozen=True)
+class Poster:
+    session_id: str
+    user_id: str
+    display_name: str
+    #: a WebSocket connection that joined the room (else an HTTP request)
+    in_room_now: bool
+
+
+async def post_chat(live: Live, room: Room, poster: Poster, text: str) -> tuple[Message, str]:
+    """Store `text` (already cleaned: `node.store.messages.clean_chat_text`) as `poster`'s
+    message in `room` and tell the room; the message and the ISO time it carries."""
+    if not poster.in_room_now and not await is_person(room, poster.user_id):
+        raise Forbidden("not_joined", "only the room's people may post: join the room first")
+    await live.sessions.admit_chat(
+        room.slug, poster.session_id, live.settings.live.chat_per_s, in_room_now=poster.in_room_now
+    )
+    message = await append_message(room, poster.user_id, poster.display_name, text)
+    ts = message.ts.astimezone(UTC) if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
+    event: dict[str, Any] = {
+        "id": str(message.id),
+        "from": {
+            "session_id": poster.session_id,
+            "user_id": poster.user_id,
+            "display_name": poster.display_name,
+        },
+        "text": message.text,
+        "ts": ts.isoformat(),
+    }
+    await live.events.publish(room.slug, "chat", event)
+    if live.metrics is not None:
+        live.metrics.chat_messages.inc()
+    return message, event["ts"]
