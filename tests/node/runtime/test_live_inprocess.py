@@ -363,12 +363,12 @@ async def test_http_chat_is_the_room_s_and_reaches_the_live_room(make_app: Any) 
         assert chat["id"] == (await posted.get_json())["id"]
         # The limit is the session's, whichever way its messages come.
         codes = []
-        for _ in range(3):
+        for _ in range(6):
             response = await api.client.post(
                 history, json={"text": "again"}, headers=bearer(bob_session)
             )
             codes.append(response.status_code)
-        # within one second (the window) at most 2 of 4 pass; later posts may pass again
+        # 2 a second: 7 posts spanning less than two windows cannot all pass
         assert 429 in codes and set(codes) <= {201, 429}
         assert await Message.find_all().count() == 1 + codes.count(201)
     page = await api.client.get(history, headers=bearer(bob_session))
