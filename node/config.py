@@ -153,9 +153,6 @@ class RelaySettings(BaseModel):
     # One signalling attempt waits this long for the answer, then it is sent again.
     attempt_timeout_s: float = Field(default=1.0, gt=0)
     attempts: int = Field(default=6, gt=0)
-    # Fault injection for tests: ignore the first N offers received (the sender's retry must
-    # establish the relay). Always 0 in service.
-    drop_first_offers: int = Field(default=0, ge=0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
     report_period_s: float = Field(default=2.0, gt=0)
 
@@ -242,7 +239,6 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_RELAY_LINGER_S": "relay.linger_s",
     "SFUMESH_RELAY_CARRIER": "relay.carrier",
     "SFUMESH_RELAY_ATTEMPT_TIMEOUT_S": "relay.attempt_timeout_s",
-    "SFUMESH_RELAY_DROP_FIRST_OFFERS": "relay.drop_first_offers",
     "SFUMESH_RELAY_REPORT_PERIOD_S": "relay.report_period_s",
 }
 

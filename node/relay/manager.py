@@ -134,7 +134,6 @@ class RelayTotals:
     messages_sent: int = 0
     message_bytes_max: int = 0
     attempts_retried: int = 0
-    offers_dropped: int = 0
     glare_refused: int = 0
     packets_out: int = 0
     packets_in: int = 0
@@ -174,7 +173,6 @@ class RelayManager:
         self._opening: set[str] = set()
         #: what the last plan wanted sent to each peer (an answer carries it at once)
         self._wanted: dict[str, dict[str, Published]] = {}
-        self._offers_to_drop = settings.drop_first_offers
         self._dirty = asyncio.Event()
         self._tasks = TaskSet("relay.task_failed")
         self._loops: list[asyncio.Task[None]] = []
@@ -651,11 +649,6 @@ class RelayManager:
 
     async def _on_offer(self, offer: Message) -> Message | None:
         peer = offer.node
-        if self._offers_to_drop > 0:
-            self._offers_to_drop -= 1
-            self.totals.offers_dropped += 1
-            log.warning("relay.offer_dropped_on_purpose", extra={"peer": peer})
-            return None
         existing = self.relays.get(peer)
         if existing is not None:
             if existing.link_id == offer.link:
