@@ -1,1 +1,0 @@
-"""One sfumesh node: HTTP API, tokens, users, rooms, state."""
