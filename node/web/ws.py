@@ -26,7 +26,8 @@ from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
 from node.store.messages import clean_chat_text
-from node.store.models import Room, User
+from node.store.models import User
+from node.store.rooms import get_room
 from node.web.context import NodeContext, node_context
 from node.web.tokens import Purpose, TokenError
 
@@ -342,9 +343,7 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         text = clean_chat_text(raw)
     except ValueError as error:
         raise ClientError("invalid_text", f"text: {error}") from error
-    room = await Room.find_one(Room.slug == slug)
-    if room is None:
-        raise ClientError("room_not_found", "the room no longer exists")
+    room = await get_room(slug)
     poster = Poster(conn.session_id, conn.user_id, conn.display_name, in_room_now=True)
     message, ts = await post_chat(live, room, poster, text)
     return {"type": "ack", "message_id": str(message.id), "ts": ts}
