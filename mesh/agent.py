@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from mesh.process import ManagedProcess, ServiceError
+from mesh.process import ManagedProcess, ServiceError, is_loopback
 from mesh.serf import Member, SerfAuthError, SerfClient, SerfConnectionError, SerfError
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,13 @@ class SerfAgent:
 
     async def start(self) -> None:
         """Start the agent and wait until its RPC answers; raises ServiceError if it cannot."""
+        # Serf's RPC sends queries as any node and makes the agent leave: off loopback, only
+        # with a key.
+        if not is_loopback(self.config.rpc_addr) and not self.config.rpc_auth.get_secret_value():
+            raise ServiceError(
+                f"serf agent {self.config.node_name}: rpc_auth is required when rpc_addr "
+                f"({self.config.rpc_addr}) is not a loopback address"
+            )
         binary = shutil.which(self.binary)
         if binary is None:
             raise ServiceError(f"{self.binary} is not installed (Debian package `serf`)")

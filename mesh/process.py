@@ -8,6 +8,7 @@ supervises its agent without knowing anything of the node.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import signal
 import socket
@@ -28,6 +29,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a "host:port" (or "[v6]:port") address is reachable from this machine only."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, which may resolve anywhere
 
 
 def port_open(host: str, port: int) -> bool:

@@ -20,10 +20,23 @@ the sender's tracks as fit, the rest follow as `tracks` updates.
 
 With the "redis" carrier a message is stored under a short-lived Redis key and the query
 carries only `{"ptr": key}` (see `node.relay.manager.RelayManager`).
+
+**Sealing.** Serf tells a receiver nothing it can trust about who sent a query: anyone with
+the gossip key, or with RPC access to any agent, can send one that claims any `n`. So every
+message on the wire is sealed (`seal`) with the cluster's relay key: `t` (when it was sealed,
+ms since the epoch) and, last, `h`, an HMAC-SHA256 (base64url, unpadded) over the bytes before
+it, bound to the recipient's node name (a message for one node is worthless at another).
+`unseal` checks the MAC (constant time) and the time window; refusing a replayed request id
+within the window is the receiver's (it needs somewhere to remember ids). A seal adds at most
+`SEAL_BYTES`, which `encode` already counts, so a sealed message fits `MAX_MESSAGE_BYTES`.
+The key is passed in: this codec knows nothing of settings or of Serf.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -42,6 +55,17 @@ _NODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _REASON: Final = re.compile(r"[a-z-]{1,32}")
 _POINTER: Final = re.compile(r"sfumesh:relay-msg:[A-Za-z0-9_-]{8,64}")
+
+#: the shortest relay key accepted (bytes): as strong as the HMAC it keys
+KEY_MIN_BYTES: Final = 32
+_MAC_CHARS: Final = 43  # base64url of a SHA-256 digest, unpadded
+_STAMP_DIGITS: Final = 13  # milliseconds since the epoch, until the year 2286
+#: what a seal adds to an encoded message: `,"t":<ms>` and `,"h":"<mac>"`
+SEAL_BYTES: Final = len(',"t":') + _STAMP_DIGITS + len(',"h":""') + _MAC_CHARS
+#: what a message may take before its seal
+MAX_BODY_BYTES: Final = MAX_MESSAGE_BYTES - SEAL_BYTES
+_MAC_DOMAIN: Final = b"sfumesh-relay-v1"
+_SEALED: Final = re.compile(rb'(\{.*),"h":"([A-Za-z0-9_-]{%d})"\}' % _MAC_CHARS, re.DOTALL)
 
 
 def new_id() -> str:
@@ -65,6 +89,8 @@ class Message:
     removed: tuple[str, ...] = ()
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: when it was sealed (ms since the epoch), as `decode` read it; 0 if it was not
+    stamp: int = 0
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"m": self.kind, "r": self.request}
@@ -88,11 +114,68 @@ class Message:
 
 
 def encode(message: Message) -> bytes:
-    """Compact JSON; ValueError above `MAX_MESSAGE_BYTES` (the caller splits or trims)."""
+    """Compact JSON, unsealed; ValueError if it would take more than `MAX_MESSAGE_BYTES`
+    once sealed (the caller splits or trims)."""
     data = json.dumps(message.wire(), separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) > MAX_BODY_BYTES:
+        raise ValueError(
+            f"relay message is {len(data) + SEAL_BYTES} bytes sealed, more than {MAX_MESSAGE_BYTES}"
+        )
+    return data
+
+
+class Unauthentic(ValueError):
+    """A message without a valid seal; `reason` says which way: "unsealed" (no seal),
+    "bad-mac" (another key, another recipient or altered) or "stale" (outside the window)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"relay message: {detail}")
+        self.reason = reason
+
+
+def _mac(key: bytes, recipient: str, body: bytes) -> bytes:
+    digest = hmac.new(
+        key, _MAC_DOMAIN + b"\n" + recipient.encode() + b"\n" + body, hashlib.sha256
+    ).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+
+def check_key(key: bytes) -> bytes:
+    """`key` if it is long enough to be a relay key; ValueError otherwise."""
+    if len(key) < KEY_MIN_BYTES:
+        raise ValueError(f"the relay key must be at least {KEY_MIN_BYTES} bytes")
+    return key
+
+
+def seal(message: Message, key: bytes, *, to: str, now: float) -> bytes:
+    """`message` encoded and sealed for node `to` at `now` (seconds since the epoch)."""
+    check_key(key)
+    stamp = int(now * 1000)
+    if not 0 < stamp < 10**_STAMP_DIGITS:
+        raise ValueError(f"relay message: cannot seal at time {now}")
+    body = encode(message)[:-1] + b',"t":%d}' % stamp
+    return body[:-1] + b',"h":"' + _mac(key, to, body) + b'"}'
+
+
+def unseal(data: bytes, key: bytes, *, me: str, now: float, window_s: float) -> Message:
+    """The message in `data` if it was sealed with `key` for node `me` no more than
+    `window_s` from `now` (either way: clocks differ); `Unauthentic` if not, ValueError if
+    it is sealed but not a valid message. Nothing but the MAC is parsed before the MAC is
+    checked."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValueError(f"relay message is {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
-    return data
+    sealed = _SEALED.fullmatch(data)
+    if sealed is None:
+        raise Unauthentic("unsealed", "not sealed")
+    body = sealed[1] + b"}"
+    if not hmac.compare_digest(_mac(check_key(key), me, body), sealed[2]):
+        raise Unauthentic("bad-mac", "bad MAC")
+    message = decode(body)
+    if not message.stamp:
+        raise Unauthentic("stale", "sealed without a time")
+    if abs(now * 1000 - message.stamp) > window_s * 1000:
+        raise Unauthentic("stale", "sealed outside the time window")
+    return message
 
 
 def _field(value: dict[str, Any], name: str, pattern: re.Pattern[str], required: bool) -> str:
@@ -143,6 +226,9 @@ def decode(data: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> Message:
             for index, track_id in enumerate(raw_removed)
         )
     reason = _field(value, "e", _REASON, kind == "refuse")
+    stamp = value.get("t", 0)
+    if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 10**_STAMP_DIGITS:
+        raise ValueError("relay message: t must be a time in milliseconds")
     return Message(
         kind=kind,
         request=request,
@@ -155,6 +241,7 @@ def decode(data: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> Message:
         added=added,
         removed=removed,
         reason=reason,
+        stamp=stamp,
     )
 
 

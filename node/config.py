@@ -16,9 +16,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from mesh.process import is_loopback
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which setting and why."""
+
+
+#: the shortest relay key accepted (as `mesh.relay_signal.KEY_MIN_BYTES`: the base imports
+#: nothing of the rest)
+RELAY_KEY_MIN_BYTES = 32
 
 
 class TokenSettings(BaseModel):
@@ -155,6 +162,12 @@ class RelaySettings(BaseModel):
     attempts: int = Field(default=6, gt=0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
     report_period_s: float = Field(default=2.0, gt=0)
+    # The cluster's relay key, the same on every node (`sfumesh keygen`): every relay
+    # signalling message carries an HMAC with it. Required whenever the mesh is on.
+    key: SecretStr = SecretStr("")
+    # A relay message sealed longer ago (or further ahead: clocks differ) than this is
+    # refused; each node remembers the request ids it accepted for twice as long.
+    signal_window_s: float = Field(default=30.0, gt=0, le=600)
 
 
 class Settings(BaseModel):
@@ -192,6 +205,27 @@ class Settings(BaseModel):
     @property
     def base_url(self) -> str:
         return self.public_base_url or f"http://{self.host}:{self.port}"
+
+    def check_mesh(self) -> None:
+        """ConfigError if the mesh is on without what it needs to run safely. Checked when a
+        node starts, not when settings load (tools read settings without running a mesh),
+        and here rather than in a validator, whose error would echo the secrets beside."""
+        serf = self.serf
+        if serf.mode == "off":
+            return
+        # Serf's RPC sends queries as any node, lists members and makes the agent leave:
+        # anyone who can reach it from another machine must prove they may.
+        if not is_loopback(serf.rpc_addr) and not serf.rpc_auth.get_secret_value():
+            raise ConfigError(
+                f"serf.rpc_auth (SFUMESH_SERF_RPC_AUTH) is required when serf.rpc_addr "
+                f"({serf.rpc_addr}) is not a loopback address"
+            )
+        if len(self.relay.key.get_secret_value().encode()) < RELAY_KEY_MIN_BYTES:
+            raise ConfigError(
+                "relay.key (SFUMESH_RELAY_KEY) is required with the mesh on: the same secret "
+                f"on every node, at least {RELAY_KEY_MIN_BYTES} bytes; `sfumesh keygen` "
+                "prints one"
+            )
 
 
 # Environment variable -> dotted setting. Values are parsed as JSON when they look like it
@@ -240,6 +274,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_RELAY_CARRIER": "relay.carrier",
     "SFUMESH_RELAY_ATTEMPT_TIMEOUT_S": "relay.attempt_timeout_s",
     "SFUMESH_RELAY_REPORT_PERIOD_S": "relay.report_period_s",
+    "SFUMESH_RELAY_KEY": "relay.key",
+    "SFUMESH_RELAY_SIGNAL_WINDOW_S": "relay.signal_window_s",
 }
 
 

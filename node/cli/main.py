@@ -43,6 +43,11 @@ def _node(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        settings.check_mesh()
+    except ConfigError as error:
+        print(f"sfumesh node: bad configuration: {error}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
     return asyncio.run(run_node(settings))
 

@@ -14,6 +14,7 @@ import httpx
 
 from mesh.agent import serf_keygen
 from mesh.process import ManagedProcess, ServiceError, free_port
+from node.config import new_key
 from node.runtime.services import BackingServices
 
 
@@ -81,6 +82,8 @@ class SerfLaunch:
     rpc_addr: str
     rpc_auth: str
     encrypt_key: str
+    #: the cluster's relay key (every relay signalling message is sealed with it)
+    relay_key: str
 
     def env(self, join: list[str]) -> dict[str, str]:
         return {
@@ -89,13 +92,16 @@ class SerfLaunch:
             "SFUMESH_SERF_RPC_ADDR": self.rpc_addr,
             "SFUMESH_SERF_RPC_AUTH": self.rpc_auth,
             "SFUMESH_SERF_ENCRYPT_KEY": self.encrypt_key,
+            "SFUMESH_RELAY_KEY": self.relay_key,
             "SFUMESH_SERF_JOIN": json.dumps(join),
         }
 
 
-def local_serf(rpc_auth: str, encrypt_key: str) -> SerfLaunch:
+def local_serf(rpc_auth: str, encrypt_key: str, relay_key: str) -> SerfLaunch:
     """Free loopback ports for one more agent of a local cluster."""
-    return SerfLaunch(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", rpc_auth, encrypt_key)
+    return SerfLaunch(
+        f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", rpc_auth, encrypt_key, relay_key
+    )
 
 
 # Regions given to local nodes in turn, so a local mesh looks like the one it stands for.
@@ -113,15 +119,16 @@ def start_nodes(
     mesh: bool = True,
 ) -> list[LocalNode]:
     """`count` nodes named node-1.. with distinct regions and ports, started side by side;
-    with `mesh`, each with its own Serf agent (gossip encrypted, RPC auth on), all joined."""
+    with `mesh`, each with its own Serf agent (gossip encrypted, RPC auth on), all joined,
+    relay signalling sealed with one relay key made for this cluster."""
     nodes: list[LocalNode] = []
-    rpc_auth, encrypt_key = secrets.token_urlsafe(24), serf_keygen()
+    rpc_auth, encrypt_key, relay_key = secrets.token_urlsafe(24), serf_keygen(), new_key()
     first_bind: list[str] = []
     try:
         for index in range(count):
             port = ports[index] if ports else free_port()
             name = f"node-{index + 1}"
-            serf = local_serf(rpc_auth, encrypt_key) if mesh else None
+            serf = local_serf(rpc_auth, encrypt_key, relay_key) if mesh else None
             region = {"SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)]}
             node = _spawn(
                 services,

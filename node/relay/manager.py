@@ -8,6 +8,19 @@ one `node.relay.link.RelayLink` per node pair, shared by all rooms and both dire
 Signalling (`mesh.relay_signal`) goes over Serf queries addressed to the peer node, each
 message under 1 KB; the query's response is the reply.
 
+* **Trust.** Serf does not say who sent a query, and anyone with the gossip key or RPC access
+  to any agent can send one. Every message is sealed with the cluster's relay key
+  (`relay.key`: an HMAC bound to the recipient, with the time it was sealed). A request is
+  refused, unanswered and changing nothing, unless its seal is good and within
+  `relay.signal_window_s`, its request id was not accepted before (`_admit`), and its sender
+  is a member Serf sees alive. Each attempt of a request is a new request (a fresh id, time
+  and MAC); the receiver answers repeats from the link id and sequence numbers. Seen ids are
+  kept in Redis (`SET NX` with a TTL of twice the window) rather than in memory: they
+  outlive a restart of the node, whose previous run's messages are still within the window,
+  and the one atomic write needs no pruning. A relayed track is taken only when its session
+  is the peer's (the session's `node` in Redis): a node relays media of its own
+  participants, never of another node's.
+
 * **Open.** The node that first has something to send offers (a new link id and request
   id); the peer answers with its own description. An attempt that gets no reply within
   `relay.attempt_timeout_s` is sent again (same request, same link); a receiver that already
@@ -39,7 +52,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -49,10 +62,10 @@ from redis.exceptions import RedisError
 
 from mesh import relay_signal as signal
 from mesh.relay_description import TrackInfo, is_controlling, parse_description
-from mesh.relay_signal import Message
+from mesh.relay_signal import Message, Unauthentic
 from mesh.serf import EventStream, SerfClient, SerfError
 from mesh.span import RoomView, TrackRef, node_pair, plan
-from node.config import RelaySettings
+from node.config import ConfigError, RelaySettings
 from node.media.adapter import SenderTap
 from node.media.forward import Forwarder
 from node.media.session import MediaHub, Published, RelayedOwner
@@ -137,6 +150,9 @@ class RelayTotals:
     glare_refused: int = 0
     packets_out: int = 0
     packets_in: int = 0
+    #: requests refused before they reached the protocol, by reason ("unsealed", "bad-mac",
+    #: "stale", "replay", "not-member", "bad"), and relayed tracks of another node's session
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
@@ -152,9 +168,16 @@ class RelayManager:
         media: MediaHub,
         sessions: SessionStore,
         *,
-        alive: Callable[[str], bool] = lambda node: True,
+        alive: Callable[[str], bool] | None = None,
         estimate_rtt_s: Callable[[str], float | None] = lambda node: None,
     ) -> None:
+        """`alive`: whether Serf sees a node alive now (the node's membership view); without
+        it, the agent is asked (`serf.members`) when a request comes in."""
+        key = settings.key.get_secret_value().encode()
+        try:
+            self._key = signal.check_key(key)
+        except ValueError as error:
+            raise ConfigError(f"relay.key (SFUMESH_RELAY_KEY): {error}") from None
         self.name = name
         self.settings = settings
         self.serf = serf
@@ -272,7 +295,7 @@ class RelayManager:
             rooms.append(RoomView.from_members(slug, members, refs))
         desired: dict[str, dict[str, Published]] = {}
         for copy in plan(rooms, self.name).sends:
-            if self.alive(copy.target):
+            if self.alive is None or self.alive(copy.target):
                 desired.setdefault(copy.target, {})[copy.track.track_id] = by_id[
                     copy.track.track_id
                 ]
@@ -483,6 +506,16 @@ class RelayManager:
             if record is None or not record.room:
                 log.info("relay.track_without_room", extra={"track": track_id})
                 continue
+            if record.node != relay.peer:
+                # a node relays its own participants' media: a track claiming a session of
+                # another node would let it speak (or be heard) as that participant
+                refused = self.totals.refused
+                refused["foreign-session"] = refused.get("foreign-session", 0) + 1
+                log.warning(
+                    "relay.track_refused",
+                    extra={"track": track_id, "peer": relay.peer, "session_node": record.node},
+                )
+                continue
             if relay.state == "closed" or relay.link.remote_tracks.get(remote.ssrc) is not remote:
                 return
             owner = RelayedOwner(self.media, session_id, record.user_id, record.room, relay.peer)
@@ -561,10 +594,20 @@ class RelayManager:
             relay.messages += 1
             relay.signalling_bytes += len(payload)
 
+    def _seal(self, message: Message, to: str) -> bytes:
+        return signal.seal(message, self._key, to=to, now=time.time())
+
+    def _unseal(self, data: bytes) -> Message:
+        return signal.unseal(
+            data, self._key, me=self.name, now=time.time(), window_s=self.settings.signal_window_s
+        )
+
     async def _ask(self, relay: Relay, message: Message, attempts: int = 0) -> Message | None:
         """Send a request to the relay's peer; its reply, or None after every attempt
-        timed out (or the relay was replaced meanwhile)."""
-        payload = await self._carry(signal.encode(message))
+        timed out (or the relay was replaced meanwhile). Each attempt is sealed afresh under
+        a new request id (a receiver refuses an id it has seen); a reply to any of them
+        counts (a repeated offer is answered with the first answer)."""
+        sent: set[str] = set()
         for attempt in range(attempts or self.settings.attempts):
             if attempt:
                 self.totals.attempts_retried += 1
@@ -572,8 +615,11 @@ class RelayManager:
                     "relay.retry",
                     extra={"peer": relay.peer, "kind": message.kind, "attempt": attempt + 1},
                 )
+                message = replace(message, request=signal.new_id())
             if self.relays.get(relay.peer) is not relay and message.kind != "close":
                 return None
+            sent.add(message.request)
+            payload = await self._carry(self._seal(message, relay.peer))
             self._count(relay, payload)
             try:
                 async with self.serf.query(
@@ -586,11 +632,11 @@ class RelayManager:
                         if reply.type != "response" or reply.node != relay.peer:
                             continue
                         try:
-                            answer = signal.decode(await self._uncarry(reply.payload))
-                        except ValueError as error:
+                            answer = self._unseal(await self._uncarry(reply.payload))
+                        except (ValueError, RedisError) as error:
                             log.warning("relay.bad_reply", extra={"error": str(error)})
                             continue
-                        if answer.request == message.request:
+                        if answer.request in sent and answer.kind not in signal.REQUESTS:
                             return answer
             except (SerfError, OSError) as error:
                 log.warning("relay.query_failed", extra={"peer": relay.peer, "error": str(error)})
@@ -614,26 +660,82 @@ class RelayManager:
             delay = min(delay * 2, 5.0)
 
     async def _answer_query(self, events: EventStream, query_id: int, payload: bytes) -> None:
-        relay: Relay | None = None
-        try:
-            message = signal.decode(await self._uncarry(payload))
-        except (ValueError, RedisError) as error:
-            log.warning("relay.bad_message", extra={"error": str(error)})
-            reply: Message | None = Message("refuse", "bad", reason="bad")
-        else:
-            reply = await self.handle(message)
-            relay = self.relays.get(message.node)
+        message = await self._admit(payload)
+        if message is None:
+            return  # no reply at all: a forger learns nothing, and gets nothing signed
+        reply = await self.handle(message)
         if reply is None:
             return
-        data = await self._carry(signal.encode(reply))
+        data = await self._carry(self._seal(reply, message.node))
+        relay = self.relays.get(message.node)
         self._count(relay, data)
         try:
             await events.respond(query_id, data)
         except (SerfError, OSError) as error:
             log.warning("relay.respond_failed", extra={"error": str(error)})
 
+    async def _admit(self, payload: bytes) -> Message | None:
+        """The request in a query's payload if it may reach the protocol: sealed for this
+        node with the relay key, within the window, a request id not seen before, from a
+        member Serf sees alive. None (logged and counted) otherwise."""
+        reason = ""
+        message: Message | None = None
+        try:
+            message = self._unseal(await self._uncarry(payload))
+        except Unauthentic as error:
+            reason, detail = error.reason, str(error)
+        except (ValueError, RedisError) as error:
+            reason, detail = "bad", str(error)
+        else:
+            detail = ""
+            if message.kind not in signal.REQUESTS or message.node == self.name:
+                reason = "bad"
+            elif not await self._is_member(message.node):
+                reason = "not-member"
+            elif not await self._first_time(message.request):
+                reason = "replay"
+        if not reason:
+            return message
+        self.totals.refused[reason] = self.totals.refused.get(reason, 0) + 1
+        log.warning(
+            "relay.refused",
+            extra={
+                "reason": reason,
+                "error": detail,
+                "claimed_node": message.node if message else "",
+                "kind": message.kind if message else "",
+            },
+        )
+        return None
+
+    async def _is_member(self, node: str) -> bool:
+        """Whether Serf sees `node` alive: the membership view first, the agent itself when
+        the view has not caught up (a node that has just joined)."""
+        if self.alive is not None and self.alive(node):
+            return True
+        try:
+            members = await self.serf.members()
+        except (SerfError, OSError) as error:
+            log.warning("relay.members_failed", extra={"error": str(error)})
+            return False
+        return any(m.name == node and m.status == "alive" for m in members)
+
+    async def _first_time(self, request_id: str) -> bool:
+        """Remember `request_id` (NX, for twice the window: a message sealed at the window's
+        far edge is valid that long); False if it was already there, or on no Redis (a
+        request that cannot be checked is refused)."""
+        ttl_ms = int(self.settings.signal_window_s * 2000)
+        try:
+            first = await self.redis.set(
+                keys.relay_seen(self.name, request_id), "1", nx=True, px=ttl_ms
+            )
+        except (RedisError, OSError) as error:
+            log.warning("relay.seen_failed", extra={"error": str(error)})
+            return False
+        return bool(first)
+
     async def handle(self, message: Message) -> Message | None:
-        """The reply to one request from another node (None: no reply at all)."""
+        """The reply to one admitted request from another node (None: no reply at all)."""
         if message.node == self.name:
             return Message("refuse", message.request, reason="bad")
         if message.kind == "offer":
@@ -841,6 +943,7 @@ class RelayCollector(Collector):
             ("closed", totals.closed),
             ("retried", totals.attempts_retried),
             ("glare", totals.glare_refused),
+            ("refused", sum(totals.refused.values())),
         ):
             events.add_metric([event], value)
         yield events

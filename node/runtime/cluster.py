@@ -116,6 +116,7 @@ class Cluster:
         serf = self.serf_settings
         if serf.mode == "off":
             return
+        self.settings.check_mesh()
         if serf.mode == "own":
             self.agent = SerfAgent(self.agent_config(), self.settings.data_dir / "serf")
             await self.agent.start()

@@ -20,6 +20,7 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
+| `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
 keys share a slot and one Lua script may touch them all.
@@ -97,3 +98,9 @@ def node_relays(name: str) -> str:
 
 def relay_message(message_id: str) -> str:
     return f"{PREFIX}:relay-msg:{message_id}"
+
+
+def relay_seen(name: str, request_id: str) -> str:
+    """Set (NX, with a TTL of twice the signing window) when node `name` accepts a relay
+    request: the same id again within the window is a replay."""
+    return f"{PREFIX}:relay-seen:{name}:{request_id}"

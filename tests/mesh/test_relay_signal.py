@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from mesh import relay_signal as signal
 from mesh.relay_description import TrackInfo
-from mesh.relay_signal import MAX_MESSAGE_BYTES, Message
+from mesh.relay_signal import MAX_MESSAGE_BYTES, Message, Unauthentic
 
 CANDIDATE = "3151584716 1 udp 2130706431 127.0.0.1 40123 typ host"
 
@@ -26,6 +27,10 @@ def description(tracks: int = 0) -> dict[str, object]:
         "c": [CANDIDATE],
         "t": [[1000 + i, f"{'a' * 32}:{i}", "v", 96, "VP8"] for i in range(tracks)],
     }
+
+
+KEY = b"k" * 32
+NOW = 1_780_000_000.0
 
 
 def track(i: int) -> TrackInfo:
@@ -55,6 +60,8 @@ def test_an_offer_too_big_is_refused_and_fit_moves_tracks_out() -> None:
     fitted, left = signal.fit_description(big)
     data = signal.encode(fitted)
     assert len(data) <= MAX_MESSAGE_BYTES
+    # the seal (time and MAC) fits too
+    assert len(signal.seal(fitted, KEY, to="node-2", now=time.time())) <= MAX_MESSAGE_BYTES
     kept = fitted.description["t"] if fitted.description else []
     assert len(kept) + len(left) == 20 and len(kept) >= 5
     assert big.description is not None
@@ -72,9 +79,9 @@ def test_track_updates_fit_and_carry_every_change_in_order(added: int, removed: 
     carried_adds: list[TrackInfo] = []
     carried_removes: list[str] = []
     for update in updates:
-        data = signal.encode(update)
+        data = signal.seal(update, KEY, to="node-2", now=NOW)
         assert len(data) <= MAX_MESSAGE_BYTES
-        back = signal.decode(data)
+        back = signal.unseal(data, KEY, me="node-2", now=NOW, window_s=30)
         assert back.seq == update.seq and back.link == "link1"
         carried_adds += back.added
         carried_removes += back.removed
@@ -131,3 +138,50 @@ def test_replies_need_no_sender_and_pointers_are_recognised() -> None:
     assert refused.reason == "glare"
     assert signal.is_pointer("sfumesh:relay-msg:" + "a" * 24)
     assert not signal.is_pointer("sfumesh:session:{x}")
+
+
+def test_a_sealed_message_opens_with_the_key_for_its_recipient_within_the_window() -> None:
+    message = offer(2)
+    data = signal.seal(message, KEY, to="node-2", now=NOW)
+    opened = signal.unseal(data, KEY, me="node-2", now=NOW + 29, window_s=30)
+    assert opened.stamp == int(NOW * 1000)
+    assert opened.description == message.description and opened.request == "req1"
+    # a clock a little behind the sender's is fine too
+    assert signal.unseal(data, KEY, me="node-2", now=NOW - 29, window_s=30).node == "node-1"
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (lambda m: signal.seal(m, b"o" * 32, to="node-2", now=NOW), "bad-mac"),  # another key
+        (lambda m: signal.seal(m, KEY, to="node-3", now=NOW), "bad-mac"),  # for another node
+        (lambda m: signal.seal(m, KEY, to="node-2", now=NOW - 31), "stale"),
+        (lambda m: signal.seal(m, KEY, to="node-2", now=NOW + 31), "stale"),  # from the future
+        (lambda m: signal.encode(m), "unsealed"),
+        # one bit changed anywhere before the MAC: the node name, the time
+        (
+            lambda m: signal.seal(m, KEY, to="node-2", now=NOW).replace(b"node-1", b"node-9"),
+            "bad-mac",
+        ),
+        (lambda m: _flip(signal.seal(m, KEY, to="node-2", now=NOW), -60), "bad-mac"),
+        # a MAC moved off the end, or a second one
+        (lambda m: signal.seal(m, KEY, to="node-2", now=NOW) + b" ", "unsealed"),
+    ],
+)
+def test_forged_messages_do_not_unseal(forge: object, reason: str) -> None:
+    assert callable(forge)
+    with pytest.raises(Unauthentic) as raised:
+        signal.unseal(forge(offer()), KEY, me="node-2", now=NOW, window_s=30)
+    assert raised.value.reason == reason
+
+
+def test_short_keys_are_refused_for_sealing_and_unsealing() -> None:
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        signal.seal(offer(), b"short", to="node-2", now=NOW)
+    data = signal.seal(offer(), KEY, to="node-2", now=NOW)
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        signal.unseal(data, b"", me="node-2", now=NOW, window_s=30)

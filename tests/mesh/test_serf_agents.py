@@ -19,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from mesh.agent import SerfAgent, SerfAgentConfig, serf_keygen
+from mesh.process import ServiceError
 from mesh.serf import Event
 from tests.mesh.test_serf_rpc import WAIT_S, eventually, next_item, serf_agents
 
@@ -78,6 +79,16 @@ def test_config_file_merges_template_and_is_private(tmp_path: Path) -> None:
     assert written["query_response_size_limit"] == 2048
     assert written["snapshot_path"] == str(tmp_path / "snap" / "eu-1.snapshot")
     assert "rpc-secret" not in repr(config) and key not in repr(config)
+
+
+@pytest.mark.parametrize("rpc_addr", ["0.0.0.0:7373", "10.1.2.3:7373", "[::]:7373", "serf:7373"])
+async def test_an_agent_off_loopback_needs_rpc_auth(tmp_path: Path, rpc_addr: str) -> None:
+    # anyone reaching the RPC could send queries as any node and make the agent leave
+    config = SerfAgentConfig(node_name="n", rpc_addr=rpc_addr, encrypt_key=serf_keygen())
+    agent = SerfAgent(config, tmp_path, binary="serf-is-never-run")
+    with pytest.raises(ServiceError, match="rpc_auth is required"):
+        await agent.start()
+    assert agent.process is None and not (tmp_path / "serf-n.json").exists()
 
 
 def test_unknown_template_key_is_refused(tmp_path: Path) -> None:

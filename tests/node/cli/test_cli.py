@@ -111,6 +111,40 @@ def test_node_with_bad_config_says_what_is_wrong(
     assert "bcrypt_cost" in capsys.readouterr().err
 
 
+MESH_ENV = {
+    "SFUMESH_TOKEN_KEYS": json.dumps({"k1": "s" * 40}),
+    "SFUMESH_TOKEN_SIGNING_KEY_ID": "k1",
+    "SFUMESH_SERF_MODE": "own",
+    "SFUMESH_RELAY_KEY": "r" * 40,
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        # anyone who reaches the agent's RPC could send relay queries as any node
+        ({"SFUMESH_SERF_RPC_ADDR": "0.0.0.0:7373"}, "serf.rpc_auth"),
+        ({"SFUMESH_SERF_RPC_ADDR": "10.0.0.5:7373"}, "serf.rpc_auth"),
+        ({"SFUMESH_SERF_RPC_ADDR": "agent.example.org:7373"}, "serf.rpc_auth"),
+        # without the relay key, relay messages could not be sealed
+        ({"SFUMESH_RELAY_KEY": ""}, "relay.key"),
+        ({"SFUMESH_RELAY_KEY": "short"}, "relay.key"),
+        ({"SFUMESH_SERF_MODE": "attach", "SFUMESH_RELAY_KEY": ""}, "relay.key"),
+    ],
+)
+def test_node_refuses_a_mesh_it_cannot_secure(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    complaint: str,
+) -> None:
+    for name, value in {**MESH_ENV, **env}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["node", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert complaint in err and "r" * 40 not in err and "s" * 40 not in err
+
+
 def test_keygen_prints_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 0
     assert len(capsys.readouterr().out.strip()) >= 32

@@ -1,6 +1,8 @@
 """mesh/relay.py signalling between two relay managers in this process, each on its own real
 Serf agent (gossip encrypted, RPC auth on), with the real redis-server: glare, a dropped
-offer, repeats, unknown links, a restarted peer, the Redis-pointer carrier, the linger."""
+offer, repeats, unknown links, a restarted peer, the Redis-pointer carrier, the linger; and
+forged messages sent as an attacker would (a Serf query from any RPC client of an agent):
+refused unanswered, changing nothing."""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import pytest
 from redis.asyncio import Redis
 
 from mesh import relay_signal as signal
+from mesh.relay_description import TrackInfo
 from mesh.relay_signal import Message
-from node.config import MediaSettings, RelaySettings
+from mesh.serf import SerfClient
+from node.config import ConfigError, MediaSettings, RelaySettings, new_key
 from node.media import adapter
 from node.media.session import MediaHub
 from node.relay.manager import RelayManager
 from node.runtime.services import BackingServices
+from node.state import keys
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
 from tests.mesh.test_serf_rpc import serf_agents
@@ -28,6 +33,8 @@ from tests.mesh.test_serf_rpc import serf_agents
 pytestmark = pytest.mark.slow
 
 WAIT_S = 30.0
+#: the relay key both managers share (a cluster's)
+RELAY_KEY = new_key()
 
 
 async def eventually(check: Callable[[], bool], what: str, within_s: float = WAIT_S) -> None:
@@ -39,10 +46,14 @@ async def eventually(check: Callable[[], bool], what: str, within_s: float = WAI
 
 @asynccontextmanager
 async def managers(
-    tmp_path: Path, backing: BackingServices, **relay: Any
+    tmp_path: Path,
+    backing: BackingServices,
+    attacker: list[SerfClient] | None = None,
+    **relay: Any,
 ) -> AsyncIterator[tuple[RelayManager, RelayManager]]:
     """node-a and node-b, each a RelayManager on its own agent; `relay` sets both managers'
-    RelaySettings, `b_<field>` only node-b's."""
+    RelaySettings, `b_<field>` only node-b's. `attacker` gets one more RPC client of node-a's
+    agent (anyone with its RPC address and auth)."""
     adapter.set_host_addresses(["127.0.0.1"])
     redis = Redis.from_url(backing.redis_url)
     try:
@@ -61,7 +72,9 @@ async def managers(
                 stack.push_async_callback(media.close)
                 manager = RelayManager(
                     name,
-                    RelaySettings(**{"linger_s": 60, "attempt_timeout_s": 0.5, **mine}),
+                    RelaySettings(
+                        **{"linger_s": 60, "attempt_timeout_s": 0.5, "key": RELAY_KEY, **mine}
+                    ),
                     client,
                     redis,
                     media,
@@ -70,6 +83,8 @@ async def managers(
                 await manager.start()
                 stack.push_async_callback(manager.stop)
                 made.append(manager)
+            if attacker is not None:
+                attacker.append(await stack.enter_async_context(agents[0].client()))
             yield made[0], made[1]
     finally:
         await redis.aclose()
@@ -177,3 +192,110 @@ async def test_an_idle_relay_closes_on_both_sides_after_the_linger(
         await a.open("node-b")
         await eventually(lambda: "node-b" not in a.relays and "node-a" not in b.relays, "close")
         assert a.totals.closed + b.totals.closed == 2
+
+
+async def send_query(client: SerfClient, to: str, payload: bytes) -> list[bytes]:
+    """A relay query sent as anyone could with an agent's RPC; the responses that came."""
+    got: list[bytes] = []
+    async with client.query(signal.QUERY_NAME, payload, filter_nodes=[to], timeout=1.5) as replies:
+        async for reply in replies:
+            if reply.type == "response":
+                got.append(reply.payload)
+    return got
+
+
+async def test_forged_requests_are_refused_unanswered_and_change_nothing(
+    tmp_path: Path, backing: BackingServices
+) -> None:
+    attacker: list[SerfClient] = []
+    async with managers(tmp_path, backing, attacker) as (a, b):
+        await a.open("node-b")
+        await eventually(lambda: same_link(a, b), "the relay")
+        relay = b.relays["node-a"]
+        description = await a.relays["node-b"].link.local_description()
+
+        def takeover(node: str = "node-a") -> Message:
+            # a "restarted" node-a: on its own it would replace the relay at once
+            return Message("offer", signal.new_id(), node, "newboot", "evil-link", description)
+
+        now = time.time()
+        forged = {
+            "unsealed": signal.encode(takeover()),
+            "bad-mac": signal.seal(takeover(), new_key().encode(), to="node-b", now=now),
+            "stale": signal.seal(takeover(), RELAY_KEY.encode(), to="node-b", now=now - 31),
+            "not-member": signal.seal(takeover("node-z"), RELAY_KEY.encode(), to="node-b", now=now),
+        }
+        # sealed for node-a, sent to node-b: worthless there
+        forged_for_a = signal.seal(takeover(), RELAY_KEY.encode(), to="node-a", now=now)
+        for reason, payload in [*forged.items(), ("bad-mac", forged_for_a)]:
+            assert await send_query(attacker[0], "node-b", payload) == [], reason
+            assert b.totals.refused.get(reason, 0) >= 1, (reason, b.totals.refused)
+        assert b.relays == {"node-a": relay} and relay.state == "up"
+        assert relay.link_id == a.relays["node-b"].link_id and relay.peer_boot == a.boot
+        assert b.totals.opened == 1
+
+        # a message node-a really sent (here: a repeat of its offer), captured and replayed
+        handled: list[Message] = []
+        handle = b.handle
+
+        async def counting(message: Message) -> Message | None:
+            handled.append(message)
+            return await handle(message)
+
+        b.handle = counting  # type: ignore[method-assign]
+        repeat = Message("offer", signal.new_id(), "node-a", a.boot, relay.link_id, description)
+        captured = signal.seal(repeat, RELAY_KEY.encode(), to="node-b", now=time.time())
+        replies = await send_query(attacker[0], "node-b", captured)
+        assert len(replies) == 1 and len(handled) == 1  # the first time it counts
+        answer = signal.unseal(
+            replies[0], RELAY_KEY.encode(), me="node-a", now=time.time(), window_s=30
+        )
+        assert answer.kind == "answer"
+        assert await send_query(attacker[0], "node-b", captured) == []
+        assert len(handled) == 1 and b.totals.refused["replay"] == 1
+        assert await backing_redis_has(backing, keys.relay_seen("node-b", repeat.request))
+        assert b.relays == {"node-a": relay} and relay.state == "up"
+        # and the real relay still works both ways: node-a's requests pass
+        assert a.totals.refused == {}
+
+
+async def backing_redis_has(backing: BackingServices, key: str) -> bool:
+    redis = Redis.from_url(backing.redis_url)
+    try:
+        return bool(await redis.exists(key))
+    finally:
+        await redis.aclose()
+
+
+async def test_a_relayed_track_is_taken_only_for_a_session_of_the_peer(
+    tmp_path: Path, backing: BackingServices
+) -> None:
+    async with managers(tmp_path, backing) as (a, b):
+        await a.open("node-b")
+        await eventually(lambda: same_link(a, b), "the relay")
+        relay = b.relays["node-a"]
+        own, foreign = signal.new_id(), signal.new_id()
+        redis = Redis.from_url(backing.redis_url)
+        try:
+            for session_id, node in ((own, "node-a"), (foreign, "node-c")):
+                record = {"user_id": "u-" + node, "node": node, "generation": "1", "room": "r1"}
+                await redis.hset(keys.session(session_id), mapping=record)  # type: ignore[arg-type]
+            tracks = (
+                TrackInfo(1111, f"{own}:0", "audio", 111, "opus"),
+                TrackInfo(2222, f"{foreign}:0", "audio", 111, "opus"),
+            )
+            update = Message("tracks", "t1", "node-a", a.boot, relay.link_id, seq=1, added=tracks)
+            reply = await b.handle(update)
+            assert reply is not None and reply.kind == "ok"
+            # node-a may relay its own participant, never one of node-c's
+            assert set(relay.received) == {f"{own}:0"}
+            assert {p.owner.session_id for p in b.media.relayed.get("r1", ())} == {own}
+            assert b.totals.refused == {"foreign-session": 1}
+        finally:
+            await redis.delete(keys.session(own), keys.session(foreign))
+            await redis.aclose()
+
+
+def test_a_relay_manager_needs_the_relay_key() -> None:
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        RelayManager("n", RelaySettings(), None, None, None, None)  # type: ignore[arg-type]
