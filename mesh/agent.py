@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from mesh.process import ManagedProcess, ServiceError, is_loopback
+from mesh.process import ManagedProcess, ServiceError, is_loopback, private_dir
 from mesh.serf import Member, SerfAuthError, SerfClient, SerfConnectionError, SerfError
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,9 @@ class SerfAgentConfig(BaseModel):
 
     def write(self, path: Path) -> Path:
         """Write the config file, readable by its owner only (it holds secrets)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         if self.snapshot_path is not None:
-            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.snapshot_path.parent, tighten=False)
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:

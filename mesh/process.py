@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+#: the umask of every child started here: what they write (databases, snapshots, logs) is
+#: their owner's alone
+PRIVATE_UMASK = 0o077
+
+
+def private_dir(path: Path, *, tighten: bool = True) -> Path:
+    """`path` as a directory only its owner may enter: made 0700 if missing; one that exists
+    is tightened to 0700 too, unless `tighten` is False (a directory an operator named, which
+    may be shared on purpose: never chmod someone's /tmp)."""
+    existed = path.is_dir()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if tighten or not existed:
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
+    return path
+
+
+def private_file(path: Path, text: str) -> Path:
+    """Write `text` to a file that is 0600 from its creation (never readable by others for a
+    moment, as a write then chmod would be), replacing any file there."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.replace(path)
+    return path
+
+
 def is_loopback(address: str) -> bool:
     """Whether a "host:port" (or "[v6]:port") address is reachable from this machine only."""
     host = address.rpartition(":")[0].strip("[]")
@@ -45,6 +75,16 @@ def is_loopback(address: str) -> bool:
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def unix_socket_open(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            sock.connect(str(path))
             return True
     except OSError:
         return False
@@ -80,7 +120,8 @@ class ManagedProcess:
     def start(self) -> None:
         self.stopping = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as out:
             self.popen = subprocess.Popen(
                 self.argv,
                 stdout=out,
@@ -89,6 +130,7 @@ class ManagedProcess:
                 env=self.env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
+                umask=PRIVATE_UMASK,
             )
         log.info("service.started", extra={"service": self.name, "pid": self.pid})
 
@@ -105,6 +147,12 @@ class ManagedProcess:
         return f"{self.name} (pid {self.pid}) died with code {self.exit_code()}:\n{self.log_tail()}"
 
     def wait_port(self, host: str, port: int, timeout: float = 20.0) -> None:
+        self._wait(lambda: port_open(host, port), f"{host}:{port}", timeout)
+
+    def wait_unix_socket(self, path: Path, timeout: float = 20.0) -> None:
+        self._wait(lambda: unix_socket_open(path), str(path), timeout)
+
+    def _wait(self, listening: Callable[[], bool], where: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.exit_code()
@@ -112,11 +160,11 @@ class ManagedProcess:
                 raise ServiceError(
                     f"{self.name} exited with code {code} while starting:\n{self.log_tail()}"
                 )
-            if port_open(host, port):
+            if listening():
                 return
             time.sleep(0.05)
         self.stop()
-        raise ServiceError(f"{self.name} did not listen on {host}:{port} within {timeout}s")
+        raise ServiceError(f"{self.name} did not listen on {where} within {timeout}s")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen is None or self.popen.poll() is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh.process import PRIVATE_UMASK
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
@@ -49,6 +51,8 @@ def _node(args: argparse.Namespace) -> int:
         print(f"sfumesh node: bad configuration: {error}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    # what the node and its children write (databases, snapshots, logs) is its user's alone
+    os.umask(PRIVATE_UMASK)
     return asyncio.run(run_node(settings))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import websockets
 
-from mesh.process import ServiceError, free_port
+from mesh.process import PRIVATE_UMASK, ServiceError, free_port, private_dir, private_file
 from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging
@@ -219,8 +219,10 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
     if not 1 <= nodes <= 16:
         print("sfumesh demo: --nodes must be 1..16", file=sys.stderr)
         return 2
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Everything the demo and its children write (databases, logs, secrets) is the user's
+    # alone, whatever umask the shell had.
+    os.umask(PRIVATE_UMASK)
+    data_dir = private_dir(data_dir.resolve(), tighten=False)
     try:
         services = BackingServices.start(
             os.environ.get("REDIS_URL", ""),
@@ -281,10 +283,7 @@ def _write_cluster_env(data_dir: Path, node: LocalNode, services: BackingService
         f"export SFUMESH_SERF_RPC_AUTH={shlex.quote(node.serf.rpc_auth)}",
         f"export REDIS_URL={shlex.quote(services.redis_url)}",
     ]
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return private_file(path, "\n".join(lines) + "\n")
 
 
 def _ports_or_free(first: int, count: int) -> list[int]:

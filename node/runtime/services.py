@@ -1,9 +1,12 @@
 """The backing services a node needs: Redis and the MongoDB-compatible store.
 
 One code path for the node, `sfumesh demo` and the test fixtures: a URL that is given is used
-as it is and nothing starts; a URL that is missing gets an embedded server (`redis-server`,
-`nx-27017`) on a free loopback port with its own data dir. Embedded children are stopped by
-PID, and one that dies is reported through `dead()`/`watch()`, never ignored.
+as it is and nothing starts; a URL that is missing gets an embedded server with its own data
+dir: `redis-server` on a free loopback port with a generated password, and the document
+store (`nx-27017`, which has no authentication) on a Unix socket only its owner may open
+(`node.runtime.store_server`). Data dirs are 0700, the children write under a umask of 077,
+and `redis.conf` (it holds the password) is 0600 from its creation. Embedded children are
+stopped by PID, and one that dies is reported through `dead()`/`watch()`, never ignored.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
-from mesh.process import ManagedProcess, ServiceError, free_port
+from mesh.process import ManagedProcess, ServiceError, free_port, private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -27,34 +32,48 @@ def _redis_process(data_dir: Path, port: int, password: str) -> ManagedProcess:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError("redis-server is not installed (./scripts/setup installs it)")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conf = data_dir / "redis.conf"
-    # The password goes in a 0600 file, not on the command line where `ps` would show it.
-    conf.write_text(
+    private_dir(data_dir)
+    # The password goes in a file that is 0600 from its creation, not on the command line
+    # where `ps` would show it.
+    conf = private_file(
+        data_dir / "redis.conf",
         f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {data_dir}\n"
         "appendonly yes\nsave 60 1\ndaemonize no\n"
-        f"requirepass {password}\n"
+        f"requirepass {password}\n",
     )
-    conf.chmod(0o600)
     return ManagedProcess("redis", [binary, str(conf)], data_dir / "redis.log")
 
 
-def _store_process(data_dir: Path, port: int) -> ManagedProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
+#: a Unix socket's path must fit `sockaddr_un` (108 bytes with its NUL)
+SOCKET_PATH_MAX = 100
+
+
+def store_socket_path(data_dir: Path) -> Path:
+    """Where the embedded store listens: in its data dir, or (a path too long for a Unix
+    socket) in a fresh 0700 directory of its own under the temporary directory."""
+    path = data_dir / "store.sock"
+    if len(os.fsencode(path.resolve())) <= SOCKET_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="sfumesh-store-")) / "store.sock"
+
+
+def store_uri(socket_path: Path) -> str:
+    """The driver's URI for a store on a Unix socket (the path percent-encoded as the host)."""
+    return f"mongodb://{quote(str(socket_path.resolve()), safe='')}/"
+
+
+def _store_process(data_dir: Path, socket_path: Path) -> ManagedProcess:
+    private_dir(data_dir)
     argv = [
         sys.executable,
-        "-c",
-        "import sys; from nx_27017.nx_27017 import main; sys.exit(main())",
+        "-m",
+        "node.runtime.store_server",
+        "--socket",
+        str(socket_path),
         "--data-dir",
         str(data_dir / "db"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
         "--log-file",
         str(data_dir / "nx-27017.log"),
-        "--pid-file",
-        str(data_dir / "nx-27017.pid"),
     ]
     return ManagedProcess("store", argv, data_dir / "store.out", env=dict(os.environ))
 
@@ -66,31 +85,37 @@ class BackingServices:
     redis_url: str
     mongodb_uri: str
     children: list[ManagedProcess] = field(default_factory=list)
+    #: the embedded store's socket (None: no embedded store)
+    store_socket: Path | None = None
 
     @classmethod
     def start(cls, redis_url: str, mongodb_uri: str, data_dir: Path) -> BackingServices:
         services = cls(redis_url, mongodb_uri)
         try:
+            if not redis_url or not mongodb_uri:
+                private_dir(data_dir)
             if not redis_url:
                 port = free_port()
                 password = secrets.token_urlsafe(24)
                 child = _redis_process(data_dir / "redis", port, password)
-                services._launch(child, port)
+                services._launch(child)
+                child.wait_port("127.0.0.1", port)
                 services.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
             if not mongodb_uri:
-                port = free_port()
-                child = _store_process(data_dir / "store", port)
-                services._launch(child, port)
-                services.mongodb_uri = f"mongodb://127.0.0.1:{port}/"
+                store_dir = private_dir(data_dir / "store")
+                socket_path = services.store_socket = store_socket_path(store_dir)
+                child = _store_process(store_dir, socket_path)
+                services._launch(child)
+                child.wait_unix_socket(socket_path)
+                services.mongodb_uri = store_uri(socket_path)
         except BaseException:
             services.stop()
             raise
         return services
 
-    def _launch(self, child: ManagedProcess, port: int) -> None:
+    def _launch(self, child: ManagedProcess) -> None:
         child.start()
         self.children.append(child)
-        child.wait_port("127.0.0.1", port)
 
     def dead(self) -> list[ManagedProcess]:
         return [c for c in self.children if not c.stopping and c.exit_code() is not None]
@@ -121,3 +146,6 @@ class BackingServices:
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
+        socket_dir = self.store_socket.parent if self.store_socket is not None else None
+        if socket_dir is not None and socket_dir.name.startswith("sfumesh-store-"):
+            shutil.rmtree(socket_dir, ignore_errors=True)  # made by `store_socket_path`

@@ -10,7 +10,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from pydantic import SecretStr
 
-from mesh.process import ManagedProcess
+from mesh.process import ManagedProcess, private_dir
 from node.config import Settings
 from node.runtime.services import BackingServices
 from node.web.app import create_app
@@ -33,6 +33,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 async def run_node(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until an embedded service dies (exit 3)."""
+    private_dir(settings.data_dir, tighten=False)
     services = await asyncio.to_thread(
         BackingServices.start,
         settings.redis_url.get_secret_value(),

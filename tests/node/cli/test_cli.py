@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,18 +21,28 @@ from node.cli.main import main
 @pytest.mark.slow
 def test_demo_smoke_walks_the_whole_flow(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
+    data_dir = tmp_path / ".data"
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "demo", "--smoke", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "node.cli", "demo", "--smoke", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
         check=False,
+        umask=0o022,  # a usual shell's: the demo must not depend on it
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for step in ("signup", "login", "session", "create room", "qr code", "chat history"):
         assert f"ok   {step}" in result.stdout
     assert "smoke: passed" in result.stdout
+    # Its data (users' emails and hashes, secrets, logs) is the user's alone.
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    written = list(data_dir.rglob("*"))
+    assert any(path.name == "redis.conf" for path in written)
+    assert any(path.suffix == ".db" for path in written)
+    for path in written:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
     # Everything it started is gone: no process runs from the demo's data dir any more.
     assert not [line for line in _command_lines() if str(tmp_path) in line]
 
