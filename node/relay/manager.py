@@ -23,8 +23,9 @@ message under 1 KB; the query's response is the reply.
 
 * **Open.** The node that first has something to send offers (a new link id and request
   id); the peer answers with its own description. An attempt that gets no reply within
-  `relay.attempt_timeout_s` is sent again (same request, same link); a receiver that already
-  answered that link answers again with the same answer (duplicates change nothing).
+  `relay.attempt_timeout_s` is sent again (same link, a fresh request id: see Trust); a
+  receiver that already answered that link answers again with the same answer (duplicates
+  change nothing).
 * **Glare.** Both nodes offering at once: the offer of the node whose name sorts first wins.
   The other node drops its own offer and answers; the winner refuses the loser's offer with
   "glare". An offer that names the link it replaces (`k`), or comes from a restarted peer
