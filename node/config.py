@@ -37,9 +37,14 @@ class TokenSettings(BaseModel):
     signing_key_id: str = ""
     issuer: str = "sfumesh"
     audience: str = "sfumesh"
-    user_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    # A user token lives an hour; a client renews it (POST /api/auth/refresh) before then,
+    # for at most `user_max_age_s` after the login, when a new login is needed.
+    user_ttl_s: int = Field(default=3600, gt=0)
+    user_max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
     session_ttl_s: int = Field(default=24 * 3600, gt=0)
     room_ttl_s: int = Field(default=5 * 60, gt=0)
+    # A WebSocket ticket (POST /api/sessions/ws-ticket) is good once, for this long.
+    ws_ticket_ttl_s: float = Field(default=30.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _signing_key_is_known(self) -> TokenSettings:
@@ -246,6 +251,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_TRUSTED_PROXIES": "trusted_proxies",
     "SFUMESH_TOKEN_KEYS": "tokens.keys",
     "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",
+    "SFUMESH_USER_TOKEN_TTL_S": "tokens.user_ttl_s",
+    "SFUMESH_USER_TOKEN_MAX_AGE_S": "tokens.user_max_age_s",
     "SFUMESH_LOGIN_LIMIT_PER_LOGIN": "login_limit.per_login",
     "SFUMESH_LOGIN_LIMIT_PER_ADDRESS": "login_limit.per_address",
     "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",

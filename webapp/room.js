@@ -1,8 +1,8 @@
 // One tab's presence in a room: the session WebSocket, the two-step join, the media, and
 // staying connected (W3). No DOM here; the page listens to events.
 //
-// Joining (README "Live rooms"): open the WebSocket on the closest node with this tab's
-// session token, wait for `hello`, POST /api/rooms/{slug}/join (to this page's node: any
+// Joining (README "Live rooms"): open the WebSocket on the closest node with a ticket
+// bought with this tab's session token, wait for `hello`, POST /api/rooms/{slug}/join (to this page's node: any
 // node will do), send `join {room_token}` on the WebSocket, then publish and subscribe.
 //
 // Staying connected: a WebSocket that drops is opened again after a backoff with jitter
@@ -115,14 +115,29 @@ export class RoomConnection extends EventTarget {
     if (this.ended) return;
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
     let token;
+    let ticket;
+    const renew = this.refused >= 2;
     try {
-      token = await this.sessionToken(this.refused >= 2);
+      token = await this.sessionToken(renew);
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) return this.end("unauthorized");
       return this.retry();
     }
+    try {
+      // The session token stays out of the URL: a ticket (single use, seconds long, good
+      // on any node) stands in for it.
+      ticket = (await request("POST", "/api/sessions/ws-ticket", { token })).ticket;
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) {
+        // Even a new session is refused: logged out (or the password changed).
+        if (renew) return this.end("unauthorized");
+        // This session's token was refused (expired, revoked): the next try takes a new one.
+        this.refused = 2;
+      }
+      return this.retry();
+    }
     if (this.ended) return;
-    const url = `${this.wsUrl()}?session_token=${encodeURIComponent(token)}`;
+    const url = `${this.wsUrl()}?ticket=${encodeURIComponent(ticket)}`;
     this.redirect = false;
     const ws = new WebSocket(url);
     this.ws = ws;

@@ -21,6 +21,8 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
 | `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
+| `sfumesh:token-revoked:<family>` | string, TTL | a logged-out login (node/state/revocation.py) |
+| `sfumesh:ws-ticket:<sha256>` | string (JSON), TTL | a single-use WebSocket ticket, by its hash |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
 keys share a slot and one Lua script may touch them all.
@@ -104,3 +106,14 @@ def relay_seen(name: str, request_id: str) -> str:
     """Set (NX, with a TTL of twice the signing window) when node `name` accepts a relay
     request: the same id again within the window is a replay."""
     return f"{PREFIX}:relay-seen:{name}:{request_id}"
+
+
+def token_revoked(family: str) -> str:
+    """Set at logout: every token of that login (user, session, room) is refused until the
+    longest of them has expired, then the key goes by itself."""
+    return f"{PREFIX}:token-revoked:{family}"
+
+
+def ws_ticket(ticket_hash: str) -> str:
+    """By the ticket's hash, so a key listing shows no usable ticket."""
+    return f"{PREFIX}:ws-ticket:{ticket_hash}"

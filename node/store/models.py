@@ -25,6 +25,10 @@ class User(Document):
     password_hash: str
     display_name: str
     created_at: datetime = Field(default_factory=utcnow)
+    # Raised by a password change: tokens carry the generation they were issued under, and
+    # an older one is refused (node/web/auth.py). Kept here, with the password, so it is as
+    # durable as the password it protects.
+    token_generation: int = 0
 
     class Settings:
         name = "users"

@@ -63,6 +63,13 @@ class LoginRequest(BaseModel):
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
 
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    old_password: Annotated[str, Field(min_length=1, max_length=256)]
+    new_password: Annotated[str, Field(max_length=256), AfterValidator(_check_password)]
+
+
 class PublicUser(BaseModel):
     id: str
     username: str
@@ -174,4 +181,47 @@ async def authenticate(
         if not failed:
             await limiter.refund(reservation)
     log.info("login.ok", extra={"user_id": str(user.id)})
+    return user
+
+
+async def change_password(
+    user: User, change: PasswordChange, address: str, hasher: PasswordHasher, limiter: LoginLimiter
+) -> User:
+    """The user with the new password and the next token generation (so every token issued
+    before is refused). The old password is checked under the login limits: a stolen token
+    must not become an unlimited password-guessing oracle."""
+    reservation = await limiter.reserve(user.username_key, address)
+    if not isinstance(reservation, Reservation):
+        wait = max(1, round(reservation))
+        log.warning("password_change.rate_limited", extra={"address": address})
+        raise RateLimited(
+            "rate_limited", f"too many failed attempts, try again in {wait} s", retry_after_s=wait
+        )
+    failed = False
+    try:
+        if not await hasher.verify(change.old_password, user.password_hash):
+            failed = True
+            log.info("password_change.failed", extra={"user_id": str(user.id)})
+            raise Unauthenticated("invalid_credentials", "wrong password")
+    finally:
+        if not failed:
+            await limiter.refund(reservation)
+    new_hash = await hasher.hash(change.new_password)
+    # Conditional on the generation read with the token: of two changes at once, one wins
+    # and the other is told, instead of both raising the generation from the same start.
+    result = await User.get_pymongo_collection().update_one(
+        {
+            "_id": user.id,
+            # users stored before generations existed have no field: that is generation 0
+            "token_generation": {"$in": [user.token_generation]}
+            if user.token_generation
+            else {"$in": [0, None]},
+        },
+        {"$set": {"password_hash": new_hash}, "$inc": {"token_generation": 1}},
+    )
+    if result.modified_count != 1:
+        raise Conflict("password_changed", "the password was changed meanwhile; log in again")
+    user.password_hash = new_hash
+    user.token_generation += 1
+    log.info("password_change.ok", extra={"user_id": str(user.id)})
     return user

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from beanie import PydanticObjectId
@@ -41,8 +41,10 @@ from node.store.users import (
     LoginRequest,
     NewUser,
     OwnUser,
+    PasswordChange,
     PublicUser,
     authenticate,
+    change_password,
     create_user,
     own_view,
     public_view,
@@ -51,7 +53,7 @@ from node.store.users import (
 from node.web.auth import authenticated_user
 from node.web.context import node_context
 from node.web.errors import APIError
-from node.web.tokens import Purpose
+from node.web.tokens import Purpose, dump_claims
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -99,7 +101,60 @@ async def login(data: LoginRequest) -> UserToken:
     context = node_context()
     address = client_address(context.settings.trusted_proxies)
     user = await authenticate(data, address, context.hasher, context.login_limiter)
-    issued = context.tokens.issue(Purpose.USER, str(user.id))
+    issued = context.tokens.issue(Purpose.USER, str(user.id), generation=user.token_generation)
+    return UserToken(user_token=issued.token, expires_at=issued.expires_at)
+
+
+@api.post("/auth/refresh")
+@validate_response(UserToken)
+async def refresh() -> UserToken:
+    """A new user token for a valid one (same login, so logout still reaches it), until
+    `tokens.user_max_age_s` after the login: then the client logs in again."""
+    context = node_context()
+    claims, user = await authenticated_user(Purpose.USER)
+    logged_in = claims.authenticated_at or datetime.now(UTC)
+    deadline = logged_in + timedelta(seconds=context.tokens.user_max_age_s)
+    left_s = (deadline - datetime.now(UTC)).total_seconds()
+    if left_s < 1:
+        raise APIError(
+            401,
+            "login_required",
+            "this login is too old to refresh; log in again",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    issued = context.tokens.issue(
+        Purpose.USER,
+        str(user.id),
+        family=claims.family,
+        generation=user.token_generation,
+        authenticated_at=logged_in,
+        ttl_s=min(context.settings.tokens.user_ttl_s, left_s),
+    )
+    return UserToken(user_token=issued.token, expires_at=issued.expires_at)
+
+
+@api.post("/auth/logout")
+async def logout() -> tuple[str, int]:
+    """Ends this login: its user tokens and every session and room token they bought stop
+    working on every node."""
+    context = node_context()
+    claims, _ = await authenticated_user(Purpose.USER)
+    # Clocks of other nodes may lag a little: keep the mark a minute past the longest life.
+    await context.token_state.revoke_family(claims.family, context.tokens.longest_ttl_s + 60)
+    return "", 204
+
+
+@api.post("/users/me/password")
+@validate_request(PasswordChange)
+@validate_response(UserToken)
+async def new_password(data: PasswordChange) -> UserToken:
+    """Change the password; every token of the user is refused from now on, this one too,
+    so the answer carries a fresh user token (a new login)."""
+    context = node_context()
+    _, user = await authenticated_user(Purpose.USER)
+    address = client_address(context.settings.trusted_proxies)
+    user = await change_password(user, data, address, context.hasher, context.login_limiter)
+    issued = context.tokens.issue(Purpose.USER, str(user.id), generation=user.token_generation)
     return UserToken(user_token=issued.token, expires_at=issued.expires_at)
 
 
@@ -137,12 +192,39 @@ async def user_by_id(user_id: str) -> dict[str, Any]:
 @api.post("/sessions")
 @validate_response(SessionGrant, 201)
 async def new_session() -> tuple[SessionGrant, int]:
-    _, user = await authenticated_user(Purpose.USER)
+    claims, user = await authenticated_user(Purpose.USER)
     session_id = secrets.token_hex(16)
-    issued = node_context().tokens.issue(Purpose.SESSION, str(user.id), session_id=session_id)
+    issued = node_context().tokens.issue(
+        Purpose.SESSION,
+        str(user.id),
+        session_id=session_id,
+        family=claims.family,
+        generation=user.token_generation,
+        authenticated_at=claims.authenticated_at,
+    )
     return SessionGrant(
         session_id=session_id, session_token=issued.token, expires_at=issued.expires_at
     ), 201
+
+
+class WsTicket(BaseModel):
+    ticket: str
+    expires_at: datetime
+
+
+@api.post("/sessions/ws-ticket")
+@validate_response(WsTicket, 201)
+async def ws_ticket() -> tuple[WsTicket, int]:
+    """A short-lived, single-use stand-in for the session token in `/ws?ticket=...`, so the
+    long-lived token never appears in a URL (proxy logs, browser history). It holds on
+    every node: the ticket lives in the shared Redis."""
+    context = node_context()
+    claims, _ = await authenticated_user(Purpose.SESSION)
+    ttl_s = context.settings.tokens.ws_ticket_ttl_s
+    ticket = secrets.token_urlsafe(32)
+    expires_at = datetime.now(UTC) + timedelta(seconds=ttl_s)
+    await context.token_state.put_ticket(ticket, dump_claims(claims), ttl_s)
+    return WsTicket(ticket=ticket, expires_at=expires_at), 201
 
 
 @api.post("/rooms")
@@ -203,7 +285,14 @@ async def join_room(slug: str) -> RoomGrant:
     )
     await remember_person(room, str(user.id))
     issued = context.tokens.issue(
-        Purpose.ROOM, str(user.id), session_id=claims.session_id, room=room.slug, node=record.node
+        Purpose.ROOM,
+        str(user.id),
+        session_id=claims.session_id,
+        room=room.slug,
+        node=record.node,
+        family=claims.family,
+        generation=user.token_generation,
+        authenticated_at=claims.authenticated_at,
     )
     nodes = {info.name: info for info in await context.live.registry.live()}
     return RoomGrant(

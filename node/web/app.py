@@ -19,6 +19,7 @@ from node.runtime.cluster import Cluster
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
 from node.state.ratelimit import LoginLimiter
+from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
 from node.store.users import PasswordHasher
 from node.web.api import api
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> Quart:
             redis=redis,
             store=store,
             tokens=tokens,
+            token_state=TokenState(redis),
             hasher=hasher,
             login_limiter=LoginLimiter(redis, settings.login_limit),
             live=live,

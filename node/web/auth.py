@@ -1,4 +1,10 @@
-"""Bearer tokens on requests: which token, for which purpose, belonging to which user."""
+"""Bearer tokens on requests: which token, for which purpose, belonging to which user.
+
+A signature alone is not enough: a token also stops working when its login was logged out
+(its family is revoked in Redis) or its user changed password since it was issued (its
+generation is older than the user's). Both are checked here, for every token that reaches
+a user: one Redis GET and the user read every request already did.
+"""
 
 from __future__ import annotations
 
@@ -16,27 +22,42 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def bearer_claims(purpose: Purpose) -> Claims:
+def bearer_token(purpose: Purpose) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized(f"a {purpose.value} token is required (Authorization: Bearer ...)")
+    return token.strip()
+
+
+def bearer_claims(purpose: Purpose) -> Claims:
+    """The signed claims of the request's token (not yet checked against revocation)."""
+    token = bearer_token(purpose)
     try:
-        return node_context().tokens.verify(token.strip(), purpose)
+        return node_context().tokens.verify(token, purpose)
     except TokenError as error:
         raise _unauthorized(str(error)) from error
 
 
-async def user_of(claims: Claims) -> User:
+async def token_user(claims: Claims) -> User:
+    """The user behind verified claims, if the token has not been revoked since."""
+    context = node_context()
+    if await context.token_state.family_revoked(claims.family):
+        raise TokenError("token revoked (logged out)")
     try:
         user = await User.get(PydanticObjectId(claims.user_id))
     except (InvalidId, TypeError):
         user = None
     if user is None:
-        raise _unauthorized("the token's user no longer exists")
+        raise TokenError("the token's user no longer exists")
+    if claims.generation != user.token_generation:
+        raise TokenError("token revoked (password changed)")
     return user
 
 
 async def authenticated_user(purpose: Purpose) -> tuple[Claims, User]:
     claims = bearer_claims(purpose)
-    return claims, await user_of(claims)
+    try:
+        return claims, await token_user(claims)
+    except TokenError as error:
+        raise _unauthorized(str(error)) from error

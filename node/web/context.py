@@ -14,6 +14,7 @@ from node.runtime.cluster import Cluster
 from node.runtime.live import Live
 from node.runtime.metrics import NodeMetrics
 from node.state.ratelimit import LoginLimiter
+from node.state.revocation import TokenState
 from node.store.users import PasswordHasher
 from node.web.tokens import TokenService
 
@@ -26,6 +27,7 @@ class NodeContext:
     redis: Redis
     store: AsyncMongoClient[dict[str, Any]]
     tokens: TokenService
+    token_state: TokenState
     hasher: PasswordHasher
     login_limiter: LoginLimiter
     live: Live

@@ -1,4 +1,8 @@
-"""WebSocket signalling `/ws?session_token=...` (S1-S3, live R4).
+"""WebSocket signalling `/ws?ticket=...` or `/ws?session_token=...` (S1-S3, live R4).
+
+The ticket (POST /api/sessions/ws-ticket) is single-use and lives seconds, so a URL that
+ends up in a log or a history is worth nothing; the session token in the URL is still
+accepted (the public contract names it).
 
 One connection = one session generation. Every client frame may carry an `id` and gets an
 `ack` or an `error` with the same id. However a connection ends (close, idle timeout,
@@ -13,10 +17,9 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from beanie import PydanticObjectId
-from bson.errors import InvalidId
 from quart import Blueprint, Response, jsonify, websocket
 from redis.exceptions import RedisError
 
@@ -26,10 +29,10 @@ from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
 from node.store.messages import clean_chat_text
-from node.store.models import User
 from node.store.rooms import get_room
+from node.web.auth import token_user
 from node.web.context import NodeContext, node_context
-from node.web.tokens import Purpose, TokenError
+from node.web.tokens import Claims, Purpose, TokenError, load_claims
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +55,49 @@ def _refuse(status: int, code: str, message: str) -> tuple[Response, int]:
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
+#: tickets are `secrets.token_urlsafe(32)`: 43 characters; anything much longer is not one
+_MAX_TICKET_CHARS = 128
+
+
+async def _ticket_claims(context: NodeContext, ticket: str) -> Claims:
+    """The session claims a ticket stands for; the ticket is used up by asking."""
+    if not ticket or len(ticket) > _MAX_TICKET_CHARS or not ticket.isascii():
+        raise TokenError("malformed ticket")
+    raw = await context.token_state.take_ticket(ticket)
+    if raw is None:
+        raise TokenError("unknown, used or expired ticket")
+    claims = load_claims(raw)
+    if claims.purpose is not Purpose.SESSION:
+        raise TokenError("not a session ticket")
+    if claims.expires_at <= datetime.now(UTC):
+        raise TokenError("token expired")
+    return claims
+
+
 @ws_blueprint.websocket("/ws")
 async def signalling() -> Any:
     context = node_context()
     live = context.live
+    ticket = websocket.args.get("ticket")
     try:
-        claims = context.tokens.verify(websocket.args.get("session_token", ""), Purpose.SESSION)
+        if ticket is not None:
+            # Before the ticket is spent: a client sent elsewhere keeps it for that node.
+            if live.draining:
+                return _refuse(503, "draining", "this node is shutting down; connect to another")
+            claims = await _ticket_claims(context, ticket)
+        else:
+            token = websocket.args.get("session_token", "")
+            claims = context.tokens.verify(token, Purpose.SESSION)
     except TokenError as error:
         return _refuse(401, "unauthorized", str(error))
     if live.draining:
         return _refuse(503, "draining", "this node is shutting down; connect to another")
     try:
-        user = await User.get(PydanticObjectId(claims.user_id))
-    except (InvalidId, TypeError):
-        user = None
-    if user is None or claims.session_id is None:
-        return _refuse(401, "unauthorized", "the token's user no longer exists")
+        user = await token_user(claims)
+    except TokenError as error:
+        return _refuse(401, "unauthorized", str(error))
+    if claims.session_id is None:
+        return _refuse(401, "unauthorized", "token carries no session")
 
     connected = await live.sessions.connect(claims.session_id, claims.user_id)
     conn = Connection(
@@ -288,6 +318,11 @@ async def _join(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         live.name,
     ):
         raise ClientError("wrong_token", "this room token is for another session or node")
+    try:
+        # Logged out or password changed since the HTTP join: the room token goes too.
+        await token_user(claims)
+    except TokenError as error:
+        raise ClientError("bad_token", str(error)) from error
     slug = str(claims.room)
     if conn.room == slug:
         raise ClientError("already_joined", "this session is already in the room")

@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -39,7 +40,10 @@ async def test_refresh_in_a_full_room_and_closing_the_tab(
         web_context(browser, bob.user_token) as bob_ctx,
         web_context(browser, carol.user_token) as carol_ctx,
     ):
-        first = await new_page(alice_ctx, url)
+        sockets: list[str] = []
+        first = await new_page(alice_ctx)
+        first.on("websocket", lambda ws: sockets.append(ws.url))
+        await first.goto(url)
         await wait_joined(first)
         second = await new_page(bob_ctx, url)
         await wait_joined(second)
@@ -69,6 +73,12 @@ async def test_refresh_in_a_full_room_and_closing_the_tab(
         )
         await wait_joined(first)
         assert (await hello(first))["session_id"] == before["session_id"]
+        # Every socket (first load, refresh, reconnect) opened with a ticket of its own,
+        # never with the session token in its URL (issue 21 item 12).
+        tickets = [parse_qs(urlsplit(address).query).get("ticket", [""])[0] for address in sockets]
+        assert len(sockets) >= 3 and all(tickets), sockets
+        assert len(set(tickets)) == len(tickets)
+        assert not any("session_token" in address for address in sockets)
         await expect(first.locator("#people-count")).to_have_text("2")
         await expect(second.locator("#people-count")).to_have_text("2")
 
