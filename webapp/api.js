@@ -1,14 +1,26 @@
 // The HTTP side of the public contract (API.md), and where this browser keeps its tokens.
 //
 // Tokens: the user token (login) lives in localStorage, so every tab of this browser is
-// logged in; the session token lives in sessionStorage, one per tab, so a refresh keeps its
+// logged in, and is renewed before it expires while a page is open; the session token lives in sessionStorage, one per tab, so a refresh keeps its
 // session (and its seat in a full room: a refreshed session replaces itself, requirement R6)
 // while a new tab gets a session of its own.
 
 const USER_KEY = "sfumesh.user";
 const SESSION_KEY = "sfumesh.session";
-// Renew a token this long before it expires.
+// Renew a session token this long before it expires.
 const MARGIN_MS = 60_000;
+// A user token is still used this close to its expiry (it is renewed well before).
+const USER_MARGIN_MS = 5_000;
+// The user token lives an hour (the node's tokens.user_ttl_s) and is renewed while this
+// page is open (POST /api/auth/refresh): 5 minutes before it expires, or halfway through
+// its remaining life when that is shorter, never sooner than 1 s apart.
+const REFRESH_BEFORE_MS = 5 * 60_000;
+const REFRESH_MIN_MS = 1_000;
+// Timers cannot wait longer than 2^31 - 1 ms; a far expiry is looked at again after this.
+const REFRESH_MAX_MS = 3_600_000;
+const REFRESH_RETRY_MS = 30_000;
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let refreshTimer;
 
 export class ApiError extends Error {
   /**
@@ -83,15 +95,15 @@ function readJson(/** @type {Storage} */ storage, /** @type {string} */ key) {
   }
 }
 
-function fresh(/** @type {{expires_at?: string} | null} */ grant) {
-  return grant !== null && Date.parse(grant.expires_at ?? "") - MARGIN_MS > Date.now();
+function fresh(/** @type {{expires_at?: string} | null} */ grant, margin = MARGIN_MS) {
+  return grant !== null && Date.parse(grant.expires_at ?? "") - margin > Date.now();
 }
 
 export const auth = {
   /** @returns {string | null} the stored user token, if still valid */
   userToken() {
     const grant = readJson(localStorage, USER_KEY);
-    return fresh(grant) ? grant.user_token : null;
+    return fresh(grant, USER_MARGIN_MS) ? grant.user_token : null;
   },
 
   /** @param {string} login @param {string} password */
@@ -99,12 +111,63 @@ export const auth = {
     const grant = await request("POST", "/api/auth/login", { body: { login, password } });
     localStorage.setItem(USER_KEY, JSON.stringify(grant));
     sessionStorage.removeItem(SESSION_KEY);
+    this.keepFresh();
     return grant;
   },
 
-  logout() {
+  /** Ends this login on the node (its tokens stop working everywhere), then forgets it. */
+  async logout() {
+    const grant = readJson(localStorage, USER_KEY);
+    this.forget();
+    if (grant?.user_token) {
+      await request("POST", "/api/auth/logout", { token: grant.user_token }).catch((error) =>
+        console.warn("logout", error),
+      );
+    }
+  },
+
+  /** Forgets the stored login (it no longer works, or was logged out). */
+  forget() {
+    clearTimeout(refreshTimer);
     localStorage.removeItem(USER_KEY);
     sessionStorage.removeItem(SESSION_KEY);
+  },
+
+  /**
+   * Keeps renewing the user token while the page is open, so a long call still has a
+   * valid one when it needs a new session or room.
+   */
+  keepFresh() {
+    clearTimeout(refreshTimer);
+    const grant = readJson(localStorage, USER_KEY);
+    const left = Date.parse(grant?.expires_at ?? "") - Date.now();
+    if (!(left > 0)) return; // none, or expired: only a login helps
+    const wait = Math.max(REFRESH_MIN_MS, Math.max(left - REFRESH_BEFORE_MS, left / 2));
+    refreshTimer = setTimeout(() => this.refresh(), Math.min(REFRESH_MAX_MS, wait));
+  },
+
+  /** One renewal of the stored user token; schedules the next. */
+  async refresh() {
+    clearTimeout(refreshTimer);
+    const grant = readJson(localStorage, USER_KEY);
+    if (!grant?.user_token) return;
+    try {
+      const next = await request("POST", "/api/auth/refresh", { token: grant.user_token });
+      // Another tab may have logged out, or in as someone else, meanwhile.
+      if (readJson(localStorage, USER_KEY)?.user_token === grant.user_token) {
+        localStorage.setItem(USER_KEY, JSON.stringify(next));
+      }
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) {
+        // Logged out elsewhere, password changed, or the login is too old: log in again.
+        if (readJson(localStorage, USER_KEY)?.user_token === grant.user_token) this.forget();
+        return;
+      }
+      console.warn("token refresh; trying again", error);
+      refreshTimer = setTimeout(() => this.refresh(), REFRESH_RETRY_MS);
+      return;
+    }
+    this.keepFresh();
   },
 
   /** @returns {Promise<{id: string, username: string, display_name: string} | null>} */
@@ -115,7 +178,7 @@ export const auth = {
       return await request("GET", "/api/users/me", { token });
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) {
-        this.logout();
+        this.forget();
         return null;
       }
       throw error;

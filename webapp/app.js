@@ -38,6 +38,7 @@ async function boot() {
   setupHeader();
   let user = null;
   try {
+    auth.keepFresh();
     user = await auth.me();
   } catch (error) {
     console.warn("profile", error);

@@ -68,7 +68,7 @@ export function showAuth(next, room = null) {
 
 /** The stored login no longer works: forget it and log in again, then go on to `next`. */
 export function logoutTo(/** @type {() => void} */ next) {
-  auth.logout();
+  auth.forget();
   setUser(null);
   showAuth(next);
 }

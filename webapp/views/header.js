@@ -19,7 +19,7 @@ export function setupHeader() {
   });
   document.getElementById("logout")?.addEventListener("click", async () => {
     await window.sfumesh?.conn?.leave();
-    auth.logout();
+    await auth.logout();
     setUser(null);
     location.assign("/");
   });
