@@ -175,6 +175,29 @@ class RelaySettings(BaseModel):
     signal_window_s: float = Field(default=30.0, gt=0, le=600)
 
 
+class MetricsSettings(BaseModel):
+    """What /metrics shows, and where (issue 21 item 13)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Media series per track, labelled with session ids (debugging, benches). Off: summed
+    # per direction and kind, a fixed handful of series that name no session.
+    per_session: bool = False
+    # "host:port" of a listener of its own for /metrics (e.g. "127.0.0.1:9464", reachable
+    # by the scraper only); then the public listener answers 404 there. "" = the public one.
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not value:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError("metrics.listen must be host:port, e.g. 127.0.0.1:9464")
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -201,6 +224,7 @@ class Settings(BaseModel):
     media: MediaSettings = Field(default_factory=MediaSettings)
     serf: SerfSettings = Field(default_factory=SerfSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -283,6 +307,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_RELAY_REPORT_PERIOD_S": "relay.report_period_s",
     "SFUMESH_RELAY_KEY": "relay.key",
     "SFUMESH_RELAY_SIGNAL_WINDOW_S": "relay.signal_window_s",
+    "SFUMESH_METRICS_PER_SESSION": "metrics.per_session",
+    "SFUMESH_METRICS_LISTEN": "metrics.listen",
 }
 
 

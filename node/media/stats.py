@@ -4,9 +4,13 @@
 counters the taps already keep, and every series belongs to a live track, so the label set
 is bounded by what is connected now and a session's series vanish when it leaves.
 
-Labels: `session` (the session id), `direction` ("in": a track a publisher sends to this
-node; "out": a track this node forwards to a subscriber), `kind` (audio/video) and `track`
-(the published track, "<publisher session id>:<mid>", the same for "in" and its "out"s).
+Labels: `direction` ("in": a track a publisher sends to this node; "out": a track this
+node forwards to a subscriber) and `kind` (audio/video). By default that is all: the tracks
+are summed (jitter and RTT: the worst track), so the series are a fixed handful and a scrape
+shows no session ids (they are the sessions' names in the live state). With
+`metrics.per_session` each track has its own series, with `session` (the session id) and
+`track` (the published track, "<publisher session id>:<mid>", the same for "in" and its
+"out"s) as well: for debugging and benches, not for a scraper kept for months.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from node.media.session import MediaHub
 
 LABELS = ["session", "direction", "kind", "track"]
+AGGREGATE_LABELS = ["direction", "kind"]
 
 #: Bitrate is averaged over at least this long: scrapes closer together repeat the last value.
 MIN_RATE_WINDOW_S = 1.0
@@ -73,9 +78,14 @@ class _Track:
 class MediaCollector(Collector):
     """Per track and node-wide media figures of one `MediaHub`."""
 
-    def __init__(self, hub: MediaHub) -> None:
+    def __init__(self, hub: MediaHub, per_session: bool = False) -> None:
         self.hub = hub
+        self.per_session = per_session
         self._rates = _Rates()
+        # Summed counters must not go down when a track ends (a scraper would read a reset):
+        # each live track's last counts, and the counts of tracks gone, per label set.
+        self._last: dict[tuple[str, ...], dict[str, float]] = {}
+        self._retired: dict[tuple[str, ...], dict[str, float]] = {}
 
     def tracks(self) -> Iterator[_Track]:
         now = time.monotonic()
@@ -124,87 +134,144 @@ class MediaCollector(Collector):
                     )
 
     def collect(self) -> Iterator[Metric]:
+        per_track = self.per_session
+        labels_of = LABELS if per_track else AGGREGATE_LABELS
+        scope = "per track" if per_track else "summed per direction and kind"
+        worst = "" if per_track else " (the worst track)"
         packets = CounterMetricFamily(
             "sfumesh_media_packets",
-            "RTP packets per track: received from the publisher (in, retransmissions "
+            f"RTP packets {scope}: received from the publisher (in, retransmissions "
             "included) or sent to the subscriber (out)",
-            labels=LABELS,
+            labels=labels_of,
         )
         octets = CounterMetricFamily(
             "sfumesh_media_bytes",
-            "RTP payload bytes per track (headers and padding not counted)",
-            labels=LABELS,
+            f"RTP payload bytes {scope} (headers and padding not counted)",
+            labels=labels_of,
         )
         bitrate = GaugeMetricFamily(
             "sfumesh_media_bitrate_bps",
-            "RTP payload bits/s per track, averaged since the previous scrape (at least "
+            f"RTP payload bits/s {scope}, averaged since the previous scrape (at least "
             f"{MIN_RATE_WINDOW_S:g} s; since the track started on the first scrape)",
-            labels=LABELS,
+            labels=labels_of,
         )
         lost = GaugeMetricFamily(
             "sfumesh_media_packets_lost",
             "Cumulative packets lost (RTCP receiver report figure): in = as this node counts "
             "the publisher's stream, out = as the subscriber last reported it",
-            labels=LABELS,
+            labels=labels_of,
         )
         jitter = GaugeMetricFamily(
             "sfumesh_media_jitter_seconds",
-            "RTP interarrival jitter (RFC 3550): in = measured here, out = as the subscriber "
-            "last reported it",
-            labels=LABELS,
+            f"RTP interarrival jitter (RFC 3550){worst}: in = measured here, out = as the "
+            "subscriber last reported it",
+            labels=labels_of,
         )
         rtt = GaugeMetricFamily(
             "sfumesh_media_rtt_seconds",
-            "Round-trip time to the subscriber (out only), from its receiver reports' "
+            f"Round-trip time to the subscriber{worst} (out only), from its receiver reports' "
             "LSR/DLSR, smoothed by aiortc; absent until known. Publisher RTT is not measured "
             "(the node sends no sender reports on publish connections)",
-            labels=LABELS,
+            labels=labels_of,
         )
         nacks = CounterMetricFamily(
             "sfumesh_media_nacks",
             "Sequence numbers the subscriber NACKed (out only)",
-            labels=LABELS,
+            labels=labels_of,
         )
         retransmissions = CounterMetricFamily(
             "sfumesh_media_retransmissions",
             "NACKed packets answered from the sender's RTP history (out only)",
-            labels=LABELS,
+            labels=labels_of,
         )
         keyframes = CounterMetricFamily(
             "sfumesh_media_keyframe_requests",
             "Keyframe requests: in = PLIs this node sent to the publisher (throttled), "
             "out = PLI/FIR received from the subscriber",
-            labels=LABELS,
+            labels=labels_of,
         )
         remb = GaugeMetricFamily(
             "sfumesh_media_remb_bps",
             "Latest REMB estimate: in = sent by this node to the publisher, out = received "
             "from the subscriber; absent before the first",
-            labels=LABELS,
+            labels=labels_of,
         )
         published_tracks = 0
         subscriptions = 0
+        # Summed (or, for jitter and RTT, the worst) per label set; per track each label set
+        # is one track, so the sums are that track's own figures.
+        sums: dict[str, dict[tuple[str, ...], float]] = {}
+        worsts: dict[str, dict[tuple[str, ...], float]] = {}
+
+        def add(family: str, key: tuple[str, ...], value: float) -> None:
+            table = sums.setdefault(family, {})
+            table[key] = table.get(key, 0) + value
+
+        def worst_of(family: str, key: tuple[str, ...], value: float) -> None:
+            table = worsts.setdefault(family, {})
+            table[key] = max(table.get(key, value), value)
+
+        live: dict[tuple[str, ...], dict[str, float]] = {}
         for item in self.tracks():
-            labels = item.labels
-            if labels[1] == "in":
+            if item.labels[1] == "in":
                 published_tracks += 1
             else:
                 subscriptions += 1
-            packets.add_metric(labels, item.packets)
-            octets.add_metric(labels, item.octets)
-            bitrate.add_metric(labels, item.bitrate)
+            key = tuple(item.labels) if per_track else (item.labels[1], item.labels[2])
+            if not per_track:
+                counts: dict[str, float] = {
+                    "packets": item.packets,
+                    "octets": item.octets,
+                    "keyframes": item.keyframe_requests,
+                }
+                # "in" has no NACK figures: none are made up for it
+                if item.nacked is not None:
+                    counts["nacks"] = item.nacked
+                if item.retransmitted is not None:
+                    counts["retransmissions"] = item.retransmitted
+                live[tuple(item.labels)] = counts
+            add("packets", key, item.packets)
+            add("octets", key, item.octets)
+            add("bitrate", key, item.bitrate)
             if item.reception is not None:
-                lost.add_metric(labels, item.reception.packets_lost)
-                jitter.add_metric(labels, item.reception.jitter_s)
+                add("lost", key, item.reception.packets_lost)
+                worst_of("jitter", key, item.reception.jitter_s)
                 if item.reception.rtt_s is not None:
-                    rtt.add_metric(labels, item.reception.rtt_s)
+                    worst_of("rtt", key, item.reception.rtt_s)
             if item.nacked is not None:
-                nacks.add_metric(labels, item.nacked)
+                add("nacks", key, item.nacked)
             if item.retransmitted is not None:
-                retransmissions.add_metric(labels, item.retransmitted)
-            keyframes.add_metric(labels, item.keyframe_requests)
+                add("retransmissions", key, item.retransmitted)
+            add("keyframes", key, item.keyframe_requests)
             if item.remb is not None:
-                remb.add_metric(labels, item.remb)
+                add("remb", key, item.remb)
+        if not per_track:
+            for track, counts in self._last.items():
+                if track in live:
+                    continue
+                retired = self._retired.setdefault((track[1], track[2]), {})
+                for name, value in counts.items():
+                    retired[name] = retired.get(name, 0) + value
+            self._last = live
+            for key, gone in self._retired.items():
+                for name, value in gone.items():
+                    add(name, key, value)
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "packets": packets,
+            "octets": octets,
+            "bitrate": bitrate,
+            "lost": lost,
+            "jitter": jitter,
+            "rtt": rtt,
+            "nacks": nacks,
+            "retransmissions": retransmissions,
+            "keyframes": keyframes,
+            "remb": remb,
+        }
+        for table in (sums, worsts):
+            for name, values in table.items():
+                for key, value in values.items():
+                    families[name].add_metric(list(key), value)
         sessions = sum(1 for s in list(self.hub.sessions.values()) if not s.closed)
         yield from (packets, octets, bitrate, lost, jitter, rtt, nacks, retransmissions)
         yield from (keyframes, remb)

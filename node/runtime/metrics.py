@@ -1,10 +1,10 @@
 """Prometheus metrics of one node (E1), each app with its own registry.
 
 Labels are bounded: HTTP routes are the rule templates (`/api/rooms/<slug>`), never the
-paths themselves, so a crawler cannot grow the series without end. Media metrics (per
-track bitrate, packets, loss, jitter, RTT; node totals) come from `node.media.stats`, read
-from live media state at scrape time, so only live tracks have series; relay figures (per
-peer node) come from `node.relay.manager`.
+paths themselves, so a crawler cannot grow the series without end. Media metrics (bitrate,
+packets, loss, jitter, RTT, summed per direction and kind, or per track with session ids
+when `metrics.per_session` is on; node totals) come from `node.media.stats`, read from live
+media state at scrape time; relay figures (per peer node) come from `node.relay.manager`.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ class NodeMetrics:
             "sfumesh_redis_ok", "1 when this node is registered in Redis", registry=self.registry
         ).set_function(lambda: float(redis_ok()))
 
-    def watch_media(self, hub: MediaHub) -> None:
-        """Per track and node-wide media metrics, read from `hub` when scraped."""
-        self.registry.register(MediaCollector(hub))
+    def watch_media(self, hub: MediaHub, per_session: bool = False) -> None:
+        """Media metrics (summed, or per track with `per_session`) and node-wide ones, read
+        from `hub` when scraped."""
+        self.registry.register(MediaCollector(hub, per_session))
 
     def watch_relays(self, manager: RelayManager) -> None:
         """The relays' figures and counters (node.relay.manager), read when scraped."""

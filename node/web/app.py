@@ -37,6 +37,25 @@ WEBAPP_DIR = Path(str(resources.files("webapp")))
 READY_TIMEOUT_S = 2.0
 
 
+def _render_metrics(app: Quart) -> Response:
+    context: NodeContext | None = app.extensions.get(EXTENSION)
+    body = context.metrics.render() if context is not None else b""
+    return Response(body, content_type=CONTENT_TYPE)
+
+
+def create_metrics_app(node_app: Quart) -> Quart:
+    """`/metrics` of `node_app` alone, for a listener of its own (`metrics.listen`): a
+    scraper on a private address, nothing of it on the public one."""
+    app = Quart(f"{__name__}.metrics", static_folder=None)
+    install_error_handlers(app)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return _render_metrics(node_app)
+
+    return app
+
+
 def create_app(settings: Settings) -> Quart:
     """The node's app. Redis and the store must already be reachable at the settings' URLs."""
     # Checked now, not at the first request: a node without signing keys must not start.
@@ -70,7 +89,7 @@ def create_app(settings: Settings) -> Quart:
         metrics.watch(
             lambda: len(live.hub.connections), lambda: len(live.hub.rooms), lambda: live.redis_ok
         )
-        metrics.watch_media(live.media)
+        metrics.watch_media(live.media, settings.metrics.per_session)
         live.metrics = metrics
         cluster = Cluster(settings, live)
         await cluster.start()
@@ -166,9 +185,9 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        context: NodeContext | None = app.extensions.get(EXTENSION)
-        body = context.metrics.render() if context is not None else b""
-        return Response(body, content_type=CONTENT_TYPE)
+        if settings.metrics.listen:
+            raise NotFound()  # served on the metrics listener only
+        return _render_metrics(app)
 
     @app.get("/static/<path:filename>")
     async def webapp_static(filename: str) -> Response:

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from mesh.process import ManagedProcess, private_dir
 from node.config import Settings
 from node.runtime.services import BackingServices
-from node.web.app import create_app
+from node.web.app import create_app, create_metrics_app
 from node.web.context import EXTENSION, NodeContext
 
 log = logging.getLogger(__name__)
@@ -22,9 +22,9 @@ EXIT_SERVICE_DIED = 3
 GRACEFUL_TIMEOUT_S = 10.0
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.accesslog = None  # the app logs each request itself, structured
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -81,8 +81,21 @@ async def run_node(settings: Settings) -> int:
             "node.listening",
             extra={"node": settings.node_name, "url": settings.base_url, "region": settings.region},
         )
+        servers = [serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)]
+        if settings.metrics.listen:
+            metrics_config = hypercorn_config(settings, settings.metrics.listen)
+            servers.append(
+                serve(create_metrics_app(app), metrics_config, shutdown_trigger=stop.wait)
+            )
+            log.info("node.metrics_listening", extra={"listen": settings.metrics.listen})
+        tasks = [asyncio.ensure_future(server) for server in servers]
         try:
-            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One listener failed (its address taken, say): the node stops, not half served.
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             watcher.cancel()
     finally:

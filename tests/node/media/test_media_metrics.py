@@ -1,4 +1,8 @@
-"""Media metrics at /metrics (E1): two aiortc clients stream through one in-process node."""
+"""Media metrics at /metrics (E1): two aiortc clients stream through one in-process node.
+
+Per track (with session ids) only when `metrics.per_session` is on; by default summed per
+direction and kind, naming no session (issue 21 item 13).
+"""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def series(samples: dict[str, dict[Any, float]], name: str) -> dict[Labels, floa
 
 @pytest.mark.slow
 async def test_media_metrics_per_track_and_gone_after_leave(make_app: Any) -> None:
-    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    test_app = await make_app(media__host_addresses=["127.0.0.1"], metrics__per_session=True)
     api = Api(test_app.test_client())
     tokens = {name: await api.user_token(name) for name in ("alice", "bob")}
     await api.create_room(tokens["alice"], "studio")
@@ -134,3 +138,65 @@ async def test_media_metrics_per_track_and_gone_after_leave(make_app: Any) -> No
             for client in clients:
                 await client.close()
     print(f"media metrics scenario took {time.monotonic() - started:.2f} s")
+
+
+@pytest.mark.slow
+async def test_media_metrics_by_default_are_summed_and_name_no_session(make_app: Any) -> None:
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    tokens = {name: await api.user_token(name) for name in ("alice", "bob")}
+    await api.create_room(tokens["alice"], "studio")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            await join_clients(stack, api, tokens, ["alice", "bob"], "studio", clients)
+            for client in clients:
+                await client.start_publishing()
+            for client in clients:
+                for kind, wanted in (("video", VIDEO_FRAMES), ("audio", AUDIO_FRAMES)):
+                    await until(
+                        lambda c=client, k=kind, n=wanted: any(t.frames >= n for t in c.tracks(k)),
+                        what=f"{client.name} decodes {kind}",
+                    )
+            text = await (await api.client.get("/metrics")).get_data(as_text=True)
+            for client in clients:
+                assert client.peer.session_id not in text
+            sums: dict[str, dict[tuple[str, str], float]] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if not sample.name.startswith("sfumesh_media_"):
+                        continue
+                    assert "session" not in sample.labels and "track" not in sample.labels
+                    if set(sample.labels) == {"direction", "kind"}:
+                        key = (sample.labels["direction"], sample.labels["kind"])
+                        sums.setdefault(sample.name, {})[key] = sample.value
+            every = {(d, k) for d in ("in", "out") for k in ("audio", "video")}
+            # 2 published tracks of each kind in, each forwarded once out: one series each.
+            for name in ("sfumesh_media_packets_total", "sfumesh_media_bytes_total"):
+                assert set(sums[name]) == every and all(v > 0 for v in sums[name].values())
+            assert set(sums["sfumesh_media_nacks_total"]) == {("out", "audio"), ("out", "video")}
+            packets_in = sums["sfumesh_media_packets_total"][("in", "video")]
+
+            # A publisher leaves: the summed counters do not go down (no false reset).
+            await clients[1].send("leave")
+            samples: dict[tuple[str, str], float] = {}
+
+            async def tracks_gone() -> bool:
+                text = await (await api.client.get("/metrics")).get_data(as_text=True)
+                samples.clear()
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "sfumesh_media_packets_total":
+                            samples[(sample.labels["direction"], sample.labels["kind"])] = (
+                                sample.value
+                            )
+                return "sfumesh_media_published_tracks 2.0" in text
+
+            deadline = time.monotonic() + 15
+            while not await tracks_gone():
+                assert time.monotonic() < deadline, "bob's tracks are still counted"
+                await asyncio.sleep(0.2)
+            assert samples[("in", "video")] >= packets_in
+        finally:
+            for client in clients:
+                await client.close()
