@@ -246,3 +246,27 @@ async def test_user_tokens_live_an_hour_by_default(api: Api) -> None:
     _, payload, _ = (await response.get_json())["user_token"].split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     assert {"fam", "gen", "auth_time"} <= set(claims)
+
+
+async def test_checking_revocation_costs_one_redis_command_per_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request pays for it, so it stays one EXISTS (the generation comes with the user
+    document the request reads anyway)."""
+    token = await api.user_token("alice")
+    session = await api.session_token(token)
+    client = node_context(api).redis
+    original: Any = client.execute_command
+    revocation_commands: list[tuple[Any, ...]] = []
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        if any(b"token-revoked" in str(arg).encode() for arg in args):
+            revocation_commands.append(args)
+        return await original(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", counting)
+    for _ in range(5):
+        assert await me(api, token) == 200
+        assert await status_of(api, "POST", "/api/sessions/ws-ticket", session) == 201
+    assert len(revocation_commands) == 10
+    assert all(command[0] == "EXISTS" for command in revocation_commands)
