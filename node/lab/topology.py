@@ -480,17 +480,22 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
     return Topology(regions, hosts, core, seed, source, by_address)
 
 
-def load_topology(path: Path | str | None = None) -> Topology:
-    """Read a topology file; None: the default topology shipped with the project."""
+def read_topology(path: Path | str | None = None) -> tuple[str, str]:
+    """A topology file's text and the name errors give it; None: the default topology."""
     if path is None:
         text = resources.files("node.lab").joinpath("topologies", DEFAULT_TOPOLOGY).read_text()
-        return parse_topology(text, f"node/lab/topologies/{DEFAULT_TOPOLOGY}")
+        return text, f"node/lab/topologies/{DEFAULT_TOPOLOGY}"
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8"), str(file)
     except (OSError, UnicodeDecodeError) as error:
         raise TopologyError(str(file), 1, "<file>", str(error)) from None
-    return parse_topology(text, str(file))
+
+
+def load_topology(path: Path | str | None = None) -> Topology:
+    """Read and validate a topology file; None: the default topology shipped with the
+    project."""
+    return parse_topology(*read_topology(path))
 
 
 def with_core(topology: Topology, a: str, b: str, **changes: Any) -> Topology:
