@@ -9,6 +9,8 @@ the lab talks to it over its stdin and stdout, one JSON object per line:
 * in: `{"cmd": "stats"}`; out: `{"stats": {...}}` (`Network.stats()` plus the emulator's
   own figures: CPU seconds, packets read and written, lateness of each write after its due
   time);
+* in: `{"cmd": "samples", "link": name, "limit": n}`; out: `{"samples": [ms, ...]}`, the
+  link's most recent one-way delays (a stage name, or a path "SRC->DST" between hosts);
 * in: `{"cmd": "quit"}` or end of input (the lab went away): the devices close, and with
   them vanish from their namespaces.
 
@@ -115,8 +117,12 @@ class Counters:
     lateness: DelayStats = field(default_factory=DelayStats)
 
     def as_dict(self) -> dict[str, Any]:
+        times = os.times()
         return {
-            "cpu_s": time.process_time(),
+            # system time includes the kernel's handling of what the devices carry
+            "cpu_s": times.user + times.system,
+            "cpu_user_s": times.user,
+            "cpu_system_s": times.system,
             "packets_read": self.packets_read,
             "bytes_read": self.bytes_read,
             "packets_written": self.packets_written,
@@ -139,6 +145,39 @@ def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     return value
+
+
+def _samples(network: Network[bytes], link: str, limit: int) -> list[float] | None:
+    if link in network.stages:
+        samples = network.stages[link].stats.delay.samples
+    else:
+        src, _, dst = link.partition("->")
+        path = network.path_stats.get((src, dst))
+        if path is None:
+            return None
+        samples = path.delay.samples
+    recent = list(samples)[-limit:] if limit > 0 else []
+    return [s * 1e3 for s in recent]
+
+
+def _command(
+    message: Mapping[str, Any], network: Network[bytes], counters: Counters, out: IO[str]
+) -> bool:
+    """Answer one control message; False: quit."""
+    command = message.get("cmd")
+    if command == "quit":
+        return False
+    if command == "stats":
+        _reply(out, {"stats": {**network.stats(), "emulator": counters.as_dict()}})
+    elif command == "samples":
+        samples = _samples(network, str(message.get("link")), int(message.get("limit", 1000)))
+        if samples is None:
+            _reply(out, {"error": f"no link or path {message.get('link')!r}"})
+        else:
+            _reply(out, {"samples": samples})
+    else:
+        _reply(out, {"error": f"unknown command {command!r}"})
+    return True
 
 
 def serve(
@@ -184,12 +223,8 @@ def serve(
                         line, pending = pending.split(b"\n", 1)
                         if not line.strip():
                             continue
-                        command = json.loads(line).get("cmd")
-                        if command == "quit":
+                        if not _command(json.loads(line), network, counters, out):
                             return
-                        if command == "stats":
-                            stats = {**network.stats(), "emulator": counters.as_dict()}
-                            _reply(out, {"stats": stats})
                 else:
                     src = by_fd[fd]
                     while True:

@@ -5,6 +5,7 @@
         sock = lab.socket("eu-peer", socket.SOCK_DGRAM)       # a socket inside a host
         lab.address("sg-node")                                # its 198.18.x.y
         lab.stats()                                           # the emulator's ground truth
+        lab.samples("a->b")                                   # its recent delays on a link
 
 Each host's namespace is held by a `sleep` that called unshare(CLONE_NEWNET) before exec;
 the emulator (`python -m node.lab.emulator`) gives each its TUN device. Everything the lab
@@ -301,6 +302,16 @@ class Lab:
         reply = self._ask({"cmd": "stats"})
         stats: dict[str, Any] = reply["stats"]
         return stats
+
+    def samples(self, link: str, limit: int = 1000) -> list[float]:
+        """The most recent one-way delays (ms) the emulator gave on `link`: a stage name
+        (`A->B` between regions, `HOST/up`, `HOST/down`) or a path between hosts
+        (`SRC->DST`)."""
+        reply = self._ask({"cmd": "samples", "link": link, "limit": limit})
+        if "samples" not in reply:
+            raise LabError(str(reply.get("error", reply)))
+        samples: list[float] = reply["samples"]
+        return samples
 
 
 def _end(process: subprocess.Popen[Any]) -> None:

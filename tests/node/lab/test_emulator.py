@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -82,11 +83,21 @@ def wait_gone(pids: Iterator[int] | list[int], timeout: float = 10.0) -> list[in
 
 
 @pytest.mark.slow
-def test_delay_loss_rate_and_order_as_configured_and_nothing_left_behind() -> None:
+def test_delay_loss_rate_and_order_as_configured_and_nothing_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     links_before = lab_links()
-    temp_before = set(os.listdir(tempfile.gettempdir()))
+    # the lab and its children work in, and would write temporary files to, empty folders
+    work, temp = tmp_path / "work", tmp_path / "temp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     config = SelftestConfig(rate_pps=2000, duration_s=3.0)
-    with Lab(TOPOLOGY, "test") as lab:
+    # real-time priority where allowed (root): what is measured is the emulator, not how
+    # the scheduler of a busy machine treats it
+    with Lab(TOPOLOGY, "test", realtime=True) as lab:
         pids = list(lab.pids.values())
         assert len(pids) == 4  # three hosts and the emulator
         # no address outside loopback and the lab range inside a host
@@ -100,6 +111,10 @@ def test_delay_loss_rate_and_order_as_configured_and_nothing_left_behind() -> No
         capped_config = SelftestConfig(rate_pps=2000, duration_s=2.0)
         _, capped = measure(lab, "x", "z", capped_config, linger_s=0.3)
         stats = lab.stats()
+        link_samples = lab.samples("a->b", 500)
+        path_samples = lab.samples("x->y", 500)
+        with pytest.raises(LabError, match="no link or path"):
+            lab.samples("nowhere")
 
     one_way = delayed.one_way_ms()
     # 50 ms with 5 ms of drifting jitter: the mean stays put, order is kept
@@ -120,11 +135,13 @@ def test_delay_loss_rate_and_order_as_configured_and_nothing_left_behind() -> No
     assert stats["links"]["a->b"]["delay_ms"]["mean"] == pytest.approx(50, abs=2)
     assert stats["links"]["a->c"]["drops"]["queue"] > 0
     assert stats["emulator"]["packets_read"] >= sent
+    assert len(link_samples) == len(path_samples) == 500
+    assert 40 <= statistics.fmean(link_samples) <= 60
 
     # nothing left: processes (hence namespaces), devices, files
     assert wait_gone(pids) == []
     assert lab_links() == links_before
-    assert set(os.listdir(tempfile.gettempdir())) == temp_before
+    assert list(work.iterdir()) == list(temp.iterdir()) == []
 
 
 CHILD = """

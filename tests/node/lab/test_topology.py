@@ -14,6 +14,7 @@ from node.lab.topology import (
     TopologyError,
     load_topology,
     parse_topology,
+    with_core,
 )
 
 GOOD = """\
@@ -178,3 +179,13 @@ def test_syntax_errors_name_their_line() -> None:
 def test_a_missing_file_is_a_topology_error(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match="<file>"):
         load_topology(tmp_path / "none.toml")
+
+
+def test_a_variant_changes_one_direction_of_one_core_link() -> None:
+    t = parse_topology(GOOD)
+    worse = with_core(t, "a", "b", delay_ms=130, loss=0.02)
+    assert worse.core[("a", "b")].delay_ms == 130
+    assert worse.core[("a", "b")].loss == 0.02
+    assert worse.core[("a", "b")].burst == t.core[("a", "b")].burst
+    assert worse.core[("b", "a")] == t.core[("b", "a")]
+    assert t.core[("a", "b")].delay_ms == 50  # the original is untouched
