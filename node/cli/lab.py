@@ -74,6 +74,10 @@ def _selftest(args: argparse.Namespace) -> int:
     except LabError as error:
         print(f"sfumesh lab selftest: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the lab is already torn down (its `with` block)
+        print("sfumesh lab selftest: interrupted", file=sys.stderr)
+        return 130
     print(format_table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")

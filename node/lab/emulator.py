@@ -180,6 +180,14 @@ def _command(
     return True
 
 
+def _commands(pending: bytes, network: Network[bytes], counters: Counters, out: IO[str]) -> bool:
+    """Answer every complete line of `pending`; False: quit."""
+    for line in pending.split(b"\n")[:-1]:
+        if line.strip() and not _command(json.loads(line), network, counters, out):
+            return False
+    return True
+
+
 def serve(
     topology: Topology,
     network: Network[bytes],
@@ -200,6 +208,9 @@ def serve(
         poller.register(timer, select.EPOLLIN)
         poller.register(control, select.EPOLLIN)
         armed: float | None = None
+        if not _commands(pending, network, counters, out):
+            return
+        pending = pending[pending.rfind(b"\n") + 1 :]
         while True:
             due = network.next_due()
             if due != armed:
@@ -219,12 +230,9 @@ def serve(
                     if not chunk:
                         return
                     pending += chunk
-                    while b"\n" in pending:
-                        line, pending = pending.split(b"\n", 1)
-                        if not line.strip():
-                            continue
-                        if not _command(json.loads(line), network, counters, out):
-                            return
+                    if not _commands(pending, network, counters, out):
+                        return
+                    pending = pending[pending.rfind(b"\n") + 1 :]
                 else:
                     src = by_fd[fd]
                     while True:

@@ -144,6 +144,23 @@ def test_delay_loss_rate_and_order_as_configured_and_nothing_left_behind(
     assert list(work.iterdir()) == list(temp.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_the_default_topology_runs_a_path_of_three_stages() -> None:
+    """Amsterdam peer -> Vietnam peer: fiber uplink + Amsterdam-HCM + fiber downlink."""
+    config = SelftestConfig(rate_pps=200, duration_s=0.5)
+    with Lab.from_file(None, realtime=True) as lab:
+        assert len(lab.pids) == 7  # six hosts, the emulator
+        sent, received = measure(lab, "eu-peer", "vn-peer", config, linger_s=0.4)
+        stats = lab.stats()
+    one_way = sorted(received.one_way_ms())
+    assert len(one_way) >= 0.95 * sent
+    # 2.5 + 114.5 + 2.5 ms
+    assert 116 <= one_way[len(one_way) // 2] <= 130
+    for stage in ("eu-peer/up", "ams->hcm", "vn-peer/down"):
+        assert stats["links"][stage]["packets_in"] >= len(one_way)
+    assert stats["links"]["ams->sg"]["packets_in"] == 0
+
+
 CHILD = """
 import json, sys, time
 from node.lab.namespaces import Lab
