@@ -2,8 +2,8 @@
 
 A TUN device is one `ioctl(TUNSETIFF)` (fcntl); `timerfd` (sub-millisecond wake-ups: epoll's
 own timeout has millisecond steps, which alone would cost the emulator up to 1 ms of delay
-error), `setns`, `unshare` and the parent-death signal are libc calls through ctypes
-(`os.setns`/`os.unshare` and `os.timerfd_*` arrive only in 3.12/3.13). Linux only.
+error) and `setns` are libc calls through ctypes (`os.setns` and `os.timerfd_*` arrive only
+in 3.12/3.13), as is the timer slack. Linux only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import signal
 import struct
 from typing import Final
 
@@ -24,7 +23,6 @@ _TFD_NONBLOCK: Final = os.O_NONBLOCK
 _TFD_CLOEXEC: Final = os.O_CLOEXEC
 _TFD_TIMER_ABSTIME: Final = 1
 CLONE_NEWNET: Final = 0x40000000
-_PR_SET_PDEATHSIG: Final = 1
 _PR_SET_TIMERSLACK: Final = 29
 #: an interface name is at most 15 bytes
 IFNAMSIZ: Final = 16
@@ -84,16 +82,6 @@ def setns_net(path: str) -> None:
         _check(_libc.setns(fd, CLONE_NEWNET), f"setns {path}")
     finally:
         os.close(fd)
-
-
-def unshare_net() -> None:
-    """Give the calling process a new, empty network namespace (needs CAP_SYS_ADMIN)."""
-    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Have the kernel send `sig` to this process when its parent dies (kept across exec)."""
-    _check(_libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def tight_timers() -> None:

@@ -7,11 +7,13 @@
         lab.stats()                                           # the emulator's ground truth
         lab.samples("a->b")                                   # its recent delays on a link
 
-Each host's namespace is held by a `sleep` that called unshare(CLONE_NEWNET) before exec;
-the emulator (`python -m node.lab.emulator`) gives each its TUN device. Everything the lab
-starts is a child it knows by PID and that the kernel kills if the lab dies
-(PR_SET_PDEATHSIG); `stop` ends them (the emulator first, asked, then by signal) and waits
-for them: the namespaces vanish with their last process, the TUN devices with the
+Each host's namespace is held by a `sleep` started through `unshare --net`; the emulator
+(`python -m node.lab.emulator`) gives each its TUN device. Everything the lab starts is a
+child it knows by PID; if the lab dies, the kernel kills the holders (`setpriv
+--pdeathsig`: start a lab from a thread that outlives it, such as the main thread, since
+the signal follows the starting thread) and the emulator sees the end of its input and
+exits. `stop` ends them all (the emulator first, asked, then by signal) and waits for
+them: the namespaces vanish with their last process, the TUN devices with the
 emulator's file descriptors, and the lab writes no files. Ctrl-C reaches every child of the
 terminal's process group at once and `stop` (run by `with`) collects them.
 
@@ -31,11 +33,11 @@ import logging
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -98,7 +100,8 @@ def namespace_problem() -> str | None:
             "cannot create network namespaces: no CAP_SYS_ADMIN (run as root, or where "
             "unprivileged user namespaces are allowed, so `unshare --map-root-user` works)"
         )
-    missing = [tool for tool in ("ip", "nsenter") if shutil.which(tool) is None]
+    tools = ("ip", "nsenter", "unshare", "setpriv", "sleep")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         return f"missing tools: {', '.join(missing)} (Debian: iproute2, util-linux)"
     if not os.path.exists(kernel.TUN_PATH):
@@ -106,14 +109,25 @@ def namespace_problem() -> str | None:
     return None
 
 
-def _holder_setup() -> None:
-    # runs in the child between fork and exec: die with the lab, then a namespace of its own
-    kernel.die_with_parent()
-    kernel.unshare_net()
+#: a host's namespace: held by a `sleep` that unshared it, killed by the kernel if the lab's
+#: thread that started it dies (no preexec_fn: it is unsafe once threads run)
+HOLDER: Final = ("setpriv", "--pdeathsig", "KILL", "unshare", "--net", "sleep", "infinity")
+#: how long `unshare` may take to make a namespace
+HOLDER_TIMEOUT_S: Final = 10.0
 
 
-def _emulator_setup() -> None:
-    kernel.die_with_parent(signal.SIGTERM)
+def _wait_unshared(holder: subprocess.Popen[bytes], own: str | None) -> None:
+    """Until the holder is in a namespace of its own (or raise LabError)."""
+    deadline = time.monotonic() + HOLDER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if holder.poll() is not None:
+            error = holder.stderr.read().decode(errors="replace") if holder.stderr else ""
+            raise LabError(f"cannot create a host namespace: {error.strip() or holder.returncode}")
+        current = _netns_id(str(holder.pid))
+        if current is not None and current != own:
+            return
+        time.sleep(0.005)
+    raise LabError(f"no host namespace after {HOLDER_TIMEOUT_S:g} s")
 
 
 class Lab:
@@ -167,12 +181,15 @@ class Lab:
         if problem is not None:
             raise LabError(problem)
         try:
+            own = _netns_id("self")
             for name in self.topology.hosts:
                 self._holders[name] = subprocess.Popen(
-                    ["sleep", "infinity"],
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=_holder_setup,
+                    HOLDER, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
                 )
+            for holder in self._holders.values():
+                _wait_unshared(holder, own)
+                if holder.stderr is not None:
+                    holder.stderr.close()
             self._start_emulator()
         except BaseException as error:
             self.stop()
@@ -187,7 +204,6 @@ class Lab:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
-            preexec_fn=_emulator_setup,
         )
         config = {
             "topology": self._text,

@@ -216,24 +216,36 @@ def test_the_capability_check_names_what_is_missing(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.slow
-def test_a_process_without_privileges_gets_the_error_not_a_half_built_lab() -> None:
-    """A real unprivileged process (nobody, no capabilities): the check refuses."""
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_process_without_privileges_gets_a_clear_error_and_nothing_is_left(
+    checked: bool,
+) -> None:
+    """A real unprivileged process (nobody, no capabilities). The check refuses up front;
+    with the check skipped, `unshare` itself fails: a clear error too, nothing left."""
     if subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
         pytest.skip("no setpriv")
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from node.lab.namespaces import Lab, LabError\n"
+        f"lab = Lab(sys.stdin.read(){'' if checked else ', check=lambda: None'})\n"
         "try:\n"
-        "    Lab(sys.stdin.read()).start()\n"
+        "    lab.start()\n"
         "except LabError as error:\n"
-        "    print(error)\n"
+        "    print(json.dumps([str(error), lab.pids]))\n"
         "    sys.exit(3)\n"
     )
+    links_before = lab_links()
     result = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
          sys.executable, "-c", code],
-        input=TOPOLOGY, capture_output=True, text=True, timeout=60,
-        cwd="/",
+        input=TOPOLOGY, capture_output=True, text=True, timeout=60, cwd="/",
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
-    assert "CAP_SYS_ADMIN" in result.stdout
+    message, pids = json.loads(result.stdout)
+    if checked:
+        assert "CAP_SYS_ADMIN" in message
+    else:
+        assert "cannot create a host namespace" in message
+        assert "Operation not permitted" in message
+    assert pids == {}
+    assert lab_links() == links_before
