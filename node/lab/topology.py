@@ -25,9 +25,10 @@ errors (a misspelt `jiter_ms` must not silently mean "no jitter").
     queue_ms = 100              # optional (drop-tail queue, in ms at rate_mbps)
     burst = { p_good_to_bad = 0.001, p_bad_to_good = 0.3, loss_bad = 0.5 }  # optional
 
-Every pair of different regions needs a `[core.A.B]`; if only one direction is given the
-other copies it (symmetric fill), else each direction has its own. Hosts of one region reach
-each other with no core stage unless `[core.A.A]` is given.
+Region and host names are 1-64 letters, digits, `-` or `_`. Every pair of different
+regions needs a `[core.A.B]`; if only one direction is given the other copies it
+(symmetric fill), else each direction has its own. Hosts of one region reach each other
+with no core stage unless `[core.A.A]` is given.
 
 Access links (any host may have one; clients usually do): `uplink_mbps`, `downlink_mbps`,
 `delay_ms` (one-way, added in each direction), `jitter_ms`, `loss` (each direction),
@@ -45,7 +46,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -140,13 +141,10 @@ class Topology:
     core: Mapping[tuple[str, str], LinkParams]
     seed: int = 1
     source: str = "<topology>"
-    _by_address: Mapping[ipaddress.IPv4Address, str] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
     def host_at(self, address: ipaddress.IPv4Address) -> Host | None:
-        name = self._by_address.get(address)
-        return None if name is None else self.hosts[name]
+        """The host with `address`, if any."""
+        return next((h for h in self.hosts.values() if h.address == address), None)
 
     def hosts_with(self, role: Role) -> list[Host]:
         return [h for h in self.hosts.values() if h.role is role]
@@ -370,6 +368,15 @@ def _access_link(profile: AccessProfile, name: str | None, corr_default: float) 
     return AccessLink(name, uplink=one(profile.uplink_mbps), downlink=one(profile.downlink_mbps))
 
 
+_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _check_name(r: _Reader, path: tuple[str, ...]) -> None:
+    # stage names are built from them (`HOST/up`, `A->B`): keep them unambiguous
+    if not _NAME.fullmatch(path[-1]):
+        raise r.fail(path, "a name is 1-64 letters, digits, '-' or '_'")
+
+
 def parse_topology(text: str, source: str = "<topology>") -> Topology:
     """Parse and validate a topology file's text; `source` names it in errors."""
     r = _Reader(text, source)
@@ -392,6 +399,7 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
 
     regions: dict[str, Region] = {}
     for name, raw in r.table(doc["regions"], ("regions",), None).items():
+        _check_name(r, ("regions", name))
         table = r.table(raw, ("regions", name), frozenset({"description"}))
         regions[name] = Region(name, r.string(table, ("regions", name), "description") or "")
     if not regions:
@@ -407,6 +415,7 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
     pending: list[tuple[str, dict[str, Any]]] = []
     for name, raw in r.table(doc["hosts"], ("hosts",), None).items():
         path = ("hosts", name)
+        _check_name(r, path)
         table = r.table(raw, path, _HOST_KEYS, frozenset({"region", "role"}))
         region = r.string(table, path, "region")
         if region not in regions:
@@ -435,7 +444,6 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
         pending.append((name, table))
 
     free = (a for a in LAB_NETWORK.hosts() if a not in taken)
-    by_address: dict[ipaddress.IPv4Address, str] = {}
     for name, table in pending:
         path = ("hosts", name)
         address_text = table.get("address")
@@ -460,7 +468,6 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
                 fields = {k: v for k, v in inline.items() if k != "profile"}
                 access = _access_link(_profile(r, fields, apath, base), base_name, corr)
         hosts[name] = Host(name, table["region"], Role(table["role"]), address, access)
-        by_address[address] = name
     if not hosts:
         raise r.fail(("hosts",), "no hosts")
 
@@ -477,7 +484,7 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
                 raise r.fail(
                     ("core", a, b), f"no link between regions {a!r} and {b!r} (either direction)"
                 )
-    return Topology(regions, hosts, core, seed, source, by_address)
+    return Topology(regions, hosts, core, seed, source)
 
 
 def read_topology(path: Path | str | None = None) -> tuple[str, str]:

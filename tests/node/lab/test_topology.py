@@ -135,6 +135,8 @@ def _line(text: str, needle: str) -> int:
         # addresses outside the lab range, or taken twice
         ('address = "198.18.1.9"', 'address = "10.0.0.1"', "hosts.c2.address", "10.0.0.1"),
         ("[lab]\nseed = 7", "[lab]\nseed = 7\nsead = 1", "lab.sead", "sead"),
+        # names make stage names (HOST/up, A->B): no separators in them
+        ("[hosts.c2]", '[hosts."c/2"]', "hosts.c/2", "c/2"),
     ],
 )
 def test_bad_files_name_the_line_and_the_field(old: str, new: str, field: str, needle: str) -> None:
