@@ -172,21 +172,24 @@ def measure(
     wait `linger_s` for the last ones; how many were sent, and what arrived when."""
     receiver = lab.socket(target)
     sender = lab.socket(source)
+    stop = threading.Event()
+    thread: threading.Thread | None = None
     try:
         receiver.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         address = str(lab.address(target))
         receiver.bind((address, PORT))
         received = Received()
-        stop = threading.Event()
         thread = threading.Thread(target=_receive, args=(receiver, received, stop), daemon=True)
         thread.start()
         sent = _send(sender, (address, PORT), config)
         time.sleep(linger_s)
-        stop.set()
-        thread.join()
         return sent, received
     finally:
+        # the receiving thread ends before its socket closes (also on Ctrl-C)
+        stop.set()
+        if thread is not None:
+            thread.join()
         receiver.close()
         sender.close()
 

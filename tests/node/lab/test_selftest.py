@@ -5,6 +5,11 @@ only their presence and sanity are checked here, never the target."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,44 @@ def test_selftest_refuses_bad_figures(
     assert "loss" in capsys.readouterr().err
     assert main(["lab", "selftest", "--size", "9000"]) == 2
     assert built == []
+
+
+def _children(pid: int) -> list[int]:
+    result = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in result.stdout.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(namespace_problem() is not None, reason=f"no lab: {namespace_problem()}")
+def test_ctrl_c_during_the_selftest_ends_it_cleanly() -> None:
+    """SIGINT to the process group mid-measurement (as a terminal's Ctrl-C): exit 130 with
+    one line, no traceback, and every process of the lab gone."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "lab", "selftest", "--duration", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # three holders and the emulator: the lab is up
+        while len(children := _children(command.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 4
+        time.sleep(1.0)  # measuring
+        os.killpg(command.pid, signal.SIGINT)
+        out, _ = command.communicate(timeout=30)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    assert command.returncode == 130, out
+    assert "interrupted" in out
+    assert "Traceback" not in out
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in children if os.path.exists(f"/proc/{p}")]
