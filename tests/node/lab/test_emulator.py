@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,29 @@ def test_the_default_topology_runs_a_path_of_three_stages() -> None:
     for stage in ("eu-peer/up", "ams->hcm", "vn-peer/down"):
         assert stats["links"][stage]["packets_in"] >= len(one_way)
     assert stats["links"]["ams->sg"]["packets_in"] == 0
+
+
+@pytest.mark.slow
+def test_tcp_crosses_the_lab_with_the_path_delay() -> None:
+    """Redis, the store and Serf speak TCP: a connection takes one round trip (2 x 50 ms)."""
+    with Lab(TOPOLOGY.replace("jitter_ms = 5\nloss = 0.01\n", ""), "tcp", realtime=True) as lab:
+        server = lab.socket("y", socket.SOCK_STREAM)
+        client = lab.socket("x", socket.SOCK_STREAM)
+        with server, client:
+            server.bind((str(lab.address("y")), 7000))
+            server.listen()
+            started = time.monotonic()
+            client.connect((str(lab.address("y")), 7000))
+            connected = time.monotonic() - started
+            peer, address = server.accept()
+            with peer:
+                client.sendall(b"ping" * 10_000)
+                got = b""
+                while len(got) < 40_000:
+                    got += peer.recv(65_536)
+    assert address[0] == str(lab.address("x"))
+    assert got == b"ping" * 10_000
+    assert 0.095 <= connected <= 0.2
 
 
 CHILD = """
