@@ -1,4 +1,4 @@
-"""`sfumesh`: the command line (node, demo, bench, keygen)."""
+"""`sfumesh`: the command line (node, demo, bench, cluster, lab, keygen)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mesh.process import PRIVATE_UMASK
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
+from node.cli import lab as lab_cli
 from node.config import ConfigError, load_settings, new_key
 from node.log import setup_logging
 
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster_cli.add_arguments(cluster)
     cluster.set_defaults(run=cluster_cli.run)
+
+    lab = commands.add_parser(
+        "lab", help="the WAN lab: far-apart regions emulated on this machine (selftest)"
+    )
+    lab_cli.add_arguments(lab)
+    lab.set_defaults(run=lab_cli.run)
 
     keygen = commands.add_parser("keygen", help="print a fresh token signing secret")
     keygen.set_defaults(run=_keygen)
