@@ -88,8 +88,9 @@ def client_address(trusted_proxies: list[str]) -> str:
 @validate_request(NewUser)
 @validate_response(PublicUser, 201)
 async def sign_up(data: NewUser) -> tuple[PublicUser, int]:
-    user = await create_user(data, node_context().hasher)
-    return public_view(user), 201
+    context = node_context()
+    address = client_address(context.settings.trusted_proxies)
+    return await create_user(data, context.hasher, context.signup_limiter, address), 201
 
 
 @api.post("/auth/login")
