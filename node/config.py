@@ -77,7 +77,8 @@ class HashingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    threads: int = Field(default=2, gt=0, le=64)
+    # Half the CPUs (at least one): the rest stay for the event loop and media forwarding.
+    threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), gt=0, le=64)
     max_waiting: int = Field(default=32, ge=0)
 
 
