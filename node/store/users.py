@@ -12,13 +12,12 @@ from datetime import datetime
 from typing import Annotated, TypeVar
 
 import bcrypt
-from beanie import PydanticObjectId
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 from pymongo.errors import DuplicateKeyError
 
 from node.errors import Conflict, RateLimited, Unauthenticated, Unavailable
 from node.state.ratelimit import LoginLimiter, SignupLimiter
-from node.store.models import User
+from node.store.models import User, is_user_id, new_user_id
 from node.store.text import clean_text
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class OwnUser(PublicUser):
 
 
 def public_view(user: User) -> PublicUser:
-    return PublicUser(id=str(user.id), username=user.username, display_name=user.display_name)
+    return PublicUser(id=user.id, username=user.username, display_name=user.display_name)
 
 
 def own_view(user: User) -> OwnUser:
@@ -175,8 +174,11 @@ class PasswordHasher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def new_user_id() -> str:
-    return str(PydanticObjectId())
+async def get_user(user_id: str) -> User | None:
+    """The user with this id; None for an id that is not one (never a store error)."""
+    if not is_user_id(user_id):
+        return None
+    return await User.get(user_id)
 
 
 async def create_user(

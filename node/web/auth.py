@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from beanie import PydanticObjectId
-from bson.errors import InvalidId
 from quart import request
 
 from node.store.models import User
+from node.store.users import get_user
 from node.web.context import node_context
 from node.web.errors import APIError
 from node.web.tokens import Claims, Purpose, TokenError
@@ -28,10 +27,7 @@ def bearer_claims(purpose: Purpose) -> Claims:
 
 
 async def user_of(claims: Claims) -> User:
-    try:
-        user = await User.get(PydanticObjectId(claims.user_id))
-    except (InvalidId, TypeError):
-        user = None
+    user = await get_user(claims.user_id)
     if user is None:
         raise _unauthorized("the token's user no longer exists")
     return user

@@ -15,8 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from beanie import PydanticObjectId
-from bson.errors import InvalidId
 from quart import Blueprint, Response, jsonify, websocket
 from redis.exceptions import RedisError
 
@@ -26,8 +24,8 @@ from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
 from node.store.messages import clean_chat_text
-from node.store.models import User
 from node.store.rooms import get_room
+from node.store.users import get_user
 from node.web.context import NodeContext, node_context
 from node.web.tokens import Purpose, TokenError
 
@@ -62,10 +60,7 @@ async def signalling() -> Any:
         return _refuse(401, "unauthorized", str(error))
     if live.draining:
         return _refuse(503, "draining", "this node is shutting down; connect to another")
-    try:
-        user = await User.get(PydanticObjectId(claims.user_id))
-    except (InvalidId, TypeError):
-        user = None
+    user = await get_user(claims.user_id)
     if user is None or claims.session_id is None:
         return _refuse(401, "unauthorized", "the token's user no longer exists")
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import bcrypt
 
 from node.store.models import User
+from node.store.rooms import get_room, remember_person
 from node.store.users import PasswordHasher
 from node.web.context import EXTENSION
 from tests.conftest import Api, bearer, error_of
@@ -116,6 +120,10 @@ async def test_me_shows_email_to_self_only(api: Api) -> None:
     assert me["email"] == "alice@example.org"
     assert "password" not in str(me) and "hash" not in str(me)
 
+    # Profiles by id are for people who share a room (issue 21 item 17): bob joins alice's.
+    room = await api.create_room(alice_token, "lobby")
+    bob = await (await api.client.get("/api/users/me", headers=bearer(bob_token))).get_json()
+    await remember_person(await get_room(room["slug"]), bob["id"])
     by_bob = await api.client.get(f"/api/users/{me['id']}", headers=bearer(bob_token))
     assert await by_bob.get_json() == {"id": me["id"], "username": "alice", "display_name": "Alice"}
     by_self = await api.client.get(f"/api/users/{me['id']}", headers=bearer(alice_token))
@@ -174,3 +182,46 @@ async def test_display_name_is_normalised_and_controls_refused(api: Api) -> None
         },
     )
     assert response.status_code == 422
+
+
+async def test_user_ids_are_random_and_say_nothing_of_order(api: Api) -> None:
+    """Issue 21 item 17: ids are 128 random bits, not ObjectIds (time and a counter)."""
+    ids = [(await api.signup(f"user{i}"))["id"] for i in range(6)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", user_id) for user_id in ids), ids
+    # ObjectIds of consecutive inserts share their leading (time) bytes and count up.
+    assert len({user_id[:8] for user_id in ids}) == len(ids), ids
+    stored = await User.find_all().to_list()
+    assert {user.id for user in stored} == set(ids)
+
+
+async def test_profile_by_id_only_for_people_who_share_a_room(api: Api) -> None:
+    alice_token = await api.user_token("alice")
+    bob_token = await api.user_token("bob")
+    carol_token = await api.user_token("carol")
+
+    async def me(token: str) -> dict[str, str]:
+        data: dict[str, str] = await (
+            await api.client.get("/api/users/me", headers=bearer(token))
+        ).get_json()
+        return data
+
+    alice, bob = await me(alice_token), await me(bob_token)
+    room = await api.create_room(alice_token, "kitchen")
+
+    async def lookup(token: str, user_id: str) -> Any:
+        return await api.client.get(f"/api/users/{user_id}", headers=bearer(token))
+
+    # A stranger is told exactly what an unknown id gets: nothing to list or probe.
+    stranger = await lookup(bob_token, alice["id"])
+    unknown = await lookup(bob_token, "0" * 32)
+    assert stranger.status_code == unknown.status_code == 404
+    assert await error_of(stranger) == await error_of(unknown)
+    # Once bob has joined alice's room, they see each other; carol still sees neither.
+    await remember_person(await get_room(room["slug"]), bob["id"])
+    assert (await lookup(bob_token, alice["id"])).status_code == 200
+    assert (await (await lookup(alice_token, bob["id"])).get_json())["username"] == "bob"
+    assert (await lookup(carol_token, alice["id"])).status_code == 404
+    assert (await lookup(carol_token, bob["id"])).status_code == 404
+    # By exact username, anyone signed in may find someone.
+    by_name = await api.client.get("/api/users/by-username/alice", headers=bearer(carol_token))
+    assert (await by_name.get_json())["id"] == alice["id"]

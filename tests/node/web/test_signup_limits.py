@@ -99,7 +99,10 @@ async def test_hashing_runs_in_its_own_threads(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_login_flood_past_the_queue_is_503_busy(make_app: Any) -> None:
-    test_app = await make_app(bcrypt_cost=12, hashing__threads=1, hashing__max_waiting=1)
+    # Logins in flight hold a failed-login slot each until answered: room for all ten.
+    test_app = await make_app(
+        bcrypt_cost=12, hashing__threads=1, hashing__max_waiting=1, login_limit__per_login=100
+    )
     client = test_app.test_client()
     assert (await _signup(client, "alice", "10.0.0.1")).status_code == 201
     hasher = _hasher(test_app)
