@@ -59,10 +59,39 @@ class TokenSettings(BaseModel):
 class LoginLimitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Failed logins allowed per window, counted per login name and per client address.
+    # Failed logins allowed per window: per account from one client address (so a stranger
+    # elsewhere cannot lock the owner out; an unknown login counts as its own account), and
+    # per client address over all accounts.
     per_login: int = Field(default=5, gt=0)
     per_address: int = Field(default=20, gt=0)
     window_s: float = Field(default=300.0, gt=0)
+    # Every login that reaches bcrypt, right or wrong, per client address and over the whole
+    # mesh, per `attempts_window_s`: one bcrypt check costs ~0.25 s of a core at cost 12.
+    attempts_per_address: int = Field(default=60, gt=0)
+    attempts_total: int = Field(default=1200, gt=0)
+    attempts_window_s: float = Field(default=60.0, gt=0)
+
+
+class SignupLimitSettings(BaseModel):
+    """Sign-ups (each costs one bcrypt hash) per client address and over the whole mesh."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_address: int = Field(default=10, gt=0)
+    per_address_window_s: float = Field(default=3600.0, gt=0)
+    total: int = Field(default=120, gt=0)
+    total_window_s: float = Field(default=60.0, gt=0)
+
+
+class HashingSettings(BaseModel):
+    """bcrypt runs in a pool of its own, so hashing floods queue there and never take the
+    threads the rest of the node uses; past `max_waiting` a request is told `busy` (503)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Half the CPUs (at least one): the rest stay for the event loop and media forwarding.
+    threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), gt=0, le=64)
+    max_waiting: int = Field(default=32, ge=0)
 
 
 class RoomSettings(BaseModel):
@@ -219,6 +248,8 @@ class Settings(BaseModel):
     trusted_proxies: list[str] = Field(default_factory=list)
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     login_limit: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
+    signup_limit: SignupLimitSettings = Field(default_factory=SignupLimitSettings)
+    hashing: HashingSettings = Field(default_factory=HashingSettings)
     rooms: RoomSettings = Field(default_factory=RoomSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
@@ -280,6 +311,15 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_LOGIN_LIMIT_PER_LOGIN": "login_limit.per_login",
     "SFUMESH_LOGIN_LIMIT_PER_ADDRESS": "login_limit.per_address",
     "SFUMESH_LOGIN_LIMIT_WINDOW_S": "login_limit.window_s",
+    "SFUMESH_LOGIN_ATTEMPTS_PER_ADDRESS": "login_limit.attempts_per_address",
+    "SFUMESH_LOGIN_ATTEMPTS_TOTAL": "login_limit.attempts_total",
+    "SFUMESH_LOGIN_ATTEMPTS_WINDOW_S": "login_limit.attempts_window_s",
+    "SFUMESH_SIGNUP_LIMIT_PER_ADDRESS": "signup_limit.per_address",
+    "SFUMESH_SIGNUP_LIMIT_PER_ADDRESS_WINDOW_S": "signup_limit.per_address_window_s",
+    "SFUMESH_SIGNUP_LIMIT_TOTAL": "signup_limit.total",
+    "SFUMESH_SIGNUP_LIMIT_TOTAL_WINDOW_S": "signup_limit.total_window_s",
+    "SFUMESH_HASHING_THREADS": "hashing.threads",
+    "SFUMESH_HASHING_MAX_WAITING": "hashing.max_waiting",
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
     "SFUMESH_ROOM_MAX_CAPACITY": "rooms.max_capacity",

@@ -20,12 +20,42 @@ from quart.testing.app import TestApp
 from quart.typing import TestAppProtocol, TestClientProtocol
 from redis.asyncio import Redis
 
-from node.config import Settings, load_settings, new_key
+from node.config import ENV_VARS, Settings, load_settings, new_key
 from node.local.launch import LocalNode, start_node
 from node.runtime.services import BackingServices
 from node.web.app import create_app
 
 SettingsFactory = Callable[..., Settings]
+
+# Tests sign up and log in hundreds of users from one loopback address, many at once; the
+# sign-up, login-attempt and hashing-queue limits would refuse them. Tests of those limits
+# set their own. (Failed-login limits keep their defaults: tests of other things fail no
+# login.) As settings overrides for in-process apps, as environment for node processes.
+GENEROUS_LIMITS: dict[str, int] = {
+    "signup_limit.per_address": 1_000_000,
+    "signup_limit.total": 1_000_000,
+    "login_limit.attempts_per_address": 1_000_000,
+    "login_limit.attempts_total": 1_000_000,
+    "hashing.max_waiting": 100_000,
+}
+GENEROUS_LIMITS_ENV: dict[str, str] = {
+    name: str(GENEROUS_LIMITS[dotted])
+    for name, dotted in ENV_VARS.items()
+    if dotted in GENEROUS_LIMITS
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _generous_limits_for_node_processes() -> Iterator[None]:
+    """Every node process a test starts inherits these (a test's extra_env still wins)."""
+    saved = {name: os.environ.get(name) for name in GENEROUS_LIMITS_ENV}
+    os.environ.update(GENEROUS_LIMITS_ENV)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def running_app(app: Quart) -> TestAppProtocol:
@@ -73,6 +103,7 @@ def make_settings(
             "public_base_url": "https://rooms.example.org",
             # In-process apps run without a Serf agent; node processes get one (launch.py).
             "serf.mode": "off",
+            **GENEROUS_LIMITS,
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         return load_settings(env={}, overrides=values)

@@ -1,27 +1,42 @@
-"""`sfumesh bench api`: signups/s, logins/s and room look-up latency on one node.
+"""`sfumesh bench api`: signups/s, logins/s, room look-up and ping latency on one node, and
+`/api/ping` under the attacks of issue 21.
 
 Embedded services and one real node process start as in `sfumesh demo`, in a temporary data
-dir; this process drives the node over HTTP with httpx. Four phases of `duration_s` each:
+dir; this process drives the node over HTTP with httpx. Six phases of `duration_s` each:
 
 1. signups (`POST /api/users`) at full concurrency,
 2. logins (`POST /api/auth/login`) of the users from phase 1, right passwords,
 3. `GET /api/rooms/{slug}` in one sequential loop, nothing else running (the baseline),
 4. the same GET loop while logins run at full concurrency: if bcrypt blocked the node's event
-   loop, the GET latency here would grow by whole hash times, not by a few milliseconds.
+   loop, the GET latency here would grow by whole hash times, not by a few milliseconds,
+5. `GET /api/ping` in one sequential loop, nothing else running (the baseline),
+6. the same ping loop while attackers flood the node: (a) item 1, chat text of "a" and 15,999
+   combining marks to `POST /api/rooms/{slug}/messages` without a token, and (b) item 5,
+   sign-ups from one address as fast as they are answered. A node that does such work on its
+   event loop, or lets the flood reach bcrypt unbounded, shows it in the ping's p50/p99.
 
-Any non-2xx answer or transport error counts as an error; a run with errors exits 1.
+The node believes X-Forwarded-For from this process (trusted proxy 127.0.0.1): the ordinary
+clients of phases 1-4 each come from an address of their own, as real users do, so they meet
+no per-address limit; the sign-up flood comes from one address and meets the node's default
+per-address limits (the mesh-wide ones are lifted so that phase 1 can measure bcrypt).
+
+Any non-2xx answer or transport error counts as an error, except in the attack: attackers'
+requests are expected to be refused (4xx, 503 `busy`, or a connection cut: counted as
+"dropped"); only other 5xx count there. A run with errors exits 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import platform
 import secrets
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +56,7 @@ from node.bench.harness import (
     timed,
 )
 from node.bench.report import Phase, ms, print_errors, print_phases, rounded, write_report
-from node.config import new_key
+from node.config import HashingSettings, LoginLimitSettings, SignupLimitSettings, new_key
 from node.local.launch import LocalNode, start_node
 from node.log import setup_logging
 from node.runtime.services import BackingServices
@@ -51,6 +66,19 @@ DEFAULT_BCRYPT_COST = 12
 # Failed-login limits far above anything a bench run can reach (only failures count, and a
 # successful login gives its slot back, but requests in flight hold one each).
 LOGIN_LIMIT = 1_000_000_000
+# Item 1's attack with as many clients as issue 21's measurement used; the sign-up flood
+# with more, since each of its clients waits for its answer (a whole bcrypt hash, or more).
+UNICODE_ATTACK_CLIENTS = 4
+FLOOD_CLIENTS = 16
+# Item 1: NFC is quadratic on a long run of combining marks.
+UNICODE_ATTACK_TEXT = "a" + "\u0301" * 15_999
+# Item 5: the one address the sign-up flood comes from (TEST-NET-3).
+FLOOD_ADDRESS = "203.0.113.66"
+
+
+def _client_address(number: int) -> str:
+    """A distinct address per ordinary client request (10.0.0.0/8)."""
+    return f"10.{(number >> 16) & 255}.{(number >> 8) & 255}.{number & 255}"
 
 
 async def _setup_room(client: httpx.AsyncClient, prefix: str, password: str) -> str:
@@ -89,12 +117,40 @@ async def _setup_room(client: httpx.AsyncClient, prefix: str, password: str) -> 
     return path
 
 
+async def _attack_request(
+    phase: Phase,
+    statuses: Counter[str],
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
+    """One attacker's request: any answer but a 5xx other than 503 is the node defending
+    itself (the answer's latency is kept), and so is a connection it cuts ("dropped"); a
+    500 is an error. (The node dying is the watch's to see.)"""
+    started = time.perf_counter()
+    # As a browser would send it: UTF-8, not \u escapes that would triple its size.
+    content = json.dumps(body, ensure_ascii=False).encode()
+    try:
+        response = await client.post(path, content=content, headers=headers)
+    except httpx.TransportError:
+        statuses["dropped"] += 1
+        return
+    statuses[str(response.status_code)] += 1
+    if response.status_code >= 500 and response.status_code != 503:
+        phase.record_error(f"POST {path}: HTTP {response.status_code}: {response.text[:200]}")
+        return
+    phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+
+
 @dataclass
 class BenchRun:
     duration_s: float
     concurrency: int
     bcrypt_cost: int
     phases: list[Phase] = field(default_factory=list)
+    # HTTP status (or "dropped") -> answers, per attack ("unicode", "signup").
+    attack_statuses: dict[str, Counter[str]] = field(default_factory=dict)
 
     def phase(self, key: str) -> Phase:
         return next(p for p in self.phases if p.key == key)
@@ -114,11 +170,32 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
     idle_gets = Phase("get_room_idle", "room     GET /api/rooms/{slug}, idle")
     loaded_gets = Phase("get_room_under_login", "room     GET /api/rooms/{slug}, logins running")
     loaded_logins = Phase("login_with_gets", "login    POST /api/auth/login, GETs running")
-    run.phases = [signups, logins, idle_gets, loaded_gets, loaded_logins]
+    idle_pings = Phase("ping_idle", "ping     GET /api/ping, idle")
+    attacked_pings = Phase("ping_under_attack", "ping     GET /api/ping, attacks running")
+    unicode_attack = Phase("attack_unicode", "attack   chat text of 16k marks, no token")
+    signup_attack = Phase("attack_signup", "attack   sign-ups from one address")
+    run.phases = [
+        signups,
+        logins,
+        idle_gets,
+        loaded_gets,
+        loaded_logins,
+        idle_pings,
+        attacked_pings,
+        unicode_attack,
+        signup_attack,
+    ]
+    run.attack_statuses = {"unicode": Counter(), "signup": Counter()}
+    addresses = itertools.count(1)
+
+    def from_own_address() -> dict[str, str]:
+        return {"X-Forwarded-For": _client_address(next(addresses))}
+
     try:
         async with (
             http_client(node.url, run.concurrency) as client,
             http_client(node.url, 1) as get_client,
+            http_client(node.url, UNICODE_ATTACK_CLIENTS + FLOOD_CLIENTS) as attack_client,
         ):
             room_path = await _setup_room(get_client, prefix, password)
 
@@ -133,7 +210,10 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
                     "password": password,
                     "display_name": f"Bench user {username}",
                 }
-                if await timed(signups, client, "POST", "/api/users", body) is not None:
+                reply = await timed(
+                    signups, client, "POST", "/api/users", body, headers=from_own_address()
+                )
+                if reply is not None:
                     users.append(username)
 
             deadline = time.perf_counter() + run.duration_s
@@ -149,7 +229,9 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
             def login_into(phase: Phase) -> Callable[[], Awaitable[None]]:
                 async def login() -> None:
                     body = {"login": users[next(turn) % len(users)], "password": password}
-                    await timed(phase, client, "POST", "/api/auth/login", body)
+                    await timed(
+                        phase, client, "POST", "/api/auth/login", body, headers=from_own_address()
+                    )
 
                 return login
 
@@ -179,6 +261,53 @@ async def _drive(node: LocalNode, services: BackingServices, run: BenchRun) -> N
                 load(loaded_gets, 1, deadline, watch.abort, get_into(loaded_gets)),
             )
             watch.check()
+
+            def ping_into(phase: Phase) -> Callable[[], Awaitable[None]]:
+                async def ping() -> None:
+                    await timed(phase, get_client, "GET", "/api/ping")
+
+                return ping
+
+            deadline = time.perf_counter() + run.duration_s
+            await load(idle_pings, 1, deadline, watch.abort, ping_into(idle_pings))
+            watch.check()
+
+            flood = itertools.count()
+
+            async def unicode_chat() -> None:
+                await _attack_request(
+                    unicode_attack,
+                    run.attack_statuses["unicode"],
+                    attack_client,
+                    f"{room_path}/messages",
+                    {"text": UNICODE_ATTACK_TEXT},
+                    {"Content-Type": "application/json"},
+                )
+
+            async def flood_signup() -> None:
+                username = f"{prefix}x{next(flood)}"
+                body = {
+                    "username": username,
+                    "email": f"{username}@example.org",
+                    "password": password,
+                    "display_name": "Flood",
+                }
+                await _attack_request(
+                    signup_attack,
+                    run.attack_statuses["signup"],
+                    attack_client,
+                    "/api/users",
+                    body,
+                    {"Content-Type": "application/json", "X-Forwarded-For": FLOOD_ADDRESS},
+                )
+
+            deadline = time.perf_counter() + run.duration_s
+            await asyncio.gather(
+                load(attacked_pings, 1, deadline, watch.abort, ping_into(attacked_pings)),
+                load(unicode_attack, UNICODE_ATTACK_CLIENTS, deadline, watch.abort, unicode_chat),
+                load(signup_attack, FLOOD_CLIENTS, deadline, watch.abort, flood_signup),
+            )
+            watch.check()
     finally:
         watcher.cancel()
 
@@ -190,12 +319,26 @@ def _bench_api(data_dir: Path, run: BenchRun) -> None:
     )
     database = f"bench_{secrets.token_hex(4)}"
     node: LocalNode | None = None
+    signup_defaults, login_defaults = SignupLimitSettings(), LoginLimitSettings()
     try:
         extra_env = {
             "SFUMESH_BCRYPT_COST": str(run.bcrypt_cost),
             "SFUMESH_DATABASE": database,
             "SFUMESH_LOGIN_LIMIT_PER_LOGIN": str(LOGIN_LIMIT),
             "SFUMESH_LOGIN_LIMIT_PER_ADDRESS": str(LOGIN_LIMIT),
+            "SFUMESH_TRUSTED_PROXIES": json.dumps(["127.0.0.1"]),
+            # Per address: the node's defaults, which the sign-up flood meets (set here, so
+            # that nothing in this process's environment changes them).
+            "SFUMESH_SIGNUP_LIMIT_PER_ADDRESS": str(signup_defaults.per_address),
+            "SFUMESH_SIGNUP_LIMIT_PER_ADDRESS_WINDOW_S": str(signup_defaults.per_address_window_s),
+            "SFUMESH_LOGIN_ATTEMPTS_PER_ADDRESS": str(login_defaults.attempts_per_address),
+            # Mesh-wide: lifted, so that phases 1-4 measure bcrypt, not the limits.
+            "SFUMESH_SIGNUP_LIMIT_TOTAL": str(LOGIN_LIMIT),
+            "SFUMESH_LOGIN_ATTEMPTS_TOTAL": str(LOGIN_LIMIT),
+            # Room for every ordinary client and attacker in the hashing queue.
+            "SFUMESH_HASHING_MAX_WAITING": str(
+                max(HashingSettings().max_waiting, run.concurrency + FLOOD_CLIENTS)
+            ),
         }
         node = start_node(
             services, {"bench": new_key()}, name="node-1", data_dir=data_dir, extra_env=extra_env
@@ -219,7 +362,7 @@ def print_table(run: BenchRun) -> None:
         f"sfumesh bench api: 1 node, bcrypt cost {run.bcrypt_cost}, concurrency "
         f"{run.concurrency}, {run.duration_s:g} s per phase, {cpus} CPUs"
     )
-    print_phases(list(zip((1, 2, 3, 4, 4), run.phases, strict=True)))
+    print_phases(list(zip((1, 2, 3, 4, 4, 5, 6, 6, 6), run.phases, strict=True)))
     idle, loaded = run.phase("get_room_idle"), run.phase("get_room_under_login")
     print()
     print(
@@ -227,6 +370,16 @@ def print_table(run: BenchRun) -> None:
         f"p99 {ms(loaded.percentile_ms(0.99))} ms "
         f"(idle: p50 {ms(idle.percentile_ms(0.50))} ms, p99 {ms(idle.percentile_ms(0.99))} ms)"
     )
+    pings, attacked = run.phase("ping_idle"), run.phase("ping_under_attack")
+    print(
+        f"GET /api/ping under attack: p50 {ms(attacked.percentile_ms(0.50))} ms, "
+        f"p99 {ms(attacked.percentile_ms(0.99))} ms "
+        f"(no attack: p50 {ms(pings.percentile_ms(0.50))} ms, "
+        f"p99 {ms(pings.percentile_ms(0.99))} ms)"
+    )
+    for attack, statuses in run.attack_statuses.items():
+        answers = ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
+        print(f"attack {attack}: answers {answers or 'none'}")
     print_errors(run.phases)
 
 
@@ -242,6 +395,14 @@ def report(run: BenchRun) -> dict[str, Any]:
         "get_room_idle_p50_ms": rounded(phases["get_room_idle"].percentile_ms(0.50)),
         "get_room_idle_p99_ms": rounded(phases["get_room_idle"].percentile_ms(0.99)),
         "logins_with_gets_per_s": round(phases["login_with_gets"].per_s, 2),
+        "ping_p50_ms": rounded(phases["ping_idle"].percentile_ms(0.50)),
+        "ping_p99_ms": rounded(phases["ping_idle"].percentile_ms(0.99)),
+        "attack_ping_p50_ms": rounded(phases["ping_under_attack"].percentile_ms(0.50)),
+        "attack_ping_p99_ms": rounded(phases["ping_under_attack"].percentile_ms(0.99)),
+        "attack_signups_accepted": run.attack_statuses["signup"]["201"],
+        "attack_statuses": {
+            attack: dict(sorted(answers.items())) for attack, answers in run.attack_statuses.items()
+        },
         "bcrypt_cost": run.bcrypt_cost,
         "concurrency": run.concurrency,
         "duration_s": run.duration_s,

@@ -65,11 +65,12 @@ async def timed(
     method: str,
     path: str,
     body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> httpx.Response | None:
     """One request; its latency on success, an error otherwise."""
     started = time.perf_counter()
     try:
-        response = await client.request(method, path, json=body)
+        response = await client.request(method, path, json=body, headers=headers)
     except httpx.HTTPError as error:
         phase.record_error(f"{method} {path}: {type(error).__name__}: {error}")
         return None

@@ -17,7 +17,12 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
-| `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
+| `sfumesh:loginlimit:{limits}:fail-acct:<h>` | counter, TTL | failed logins, one account (h) |
+| `sfumesh:loginlimit:{limits}:fail-addr:<addr>` | counter, TTL | failed logins from one address |
+| `sfumesh:loginlimit:{limits}:try-addr:<addr>` | counter, TTL | logins from one address |
+| `sfumesh:loginlimit:{limits}:try-total` | counter, TTL | logins over the whole mesh |
+| `sfumesh:signuplimit:{limits}:addr:<addr>` | counter, TTL | sign-ups from one address |
+| `sfumesh:signuplimit:{limits}:total` | counter, TTL | sign-ups over the whole mesh |
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
 | `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
@@ -25,7 +30,11 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:ws-ticket:<sha256>` | string (JSON), TTL | a single-use WebSocket ticket, by its hash |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
-keys share a slot and one Lua script may touch them all.
+keys share a slot and one Lua script may touch them all. `fail-acct` counts the failed logins
+of one account (or one unknown login name) from one address: h hashes both. `try-*` count
+every login, right or wrong. The rate-limit counters share the
+tag `{limits}` for the same reason: one attempt reserves a slot in several at once
+(node/state/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -117,3 +126,31 @@ def token_revoked(family: str) -> str:
 def ws_ticket(ticket_hash: str) -> str:
     """By the ticket's hash, so a key listing shows no usable ticket."""
     return f"{PREFIX}:ws-ticket:{ticket_hash}"
+
+
+_LIMITS = "{limits}"
+
+
+def login_failures_of_account(account_address_hash: str) -> str:
+    """Hashed (account, address): key listings show neither who nor from where."""
+    return f"{PREFIX}:loginlimit:{_LIMITS}:fail-acct:{account_address_hash}"
+
+
+def login_failures_from(address: str) -> str:
+    return f"{PREFIX}:loginlimit:{_LIMITS}:fail-addr:{address}"
+
+
+def login_attempts_from(address: str) -> str:
+    return f"{PREFIX}:loginlimit:{_LIMITS}:try-addr:{address}"
+
+
+def login_attempts_total() -> str:
+    return f"{PREFIX}:loginlimit:{_LIMITS}:try-total"
+
+
+def signups_from(address: str) -> str:
+    return f"{PREFIX}:signuplimit:{_LIMITS}:addr:{address}"
+
+
+def signups_total() -> str:
+    return f"{PREFIX}:signuplimit:{_LIMITS}:total"

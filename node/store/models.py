@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
@@ -14,9 +16,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+USER_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_user_id() -> str:
+    """128 random bits in hex. Not an ObjectId: those carry their creation time and a
+    counter, so one profile's id gave away its neighbours' and the order of sign-ups."""
+    return secrets.token_hex(16)
+
+
+def is_user_id(value: str) -> bool:
+    return bool(USER_ID_RE.match(value))
+
+
 class User(Document):
     # The id is generated here, not by the server, so it is known before the insert.
-    id: PydanticObjectId = Field(default_factory=PydanticObjectId)
+    id: str = Field(default_factory=new_user_id)  # type: ignore[assignment]
     username: str
     # Normalised forms carry the unique indexes: uniqueness is decided by the store.
     username_key: Annotated[str, Indexed(unique=True)]
@@ -40,7 +55,7 @@ class Room(Document):
     slug: Annotated[str, Indexed(unique=True)]
     name: str
     capacity: int
-    creator_id: str
+    creator_id: Annotated[str, Indexed()]
     created_at: datetime = Field(default_factory=utcnow)
 
     class Settings:
@@ -53,7 +68,8 @@ class RoomPerson(Document):
 
     id: str  # type: ignore[assignment]  # "<room slug>\n<user id>": one record per pair
     room: str
-    user_id: str
+    # Indexed: a profile is shown to the people who share a room with its owner.
+    user_id: Annotated[str, Indexed()]
     first_joined_at: datetime = Field(default_factory=utcnow)
 
     class Settings:

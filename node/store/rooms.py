@@ -230,3 +230,19 @@ async def room_person(raw_slug: str, user_id: str) -> Room:
     if not await is_person(room, user_id):
         raise Forbidden("not_joined", "only the room's people may do this: join the room first")
     return room
+
+
+async def _rooms_of(user_id: str) -> set[str]:
+    joined = RoomPerson.find(RoomPerson.user_id == user_id)
+    created = Room.find(Room.creator_id == user_id)
+    return {person.room for person in await joined.to_list()} | {
+        room.slug for room in await created.to_list()
+    }
+
+
+async def share_a_room(user_id: str, other_id: str) -> bool:
+    """Whether both are among one room's people (its creator, or who has joined it once)."""
+    if user_id == other_id:
+        return True
+    mine = await _rooms_of(user_id)
+    return bool(mine) and not mine.isdisjoint(await _rooms_of(other_id))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import bcrypt
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 from pymongo.errors import DuplicateKeyError
 
-from node.errors import Conflict, RateLimited, Unauthenticated
-from node.state.ratelimit import LoginLimiter, Reservation
-from node.store.models import User
+from node.errors import Conflict, RateLimited, Unauthenticated, Unavailable
+from node.state.ratelimit import LoginLimiter, SignupLimiter
+from node.store.models import User, is_user_id, new_user_id
 from node.store.text import clean_text
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,10 @@ USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}$")
 PASSWORD_MIN_CHARS = 8
 # bcrypt reads at most 72 bytes; a longer password is refused rather than silently cut.
 PASSWORD_MAX_BYTES = 72
+# A full hashing queue frees up within about one bcrypt time.
+BUSY_RETRY_S = 1
+
+T = TypeVar("T")
 
 
 def _check_username(value: str) -> str:
@@ -82,7 +89,7 @@ class OwnUser(PublicUser):
 
 
 def public_view(user: User) -> PublicUser:
-    return PublicUser(id=str(user.id), username=user.username, display_name=user.display_name)
+    return PublicUser(id=user.id, username=user.username, display_name=user.display_name)
 
 
 def own_view(user: User) -> OwnUser:
@@ -104,15 +111,55 @@ def email_key(email: str) -> str:
 
 
 class PasswordHasher:
-    """bcrypt in worker threads, so hashing never stalls the event loop."""
+    """bcrypt in a small thread pool of its own, so hashing never stalls the event loop and a
+    flood of sign-ups or logins queues here instead of taking the threads (the loop's default
+    executor) the rest of the node needs. At most `threads + max_waiting` runs are queued;
+    past that a request is refused at once with 503 `busy` rather than waiting ever longer."""
 
-    def __init__(self, cost: int) -> None:
+    def __init__(self, cost: int, threads: int = 2, max_waiting: int = 32) -> None:
         self.cost = cost
         self._dummy_hash: bytes | None = None
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bcrypt")
+        self._capacity = threads + max_waiting
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted and not finished: running or waiting for a thread
+        # bcrypt runs begun (hashes and checks): the work an attacker can make us do.
+        self.started = 0
+
+    def _begin(self, run: Callable[[], T]) -> T:
+        with self._lock:
+            self.started += 1
+        return run()
+
+    def _finished(self, _: object) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    async def _run(self, run: Callable[[], T]) -> T:
+        with self._lock:
+            if self._queued >= self._capacity:
+                full = True
+            else:
+                full = False
+                self._queued += 1
+        if full:
+            log.warning("hashing.busy", extra={"queued": self._capacity})
+            raise Unavailable(
+                "busy", "the node is busy; try again in a moment", retry_after_s=BUSY_RETRY_S
+            )
+        try:
+            future = self._pool.submit(self._begin, run)
+        except RuntimeError as error:  # the pool is shut down: the node is stopping
+            self._finished(None)
+            raise Unavailable("unavailable", "the node is stopping", retry_after_s=1) from error
+        # Counted down when the thread is done, not when the caller stops waiting: a
+        # client that hangs up does not free a thread that is still hashing.
+        future.add_done_callback(self._finished)
+        return await asyncio.wrap_future(future)
 
     async def hash(self, password: str) -> str:
         salt = bcrypt.gensalt(self.cost)
-        hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), salt)
+        hashed = await self._run(lambda: bcrypt.hashpw(password.encode(), salt))
         return hashed.decode()
 
     async def verify(self, password: str, hashed: str | None) -> bool:
@@ -124,14 +171,36 @@ class PasswordHasher:
         valid_length = len(candidate) <= PASSWORD_MAX_BYTES
         if not valid_length:
             candidate = candidate[:PASSWORD_MAX_BYTES]
-        matches = await asyncio.to_thread(bcrypt.checkpw, candidate, target)
+        matches = await self._run(lambda: bcrypt.checkpw(candidate, target))
         return matches and valid_length and hashed is not None
 
     async def warm_up(self) -> None:
         await self.verify("warm-up", None)
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-async def create_user(new: NewUser, hasher: PasswordHasher) -> User:
+
+async def get_user(user_id: str) -> User | None:
+    """The user with this id; None for an id that is not one (never a store error)."""
+    if not is_user_id(user_id):
+        return None
+    return await User.get(user_id)
+
+
+async def create_user(
+    new: NewUser, hasher: PasswordHasher, limiter: SignupLimiter, address: str
+) -> PublicUser:
+    """The new user's public view.
+
+    A taken username is 409 (usernames are public: profiles are found by them). A taken
+    email is *not* told: the answer is the same 201 as a real sign-up, after the same bcrypt
+    hash, with a fresh id that nothing stores, and the owner's account is logged. So sign-up
+    never says whether an email is registered, and nothing is written twice (U2).
+    """
+    await limiter.reserve(address)
+    if await User.find_one(User.username_key == username_key(new.username)) is not None:
+        raise Conflict("user_exists", "username is already taken")
     user = User(
         username=new.username,
         username_key=username_key(new.username),
@@ -143,10 +212,20 @@ async def create_user(new: NewUser, hasher: PasswordHasher) -> User:
     try:
         await user.insert()
     except DuplicateKeyError as error:
-        # Which index clashed is not said: that would tell strangers an email is registered.
-        raise Conflict("user_exists", "username or email is already registered") from error
+        if await User.find_one(User.username_key == user.username_key) is not None:
+            raise Conflict("user_exists", "username is already taken") from error
+        owner = await User.find_one(User.email_key == user.email_key)
+        log.warning(
+            "user.signup_with_taken_email",
+            extra={"user_id": str(owner.id) if owner else None, "address": address},
+        )
+        return PublicUser(id=new_user_id(), username=new.username, display_name=new.display_name)
     log.info("user.created", extra={"user_id": str(user.id)})
-    return user
+    return public_view(user)
+
+
+def login_key(login: str) -> str:
+    return email_key(login) if "@" in login else username_key(login)
 
 
 async def find_user_by_login(login: str) -> User | None:
@@ -159,17 +238,17 @@ async def find_user_by_login(login: str) -> User | None:
 async def authenticate(
     request: LoginRequest, address: str, hasher: PasswordHasher, limiter: LoginLimiter
 ) -> User:
-    login_key = email_key(request.login) if "@" in request.login else username_key(request.login)
-    reservation = await limiter.reserve(login_key, address)
-    if not isinstance(reservation, Reservation):
-        wait = max(1, round(reservation))
+    # The account first, so that its username and its email share one failure counter; a
+    # login no account has is counted under its own name, just like an account.
+    user = await find_user_by_login(request.login)
+    account = f"user:{user.id}" if user is not None else f"login:{login_key(request.login)}"
+    try:
+        reservation = await limiter.reserve(account, address)
+    except RateLimited:
         log.warning("login.rate_limited", extra={"address": address})
-        raise RateLimited(
-            "rate_limited", f"too many failed logins, try again in {wait} s", retry_after_s=wait
-        )
+        raise
     failed = False
     try:
-        user = await find_user_by_login(request.login)
         ok = await hasher.verify(request.password, user.password_hash if user else None)
         if not ok or user is None:
             failed = True
@@ -177,7 +256,7 @@ async def authenticate(
             raise Unauthenticated("invalid_credentials", "wrong login or password")
     finally:
         # Only a checked, wrong password keeps its slot: a success, or an attempt cut off
-        # before it was answered (client gone, store error), gives it back.
+        # before it was answered (client gone, store error, hashing busy), gives it back.
         if not failed:
             await limiter.refund(reservation)
     log.info("login.ok", extra={"user_id": str(user.id)})
@@ -190,13 +269,12 @@ async def change_password(
     """The user with the new password and the next token generation (so every token issued
     before is refused). The old password is checked under the login limits: a stolen token
     must not become an unlimited password-guessing oracle."""
-    reservation = await limiter.reserve(user.username_key, address)
-    if not isinstance(reservation, Reservation):
-        wait = max(1, round(reservation))
+    # The same account key as a login's, so guesses here and at login share one counter.
+    try:
+        reservation = await limiter.reserve(f"user:{user.id}", address)
+    except RateLimited:
         log.warning("password_change.rate_limited", extra={"address": address})
-        raise RateLimited(
-            "rate_limited", f"too many failed attempts, try again in {wait} s", retry_after_s=wait
-        )
+        raise
     failed = False
     try:
         if not await hasher.verify(change.old_password, user.password_hash):

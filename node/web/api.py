@@ -8,8 +8,6 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from beanie import PydanticObjectId
-from bson.errors import InvalidId
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
@@ -36,6 +34,7 @@ from node.store.rooms import (
     room_person,
     room_url,
     room_view,
+    share_a_room,
 )
 from node.store.users import (
     LoginRequest,
@@ -46,6 +45,7 @@ from node.store.users import (
     authenticate,
     change_password,
     create_user,
+    get_user,
     own_view,
     public_view,
     username_key,
@@ -90,8 +90,9 @@ def client_address(trusted_proxies: list[str]) -> str:
 @validate_request(NewUser)
 @validate_response(PublicUser, 201)
 async def sign_up(data: NewUser) -> tuple[PublicUser, int]:
-    user = await create_user(data, node_context().hasher)
-    return public_view(user), 201
+    context = node_context()
+    address = client_address(context.settings.trusted_proxies)
+    return await create_user(data, context.hasher, context.signup_limiter, address), 201
 
 
 @api.post("/auth/login")
@@ -177,12 +178,12 @@ async def user_by_username(username: str) -> PublicUser:
 
 @api.get("/users/<user_id>")
 async def user_by_id(user_id: str) -> dict[str, Any]:
+    """A profile by id only for its owner and the people who share a room with them: ids are
+    shown in rooms, never listed, so nobody walks every profile. Anyone else is told 404,
+    exactly as for an id nobody has (by-username stays open: a name is what one is given)."""
     _, viewer = await authenticated_user(Purpose.USER)
-    try:
-        user = await User.get(PydanticObjectId(user_id))
-    except (InvalidId, TypeError):
-        user = None
-    if user is None:
+    user = await get_user(user_id)
+    if user is None or not await share_a_room(viewer.id, user.id):
         raise APIError(404, "user_not_found", "no such user")
     # Email and sign-up date only for the user themself.
     view = own_view(user) if user.id == viewer.id else public_view(user)

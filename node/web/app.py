@@ -18,7 +18,7 @@ from node.config import Settings
 from node.runtime.cluster import Cluster
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
-from node.state.ratelimit import LoginLimiter
+from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
 from node.store.users import PasswordHasher
@@ -78,7 +78,9 @@ def create_app(settings: Settings) -> Quart:
     async def _open() -> None:
         redis = Redis.from_url(settings.redis_url.get_secret_value())
         store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
-        hasher = PasswordHasher(settings.bcrypt_cost)
+        hasher = PasswordHasher(
+            settings.bcrypt_cost, settings.hashing.threads, settings.hashing.max_waiting
+        )
         await hasher.warm_up()
         lock_redis = [
             Redis.from_url(url.get_secret_value()) for url in settings.live.lock_redis_urls
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> Quart:
             token_state=TokenState(redis),
             hasher=hasher,
             login_limiter=LoginLimiter(redis, settings.login_limit),
+            signup_limiter=SignupLimiter(redis, settings.signup_limit),
             live=live,
             metrics=metrics,
             cluster=cluster,
@@ -122,6 +125,7 @@ def create_app(settings: Settings) -> Quart:
                 await lock_client.aclose()
             await context.redis.aclose()
             await context.store.close()
+            context.hasher.close()
         log.info("node.stopped", extra={"node": settings.node_name})
 
     @app.before_request

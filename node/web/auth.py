@@ -8,11 +8,10 @@ a user: one Redis GET and the user read every request already did.
 
 from __future__ import annotations
 
-from beanie import PydanticObjectId
-from bson.errors import InvalidId
 from quart import request
 
 from node.store.models import User
+from node.store.users import get_user
 from node.web.context import node_context
 from node.web.errors import APIError
 from node.web.tokens import Claims, Purpose, TokenError
@@ -44,10 +43,7 @@ async def token_user(claims: Claims) -> User:
     context = node_context()
     if await context.token_state.family_revoked(claims.family):
         raise TokenError("token revoked (logged out)")
-    try:
-        user = await User.get(PydanticObjectId(claims.user_id))
-    except (InvalidId, TypeError):
-        user = None
+    user = await get_user(claims.user_id)
     if user is None:
         raise TokenError("the token's user no longer exists")
     if claims.generation != user.token_generation:

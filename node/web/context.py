@@ -13,7 +13,7 @@ from node.config import Settings
 from node.runtime.cluster import Cluster
 from node.runtime.live import Live
 from node.runtime.metrics import NodeMetrics
-from node.state.ratelimit import LoginLimiter
+from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.users import PasswordHasher
 from node.web.tokens import TokenService
@@ -30,6 +30,7 @@ class NodeContext:
     token_state: TokenState
     hasher: PasswordHasher
     login_limiter: LoginLimiter
+    signup_limiter: SignupLimiter
     live: Live
     metrics: NodeMetrics
     cluster: Cluster

@@ -1,6 +1,6 @@
 // Sign up / log in: one view with two tabs, shown before home or before a room.
 
-import { auth, request } from "../api.js";
+import { ApiError, auth, request } from "../api.js";
 import { tr } from "../i18n.js";
 import { $, clone, render, setupTabs } from "./dom.js";
 import { busy, clearErrors, requireFields, showFormError } from "./forms.js";
@@ -55,9 +55,18 @@ export function showAuth(next, room = null) {
     busy($(signup, "button[type=submit]"), async () => {
       try {
         await request("POST", "/api/users", { body });
-        await auth.login(body.username, body.password);
       } catch (error) {
         showFormError(signup, error);
+        return;
+      }
+      try {
+        await auth.login(body.username, body.password);
+      } catch (error) {
+        // A sign-up with an email that already has an account answers like any other and
+        // creates nothing (the server never says which emails are registered): its login
+        // is what fails.
+        const failed = error instanceof ApiError && error.code === "invalid_credentials";
+        showFormError(signup, failed ? new ApiError(error.status, "signup_not_signed_in", error.message) : error);
         return;
       }
       await loggedIn();

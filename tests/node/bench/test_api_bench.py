@@ -16,6 +16,10 @@ NAMED_FIGURES = (
     "get_room_p99_ms",
     "get_room_idle_p50_ms",
     "get_room_idle_p99_ms",
+    "ping_p50_ms",
+    "ping_p99_ms",
+    "attack_ping_p50_ms",
+    "attack_ping_p99_ms",
     "bcrypt_cost",
     "concurrency",
     "duration_s",
@@ -53,8 +57,17 @@ def test_bench_api_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
         assert value > 0, (key, value)
     assert figures["errors"] == 0
     assert figures["bcrypt_cost"] == 4 and figures["concurrency"] == 8
+    # The attack phase ran: the oversized chat text was answered (refused), and the sign-up
+    # flood from one address met the node's default per-address limit (10).
+    phases = figures["phases"]
+    assert phases["attack_unicode"]["ok"] > 0 and phases["ping_under_attack"]["ok"] > 0
+    assert set(figures["attack_statuses"]["unicode"]) <= {"401", "422", "dropped"}
+    signups = figures["attack_statuses"]["signup"]
+    assert figures["attack_signups_accepted"] == signups.get("201", 0) <= 10
+    assert set(signups) <= {"201", "429", "503", "dropped"} and signups.get("429", 0) > 0, signups
     table = capsys.readouterr().out
     assert "GET /api/rooms/{slug}" in table and "errors: none" in table
+    assert "GET /api/ping under attack" in table
 
 
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

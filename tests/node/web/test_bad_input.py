@@ -33,7 +33,7 @@ from node.store.models import DOCUMENT_MODELS, Message, Room, User
 from node.web.app import create_app
 from node.web.context import EXTENSION, NodeContext
 from node.web.tokens import Purpose, TokenService
-from tests.conftest import Api, bearer, error_of, running_app
+from tests.conftest import GENEROUS_LIMITS, Api, bearer, error_of, running_app
 
 MAX_BODY = 64 * 1024  # settings.max_body_bytes, the default the fixtures keep
 ABSENT_ID = "0123456789abcdef01234567"  # a well-formed ObjectId no document has
@@ -164,6 +164,7 @@ async def open_world(backing: BackingServices, data_dir: Path) -> AsyncIterator[
             "tokens.signing_key_id": "k1",
             "public_base_url": "https://rooms.example.org",
             "serf.mode": "off",  # an in-process node, no Serf agent
+            **GENEROUS_LIMITS,
         },
     )
     test_app = running_app(create_app(settings))

@@ -205,12 +205,12 @@ async def world(_module_world: World) -> World:
 
 
 async def _counts(world: World) -> tuple[int, int, int, set[Any]]:
-    # Failed logins and chat posts count in Redis on purpose (expiring rate-limit counters,
-    # which may vanish mid-request); any other new key is something stored.
+    # Failed logins, sign-ups and chat posts count in Redis on purpose (expiring rate-limit
+    # counters, which may vanish mid-request); any other new key is something stored.
     keys = {
         key
         for key in await world.redis.keys("*")
-        if b":loginlimit:" not in key and b":chat-limit:" not in key
+        if not any(part in key for part in (b":loginlimit:", b":signuplimit:", b":chat-limit:"))
     }
     return (
         await User.find_all().count(),

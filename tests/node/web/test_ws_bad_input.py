@@ -43,6 +43,7 @@ VOLATILE = (
     keys.NODES,
     ":node-inbox:",
     ":loginlimit",
+    ":signuplimit",
 )
 
 
