@@ -48,7 +48,7 @@ from node.store.users import (
     public_view,
     username_key,
 )
-from node.web.auth import authenticated_user
+from node.web.auth import Auth, authenticated
 from node.web.context import node_context
 from node.web.errors import APIError
 from node.web.tokens import Purpose
@@ -104,16 +104,16 @@ async def login(data: LoginRequest) -> UserToken:
 
 
 @api.get("/users/me")
+@authenticated(Purpose.USER)
 @validate_response(OwnUser)
-async def me() -> OwnUser:
-    _, user = await authenticated_user(Purpose.USER)
-    return own_view(user)
+async def me(auth: Auth) -> OwnUser:
+    return own_view(auth.user)
 
 
 @api.get("/users/by-username/<username>")
+@authenticated(Purpose.USER)
 @validate_response(PublicUser)
-async def user_by_username(username: str) -> PublicUser:
-    await authenticated_user(Purpose.USER)
+async def user_by_username(username: str, auth: Auth) -> PublicUser:
     user = await User.find_one(User.username_key == username_key(username))
     if user is None:
         raise APIError(404, "user_not_found", "no such user")
@@ -121,8 +121,9 @@ async def user_by_username(username: str) -> PublicUser:
 
 
 @api.get("/users/<user_id>")
-async def user_by_id(user_id: str) -> dict[str, Any]:
-    _, viewer = await authenticated_user(Purpose.USER)
+@authenticated(Purpose.USER)
+async def user_by_id(user_id: str, auth: Auth) -> dict[str, Any]:
+    viewer = auth.user
     try:
         user = await User.get(PydanticObjectId(user_id))
     except (InvalidId, TypeError):
@@ -135,9 +136,10 @@ async def user_by_id(user_id: str) -> dict[str, Any]:
 
 
 @api.post("/sessions")
+@authenticated(Purpose.USER)
 @validate_response(SessionGrant, 201)
-async def new_session() -> tuple[SessionGrant, int]:
-    _, user = await authenticated_user(Purpose.USER)
+async def new_session(auth: Auth) -> tuple[SessionGrant, int]:
+    user = auth.user
     session_id = secrets.token_hex(16)
     issued = node_context().tokens.issue(Purpose.SESSION, str(user.id), session_id=session_id)
     return SessionGrant(
@@ -146,11 +148,12 @@ async def new_session() -> tuple[SessionGrant, int]:
 
 
 @api.post("/rooms")
+@authenticated(Purpose.USER)
 @validate_request(NewRoom)
 @validate_response(RoomView, 201)
-async def new_room(data: NewRoom) -> tuple[RoomView, int]:
+async def new_room(data: NewRoom, auth: Auth) -> tuple[RoomView, int]:
     context = node_context()
-    _, user = await authenticated_user(Purpose.USER)
+    user = auth.user
     lock = context.live.lock
     room = await create_room(
         data,
@@ -186,11 +189,12 @@ class RoomGrant(BaseModel):
 
 
 @api.post("/rooms/<slug>/join")
+@authenticated(Purpose.SESSION)
 @validate_response(RoomGrant)
-async def join_room(slug: str) -> RoomGrant:
+async def join_room(slug: str, auth: Auth) -> RoomGrant:
     """Step 2 of joining (S2): on any node; the WebSocket must already be open somewhere."""
     context = node_context()
-    claims, user = await authenticated_user(Purpose.SESSION)
+    claims, user = auth.claims, auth.user
     room = await get_room(slug)
     assert claims.session_id is not None  # session tokens always carry one
     record, _ = await context.live.sessions.join(
@@ -359,19 +363,20 @@ async def ping() -> Response:
 
 
 @api.get("/rooms/<slug>/messages")
+@authenticated(Purpose.SESSION)
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)
-async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
-    _, user = await authenticated_user(Purpose.SESSION)
-    room = await room_person(slug, str(user.id))
+async def room_messages(slug: str, query_args: HistoryQuery, auth: Auth) -> HistoryPage:
+    room = await room_person(slug, str(auth.user.id))
     return await history(room, query_args.before, query_args.limit)
 
 
 @api.post("/rooms/<slug>/messages")
+@authenticated(Purpose.SESSION)
 @validate_request(NewMessage)
 @validate_response(MessageView, 201)
-async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
-    claims, user = await authenticated_user(Purpose.SESSION)
+async def post_message(slug: str, data: NewMessage, auth: Auth) -> tuple[MessageView, int]:
+    claims, user = auth.claims, auth.user
     room = await get_room(slug)
     assert claims.session_id is not None  # session tokens always carry one
     poster = Poster(claims.session_id, str(user.id), user.display_name, in_room_now=False)

@@ -25,7 +25,7 @@ from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
-from node.store.messages import clean_chat_text
+from node.store.messages import MAX_RAW_CHAT_CHARS
 from node.store.models import User
 from node.store.rooms import get_room
 from node.web.context import NodeContext, node_context
@@ -336,15 +336,12 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     slug = conn.room
     if slug is None:
         raise ClientError("not_in_room", "join a room before chatting")
-    raw = frame.get("text")
-    if not isinstance(raw, str) or len(raw) > 16000:
+    text = frame.get("text")
+    if not isinstance(text, str) or len(text) > MAX_RAW_CHAT_CHARS:
         raise ClientError("bad_frame", "text must be a string")
-    try:
-        text = clean_chat_text(raw)
-    except ValueError as error:
-        raise ClientError("invalid_text", f"text: {error}") from error
     room = await get_room(slug)
     poster = Poster(conn.session_id, conn.user_id, conn.display_name, in_room_now=True)
+    # Not normalised here: post_chat does that after the rate limit (invalid_text).
     message, ts = await post_chat(live, room, poster, text)
     return {"type": "ack", "message_id": str(message.id), "ts": ts}
 
