@@ -81,7 +81,13 @@ class LiveSettings(BaseModel):
     reaper_period_s: float = Field(default=3.0, gt=0)
     # No frame (not even `ping`) from a client for this long ends its session.
     ws_idle_timeout_s: float = Field(default=45.0, gt=0)
+    # The largest WebSocket message a client may send; the server (Hypercorn) closes the
+    # socket of one that exceeds it (1009) before buffering more.
     ws_max_frame_bytes: int = Field(default=64 * 1024, gt=0)
+    # Sessions with an open WebSocket on this node, per user and per client address; one
+    # more is refused at the handshake (429 too_many_connections).
+    ws_max_per_user: int = Field(default=10, gt=0)
+    ws_max_per_address: int = Field(default=50, gt=0)
     # Frames per second a client may send before it is told to slow down.
     ws_frames_per_s: int = Field(default=50, gt=0)
     chat_per_s: int = Field(default=5, gt=0)
@@ -255,6 +261,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
+    "SFUMESH_WS_MAX_FRAME_BYTES": "live.ws_max_frame_bytes",
+    "SFUMESH_WS_MAX_PER_USER": "live.ws_max_per_user",
+    "SFUMESH_WS_MAX_PER_ADDRESS": "live.ws_max_per_address",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",

@@ -51,6 +51,7 @@ from node.store.users import (
 from node.web.auth import Auth, authenticated
 from node.web.context import node_context
 from node.web.errors import APIError
+from node.web.peers import client_address as peer_address
 from node.web.tokens import Purpose
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -68,20 +69,8 @@ class SessionGrant(BaseModel):
 
 
 def client_address(trusted_proxies: list[str]) -> str:
-    """The socket peer, or behind trusted proxies the nearest address they did not add."""
-    address = request.remote_addr or "unknown"
-    if address not in trusted_proxies:
-        return address
-    forwarded = [
-        hop.strip()
-        for header in request.headers.getlist("X-Forwarded-For")
-        for hop in header.split(",")
-        if hop.strip()
-    ]
-    for hop in reversed(forwarded):
-        if hop not in trusted_proxies:
-            return hop
-    return address
+    """The request's client address (see `node.web.peers.client_address`)."""
+    return peer_address(request, trusted_proxies)
 
 
 @api.post("/users")

@@ -24,6 +24,7 @@ from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
 from node.web.errors import install_error_handlers
+from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
 from node.web.ws import ws_blueprint
 
@@ -85,6 +86,7 @@ def create_app(settings: Settings) -> Quart:
             live=live,
             metrics=metrics,
             cluster=cluster,
+            ws_slots=SocketSlots(settings.live.ws_max_per_user, settings.live.ws_max_per_address),
         )
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 

@@ -15,6 +15,7 @@ from node.runtime.live import Live
 from node.runtime.metrics import NodeMetrics
 from node.state.ratelimit import LoginLimiter
 from node.store.users import PasswordHasher
+from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
 
 EXTENSION = "sfumesh"
@@ -31,6 +32,8 @@ class NodeContext:
     live: Live
     metrics: NodeMetrics
     cluster: Cluster
+    #: open WebSockets per user and per address on this node (their caps)
+    ws_slots: SocketSlots
 
 
 def node_context() -> NodeContext:

@@ -29,6 +29,7 @@ from node.store.messages import MAX_RAW_CHAT_CHARS
 from node.store.models import User
 from node.store.rooms import get_room
 from node.web.context import NodeContext, node_context
+from node.web.peers import client_address
 from node.web.tokens import Purpose, TokenError
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,27 @@ async def signalling() -> Any:
         user = None
     if user is None or claims.session_id is None:
         return _refuse(401, "unauthorized", "the token's user no longer exists")
+    address = client_address(websocket, context.settings.trusted_proxies)
+    over = context.ws_slots.take(claims.user_id, address, claims.session_id)
+    if over is not None:
+        context.metrics.ws_errors.labels("too_many_connections").inc()
+        log.warning("ws.refused", extra={"reason": f"too many connections per {over}"})
+        return _refuse(
+            429,
+            "too_many_connections",
+            f"too many open connections for this {over} on this node; close one first",
+        )
+    try:
+        return await _serve(context, claims.session_id, claims.user_id, user.display_name)
+    finally:
+        context.ws_slots.give_back(claims.user_id, address, claims.session_id)
 
-    connected = await live.sessions.connect(claims.session_id, claims.user_id)
-    conn = Connection(
-        claims.session_id, claims.user_id, user.display_name, connected.record.generation
-    )
+
+async def _serve(context: NodeContext, session_id: str, user_id: str, display_name: str) -> Any:
+    """One accepted connection, from `hello` to its cleanup."""
+    live = context.live
+    connected = await live.sessions.connect(session_id, user_id)
+    conn = Connection(session_id, user_id, display_name, connected.record.generation)
     conn.on_error = lambda code: context.metrics.ws_errors.labels(code).inc()
     older = live.hub.add(conn)
     if older is not None:
