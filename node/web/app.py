@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from quart import Quart, Response, g, request, send_from_directory
-from quart_schema import QuartSchema
+from quart_schema import QuartSchema, hide
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from werkzeug.exceptions import NotFound
 
 from node.config import Settings
@@ -23,7 +24,9 @@ from node.store.db import open_store, ping_store
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
+from node.web.headers import page_policy, secure
 from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
 from node.web.ws import ws_blueprint
@@ -46,10 +49,14 @@ def create_app(settings: Settings) -> Quart:
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
-    QuartSchema(
+    schema = QuartSchema(
         app,
         info={"title": "sfumesh node API", "version": "0.1.0"},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        # Its UIs load scripts from CDNs; /docs is served below, from the node alone.
+        swagger_ui_path=None,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
     )
     install_error_handlers(app)
     app.register_blueprint(api)
@@ -104,6 +111,10 @@ def create_app(settings: Settings) -> Quart:
             await context.redis.aclose()
             await context.store.close()
         log.info("node.stopped", extra={"node": settings.node_name})
+
+    @app.after_request
+    async def _security_headers(response: Response) -> Response:
+        return secure(response)
 
     @app.before_request
     async def _start_timer() -> None:
@@ -185,6 +196,29 @@ def create_app(settings: Settings) -> Quart:
     @app.get("/")
     @app.get("/r/<path:slug>")
     async def webapp(slug: str | None = None) -> Response:
-        return await send_from_directory(WEBAPP_DIR, "index.html")
+        response = await send_from_directory(WEBAPP_DIR, "index.html")
+        response.headers["Content-Security-Policy"] = page_policy(await _mesh_urls())
+        return response
+
+    async def _mesh_urls() -> list[str]:
+        """This node's URL and every live node's: where the page may ping and connect."""
+        urls = [settings.base_url]
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        if context is not None:
+            try:
+                urls += [info.url for info in await context.live.registry.live()]
+            except (RedisError, OSError) as error:
+                # The page still works on this node alone (closest.js falls back to it).
+                log.warning("webapp.nodes_unknown", extra={"error": str(error)})
+        return urls
+
+    docs: list[str] = []
+
+    @app.get("/docs")
+    @hide
+    async def api_docs() -> Response:
+        if not docs:  # the routes are all known by the first request
+            docs.append(docs_page(schema.openapi_provider.schema()))
+        return Response(docs[0], content_type="text/html; charset=utf-8")
 
     return app
