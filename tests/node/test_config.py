@@ -40,6 +40,7 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
         {"SFUMESH_SERF_ENCRYPT_KEY": f'{{"{SECRET}": 1}}'},
         "serf.encrypt_key",
     ),
+    "relay-key-a-list": ({"SFUMESH_RELAY_KEY": f'["{SECRET}"]'}, "relay.key"),
     # A mistake elsewhere still must not print the secrets given beside it.
     "bad-port-beside-secrets": (
         {
@@ -47,6 +48,7 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
             "SFUMESH_TOKEN_KEYS": f'{{"k": "{SECRET * 3}"}}',
             "SFUMESH_TOKEN_SIGNING_KEY_ID": "k",
             "REDIS_URL": f"redis://:{SECRET}@db:6379",
+            "SFUMESH_RELAY_KEY": SECRET,
         },
         "port",
     ),
@@ -74,14 +76,26 @@ def test_secrets_in_a_config_file_are_not_shown(tmp_path: Path) -> None:
     assert "32 bytes" in str(raised.value) and SECRET not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SFUMESH_TOKEN_KEYS": f'{{"k": "{SECRET}"}}'}, "tokens"),
+        # checked when the node starts (the mesh needs it), not when settings load
+        ({"SFUMESH_TOKEN_KEYS": f'{{"k": "{SECRET * 3}"}}', "SFUMESH_RELAY_KEY": SECRET}, "relay"),
+    ],
+)
 def test_the_cli_prints_the_setting_not_the_secret(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    named: str,
 ) -> None:
-    monkeypatch.setenv("SFUMESH_TOKEN_KEYS", f'{{"k": "{SECRET}"}}')
     monkeypatch.setenv("SFUMESH_TOKEN_SIGNING_KEY_ID", "k")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert main(["node", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "bad configuration" in err and "tokens" in err and SECRET[:6] not in err, err
+    assert "bad configuration" in err and named in err and SECRET[:6] not in err, err
 
 
 def test_other_errors_still_say_what_is_wrong() -> None:
