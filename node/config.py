@@ -1,7 +1,9 @@
 """Node configuration: a TOML file, then environment variables on top.
 
 Every setting has a default that works for a local node. Secrets are `SecretStr` so that
-printing or logging the config never shows them.
+printing or logging the config never shows them, and a setting that cannot be used is a
+`ConfigError` naming the setting and the problem, never the value given for a secret (nor,
+for pydantic's errors, any value: their messages quote the input).
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ import os
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mesh.process import is_loopback
 
@@ -115,7 +125,13 @@ class LiveSettings(BaseModel):
     reaper_period_s: float = Field(default=3.0, gt=0)
     # No frame (not even `ping`) from a client for this long ends its session.
     ws_idle_timeout_s: float = Field(default=45.0, gt=0)
+    # The largest WebSocket message a client may send; the server (Hypercorn) closes the
+    # socket of one that exceeds it (1009) before buffering more.
     ws_max_frame_bytes: int = Field(default=64 * 1024, gt=0)
+    # Sessions with an open WebSocket on this node, per user and per client address; one
+    # more is refused at the handshake (429 too_many_connections).
+    ws_max_per_user: int = Field(default=10, gt=0)
+    ws_max_per_address: int = Field(default=50, gt=0)
     # Frames per second a client may send before it is told to slow down.
     ws_frames_per_s: int = Field(default=50, gt=0)
     chat_per_s: int = Field(default=5, gt=0)
@@ -326,6 +342,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
+    "SFUMESH_WS_MAX_FRAME_BYTES": "live.ws_max_frame_bytes",
+    "SFUMESH_WS_MAX_PER_USER": "live.ws_max_per_user",
+    "SFUMESH_WS_MAX_PER_ADDRESS": "live.ws_max_per_address",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
@@ -357,8 +376,44 @@ def _parse_env_value(raw: str) -> Any:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"cannot parse {raw[:20]!r}...: {error}") from error
+            # Where, not what: the value may be a secret (SFUMESH_TOKEN_KEYS).
+            raise ConfigError(f"not valid JSON: {error.msg} at character {error.pos}") from None
     return raw
+
+
+def _holds_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+def _is_secret(model: type[BaseModel], loc: tuple[int | str, ...]) -> bool:
+    """Whether the setting at `loc` (a pydantic error location) is a secret or inside one."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return False
+        if _holds_secret(field.annotation):
+            return True
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    return False
+
+
+# Pydantic's own messages say what was expected, never what was given; those of validators
+# (ours, or a library's) may quote the value, so for a secret they are not repeated.
+_OWN_MESSAGES = ("value_error", "assertion_error")
+
+
+def _describe(error: ValidationError) -> str:
+    """Each problem as `setting: what is wrong`, without the values given."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        what = item["msg"]
+        if _is_secret(Settings, item["loc"]) and item["type"] in _OWN_MESSAGES:
+            what = "not a usable value (a secret: not shown)"
+        problems.append(f"{where}: {what}")
+    return "; ".join(problems)
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -386,13 +441,15 @@ def load_settings(
             try:
                 _set_dotted(data, dotted, _parse_env_value(environ[name]))
             except ConfigError as error:
-                raise ConfigError(f"{name}: {error}") from error
+                raise ConfigError(f"{name}: {error}") from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     try:
         return Settings.model_validate(data)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    except ValidationError as error:
+        # `from None`: the ValidationError, with every input in it, must not ride along to a
+        # traceback in a log.
+        raise ConfigError(_describe(error)) from None
 
 
 def new_key() -> str:

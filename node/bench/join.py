@@ -517,6 +517,8 @@ def _bench_join(data_dir: Path, run: JoinRun) -> None:
             "SFUMESH_BCRYPT_COST": str(run.bcrypt_cost),
             "SFUMESH_DATABASE": database,
             "SFUMESH_ROOM_MAX_CAPACITY": str(max(run.clients, RoomSettings().max_capacity)),
+            # Every client connects from this machine's address.
+            "SFUMESH_WS_MAX_PER_ADDRESS": str(max(run.clients, LiveSettings().ws_max_per_address)),
         }
         nodes = start_nodes(
             services, {"bench": new_key()}, count=run.nodes, data_dir=data_dir, extra_env=extra_env

@@ -1,8 +1,10 @@
 """Posting to a room's chat (R4): the one write path, for the WebSocket and HTTP alike.
 
-Both check the same things in the same order: the text (cheap limits first), who may post,
-the per-session rate limit (counted in Redis, so it holds across nodes), then store the
-message and publish it to the room's live event stream, so every open page on every node
+Both check the same things in the same order: the text's size (no normalisation yet), who
+may post, the per-session rate limit (counted in Redis, so it holds across nodes), then the
+text itself (combining-mark runs, NFC, hidden characters: the costlier work comes after the
+rate limit, so a flood of frames cannot make the node normalise), then store the message
+and publish it to the room's live event stream, so every open page on every node
 shows it, whichever way it came. Who may post: a WebSocket connection in the room now
 (`in_room_now`: its membership is re-checked in Redis), or over HTTP one of the room's people
 (its creator, or a user who has joined it).
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
-from node.errors import Forbidden
+from node.errors import Forbidden, Invalid
 from node.runtime.live import Live
-from node.store.messages import append_message
+from node.store.messages import append_message, check_chat_size, clean_chat_text
 from node.store.models import Message, Room
 from node.store.rooms import is_person
 
@@ -31,13 +33,21 @@ class Poster:
 
 
 async def post_chat(live: Live, room: Room, poster: Poster, text: str) -> tuple[Message, str]:
-    """Store `text` (already cleaned: `node.store.messages.clean_chat_text`) as `poster`'s
-    message in `room` and tell the room; the message and the ISO time it carries."""
+    """Store `text` (as the client sent it) as `poster`'s message in `room` and tell the
+    room; the message and the ISO time it carries."""
+    try:
+        check_chat_size(text)
+    except ValueError as error:
+        raise Invalid("invalid_text", f"text: {error}") from error
     if not poster.in_room_now and not await is_person(room, poster.user_id):
         raise Forbidden("not_joined", "only the room's people may post: join the room first")
     await live.sessions.admit_chat(
         room.slug, poster.session_id, live.settings.live.chat_per_s, in_room_now=poster.in_room_now
     )
+    try:
+        text = clean_chat_text(text)
+    except ValueError as error:
+        raise Invalid("invalid_text", f"text: {error}") from error
     message = await append_message(room, poster.user_id, poster.display_name, text)
     ts = message.ts.astimezone(UTC) if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
     event: dict[str, Any] = {

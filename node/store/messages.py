@@ -12,12 +12,20 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from node.errors import Invalid
 from node.store.models import Message, Room
-from node.store.text import clean_text
+from node.store.text import RAW_CHARS_PER_CHAR, check_size, clean_text
 
 MAX_PAGE = 100
 
 
 MAX_CHAT_CHARS = 4000
+#: what a client may send at all (before NFC and stripping); more is malformed
+MAX_RAW_CHAT_CHARS = RAW_CHARS_PER_CHAR * MAX_CHAT_CHARS
+
+
+def check_chat_size(value: str) -> None:
+    """The cheap first check of a chat text (length and bytes, no normalisation), or
+    ValueError saying why it cannot be one."""
+    check_size(value, max_chars=MAX_CHAT_CHARS)
 
 
 def clean_chat_text(value: str) -> str:
@@ -28,7 +36,7 @@ def clean_chat_text(value: str) -> str:
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    text: Annotated[str, Field(max_length=16000), AfterValidator(clean_chat_text)]
+    text: Annotated[str, Field(max_length=MAX_RAW_CHAT_CHARS), AfterValidator(clean_chat_text)]
 
 
 class HistoryQuery(BaseModel):

@@ -21,7 +21,7 @@ from node.errors import Conflict, Forbidden, Invalid, NotFound
 from node.state import keys
 from node.state.sessions import Membership
 from node.store.models import Room, RoomPerson, User
-from node.store.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, clean_text
+from node.store.text import EMOJI_FORMAT_CHARS, INVISIBLE_CHARS, check_raw, clean_text
 from node.store.users import username_key
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def _check_emoji_format(slug: str, index: int) -> None:
 
 def normalize_slug(raw: str) -> str:
     """The canonical slug (NFC, casefolded), or ValueError saying what is wrong with it."""
+    # Slugs come from URL paths too, where no token is needed: cheap checks before NFC.
+    check_raw(raw, max_chars=SLUG_MAX_CHARS)
     slug = unicodedata.normalize("NFC", unicodedata.normalize("NFC", raw).casefold())
     if not SLUG_MIN_CHARS <= len(slug) <= SLUG_MAX_CHARS:
         raise ValueError(f"must be {SLUG_MIN_CHARS}-{SLUG_MAX_CHARS} characters")

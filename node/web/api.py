@@ -50,9 +50,10 @@ from node.store.users import (
     public_view,
     username_key,
 )
-from node.web.auth import authenticated_user
+from node.web.auth import Auth, authenticated
 from node.web.context import node_context
 from node.web.errors import APIError
+from node.web.peers import client_address as peer_address
 from node.web.tokens import Purpose, dump_claims
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -70,20 +71,8 @@ class SessionGrant(BaseModel):
 
 
 def client_address(trusted_proxies: list[str]) -> str:
-    """The socket peer, or behind trusted proxies the nearest address they did not add."""
-    address = request.remote_addr or "unknown"
-    if address not in trusted_proxies:
-        return address
-    forwarded = [
-        hop.strip()
-        for header in request.headers.getlist("X-Forwarded-For")
-        for hop in header.split(",")
-        if hop.strip()
-    ]
-    for hop in reversed(forwarded):
-        if hop not in trusted_proxies:
-            return hop
-    return address
+    """The request's client address (see `node.web.peers.client_address`)."""
+    return peer_address(request, trusted_proxies)
 
 
 @api.post("/users")
@@ -107,12 +96,13 @@ async def login(data: LoginRequest) -> UserToken:
 
 
 @api.post("/auth/refresh")
+@authenticated(Purpose.USER)
 @validate_response(UserToken)
-async def refresh() -> UserToken:
+async def refresh(auth: Auth) -> UserToken:
     """A new user token for a valid one (same login, so logout still reaches it), until
     `tokens.user_max_age_s` after the login: then the client logs in again."""
     context = node_context()
-    claims, user = await authenticated_user(Purpose.USER)
+    claims, user = auth.claims, auth.user
     logged_in = claims.authenticated_at or datetime.now(UTC)
     deadline = logged_in + timedelta(seconds=context.tokens.user_max_age_s)
     left_s = (deadline - datetime.now(UTC)).total_seconds()
@@ -135,24 +125,26 @@ async def refresh() -> UserToken:
 
 
 @api.post("/auth/logout")
-async def logout() -> tuple[str, int]:
+@authenticated(Purpose.USER)
+async def logout(auth: Auth) -> tuple[str, int]:
     """Ends this login: its user tokens and every session and room token they bought stop
     working on every node."""
     context = node_context()
-    claims, _ = await authenticated_user(Purpose.USER)
+    claims = auth.claims
     # Clocks of other nodes may lag a little: keep the mark a minute past the longest life.
     await context.token_state.revoke_family(claims.family, context.tokens.longest_ttl_s + 60)
     return "", 204
 
 
 @api.post("/users/me/password")
+@authenticated(Purpose.USER)
 @validate_request(PasswordChange)
 @validate_response(UserToken)
-async def new_password(data: PasswordChange) -> UserToken:
+async def new_password(data: PasswordChange, auth: Auth) -> UserToken:
     """Change the password; every token of the user is refused from now on, this one too,
     so the answer carries a fresh user token (a new login)."""
     context = node_context()
-    _, user = await authenticated_user(Purpose.USER)
+    user = auth.user
     address = client_address(context.settings.trusted_proxies)
     user = await change_password(user, data, address, context.hasher, context.login_limiter)
     issued = context.tokens.issue(Purpose.USER, str(user.id), generation=user.token_generation)
@@ -160,16 +152,16 @@ async def new_password(data: PasswordChange) -> UserToken:
 
 
 @api.get("/users/me")
+@authenticated(Purpose.USER)
 @validate_response(OwnUser)
-async def me() -> OwnUser:
-    _, user = await authenticated_user(Purpose.USER)
-    return own_view(user)
+async def me(auth: Auth) -> OwnUser:
+    return own_view(auth.user)
 
 
 @api.get("/users/by-username/<username>")
+@authenticated(Purpose.USER)
 @validate_response(PublicUser)
-async def user_by_username(username: str) -> PublicUser:
-    await authenticated_user(Purpose.USER)
+async def user_by_username(username: str, auth: Auth) -> PublicUser:
     user = await User.find_one(User.username_key == username_key(username))
     if user is None:
         raise APIError(404, "user_not_found", "no such user")
@@ -177,11 +169,12 @@ async def user_by_username(username: str) -> PublicUser:
 
 
 @api.get("/users/<user_id>")
-async def user_by_id(user_id: str) -> dict[str, Any]:
+@authenticated(Purpose.USER)
+async def user_by_id(user_id: str, auth: Auth) -> dict[str, Any]:
     """A profile by id only for its owner and the people who share a room with them: ids are
     shown in rooms, never listed, so nobody walks every profile. Anyone else is told 404,
     exactly as for an id nobody has (by-username stays open: a name is what one is given)."""
-    _, viewer = await authenticated_user(Purpose.USER)
+    viewer = auth.user
     user = await get_user(user_id)
     if user is None or not await share_a_room(viewer.id, user.id):
         raise APIError(404, "user_not_found", "no such user")
@@ -191,9 +184,10 @@ async def user_by_id(user_id: str) -> dict[str, Any]:
 
 
 @api.post("/sessions")
+@authenticated(Purpose.USER)
 @validate_response(SessionGrant, 201)
-async def new_session() -> tuple[SessionGrant, int]:
-    claims, user = await authenticated_user(Purpose.USER)
+async def new_session(auth: Auth) -> tuple[SessionGrant, int]:
+    claims, user = auth.claims, auth.user
     session_id = secrets.token_hex(16)
     issued = node_context().tokens.issue(
         Purpose.SESSION,
@@ -214,13 +208,14 @@ class WsTicket(BaseModel):
 
 
 @api.post("/sessions/ws-ticket")
+@authenticated(Purpose.SESSION)
 @validate_response(WsTicket, 201)
-async def ws_ticket() -> tuple[WsTicket, int]:
+async def ws_ticket(auth: Auth) -> tuple[WsTicket, int]:
     """A short-lived, single-use stand-in for the session token in `/ws?ticket=...`, so the
     long-lived token never appears in a URL (proxy logs, browser history). It holds on
     every node: the ticket lives in the shared Redis."""
     context = node_context()
-    claims, _ = await authenticated_user(Purpose.SESSION)
+    claims = auth.claims
     ttl_s = context.settings.tokens.ws_ticket_ttl_s
     ticket = secrets.token_urlsafe(32)
     expires_at = datetime.now(UTC) + timedelta(seconds=ttl_s)
@@ -229,11 +224,12 @@ async def ws_ticket() -> tuple[WsTicket, int]:
 
 
 @api.post("/rooms")
+@authenticated(Purpose.USER)
 @validate_request(NewRoom)
 @validate_response(RoomView, 201)
-async def new_room(data: NewRoom) -> tuple[RoomView, int]:
+async def new_room(data: NewRoom, auth: Auth) -> tuple[RoomView, int]:
     context = node_context()
-    _, user = await authenticated_user(Purpose.USER)
+    user = auth.user
     lock = context.live.lock
     room = await create_room(
         data,
@@ -269,11 +265,12 @@ class RoomGrant(BaseModel):
 
 
 @api.post("/rooms/<slug>/join")
+@authenticated(Purpose.SESSION)
 @validate_response(RoomGrant)
-async def join_room(slug: str) -> RoomGrant:
+async def join_room(slug: str, auth: Auth) -> RoomGrant:
     """Step 2 of joining (S2): on any node; the WebSocket must already be open somewhere."""
     context = node_context()
-    claims, user = await authenticated_user(Purpose.SESSION)
+    claims, user = auth.claims, auth.user
     room = await get_room(slug)
     assert claims.session_id is not None  # session tokens always carry one
     record, _ = await context.live.sessions.join(
@@ -449,19 +446,20 @@ async def ping() -> Response:
 
 
 @api.get("/rooms/<slug>/messages")
+@authenticated(Purpose.SESSION)
 @validate_querystring(HistoryQuery)
 @validate_response(HistoryPage)
-async def room_messages(slug: str, query_args: HistoryQuery) -> HistoryPage:
-    _, user = await authenticated_user(Purpose.SESSION)
-    room = await room_person(slug, str(user.id))
+async def room_messages(slug: str, query_args: HistoryQuery, auth: Auth) -> HistoryPage:
+    room = await room_person(slug, str(auth.user.id))
     return await history(room, query_args.before, query_args.limit)
 
 
 @api.post("/rooms/<slug>/messages")
+@authenticated(Purpose.SESSION)
 @validate_request(NewMessage)
 @validate_response(MessageView, 201)
-async def post_message(slug: str, data: NewMessage) -> tuple[MessageView, int]:
-    claims, user = await authenticated_user(Purpose.SESSION)
+async def post_message(slug: str, data: NewMessage, auth: Auth) -> tuple[MessageView, int]:
+    claims, user = auth.claims, auth.user
     room = await get_room(slug)
     assert claims.session_id is not None  # session tokens always carry one
     poster = Poster(claims.session_id, str(user.id), user.display_name, in_room_now=False)

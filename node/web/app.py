@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from quart import Quart, Response, g, request, send_from_directory
-from quart_schema import QuartSchema
+from quart_schema import QuartSchema, hide
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from werkzeug.exceptions import NotFound
 
 from node.config import Settings
@@ -21,10 +22,14 @@ from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
 from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
+from node.store.text import mark_runs
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
+from node.web.headers import page_policy, secure
+from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
 from node.web.ws import ws_blueprint
 
@@ -65,10 +70,14 @@ def create_app(settings: Settings) -> Quart:
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
-    QuartSchema(
+    schema = QuartSchema(
         app,
         info={"title": "sfumesh node API", "version": "0.1.0"},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        # Its UIs load scripts from CDNs; /docs is served below, from the node alone.
+        swagger_ui_path=None,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
     )
     install_error_handlers(app)
     app.register_blueprint(api)
@@ -76,6 +85,8 @@ def create_app(settings: Settings) -> Quart:
 
     @app.before_serving
     async def _open() -> None:
+        # Built from the Unicode tables once (~40 ms): now, not in the first request's time.
+        mark_runs()
         redis = Redis.from_url(settings.redis_url.get_secret_value())
         store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
         hasher = PasswordHasher(
@@ -109,6 +120,7 @@ def create_app(settings: Settings) -> Quart:
             live=live,
             metrics=metrics,
             cluster=cluster,
+            ws_slots=SocketSlots(settings.live.ws_max_per_user, settings.live.ws_max_per_address),
         )
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 
@@ -127,6 +139,10 @@ def create_app(settings: Settings) -> Quart:
             await context.store.close()
             context.hasher.close()
         log.info("node.stopped", extra={"node": settings.node_name})
+
+    @app.after_request
+    async def _security_headers(response: Response) -> Response:
+        return secure(response)
 
     @app.before_request
     async def _start_timer() -> None:
@@ -208,6 +224,29 @@ def create_app(settings: Settings) -> Quart:
     @app.get("/")
     @app.get("/r/<path:slug>")
     async def webapp(slug: str | None = None) -> Response:
-        return await send_from_directory(WEBAPP_DIR, "index.html")
+        response = await send_from_directory(WEBAPP_DIR, "index.html")
+        response.headers["Content-Security-Policy"] = page_policy(await _mesh_urls())
+        return response
+
+    async def _mesh_urls() -> list[str]:
+        """This node's URL and every live node's: where the page may ping and connect."""
+        urls = [settings.base_url]
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        if context is not None:
+            try:
+                urls += [info.url for info in await context.live.registry.live()]
+            except (RedisError, OSError) as error:
+                # The page still works on this node alone (closest.js falls back to it).
+                log.warning("webapp.nodes_unknown", extra={"error": str(error)})
+        return urls
+
+    docs: list[str] = []
+
+    @app.get("/docs")
+    @hide
+    async def api_docs() -> Response:
+        if not docs:  # the routes are all known by the first request
+            docs.append(docs_page(schema.openapi_provider.schema()))
+        return Response(docs[0], content_type="text/html; charset=utf-8")
 
     return app

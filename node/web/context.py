@@ -16,6 +16,7 @@ from node.runtime.metrics import NodeMetrics
 from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.users import PasswordHasher
+from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
 
 EXTENSION = "sfumesh"
@@ -34,6 +35,8 @@ class NodeContext:
     live: Live
     metrics: NodeMetrics
     cluster: Cluster
+    #: open WebSockets per user and per address on this node (their caps)
+    ws_slots: SocketSlots
 
 
 def node_context() -> NodeContext:

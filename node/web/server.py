@@ -28,6 +28,11 @@ def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornCo
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.accesslog = None  # the app logs each request itself, structured
     config.errorlog = logging.getLogger("hypercorn.error")
+    # Hypercorn buffers a WebSocket message whole before the app sees it (16 MiB by
+    # default): with the app's own limit here, a longer message is cut off as it arrives
+    # and the socket closed (1009, message too big). Hypercorn counts a text message in
+    # characters, so it holds at most this many characters (4 bytes each at worst) of it.
+    config.websocket_max_message_size = settings.live.ws_max_frame_bytes
     return config
 
 

@@ -28,10 +28,11 @@ from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
-from node.store.messages import clean_chat_text
+from node.store.messages import MAX_RAW_CHAT_CHARS
 from node.store.rooms import get_room
 from node.web.auth import token_user
 from node.web.context import NodeContext, node_context
+from node.web.peers import client_address
 from node.web.tokens import Claims, Purpose, TokenError, load_claims
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,27 @@ async def signalling() -> Any:
         return _refuse(401, "unauthorized", str(error))
     if claims.session_id is None:
         return _refuse(401, "unauthorized", "token carries no session")
+    address = client_address(websocket, context.settings.trusted_proxies)
+    over = context.ws_slots.take(claims.user_id, address, claims.session_id)
+    if over is not None:
+        context.metrics.ws_errors.labels("too_many_connections").inc()
+        log.warning("ws.refused", extra={"reason": f"too many connections per {over}"})
+        return _refuse(
+            429,
+            "too_many_connections",
+            f"too many open connections for this {over} on this node; close one first",
+        )
+    try:
+        return await _serve(context, claims.session_id, claims.user_id, user.display_name)
+    finally:
+        context.ws_slots.give_back(claims.user_id, address, claims.session_id)
 
-    connected = await live.sessions.connect(claims.session_id, claims.user_id)
-    conn = Connection(
-        claims.session_id, claims.user_id, user.display_name, connected.record.generation
-    )
+
+async def _serve(context: NodeContext, session_id: str, user_id: str, display_name: str) -> Any:
+    """One accepted connection, from `hello` to its cleanup."""
+    live = context.live
+    connected = await live.sessions.connect(session_id, user_id)
+    conn = Connection(session_id, user_id, display_name, connected.record.generation)
     conn.on_error = lambda code: context.metrics.ws_errors.labels(code).inc()
     older = live.hub.add(conn)
     if older is not None:
@@ -371,15 +388,12 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     slug = conn.room
     if slug is None:
         raise ClientError("not_in_room", "join a room before chatting")
-    raw = frame.get("text")
-    if not isinstance(raw, str) or len(raw) > 16000:
+    text = frame.get("text")
+    if not isinstance(text, str) or len(text) > MAX_RAW_CHAT_CHARS:
         raise ClientError("bad_frame", "text must be a string")
-    try:
-        text = clean_chat_text(raw)
-    except ValueError as error:
-        raise ClientError("invalid_text", f"text: {error}") from error
     room = await get_room(slug)
     poster = Poster(conn.session_id, conn.user_id, conn.display_name, in_room_now=True)
+    # Not normalised here: post_chat does that after the rate limit (invalid_text).
     message, ts = await post_chat(live, room, poster, text)
     return {"type": "ack", "message_id": str(message.id), "ts": ts}
 

@@ -43,12 +43,27 @@ def _log_console(message: ConsoleMessage) -> None:
     log.log(level, "page console %s: %s", message.type, message.text)
 
 
+# The pages' Content-Security-Policy (node/web/headers.py) must never have to block what
+# the client does: every violation is reported on the console, and fails the test.
+CSP_VIOLATION = "CSP violation:"
+_REPORT_CSP = f"""
+document.addEventListener("securitypolicyviolation", (event) =>
+  console.error(`{CSP_VIOLATION} ${{event.violatedDirective}} ${{event.blockedURI}}`));
+"""
+
+
 @asynccontextmanager
 async def web_context(
     browser: Browser, user_token: str | None = None, viewport: dict[str, int] | None = None
 ) -> AsyncIterator[BrowserContext]:
     """A browser context (own storage), logged in as `user_token`'s user if given."""
     context = await browser.new_context(viewport=viewport or DESKTOP)  # type: ignore[arg-type]
+    violations: list[str] = []
+    context.on(
+        "console",
+        lambda message: violations.append(message.text) if CSP_VIOLATION in message.text else None,
+    )
+    await context.add_init_script(script=_REPORT_CSP)
     if user_token is not None:
         grant = json.dumps({"user_token": user_token, "expires_at": "2999-01-01T00:00:00Z"})
         await context.add_init_script(
@@ -59,6 +74,7 @@ async def web_context(
         yield context
     finally:
         await context.close()
+    assert violations == [], violations
 
 
 async def new_page(context: BrowserContext, url: str | None = None) -> Page:

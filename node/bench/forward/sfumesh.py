@@ -90,6 +90,9 @@ class SfumeshSystem:
                 "SFUMESH_ICE_SERVERS": "[]",
                 "SFUMESH_DUPLICATE_POLICY": "allow",
                 "SFUMESH_WS_IDLE_TIMEOUT_S": "600",
+                # Every subscriber is a session of one user, all from this machine.
+                "SFUMESH_WS_MAX_PER_USER": "100000",
+                "SFUMESH_WS_MAX_PER_ADDRESS": "100000",
                 "SFUMESH_BCRYPT_COST": "4",
                 "SFUMESH_LOG_LEVEL": self.log_level,
                 "SFUMESH_DATABASE": f"bench_forward_{secrets.token_hex(4)}",
