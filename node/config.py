@@ -243,6 +243,24 @@ class MetricsSettings(BaseModel):
         return value
 
 
+class HappeningSettings(BaseModel):
+    """Happenings in rooms (R8, issue 16): reminders, limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The room is reminded this long before a happening starts (and again at its start).
+    reminder_lead_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # How often each node looks for due reminders; the delivery delay is about this long.
+    reminder_poll_s: float = Field(default=0.25, gt=0, le=10)
+    # A claimed reminder not written within this time is taken over by another node.
+    reminder_lease_s: float = Field(default=10.0, gt=0, le=300)
+    # A reminder due longer ago than this (every node was down) is dropped, not sent late.
+    reminder_max_late_s: float = Field(default=3600.0, gt=0)
+    # Happenings one room may hold (past ones included) and people one may seat.
+    max_per_room: int = Field(default=500, gt=0)
+    max_capacity: int = Field(default=10_000, gt=0)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -272,6 +290,7 @@ class Settings(BaseModel):
     serf: SerfSettings = Field(default_factory=SerfSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    happenings: HappeningSettings = Field(default_factory=HappeningSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -347,6 +366,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_WS_MAX_PER_ADDRESS": "live.ws_max_per_address",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
+    "SFUMESH_REMINDER_LEAD_S": "happenings.reminder_lead_s",
+    "SFUMESH_REMINDER_POLL_S": "happenings.reminder_poll_s",
+    "SFUMESH_REMINDER_LEASE_S": "happenings.reminder_lease_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",

@@ -203,4 +203,6 @@ def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str
         return {"type": "participant-replaced", "room": slug, **data}
     if event_type == "chat":
         return {"type": "chat", "room": slug, **data}
+    if event_type == "happening":
+        return {"type": "happening", "room": slug, **data}
     return None

@@ -15,6 +15,11 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
+| `sfumesh:{room:<slug>}:happening-lock:<id>` | string | serialises a happening's RSVPs |
+| `sfumesh:{room:<slug>}:happening-fence:<id>` | counter | its fences: order of "going" answers |
+| `sfumesh:{room:<slug>}:reminder-sent:<r>` | string, TTL | reminder r was published to the room |
+| `sfumesh:reminders:due` | sorted set | reminder -> due time (ms), not yet claimed |
+| `sfumesh:reminders:claimed` | sorted set | reminder -> claim lease expiry (ms) |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
 | `sfumesh:loginlimit:{limits}:fail-acct:<h>` | counter, TTL | failed logins, one account (h) |
@@ -154,3 +159,25 @@ def signups_from(address: str) -> str:
 
 def signups_total() -> str:
     return f"{PREFIX}:signuplimit:{_LIMITS}:total"
+
+
+def happening_lock(slug: str, happening_id: str) -> str:
+    """Held while one answer to the happening is written: answers queue for seats in the
+    order of this lock's fences."""
+    return _room(slug, f"happening-lock:{happening_id}")
+
+
+def happening_fence(slug: str, happening_id: str) -> str:
+    return _room(slug, f"happening-fence:{happening_id}")
+
+
+def reminder_sent(slug: str, reminder: str) -> str:
+    """Set in the same script that publishes the reminder to the room's stream: a second
+    claimer of the same reminder finds it and publishes nothing."""
+    return _room(slug, f"reminder-sent:{reminder}")
+
+
+#: reminders waiting for their time (score: due, ms since the epoch, Redis clock)
+REMINDERS_DUE = f"{PREFIX}:reminders:due"
+#: reminders a node is writing (score: when its lease ends; then any node takes it over)
+REMINDERS_CLAIMED = f"{PREFIX}:reminders:claimed"

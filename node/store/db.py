@@ -7,6 +7,7 @@ from typing import Any
 from beanie import init_beanie
 from pymongo import AsyncMongoClient
 
+from node.store.happenings import HAPPENING_MODELS
 from node.store.models import DOCUMENT_MODELS
 
 
@@ -14,7 +15,8 @@ async def open_store(uri: str, database: str) -> AsyncMongoClient[dict[str, Any]
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         uri, tz_aware=True, serverSelectionTimeoutMS=5000, uuidRepresentation="standard"
     )
-    await init_beanie(database=client[database], document_models=DOCUMENT_MODELS)
+    models = [*DOCUMENT_MODELS, *HAPPENING_MODELS]
+    await init_beanie(database=client[database], document_models=models)
     return client
 
 

@@ -17,6 +17,7 @@ from werkzeug.exceptions import NotFound
 
 from node.config import Settings
 from node.runtime.cluster import Cluster
+from node.runtime.happenings import ReminderLoop
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
 from node.state.ratelimit import LoginLimiter, SignupLimiter
@@ -28,6 +29,7 @@ from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
+from node.web.happenings import REMINDERS_EXTENSION, happenings_api
 from node.web.headers import page_policy, secure
 from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
@@ -81,6 +83,7 @@ def create_app(settings: Settings) -> Quart:
     )
     install_error_handlers(app)
     app.register_blueprint(api)
+    app.register_blueprint(happenings_api)
     app.register_blueprint(ws_blueprint)
 
     @app.before_serving
@@ -122,10 +125,16 @@ def create_app(settings: Settings) -> Quart:
             cluster=cluster,
             ws_slots=SocketSlots(settings.live.ws_max_per_user, settings.live.ws_max_per_address),
         )
+        reminders = ReminderLoop(live)
+        reminders.start()
+        app.extensions[REMINDERS_EXTENSION] = reminders
         log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
 
     @app.after_serving
     async def _close() -> None:
+        reminders: ReminderLoop | None = app.extensions.pop(REMINDERS_EXTENSION, None)
+        if reminders is not None:
+            await reminders.stop()
         context: NodeContext | None = app.extensions.pop(EXTENSION, None)
         if context is not None:
             await context.live.drain()

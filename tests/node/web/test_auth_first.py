@@ -91,6 +91,12 @@ AUTHENTICATED = {
     ("POST", "/api/rooms/<slug>/join"): Purpose.SESSION,
     ("GET", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/messages"): Purpose.SESSION,
+    ("GET", "/api/rooms/<slug>/happenings"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/happenings"): Purpose.SESSION,
+    ("GET", "/api/happenings/<happening_id>"): Purpose.SESSION,
+    ("PATCH", "/api/happenings/<happening_id>"): Purpose.SESSION,
+    ("DELETE", "/api/happenings/<happening_id>"): Purpose.SESSION,
+    ("PUT", "/api/happenings/<happening_id>/rsvp"): Purpose.SESSION,
 }
 PUBLIC = {
     ("POST", "/api/users"),
@@ -127,6 +133,7 @@ def _concrete(path: str) -> str:
         path.replace("<user_id>", "0123456789abcdef01234567")
         .replace("<username>", "alice")
         .replace("<slug>", "lobby")
+        .replace("<happening_id>", "0123456789abcdef01234567")
     )
 
 

@@ -1,0 +1,148 @@
+"""HTTP routes of happenings (R8, issue 16): plan, change, cancel, answer, calendars.
+
+Every route but the calendar feed takes a session token (as chat does) and is for the room's
+people only; the token is checked before the body is read (`authenticated`). The feed is read
+by calendar apps, which send no header: its URL carries a signed token of its own
+(purpose "calendar", see `calendar_feed`).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from quart import Blueprint
+from quart_schema import validate_request, validate_response
+
+from node.errors import Forbidden
+from node.runtime import happenings as live_happenings
+from node.state.reminders import Reminders
+from node.store.happenings import (
+    HappeningPatch,
+    HappeningView,
+    NewHappening,
+    RsvpRequest,
+    cancel_happening,
+    check_may_change,
+    create_happening,
+    edit_happening,
+    get_happening,
+    happening_view,
+    room_happenings,
+)
+from node.store.models import Room
+from node.store.rooms import get_room, is_person, room_person
+from node.web.auth import Auth, authenticated
+from node.web.context import node_context
+from node.web.tokens import Purpose
+
+happenings_api = Blueprint("happenings", __name__, url_prefix="/api")
+
+#: app.extensions key of the node's ReminderLoop
+REMINDERS_EXTENSION = "sfumesh-reminders"
+
+
+class HappeningList(BaseModel):
+    happenings: list[HappeningView]
+
+
+async def _person_room(slug: str, user_id: str) -> Room:
+    room = await get_room(slug)
+    if not await is_person(room, user_id):
+        raise Forbidden("not_joined", "only the room's people may do this: join the room first")
+    return room
+
+
+@happenings_api.get("/rooms/<slug>/happenings")
+@authenticated(Purpose.SESSION)
+@validate_response(HappeningList)
+async def list_happenings(slug: str, auth: Auth) -> HappeningList:
+    """The room's happenings by start, oldest first; cancelled ones included (flagged)."""
+    room = await room_person(slug, str(auth.user.id))
+    return HappeningList(happenings=[await happening_view(h) for h in await room_happenings(room)])
+
+
+@happenings_api.post("/rooms/<slug>/happenings")
+@authenticated(Purpose.SESSION)
+@validate_request(NewHappening)
+@validate_response(HappeningView, 201)
+async def plan_happening(slug: str, data: NewHappening, auth: Auth) -> tuple[HappeningView, int]:
+    context = node_context()
+    settings = context.settings.happenings
+    room = await _person_room(slug, str(auth.user.id))
+    happening = await create_happening(
+        room,
+        str(auth.user.id),
+        auth.user.display_name,
+        data,
+        settings.max_per_room,
+        settings.max_capacity,
+    )
+    await live_happenings.reschedule(Reminders(context.redis), happening, settings.reminder_lead_s)
+    view = await live_happenings.announce(
+        context.live, room, "created", happening, auth.user.display_name
+    )
+    return view, 201
+
+
+@happenings_api.get("/happenings/<happening_id>")
+@authenticated(Purpose.SESSION)
+@validate_response(HappeningView)
+async def show_happening(happening_id: str, auth: Auth) -> HappeningView:
+    happening = await get_happening(happening_id)
+    await room_person(happening.room, str(auth.user.id))
+    return await happening_view(happening)
+
+
+@happenings_api.patch("/happenings/<happening_id>")
+@authenticated(Purpose.SESSION)
+@validate_request(HappeningPatch)
+@validate_response(HappeningView)
+async def change_happening(happening_id: str, data: HappeningPatch, auth: Auth) -> HappeningView:
+    context = node_context()
+    settings = context.settings.happenings
+    happening = await get_happening(happening_id)
+    room = await get_room(happening.room)
+    check_may_change(happening, room, str(auth.user.id))
+    old = happening.model_copy()
+    happening = await edit_happening(happening, data, settings.max_capacity)
+    await live_happenings.reschedule(
+        Reminders(context.redis), happening, settings.reminder_lead_s, old
+    )
+    return await live_happenings.announce(
+        context.live, room, "updated", happening, auth.user.display_name
+    )
+
+
+@happenings_api.delete("/happenings/<happening_id>")
+@authenticated(Purpose.SESSION)
+@validate_response(HappeningView)
+async def cancel(happening_id: str, auth: Auth) -> HappeningView:
+    """Cancelled, not deleted: the room still sees it (flagged), its reminders are dropped."""
+    context = node_context()
+    happening = await get_happening(happening_id)
+    room = await get_room(happening.room)
+    check_may_change(happening, room, str(auth.user.id))
+    if happening.cancelled:
+        return await happening_view(happening)
+    happening = await cancel_happening(happening)
+    await Reminders(context.redis).unschedule(live_happenings.all_reminders(happening))
+    return await live_happenings.announce(
+        context.live, room, "cancelled", happening, auth.user.display_name
+    )
+
+
+@happenings_api.put("/happenings/<happening_id>/rsvp")
+@authenticated(Purpose.SESSION)
+@validate_request(RsvpRequest)
+@validate_response(HappeningView)
+async def rsvp(happening_id: str, data: RsvpRequest, auth: Auth) -> HappeningView:
+    """Going, maybe or not going; with a capacity, "going" past it waits in line."""
+    happening = await get_happening(happening_id)
+    room = await _person_room(happening.room, str(auth.user.id))
+    return await live_happenings.answer(
+        node_context().live,
+        room,
+        happening,
+        str(auth.user.id),
+        auth.user.display_name,
+        data.answer,
+    )
