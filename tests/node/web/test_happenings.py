@@ -246,7 +246,7 @@ async def test_changes_and_answers_reach_the_room_stream(api: Api, redis: Redis)
         f"/api/happenings/{made['id']}/rsvp", json={"answer": "maybe"}, headers=bearer(alice)
     )
     await api.client.delete(f"/api/happenings/{made['id']}", headers=bearer(alice))
-    entries = await redis.xrange(keys.room_events("lobby"))
+    entries: Any = await redis.xrange(keys.room_events("lobby"))
     events = [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in entries]
     happenings = [(d["action"], d["happening"]["id"]) for t, d in events if t == "happening"]
     assert happenings == [("created", made["id"]), ("rsvp", made["id"]), ("cancelled", made["id"])]
