@@ -61,7 +61,7 @@ class Scene:
 async def scene(make_app: Any) -> Scene:
     app = await make_app(**{"happenings.reminder_lease_s": LEASE_MS / 1000})
     # The app's own loop would take the reminders these tests hand out step by step.
-    await app.app.extensions.pop(REMINDERS_EXTENSION).stop()  # type: ignore[attr-defined]
+    await app.app.extensions.pop(REMINDERS_EXTENSION).stop()
     api = Api(app.test_client())
     user = await api.user_token("alice")
     await api.create_room(user, "lobby")
