@@ -53,6 +53,8 @@ class TokenSettings(BaseModel):
     user_max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
     session_ttl_s: int = Field(default=24 * 3600, gt=0)
     room_ttl_s: int = Field(default=5 * 60, gt=0)
+    # A room's calendar feed URL (happenings); revoked by resetting it, so it may live long.
+    calendar_ttl_s: int = Field(default=366 * 24 * 3600, gt=0)
     # A WebSocket ticket (POST /api/sessions/ws-ticket) is good once, for this long.
     ws_ticket_ttl_s: float = Field(default=30.0, gt=0, le=300)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -94,7 +95,38 @@ class Rsvp(Document):
         return f"{happening_id}\n{user_id}"
 
 
-HAPPENING_MODELS: list[type[Document]] = [Happening, Rsvp]
+class CalendarFeed(Document):
+    """One person's feed of one room's happenings. Its URL carries a signed token naming
+    `family`; resetting the feed draws a new family, and every earlier URL stops working."""
+
+    id: str  # type: ignore[assignment]  # "<room slug>\n<user id>"
+    family: str
+    reset_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "calendar_feeds"
+
+    @staticmethod
+    def key(room: str, user_id: str) -> str:
+        return f"{room}\n{user_id}"
+
+
+HAPPENING_MODELS: list[type[Document]] = [Happening, Rsvp, CalendarFeed]
+
+
+async def feed_family(room: str, user_id: str, *, reset: bool = False) -> str:
+    """The family of `user_id`'s feed of `room` (made on first use; new when `reset`)."""
+    key = CalendarFeed.key(room, user_id)
+    feed = await CalendarFeed.get(key)
+    if feed is None or reset:
+        feed = CalendarFeed(id=key, family=secrets.token_hex(12))
+        await feed.save()
+    return feed.family
+
+
+async def feed_is_current(room: str, user_id: str, family: str) -> bool:
+    feed = await CalendarFeed.get(CalendarFeed.key(room, user_id))
+    return feed is not None and secrets.compare_digest(feed.family, family)
 
 
 # --- input -------------------------------------------------------------------------------

@@ -8,13 +8,17 @@ by calendar apps, which send no header: its URL carries a signed token of its ow
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-from quart import Blueprint
-from quart_schema import validate_request, validate_response
+from datetime import datetime
+from urllib.parse import quote
 
-from node.errors import Forbidden
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from node.errors import Forbidden, NotFound
 from node.runtime import happenings as live_happenings
 from node.state.reminders import Reminders
+from node.store.calendar import calendar_of
 from node.store.happenings import (
     HappeningPatch,
     HappeningView,
@@ -24,15 +28,18 @@ from node.store.happenings import (
     check_may_change,
     create_happening,
     edit_happening,
+    feed_family,
+    feed_is_current,
     get_happening,
     happening_view,
     room_happenings,
 )
 from node.store.models import Room
 from node.store.rooms import get_room, is_person, room_person
+from node.store.users import get_user
 from node.web.auth import Auth, authenticated
 from node.web.context import node_context
-from node.web.tokens import Purpose
+from node.web.tokens import Purpose, TokenError
 
 happenings_api = Blueprint("happenings", __name__, url_prefix="/api")
 
@@ -146,3 +153,93 @@ async def rsvp(happening_id: str, data: RsvpRequest, auth: Auth) -> HappeningVie
         auth.user.display_name,
         data.answer,
     )
+
+
+ICS = "text/calendar; charset=utf-8"
+
+
+def _ics(body: bytes, filename: str) -> Response:
+    response = Response(body, content_type=ICS)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+@happenings_api.get("/happenings/<happening_id>/event.ics")
+@authenticated(Purpose.SESSION)
+async def happening_ics(happening_id: str, auth: Auth) -> Response:
+    """One happening as an .ics file ("add to calendar")."""
+    happening = await get_happening(happening_id)
+    await room_person(happening.room, str(auth.user.id))
+    body = calendar_of([happening], node_context().settings.base_url)
+    return _ics(body, "happening.ics")
+
+
+class CalendarLink(BaseModel):
+    #: the feed over https, and the same as webcal:// (what calendar apps subscribe to)
+    url: str
+    webcal: str
+    expires_at: datetime
+
+
+class FeedQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=2048)
+
+
+@happenings_api.post("/rooms/<slug>/calendar")
+@authenticated(Purpose.SESSION)
+@validate_response(CalendarLink)
+async def calendar_link(slug: str, auth: Auth) -> CalendarLink:
+    """A subscribable URL of the room's happenings, for the asking person."""
+    return await _link(slug, auth, reset=False)
+
+
+@happenings_api.delete("/rooms/<slug>/calendar")
+@authenticated(Purpose.SESSION)
+@validate_response(CalendarLink)
+async def reset_calendar_link(slug: str, auth: Auth) -> CalendarLink:
+    """Revoke every earlier feed URL of the asking person for this room; a new one back."""
+    return await _link(slug, auth, reset=True)
+
+
+async def _link(slug: str, auth: Auth, *, reset: bool) -> CalendarLink:
+    context = node_context()
+    room = await room_person(slug, str(auth.user.id))
+    family = await feed_family(room.slug, str(auth.user.id), reset=reset)
+    issued = context.tokens.issue(
+        Purpose.CALENDAR,
+        str(auth.user.id),
+        room=room.slug,
+        family=family,
+        generation=auth.user.token_generation,
+    )
+    # In the query string, never the path: the access log writes paths.
+    url = f"{context.settings.base_url}/api/calendars/room.ics?token={quote(issued.token)}"
+    webcal = "webcal://" + url.split("://", 1)[1]
+    return CalendarLink(url=url, webcal=webcal, expires_at=issued.expires_at)
+
+
+@happenings_api.get("/calendars/room.ics")
+@validate_querystring(FeedQuery)
+async def calendar_feed(query_args: FeedQuery) -> Response:
+    """The room's happenings for a calendar app. The token in the URL is the whole check:
+    signed for purpose "calendar", its family still the feed's (not reset), its user's
+    password unchanged since, and its user still one of the room's people."""
+    context = node_context()
+    refused = NotFound("calendar_not_found", "no such calendar (the link was reset or expired)")
+    try:
+        claims = context.tokens.verify(query_args.token, Purpose.CALENDAR)
+    except TokenError as error:
+        raise refused from error
+    if claims.room is None or not await feed_is_current(claims.room, claims.user_id, claims.family):
+        raise refused
+    user = await get_user(claims.user_id)
+    if user is None or user.token_generation != claims.generation:
+        raise refused
+    room = await get_room(claims.room)
+    if not await is_person(room, claims.user_id):
+        raise refused
+    body = calendar_of(await room_happenings(room), context.settings.base_url, name=room.name)
+    return _ics(body, "room.ics")

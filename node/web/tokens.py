@@ -32,6 +32,9 @@ class Purpose(StrEnum):
     USER = "user"
     SESSION = "session"
     ROOM = "room"
+    #: a room's calendar feed, in its URL (calendar apps send no header); revoked by its own
+    #: family (node/web/happenings.py), never by logout, so not in `longest_ttl_s`
+    CALENDAR = "calendar"
 
 
 class TokenError(Exception):
@@ -76,6 +79,7 @@ class TokenService:
         }
         #: no token lives longer than this (how long a logged-out family stays refused)
         self.longest_ttl_s = max(self._ttl.values())
+        self._ttl[Purpose.CALENDAR] = settings.calendar_ttl_s
         self.user_max_age_s = settings.user_max_age_s
 
     def issue(
@@ -95,7 +99,7 @@ class TokenService:
         """A signed token. A user token without a `family` starts one (a login); session
         and room tokens pass on the family, generation and login time of the token that
         bought them."""
-        if purpose is not Purpose.USER and session_id is None:
+        if purpose not in (Purpose.USER, Purpose.CALENDAR) and session_id is None:
             raise ValueError(f"a {purpose} token needs a session id")
         if purpose is Purpose.ROOM and (room is None or node is None):
             raise ValueError("a room token needs a room and a node")
@@ -190,8 +194,10 @@ class TokenService:
             generation=generation,
             authenticated_at=authenticated_at,
         )
-        if purpose is not Purpose.USER and not claims.session_id:
+        if purpose not in (Purpose.USER, Purpose.CALENDAR) and not claims.session_id:
             raise TokenError("token carries no session")
+        if purpose is Purpose.CALENDAR and not claims.room:
+            raise TokenError("calendar token names no room")
         return claims
 
 

@@ -97,6 +97,9 @@ AUTHENTICATED = {
     ("PATCH", "/api/happenings/<happening_id>"): Purpose.SESSION,
     ("DELETE", "/api/happenings/<happening_id>"): Purpose.SESSION,
     ("PUT", "/api/happenings/<happening_id>/rsvp"): Purpose.SESSION,
+    ("GET", "/api/happenings/<happening_id>/event.ics"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/calendar"): Purpose.SESSION,
+    ("DELETE", "/api/rooms/<slug>/calendar"): Purpose.SESSION,
 }
 PUBLIC = {
     ("POST", "/api/users"),
@@ -106,6 +109,7 @@ PUBLIC = {
     ("GET", "/api/nodes"),
     ("POST", "/api/nodes/rank"),
     ("GET", "/api/ping"),
+    ("GET", "/api/calendars/room.ics"),  # its token is in the URL (calendar apps)
 }
 
 
