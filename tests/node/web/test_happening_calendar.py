@@ -14,7 +14,12 @@ from tests.conftest import Api, bearer, error_of
 from tests.node.web.test_happenings import PICNIC, person, plan, room_with_owner
 
 
-def events_of(body: bytes) -> list[Any]:
+def feed_path(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def events_of(body: str | bytes) -> list[Any]:
     return list(Calendar.from_ical(body).walk("VEVENT"))
 
 
@@ -58,7 +63,6 @@ async def test_feed_across_dst_and_its_revocation(api: Api) -> None:
     assert response.status_code == 200
     link = await response.get_json()
     assert link["webcal"].startswith("webcal://") and "token=" in link["url"]
-    feed_path = lambda url: urlsplit(url).path + "?" + urlsplit(url).query  # noqa: E731
 
     response = await api.client.get(feed_path(link["url"]))  # no header: the URL is enough
     assert response.status_code == 200, await response.get_data(as_text=True)
