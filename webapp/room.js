@@ -186,6 +186,9 @@ export class RoomConnection extends EventTarget {
       case "chat":
         this.emit("chat", { message });
         break;
+      case "happening":
+        this.emit("happening", { action: message.action, happening: message.happening });
+        break;
       case "session-replaced":
         this.end("replaced");
         break;

@@ -140,10 +140,15 @@ def _clean_title(value: str) -> str:
 
 
 def _clean_description(value: str) -> str:
+    # Optional: left empty (or blank) by a form is no description, not an error.
+    if not value.strip():
+        return ""
     return clean_text(value, max_chars=MAX_DESCRIPTION_CHARS, allow_newlines=True)
 
 
 def _clean_place(value: str) -> str:
+    if not value.strip():
+        return ""
     return clean_text(value, max_chars=MAX_PLACE_CHARS)
 
 

@@ -10,6 +10,7 @@ import { chatPanel } from "./chat.js";
 import { setupFullscreen, setupMicAndCamera } from "./controls.js";
 import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
 import { videoGrid } from "./grid.js";
+import { happeningsPanel } from "./happenings.js";
 import { INVITE_KEY, openInvite } from "./invite.js";
 import { goHome, showNotice } from "./notice.js";
 import { currentUser } from "./user.js";
@@ -112,6 +113,7 @@ async function enterRoom(room) {
   window.sfumesh = { conn, room, tiles, participants };
 
   const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
+  const happenings = happeningsPanel(section, room);
 
   conn.addEventListener("state", (event) => {
     const { state, delay, node } = /** @type {CustomEvent} */ (event).detail;
@@ -143,6 +145,7 @@ async function enterRoom(room) {
     if (self) participants.set(self.session_id, self);
     renderPeople();
     chat.catchUp();
+    happenings.load();
     if (sessionStorage.getItem(INVITE_KEY) === room.slug) {
       sessionStorage.removeItem(INVITE_KEY);
       openInvite(room, buttons.invite);
@@ -160,6 +163,9 @@ async function enterRoom(room) {
   });
   conn.addEventListener("chat", (event) => {
     chat.receive(/** @type {CustomEvent} */ (event).detail.message);
+  });
+  conn.addEventListener("happening", (event) => {
+    happenings.receive(/** @type {CustomEvent} */ (event).detail);
   });
   conn.addEventListener("track", (event) => {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
@@ -226,11 +232,13 @@ async function enterRoom(room) {
   setupTabs([
     { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
     { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
+    { tab: $(section, "#tab-happenings"), panel: /** @type {HTMLElement} */ ($(section, "#panel-happenings")) },
   ]);
 
   setTeardown(() => {
     grid.stop();
     chat.stop();
+    happenings.stop();
     stopFullscreen();
     document.body.classList.remove("in-room", "fullscreen");
   });
