@@ -34,6 +34,7 @@ from node.store.happenings import (
     Happening,
     HappeningView,
     ReminderKind,
+    epoch_ms,
     get_happening,
     happening_view,
     record_answer,
@@ -103,7 +104,7 @@ def reminders_for(happening: Happening, lead_s: int, now: datetime) -> list[tupl
     """(reminder, due ms) of each reminder still ahead: a lead reminder whose time has
     passed when the happening is planned or moved is not sent late."""
     start = happening.starts_at.astimezone(UTC)
-    start_ms = int(start.timestamp() * 1000)
+    start_ms = epoch_ms(start)
     hid = str(happening.id)
     due: list[tuple[str, int]] = []
     if happening.cancelled:
@@ -140,6 +141,8 @@ class ReminderLoop:
         self.reminders = Reminders(live.redis)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: claimed and not yet sent: handed back when the node stops
+        self._held: set[str] = set()
         self.sent = 0
 
     def start(self) -> None:
@@ -153,6 +156,12 @@ class ReminderLoop:
         while task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=0.5)
+        if self._held:
+            try:
+                await self.reminders.release(self._held)
+            except (RedisError, OSError) as error:  # their leases run out instead
+                log.warning("reminders.release_failed", extra={"error": str(error)})
+            self._held.clear()
 
     async def run(self) -> None:
         lease_ms = int(self.settings.reminder_lease_s * 1000)
@@ -166,12 +175,14 @@ class ReminderLoop:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            self._held.update(member for member, _ in claimed)
             for member, _due in claimed:
                 try:
                     await self.send(member, now_ms)
                 except Exception:
                     # Left claimed: when its lease ends another node (or this one) retries.
                     log.exception("reminders.send_failed", extra={"reminder": member})
+                self._held.discard(member)
             if not claimed:
                 poll = self.settings.reminder_poll_s
                 await asyncio.sleep(poll * (0.5 + random.random()))  # noqa: S311
@@ -179,7 +190,7 @@ class ReminderLoop:
     async def send(self, member: str, now_ms: int) -> None:
         """Write and publish one claimed reminder, idempotently, then let go of it."""
         happening_id, _, rest = member.partition("|")
-        kind, _, start_s = rest.partition("|")
+        kind, _, start_ms = rest.partition("|")
         try:
             happening = await get_happening(happening_id)
         except NotFound:
@@ -193,7 +204,7 @@ class ReminderLoop:
             await self.reminders.done(member)  # gone, cancelled or moved: not for now
             return
         lead_s = self.settings.reminder_lead_s
-        due_ms = int(start_s) * 1000 - (lead_s * 1000 if kind == "lead" else 0)
+        due_ms = int(start_ms) - (lead_s * 1000 if kind == "lead" else 0)
         if now_ms - due_ms > self.settings.reminder_max_late_s * 1000:
             log.warning("reminders.too_late", extra={"reminder": member})
             await self.reminders.done(member)

@@ -68,6 +68,16 @@ end
 return 1
 """
 
+# KEYS: due, claimed. ARGV: members. A stopping node hands back what it holds: due now.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[2], member) == 1 then redis.call('ZADD', KEYS[1], now, member) end
+end
+return 1
+"""
+
 #: the sent marker outlives any claim lease by far
 SENT_TTL_S = 14 * 24 * 3600
 
@@ -78,6 +88,7 @@ class Reminders:
         self._claim = redis.register_script(_CLAIM)
         self._publish = redis.register_script(_PUBLISH_ONCE)
         self._schedule = redis.register_script(_SCHEDULE)
+        self._release = redis.register_script(_RELEASE)
 
     async def schedule(self, due: Iterable[tuple[str, int]]) -> None:
         """Make each (reminder, due ms) due then, replacing an earlier time or claim."""
@@ -115,6 +126,13 @@ class Reminders:
             args=[SENT_TTL_S, event_type, json.dumps(data, separators=(",", ":")), ROOM_MAXLEN],
         )
         return bool(int(result))
+
+    async def release(self, members: Iterable[str]) -> None:
+        """Hand claims back (a node stopping): due at once for the others, no lease to wait
+        out. Sending stays idempotent should one of them have been half sent."""
+        members = list(members)
+        if members:
+            await self._release(keys=[keys.REMINDERS_DUE, keys.REMINDERS_CLAIMED], args=members)
 
     async def done(self, reminder: str) -> None:
         await self._redis.zrem(keys.REMINDERS_CLAIMED, reminder)

@@ -238,7 +238,7 @@ def to_instant(field: str, when: str, zone: str) -> datetime:
     except ValueError as error:
         raise Invalid("invalid_time", f"{field}: not an ISO 8601 date and time") from error
     if parsed.tzinfo is not None:
-        return parsed.astimezone(UTC)
+        return _ms(parsed.astimezone(UTC))
     tz = ZoneInfo(zone)
     local = parsed.replace(tzinfo=tz, fold=0)
     instant = local.astimezone(UTC)
@@ -246,7 +246,12 @@ def to_instant(field: str, when: str, zone: str) -> datetime:
         raise Invalid(
             "invalid_time", f"{field}: {when} does not exist in {zone} (skipped by a clock change)"
         )
-    return instant
+    return _ms(instant)
+
+
+def _ms(value: datetime) -> datetime:
+    """To the millisecond, as the store keeps it: reminders are named by it."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _check_span(start: datetime, end: datetime | None) -> None:
@@ -517,10 +522,18 @@ async def record_answer(
 ReminderKind = Literal["lead", "start"]
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_ms(value: datetime) -> int:
+    """Whole milliseconds since the epoch, in integers (the store keeps milliseconds)."""
+    return (_utc(value) - EPOCH) // timedelta(milliseconds=1)
+
+
 def reminder_id(happening_id: str, kind: str, starts_at: datetime) -> str:
-    """One reminder's name: the start it is for is part of it, so moving a happening makes
-    new reminders rather than reusing the old ones."""
-    return f"{happening_id}|{kind}|{int(_utc(starts_at).timestamp())}"
+    """One reminder's name: the start it is for (ms) is part of it, so moving a happening
+    makes new reminders rather than reusing the old ones."""
+    return f"{happening_id}|{kind}|{epoch_ms(starts_at)}"
 
 
 def reminder_message_id(reminder: str) -> PydanticObjectId:

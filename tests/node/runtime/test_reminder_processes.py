@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from node.local.launch import LocalNode
 from node.state import keys
+from node.store.happenings import reminder_id
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ async def test_reminders_once_with_a_node_killed_at_the_due_second(
                     headers=auth,
                 )
                 assert response.status_code == 201, response.text
-                expected.append(f"{response.json()['id']}|start|{int(start.timestamp())}")
+                expected.append(reminder_id(response.json()["id"], "start", start))
             await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
             victim = 1 + round_ % 2  # node-2, node-3, node-2: never the one we talk to
             kill(nodes[victim])

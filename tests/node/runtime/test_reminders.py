@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from node.runtime.happenings import ReminderLoop
 from node.runtime.live import Live
 from node.state import keys
-from node.store.happenings import reminder_message_id
+from node.store.happenings import reminder_id, reminder_message_id
 from node.store.models import Message
 from node.web.context import EXTENSION
 from node.web.happenings import REMINDERS_EXTENSION
@@ -54,7 +54,7 @@ class Scene:
         )
         assert response.status_code == 201, await response.get_data(as_text=True)
         happening = await response.get_json()
-        return happening["id"], f"{happening['id']}|start|{int(start.timestamp())}"
+        return happening["id"], reminder_id(happening["id"], "start", start)
 
 
 @pytest.fixture
@@ -173,3 +173,16 @@ async def test_a_late_reminder_of_a_happening_planned_soon_is_not_sent(
     assert response.status_code == 201
     due: Any = await redis.zrange(keys.REMINDERS_DUE, 0, -1)
     assert [member.decode().split("|")[1] for member in due] == ["start"]
+
+
+async def test_a_stopping_node_hands_its_claims_back(scene: Scene, redis: Redis) -> None:
+    """A graceful stop (a restart) hands back what it holds: no lease to wait out."""
+    _, member = await scene.plan(0.2)
+    stopping, other = scene.node(), scene.node()
+    await claim_when_due(stopping, member)
+    stopping._held.add(member)  # as its loop does, cut short before sending
+    await stopping.stop()
+    now, claimed = await other.reminders.claim(60_000)
+    assert [m for m, _ in claimed] == [member]
+    await other.send(member, now)
+    assert [e["reminder"]["id"] for e in await sent_events(redis)] == [member]
