@@ -112,6 +112,15 @@ def _bench(args: argparse.Namespace) -> int:
         from node.bench.codecs import run_codecs_bench
 
         return run_codecs_bench(json_path=args.json, duration_s=args.duration)
+    if args.name == "happenings":
+        from node.bench.happenings import run_happenings_bench
+
+        return run_happenings_bench(
+            json_path=args.json,
+            reminders=args.reminders,
+            nodes=args.nodes or 3,
+            duration_s=args.duration,
+        )
     from node.bench.api import run_api_bench
 
     return run_api_bench(
@@ -148,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay"])
+    bench.add_argument(
+        "name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "happenings"]
+    )
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
@@ -159,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="the nodes' bcrypt cost (default: api 12 as in production, join 4)",
     )
-    bench.add_argument("--nodes", type=int, help="join: node processes (default 3)")
+    bench.add_argument("--nodes", type=int, help="join, happenings: node processes (default 3)")
+    bench.add_argument(
+        "--reminders", type=int, default=240, help="happenings: reminders due (default 240)"
+    )
     bench.add_argument(
         "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
     )
