@@ -258,6 +258,8 @@ class HappeningSettings(BaseModel):
     reminder_lease_s: float = Field(default=10.0, gt=0, le=300)
     # A reminder due longer ago than this (every node was down) is dropped, not sent late.
     reminder_max_late_s: float = Field(default=3600.0, gt=0)
+    # How often each node checks the store for reminders Redis lost (and at start).
+    reminder_reconcile_s: float = Field(default=300.0, gt=0)
     # Happenings one room may hold (past ones included) and people one may seat.
     max_per_room: int = Field(default=500, gt=0)
     max_capacity: int = Field(default=10_000, gt=0)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.errors import DuplicateKeyError
@@ -34,6 +35,7 @@ from node.store.happenings import (
     Happening,
     HappeningView,
     ReminderKind,
+    coming_happenings,
     epoch_ms,
     get_happening,
     happening_view,
@@ -163,10 +165,37 @@ class ReminderLoop:
                 log.warning("reminders.release_failed", extra={"error": str(error)})
             self._held.clear()
 
+    async def reconcile(self) -> int:
+        """Schedule again, from the store, every reminder of a coming happening that was
+        never sent and is not in Redis (lost with Redis's data, or its planner's node died
+        between storing the happening and scheduling it); how many."""
+        now = datetime.now(UTC)
+        since = now - timedelta(seconds=self.settings.reminder_max_late_s)
+        lead_s = self.settings.reminder_lead_s
+        wanted: list[tuple[str, int]] = []
+        for happening in await coming_happenings(since - timedelta(seconds=lead_s)):
+            # as scheduled at its last change: reminders already past then never were
+            for member, due_ms in reminders_for(happening, lead_s, happening.updated_at):
+                if due_ms < epoch_ms(since):
+                    continue
+                if await Message.get(reminder_message_id(member)) is None:
+                    wanted.append((member, due_ms))
+        restored = await self.reminders.restore(wanted)
+        if restored:
+            log.warning("reminders.restored", extra={"count": restored})
+        return restored
+
     async def run(self) -> None:
         lease_ms = int(self.settings.reminder_lease_s * 1000)
         backoff = 0.1
+        next_reconcile = 0.0
         while not self._stopping:
+            if time.monotonic() >= next_reconcile:
+                try:
+                    await self.reconcile()
+                except Exception:
+                    log.exception("reminders.reconcile_failed")
+                next_reconcile = time.monotonic() + self.settings.reminder_reconcile_s
             try:
                 now_ms, claimed = await self.reminders.claim(lease_ms)
                 backoff = 0.1

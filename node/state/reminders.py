@@ -78,6 +78,18 @@ end
 return 1
 """
 
+# KEYS: due, claimed. ARGV: [member, due ms]... Only those in neither set.
+_RESTORE = """
+local added = 0
+for i = 1, #ARGV, 2 do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"""
+
 #: the sent marker outlives any claim lease by far
 SENT_TTL_S = 14 * 24 * 3600
 
@@ -89,6 +101,7 @@ class Reminders:
         self._publish = redis.register_script(_PUBLISH_ONCE)
         self._schedule = redis.register_script(_SCHEDULE)
         self._release = redis.register_script(_RELEASE)
+        self._restore = redis.register_script(_RESTORE)
 
     async def schedule(self, due: Iterable[tuple[str, int]]) -> None:
         """Make each (reminder, due ms) due then, replacing an earlier time or claim."""
@@ -97,6 +110,17 @@ class Reminders:
             args += [member, due_ms]
         if args:
             await self._schedule(keys=[keys.REMINDERS_DUE, keys.REMINDERS_CLAIMED], args=args)
+
+    async def restore(self, due: Iterable[tuple[str, int]]) -> int:
+        """Schedule each (reminder, due ms) that is neither due nor claimed: reminders Redis
+        lost (a restart without persistence) or a node died before scheduling; how many."""
+        args: list[Any] = []
+        for member, due_ms in due:
+            args += [member, due_ms]
+        if not args:
+            return 0
+        added = await self._restore(keys=[keys.REMINDERS_DUE, keys.REMINDERS_CLAIMED], args=args)
+        return int(added)
 
     async def unschedule(self, members: Iterable[str]) -> None:
         members = list(members)

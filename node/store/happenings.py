@@ -383,6 +383,12 @@ async def room_happenings(room: Room) -> list[Happening]:
     )
 
 
+async def coming_happenings(since: datetime) -> list[Happening]:
+    """Every room's happenings starting from `since` on, not cancelled (reminder upkeep)."""
+    found = await Happening.find(Happening.starts_at >= since).to_list()
+    return [happening for happening in found if not happening.cancelled]
+
+
 async def get_happening(raw_id: str) -> Happening:
     try:
         happening_id = PydanticObjectId(raw_id)

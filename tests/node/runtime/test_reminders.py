@@ -186,3 +186,26 @@ async def test_a_stopping_node_hands_its_claims_back(scene: Scene, redis: Redis)
     assert [m for m, _ in claimed] == [member]
     await other.send(member, now)
     assert [e["reminder"]["id"] for e in await sent_events(redis)] == [member]
+
+
+async def test_reminders_lost_with_redis_are_restored_from_the_store(
+    scene: Scene, redis: Redis
+) -> None:
+    node = scene.node()
+    _, sent_member = await scene.plan(0.2)
+    now = await claim_when_due(node, sent_member)
+    await node.send(sent_member, now)
+    later, later_member = await scene.plan(120)  # lead reminder already past: start only
+    far, _ = await scene.plan(7200)  # both: the lead one and the start one
+    cancelled, _ = await scene.plan(7200)
+    await scene.api.client.delete(f"/api/happenings/{cancelled}", headers=bearer(scene.token))
+    before: Any = await redis.zrange(keys.REMINDERS_DUE, 0, -1, withscores=True)
+    await redis.delete(keys.REMINDERS_DUE, keys.REMINDERS_CLAIMED)  # Redis lost its data
+
+    assert await node.reconcile() == 3
+    after: Any = await redis.zrange(keys.REMINDERS_DUE, 0, -1, withscores=True)
+    assert sorted(after) == sorted(before)
+    assert {m.decode().split("|")[0] for m, _ in after} == {later, far}
+    assert later_member.encode() in {m for m, _ in after}
+    assert await node.reconcile() == 0  # nothing twice
+    assert [e["reminder"]["id"] for e in await sent_events(redis)] == [sent_member]
