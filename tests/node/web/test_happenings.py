@@ -101,6 +101,18 @@ async def test_plan_list_edit_cancel_and_who_may(api: Api) -> None:
     changed = await response.get_json()
     assert changed["start"] == "2026-03-29T04:00:00Z" and changed["title"] == "Picnic, later"
 
+    # a new zone keeps the wall times: 11:00 now meant in Amsterdam (CEST, UTC+2)
+    response = await api.client.patch(
+        f"/api/happenings/{made['id']}", json={"zone": "Europe/Amsterdam"}, headers=bearer(alice)
+    )
+    moved = await response.get_json()
+    assert moved["start_local"] == "2026-03-29T11:00:00+02:00"
+    assert moved["end_local"] == "2026-03-29T14:00:00+02:00"
+    response = await api.client.patch(
+        f"/api/happenings/{made['id']}", json={"end": None}, headers=bearer(alice)
+    )
+    assert (await response.get_json())["end"] is None
+
     # the room's creator may cancel it
     response = await api.client.delete(f"/api/happenings/{made['id']}", headers=bearer(owner))
     assert response.status_code == 200 and (await response.get_json())["cancelled"] is True
