@@ -212,7 +212,7 @@ async def _counts(world: World) -> tuple[int, int, int, set[Any]]:
     # past node_ttl_s. Any other new key is something stored.
     volatile = (b":loginlimit:", b":signuplimit:", b":chat-limit:")
     registry = (keys_module.NODES.encode(), keys_module.node("").encode())
-    found: list[bytes] = await world.redis.keys("*")
+    found = [key for key in await world.redis.keys("*") if isinstance(key, bytes)]
     keys = {
         key
         for key in found
