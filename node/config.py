@@ -75,6 +75,10 @@ class LiveSettings(BaseModel):
     # No frame (not even `ping`) from a client for this long ends its session.
     ws_idle_timeout_s: float = Field(default=45.0, gt=0)
     ws_max_frame_bytes: int = Field(default=64 * 1024, gt=0)
+    # A client's `answer` to the node's subscribe offer grows with the room's tracks: it may
+    # be up to twice the offer plus a margin (see `MediaSession.answer_limit`), never more
+    # than this. The server's own frame limit must allow `max_incoming_frame_bytes`.
+    ws_max_answer_bytes: int = Field(default=1024 * 1024, gt=0)
     # Frames per second a client may send before it is told to slow down.
     ws_frames_per_s: int = Field(default=50, gt=0)
     chat_per_s: int = Field(default=5, gt=0)
@@ -85,6 +89,11 @@ class LiveSettings(BaseModel):
     lock_wait_s: float = Field(default=10.0, gt=0)
     # Extra independent Redis servers for the lock quorum (the state Redis is always one).
     lock_redis_urls: list[SecretStr] = Field(default_factory=list)
+
+    @property
+    def max_incoming_frame_bytes(self) -> int:
+        """The largest frame a client may send at all (an answer to a large offer)."""
+        return max(self.ws_max_frame_bytes, self.ws_max_answer_bytes)
 
 
 class MediaSettings(BaseModel):
@@ -107,6 +116,15 @@ class MediaSettings(BaseModel):
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)
     max_audio_bitrate: int = Field(default=512_000, gt=0)
+    # Every m-line of a publish offer becomes a track in every subscriber's connection (and
+    # its SDP, and /metrics series), so they are capped: m-lines in one publish offer (every
+    # offer holds all the connection's m-lines: audio, video, screen share and one spare),
+    # tracks one user publishes in a room on this node (all their sessions), and tracks in
+    # one room on this node (local and relayed; 50 people with audio, video and a few
+    # screen shares). An offer over a cap is refused whole (`too_many_tracks`).
+    max_tracks_per_offer: int = Field(default=4, gt=0)
+    max_tracks_per_participant: int = Field(default=8, gt=0)
+    max_tracks_per_room: int = Field(default=150, gt=0)
 
     @field_validator("host_addresses", "announced_addresses")
     @classmethod
@@ -227,6 +245,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
     "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_OFFER": "media.max_tracks_per_offer",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_PARTICIPANT": "media.max_tracks_per_participant",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_ROOM": "media.max_tracks_per_room",
     "SFUMESH_SERF_MODE": "serf.mode",
     "SFUMESH_SERF_BIND": "serf.bind",
     "SFUMESH_SERF_ADVERTISE": "serf.advertise",

@@ -1,8 +1,43 @@
-"""Text edits of the node's own SDP before it goes to a client."""
+"""Text edits of the node's own SDP before it goes to a client, and the light reading of a
+client's SDP that must happen before aiortc parses it (what the caps count)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+_DIRECTIONS = frozenset({"sendrecv", "sendonly", "recvonly", "inactive"})
+
+
+@dataclass(frozen=True)
+class MediaSection:
+    """One m-line of an SDP and the direction its section states (sendrecv by default)."""
+
+    kind: str
+    direction: str
+
+    @property
+    def sending(self) -> bool:
+        """Whether the SDP's author sends on it (a track it publishes)."""
+        return self.direction in ("sendrecv", "sendonly")
+
+
+def media_sections(sdp: str) -> list[MediaSection]:
+    """The m-lines of `sdp`, in order, read as plain text: one pass, no parser that could
+    be made to work harder than the text is long."""
+    sections: list[tuple[str, str]] = []
+    session_direction = "sendrecv"
+    for raw in sdp.split("\n"):
+        line = raw.rstrip("\r")
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+            sections.append((kind, ""))
+        elif line.startswith("a=") and line[2:] in _DIRECTIONS:
+            if sections:
+                sections[-1] = (sections[-1][0], line[2:])
+            else:
+                session_direction = line[2:]
+    return [MediaSection(kind, direction or session_direction) for kind, direction in sections]
 
 
 def announce_addresses(sdp: str, addresses: Sequence[str]) -> str:

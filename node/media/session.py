@@ -28,6 +28,11 @@ A track may also come from another node over a relay (`node.relay.manager`): its
 `RelayedOwner` and its packets arrive through the relay link's tap; local subscribers get it
 exactly like a local track (`MediaHub.add_relayed`).
 
+Caps (`media.max_tracks_per_*`): an offer with more m-lines than allowed, or whose new tracks
+would take its user or the room on this node over its cap, is refused before aiortc sees it,
+so nothing of it is published. The client's answer to a subscribe offer may be as large as
+`answer_limit` (it grows with the offer), which the WebSocket layer allows for `answer`.
+
 All private aiortc access stays in `node.media.adapter`.
 """
 
@@ -64,7 +69,7 @@ from node.media.forward import (
     SubscriberRewriter,
     keyframe_detector,
 )
-from node.media.sdp import announce_addresses
+from node.media.sdp import announce_addresses, media_sections
 from node.state.hub import Connection
 from node.tasks import TaskSet
 
@@ -78,6 +83,9 @@ SENDER_CHECK_S = 0.5
 SENDER_START_S = 60.0
 # Dropped packets are logged at most once per track and reason per this many seconds.
 DROP_LOG_INTERVAL_S = 10.0
+# A client's answer to a subscribe offer of S bytes: at most 2 * S + this (an answer repeats
+# each m-line with its own ICE, DTLS and codec lines; browsers add a few attributes).
+ANSWER_MARGIN_BYTES = 16 * 1024
 
 FailedCallback = Callable[[str, int], Coroutine[Any, Any, None]]
 
@@ -274,6 +282,10 @@ class MediaSession:
         self._offer_task: asyncio.Task[None] | None = None
         #: tracks this session receives, by transceiver of its subscribe PC
         self.incoming: dict[RTCRtpTransceiver, Subscription] = {}
+        #: bytes the client's answer to the latest subscribe offer may have (0: no offer)
+        self.answer_limit = 0
+        #: tracks a publish offer being applied will have (counted against the caps)
+        self.reserved = 0
 
     # ----------------------------------------------------------------- peer connections
 
@@ -318,52 +330,91 @@ class MediaSession:
 
     # ----------------------------------------------------------------- client messages
 
+    def _tracks_after(self, sdp: str) -> int:
+        """How many tracks this session publishes once `sdp` is applied; raises
+        `too_many_tracks` when that is over a cap, before anything of it is used."""
+        settings = self.media.settings
+        sections = media_sections(sdp)
+        if len(sections) > settings.max_tracks_per_offer:
+            raise MediaError(
+                "too_many_tracks",
+                f"an offer may hold at most {settings.max_tracks_per_offer} m-lines",
+            )
+        mine = sum(1 for section in sections if section.sending and section.kind in _KINDS)
+        mine_now = sum(1 for p in self.published.values() if p.forwarder is not None)
+        added = mine - mine_now
+        if added <= 0:
+            return mine
+        user_tracks = self.media.user_tracks(self.slug, self.user_id, besides=self)
+        if user_tracks + mine > settings.max_tracks_per_participant:
+            raise MediaError(
+                "too_many_tracks",
+                f"one participant may publish at most {settings.max_tracks_per_participant}"
+                " tracks in a room",
+            )
+        room_tracks = self.media.room_tracks(self.slug, besides=self)
+        if room_tracks + mine > settings.max_tracks_per_room:
+            raise MediaError(
+                "too_many_tracks",
+                f"this room holds at most {settings.max_tracks_per_room} tracks",
+            )
+        return mine
+
     async def publish_offer(self, sdp: str) -> str:
         """Apply the client's publish offer; returns the node's answer."""
         async with self._publish_lock:
-            pc = self._publish()
-            known = set(self.published)
+            # Counted and held (the `reserved` tracks) until the tracks are published, so two
+            # offers at once cannot both take the room's last place.
+            self.reserved = self._tracks_after(sdp)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-                await pc.setLocalDescription(await pc.createAnswer())
-            except Exception as error:
-                # aiortc raises assorted errors on bad SDP; none may take the node down.
-                log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
-                raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
-            if self.closed:
-                raise MediaError("not_in_room", "this session left the room")
-            for transceiver in pc.getTransceivers():
-                transport = transceiver.receiver.transport
-                if transport is not None:
-                    adapter.count_unrouted(transport, self.media.count_unrouted)
-            answer = pc.localDescription.sdp
-            codecs = _negotiated_codecs(answer)
-            # The publisher stops sending a track by offering it without "send" (what
-            # removeTrack does) and may later send on it again (addTrack reusing it).
-            sending = {
-                t.mid
-                for t in pc.getTransceivers()
-                if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
-            }
-            for mid, published in self.published.items():
-                if mid not in sending:
-                    if published.forwarder is not None:
-                        self.media.track_unpublished(published)
-                    continue
-                if mid in known and published.forwarder is not None:
-                    continue
-                codec = codecs.get(mid)
-                if codec is None:
-                    continue
-                published.codec = codec
-                published.mime_type = codec.mimeType
-                published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
-                log.info(
-                    "media.track_published",
-                    extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
-                )
-                self.media.track_published(published)
-            return self.media.announce(answer)
+                return await self._apply_publish_offer(sdp)
+            finally:
+                self.reserved = 0
+
+    async def _apply_publish_offer(self, sdp: str) -> str:
+        pc = self._publish()
+        known = set(self.published)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as error:
+            # aiortc raises assorted errors on bad SDP; none may take the node down.
+            log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
+            raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
+        if self.closed:
+            raise MediaError("not_in_room", "this session left the room")
+        for transceiver in pc.getTransceivers():
+            transport = transceiver.receiver.transport
+            if transport is not None:
+                adapter.count_unrouted(transport, self.media.count_unrouted)
+        answer = pc.localDescription.sdp
+        codecs = _negotiated_codecs(answer)
+        # The publisher stops sending a track by offering it without "send" (what
+        # removeTrack does) and may later send on it again (addTrack reusing it).
+        sending = {
+            t.mid
+            for t in pc.getTransceivers()
+            if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
+        }
+        for mid, published in self.published.items():
+            if mid not in sending:
+                if published.forwarder is not None:
+                    self.media.track_unpublished(published)
+                continue
+            if mid in known and published.forwarder is not None:
+                continue
+            codec = codecs.get(mid)
+            if codec is None:
+                continue
+            published.codec = codec
+            published.mime_type = codec.mimeType
+            published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+            log.info(
+                "media.track_published",
+                extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
+            )
+            self.media.track_published(published)
+        return self.media.announce(answer)
 
     async def subscribe_answer(self, sdp: str) -> None:
         async with self._subscribe_lock:
@@ -522,6 +573,7 @@ class MediaSession:
             if self.closed:
                 return
             sdp = self.media.announce(pc.localDescription.sdp)
+            self.answer_limit = 2 * len(sdp.encode()) + ANSWER_MARGIN_BYTES
             # Whose is each m-line: aiortc gives every track of a connection one stream id.
             tracks = {
                 transceiver.mid: {
@@ -546,6 +598,9 @@ class MediaSession:
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
                 await pc.close()
+
+
+_KINDS = ("audio", "video")
 
 
 def _negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecCapability]:
@@ -639,6 +694,30 @@ class MediaHub:
             self.session(conn).subscribe(published)
         if owner.conn is not None and self.on_tracks_changed is not None:
             self.on_tracks_changed(owner.slug)
+
+    def room_tracks(self, slug: str, besides: MediaSession | None = None) -> int:
+        """Tracks in `slug` on this node (local, being published, relayed), other than
+        `besides`'s own."""
+        count = sum(
+            max(s.reserved, sum(1 for p in s.published.values() if p.forwarder is not None))
+            for s in self.rooms.get(slug, ())
+            if s is not besides and not s.closed
+        )
+        return count + sum(1 for p in self.relayed.get(slug, ()) if p.forwarder is not None)
+
+    def user_tracks(self, slug: str, user_id: str, besides: MediaSession | None = None) -> int:
+        """Tracks `user_id` publishes in `slug` on this node from sessions other than
+        `besides`."""
+        return sum(
+            max(s.reserved, sum(1 for p in s.published.values() if p.forwarder is not None))
+            for s in self.rooms.get(slug, ())
+            if s is not besides and not s.closed and s.user_id == user_id
+        )
+
+    def answer_limit(self, conn: Connection) -> int:
+        """Bytes the connection's next subscribe answer may have (0: no offer out)."""
+        session = self.sessions.get(conn)
+        return 0 if session is None or session.closed else session.answer_limit
 
     def local_tracks(self, slug: str) -> list[Published]:
         """The tracks published on this node in `slug` that are being forwarded now."""
