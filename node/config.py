@@ -61,6 +61,8 @@ class RoomSettings(BaseModel):
     creators: list[str] = Field(default_factory=list)
     default_capacity: int = Field(default=8, gt=0)
     max_capacity: int = Field(default=100, gt=0)
+    # Someone the room's creator removes cannot join it again for this long.
+    removed_for_s: float = Field(default=600.0, gt=0)
 
 
 class LiveSettings(BaseModel):
@@ -84,6 +86,9 @@ class LiveSettings(BaseModel):
     chat_per_s: int = Field(default=5, gt=0)
     # A user joining a room they are already in: replace the old session, reject, or allow.
     duplicate_policy: Literal["replace", "reject", "allow"] = "replace"
+    # An HTTP join holds a seat this long, unless its WebSocket `join` completes; joining
+    # again on the same connection does not renew it (seats cannot be squatted unseen).
+    pending_seat_ttl_s: float = Field(default=15.0, gt=0)
     lock_ttl_s: float = Field(default=5.0, gt=0)
     # How long a request waits for a busy room lock before it is told to try again (503).
     lock_wait_s: float = Field(default=10.0, gt=0)
@@ -241,6 +246,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
+    "SFUMESH_PENDING_SEAT_TTL_S": "live.pending_seat_ttl_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",

@@ -44,8 +44,10 @@ class Live:
             self.lock,
             settings.node_name,
             settings.region,
-            pending_ttl_s=settings.tokens.room_ttl_s,
+            # A seat is never held longer than its room token could still be used.
+            pending_ttl_s=min(live.pending_seat_ttl_s, settings.tokens.room_ttl_s),
             session_ttl_s=settings.tokens.session_ttl_s,
+            kick_ttl_s=settings.rooms.removed_for_s,
         )
         self.hub = Hub()
         self.events = EventPump(redis, settings.node_name, self._deliver)

@@ -15,6 +15,7 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
+| `sfumesh:{room:<slug>}:removed:<uid>` | string, TTL | the creator removed this user: no join |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
 | `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
@@ -80,6 +81,11 @@ def room_fence_applied(slug: str) -> str:
 
 def room_events(slug: str) -> str:
     return _room(slug, "events")
+
+
+def room_removed(slug: str, user_id: str) -> str:
+    """Set when the room's creator removes a user; they cannot join again until it expires."""
+    return _room(slug, f"removed:{user_id}")
 
 
 def node_reap_lock(name: str) -> str:

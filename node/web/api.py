@@ -15,6 +15,7 @@ from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from mesh.vivaldi import rank_from_samples, suggest_probes
+from node.errors import Forbidden, Invalid
 from node.runtime.chat import Poster, post_chat
 from node.state import keys
 from node.store.messages import (
@@ -213,6 +214,37 @@ async def join_room(slug: str) -> RoomGrant:
         node=record.node,
         node_url=nodes[record.node].url if record.node in nodes else None,
     )
+
+
+class RemoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=64)
+
+
+class Removed(BaseModel):
+    room: str
+    user_id: str
+    # The sessions of that user that were in the room (or waiting to enter it).
+    sessions_removed: int
+
+
+@api.post("/rooms/<slug>/kick")
+@validate_request(RemoveRequest)
+@validate_response(Removed)
+async def kick(slug: str, data: RemoveRequest) -> Removed:
+    """The room's creator removes someone: their sessions leave now (`left`, reason
+    `removed-by-owner`; the others see `participant-left`) and they cannot join again for
+    `rooms.removed_for_s`. Also how a creator frees seats held by joins never completed."""
+    context = node_context()
+    _, user = await authenticated_user(Purpose.USER)
+    room = await get_room(slug)
+    if room.creator_id != str(user.id):
+        raise Forbidden("not_room_creator", "only the room's creator can remove people")
+    if data.user_id == str(user.id):
+        raise Invalid("cannot_remove_self", "the creator cannot remove themselves")
+    removed = await context.live.sessions.kick(room.slug, data.user_id)
+    return Removed(room=room.slug, user_id=data.user_id, sessions_removed=len(removed))
 
 
 class CoordinateView(BaseModel):
