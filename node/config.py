@@ -63,6 +63,16 @@ class RoomSettings(BaseModel):
     max_capacity: int = Field(default=100, gt=0)
     # Someone the room's creator removes cannot join it again for this long.
     removed_for_s: float = Field(default=600.0, gt=0)
+    # GET /api/rooms/{slug} and its QR code, per client address per window: rooms are not
+    # found by trying names (the web client's name check while typing is one per pause).
+    lookups_per_window: int = Field(default=120, gt=0)
+    lookup_window_s: float = Field(default=60.0, gt=0)
+    # Rooms one user may create per window (429 after).
+    creations_per_window: int = Field(default=20, gt=0)
+    creation_window_s: float = Field(default=24 * 3600.0, gt=0)
+    # A room's live state in Redis (its events, fence, ...) is kept this long after its last
+    # person left, then expires; anyone joining before that keeps it.
+    empty_ttl_s: float = Field(default=24 * 3600.0, gt=0)
 
 
 class LiveSettings(BaseModel):
@@ -241,6 +251,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
     "SFUMESH_ROOM_MAX_CAPACITY": "rooms.max_capacity",
+    "SFUMESH_ROOM_LOOKUPS_PER_WINDOW": "rooms.lookups_per_window",
+    "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "rooms.creations_per_window",
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",

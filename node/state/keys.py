@@ -18,6 +18,8 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:removed:<uid>` | string, TTL | the creator removed this user: no join |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
+| `sfumesh:room-lookups:<address>` | counter, TTL | room look-ups (info, QR) from one address |
+| `sfumesh:room-creations:<uid>` | counter, TTL | rooms one user created in the window |
 | `sfumesh:loginlimit:...` | counter, TTL | failed logins (node/ratelimit.py) |
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
@@ -57,6 +59,16 @@ def session_generation(session_id: str) -> str:
 
 def chat_limit(session_id: str) -> str:
     return f"{PREFIX}:chat-limit:{session_id}"
+
+
+def room_lookups(address: str) -> str:
+    """Counts GET /api/rooms/{slug} (and its QR code) per client address: room names must
+    not be found by trying many."""
+    return f"{PREFIX}:room-lookups:{address}"
+
+
+def room_creations(user_id: str) -> str:
+    return f"{PREFIX}:room-creations:{user_id}"
 
 
 def _room(slug: str, part: str) -> str:

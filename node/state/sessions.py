@@ -83,7 +83,7 @@ _JOIN = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local new = cjson.decode(ARGV[3])
-for i = 5, #ARGV do
+for i = 5, #ARGV - 1 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
     redis.call('HDEL', KEYS[2], ARGV[i])
@@ -164,7 +164,7 @@ return 1
 # ARGV[2..] sessions whose pending memberships expired: dropped without an event (the room
 # never heard of them).
 _DROP_PENDING = """
-for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+for i = 2, #ARGV - 1 do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 """
 
@@ -173,6 +173,25 @@ _REASSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
+"""
+
+
+def _room_script(body: str) -> str:
+    """`body` (a fenced room script) followed by the room's expiry, in the same atomic step:
+    once the room has no members, its keys (events, fence, applied fence) expire after the
+    TTL in the last ARGV; while it has any, they are kept. The fence key is the last KEYS."""
+    return f"""
+local function body()
+{body}
+end
+local result = body()
+local kept = {{KEYS[1], KEYS[3], KEYS[#KEYS]}}
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for _, key in ipairs(kept) do redis.call('PERSIST', key) end
+else
+  for _, key in ipairs(kept) do redis.call('PEXPIRE', key, ARGV[#ARGV]) end
+end
+return result
 """
 
 
@@ -240,6 +259,7 @@ class SessionStore:
         pending_ttl_s: float = 15.0,
         session_ttl_s: float = 24 * 3600.0,
         kick_ttl_s: float = 600.0,
+        empty_ttl_s: float = 24 * 3600.0,
     ) -> None:
         self._redis = redis
         # The generation counter lives as long as a session token could still connect.
@@ -250,6 +270,8 @@ class SessionStore:
         self._pending_ttl_s = pending_ttl_s
         # Someone the room's creator removed stays out this long.
         self._kick_ttl_ms = int(kick_ttl_s * 1000)
+        # An empty room's keys expire this long after its last member went (`_room_script`).
+        self._empty_ttl_ms = int(empty_ttl_s * 1000)
         self._lock = lock
         self.node = node
         self.region = region
@@ -259,12 +281,18 @@ class SessionStore:
         self._set_room = redis.register_script(_SET_SESSION_ROOM)
         self._mark_pending = redis.register_script(_MARK_PENDING)
         self._clear_pending = redis.register_script(_CLEAR_PENDING)
-        self._join = FencedScript(redis, _JOIN)
-        self._activate = FencedScript(redis, _ACTIVATE)
-        self._leave = FencedScript(redis, _LEAVE)
-        self._kick = FencedScript(redis, _KICK)
-        self._reassert = FencedScript(redis, _REASSERT)
-        self._drop_pending = FencedScript(redis, _DROP_PENDING)
+        self._join = FencedScript(redis, _room_script(_JOIN))
+        self._activate = FencedScript(redis, _room_script(_ACTIVATE))
+        self._leave = FencedScript(redis, _room_script(_LEAVE))
+        self._kick = FencedScript(redis, _room_script(_KICK))
+        self._reassert = FencedScript(redis, _room_script(_REASSERT))
+        self._drop_pending = FencedScript(redis, _room_script(_DROP_PENDING))
+
+    @staticmethod
+    def _room_keys(slug: str, *extra: str) -> list[str]:
+        """The KEYS of a room script (after the applied fence): members, events, the
+        script's own, and the fence last (see `_room_script`)."""
+        return [keys.room_members(slug), keys.room_events(slug), *extra, keys.room_fence(slug)]
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -374,8 +402,8 @@ class SessionStore:
                 await self._drop_pending(
                     keys.room_fence_applied(slug),
                     lease.fence,
-                    keys=[keys.room_members(slug)],
-                    args=expired,
+                    keys=self._room_keys(slug),
+                    args=[*expired, self._empty_ttl_ms],
                 )
             others = [
                 m for m in members if m.session_id != session_id and m.session_id not in expired
@@ -401,12 +429,14 @@ class SessionStore:
             admitted = await self._join(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[
-                    keys.room_members(slug),
-                    keys.room_events(slug),
-                    keys.room_removed(slug, user_id),
+                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                args=[
+                    session_id,
+                    membership.encode(),
+                    STREAM_MAXLEN,
+                    *sorted(replaced_ids),
+                    self._empty_ttl_ms,
                 ],
-                args=[session_id, membership.encode(), STREAM_MAXLEN, *sorted(replaced_ids)],
             )
             if not admitted:
                 raise Forbidden("removed_by_owner", "the room's creator removed you from this room")
@@ -433,8 +463,14 @@ class SessionStore:
             result = await self._activate(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug), keys.room_events(slug)],
-                args=[session_id, generation, STREAM_MAXLEN, time.time() - self._pending_ttl_s],
+                keys=self._room_keys(slug),
+                args=[
+                    session_id,
+                    generation,
+                    STREAM_MAXLEN,
+                    time.time() - self._pending_ttl_s,
+                    self._empty_ttl_ms,
+                ],
             )
             if result is None:
                 return None
@@ -456,8 +492,8 @@ class SessionStore:
             removed = await self._leave(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug), keys.room_events(slug)],
-                args=[session_id, generation, STREAM_MAXLEN, reason],
+                keys=self._room_keys(slug),
+                args=[session_id, generation, STREAM_MAXLEN, reason, self._empty_ttl_ms],
             )
             empty = removed is not None and not await self._redis.hlen(keys.room_members(slug))
         if removed is None:
@@ -477,12 +513,8 @@ class SessionStore:
             raw = await self._kick(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[
-                    keys.room_members(slug),
-                    keys.room_events(slug),
-                    keys.room_removed(slug, user_id),
-                ],
-                args=[user_id, STREAM_MAXLEN, self._kick_ttl_ms],
+                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                args=[user_id, STREAM_MAXLEN, self._kick_ttl_ms, self._empty_ttl_ms],
             )
             empty = not await self._redis.hlen(keys.room_members(slug))
         removed = [_text(session_id) for session_id in raw or []]
@@ -525,8 +557,8 @@ class SessionStore:
             await self._reassert(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug)],
-                args=[record.session_id, membership.encode()],
+                keys=self._room_keys(slug),
+                args=[record.session_id, membership.encode(), self._empty_ttl_ms],
             )
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
 

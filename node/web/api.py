@@ -15,7 +15,7 @@ from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from mesh.vivaldi import rank_from_samples, suggest_probes
-from node.errors import Forbidden, Invalid
+from node.errors import DomainError, Forbidden, Invalid
 from node.runtime.chat import Poster, post_chat
 from node.state import keys
 from node.store.messages import (
@@ -152,26 +152,51 @@ async def new_session() -> tuple[SessionGrant, int]:
 async def new_room(data: NewRoom) -> tuple[RoomView, int]:
     context = node_context()
     _, user = await authenticated_user(Purpose.USER)
-    lock = context.live.lock
-    room = await create_room(
-        data,
-        user,
-        context.settings.rooms,
-        guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+    settings = context.settings.rooms
+    # Counted before the work; given back if no room was made (a taken name, say).
+    limit_key = keys.room_creations(str(user.id))
+    await context.live.limits.hit(
+        limit_key, settings.creations_per_window, settings.creation_window_s, "rooms created"
     )
+    lock = context.live.lock
+    try:
+        room = await create_room(
+            data,
+            user,
+            settings,
+            guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+        )
+    except DomainError:
+        await context.live.limits.give_back(limit_key)
+        raise
     return await room_view(room, context.settings.base_url, context.redis), 201
+
+
+async def _count_lookup() -> None:
+    """One room look-up from this client address (429 over `rooms.lookups_per_window`)."""
+    context = node_context()
+    settings = context.settings.rooms
+    address = client_address(context.settings.trusted_proxies)
+    await context.live.limits.hit(
+        keys.room_lookups(address),
+        settings.lookups_per_window,
+        settings.lookup_window_s,
+        "room look-ups",
+    )
 
 
 @api.get("/rooms/<slug>")
 @validate_response(RoomView)
 async def room_info(slug: str) -> RoomView:
     context = node_context()
+    await _count_lookup()
     room = await get_room(slug)
     return await room_view(room, context.settings.base_url, context.redis)
 
 
 @api.get("/rooms/<slug>/qr.svg")
 async def room_qr(slug: str) -> Response:
+    await _count_lookup()
     room = await get_room(slug)
     svg = qr_svg(room_url(node_context().settings.base_url, room.slug))
     return Response(svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=3600"})

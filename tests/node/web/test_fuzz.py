@@ -210,7 +210,7 @@ async def _counts(world: World) -> tuple[int, int, int, set[Any]]:
     keys = {
         key
         for key in await world.redis.keys("*")
-        if b":loginlimit:" not in key and b":chat-limit:" not in key
+        if not any(part in key for part in (b":loginlimit:", b":chat-limit:", b":room-lookups:"))
     }
     return (
         await User.find_all().count(),
