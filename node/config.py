@@ -140,6 +140,14 @@ class MediaSettings(BaseModel):
     max_tracks_per_offer: int = Field(default=4, gt=0)
     max_tracks_per_participant: int = Field(default=8, gt=0)
     max_tracks_per_room: int = Field(default=150, gt=0)
+    # ICE candidates a client gives (WebSocket `candidate` messages and a=candidate lines of
+    # its SDP) make the node send connectivity checks to them: at most this many distinct
+    # ones per peer connection, and only addresses a client could own. Unspecified,
+    # multicast, link-local and reserved addresses are always refused; loopback, private
+    # and other non-global ones (the node's own networks) and mDNS names only when this is
+    # on: local demos and tests on one machine (the local launcher turns it on).
+    max_candidates_per_connection: int = Field(default=32, gt=0)
+    allow_private_candidates: bool = False
 
     @field_validator("host_addresses", "announced_addresses")
     @classmethod
@@ -266,6 +274,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_MAX_TRACKS_PER_OFFER": "media.max_tracks_per_offer",
     "SFUMESH_MEDIA_MAX_TRACKS_PER_PARTICIPANT": "media.max_tracks_per_participant",
     "SFUMESH_MEDIA_MAX_TRACKS_PER_ROOM": "media.max_tracks_per_room",
+    "SFUMESH_MEDIA_ALLOW_PRIVATE_CANDIDATES": "media.allow_private_candidates",
     "SFUMESH_SERF_MODE": "serf.mode",
     "SFUMESH_SERF_BIND": "serf.bind",
     "SFUMESH_SERF_ADVERTISE": "serf.advertise",

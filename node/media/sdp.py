@@ -1,9 +1,11 @@
 """Text edits of the node's own SDP before it goes to a client, and the light reading of a
-client's SDP that must happen before aiortc parses it (what the caps count)."""
+client's SDP that must happen before aiortc parses it (what the caps count, which of its
+ICE candidates the node may probe)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _DIRECTIONS = frozenset({"sendrecv", "sendonly", "recvonly", "inactive"})
@@ -71,3 +73,37 @@ def announce_addresses(sdp: str, addresses: Sequence[str]) -> str:
                 family = "IP6" if ":" in addresses[0] else "IP4"
                 out[index] = f"c=IN {family} {addresses[0]}"
     return newline.join(out)
+
+
+def candidate_refusal(address: str, allow_private: bool) -> str | None:
+    """Why the node must not send connectivity checks to `address` (a client's ICE
+    candidate), or None. Never: unspecified, multicast, link-local, reserved (broadcast).
+    Only with `allow_private`: loopback, private and other non-global addresses (the node's
+    own networks, which a client on the internet cannot own) and mDNS names (`*.local`,
+    resolved on the node's own network)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if allow_private and address.lower().endswith(".local"):
+            return None
+        return "a candidate must name an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
+        return "the candidate's address cannot be a client's"
+    if not ip.is_global and not allow_private:
+        return "the candidate's address is not a public one"
+    return None
+
+
+def filter_candidates(sdp: str, keep: Callable[[str], bool]) -> str:
+    """`sdp` without the a=candidate lines `keep` refuses (it is given the line's value,
+    after "a=candidate:")."""
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(newline)
+    kept = [
+        line
+        for line in lines
+        if not line.startswith("a=candidate:") or keep(line.removeprefix("a=candidate:"))
+    ]
+    return sdp if len(kept) == len(lines) else newline.join(kept)

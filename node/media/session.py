@@ -69,7 +69,12 @@ from node.media.forward import (
     SubscriberRewriter,
     keyframe_detector,
 )
-from node.media.sdp import announce_addresses, media_sections
+from node.media.sdp import (
+    announce_addresses,
+    candidate_refusal,
+    filter_candidates,
+    media_sections,
+)
 from node.state.hub import Connection
 from node.tasks import TaskSet
 
@@ -286,6 +291,11 @@ class MediaSession:
         self.answer_limit = 0
         #: tracks a publish offer being applied will have (counted against the caps)
         self.reserved = 0
+        #: the client's distinct ICE candidates accepted so far, per peer connection
+        self.remote_candidates: dict[str, set[tuple[str, int, str, int]]] = {
+            "publish": set(),
+            "subscribe": set(),
+        }
 
     # ----------------------------------------------------------------- peer connections
 
@@ -360,12 +370,49 @@ class MediaSession:
             )
         return mine
 
+    def _candidate_refusal(self, role: str, candidate: Any) -> MediaError | None:
+        """Whether the node may probe a client's candidate (and count it), or why not."""
+        settings = self.media.settings
+        why = candidate_refusal(str(candidate.ip), settings.allow_private_candidates)
+        if why is not None:
+            return MediaError("candidate_refused", why)
+        key = (str(candidate.ip).lower(), candidate.port, candidate.protocol, candidate.component)
+        seen = self.remote_candidates[role]
+        if key not in seen:
+            if len(seen) >= settings.max_candidates_per_connection:
+                return MediaError(
+                    "too_many_candidates",
+                    f"at most {settings.max_candidates_per_connection} candidates per connection",
+                )
+            seen.add(key)
+        return None
+
+    def _filter_sdp_candidates(self, role: str, sdp: str) -> str:
+        """The client's SDP without the candidates the node must not probe (dropped, as a
+        WebSocket `candidate` for them would be refused)."""
+
+        def keep(value: str) -> bool:
+            try:
+                parsed = candidate_from_sdp(value)
+            except (ValueError, IndexError):
+                return False
+            refusal = self._candidate_refusal(role, parsed)
+            if refusal is not None:
+                log.info(
+                    "media.candidate_dropped",
+                    extra={"session_id": self.session_id, "pc": role, "reason": refusal.code},
+                )
+            return refusal is None
+
+        return filter_candidates(sdp, keep)
+
     async def publish_offer(self, sdp: str) -> str:
         """Apply the client's publish offer; returns the node's answer."""
         async with self._publish_lock:
             # Counted and held (the `reserved` tracks) until the tracks are published, so two
             # offers at once cannot both take the room's last place.
             self.reserved = self._tracks_after(sdp)
+            sdp = self._filter_sdp_candidates("publish", sdp)
             try:
                 return await self._apply_publish_offer(sdp)
             finally:
@@ -421,6 +468,7 @@ class MediaSession:
             pc = self.subscribe_pc
             if pc is None or pc.signalingState != "have-local-offer":
                 raise MediaError("no_offer", "there is no subscribe offer to answer")
+            sdp = self._filter_sdp_candidates("subscribe", sdp)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
             except Exception as error:
@@ -460,6 +508,9 @@ class MediaSession:
             parsed = candidate_from_sdp(line.removeprefix("a=").removeprefix("candidate:"))
         except (ValueError, IndexError) as error:
             raise MediaError("bad_candidate", "the candidate cannot be parsed") from error
+        refusal = self._candidate_refusal(role, parsed)
+        if refusal is not None:
+            raise refusal
         parsed.sdpMid = mid
         parsed.sdpMLineIndex = index
         await pc.addIceCandidate(parsed)
