@@ -140,6 +140,11 @@ class MediaSettings(BaseModel):
     max_tracks_per_offer: int = Field(default=4, gt=0)
     max_tracks_per_participant: int = Field(default=8, gt=0)
     max_tracks_per_room: int = Field(default=150, gt=0)
+    # Tracks started on one publish connection, restarts included: a subscriber's
+    # connection gains an m-line per track ever sent on it (aiortc never reuses one), so a
+    # publisher toggling tracks on and off must not grow everyone's SDP without end.
+    # (The web client mutes by disabling tracks, which starts nothing.)
+    max_track_starts_per_connection: int = Field(default=32, gt=0)
     # ICE candidates a client gives (WebSocket `candidate` messages and a=candidate lines of
     # its SDP) make the node send connectivity checks to them: at most this many distinct
     # ones per peer connection, and only addresses a client could own. Unspecified,

@@ -17,6 +17,7 @@ class MediaSection:
 
     kind: str
     direction: str
+    mid: str = ""
 
     @property
     def sending(self) -> bool:
@@ -27,19 +28,23 @@ class MediaSection:
 def media_sections(sdp: str) -> list[MediaSection]:
     """The m-lines of `sdp`, in order, read as plain text: one pass, no parser that could
     be made to work harder than the text is long."""
-    sections: list[tuple[str, str]] = []
+    sections: list[list[str]] = []  # kind, direction, mid
     session_direction = "sendrecv"
     for raw in sdp.split("\n"):
         line = raw.rstrip("\r")
         if line.startswith("m="):
             kind = line[2:].split(" ", 1)[0]
-            sections.append((kind, ""))
+            sections.append([kind, "", ""])
         elif line.startswith("a=") and line[2:] in _DIRECTIONS:
             if sections:
-                sections[-1] = (sections[-1][0], line[2:])
+                sections[-1][1] = line[2:]
             else:
                 session_direction = line[2:]
-    return [MediaSection(kind, direction or session_direction) for kind, direction in sections]
+        elif line.startswith("a=mid:") and sections:
+            sections[-1][2] = line[6:].strip()
+    return [
+        MediaSection(kind, direction or session_direction, mid) for kind, direction, mid in sections
+    ]
 
 
 def announce_addresses(sdp: str, addresses: Sequence[str]) -> str:

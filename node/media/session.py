@@ -291,6 +291,8 @@ class MediaSession:
         self.answer_limit = 0
         #: tracks a publish offer being applied will have (counted against the caps)
         self.reserved = 0
+        #: tracks started on the publish connection so far (restarts included)
+        self.track_starts = 0
         #: the client's distinct ICE candidates accepted so far, per peer connection
         self.remote_candidates: dict[str, set[tuple[str, int, str, int]]] = {
             "publish": set(),
@@ -350,9 +352,17 @@ class MediaSession:
                 "too_many_tracks",
                 f"an offer may hold at most {settings.max_tracks_per_offer} m-lines",
             )
-        mine = sum(1 for section in sections if section.sending and section.kind in _KINDS)
-        mine_now = sum(1 for p in self.published.values() if p.forwarder is not None)
-        added = mine - mine_now
+        sending = [s for s in sections if s.sending and s.kind in _KINDS]
+        mine = len(sending)
+        forwarding = {mid for mid, p in self.published.items() if p.forwarder is not None}
+        starts = sum(1 for section in sending if section.mid not in forwarding)
+        if self.track_starts + starts > settings.max_track_starts_per_connection:
+            raise MediaError(
+                "too_many_tracks",
+                f"a publish connection may start at most"
+                f" {settings.max_track_starts_per_connection} tracks; reconnect to start more",
+            )
+        added = mine - len(forwarding)
         if added <= 0:
             return mine
         user_tracks = self.media.user_tracks(self.slug, self.user_id, besides=self)
@@ -456,6 +466,7 @@ class MediaSession:
             published.codec = codec
             published.mime_type = codec.mimeType
             published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+            self.track_starts += 1
             log.info(
                 "media.track_published",
                 extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},

@@ -56,3 +56,8 @@ def test_media_sections_count_every_m_line_with_its_direction() -> None:
         ("video", "recvonly", False),
         ("application", "inactive", False),
     ]
+
+
+def test_media_sections_know_their_mids() -> None:
+    sdp = "v=0\nm=audio 9 RTP 111\na=mid:0\na=sendonly\nm=video 9 RTP 97\na=mid:v1\n"
+    assert [s.mid for s in media_sections(sdp)] == ["0", "v1"]

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from aiortc import AudioStreamTrack, RTCPeerConnection
+from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription
 
 from node.media import adapter
 from node.web.context import EXTENSION
@@ -128,6 +128,55 @@ async def test_answer_to_a_large_subscribe_offer_is_not_cut_by_the_frame_limit(
                 "bob receives all four tracks",
             )
             assert bob.errors == []
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def offer_again(client: MediaClient) -> dict[str, Any]:
+    """Offer the publish PC as it is now; apply the node's answer if it gives one."""
+    await client.publish.setLocalDescription(await client.publish.createOffer())
+    reply = await client.peer.request(
+        "offer", pc="publish", sdp=client.publish.localDescription.sdp
+    )
+    if reply["type"] == "answer":
+        await client.publish.setRemoteDescription(
+            RTCSessionDescription(sdp=reply["sdp"], type="answer")
+        )
+    return reply
+
+
+@pytest.mark.slow
+async def test_toggling_a_track_cannot_grow_subscribers_sdp_without_end(make_app: Any) -> None:
+    # Each restart of a track is a new m-line at every subscriber (never reused): a
+    # connection may start only so many.
+    test_app = await make_app(
+        media__host_addresses=["127.0.0.1"], media__max_track_starts_per_connection=3
+    )
+    api = Api(test_app.test_client())
+    token = await api.user_token("alice")
+    await api.create_room(token, "flicker")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            await join_clients(
+                stack, api, {"alice": token}, ["alice"], "flicker", clients, start=False
+            )
+            (alice,) = clients
+            transceiver = alice.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
+            media = hub_of(test_app)
+            replies = []
+            for direction in ["sendonly", "inactive", "sendonly", "inactive", "sendonly"]:
+                transceiver.direction = direction
+                replies.append((await offer_again(alice))["type"])
+            assert replies == ["answer"] * 5
+            assert media.room_tracks("flicker") == 1
+            transceiver.direction = "inactive"
+            assert (await offer_again(alice))["type"] == "answer"
+            transceiver.direction = "sendonly"
+            refused = await offer_again(alice)
+            assert refused["type"] == "error" and refused["code"] == "too_many_tracks"
+            assert media.room_tracks("flicker") == 0
         finally:
             for client in clients:
                 await client.close()
