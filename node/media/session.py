@@ -485,6 +485,8 @@ class MediaSession:
             except Exception as error:
                 log.info("media.bad_answer", extra={"session_id": self.session_id}, exc_info=True)
                 raise MediaError("bad_sdp", f"the answer cannot be used: {error}") from error
+            # Answered: larger frames are allowed again only with the next offer.
+            self.answer_limit = 0
         if self._needs_offer:
             self.renegotiate()
 
