@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -260,6 +261,7 @@ class SessionStore:
         session_ttl_s: float = 24 * 3600.0,
         kick_ttl_s: float = 600.0,
         empty_ttl_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         # The generation counter lives as long as a session token could still connect.
@@ -268,6 +270,8 @@ class SessionStore:
         # seat this long from the connection's first join, then never again: joining again
         # on the same connection does not renew it, and the WebSocket join is refused.
         self._pending_ttl_s = pending_ttl_s
+        # Wall-clock seconds; pending seats are timed by it (tests give their own).
+        self._clock = clock
         # Someone the room's creator removed stays out this long.
         self._kick_ttl_ms = int(kick_ttl_s * 1000)
         # An empty room's keys expire this long after its last member went (`_room_script`).
@@ -382,7 +386,7 @@ class SessionStore:
             ):
                 # Already in, on this very connection: joining again changes nothing.
                 return record, []
-            now = time.time()
+            now = self._clock()
             oldest_good = now - self._pending_ttl_s
             # A connection's pending seat dates from its first join not yet completed: joining
             # again does not renew it, and once it is over the connection must reconnect.
@@ -468,7 +472,7 @@ class SessionStore:
                     session_id,
                     generation,
                     STREAM_MAXLEN,
-                    time.time() - self._pending_ttl_s,
+                    self._clock() - self._pending_ttl_s,
                     self._empty_ttl_ms,
                 ],
             )

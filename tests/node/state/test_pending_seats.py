@@ -9,6 +9,7 @@ checked with joins running at once against a real redis-server.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -18,12 +19,27 @@ from node.state import keys
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
 
-TTL_S = 0.5
+TTL_S = 15.0
 
 
-def store(redis: Any, pending_ttl_s: float = TTL_S) -> SessionStore:
+class Clock:
+    """The store's wall clock, moved by the test: expiry without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def store(redis: Any, clock: Clock | None = None, pending_ttl_s: float = TTL_S) -> SessionStore:
     lock = DistributedLock([redis], redis, retries=2000, retry_delay_s=(0.001, 0.01))
-    return SessionStore(redis, lock, "node-1", "local", pending_ttl_s=pending_ttl_s)
+    return SessionStore(
+        redis, lock, "node-1", "local", pending_ttl_s=pending_ttl_s, clock=clock or Clock()
+    )
 
 
 async def connected(sessions: SessionStore, session_id: str, user_id: str) -> int:
@@ -35,7 +51,8 @@ async def join(sessions: SessionStore, session_id: str, user_id: str, capacity: 
 
 
 async def test_an_uncompleted_join_frees_its_seat_and_cannot_be_renewed(redis: Any) -> None:
-    sessions = store(redis)
+    clock = Clock()
+    sessions = store(redis, clock)
     squatter = await connected(sessions, "s-squat", "u-squat")
     await connected(sessions, "s-real", "u-real")
     await join(sessions, "s-squat", "u-squat", 1)
@@ -43,9 +60,9 @@ async def test_an_uncompleted_join_frees_its_seat_and_cannot_be_renewed(redis: A
         await join(sessions, "s-real", "u-real", 1)
     assert full.value.code == "room_full"
     # Joining again on the same connection halfway through keeps the first time...
-    await asyncio.sleep(TTL_S * 0.6)
+    clock.advance(TTL_S * 0.6)
     await join(sessions, "s-squat", "u-squat", 1)
-    await asyncio.sleep(TTL_S * 0.6)
+    clock.advance(TTL_S * 0.6)
     # ...so the seat is free now, and the next person gets it.
     await join(sessions, "s-real", "u-real", 1)
     members = {m.session_id for m in await sessions.members("lobby")}
@@ -58,22 +75,24 @@ async def test_an_uncompleted_join_frees_its_seat_and_cannot_be_renewed(redis: A
 
 
 async def test_a_late_websocket_join_is_refused_and_drops_the_seat(redis: Any) -> None:
-    sessions = store(redis)
+    clock = Clock()
+    sessions = store(redis, clock)
     generation = await connected(sessions, "s1", "u1")
     await join(sessions, "s1", "u1", 2)
-    await asyncio.sleep(TTL_S * 1.2)
+    clock.advance(TTL_S * 1.2)
     assert await sessions.activate("lobby", "s1", generation) is None
     assert not await redis.hexists(keys.room_members("lobby"), "s1")
 
 
 async def test_concurrent_joins_after_expiry_fill_exactly_the_capacity(redis: Any) -> None:
-    sessions = store(redis)
+    clock = Clock()
+    sessions = store(redis, clock)
     for i in range(2):
         await connected(sessions, f"s-squat{i}", f"u-squat{i}")
         await join(sessions, f"s-squat{i}", f"u-squat{i}", 2)
     for i in range(8):
         await connected(sessions, f"s{i}", f"u{i}")
-    await asyncio.sleep(TTL_S * 1.2)
+    clock.advance(TTL_S * 1.2)
 
     async def attempt(i: int) -> bool:
         try:
@@ -90,7 +109,7 @@ async def test_concurrent_joins_after_expiry_fill_exactly_the_capacity(redis: An
 
 
 async def test_kick_removes_every_session_of_the_user_and_keeps_them_out(redis: Any) -> None:
-    sessions = store(redis, pending_ttl_s=60)
+    sessions = store(redis)
     tab1 = await connected(sessions, "t1", "bob")
     await connected(sessions, "t2", "bob")
     await connected(sessions, "a1", "alice")
