@@ -104,6 +104,8 @@ def make_settings(
             # In-process apps run without a Serf agent; node processes get one (launch.py).
             "serf.mode": "off",
             **GENEROUS_LIMITS,
+            # Test clients are on loopback: their candidates must be probed (off by default).
+            "media.allow_private_candidates": True,
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         return load_settings(env={}, overrides=values)

@@ -52,6 +52,10 @@ def node_env(
             "SFUMESH_DATA_DIR": str(data_dir),
         }
     )
+    # Local nodes (demo, benches, tests) serve browsers and peers on this machine, whose
+    # candidates are loopback or private: allowed here, explicitly (off by default), unless
+    # the caller's environment says otherwise.
+    env.setdefault("SFUMESH_MEDIA_ALLOW_PRIVATE_CANDIDATES", "true")
     env.update(extra or {})
     return env
 

@@ -15,6 +15,7 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
+| `sfumesh:{room:<slug>}:removed:<uid>` | string, TTL | the creator removed this user: no join |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
 | `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
 | `sfumesh:loginlimit:{limits}:fail-acct:<h>` | counter, TTL | failed logins, one account (h) |
@@ -23,6 +24,8 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:loginlimit:{limits}:try-total` | counter, TTL | logins over the whole mesh |
 | `sfumesh:signuplimit:{limits}:addr:<addr>` | counter, TTL | sign-ups from one address |
 | `sfumesh:signuplimit:{limits}:total` | counter, TTL | sign-ups over the whole mesh |
+| `sfumesh:room-lookups:<address>` | counter, TTL | room look-ups (info, QR) from one address |
+| `sfumesh:room-creations:<uid>` | counter, TTL | rooms one user created in the window |
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
 | `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
@@ -70,6 +73,16 @@ def chat_limit(session_id: str) -> str:
     return f"{PREFIX}:chat-limit:{session_id}"
 
 
+def room_lookups(address: str) -> str:
+    """Counts GET /api/rooms/{slug} (and its QR code) per client address: room names must
+    not be found by trying many."""
+    return f"{PREFIX}:room-lookups:{address}"
+
+
+def room_creations(user_id: str) -> str:
+    return f"{PREFIX}:room-creations:{user_id}"
+
+
 def _room(slug: str, part: str) -> str:
     return f"{PREFIX}:{{room:{slug}}}:{part}"
 
@@ -92,6 +105,11 @@ def room_fence_applied(slug: str) -> str:
 
 def room_events(slug: str) -> str:
     return _room(slug, "events")
+
+
+def room_removed(slug: str, user_id: str) -> str:
+    """Set when the room's creator removes a user; they cannot join again until it expires."""
+    return _room(slug, f"removed:{user_id}")
 
 
 def node_reap_lock(name: str) -> str:

@@ -89,6 +89,7 @@ AUTHENTICATED = {
     ("POST", "/api/sessions/ws-ticket"): Purpose.SESSION,
     ("POST", "/api/rooms"): Purpose.USER,
     ("POST", "/api/rooms/<slug>/join"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/kick"): Purpose.USER,
     ("GET", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/messages"): Purpose.SESSION,
 }

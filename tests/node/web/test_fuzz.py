@@ -210,7 +210,7 @@ async def _counts(world: World) -> tuple[int, int, int, set[Any]]:
     # counters, which may vanish mid-request); the node's own registry record expires and is
     # written again by its heartbeat whenever a CPU-bound test before held the event loop
     # past node_ttl_s. Any other new key is something stored.
-    volatile = (b":loginlimit:", b":signuplimit:", b":chat-limit:")
+    volatile = (b":loginlimit:", b":signuplimit:", b":chat-limit:", b":room-lookups:")
     registry = (keys_module.NODES.encode(), keys_module.node("").encode())
     found = [key for key in await world.redis.keys("*") if isinstance(key, bytes)]
     keys = {
