@@ -1,0 +1,232 @@
+"""R9 over HTTP: expenses, edits with history, payments, balances, live events, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from quart.typing import TestClientProtocol as Client
+from redis.asyncio import Redis
+
+from node.state import keys
+from node.store.expenses import Expense, Payment
+from node.store.rooms import get_room, remember_person
+from tests.conftest import Api, bearer, error_of
+
+SLUG = "picnic"
+
+
+class Room:
+    """A room of alice (creator), bob and carol (joined); dave is no one there."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.tokens: dict[str, str] = {}
+        self.ids: dict[str, str] = {}
+
+    async def setup(self) -> Room:
+        for name in ("alice", "bob", "carol", "dave"):
+            user = await self.api.signup(name)
+            self.ids[name] = user["id"]
+            self.tokens[name] = await self.api.session_token(await self.api.login(name))
+        await self.api.create_room(await self.api.login("alice"), SLUG)
+        room = await get_room(SLUG)
+        for name in ("bob", "carol"):
+            await remember_person(room, self.ids[name])
+        return self
+
+    @property
+    def client(self) -> Client:
+        return self.api.client
+
+    async def call(self, who: str, method: str, path: str, body: Any = None) -> Any:
+        return await self.client.open(
+            f"/api/rooms/{SLUG}{path}", method=method, json=body, headers=bearer(self.tokens[who])
+        )
+
+    async def ok(
+        self, who: str, method: str, path: str, body: Any = None, status: int = 200
+    ) -> Any:
+        response = await self.call(who, method, path, body)
+        assert response.status_code == status, await response.get_data(as_text=True)
+        return await response.get_json()
+
+    def expense(self, amount: int = 1000, currency: str = "EUR", **fields: Any) -> dict[str, Any]:
+        people = [self.ids[n] for n in ("alice", "bob", "carol")]
+        return {
+            "description": "Picnic food",
+            "amount": amount,
+            "currency": currency,
+            "payer_id": self.ids["alice"],
+            "split": {"mode": "equal", "people": people},
+            **fields,
+        }
+
+
+@pytest.fixture
+async def room(api: Api) -> Room:
+    return await Room(api).setup()
+
+
+async def _costs_events(redis: Redis) -> list[dict[str, Any]]:
+    entries = await redis.xrange(keys.room_events(SLUG))
+    return [json.loads(fields[b"data"]) for _, fields in entries if fields[b"type"] == b"costs"]
+
+
+async def test_expense_balances_settle_up_and_payments(room: Room, redis: Redis) -> None:
+    a, b, c = (room.ids[n] for n in ("alice", "bob", "carol"))
+    added = await room.ok("bob", "POST", "/expenses", room.expense(1000), status=201)
+    # 1000 cents in three: 333 each, the cent left over to the first by user id
+    first = min(a, b, c)
+    assert added["parts"] == {p: 334 if p == first else 333 for p in (a, b, c)}
+    assert added["version"] == 1 and added["created_by"] == b
+    await room.ok(
+        "carol",
+        "POST",
+        "/expenses",
+        room.expense(90000, "VND", payer_id=c, split={"mode": "shares", "shares": {a: 2, c: 1}}),
+        status=201,
+    )
+    books = await room.ok("carol", "GET", "/costs")
+    assert set(books["balances"]) == {"EUR", "VND"}  # never mixed
+    for currency, per_person in books["balances"].items():
+        assert sum(per_person.values()) == 0, currency
+    assert books["balances"]["VND"] == {a: -60000, c: 60000}
+    assert {p["id"] for p in books["people"]} == {a, b, c}
+    assert books["currencies"]["VND"] == 0 and books["currencies"]["KWD"] == 3
+    for currency, transfers in books["settle_up"].items():
+        assert len(transfers) <= len(books["balances"][currency]) - 1
+        for t in transfers:
+            await room.ok("alice", "POST", "/payments", {**t, "currency": currency}, status=201)
+    settled = await room.ok("bob", "GET", "/costs")
+    assert settled["balances"] == {} and settled["settle_up"] == {}
+    assert len(settled["payments"]) == sum(len(t) for t in books["settle_up"].values())
+    events = await _costs_events(redis)
+    assert [e["kind"] for e in events[:2]] == ["expense-added", "expense-added"]
+    assert {e["kind"] for e in events[2:]} == {"payment-recorded"}
+
+
+async def test_edits_keep_history_and_only_the_author_may(room: Room, redis: Redis) -> None:
+    added = await room.ok("alice", "POST", "/expenses", room.expense(1000), status=201)
+    path = f"/expenses/{added['id']}"
+    edit = {**room.expense(1200), "version": 1}
+    response = await room.call("bob", "PUT", path, edit)
+    assert response.status_code == 403
+    assert (await error_of(response))["code"] == "not_yours"
+    edited = await room.ok("alice", "PUT", path, edit)
+    assert edited["version"] == 2 and edited["amount"] == 1200
+    stale = await room.call("alice", "PUT", path, {**room.expense(5), "version": 1})
+    assert stale.status_code == 409
+    assert (await error_of(stale))["code"] == "stale_version"
+    deleted = await room.ok("alice", "DELETE", f"{path}?version=2")
+    assert deleted["deleted"] and deleted["version"] == 3
+    history = await room.ok("carol", "GET", path)
+    assert [v["amount"] for v in history["versions"]] == [1000, 1200, 1200]
+    assert [v["deleted"] for v in history["versions"]] == [False, False, True]
+    books = await room.ok("carol", "GET", "/costs")
+    assert books["expenses"] == [] and books["balances"] == {}
+    again = await room.call("alice", "PUT", path, {**room.expense(5), "version": 3})
+    assert again.status_code == 409
+    kinds = [e["kind"] for e in await _costs_events(redis)]
+    assert kinds == ["expense-added", "expense-edited", "expense-deleted"]
+
+
+async def test_racing_edits_of_one_version_one_wins(room: Room) -> None:
+    added = await room.ok("alice", "POST", "/expenses", room.expense(1000), status=201)
+    path = f"/expenses/{added['id']}"
+    responses = await asyncio.gather(
+        *(
+            room.call("alice", "PUT", path, {**room.expense(2000 + i), "version": 1})
+            for i in range(12)
+        )
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [409] * 11
+    history = await room.ok("alice", "GET", path)
+    assert [v["version"] for v in history["versions"]] == [1, 2]
+    winner = next(r for r in responses if r.status_code == 200)
+    assert history["expense"]["amount"] == (await winner.get_json())["amount"]
+
+
+def _bad_expenses(room: Room) -> list[tuple[str, dict[str, Any], int, str]]:
+    a, b = room.ids["alice"], room.ids["bob"]
+    return [
+        ("unknown currency", room.expense(currency="XYZ"), 422, "unknown_currency"),
+        ("lower-case currency", room.expense(currency="eur"), 422, "unknown_currency"),
+        ("negative amount", room.expense(-5), 422, "invalid_input"),
+        ("zero amount", room.expense(0), 422, "invalid_input"),
+        ("float amount", room.expense(10.5), 422, "invalid_input"),  # type: ignore[arg-type]
+        ("whole float", room.expense(10.0), 422, "invalid_input"),  # type: ignore[arg-type]
+        ("string amount", room.expense("10"), 422, "invalid_input"),  # type: ignore[arg-type]
+        ("huge amount", room.expense(10**13), 422, "invalid_input"),
+        (
+            "exact not adding up",
+            room.expense(1000, split={"mode": "exact", "amounts": {a: 500, b: 499}}),
+            422,
+            "split_mismatch",
+        ),
+        ("payer not in room", room.expense(payer_id=room.ids["dave"]), 422, "not_in_room"),
+        (
+            "split to an outsider",
+            room.expense(split={"mode": "equal", "people": [a, room.ids["dave"]]}),
+            422,
+            "not_in_room",
+        ),
+        ("unknown mode", room.expense(split={"mode": "all"}), 422, "invalid_input"),
+        ("empty split", room.expense(split={"mode": "equal", "people": []}), 422, "invalid_input"),
+        (
+            "named twice",
+            room.expense(split={"mode": "equal", "people": [a, a]}),
+            422,
+            "invalid_split",
+        ),
+        ("empty description", room.expense(description="  "), 422, "invalid_input"),
+        ("bad happening id", room.expense(happening_id="a/b"), 422, "invalid_input"),
+        ("extra field", room.expense(rate=1.1), 422, "invalid_input"),
+    ]
+
+
+async def _written(redis: Redis) -> tuple[int, int, int]:
+    return (
+        await Expense.find_all().count(),
+        await Payment.find_all().count(),
+        len(await _costs_events(redis)),
+    )
+
+
+async def test_bad_input_is_a_clear_4xx_and_writes_nothing(room: Room, redis: Redis) -> None:
+    added = await room.ok("alice", "POST", "/expenses", room.expense(1000), status=201)
+    before = await _written(redis)
+    for name, body, status, code in _bad_expenses(room):
+        for method, path, sent in (
+            ("POST", "/expenses", body),
+            ("PUT", f"/expenses/{added['id']}", {**body, "version": 1}),
+        ):
+            response = await room.call("alice", method, path, sent)
+            assert response.status_code == status, (name, method)
+            assert (await error_of(response))["code"] == code, (name, method)
+    a, b, d = room.ids["alice"], room.ids["bob"], room.ids["dave"]
+    payment = {"payer_id": b, "payee_id": a, "amount": 100, "currency": "EUR"}
+    for name, who, method, path, sent, status, code in [
+        ("outsider adds", "dave", "POST", "/expenses", room.expense(), 403, "not_joined"),
+        ("outsider reads", "dave", "GET", "/costs", None, 403, "not_joined"),
+        ("outsider history", "dave", "GET", f"/expenses/{added['id']}", None, 403, "not_joined"),
+        ("outsider pays", "dave", "POST", "/payments", payment, 403, "not_joined"),
+        ("pay oneself", "bob", "POST", "/payments", {**payment, "payee_id": b}, 422, None),
+        ("pay outsider", "bob", "POST", "/payments", {**payment, "payee_id": d}, 422, None),
+        ("pay float", "bob", "POST", "/payments", {**payment, "amount": 1.5}, 422, None),
+        ("pay zero", "bob", "POST", "/payments", {**payment, "amount": 0}, 422, None),
+        ("pay XYZ", "bob", "POST", "/payments", {**payment, "currency": "XYZ"}, 422, None),
+        ("no version", "alice", "DELETE", f"/expenses/{added['id']}", None, 422, None),
+        ("no such", "alice", "DELETE", "/expenses/nope?version=1", None, 404, None),
+        ("not yours", "bob", "DELETE", f"/expenses/{added['id']}?version=1", None, 403, None),
+    ]:
+        response = await room.call(who, method, path, sent)
+        assert response.status_code == status, name
+        error = await error_of(response)
+        assert code is None or error["code"] == code, name
+    unauthenticated = await room.client.get(f"/api/rooms/{SLUG}/costs")
+    assert unauthenticated.status_code == 401
+    assert await _written(redis) == before
