@@ -71,7 +71,7 @@ async def room(api: Api) -> Room:
 
 
 async def _costs_events(redis: Redis) -> list[dict[str, Any]]:
-    entries = await redis.xrange(keys.room_events(SLUG))
+    entries: Any = await redis.xrange(keys.room_events(SLUG))
     return [json.loads(fields[b"data"]) for _, fields in entries if fields[b"type"] == b"costs"]
 
 
@@ -209,7 +209,7 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(room: Room, redis: Re
             assert (await error_of(response))["code"] == code, (name, method)
     a, b, d = room.ids["alice"], room.ids["bob"], room.ids["dave"]
     payment = {"payer_id": b, "payee_id": a, "amount": 100, "currency": "EUR"}
-    for name, who, method, path, sent, status, code in [
+    cases: list[tuple[str, str, str, str, Any, int, str | None]] = [
         ("outsider adds", "dave", "POST", "/expenses", room.expense(), 403, "not_joined"),
         ("outsider reads", "dave", "GET", "/costs", None, 403, "not_joined"),
         ("outsider history", "dave", "GET", f"/expenses/{added['id']}", None, 403, "not_joined"),
@@ -222,11 +222,12 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(room: Room, redis: Re
         ("no version", "alice", "DELETE", f"/expenses/{added['id']}", None, 422, None),
         ("no such", "alice", "DELETE", "/expenses/nope?version=1", None, 404, None),
         ("not yours", "bob", "DELETE", f"/expenses/{added['id']}?version=1", None, 403, None),
-    ]:
+    ]
+    for name, who, method, path, sent, status, expected in cases:
         response = await room.call(who, method, path, sent)
         assert response.status_code == status, name
         error = await error_of(response)
-        assert code is None or error["code"] == code, name
+        assert expected is None or error["code"] == expected, name
     unauthenticated = await room.client.get(f"/api/rooms/{SLUG}/costs")
     assert unauthenticated.status_code == 401
     assert await _written(redis) == before
