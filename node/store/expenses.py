@@ -319,9 +319,9 @@ async def _checked_state(room: Room, data: NewExpense, by: str, version: int) ->
         raise _invalid(error) from error
     outsiders = await _not_room_people(room, {data.payer_id, *weights})
     if data.payer_id in outsiders:
-        raise Invalid("not_in_room", "payer_id: not one of the room's people")
+        raise Invalid("not_a_room_person", "payer_id: not one of the room's people")
     if outsiders:
-        raise Invalid("not_in_room", "split: names someone who is not one of the room's people")
+        raise Invalid("not_a_room_person", "split: names someone not among the room's people")
     return ExpenseState(
         version=version,
         description=data.description,
@@ -431,7 +431,7 @@ async def record_payment(room: Room, by: str, data: NewPayment) -> Payment:
     if data.payer_id == data.payee_id:
         raise Invalid("invalid_payment", "payee_id: a payment goes to someone else")
     if await _not_room_people(room, {data.payer_id, data.payee_id}):
-        raise Invalid("not_in_room", "a payment is between the room's people")
+        raise Invalid("not_a_room_person", "a payment is between the room's people")
     await _check_room_room(room)
     payment = Payment(
         room=room.slug,
