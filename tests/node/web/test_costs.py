@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from quart.typing import TestClientProtocol as Client
 from redis.asyncio import Redis
 
 from node.state import keys
+from node.store import costs as ledger
 from node.store.expenses import Expense, Payment
 from node.store.rooms import get_room, remember_person
 from tests.conftest import Api, bearer, error_of
@@ -23,6 +27,7 @@ class Room:
 
     def __init__(self, api: Api) -> None:
         self.api = api
+        self.slug = SLUG
         self.tokens: dict[str, str] = {}
         self.ids: dict[str, str] = {}
 
@@ -31,11 +36,16 @@ class Room:
             user = await self.api.signup(name)
             self.ids[name] = user["id"]
             self.tokens[name] = await self.api.session_token(await self.api.login(name))
-        await self.api.create_room(await self.api.login("alice"), SLUG)
-        room = await get_room(SLUG)
+        await self.new_room(SLUG)
+        return self
+
+    async def new_room(self, slug: str) -> None:
+        """Another room of the same people (alice creates it, bob and carol join it)."""
+        await self.api.create_room(await self.api.login("alice"), slug)
+        room = await get_room(slug)
         for name in ("bob", "carol"):
             await remember_person(room, self.ids[name])
-        return self
+        self.slug = slug
 
     @property
     def client(self) -> Client:
@@ -43,7 +53,10 @@ class Room:
 
     async def call(self, who: str, method: str, path: str, body: Any = None) -> Any:
         return await self.client.open(
-            f"/api/rooms/{SLUG}{path}", method=method, json=body, headers=bearer(self.tokens[who])
+            f"/api/rooms/{self.slug}{path}",
+            method=method,
+            json=body,
+            headers=bearer(self.tokens[who]),
         )
 
     async def ok(
@@ -231,3 +244,133 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(room: Room, redis: Re
     unauthenticated = await room.client.get(f"/api/rooms/{SLUG}/costs")
     assert unauthenticated.status_code == 401
     assert await _written(redis) == before
+
+
+# --- any sequence, through the API: the node's books are the ledger's ----------------------
+
+NAMES = ("alice", "bob", "carol")
+currencies = st.sampled_from(["EUR", "VND", "KWD"])
+op_strategy = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("add"),
+            st.sampled_from(NAMES),  # who adds it
+            st.sampled_from(NAMES),  # who paid
+            st.integers(1, 10**6),
+            currencies,
+            st.sampled_from(["equal", "shares", "exact"]),
+            st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True),
+            st.lists(st.integers(1, 5), min_size=3, max_size=3),
+        ),
+        st.tuples(st.just("edit"), st.integers(0, 10), st.integers(1, 10**6)),
+        st.tuples(st.just("delete"), st.integers(0, 10)),
+        st.tuples(
+            st.just("pay"),
+            st.sampled_from(NAMES),
+            st.sampled_from(NAMES),
+            st.integers(1, 10**5),
+            currencies,
+        ),
+        st.tuples(st.just("settle"), currencies),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def _split_body(room: Room, mode: str, among: list[str], weights: list[int], amount: int) -> Any:
+    ids = [room.ids[n] for n in among]
+    if mode == "equal":
+        return {"mode": "equal", "people": ids}
+    if mode == "shares":
+        return {"mode": "shares", "shares": dict(zip(ids, weights, strict=False))}
+    parts = [amount // len(ids)] * len(ids)
+    parts[-1] += amount - sum(parts)
+    return {"mode": "exact", "amounts": dict(zip(ids, parts, strict=True))}
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=op_strategy)
+async def test_any_sequence_keeps_the_books_zero_and_settleable(
+    room: Room, ops: list[tuple[Any, ...]]
+) -> None:
+    await room.new_room(f"prop-{secrets.token_hex(4)}")
+    model: dict[str, tuple[str, int, dict[str, Any]]] = {}  # id -> (author, version, body)
+    payments: list[ledger.Payment] = []
+
+    def expected() -> dict[str, dict[str, int]]:
+        entries = [
+            ledger.Entry(
+                body["currency"],
+                body["payer_id"],
+                body["amount"],
+                ledger.allocate(
+                    body["amount"],
+                    ledger.Split(
+                        body["split"]["mode"],
+                        (body["split"].get("people") and dict.fromkeys(body["split"]["people"], 1))
+                        or body["split"].get("shares")
+                        or body["split"]["amounts"],
+                    ),
+                ),
+            )
+            for _, _, body in model.values()
+        ]
+        return ledger.balances(entries, payments)
+
+    for op in ops:
+        kind = op[0]
+        if kind == "add":
+            _, author, payer, amount, currency, mode, among, weights = op
+            body = {
+                "description": "thing",
+                "amount": amount,
+                "currency": currency,
+                "payer_id": room.ids[payer],
+                "split": _split_body(room, mode, among, weights, amount),
+            }
+            added = await room.ok(author, "POST", "/expenses", body, status=201)
+            model[added["id"]] = (author, 1, body)
+        elif kind in ("edit", "delete") and model:
+            expense_id = sorted(model)[op[1] % len(model)]
+            author, version, body = model[expense_id]
+            if kind == "edit":
+                body = {
+                    **body,
+                    "amount": op[2],
+                    "split": _split_body(room, "equal", list(NAMES), [1, 1, 1], op[2]),
+                }
+                await room.ok(
+                    author, "PUT", f"/expenses/{expense_id}", {**body, "version": version}
+                )
+                model[expense_id] = (author, version + 1, body)
+            else:
+                await room.ok(author, "DELETE", f"/expenses/{expense_id}?version={version}")
+                del model[expense_id]
+        elif kind == "pay" and op[1] != op[2]:
+            _, payer, payee, amount, currency = op
+            body = {"payer_id": room.ids[payer], "payee_id": room.ids[payee], "amount": amount}
+            await room.ok(payer, "POST", "/payments", {**body, "currency": currency}, status=201)
+            payments.append(ledger.Payment(currency, body["payer_id"], body["payee_id"], amount))
+        elif kind == "settle":
+            currency = op[1]
+            books = await room.ok("carol", "GET", "/costs")
+            for t in books["settle_up"].get(currency, []):
+                await room.ok("carol", "POST", "/payments", {**t, "currency": currency}, status=201)
+                payments.append(ledger.Payment(currency, t["payer_id"], t["payee_id"], t["amount"]))
+        books = await room.ok("bob", "GET", "/costs")
+        assert books["balances"] == expected()
+        for currency, per_person in books["balances"].items():
+            assert sum(per_person.values()) == 0
+            assert len(books["settle_up"][currency]) <= len(per_person) - 1
+    books = await room.ok("alice", "GET", "/costs")
+    for currency, transfers in books["settle_up"].items():
+        for t in transfers:
+            await room.ok("alice", "POST", "/payments", {**t, "currency": currency}, status=201)
+    assert (await room.ok("alice", "GET", "/costs"))["balances"] == {}
