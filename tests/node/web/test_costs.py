@@ -146,6 +146,28 @@ async def test_edits_keep_history_and_only_the_author_may(room: Room, redis: Red
     assert kinds == ["expense-added", "expense-edited", "expense-deleted"]
 
 
+async def test_a_payment_is_deleted_by_whoever_recorded_it(room: Room, redis: Redis) -> None:
+    a, b = room.ids["alice"], room.ids["bob"]
+    await room.ok("alice", "POST", "/expenses", room.expense(900), status=201)
+    owed = (await room.ok("bob", "GET", "/costs"))["balances"]["EUR"]
+    payment = {"payer_id": b, "payee_id": a, "amount": 100, "currency": "EUR"}
+    paid = await room.ok("bob", "POST", "/payments", payment, status=201)
+    assert paid["recorded_by"] == b
+    after = (await room.ok("alice", "GET", "/costs"))["balances"]["EUR"]
+    assert after[b] == owed[b] + 100 and after[a] == owed[a] - 100
+    response = await room.call("alice", "DELETE", f"/payments/{paid['id']}")
+    assert response.status_code == 403
+    assert (await error_of(response))["code"] == "not_yours"
+    response = await room.call("bob", "DELETE", f"/payments/{paid['id']}")
+    assert response.status_code == 204
+    books = await room.ok("alice", "GET", "/costs")
+    assert books["balances"]["EUR"] == owed and books["payments"] == []
+    again = await room.call("bob", "DELETE", f"/payments/{paid['id']}")
+    assert again.status_code == 404
+    kinds = [e["kind"] for e in await _costs_events(redis)]
+    assert kinds == ["expense-added", "payment-recorded", "payment-deleted"]
+
+
 async def test_racing_edits_of_one_version_one_wins(room: Room) -> None:
     added = await room.ok("alice", "POST", "/expenses", room.expense(1000), status=201)
     path = f"/expenses/{added['id']}"
