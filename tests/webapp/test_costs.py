@@ -79,3 +79,22 @@ async def test_expense_on_one_page_changes_balances_on_the_other(
         await expect(second.locator("#balances")).to_contain_text("All settled up.")
         await expect(first.locator("#balances")).to_contain_text("All settled up.")
         await expect(first.locator("#settle-up li")).to_have_count(0)
+
+        # bob splits a taxi by exact amounts in another currency: kept apart, exact parts
+        await second.fill("#expense-what", "Taxi")
+        await second.fill("#expense-amount", "50000")
+        await second.select_option("#expense-currency", "VND")
+        await second.select_option("#expense-payer", bob.user_id)
+        await second.select_option("#expense-mode", "exact")
+        await second.fill(f'#expense-among input.part[data-person="{alice.user_id}"]', "20000")
+        await second.fill(f'#expense-among input.part[data-person="{bob.user_id}"]', "29999")
+        await second.get_by_role("button", name="Add expense").click()
+        await expect(second.locator("#costs-error")).to_contain_text("must add up")
+        await second.fill(f'#expense-among input.part[data-person="{bob.user_id}"]', "30000")
+        await second.get_by_role("button", name="Add expense").click()
+        alice_vnd = first.locator(
+            f'#balances li[data-person="{alice.user_id}"][data-currency="VND"]'
+        )
+        await expect(alice_vnd).to_contain_text("−20000 VND")
+        await expect(first.locator("#balances li")).to_have_count(2)
+        await screenshot(second, "costs-exact.png")

@@ -1,5 +1,5 @@
-// The room's Costs tab (split the bill, R9): add an expense split equally among chosen
-// people, the list, each person's balance per currency, and settle-up suggestions with a
+// The room's Costs tab (split the bill, R9): add an expense split among chosen people
+// (equally, by shares or by exact parts), the list, each person's balance per currency, and settle-up suggestions with a
 // "record payment" button. Amounts travel as integer minor units (never floats): what is
 // typed is parsed as a decimal string with the currency's exponent, from the node's table.
 
@@ -40,6 +40,8 @@ export function costsPanel(root, slug) {
   const currency = /** @type {HTMLSelectElement} */ ($(form, "#expense-currency"));
   const payer = /** @type {HTMLSelectElement} */ ($(form, "#expense-payer"));
   const among = /** @type {HTMLElement} */ ($(form, "#expense-among"));
+  const mode = /** @type {HTMLSelectElement} */ ($(form, "#expense-mode"));
+  const legend = /** @type {HTMLElement} */ ($(form, "#expense-among-legend"));
   const error = /** @type {HTMLElement} */ ($(panel, "#costs-error"));
   const balancesList = /** @type {HTMLElement} */ ($(panel, "#balances"));
   const settleList = /** @type {HTMLElement} */ ($(panel, "#settle-up"));
@@ -73,16 +75,68 @@ export function costsPanel(root, slug) {
       ...books.people.map((/** @type {any} */ p) => h("option", { value: p.id }, p.display_name)),
     );
     payer.value = chosenPayer;
-    // Everyone shares by default; whom one unticked stays unticked across reloads.
-    const boxes = /** @type {HTMLInputElement[]} */ ([...among.querySelectorAll("input")]);
+    // Everyone shares by default; whom one unticked stays unticked across reloads, and
+    // the shares or parts typed so far stay typed.
+    const boxes = /** @type {HTMLInputElement[]} */ ([...among.querySelectorAll("input.who")]);
     const unticked = new Set(boxes.filter((box) => !box.checked).map((box) => box.value));
-    among.replaceChildren(
-      ...books.people.map((/** @type {any} */ p) => {
-        const box = h("input", { type: "checkbox", value: p.id, name: "among" });
-        /** @type {HTMLInputElement} */ (box).checked = !unticked.has(p.id);
-        return h("label", { class: "check" }, box, " ", p.display_name);
+    /** @type {Map<string, string>} */
+    const typed = new Map(
+      [...among.querySelectorAll("input.part")].map((el) => {
+        const input = /** @type {HTMLInputElement} */ (el);
+        return [input.dataset.person ?? "", input.value];
       }),
     );
+    among.replaceChildren(
+      ...books.people.map((/** @type {any} */ p) => {
+        const box = /** @type {HTMLInputElement} */ (h("input", { type: "checkbox", class: "who", value: p.id }));
+        box.checked = !unticked.has(p.id);
+        const part = /** @type {HTMLInputElement} */ (
+          h("input", { class: "part", "data-person": p.id, inputmode: "decimal", autocomplete: "off" })
+        );
+        part.value = typed.get(p.id) ?? "";
+        part.setAttribute("aria-label", p.display_name);
+        return h("div", { class: "check" }, h("label", {}, box, " ", p.display_name), part);
+      }),
+    );
+    showParts();
+  };
+
+  const showParts = () => {
+    for (const part of among.querySelectorAll("input.part")) {
+      /** @type {HTMLInputElement} */ (part).hidden = mode.value === "equal";
+    }
+    const legends = /** @type {Record<string, string>} */ ({
+      equal: "costs_split_equally",
+      shares: "costs_split_shares",
+      exact: "costs_split_exact",
+    });
+    tr(legend, legends[mode.value] ?? "costs_split_equally");
+  };
+  mode.addEventListener("change", showParts);
+
+  /** The split the form describes, or null (and the error shown). @param {string} code */
+  const splitOf = (/** @type {string} */ code) => {
+    const chosen = [...among.querySelectorAll("div.check")].filter(
+      (row) => /** @type {HTMLInputElement} */ ($(row, "input.who")).checked,
+    );
+    const ids = chosen.map((row) => /** @type {HTMLInputElement} */ ($(row, "input.who")).value);
+    if (mode.value === "equal") return { mode: "equal", people: ids };
+    /** @type {Record<string, number>} */
+    const values = {};
+    for (const row of chosen) {
+      const id = /** @type {HTMLInputElement} */ ($(row, "input.who")).value;
+      const text = /** @type {HTMLInputElement} */ ($(row, "input.part")).value;
+      const value =
+        mode.value === "shares"
+          ? /^\d{1,4}$/.test(text.trim()) ? Number(text) : null
+          : parseMinor(text, books?.currencies[code] ?? 2);
+      if (value === null || (mode.value === "shares" && value < 1)) {
+        tr(error, mode.value === "shares" ? "costs_bad_share" : "costs_bad_amount", { currency: code });
+        return null;
+      }
+      values[id] = value;
+    }
+    return mode.value === "shares" ? { mode: "shares", shares: values } : { mode: "exact", amounts: values };
   };
 
   const renderBooks = () => {
@@ -198,16 +252,15 @@ export function costsPanel(root, slug) {
       tr(error, "costs_bad_amount", { currency: code });
       return;
     }
-    const people = [...among.querySelectorAll("input:checked")].map(
-      (el) => /** @type {HTMLInputElement} */ (el).value,
-    );
+    const split = splitOf(code);
+    if (split === null) return;
     try {
       await call("POST", "/expenses", {
         description: what.value,
         amount: minor,
         currency: code,
         payer_id: payer.value,
-        split: { mode: "equal", people },
+        split,
       });
       localStorage.setItem(LAST_CURRENCY_KEY, code);
       what.value = "";
