@@ -337,7 +337,7 @@ async def _checked_state(room: Room, data: NewExpense, by: str, version: int) ->
     )
 
 
-async def _check_room_room(room: Room) -> None:
+async def _check_room_space(room: Room) -> None:
     entries = await Expense.find(Expense.room == room.slug).count()
     entries += await Payment.find(Payment.room == room.slug).count()
     if entries >= MAX_ROOM_ENTRIES:
@@ -367,7 +367,7 @@ async def get_expense(room: Room, expense_id: str) -> Expense:
 
 async def add_expense(room: Room, by: str, data: NewExpense) -> Expense:
     state = await _checked_state(room, data, by, version=1)
-    await _check_room_room(room)
+    await _check_room_space(room)
     expense = Expense(room=room.slug, created_by=by, state=state, history=[state])
     await expense.insert()
     return expense
@@ -432,7 +432,7 @@ async def record_payment(room: Room, by: str, data: NewPayment) -> Payment:
         raise Invalid("invalid_payment", "payee_id: a payment goes to someone else")
     if await _not_room_people(room, {data.payer_id, data.payee_id}):
         raise Invalid("not_a_room_person", "a payment is between the room's people")
-    await _check_room_room(room)
+    await _check_room_space(room)
     payment = Payment(
         room=room.slug,
         payer_id=data.payer_id,
