@@ -186,6 +186,10 @@ export class RoomConnection extends EventTarget {
       case "chat":
         this.emit("chat", { message });
         break;
+      case "costs":
+        // the room's books changed (split the bill): the Costs tab reloads them
+        this.emit("costs", { message });
+        break;
       case "session-replaced":
         this.end("replaced");
         break;

@@ -26,6 +26,7 @@ from node.store.text import mark_runs
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.costs import costs_blueprint
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
 from node.web.headers import page_policy, secure
@@ -82,6 +83,7 @@ def create_app(settings: Settings) -> Quart:
     install_error_handlers(app)
     app.register_blueprint(api)
     app.register_blueprint(ws_blueprint)
+    app.register_blueprint(costs_blueprint)
 
     @app.before_serving
     async def _open() -> None:

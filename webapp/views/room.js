@@ -8,6 +8,7 @@ import { RoomConnection } from "../room.js";
 import { logoutTo, showAuth } from "./auth.js";
 import { chatPanel } from "./chat.js";
 import { setupFullscreen, setupMicAndCamera } from "./controls.js";
+import { costsPanel } from "./costs.js";
 import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
 import { videoGrid } from "./grid.js";
 import { INVITE_KEY, openInvite } from "./invite.js";
@@ -112,6 +113,7 @@ async function enterRoom(room) {
   window.sfumesh = { conn, room, tiles, participants };
 
   const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
+  const costs = costsPanel(section, room.slug);
 
   conn.addEventListener("state", (event) => {
     const { state, delay, node } = /** @type {CustomEvent} */ (event).detail;
@@ -143,6 +145,7 @@ async function enterRoom(room) {
     if (self) participants.set(self.session_id, self);
     renderPeople();
     chat.catchUp();
+    costs.refresh();
     if (sessionStorage.getItem(INVITE_KEY) === room.slug) {
       sessionStorage.removeItem(INVITE_KEY);
       openInvite(room, buttons.invite);
@@ -151,6 +154,7 @@ async function enterRoom(room) {
   conn.addEventListener("participant-joined", (event) => {
     addParticipant(/** @type {CustomEvent} */ (event).detail.participant);
     renderPeople();
+    costs.changed(); // someone new may be among the room's people now
   });
   conn.addEventListener("participant-left", (event) => {
     const sessionId = /** @type {CustomEvent} */ (event).detail.session_id;
@@ -161,6 +165,7 @@ async function enterRoom(room) {
   conn.addEventListener("chat", (event) => {
     chat.receive(/** @type {CustomEvent} */ (event).detail.message);
   });
+  conn.addEventListener("costs", () => costs.changed());
   conn.addEventListener("track", (event) => {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
     const key = owner?.session_id ?? `mid-${mid}`;
@@ -222,10 +227,11 @@ async function enterRoom(room) {
     location.assign("/");
   });
 
-  // -- tabs (chat / people) ------------------------------------------------------------
+  // -- tabs (chat / people / costs) ------------------------------------------------------
   setupTabs([
     { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
     { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
+    { tab: $(section, "#tab-costs"), panel: /** @type {HTMLElement} */ ($(section, "#panel-costs")) },
   ]);
 
   setTeardown(() => {

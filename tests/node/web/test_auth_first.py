@@ -92,6 +92,14 @@ AUTHENTICATED = {
     ("POST", "/api/rooms/<slug>/kick"): Purpose.USER,
     ("GET", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/messages"): Purpose.SESSION,
+    # split the bill (node/web/costs.py)
+    ("GET", "/api/rooms/<slug>/costs"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/expenses"): Purpose.SESSION,
+    ("GET", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("PUT", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("DELETE", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/payments"): Purpose.SESSION,
+    ("DELETE", "/api/rooms/<slug>/payments/<payment_id>"): Purpose.SESSION,
 }
 PUBLIC = {
     ("POST", "/api/users"),
@@ -128,6 +136,8 @@ def _concrete(path: str) -> str:
         path.replace("<user_id>", "0123456789abcdef01234567")
         .replace("<username>", "alice")
         .replace("<slug>", "lobby")
+        .replace("<expense_id>", "0123456789abcdef01234567")
+        .replace("<payment_id>", "0123456789abcdef01234567")
     )
 
 
