@@ -115,7 +115,9 @@ class LabCluster:
         realtime: bool = True,
         node_env: Mapping[str, str] | None = None,
     ) -> None:
-        self.lab = Lab(topology_text, source, realtime=realtime)
+        # the links outlive the nodes: a terminal's Ctrl-C reaches only this process, which
+        # stops the nodes (their Serf leave and Redis deregistration cross the links) first
+        self.lab = Lab(topology_text, source, realtime=realtime, own_session=True)
         self._source = source
         self.topology = self.lab.topology
         self.data_dir = data_dir

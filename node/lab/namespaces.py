@@ -15,7 +15,11 @@ the signal follows the starting thread) and the emulator sees the end of its inp
 exits. `stop` ends them all (the emulator first, asked, then by signal) and waits for
 them: the namespaces vanish with their last process, the TUN devices with the
 emulator's file descriptors, and the lab writes no files. Ctrl-C reaches every child of the
-terminal's process group at once and `stop` (run by `with`) collects them.
+terminal's process group at once and `stop` (run by `with`) collects them; with
+`own_session` the holders and the emulator are out of the terminal's reach (a session of their
+own) and only `stop` ends them, after whatever ran in the hosts, whose goodbyes (a Serf leave,
+a node deregistering in Redis) still cross the links: `LabCluster` does so. Killed outright,
+the lab still takes them along (pdeathsig; the emulator's input ends).
 
 The lab builds only inside a private network namespace made by sfumesh (marker
 SFUMESH_PRIVATE_NETNS=1 and not the init namespace; `./scripts/test` and the CLI make one),
@@ -142,12 +146,14 @@ class Lab:
         source: str = "<topology>",
         *,
         realtime: bool = False,
+        own_session: bool = False,
         check: Callable[[], str | None] = namespace_problem,
     ) -> None:
         self.topology: Topology = parse_topology(topology_text, source)
         self._text = topology_text
         self._source = source
         self._realtime = realtime
+        self._own_session = own_session
         self._check = check
         self._holders: dict[str, subprocess.Popen[bytes]] = {}
         self._emulator: subprocess.Popen[str] | None = None
@@ -186,7 +192,10 @@ class Lab:
             own = _netns_id("self")
             for name in self.topology.hosts:
                 self._holders[name] = subprocess.Popen(
-                    HOLDER, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    HOLDER,
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=self._own_session,
                 )
             for holder in self._holders.values():
                 _wait_unshared(holder, own)
@@ -206,6 +215,7 @@ class Lab:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            start_new_session=self._own_session,
         )
         config = {
             "topology": self._text,

@@ -176,9 +176,14 @@ def test_a_lab_cluster_meshes_over_the_emulated_links_and_leaves_nothing(
 
 
 @pytest.mark.slow
-def test_sfumesh_lab_runs_until_sigterm_and_lab_shell_enters_a_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_sfumesh_lab_runs_until_stopped_and_lab_shell_enters_a_host(
+    tmp_path: Path, how: str
+) -> None:
     """The command as a person runs it: the URLs printed, `lab shell` reaches a node from
-    the client host over the emulated path, SIGTERM tears everything down."""
+    the client host over the emulated path; SIGTERM or Ctrl-C (SIGINT to the terminal's
+    whole process group) tears everything down, the nodes first while the links still
+    carry their goodbyes (none killed, each deregistered from Redis)."""
     topology = tmp_path / "two.toml"
     topology.write_text(TOPOLOGY)
     data_dir = tmp_path / "lab"
@@ -223,9 +228,18 @@ def test_sfumesh_lab_runs_until_sigterm_and_lab_shell_enters_a_host(tmp_path: Pa
         )
         assert unknown.returncode == 2 and "hosts: client, node-a" in unknown.stderr
     finally:
-        lab.send_signal(signal.SIGTERM)
+        if how == "ctrl-c":
+            os.killpg(lab.pid, signal.SIGINT)
+        else:
+            lab.send_signal(signal.SIGTERM)
         code = lab.wait(60)
     assert code == 0
+    assert lab.stderr is not None
+    assert "service.kill" not in lab.stderr.read()
+    for node in ("node-a", "node-b"):
+        log = (data_dir / "nodes" / f"{node}.log").read_text()
+        assert '"event": "node.exit"' in log
+        assert "deregister_failed" not in log
     assert processes_in(namespaces) == []
     assert not (data_dir / STATE_FILE).exists()
 
