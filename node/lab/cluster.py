@@ -92,14 +92,20 @@ class LabNode:
 @dataclass(frozen=True)
 class Convergence:
     """How long the mesh took to form: per node, from its start to seeing every node alive
-    in Serf (`join_s`), and from the last node's start until every node saw every other
-    alive (`converged_s`)."""
+    in Serf (`join_s`); from the last node's start until every node saw every other alive
+    (`converged_s`); and from the moment every agent first answered its RPC until then
+    (`after_agents_s`: Serf's own part, without the processes' start-up)."""
 
     join_s: Mapping[str, float]
     converged_s: float
+    after_agents_s: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"join_s": dict(self.join_s), "converged_s": self.converged_s}
+        return {
+            "join_s": dict(self.join_s),
+            "converged_s": self.converged_s,
+            "after_agents_s": self.after_agents_s,
+        }
 
 
 class LabCluster:
@@ -358,13 +364,16 @@ class LabCluster:
         `Convergence`). Raises ServiceError on timeout."""
         names = set(self.nodes)
         seen_at: dict[str, float] = {}
+        answered_at: dict[str, float] = {}
         deadline = time.monotonic() + timeout
         while len(seen_at) < len(names):
             for host in self.nodes:
                 if host in seen_at:
                     continue
                 with contextlib.suppress(OSError, RuntimeError):
-                    alive = {m.name for m in self.serf_members(host) if m.status == "alive"}
+                    members = self.serf_members(host)
+                    answered_at.setdefault(host, time.monotonic())
+                    alive = {m.name for m in members if m.status == "alive"}
                     if names <= alive:
                         seen_at[host] = time.monotonic()
             if time.monotonic() > deadline:
@@ -373,7 +382,8 @@ class LabCluster:
             time.sleep(interval)
         join = {host: seen_at[host] - node.started_at for host, node in self.nodes.items()}
         last_start = max(node.started_at for node in self.nodes.values())
-        return Convergence(join, max(seen_at.values()) - last_start)
+        done = max(seen_at.values())
+        return Convergence(join, done - last_start, done - max(answered_at.values()))
 
 
 def running_hosts(data_dir: Path) -> dict[str, int]:
