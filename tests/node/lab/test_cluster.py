@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from node.cli.main import main
 from node.lab.cluster import STATE_FILE, LabCluster, running_hosts
 from node.lab.namespaces import Lab, LabError, namespace_problem
 from tests.node.lab.test_emulator import lab_links, wait_gone
+from tests.node.live_client import create_room, sign_up
 
 pytestmark = pytest.mark.skipif(
     namespace_problem() is not None, reason=f"no lab here: {namespace_problem()}"
@@ -102,6 +104,25 @@ def timed_ping(url: str) -> float:
     return time.monotonic() - started
 
 
+async def two_participants(url_a: str, url_b: str) -> list[str]:
+    """One person on each node in one room (the store has their accounts, Redis the room):
+    who the first sees arrive, and the nodes their hellos named."""
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        first, second = await sign_up(http, url_a, "a"), await sign_up(http, url_b, "b")
+        slug = f"lab-{secrets.token_hex(3)}"
+        await create_room(first, url_a, slug)
+        sock_a = await first.connect(url_a)
+        sock_b = await second.connect(url_b)
+        try:
+            await first.join(sock_a, slug, url_a)
+            await second.join(sock_b, slug, url_b)
+            arrived = await sock_a.wait_for("participant-joined")
+            return [arrived["participant"]["display_name"], sock_a.node, sock_b.node]
+        finally:
+            await sock_a.close()
+            await sock_b.close()
+
+
 def test_call_runs_inside_the_host_and_raises_its_errors() -> None:
     """`Lab.call`, which every cluster check uses: the function sees the host's namespace
     and its exception reaches the caller."""
@@ -158,6 +179,12 @@ def test_a_lab_cluster_meshes_over_the_emulated_links_and_leaves_nothing(
             elapsed = cluster.call("client", functools.partial(timed_ping, url))
             # TCP's handshake, then the request: at least two round trips of the path
             assert elapsed * 1000 >= 2 * rtt_ms, (host, elapsed)
+        # participants run from the client host: WebSockets to both nodes, one room
+        seen = cluster.run(
+            "client", lambda: two_participants(cluster.urls["node-a"], cluster.urls["node-b"])
+        )
+        assert seen[0].startswith("b") and seen[1:] == ["node-a", "node-b"]
+
         stats = cluster.lab.stats()["links"]
         assert stats["c->a"]["packets_in"] > 0 and stats["c->b"]["packets_in"] > 0
         # Redis and the store were reached over the emulated links (node-b is in region b)
