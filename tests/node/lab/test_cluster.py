@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ import pytest
 from node.cli.main import main
 from node.lab.cluster import STATE_FILE, LabCluster, running_hosts
 from node.lab.namespaces import Lab, LabError, namespace_problem
+from node.local.participant import MediaPeer, until
 from tests.node.lab.test_emulator import lab_links, wait_gone
 from tests.node.live_client import create_room, sign_up
 
@@ -105,22 +107,29 @@ def timed_ping(url: str) -> float:
 
 
 async def two_participants(url_a: str, url_b: str) -> list[str]:
-    """One person on each node in one room (the store has their accounts, Redis the room):
-    who the first sees arrive, and the nodes their hellos named."""
-    async with httpx.AsyncClient(timeout=30.0) as http:
+    """One person on each node in one room (the store has their accounts, Redis the room),
+    each publishing video and audio and decoding the other's (the nodes relay it between
+    them, ICE on their 198.18 addresses): the nodes their hellos named."""
+    async with httpx.AsyncClient(timeout=30.0) as http, AsyncExitStack() as stack:
         first, second = await sign_up(http, url_a, "a"), await sign_up(http, url_b, "b")
         slug = f"lab-{secrets.token_hex(3)}"
         await create_room(first, url_a, slug)
-        sock_a = await first.connect(url_a)
-        sock_b = await second.connect(url_b)
-        try:
-            await first.join(sock_a, slug, url_a)
-            await second.join(sock_b, slug, url_b)
-            arrived = await sock_a.wait_for("participant-joined")
-            return [arrived["participant"]["display_name"], sock_a.node, sock_b.node]
-        finally:
-            await sock_a.close()
-            await sock_b.close()
+        peers = []
+        for user, url in ((first, url_a), (second, url_b)):
+            sock = await user.connect(url)
+            stack.push_async_callback(sock.close)
+            await user.join(sock, slug, url)
+            peer = MediaPeer(sock, user.username)
+            stack.push_async_callback(peer.close)
+            await peer.start_publishing()
+            peers.append((peer, sock))
+        (a, sock_a), (b, sock_b) = peers
+        await until(
+            lambda: a.decodes(sock_b.session_id) and b.decodes(sock_a.session_id),
+            "media both ways across the lab",
+            describe=lambda: f"{a.describe()}; {b.describe()}",
+        )
+        return [sock_a.node, sock_b.node]
 
 
 def test_call_runs_inside_the_host_and_raises_its_errors() -> None:
@@ -179,11 +188,11 @@ def test_a_lab_cluster_meshes_over_the_emulated_links_and_leaves_nothing(
             elapsed = cluster.call("client", functools.partial(timed_ping, url))
             # TCP's handshake, then the request: at least two round trips of the path
             assert elapsed * 1000 >= 2 * rtt_ms, (host, elapsed)
-        # participants run from the client host: WebSockets to both nodes, one room
+        # participants run from the client host: one on each node, media both ways
         seen = cluster.run(
             "client", lambda: two_participants(cluster.urls["node-a"], cluster.urls["node-b"])
         )
-        assert seen[0].startswith("b") and seen[1:] == ["node-a", "node-b"]
+        assert seen == ["node-a", "node-b"]
 
         stats = cluster.lab.stats()["links"]
         assert stats["c->a"]["packets_in"] > 0 and stats["c->b"]["packets_in"] > 0
