@@ -263,6 +263,14 @@ def test_sfumesh_lab_runs_until_stopped_and_lab_shell_enters_a_host(
             timeout=30,
         )
         assert unknown.returncode == 2 and "hosts: client, node-a" in unknown.stderr
+        # a second lab on the same data dir is refused (it would take over the state file)
+        second = subprocess.run(
+            [*SFUMESH, "lab", "--topology", str(topology), "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 2 and "already running" in second.stderr
     finally:
         if how == "ctrl-c":
             os.killpg(lab.pid, signal.SIGINT)
