@@ -83,6 +83,8 @@ class LabNode:
     url: str
     local: LocalNode
     started_at: float
+    #: seconds from its start until it answered /readyz (None: not yet)
+    ready_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -247,8 +249,30 @@ class LabCluster:
             self.nodes[host.name] = LabNode(host.name, local.url, local, time.monotonic())
             if not first_bind:
                 first_bind.append(serf.bind)
-        for name, node in self.nodes.items():
-            self.lab.call(name, functools.partial(wait_ready, node.local, NODE_READY_TIMEOUT_S))
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Every node answering /readyz (checked inside its host), side by side so each
+        node's `ready_s` is its own: a far node's start-up pays Redis and store round trips."""
+        failures: list[BaseException] = []
+
+        def wait(name: str, node: LabNode) -> None:
+            try:
+                self.lab.call(name, functools.partial(wait_ready, node.local, NODE_READY_TIMEOUT_S))
+                node.ready_s = time.monotonic() - node.started_at
+            except BaseException as error:  # raised below, in the caller's thread
+                failures.append(error)
+
+        waiters = [
+            threading.Thread(target=wait, args=(name, node), name=f"lab-ready-{name}")
+            for name, node in self.nodes.items()
+        ]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join()
+        if failures:
+            raise failures[0]
 
     def stop(self) -> None:
         """End the nodes, the services and the lab (by PID) and remove the state file."""

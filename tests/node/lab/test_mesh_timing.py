@@ -30,12 +30,14 @@ def test_serf_join_convergence_and_failure_detection_on_the_default_topology(
 ) -> None:
     with LabCluster.from_file(None, tmp_path) as cluster:
         convergence = cluster.wait_converged(timeout=60)
+        ready = {host: node.ready_s for host, node in cluster.nodes.items()}
         joins = serf_join_s(cluster, "hcm-node", "sg-node", repeats=5)
         detection = serf_failure_detection(cluster, "hcm-node", "sg-node", timeout=60)
         # the victim's node froze and resumed: it is still the lab's, and alive
         assert cluster.dead() == []
     report = {
         "topology": "default",
+        "ready_s": ready,
         "convergence": convergence.as_dict(),
         "serf_join_s": joins,
         "serf_join_s_p50": statistics.median(joins),
