@@ -24,8 +24,8 @@ the lab still takes them along (pdeathsig; the emulator's input ends).
 The lab builds only inside a private network namespace made by sfumesh (marker
 SFUMESH_PRIVATE_NETNS=1 and not the init namespace; `./scripts/test` and the CLI make one),
 so not even the emulator's devices, before they move, ever appear on the host. The check is
-the same as node.local.netns's (repeated here: node.lab and node.local are independent
-layers).
+the same as node.local.netns's (written when node.lab and node.local were independent
+layers; node.lab now sits above node.local and the two could share it).
 """
 
 from __future__ import annotations
