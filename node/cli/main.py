@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.set_defaults(run=cluster_cli.run)
 
     lab = commands.add_parser(
-        "lab", help="the WAN lab: far-apart regions emulated on this machine (selftest)"
+        "lab", help="the WAN lab: far-apart regions emulated on this machine (shell, selftest)"
     )
     lab_cli.add_arguments(lab)
     lab.set_defaults(run=lab_cli.run)
