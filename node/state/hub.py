@@ -201,6 +201,6 @@ def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str
         return {"type": "participant-left", "room": slug, **data}
     if event_type == "participant-replaced":
         return {"type": "participant-replaced", "room": slug, **data}
-    if event_type == "chat":
-        return {"type": "chat", "room": slug, **data}
+    if event_type in ("chat", "chat-deleted"):
+        return {"type": event_type, "room": slug, **data}
     return None
