@@ -104,11 +104,11 @@ async def test_photo_round_trip_exif_stripped_range_etag_delete(room: Room, redi
     assert (stored["width"], stored["height"]) == (480, 640)
     assert stored["taken_at"].startswith("2024-07-14T18:30")
     file_id = stored["id"]
-    served = {}
+    served: dict[str, bytes] = {}
     for path in ("", "/display", "/thumb"):
         got = await room.client.get(f"/api/files/{file_id}{path}", headers=bearer(room.bob))
         assert got.status_code == 200, path
-        body = await got.get_data()
+        body = await got.get_data(as_text=False)
         assert got.headers["Content-Length"] == str(len(body))
         assert got.headers["Content-Type"].startswith("image/")
         assert got.headers["X-Content-Type-Options"] == "nosniff"
@@ -269,7 +269,8 @@ async def test_racing_uploads_cannot_pass_the_room_quota(make_app: Any, backing:
             data=bytes([i]) * 300_000,
             headers=bearer(room.alice if i % 2 else room.bob),
         )
-        return response.status_code
+        status: int = response.status_code
+        return status
 
     codes = await asyncio.gather(*(one(i) for i in range(10)))
     assert codes.count(201) == 3 and codes.count(413) == 7, codes
