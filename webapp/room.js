@@ -186,6 +186,9 @@ export class RoomConnection extends EventTarget {
       case "chat":
         this.emit("chat", { message });
         break;
+      case "chat-deleted":
+        this.emit("chat-deleted", { id: message.id, file: message.file });
+        break;
       case "session-replaced":
         this.end("replaced");
         break;

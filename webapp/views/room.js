@@ -7,6 +7,7 @@ import { tr } from "../i18n.js";
 import { RoomConnection } from "../room.js";
 import { logoutTo, showAuth } from "./auth.js";
 import { chatPanel } from "./chat.js";
+import { filesPanel } from "./files.js";
 import { setupFullscreen, setupMicAndCamera } from "./controls.js";
 import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
 import { videoGrid } from "./grid.js";
@@ -111,7 +112,8 @@ async function enterRoom(room) {
   });
   window.sfumesh = { conn, room, tiles, participants };
 
-  const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
+  const files = filesPanel(section, room.slug);
+  const chat = chatPanel(section, room.slug, (text) => conn.chat(text), files.chatContent);
 
   conn.addEventListener("state", (event) => {
     const { state, delay, node } = /** @type {CustomEvent} */ (event).detail;
@@ -160,6 +162,11 @@ async function enterRoom(room) {
   });
   conn.addEventListener("chat", (event) => {
     chat.receive(/** @type {CustomEvent} */ (event).detail.message);
+  });
+  conn.addEventListener("chat-deleted", (event) => {
+    const { id, file } = /** @type {CustomEvent} */ (event).detail;
+    if (id) chat.remove(id);
+    if (file) files.forget(file);
   });
   conn.addEventListener("track", (event) => {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
@@ -226,7 +233,9 @@ async function enterRoom(room) {
   setupTabs([
     { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
     { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
+    { tab: $(section, "#tab-memories"), panel: /** @type {HTMLElement} */ ($(section, "#panel-memories")) },
   ]);
+  $(section, "#tab-memories").addEventListener("click", () => files.showGallery());
 
   setTeardown(() => {
     grid.stop();
