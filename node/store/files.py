@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import re
 import tempfile
@@ -30,10 +31,11 @@ from typing import IO, Any
 
 from beanie import SortDirection
 from beanie.operators import And, Or
-from bson import ObjectId
+from bson import Binary, Int64, ObjectId
 from gridfs import NoFile
 from gridfs.asynchronous import AsyncGridFSBucket
 from pydantic import BaseModel
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from node.config import FileSettings
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: bytes gathered before one quota reservation and one disk write (GridFS's chunk size)
 BATCH_BYTES = 255 * 1024
+BUCKET = "files"
+GRID_CHUNK_BYTES = 255 * 1024
+#: GridFS chunks sent in one insert: the node holds about this many at once
+CHUNKS_PER_INSERT = 4
 MAX_NAME_CHARS = 200
 DEFAULT_NAME = "file"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".heic", ".heif")
@@ -178,13 +184,25 @@ class FileStore:
     """Files of every room on one node: GridFS, quotas, the upload directory, the image pool."""
 
     def __init__(
-        self, bucket: AsyncGridFSBucket, quota: FileQuota, settings: FileSettings, data_dir: Path
+        self,
+        database: AsyncDatabase[dict[str, Any]],
+        quota: FileQuota,
+        settings: FileSettings,
+        data_dir: Path,
     ) -> None:
-        self.bucket = bucket
+        self.bucket = AsyncGridFSBucket(
+            database, bucket_name=BUCKET, chunk_size_bytes=GRID_CHUNK_BYTES
+        )
+        self.chunks = database[f"{BUCKET}.chunks"]
+        self.grid_files = database[f"{BUCKET}.files"]
         self.quota = quota
         self.settings = settings
         self.upload_dir = data_dir / "uploads"
         self._images = asyncio.Semaphore(settings.image_workers)
+
+    async def prepare(self) -> None:
+        """The chunks' index (GridFS's own): reads by file and number, each chunk once."""
+        await self.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
 
     def _temp(self) -> tuple[IO[bytes], Path]:
         self.upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -281,17 +299,39 @@ class FileStore:
     async def _put(
         self, source: bytes | IO[bytes], content_type: str, etag: str, written: list[ObjectId]
     ) -> FileVariant:
-        grid_in = self.bucket.open_upload_stream("variant", metadata={"content_type": content_type})
-        written.append(grid_in._id)
-        try:
-            await grid_in.write(source)
-            await grid_in.close()
-        except BaseException:
-            await grid_in.abort()
-            raise
-        return FileVariant(
-            grid_id=grid_in._id, content_type=content_type, size=grid_in.length, etag=etag
+        """One GridFS file, written a few chunks at a time. Not pymongo's GridIn: it gathers
+        up to 32 MB of chunks before each insert, and a 200 MB upload then held that, and
+        its encoded copy, in the node's memory. The file document comes last, so a reader
+        never sees a file that is still being written; `_undo` deletes chunks without one."""
+        grid_id = ObjectId()
+        written.append(grid_id)
+        read = io.BytesIO(source).read if isinstance(source, bytes) else source.read
+        length = 0
+        number = 0
+        while True:
+            batch = []
+            for _ in range(CHUNKS_PER_INSERT):
+                data = read(GRID_CHUNK_BYTES)
+                if not data:
+                    break
+                batch.append({"files_id": grid_id, "n": number, "data": Binary(data)})
+                number += 1
+                length += len(data)
+            if batch:
+                await self.chunks.insert_many(batch)
+            if len(batch) < CHUNKS_PER_INSERT:
+                break
+        await self.grid_files.insert_one(
+            {
+                "_id": grid_id,
+                "length": Int64(length),
+                "chunkSize": GRID_CHUNK_BYTES,
+                "uploadDate": utcnow(),
+                "filename": etag,
+                "metadata": {"content_type": content_type},
+            }
         )
+        return FileVariant(grid_id=grid_id, content_type=content_type, size=length, etag=etag)
 
     async def _keep(
         self,

@@ -22,14 +22,15 @@ room can never run as the node's origin.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote, unquote
 
-from gridfs.asynchronous import AsyncGridFSBucket
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quart import Blueprint, Quart, Response, current_app, request
+from quart.wrappers.request import Body
 from quart_schema import validate_querystring, validate_response
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -66,6 +67,40 @@ def _is_upload(method: str, path: str) -> bool:
     )
 
 
+#: an upload's bytes received but not yet taken by its handler, at most (about)
+BODY_HIGH_WATER = 1024 * 1024
+_GATE = "sfumesh.upload_gate"
+
+
+class _Gate:
+    """Open while the upload's body buffer is below its high-water mark."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+
+
+class FlowBody(Body):
+    """Quart's request body, with backpressure: Quart appends whatever the client sends as
+    fast as it comes, so a client faster than the handler (GridFS, disk) would fill the
+    node's memory with the file. Past the high-water mark the gate closes and the ASGI
+    receive (wrapped in `install_files`) waits until the handler has taken the buffer."""
+
+    gate: _Gate | None = None
+
+    def append(self, data: bytes) -> None:
+        super().append(data)
+        if self.gate is not None and len(self._data) >= BODY_HIGH_WATER:
+            self.gate.open.clear()
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await super().__anext__()
+        finally:
+            if self.gate is not None:
+                self.gate.open.set()
+
+
 def install_files(app: Quart) -> None:
     """The routes, the larger body limit of the upload route alone, and the file store."""
     base = app.request_class
@@ -76,11 +111,30 @@ def install_files(app: Quart) -> None:
         `max_body_bytes` (the limit is fixed when the request is made, before routing)."""
 
         def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any):
-            if _is_upload(method, path) and "max" in settings_ref:
+            upload = _is_upload(method, path) and "max" in settings_ref
+            if upload:
                 kwargs["max_content_length"] = settings_ref["max"]
+                self.body_class = FlowBody
             super().__init__(method, scheme, path, *args, **kwargs)
+            if upload and isinstance(self.body, FlowBody):
+                self.body.gate = self.scope.get(_GATE)
 
     app.request_class = UploadRequest
+    inner = app.asgi_app
+
+    async def gated(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not _is_upload(scope["method"], scope["path"]):
+            await inner(scope, receive, send)
+            return
+        gate = _Gate()
+
+        async def gated_receive() -> Any:
+            await gate.open.wait()
+            return await receive()
+
+        await inner({**scope, _GATE: gate}, gated_receive, send)  # type: ignore[arg-type]
+
+    app.asgi_app = gated  # type: ignore[method-assign]
     app.register_blueprint(files_blueprint)
 
     @app.before_serving
@@ -88,13 +142,14 @@ def install_files(app: Quart) -> None:
         context = app.extensions["sfumesh"]
         settings = context.settings
         settings_ref["max"] = settings.files.max_file_bytes
-        bucket = AsyncGridFSBucket(context.store[settings.database], bucket_name="files")
         quota = FileQuota(
             context.redis, settings.files.room_quota_bytes, settings.files.user_quota_bytes
         )
-        app.extensions[FILES_EXTENSION] = FileStore(
-            bucket, quota, settings.files, settings.data_dir
+        store = FileStore(
+            context.store[settings.database], quota, settings.files, settings.data_dir
         )
+        await store.prepare()
+        app.extensions[FILES_EXTENSION] = store
 
 
 class UploadResult(FileView):
