@@ -23,18 +23,21 @@ room can never run as the node's origin.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote, unquote
 
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quart import Blueprint, Quart, Response, current_app, request
 from quart.wrappers.request import Body
 from quart_schema import validate_querystring, validate_response
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from node.errors import NotFound, TooLarge
+from node.errors import DomainError, Invalid, NotFound, TooLarge
 from node.runtime.chat import Poster, post_file, unshare_file
 from node.state.quota import FileQuota
 from node.store.files import INLINE_TYPES, FilePage, FileStore, FileView, Uploader, file_view
@@ -45,9 +48,21 @@ from node.web.context import node_context
 from node.web.errors import APIError
 from node.web.tokens import Purpose, TokenError
 
+log = logging.getLogger(__name__)
+
 files_blueprint = Blueprint("files", __name__, url_prefix="/api")
 
 FILES_EXTENSION = "sfumesh-files"
+METRICS_EXTENSION = "sfumesh-files-metrics"
+
+
+@dataclass(frozen=True)
+class FileMetrics:
+    uploads: Counter
+    upload_bytes: Counter
+    refusals: Counter
+
+
 _UPLOAD_PATH_PARTS = ("api", "rooms", "files")
 _READ_BYTES = 255 * 1024
 VARIANTS = ("original", "display", "thumb")
@@ -150,6 +165,21 @@ def install_files(app: Quart) -> None:
         )
         await store.prepare()
         app.extensions[FILES_EXTENSION] = store
+        registry = context.metrics.registry
+        app.extensions[METRICS_EXTENSION] = FileMetrics(
+            uploads=Counter(
+                "sfumesh_file_uploads_total", "Files kept, by kind", ["kind"], registry=registry
+            ),
+            upload_bytes=Counter(
+                "sfumesh_file_upload_bytes_total", "Bytes of files kept", registry=registry
+            ),
+            refusals=Counter(
+                "sfumesh_file_refusals_total",
+                "Uploads refused, by reason (the error code)",
+                ["reason"],
+                registry=registry,
+            ),
+        )
 
 
 class UploadResult(FileView):
@@ -173,11 +203,28 @@ async def upload_file(slug: str, auth: Auth) -> tuple[dict[str, Any], int]:
     room = await room_person(slug, str(user.id))
     name = request.args.get("name")
     if name is None and "X-File-Name" in request.headers:
-        name = unquote(request.headers["X-File-Name"], errors="strict")
+        try:
+            name = unquote(request.headers["X-File-Name"], errors="strict")
+        except UnicodeDecodeError as error:
+            raise Invalid("invalid_name", "X-File-Name: not percent-encoded UTF-8") from error
     store = file_store()
-    stored, created = await store.receive(
-        room, Uploader(str(user.id), user.display_name), name, _body(store.settings.max_file_bytes)
-    )
+    metrics: FileMetrics = current_app.extensions[METRICS_EXTENSION]
+    try:
+        stored, created = await store.receive(
+            room,
+            Uploader(str(user.id), user.display_name),
+            name,
+            _body(store.settings.max_file_bytes),
+        )
+    except DomainError as error:
+        metrics.refusals.labels(error.code).inc()
+        log.info(
+            "files.refused", extra={"room": room.slug, "user_id": str(user.id), "code": error.code}
+        )
+        raise
+    if created:
+        metrics.uploads.labels(stored.kind).inc()
+        metrics.upload_bytes.inc(stored.size)
     if created:
         assert claims.session_id is not None
         poster = Poster(claims.session_id, str(user.id), user.display_name, in_room_now=False)

@@ -193,6 +193,8 @@ async def test_bad_uploads_are_refused_and_leave_nothing(room: Room, redis: Any)
         assert await StoredFile.find_all().count() == 0
     used = await redis.get(keys.files_room_bytes(room.slug))
     assert used is None or int(used) == 0
+    metrics = await (await room.client.get("/metrics")).get_data(as_text=True)
+    assert 'sfumesh_file_refusals_total{reason="image_too_large"} 1.0' in metrics
     # An expired or missing token: 401 before the body is read.
     anonymous = await room.client.post(f"/api/rooms/{room.slug}/files", data=b"abc")
     assert anonymous.status_code == 401
@@ -308,3 +310,19 @@ async def test_upload_appears_live_in_the_room_and_in_the_gallery(room: Room) ->
         assert gone.status_code == 204
         deleted = await watcher.next("chat-deleted")
         assert deleted["file"] == stored["id"]
+
+
+async def test_the_original_with_its_exif_only_when_the_operator_keeps_it(
+    make_app: Any, backing: Any
+) -> None:
+    app = await make_app(files__keep_original_exif=True)
+    settings = app.app.extensions["sfumesh"].settings
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(backing.mongodb_uri)
+    room = await Room(Api(app.test_client()), mongo[settings.database]).setup()
+    upload = photo()
+    stored = await (await room.upload(upload)).get_json()
+    original = await room.client.get(f"/api/files/{stored['id']}", headers=bearer(room.bob))
+    assert await original.get_data() == upload
+    thumb = await room.client.get(f"/api/files/{stored['id']}/thumb", headers=bearer(room.bob))
+    assert not has_gps(await thumb.get_data(as_text=False))
+    await mongo.close()
