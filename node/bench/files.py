@@ -44,6 +44,7 @@ from node.config import new_key
 from node.local.launch import LocalNode, start_node
 from node.log import setup_logging
 from node.runtime.services import BackingServices
+from node.store.models import gallery_key
 
 MIB = 1024 * 1024
 PASSWORD = "bench files password"  # noqa: S105  (a throwaway account of the bench)
@@ -178,9 +179,11 @@ async def _drive(
             for index in range(count):
                 taken = now - timedelta(minutes=index * 7)
                 sha = secrets.token_hex(32)
+                file_id = secrets.token_hex(16)
                 docs.append(
                     {
-                        "_id": secrets.token_hex(16),
+                        "_id": file_id,
+                        "gallery_key": gallery_key(taken, file_id),
                         "room": gallery_slug,
                         "dedup_key": f"{gallery_slug}\n{sha}",
                         "uploader_id": user_id,

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from beanie import SortDirection
-from beanie.operators import And, Or
 from bson import Binary, Int64, ObjectId
 from gridfs import NoFile
 from gridfs.asynchronous import AsyncGridFSBucket
@@ -42,7 +41,16 @@ from node.config import FileSettings
 from node.errors import Forbidden, Invalid, NotFound, TooLarge, Unsupported
 from node.state.quota import FileQuota, NotSeeded, QuotaExceeded
 from node.store.images import ImageRefused, is_image, render
-from node.store.models import FileRef, FileVariant, Message, Room, StoredFile, User, utcnow
+from node.store.models import (
+    FileRef,
+    FileVariant,
+    Message,
+    Room,
+    StoredFile,
+    User,
+    gallery_key,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +397,7 @@ class FileStore:
             with path.open("rb") as source:
                 variants["original"] = await self._put(source, content_type, sha[:32], written)
         now = utcnow()
-        return StoredFile(
+        stored = StoredFile(
             room=room.slug,
             dedup_key=f"{room.slug}\n{sha}",
             uploader_id=uploader.user_id,
@@ -404,6 +412,8 @@ class FileStore:
             variants=variants,
             **fields,
         )
+        stored.gallery_key = gallery_key(stored.sort_at, stored.id)
+        return stored
 
     async def get(self, file_id: str) -> StoredFile:
         stored = await StoredFile.get(file_id) if len(file_id) <= 64 else None
@@ -431,7 +441,8 @@ class FileStore:
         log.info("files.deleted", extra={"room": stored.room, "file": stored.id})
 
     async def page(self, room: Room, before: str | None, limit: int, kind: str | None) -> FilePage:
-        """Newest taken first; the cursor is a file id; order is (sort_at, id)."""
+        """Newest taken first; the cursor is a file id; order is (sort_at, id), kept in
+        `gallery_key`."""
         query: list[Any] = [StoredFile.room == room.slug]
         if kind is not None:
             query.append(StoredFile.kind == kind)
@@ -439,15 +450,10 @@ class FileStore:
             anchor = await StoredFile.get(before) if len(before) <= 64 else None
             if anchor is None or anchor.room != room.slug:
                 raise Invalid("invalid_cursor", "before: no such file in this room")
-            query.append(
-                Or(
-                    StoredFile.sort_at < anchor.sort_at,
-                    And(StoredFile.sort_at == anchor.sort_at, StoredFile.id < anchor.id),
-                )
-            )
+            query.append(StoredFile.gallery_key < anchor.gallery_key)
         found = (
             await StoredFile.find(*query)
-            .sort([("sort_at", SortDirection.DESCENDING), ("_id", SortDirection.DESCENDING)])
+            .sort([("gallery_key", SortDirection.DESCENDING)])
             .limit(limit + 1)
             .to_list()
         )
