@@ -443,16 +443,18 @@ class FileStore:
     async def page(self, room: Room, before: str | None, limit: int, kind: str | None) -> FilePage:
         """Newest taken first; the cursor is a file id; order is (sort_at, id), kept in
         `gallery_key`."""
-        query: list[Any] = [StoredFile.room == room.slug]
+        # One plain filter document: Beanie joins several expressions with `$and`, which
+        # nx-27017 answers by scanning the collection instead of using the index.
+        query: dict[str, Any] = {"room": room.slug}
         if kind is not None:
-            query.append(StoredFile.kind == kind)
+            query["kind"] = kind
         if before is not None:
             anchor = await StoredFile.get(before) if len(before) <= 64 else None
             if anchor is None or anchor.room != room.slug:
                 raise Invalid("invalid_cursor", "before: no such file in this room")
-            query.append(StoredFile.gallery_key < anchor.gallery_key)
+            query["gallery_key"] = {"$lt": anchor.gallery_key}
         found = (
-            await StoredFile.find(*query)
+            await StoredFile.find(query)
             .sort([("gallery_key", SortDirection.DESCENDING)])
             .limit(limit + 1)
             .to_list()
