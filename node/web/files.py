@@ -43,7 +43,13 @@ from node.state.quota import FileQuota
 from node.store.files import INLINE_TYPES, FilePage, FileStore, FileView, Uploader, file_view
 from node.store.models import StoredFile
 from node.store.rooms import get_room, is_person, room_person
-from node.web.auth import Auth, authenticated, authenticated_user, token_user
+from node.web.auth import (
+    AUTH_ATTRIBUTE,
+    Auth,
+    authenticated,
+    authenticated_user,
+    token_user,
+)
 from node.web.context import node_context
 from node.web.errors import APIError
 from node.web.tokens import Purpose, TokenError
@@ -326,8 +332,10 @@ def _disposition(kind: str, name: str) -> str:
     return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-async def _serve(file_id: str, variant_name: str) -> Response:
+async def _serve(file_id: str, variant_name: str, named: bool = False) -> Response:
     stored = await _readable(file_id)
+    if named and variant_name not in ("display", "thumb"):
+        raise NotFound("not_found", "no such route")
     variant = stored.variants.get(variant_name)
     if variant is None:
         raise NotFound("no_variant", f"this file has no {variant_name} form")
@@ -383,9 +391,13 @@ async def get_file(file_id: str) -> Response:
 
 @files_blueprint.get("/files/<file_id>/<variant>")
 async def get_file_variant(file_id: str, variant: str) -> Response:
-    if variant not in ("display", "thumb"):
-        raise NotFound("not_found", "no such route")
-    return await _serve(file_id, variant)
+    return await _serve(file_id, variant, named=True)
+
+
+# Checked first thing in `_readable` (a session token, or a file token in the query), so
+# marked as behind a token like the routes `authenticated` wraps.
+for _view in (get_file, get_file_variant):
+    setattr(_view, AUTH_ATTRIBUTE, Purpose.FILE)
 
 
 @files_blueprint.delete("/files/<file_id>")
