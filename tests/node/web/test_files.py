@@ -201,6 +201,17 @@ async def test_bad_uploads_are_refused_and_leave_nothing(room: Room, redis: Any)
     assert await Message.find_all().count() == 0
 
 
+async def test_an_animated_gif_stays_animated(room: Room) -> None:
+    frames = [Image.new("RGB", (60, 40), colour) for colour in ("red", "green", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    stored = await (await room.upload(out.getvalue(), name="wave.gif")).get_json()
+    assert stored["content_type"] == "image/gif"
+    got = await room.client.get(f"/api/files/{stored['id']}", headers=bearer(room.bob))
+    with Image.open(io.BytesIO(await got.get_data(as_text=False))) as served:
+        assert getattr(served, "n_frames", 1) == 3
+
+
 async def test_markup_without_script_is_an_attachment_in_a_sandbox(room: Room) -> None:
     page = b"<html><body><h1>menu</h1></body></html>"
     response = await room.upload(page, name="menu.html")
@@ -280,6 +291,32 @@ async def test_racing_uploads_cannot_pass_the_room_quota(make_app: Any, backing:
     assert await Message.find_all().count() == 3
     files, _ = await room.grid()
     assert files == 3
+    # The same photo through both at once: kept once, shared once; the other is told so.
+    await room.client.delete(
+        f"/api/files/{(await StoredFile.find_all().first_or_none()).id}",  # type: ignore[union-attr]
+        headers=bearer(room.alice),
+    )
+    same = photo()
+    replies = await asyncio.gather(
+        *(
+            clients[i].post(
+                f"/api/rooms/{room.slug}/files?name=same{i}.jpg",
+                data=same,
+                headers=bearer(room.alice),
+            )
+            for i in range(2)
+        )
+    )
+    assert sorted(r.status_code for r in replies) == [200, 201]
+    assert len({(await r.get_json())["id"] for r in replies}) == 1
+    assert (
+        await StoredFile.find(StoredFile.name == "same0.jpg").count()
+        + await StoredFile.find(StoredFile.name == "same1.jpg").count()
+        == 1
+    )
+    assert await Message.find_all().count() == 3
+    files, _ = await room.grid()
+    assert files == 2 + 3  # two plain files, and the photo's three forms
     await mongo.close()
 
 
