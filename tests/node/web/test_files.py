@@ -14,6 +14,7 @@ from PIL import Image
 from pymongo import AsyncMongoClient
 
 from node.state import keys
+from node.store.files import FileStore
 from node.store.models import Message, StoredFile
 from node.store.rooms import get_room, remember_person
 from tests.conftest import Api, bearer, error_of
@@ -249,7 +250,17 @@ async def test_file_token_in_the_url_is_bound_to_its_room(room: Room) -> None:
     assert refused.status_code == 403
 
 
-async def test_cut_upload_leaves_no_chunk_and_no_quota(room: Room, redis: Any) -> None:
+async def test_cut_upload_leaves_no_chunk_and_no_quota(
+    room: Room, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    undone: list[int] = []
+    undo = FileStore._undo
+
+    async def recording_undo(self: FileStore, slug: str, user: str, n: int, ids: Any) -> None:
+        undone.append(n)
+        await undo(self, slug, user, n, ids)
+
+    monkeypatch.setattr(FileStore, "_undo", recording_undo)
     async with room.client.request(
         f"/api/rooms/{room.slug}/files?name=big.bin",
         method="POST",
@@ -259,10 +270,28 @@ async def test_cut_upload_leaves_no_chunk_and_no_quota(room: Room, redis: Any) -
         await asyncio.sleep(0.2)
         await connection.disconnect()
     await asyncio.sleep(0.2)
+    # The handler had the first bytes (reserved against the quota), then gave them back.
+    assert undone and undone[0] > 0, undone
     assert await room.grid() == (0, 0)
     assert await StoredFile.find_all().count() == 0
     used = await redis.get(keys.files_room_bytes(room.slug))
     assert used is None or int(used) == 0
+
+
+async def test_quota_counters_lost_with_redis_are_counted_again_from_the_store(
+    make_app: Any, backing: Any, redis: Any
+) -> None:
+    app = await make_app(files__room_quota_bytes=500_000)
+    settings = app.app.extensions["sfumesh"].settings
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(backing.mongodb_uri)
+    room = await Room(Api(app.test_client()), mongo[settings.database]).setup()
+    assert (await room.upload(b"a" * 300_000, name="a.bin")).status_code == 201
+    await redis.delete(keys.files_room_bytes(room.slug))
+    refused = await room.upload(b"b" * 300_000, name="b.bin")
+    assert refused.status_code == 413
+    assert (await error_of(refused))["code"] == "room_quota_exceeded"
+    assert int(await redis.get(keys.files_room_bytes(room.slug))) == 300_000
+    await mongo.close()
 
 
 async def test_racing_uploads_cannot_pass_the_room_quota(make_app: Any, backing: Any) -> None:
