@@ -53,6 +53,9 @@ class TokenSettings(BaseModel):
     user_max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
     session_ttl_s: int = Field(default=24 * 3600, gt=0)
     room_ttl_s: int = Field(default=5 * 60, gt=0)
+    # The file token a page puts in <img src> URLs (an <img> cannot send a header): one
+    # room's files, read only, short-lived (node/web/files.py).
+    file_ttl_s: int = Field(default=10 * 60, gt=0)
     # A WebSocket ticket (POST /api/sessions/ws-ticket) is good once, for this long.
     ws_ticket_ttl_s: float = Field(default=30.0, gt=0, le=300)
 
@@ -124,6 +127,28 @@ class RoomSettings(BaseModel):
     # A room's live state in Redis (its events, fence, ...) is kept this long after its last
     # person left, then expires; anyone joining before that keeps it.
     empty_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+
+
+class FileSettings(BaseModel):
+    """Memories (issue 15): files and photos kept in a room (node/store/files.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: one upload's bytes at most; more is refused with 413 and nothing is kept
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    #: all files of one room together, and all of one user's uploads (over every room)
+    room_quota_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
+    user_quota_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    #: serve photos with their EXIF (location, camera serial...) as uploaded; off: every
+    #: variant served is re-encoded without it
+    keep_original_exif: bool = False
+    #: decoded pixels of one image at most (Pillow's decompression-bomb limit)
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    thumb_px: int = Field(default=320, ge=16, le=2048)
+    display_px: int = Field(default=1600, ge=64, le=8192)
+    #: images decoded at once on this node (each may take max_image_pixels * 4 bytes)
+    image_workers: int = Field(default=2, ge=1, le=32)
+    max_page: int = Field(default=100, ge=1, le=1000)
 
 
 class LiveSettings(BaseModel):
@@ -318,6 +343,7 @@ class Settings(BaseModel):
     serf: SerfSettings = Field(default_factory=SerfSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
 
     @field_validator("public_base_url")
     @classmethod
@@ -422,6 +448,10 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_RELAY_SIGNAL_WINDOW_S": "relay.signal_window_s",
     "SFUMESH_METRICS_PER_SESSION": "metrics.per_session",
     "SFUMESH_METRICS_LISTEN": "metrics.listen",
+    "SFUMESH_MAX_FILE_BYTES": "files.max_file_bytes",
+    "SFUMESH_ROOM_QUOTA_BYTES": "files.room_quota_bytes",
+    "SFUMESH_USER_QUOTA_BYTES": "files.user_quota_bytes",
+    "SFUMESH_KEEP_ORIGINAL_EXIF": "files.keep_original_exif",
 }
 
 

@@ -190,6 +190,9 @@ export class RoomConnection extends EventTarget {
         // the room's books changed (split the bill): the Costs tab reloads them
         this.emit("costs", { message });
         break;
+      case "chat-deleted":
+        this.emit("chat-deleted", { id: message.id, file: message.file });
+        break;
       case "session-replaced":
         this.end("replaced");
         break;

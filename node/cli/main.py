@@ -108,6 +108,15 @@ def _bench(args: argparse.Namespace) -> int:
             clients=args.clients,
             bcrypt_cost=args.bcrypt_cost,
         )
+    if args.name == "files":
+        from node.bench.files import run_files_bench
+
+        return run_files_bench(
+            json_path=args.json,
+            size_mb=args.size_mb,
+            photos=args.photos,
+            gallery_photos=args.gallery_photos,
+        )
     if args.name == "codecs":
         from node.bench.codecs import run_codecs_bench
 
@@ -148,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
-    bench.add_argument("name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay"])
+    bench.add_argument(
+        "name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "files"]
+    )
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     bench.add_argument(
@@ -160,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the nodes' bcrypt cost (default: api 12 as in production, join 4)",
     )
     bench.add_argument("--nodes", type=int, help="join: node processes (default 3)")
+    bench.add_argument("--size-mb", type=float, default=200.0, help="files: the large upload")
+    bench.add_argument("--photos", type=int, default=10, help="files: 12 MP photos uploaded")
+    bench.add_argument(
+        "--gallery-photos", type=int, default=5000, help="files: photos in the gallery room"
+    )
     bench.add_argument(
         "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
     )

@@ -202,8 +202,8 @@ def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str
         return {"type": "participant-left", "room": slug, **data}
     if event_type == "participant-replaced":
         return {"type": "participant-replaced", "room": slug, **data}
-    if event_type == "chat":
-        return {"type": "chat", "room": slug, **data}
+    if event_type in ("chat", "chat-deleted"):
+        return {"type": event_type, "room": slug, **data}
     if event_type == "costs":
         # the room's books changed (R9): open pages reload them
         return {"type": "costs", "room": slug, **data}

@@ -31,13 +31,17 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
 | `sfumesh:token-revoked:<family>` | string, TTL | a logged-out login (node/state/revocation.py) |
 | `sfumesh:ws-ticket:<sha256>` | string (JSON), TTL | a single-use WebSocket ticket, by its hash |
+| `sfumesh:files:{files}:room:<slug>` | counter | bytes kept or being uploaded, one room |
+| `sfumesh:files:{files}:user:<user id>` | counter | bytes kept or being uploaded, one user |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
 keys share a slot and one Lua script may touch them all. `fail-acct` counts the failed logins
 of one account (or one unknown login name) from one address: h hashes both. `try-*` count
 every login, right or wrong. The rate-limit counters share the
 tag `{limits}` for the same reason: one attempt reserves a slot in several at once
-(node/state/ratelimit.py).
+(node/state/ratelimit.py). The file quota counters share `{files}`: an upload reserves its
+bytes in its room's and its user's counter in one script (node/state/quota.py); they are
+counted again from the store when missing.
 """
 
 from __future__ import annotations
@@ -172,3 +176,14 @@ def signups_from(address: str) -> str:
 
 def signups_total() -> str:
     return f"{PREFIX}:signuplimit:{_LIMITS}:total"
+
+
+_FILES = "{files}"
+
+
+def files_room_bytes(slug: str) -> str:
+    return f"{PREFIX}:files:{_FILES}:room:{slug}"
+
+
+def files_user_bytes(user_id: str) -> str:
+    return f"{PREFIX}:files:{_FILES}:user:{user_id}"

@@ -29,6 +29,7 @@ from node.web.context import EXTENSION, NodeContext
 from node.web.costs import costs_blueprint
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
+from node.web.files import install_files
 from node.web.headers import page_policy, secure
 from node.web.peers import SocketSlots
 from node.web.tokens import TokenService
@@ -251,4 +252,7 @@ def create_app(settings: Settings) -> Quart:
             docs.append(docs_page(schema.openapi_provider.schema()))
         return Response(docs[0], content_type="text/html; charset=utf-8")
 
+    # Last: its start-up needs the node context `_open` makes, and its request class wraps
+    # the error handlers' one.
+    install_files(app)
     return app

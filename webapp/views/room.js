@@ -7,6 +7,7 @@ import { tr } from "../i18n.js";
 import { RoomConnection } from "../room.js";
 import { logoutTo, showAuth } from "./auth.js";
 import { chatPanel } from "./chat.js";
+import { filesPanel } from "./files.js";
 import { setupFullscreen, setupMicAndCamera } from "./controls.js";
 import { costsPanel } from "./costs.js";
 import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
@@ -114,6 +115,8 @@ async function enterRoom(room) {
 
   const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
   const costs = costsPanel(section, room.slug);
+  const files = filesPanel(section, room.slug);
+  const chat = chatPanel(section, room.slug, (text) => conn.chat(text), files.chatContent);
 
   conn.addEventListener("state", (event) => {
     const { state, delay, node } = /** @type {CustomEvent} */ (event).detail;
@@ -166,6 +169,11 @@ async function enterRoom(room) {
     chat.receive(/** @type {CustomEvent} */ (event).detail.message);
   });
   conn.addEventListener("costs", () => costs.changed());
+  conn.addEventListener("chat-deleted", (event) => {
+    const { id, file } = /** @type {CustomEvent} */ (event).detail;
+    if (id) chat.remove(id);
+    if (file) files.forget(file);
+  });
   conn.addEventListener("track", (event) => {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
     const key = owner?.session_id ?? `mid-${mid}`;
@@ -232,7 +240,9 @@ async function enterRoom(room) {
     { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
     { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
     { tab: $(section, "#tab-costs"), panel: /** @type {HTMLElement} */ ($(section, "#panel-costs")) },
+    { tab: $(section, "#tab-memories"), panel: /** @type {HTMLElement} */ ($(section, "#panel-memories")) },
   ]);
+  $(section, "#tab-memories").addEventListener("click", () => files.showGallery());
 
   setTeardown(() => {
     grid.stop();

@@ -100,6 +100,14 @@ AUTHENTICATED = {
     ("DELETE", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/payments"): Purpose.SESSION,
     ("DELETE", "/api/rooms/<slug>/payments/<payment_id>"): Purpose.SESSION,
+    # Memories (issue 15)
+    ("POST", "/api/rooms/<slug>/files"): Purpose.SESSION,
+    ("GET", "/api/rooms/<slug>/files"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/files/token"): Purpose.SESSION,
+    ("DELETE", "/api/files/<file_id>"): Purpose.SESSION,
+    # a session token in the header, or a file token in `?t=` (an <img> sends no header)
+    ("GET", "/api/files/<file_id>"): Purpose.FILE,
+    ("GET", "/api/files/<file_id>/<variant>"): Purpose.FILE,
 }
 PUBLIC = {
     ("POST", "/api/users"),
