@@ -53,6 +53,9 @@ class TokenSettings(BaseModel):
     user_max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
     session_ttl_s: int = Field(default=24 * 3600, gt=0)
     room_ttl_s: int = Field(default=5 * 60, gt=0)
+    # The file token a page puts in <img src> URLs (an <img> cannot send a header): one
+    # room's files, read only, short-lived (node/web/files.py).
+    file_ttl_s: int = Field(default=10 * 60, gt=0)
     # A room's calendar feed URL (happenings); revoked by resetting it, so it may live long.
     calendar_ttl_s: int = Field(default=366 * 24 * 3600, gt=0)
     # A WebSocket ticket (POST /api/sessions/ws-ticket) is good once, for this long.
@@ -114,6 +117,40 @@ class RoomSettings(BaseModel):
     creators: list[str] = Field(default_factory=list)
     default_capacity: int = Field(default=8, gt=0)
     max_capacity: int = Field(default=100, gt=0)
+    # Someone the room's creator removes cannot join it again for this long.
+    removed_for_s: float = Field(default=600.0, gt=0)
+    # GET /api/rooms/{slug} and its QR code, per client address per window: rooms are not
+    # found by trying names (the web client's name check while typing is one per pause).
+    lookups_per_window: int = Field(default=120, gt=0)
+    lookup_window_s: float = Field(default=60.0, gt=0)
+    # Rooms one user may create per window (429 after).
+    creations_per_window: int = Field(default=20, gt=0)
+    creation_window_s: float = Field(default=24 * 3600.0, gt=0)
+    # A room's live state in Redis (its events, fence, ...) is kept this long after its last
+    # person left, then expires; anyone joining before that keeps it.
+    empty_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+
+
+class FileSettings(BaseModel):
+    """Memories (issue 15): files and photos kept in a room (node/store/files.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: one upload's bytes at most; more is refused with 413 and nothing is kept
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    #: all files of one room together, and all of one user's uploads (over every room)
+    room_quota_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
+    user_quota_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    #: serve photos with their EXIF (location, camera serial...) as uploaded; off: every
+    #: variant served is re-encoded without it
+    keep_original_exif: bool = False
+    #: decoded pixels of one image at most (Pillow's decompression-bomb limit)
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    thumb_px: int = Field(default=320, ge=16, le=2048)
+    display_px: int = Field(default=1600, ge=64, le=8192)
+    #: images decoded at once on this node (each may take max_image_pixels * 4 bytes)
+    image_workers: int = Field(default=2, ge=1, le=32)
+    max_page: int = Field(default=100, ge=1, le=1000)
 
 
 class LiveSettings(BaseModel):
@@ -134,16 +171,28 @@ class LiveSettings(BaseModel):
     # more is refused at the handshake (429 too_many_connections).
     ws_max_per_user: int = Field(default=10, gt=0)
     ws_max_per_address: int = Field(default=50, gt=0)
+    # A client's `answer` to the node's subscribe offer grows with the room's tracks: it may
+    # be up to twice the offer plus a margin (see `MediaSession.answer_limit`), never more
+    # than this. The server's own frame limit must allow `max_incoming_frame_bytes`.
+    ws_max_answer_bytes: int = Field(default=1024 * 1024, gt=0)
     # Frames per second a client may send before it is told to slow down.
     ws_frames_per_s: int = Field(default=50, gt=0)
     chat_per_s: int = Field(default=5, gt=0)
     # A user joining a room they are already in: replace the old session, reject, or allow.
     duplicate_policy: Literal["replace", "reject", "allow"] = "replace"
+    # An HTTP join holds a seat this long, unless its WebSocket `join` completes; joining
+    # again on the same connection does not renew it (seats cannot be squatted unseen).
+    pending_seat_ttl_s: float = Field(default=15.0, gt=0)
     lock_ttl_s: float = Field(default=5.0, gt=0)
     # How long a request waits for a busy room lock before it is told to try again (503).
     lock_wait_s: float = Field(default=10.0, gt=0)
     # Extra independent Redis servers for the lock quorum (the state Redis is always one).
     lock_redis_urls: list[SecretStr] = Field(default_factory=list)
+
+    @property
+    def max_incoming_frame_bytes(self) -> int:
+        """The largest frame a client may send at all (an answer to a large offer)."""
+        return max(self.ws_max_frame_bytes, self.ws_max_answer_bytes)
 
 
 class MediaSettings(BaseModel):
@@ -166,6 +215,28 @@ class MediaSettings(BaseModel):
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)
     max_audio_bitrate: int = Field(default=512_000, gt=0)
+    # Every m-line of a publish offer becomes a track in every subscriber's connection (and
+    # its SDP, and /metrics series), so they are capped: m-lines in one publish offer (every
+    # offer holds all the connection's m-lines: audio, video, screen share and one spare),
+    # tracks one user publishes in a room on this node (all their sessions), and tracks in
+    # one room on this node (local and relayed; 50 people with audio, video and a few
+    # screen shares). An offer over a cap is refused whole (`too_many_tracks`).
+    max_tracks_per_offer: int = Field(default=4, gt=0)
+    max_tracks_per_participant: int = Field(default=8, gt=0)
+    max_tracks_per_room: int = Field(default=150, gt=0)
+    # Tracks started on one publish connection, restarts included: a subscriber's
+    # connection gains an m-line per track ever sent on it (aiortc never reuses one), so a
+    # publisher toggling tracks on and off must not grow everyone's SDP without end.
+    # (The web client mutes by disabling tracks, which starts nothing.)
+    max_track_starts_per_connection: int = Field(default=32, gt=0)
+    # ICE candidates a client gives (WebSocket `candidate` messages and a=candidate lines of
+    # its SDP) make the node send connectivity checks to them: at most this many distinct
+    # ones per peer connection, and only addresses a client could own. Unspecified,
+    # multicast, link-local and reserved addresses are always refused; loopback, private
+    # and other non-global ones (the node's own networks) and mDNS names only when this is
+    # on: local demos and tests on one machine (the local launcher turns it on).
+    max_candidates_per_connection: int = Field(default=32, gt=0)
+    allow_private_candidates: bool = False
 
     @field_validator("host_addresses", "announced_addresses")
     @classmethod
@@ -294,6 +365,7 @@ class Settings(BaseModel):
     serf: SerfSettings = Field(default_factory=SerfSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
     happenings: HappeningSettings = Field(default_factory=HappeningSettings)
 
     @field_validator("public_base_url")
@@ -362,14 +434,18 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_ROOM_CREATE_POLICY": "rooms.create_policy",
     "SFUMESH_ROOM_CREATORS": "rooms.creators",
     "SFUMESH_ROOM_MAX_CAPACITY": "rooms.max_capacity",
+    "SFUMESH_ROOM_LOOKUPS_PER_WINDOW": "rooms.lookups_per_window",
+    "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "rooms.creations_per_window",
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
     "SFUMESH_WS_MAX_FRAME_BYTES": "live.ws_max_frame_bytes",
+    "SFUMESH_WS_MAX_ANSWER_BYTES": "live.ws_max_answer_bytes",
     "SFUMESH_WS_MAX_PER_USER": "live.ws_max_per_user",
     "SFUMESH_WS_MAX_PER_ADDRESS": "live.ws_max_per_address",
     "SFUMESH_DUPLICATE_POLICY": "live.duplicate_policy",
     "SFUMESH_CHAT_PER_S": "live.chat_per_s",
+    "SFUMESH_PENDING_SEAT_TTL_S": "live.pending_seat_ttl_s",
     "SFUMESH_REMINDER_LEAD_S": "happenings.reminder_lead_s",
     "SFUMESH_REMINDER_POLL_S": "happenings.reminder_poll_s",
     "SFUMESH_REMINDER_LEASE_S": "happenings.reminder_lease_s",
@@ -377,6 +453,10 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
     "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_OFFER": "media.max_tracks_per_offer",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_PARTICIPANT": "media.max_tracks_per_participant",
+    "SFUMESH_MEDIA_MAX_TRACKS_PER_ROOM": "media.max_tracks_per_room",
+    "SFUMESH_MEDIA_ALLOW_PRIVATE_CANDIDATES": "media.allow_private_candidates",
     "SFUMESH_SERF_MODE": "serf.mode",
     "SFUMESH_SERF_BIND": "serf.bind",
     "SFUMESH_SERF_ADVERTISE": "serf.advertise",
@@ -394,6 +474,10 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_RELAY_SIGNAL_WINDOW_S": "relay.signal_window_s",
     "SFUMESH_METRICS_PER_SESSION": "metrics.per_session",
     "SFUMESH_METRICS_LISTEN": "metrics.listen",
+    "SFUMESH_MAX_FILE_BYTES": "files.max_file_bytes",
+    "SFUMESH_ROOM_QUOTA_BYTES": "files.room_quota_bytes",
+    "SFUMESH_USER_QUOTA_BYTES": "files.user_quota_bytes",
+    "SFUMESH_KEEP_ORIGINAL_EXIF": "files.keep_original_exif",
 }
 
 

@@ -43,6 +43,14 @@ class Conflict(DomainError):
     """The current state refuses it: taken, full, already there (HTTP 409)."""
 
 
+class TooLarge(DomainError):
+    """Over a size limit or a quota (HTTP 413)."""
+
+
+class Unsupported(DomainError):
+    """A kind of content the node does not take (HTTP 415)."""
+
+
 class RateLimited(DomainError):
     """Too often; `retry_after_s` says when to try again (HTTP 429)."""
 

@@ -37,6 +37,10 @@ GENEROUS_LIMITS: dict[str, int] = {
     "login_limit.attempts_per_address": 1_000_000,
     "login_limit.attempts_total": 1_000_000,
     "hashing.max_waiting": 100_000,
+    # Room look-ups and creations per address and user: tests of other things make many
+    # rooms from one address (tests/node/web/test_room_limits.py sets its own limits).
+    "rooms.lookups_per_window": 1_000_000,
+    "rooms.creations_per_window": 1_000_000,
 }
 GENEROUS_LIMITS_ENV: dict[str, str] = {
     name: str(GENEROUS_LIMITS[dotted])
@@ -104,6 +108,8 @@ def make_settings(
             # In-process apps run without a Serf agent; node processes get one (launch.py).
             "serf.mode": "off",
             **GENEROUS_LIMITS,
+            # Test clients are on loopback: their candidates must be probed (off by default).
+            "media.allow_private_candidates": True,
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         return load_settings(env={}, overrides=values)

@@ -27,7 +27,7 @@ const REQUEST_TIMEOUT_MS = 15_000;
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 15_000;
 // Join errors that no retry can fix.
-const FINAL_JOIN_ERRORS = new Set(["room_full", "room_not_found", "already_joined", "invalid_slug"]);
+const FINAL_JOIN_ERRORS = new Set(["room_full", "room_not_found", "already_joined", "invalid_slug", "removed_by_owner"]);
 
 /** A delay for the n-th retry (n >= 1): exponential, capped, jittered ("equal jitter"). */
 export function backoff(/** @type {number} */ attempt) {
@@ -188,6 +188,13 @@ export class RoomConnection extends EventTarget {
         break;
       case "happening":
         this.emit("happening", { action: message.action, happening: message.happening });
+        break;
+      case "costs":
+        // the room's books changed (split the bill): the Costs tab reloads them
+        this.emit("costs", { message });
+        break;
+      case "chat-deleted":
+        this.emit("chat-deleted", { id: message.id, file: message.file });
         break;
       case "session-replaced":
         this.end("replaced");

@@ -108,6 +108,15 @@ def _bench(args: argparse.Namespace) -> int:
             clients=args.clients,
             bcrypt_cost=args.bcrypt_cost,
         )
+    if args.name == "files":
+        from node.bench.files import run_files_bench
+
+        return run_files_bench(
+            json_path=args.json,
+            size_mb=args.size_mb,
+            photos=args.photos,
+            gallery_photos=args.gallery_photos,
+        )
     if args.name == "codecs":
         from node.bench.codecs import run_codecs_bench
 
@@ -158,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
     bench.add_argument(
-        "name", choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "happenings"]
+        "name",
+        choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "files", "happenings"],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
@@ -171,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the nodes' bcrypt cost (default: api 12 as in production, join 4)",
     )
     bench.add_argument("--nodes", type=int, help="join, happenings: node processes (default 3)")
+    bench.add_argument("--size-mb", type=float, default=200.0, help="files: the large upload")
+    bench.add_argument("--photos", type=int, default=10, help="files: 12 MP photos uploaded")
+    bench.add_argument(
+        "--gallery-photos", type=int, default=5000, help="files: photos in the gallery room"
+    )
     bench.add_argument(
         "--reminders", type=int, default=240, help="happenings: reminders due (default 240)"
     )
@@ -215,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.set_defaults(run=cluster_cli.run)
 
     lab = commands.add_parser(
-        "lab", help="the WAN lab: far-apart regions emulated on this machine (selftest)"
+        "lab", help="the WAN lab: far-apart regions emulated on this machine (shell, selftest)"
     )
     lab_cli.add_arguments(lab)
     lab.set_defaults(run=lab_cli.run)

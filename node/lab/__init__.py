@@ -12,4 +12,8 @@ through a userspace link emulator (the kernel here has no netem, see research/FI
 * `node.lab.namespaces`: one network namespace per host, torn down by PID.
 * `node.lab.emulator`: the emulator process (TUN devices + epoll around `node.lab.link`).
 * `node.lab.selftest`: `sfumesh lab selftest`, the emulator measured on this machine.
+* `node.lab.cluster`: `LabCluster`, Redis, the store and the nodes (with their Serf agents)
+  running on the topology's hosts: `sfumesh lab`, its tests and the benches use it.
+* `node.lab.mesh_timing`: the mesh's own timings across the links (Serf join, failure
+  detection).
 """

@@ -15,13 +15,17 @@ the signal follows the starting thread) and the emulator sees the end of its inp
 exits. `stop` ends them all (the emulator first, asked, then by signal) and waits for
 them: the namespaces vanish with their last process, the TUN devices with the
 emulator's file descriptors, and the lab writes no files. Ctrl-C reaches every child of the
-terminal's process group at once and `stop` (run by `with`) collects them.
+terminal's process group at once and `stop` (run by `with`) collects them; with
+`own_session` the holders and the emulator are out of the terminal's reach (a session of their
+own) and only `stop` ends them, after whatever ran in the hosts, whose goodbyes (a Serf leave,
+a node deregistering in Redis) still cross the links: `LabCluster` does so. Killed outright,
+the lab still takes them along (pdeathsig; the emulator's input ends).
 
 The lab builds only inside a private network namespace made by sfumesh (marker
 SFUMESH_PRIVATE_NETNS=1 and not the init namespace; `./scripts/test` and the CLI make one),
 so not even the emulator's devices, before they move, ever appear on the host. The check is
-the same as node.local.netns's (repeated here: node.lab and node.local are independent
-layers).
+the same as node.local.netns's (written when node.lab and node.local were independent
+layers; node.lab now sits above node.local and the two could share it).
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 from node.lab import kernel
 from node.lab.topology import Topology, parse_topology, read_topology
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MARKER_ENV: Final = "SFUMESH_PRIVATE_NETNS"
 #: how long the emulator may take to set up its devices
@@ -140,12 +146,14 @@ class Lab:
         source: str = "<topology>",
         *,
         realtime: bool = False,
+        own_session: bool = False,
         check: Callable[[], str | None] = namespace_problem,
     ) -> None:
         self.topology: Topology = parse_topology(topology_text, source)
         self._text = topology_text
         self._source = source
         self._realtime = realtime
+        self._own_session = own_session
         self._check = check
         self._holders: dict[str, subprocess.Popen[bytes]] = {}
         self._emulator: subprocess.Popen[str] | None = None
@@ -184,7 +192,10 @@ class Lab:
             own = _netns_id("self")
             for name in self.topology.hosts:
                 self._holders[name] = subprocess.Popen(
-                    HOLDER, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    HOLDER,
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=self._own_session,
                 )
             for holder in self._holders.values():
                 _wait_unshared(holder, own)
@@ -204,6 +215,7 @@ class Lab:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            start_new_session=self._own_session,
         )
         config = {
             "topology": self._text,
@@ -291,26 +303,39 @@ class Lab:
         self._processes.append(process)
         return process
 
-    def socket(self, host: str, kind: socket.SocketKind = socket.SOCK_DGRAM) -> socket.socket:
-        """An IPv4 socket that lives in `host`'s namespace (made on a short-lived thread
-        that enters it: setns moves only the calling thread)."""
-        made: list[socket.socket | BaseException] = []
+    def call(self, host: str, function: Callable[[], T]) -> T:
+        """`function()` run on a short-lived thread that has entered `host`'s namespace
+        (setns moves only the calling thread), its result returned, its exception raised.
+        Every socket it makes lives in `host`, and so do those of threads it starts: an
+        HTTP request, a readiness check, a whole asyncio loop (a participant) runs there."""
+        made: list[T] = []
+        failed: list[BaseException] = []
         path = self.netns_path(host)
 
-        def make() -> None:
+        def enter_and_call() -> None:
             try:
                 kernel.setns_net(path)
-                made.append(socket.socket(socket.AF_INET, kind))
+            except OSError as error:
+                failed.append(LabError(f"cannot enter {host}: {error}"))
+                return
+            try:
+                made.append(function())
             except BaseException as error:  # handed to the caller below
-                made.append(error)
+                failed.append(error)
 
-        thread = threading.Thread(target=make, name=f"lab-socket-{host}")
+        thread = threading.Thread(target=enter_and_call, name=f"lab-{host}")
         thread.start()
         thread.join()
-        result = made[0]
-        if isinstance(result, BaseException):
-            raise LabError(f"cannot make a socket in {host}: {result}") from result
-        return result
+        if failed:
+            raise failed[0]
+        return made[0]
+
+    def socket(self, host: str, kind: socket.SocketKind = socket.SOCK_DGRAM) -> socket.socket:
+        """An IPv4 socket that lives in `host`'s namespace."""
+        try:
+            return self.call(host, lambda: socket.socket(socket.AF_INET, kind))
+        except OSError as error:
+            raise LabError(f"cannot make a socket in {host}: {error}") from error
 
     def stats(self) -> dict[str, Any]:
         """The emulator's ground truth (see node.lab.link.Network.stats), with its own
@@ -328,6 +353,20 @@ class Lab:
             raise LabError(str(reply.get("error", reply)))
         samples: list[float] = reply["samples"]
         return samples
+
+
+def enter_command(holder_pid: int, argv: Sequence[str]) -> list[str]:
+    """`argv` run inside the network namespace held by `holder_pid` (a host of a running
+    lab), from any process of the same user: `nsenter --target PID --net`. A host's
+    namespace is not nested in the lab's outer private one (network namespaces are flat),
+    so entering it needs only the right to: as root, directly; without root the outer
+    namespace was made with `unshare --map-root-user`, whose user namespace owns the hosts',
+    so nsenter enters that user namespace first (`--user`, root inside it, as the lab is)."""
+    command = ["nsenter", f"--target={holder_pid}", "--net"]
+    own_user = os.readlink("/proc/self/ns/user")
+    if os.readlink(f"/proc/{holder_pid}/ns/user") != own_user:
+        command.append("--user")
+    return [*command, "--", *argv]
 
 
 def _end(process: subprocess.Popen[Any]) -> None:

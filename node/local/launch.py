@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def node_env(
     port: int,
     data_dir: Path,
     extra: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -47,11 +49,15 @@ def node_env(
             "SFUMESH_TOKEN_KEYS": json.dumps(token_keys),
             "SFUMESH_TOKEN_SIGNING_KEY_ID": next(iter(token_keys)),
             "SFUMESH_NODE_NAME": name,
-            "SFUMESH_HOST": "127.0.0.1",
+            "SFUMESH_HOST": host,
             "SFUMESH_PORT": str(port),
             "SFUMESH_DATA_DIR": str(data_dir),
         }
     )
+    # Local nodes (demo, benches, tests) serve browsers and peers on this machine, whose
+    # candidates are loopback or private: allowed here, explicitly (off by default), unless
+    # the caller's environment says otherwise.
+    env.setdefault("SFUMESH_MEDIA_ALLOW_PRIVATE_CANDIDATES", "true")
     env.update(extra or {})
     return env
 
@@ -97,6 +103,24 @@ class SerfLaunch:
         }
 
 
+@dataclass(frozen=True)
+class ClusterSecrets:
+    """What the agents of one cluster share, made fresh for it: Serf's RPC auth token, the
+    gossip encryption key, the relay key."""
+
+    rpc_auth: str
+    encrypt_key: str
+    relay_key: str
+
+    @classmethod
+    def new(cls) -> ClusterSecrets:
+        return cls(secrets.token_urlsafe(24), serf_keygen(), new_key())
+
+    def serf(self, bind: str, rpc_addr: str) -> SerfLaunch:
+        """One agent of this cluster, at `bind` with its RPC at `rpc_addr`."""
+        return SerfLaunch(bind, rpc_addr, self.rpc_auth, self.encrypt_key, self.relay_key)
+
+
 def local_serf(rpc_auth: str, encrypt_key: str, relay_key: str) -> SerfLaunch:
     """Free loopback ports for one more agent of a local cluster."""
     return SerfLaunch(
@@ -122,15 +146,19 @@ def start_nodes(
     with `mesh`, each with its own Serf agent (gossip encrypted, RPC auth on), all joined,
     relay signalling sealed with one relay key made for this cluster."""
     nodes: list[LocalNode] = []
-    rpc_auth, encrypt_key, relay_key = secrets.token_urlsafe(24), serf_keygen(), new_key()
+    cluster = ClusterSecrets.new()
     first_bind: list[str] = []
     try:
         for index in range(count):
             port = ports[index] if ports else free_port()
             name = f"node-{index + 1}"
-            serf = local_serf(rpc_auth, encrypt_key, relay_key) if mesh else None
+            serf = (
+                local_serf(cluster.rpc_auth, cluster.encrypt_key, cluster.relay_key)
+                if mesh
+                else None
+            )
             region = {"SFUMESH_REGION": LOCAL_REGIONS[index % len(LOCAL_REGIONS)]}
-            node = _spawn(
+            node = spawn_node(
                 services,
                 token_keys,
                 name=name,
@@ -152,7 +180,11 @@ def start_nodes(
     return nodes
 
 
-def _spawn(
+#: how a node's command line is run: as it is, or wrapped (the lab: `nsenter` into a host)
+Wrap = Callable[[Sequence[str]], list[str]]
+
+
+def spawn_node(
     services: BackingServices,
     token_keys: dict[str, str],
     *,
@@ -162,8 +194,11 @@ def _spawn(
     extra_env: dict[str, str] | None,
     serf: SerfLaunch | None,
     join: list[str] | None,
+    host: str = "127.0.0.1",
+    wrap: Wrap | None = None,
 ) -> LocalNode:
-    """Start one node process (not waiting for it)."""
+    """Start one node process listening on `host`:`port` (not waiting for it); `wrap` turns
+    its command line into the one run (the WAN lab runs it inside a host's namespace)."""
     serf_env = serf.env(join or []) if serf else {"SFUMESH_SERF_MODE": "off"}
     env = node_env(
         services,
@@ -172,11 +207,11 @@ def _spawn(
         port=port,
         data_dir=data_dir,
         extra={**serf_env, **(extra_env or {})},
+        host=host,
     )
-    process = ManagedProcess(
-        name, [sys.executable, "-m", "node.cli", "node"], data_dir / f"{name}.log", env=env
-    )
-    node = LocalNode(name, f"http://127.0.0.1:{port}", process, serf)
+    argv = [sys.executable, "-m", "node.cli", "node"]
+    process = ManagedProcess(name, wrap(argv) if wrap else argv, data_dir / f"{name}.log", env=env)
+    node = LocalNode(name, f"http://{host}:{port}", process, serf)
     process.start()
     return node
 
@@ -193,7 +228,7 @@ def start_node(
     join: list[str] | None = None,
 ) -> LocalNode:
     """One node; with `serf`, beside its own agent (joining `join`), else without a mesh."""
-    node = _spawn(
+    node = spawn_node(
         services,
         token_keys,
         name=name,

@@ -1,8 +1,50 @@
-"""Text edits of the node's own SDP before it goes to a client."""
+"""Text edits of the node's own SDP before it goes to a client, and the light reading of a
+client's SDP that must happen before aiortc parses it (what the caps count, which of its
+ICE candidates the node may probe)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+_DIRECTIONS = frozenset({"sendrecv", "sendonly", "recvonly", "inactive"})
+
+
+@dataclass(frozen=True)
+class MediaSection:
+    """One m-line of an SDP and the direction its section states (sendrecv by default)."""
+
+    kind: str
+    direction: str
+    mid: str = ""
+
+    @property
+    def sending(self) -> bool:
+        """Whether the SDP's author sends on it (a track it publishes)."""
+        return self.direction in ("sendrecv", "sendonly")
+
+
+def media_sections(sdp: str) -> list[MediaSection]:
+    """The m-lines of `sdp`, in order, read as plain text: one pass, no parser that could
+    be made to work harder than the text is long."""
+    sections: list[list[str]] = []  # kind, direction, mid
+    session_direction = "sendrecv"
+    for raw in sdp.split("\n"):
+        line = raw.rstrip("\r")
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+            sections.append([kind, "", ""])
+        elif line.startswith("a=") and line[2:] in _DIRECTIONS:
+            if sections:
+                sections[-1][1] = line[2:]
+            else:
+                session_direction = line[2:]
+        elif line.startswith("a=mid:") and sections:
+            sections[-1][2] = line[6:].strip()
+    return [
+        MediaSection(kind, direction or session_direction, mid) for kind, direction, mid in sections
+    ]
 
 
 def announce_addresses(sdp: str, addresses: Sequence[str]) -> str:
@@ -36,3 +78,37 @@ def announce_addresses(sdp: str, addresses: Sequence[str]) -> str:
                 family = "IP6" if ":" in addresses[0] else "IP4"
                 out[index] = f"c=IN {family} {addresses[0]}"
     return newline.join(out)
+
+
+def candidate_refusal(address: str, allow_private: bool) -> str | None:
+    """Why the node must not send connectivity checks to `address` (a client's ICE
+    candidate), or None. Never: unspecified, multicast, link-local, reserved (broadcast).
+    Only with `allow_private`: loopback, private and other non-global addresses (the node's
+    own networks, which a client on the internet cannot own) and mDNS names (`*.local`,
+    resolved on the node's own network)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if allow_private and address.lower().endswith(".local"):
+            return None
+        return "a candidate must name an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
+        return "the candidate's address cannot be a client's"
+    if not ip.is_global and not allow_private:
+        return "the candidate's address is not a public one"
+    return None
+
+
+def filter_candidates(sdp: str, keep: Callable[[str], bool]) -> str:
+    """`sdp` without the a=candidate lines `keep` refuses (it is given the line's value,
+    after "a=candidate:")."""
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(newline)
+    kept = [
+        line
+        for line in lines
+        if not line.startswith("a=candidate:") or keep(line.removeprefix("a=candidate:"))
+    ]
+    return sdp if len(kept) == len(lines) else newline.join(kept)

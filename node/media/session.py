@@ -28,6 +28,11 @@ A track may also come from another node over a relay (`node.relay.manager`): its
 `RelayedOwner` and its packets arrive through the relay link's tap; local subscribers get it
 exactly like a local track (`MediaHub.add_relayed`).
 
+Caps (`media.max_tracks_per_*`): an offer with more m-lines than allowed, or whose new tracks
+would take its user or the room on this node over its cap, is refused before aiortc sees it,
+so nothing of it is published. The client's answer to a subscribe offer may be as large as
+`answer_limit` (it grows with the offer), which the WebSocket layer allows for `answer`.
+
 All private aiortc access stays in `node.media.adapter`.
 """
 
@@ -64,7 +69,12 @@ from node.media.forward import (
     SubscriberRewriter,
     keyframe_detector,
 )
-from node.media.sdp import announce_addresses
+from node.media.sdp import (
+    announce_addresses,
+    candidate_refusal,
+    filter_candidates,
+    media_sections,
+)
 from node.state.hub import Connection
 from node.tasks import TaskSet
 
@@ -78,6 +88,9 @@ SENDER_CHECK_S = 0.5
 SENDER_START_S = 60.0
 # Dropped packets are logged at most once per track and reason per this many seconds.
 DROP_LOG_INTERVAL_S = 10.0
+# A client's answer to a subscribe offer of S bytes: at most 2 * S + this (an answer repeats
+# each m-line with its own ICE, DTLS and codec lines; browsers add a few attributes).
+ANSWER_MARGIN_BYTES = 16 * 1024
 
 FailedCallback = Callable[[str, int], Coroutine[Any, Any, None]]
 
@@ -274,6 +287,17 @@ class MediaSession:
         self._offer_task: asyncio.Task[None] | None = None
         #: tracks this session receives, by transceiver of its subscribe PC
         self.incoming: dict[RTCRtpTransceiver, Subscription] = {}
+        #: bytes the client's answer to the latest subscribe offer may have (0: no offer)
+        self.answer_limit = 0
+        #: tracks a publish offer being applied will have (counted against the caps)
+        self.reserved = 0
+        #: tracks started on the publish connection so far (restarts included)
+        self.track_starts = 0
+        #: the client's distinct ICE candidates accepted so far, per peer connection
+        self.remote_candidates: dict[str, set[tuple[str, int, str, int]]] = {
+            "publish": set(),
+            "subscribe": set(),
+        }
 
     # ----------------------------------------------------------------- peer connections
 
@@ -318,63 +342,151 @@ class MediaSession:
 
     # ----------------------------------------------------------------- client messages
 
+    def _tracks_after(self, sdp: str) -> int:
+        """How many tracks this session publishes once `sdp` is applied; raises
+        `too_many_tracks` when that is over a cap, before anything of it is used."""
+        settings = self.media.settings
+        sections = media_sections(sdp)
+        if len(sections) > settings.max_tracks_per_offer:
+            raise MediaError(
+                "too_many_tracks",
+                f"an offer may hold at most {settings.max_tracks_per_offer} m-lines",
+            )
+        sending = [s for s in sections if s.sending and s.kind in _KINDS]
+        mine = len(sending)
+        forwarding = {mid for mid, p in self.published.items() if p.forwarder is not None}
+        starts = sum(1 for section in sending if section.mid not in forwarding)
+        if self.track_starts + starts > settings.max_track_starts_per_connection:
+            raise MediaError(
+                "too_many_tracks",
+                f"a publish connection may start at most"
+                f" {settings.max_track_starts_per_connection} tracks; reconnect to start more",
+            )
+        added = mine - len(forwarding)
+        if added <= 0:
+            return mine
+        user_tracks = self.media.user_tracks(self.slug, self.user_id, besides=self)
+        if user_tracks + mine > settings.max_tracks_per_participant:
+            raise MediaError(
+                "too_many_tracks",
+                f"one participant may publish at most {settings.max_tracks_per_participant}"
+                " tracks in a room",
+            )
+        room_tracks = self.media.room_tracks(self.slug, besides=self)
+        if room_tracks + mine > settings.max_tracks_per_room:
+            raise MediaError(
+                "too_many_tracks",
+                f"this room holds at most {settings.max_tracks_per_room} tracks",
+            )
+        return mine
+
+    def _candidate_refusal(self, role: str, candidate: Any) -> MediaError | None:
+        """Whether the node may probe a client's candidate (and count it), or why not."""
+        settings = self.media.settings
+        why = candidate_refusal(str(candidate.ip), settings.allow_private_candidates)
+        if why is not None:
+            return MediaError("candidate_refused", why)
+        key = (str(candidate.ip).lower(), candidate.port, candidate.protocol, candidate.component)
+        seen = self.remote_candidates[role]
+        if key not in seen:
+            if len(seen) >= settings.max_candidates_per_connection:
+                return MediaError(
+                    "too_many_candidates",
+                    f"at most {settings.max_candidates_per_connection} candidates per connection",
+                )
+            seen.add(key)
+        return None
+
+    def _filter_sdp_candidates(self, role: str, sdp: str) -> str:
+        """The client's SDP without the candidates the node must not probe (dropped, as a
+        WebSocket `candidate` for them would be refused)."""
+
+        def keep(value: str) -> bool:
+            try:
+                parsed = candidate_from_sdp(value)
+            except (ValueError, IndexError):
+                return False
+            refusal = self._candidate_refusal(role, parsed)
+            if refusal is not None:
+                log.info(
+                    "media.candidate_dropped",
+                    extra={"session_id": self.session_id, "pc": role, "reason": refusal.code},
+                )
+            return refusal is None
+
+        return filter_candidates(sdp, keep)
+
     async def publish_offer(self, sdp: str) -> str:
         """Apply the client's publish offer; returns the node's answer."""
         async with self._publish_lock:
-            pc = self._publish()
-            known = set(self.published)
+            # Counted and held (the `reserved` tracks) until the tracks are published, so two
+            # offers at once cannot both take the room's last place.
+            self.reserved = self._tracks_after(sdp)
+            sdp = self._filter_sdp_candidates("publish", sdp)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-                await pc.setLocalDescription(await pc.createAnswer())
-            except Exception as error:
-                # aiortc raises assorted errors on bad SDP; none may take the node down.
-                log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
-                raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
-            if self.closed:
-                raise MediaError("not_in_room", "this session left the room")
-            for transceiver in pc.getTransceivers():
-                transport = transceiver.receiver.transport
-                if transport is not None:
-                    adapter.count_unrouted(transport, self.media.count_unrouted)
-            answer = pc.localDescription.sdp
-            codecs = _negotiated_codecs(answer)
-            # The publisher stops sending a track by offering it without "send" (what
-            # removeTrack does) and may later send on it again (addTrack reusing it).
-            sending = {
-                t.mid
-                for t in pc.getTransceivers()
-                if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
-            }
-            for mid, published in self.published.items():
-                if mid not in sending:
-                    if published.forwarder is not None:
-                        self.media.track_unpublished(published)
-                    continue
-                if mid in known and published.forwarder is not None:
-                    continue
-                codec = codecs.get(mid)
-                if codec is None:
-                    continue
-                published.codec = codec
-                published.mime_type = codec.mimeType
-                published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
-                log.info(
-                    "media.track_published",
-                    extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
-                )
-                self.media.track_published(published)
-            return self.media.announce(answer)
+                return await self._apply_publish_offer(sdp)
+            finally:
+                self.reserved = 0
+
+    async def _apply_publish_offer(self, sdp: str) -> str:
+        pc = self._publish()
+        known = set(self.published)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as error:
+            # aiortc raises assorted errors on bad SDP; none may take the node down.
+            log.info("media.bad_offer", extra={"session_id": self.session_id}, exc_info=True)
+            raise MediaError("bad_sdp", f"the offer cannot be used: {error}") from error
+        if self.closed:
+            raise MediaError("not_in_room", "this session left the room")
+        for transceiver in pc.getTransceivers():
+            transport = transceiver.receiver.transport
+            if transport is not None:
+                adapter.count_unrouted(transport, self.media.count_unrouted)
+        answer = pc.localDescription.sdp
+        codecs = _negotiated_codecs(answer)
+        # The publisher stops sending a track by offering it without "send" (what
+        # removeTrack does) and may later send on it again (addTrack reusing it).
+        sending = {
+            t.mid
+            for t in pc.getTransceivers()
+            if t.mid is not None and t.currentDirection in ("recvonly", "sendrecv")
+        }
+        for mid, published in self.published.items():
+            if mid not in sending:
+                if published.forwarder is not None:
+                    self.media.track_unpublished(published)
+                continue
+            if mid in known and published.forwarder is not None:
+                continue
+            codec = codecs.get(mid)
+            if codec is None:
+                continue
+            published.codec = codec
+            published.mime_type = codec.mimeType
+            published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+            self.track_starts += 1
+            log.info(
+                "media.track_published",
+                extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
+            )
+            self.media.track_published(published)
+        return self.media.announce(answer)
 
     async def subscribe_answer(self, sdp: str) -> None:
         async with self._subscribe_lock:
             pc = self.subscribe_pc
             if pc is None or pc.signalingState != "have-local-offer":
                 raise MediaError("no_offer", "there is no subscribe offer to answer")
+            sdp = self._filter_sdp_candidates("subscribe", sdp)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
             except Exception as error:
                 log.info("media.bad_answer", extra={"session_id": self.session_id}, exc_info=True)
                 raise MediaError("bad_sdp", f"the answer cannot be used: {error}") from error
+            # Answered: larger frames are allowed again only with the next offer.
+            self.answer_limit = 0
         if self._needs_offer:
             self.renegotiate()
 
@@ -409,6 +521,9 @@ class MediaSession:
             parsed = candidate_from_sdp(line.removeprefix("a=").removeprefix("candidate:"))
         except (ValueError, IndexError) as error:
             raise MediaError("bad_candidate", "the candidate cannot be parsed") from error
+        refusal = self._candidate_refusal(role, parsed)
+        if refusal is not None:
+            raise refusal
         parsed.sdpMid = mid
         parsed.sdpMLineIndex = index
         await pc.addIceCandidate(parsed)
@@ -522,6 +637,7 @@ class MediaSession:
             if self.closed:
                 return
             sdp = self.media.announce(pc.localDescription.sdp)
+            self.answer_limit = 2 * len(sdp.encode()) + ANSWER_MARGIN_BYTES
             # Whose is each m-line: aiortc gives every track of a connection one stream id.
             tracks = {
                 transceiver.mid: {
@@ -546,6 +662,9 @@ class MediaSession:
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
                 await pc.close()
+
+
+_KINDS = ("audio", "video")
 
 
 def _negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecCapability]:
@@ -639,6 +758,30 @@ class MediaHub:
             self.session(conn).subscribe(published)
         if owner.conn is not None and self.on_tracks_changed is not None:
             self.on_tracks_changed(owner.slug)
+
+    def room_tracks(self, slug: str, besides: MediaSession | None = None) -> int:
+        """Tracks in `slug` on this node (local, being published, relayed), other than
+        `besides`'s own."""
+        count = sum(
+            max(s.reserved, sum(1 for p in s.published.values() if p.forwarder is not None))
+            for s in self.rooms.get(slug, ())
+            if s is not besides and not s.closed
+        )
+        return count + sum(1 for p in self.relayed.get(slug, ()) if p.forwarder is not None)
+
+    def user_tracks(self, slug: str, user_id: str, besides: MediaSession | None = None) -> int:
+        """Tracks `user_id` publishes in `slug` on this node from sessions other than
+        `besides`."""
+        return sum(
+            max(s.reserved, sum(1 for p in s.published.values() if p.forwarder is not None))
+            for s in self.rooms.get(slug, ())
+            if s is not besides and not s.closed and s.user_id == user_id
+        )
+
+    def answer_limit(self, conn: Connection) -> int:
+        """Bytes the connection's next subscribe answer may have (0: no offer out)."""
+        session = self.sessions.get(conn)
+        return 0 if session is None or session.closed else session.answer_limit
 
     def local_tracks(self, slug: str) -> list[Published]:
         """The tracks published on this node in `slug` that are being forwarded now."""

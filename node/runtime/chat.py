@@ -19,7 +19,7 @@ from typing import Any
 from node.errors import Forbidden, Invalid
 from node.runtime.live import Live
 from node.store.messages import append_message, check_chat_size, clean_chat_text
-from node.store.models import Message, Room
+from node.store.models import FileRef, Message, Room
 from node.store.rooms import is_person
 
 
@@ -49,6 +49,19 @@ async def post_chat(live: Live, room: Room, poster: Poster, text: str) -> tuple[
     except ValueError as error:
         raise Invalid("invalid_text", f"text: {error}") from error
     message = await append_message(room, poster.user_id, poster.display_name, text)
+    return message, await _announce(live, room, poster, message)
+
+
+async def post_file(live: Live, room: Room, poster: Poster, file: FileRef) -> tuple[Message, str]:
+    """Share a stored file in `room`'s chat: a message of kind file, told the room like any
+    other (same stream, so every node shows it in the room's one order). The upload was
+    checked (membership, size, quota) before it was kept; no chat rate limit here, as
+    several photos dropped at once are one gesture."""
+    message = await append_message(room, poster.user_id, poster.display_name, "", file=file)
+    return message, await _announce(live, room, poster, message)
+
+
+async def _announce(live: Live, room: Room, poster: Poster, message: Message) -> str:
     ts = message.ts.astimezone(UTC) if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
     event: dict[str, Any] = {
         "id": str(message.id),
@@ -60,7 +73,16 @@ async def post_chat(live: Live, room: Room, poster: Poster, text: str) -> tuple[
         "text": message.text,
         "ts": ts.isoformat(),
     }
+    if message.file is not None:
+        event["kind"] = "file"
+        event["file"] = message.file.model_dump()
     await live.events.publish(room.slug, "chat", event)
     if live.metrics is not None:
         live.metrics.chat_messages.inc()
-    return message, event["ts"]
+    ts_text: str = event["ts"]
+    return ts_text
+
+
+async def unshare_file(live: Live, room: Room, message_id: str | None, file_id: str) -> None:
+    """Tell the room a shared file is gone (its message left the history with it)."""
+    await live.events.publish(room.slug, "chat-deleted", {"id": message_id, "file": file_id})

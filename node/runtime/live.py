@@ -23,6 +23,7 @@ from node.media.session import MediaHub
 from node.runtime.metrics import NodeMetrics
 from node.state.events import EventPump
 from node.state.hub import CLOSE_DRAINING, Connection, Hub
+from node.state.limits import WindowLimiter
 from node.state.lock import DistributedLock, LockError
 from node.state.registry import NodeInfo, Registry
 from node.state.sessions import Membership, SessionRecord, SessionStore
@@ -44,11 +45,17 @@ class Live:
             self.lock,
             settings.node_name,
             settings.region,
-            pending_ttl_s=settings.tokens.room_ttl_s,
+            # A seat is never held longer than its room token could still be used.
+            pending_ttl_s=min(live.pending_seat_ttl_s, settings.tokens.room_ttl_s),
             session_ttl_s=settings.tokens.session_ttl_s,
+            kick_ttl_s=settings.rooms.removed_for_s,
+            empty_ttl_s=settings.rooms.empty_ttl_s,
         )
         self.hub = Hub()
-        self.events = EventPump(redis, settings.node_name, self._deliver)
+        self.limits = WindowLimiter(redis)
+        self.events = EventPump(
+            redis, settings.node_name, self._deliver, empty_ttl_s=settings.rooms.empty_ttl_s
+        )
         # told the slug of a room whose membership changed (the relay re-plans)
         self.on_room_changed: Callable[[str], None] | None = None
         self.hub.on_room_empty = self.events.unwatch

@@ -28,7 +28,12 @@ from mesh.process import ManagedProcess, ServiceError, free_port, private_dir, p
 log = logging.getLogger(__name__)
 
 
-def _redis_process(data_dir: Path, port: int, password: str) -> ManagedProcess:
+def redis_process(
+    data_dir: Path, port: int, password: str, bind: str = "127.0.0.1"
+) -> ManagedProcess:
+    """An embedded redis-server (not started) on `bind`:`port`, with a password. `bind` is
+    loopback except in the WAN lab (`node.lab.cluster`), where Redis is its own host and
+    listens on that host's 198.18.x.y address inside the lab's private namespace."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError("redis-server is not installed (./scripts/setup installs it)")
@@ -37,7 +42,7 @@ def _redis_process(data_dir: Path, port: int, password: str) -> ManagedProcess:
     # where `ps` would show it.
     conf = private_file(
         data_dir / "redis.conf",
-        f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {data_dir}\n"
+        f"port {port}\nbind {bind}\nprotected-mode yes\ndir {data_dir}\n"
         "appendonly yes\nsave 60 1\ndaemonize no\n"
         f"requirepass {password}\n",
     )
@@ -62,14 +67,27 @@ def store_uri(socket_path: Path) -> str:
     return f"mongodb://{quote(str(socket_path.resolve()), safe='')}/"
 
 
-def _store_process(data_dir: Path, socket_path: Path) -> ManagedProcess:
+#: the lab's store port (its own host, so nothing else listens there)
+STORE_LAB_PORT = 27017
+
+
+def store_process(
+    data_dir: Path, socket_path: Path | None = None, *, lab_tcp: str | None = None
+) -> ManagedProcess:
+    """The embedded store (not started) on a Unix socket, or, for the WAN lab only, on TCP
+    at `lab_tcp` ("198.18.x.y:port", which `node.runtime.store_server` checks: the store
+    has no authentication, and there only the lab's namespaces can reach it)."""
     private_dir(data_dir)
+    if (socket_path is None) == (lab_tcp is None):
+        raise ValueError("the store listens on a Unix socket or (in the lab) on TCP, one of them")
+    where = (
+        ["--socket", str(socket_path)] if socket_path is not None else ["--lab-tcp", str(lab_tcp)]
+    )
     argv = [
         sys.executable,
         "-m",
         "node.runtime.store_server",
-        "--socket",
-        str(socket_path),
+        *where,
         "--data-dir",
         str(data_dir / "db"),
         "--log-file",
@@ -97,14 +115,14 @@ class BackingServices:
             if not redis_url:
                 port = free_port()
                 password = secrets.token_urlsafe(24)
-                child = _redis_process(data_dir / "redis", port, password)
+                child = redis_process(data_dir / "redis", port, password)
                 services._launch(child)
                 child.wait_port("127.0.0.1", port)
                 services.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
             if not mongodb_uri:
                 store_dir = private_dir(data_dir / "store")
                 socket_path = services.store_socket = store_socket_path(store_dir)
-                child = _store_process(store_dir, socket_path)
+                child = store_process(store_dir, socket_path)
                 services._launch(child)
                 child.wait_unix_socket(socket_path)
                 services.mongodb_uri = store_uri(socket_path)

@@ -11,12 +11,21 @@ connect; the driver reaches it with `mongodb://<percent-encoded socket path>`.
 
 Run as `python -m node.runtime.store_server --socket PATH --data-dir DIR --log-file FILE`
 (`node.runtime.services` does). SIGTERM closes the socket and exits 0.
+
+The WAN lab only (`sfumesh lab`, `node.lab.cluster`): `--lab-tcp 198.18.x.y:PORT` instead of
+`--socket`. There the store is a host of its own and the nodes reach it through the emulated
+links, which a Unix socket cannot cross. The store still has no authentication, so this mode
+refuses any address outside the lab's range (198.18.0.0/15, RFC 2544 benchmarking) and any
+process not started inside a private network namespace made by sfumesh (marker
+SFUMESH_PRIVATE_NETNS=1, a network namespace other than PID 1's): there, only the lab's own
+namespaces have a route to it, never the machine's interfaces.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -29,22 +38,63 @@ from mesh.process import PRIVATE_UMASK, private_dir
 
 log = logging.getLogger("sfumesh.store")
 
+#: the lab's address range (node.lab.topology.LAB_NETWORK; repeated: node.runtime is below
+#: node.lab and may not import it)
+LAB_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
 
-async def serve(socket_path: Path, handler: Any) -> None:
-    """Answer MongoDB wire protocol clients on `socket_path` until SIGTERM/SIGINT."""
+
+class LabOnlyError(ValueError):
+    """TCP was asked for outside the WAN lab."""
+
+
+def _netns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def lab_tcp_address(value: str) -> tuple[str, int]:
+    """`value` ("198.18.x.y:port") as (host, port), or LabOnlyError: only an address of the
+    lab's range, and only inside a private namespace made by sfumesh."""
+    host, _, port = value.rpartition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise LabOnlyError(f"--lab-tcp {value!r}: not IPv4 host:port") from None
+    if address not in LAB_NETWORK:
+        raise LabOnlyError(f"--lab-tcp {value!r}: only a lab address ({LAB_NETWORK}) is allowed")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabOnlyError(f"--lab-tcp {value!r}: bad port")
+    own, init = _netns("self"), _netns("1")
+    if os.environ.get("SFUMESH_PRIVATE_NETNS") != "1" or (own is not None and own == init):
+        raise LabOnlyError(
+            "--lab-tcp: only inside the WAN lab's private network namespace (sfumesh lab)"
+        )
+    return str(address), int(port)
+
+
+async def serve(socket_path: Path | None, handler: Any, tcp: tuple[str, int] | None = None) -> None:
+    """Answer MongoDB wire protocol clients on `socket_path` (or, in the lab, on `tcp`)
+    until SIGTERM/SIGINT."""
     from nx_27017.server import handle_client
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await handle_client(reader, writer, handler)
 
-    server = await asyncio.start_unix_server(on_client, path=str(socket_path))
-    # the umask made it 0700 already; connecting needs only read and write
-    os.chmod(socket_path, 0o600)
+    if socket_path is not None:
+        server = await asyncio.start_unix_server(on_client, path=str(socket_path))
+        # the umask made it 0700 already; connecting needs only read and write
+        os.chmod(socket_path, 0o600)
+    elif tcp is not None:
+        server = await asyncio.start_server(on_client, host=tcp[0], port=tcp[1])
+    else:
+        raise ValueError("a socket path or a lab TCP address")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("store.listening socket=%s", socket_path)
+    log.info("store.listening socket=%s tcp=%s", socket_path, tcp)
     async with server:
         await stop.wait()
 
@@ -52,10 +102,18 @@ async def serve(socket_path: Path, handler: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--socket", type=Path, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path)
+    where.add_argument("--lab-tcp", help="the WAN lab only: 198.18.x.y:PORT")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--log-file", type=Path, required=True)
     args = parser.parse_args(argv)
+    tcp = None
+    if args.lab_tcp is not None:
+        try:
+            tcp = lab_tcp_address(args.lab_tcp)
+        except LabOnlyError as error:
+            parser.error(str(error))  # exits 2
     logging.basicConfig(
         filename=args.log_file,
         level=logging.INFO,
@@ -65,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # as `nx-27017 --data-dir DIR` builds it: one SQLite file per database, WAL journal
     handler = NeoSQLiteHandler(data_dir=str(private_dir(args.data_dir)), journal_mode="WAL")
+    if tcp is not None:
+        asyncio.run(serve(None, handler, tcp))
+        return 0
     private_dir(args.socket.parent)
     args.socket.unlink(missing_ok=True)  # left by a store that was killed
     try:

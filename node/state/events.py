@@ -40,9 +40,23 @@ def stream_id_key(event_id: str) -> tuple[int, int]:
     return int(millis), int(seq or 0)
 
 
+# KEYS[1] the room's events, KEYS[2] its members. ARGV: type, data, maxlen, TTL ms. An event
+# (a chat, say) added to a room nobody is in keeps the stream expiring, as the room does.
+_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[1],
+  'data', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return id
+"""
+
+
 class EventPump:
-    def __init__(self, redis: Redis, node: str, deliver: Deliver) -> None:
+    def __init__(
+        self, redis: Redis, node: str, deliver: Deliver, empty_ttl_s: float = 24 * 3600.0
+    ) -> None:
         self._redis = redis
+        self._publish = redis.register_script(_PUBLISH)
+        self._empty_ttl_ms = int(empty_ttl_s * 1000)
         self._node = node
         self._deliver = deliver
         self._inbox = keys.node_inbox(node)
@@ -80,11 +94,14 @@ class EventPump:
         self._rooms.pop(stream, None)
 
     async def publish(self, slug: str, event_type: str, data: dict[str, Any]) -> str:
-        event_id = await self._redis.xadd(
-            keys.room_events(slug),
-            {"type": event_type, "data": json.dumps(data, separators=(",", ":"))},
-            maxlen=ROOM_MAXLEN,
-            approximate=True,
+        event_id = await self._publish(
+            keys=[keys.room_events(slug), keys.room_members(slug)],
+            args=[
+                event_type,
+                json.dumps(data, separators=(",", ":")),
+                ROOM_MAXLEN,
+                self._empty_ttl_ms,
+            ],
         )
         return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
 

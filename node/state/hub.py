@@ -166,13 +166,14 @@ class Hub:
         elif (
             event_type == "participant-left"
             and data["session_id"] == conn.session_id
-            and data.get("reason") == "moved"
+            and data.get("reason") in ("moved", "removed-by-owner")
         ):
             # Its membership ended behind its back (an HTTP join to another room, on any
-            # node): it stops hearing this room, and is told so. Every other way out is
-            # this connection's own doing, and its handler has already let go of the room.
+            # node, or the room's creator removed it): it stops hearing this room, and is
+            # told so. Every other way out is this connection's own doing, and its handler
+            # has already let go of the room.
             self.leave_room(conn)
-            conn.send({"type": "left", "room": slug, "reason": "moved"})
+            conn.send({"type": "left", "room": slug, "reason": data["reason"]})
         elif message is not None:
             conn.send(message)
 
@@ -201,8 +202,11 @@ def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str
         return {"type": "participant-left", "room": slug, **data}
     if event_type == "participant-replaced":
         return {"type": "participant-replaced", "room": slug, **data}
-    if event_type == "chat":
-        return {"type": "chat", "room": slug, **data}
+    if event_type in ("chat", "chat-deleted"):
+        return {"type": event_type, "room": slug, **data}
+    if event_type == "costs":
+        # the room's books changed (R9): open pages reload them
+        return {"type": "costs", "room": slug, **data}
     if event_type == "happening":
         return {"type": "happening", "room": slug, **data}
     return None

@@ -15,6 +15,7 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
+| `sfumesh:{room:<slug>}:removed:<uid>` | string, TTL | the creator removed this user: no join |
 | `sfumesh:{room:<slug>}:happening-lock:<id>` | string | serialises a happening's RSVPs |
 | `sfumesh:{room:<slug>}:happening-fence:<id>` | counter | its fences: order of "going" answers |
 | `sfumesh:{room:<slug>}:reminder-sent:<r>` | string, TTL | reminder r was published to the room |
@@ -28,18 +29,24 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:loginlimit:{limits}:try-total` | counter, TTL | logins over the whole mesh |
 | `sfumesh:signuplimit:{limits}:addr:<addr>` | counter, TTL | sign-ups from one address |
 | `sfumesh:signuplimit:{limits}:total` | counter, TTL | sign-ups over the whole mesh |
+| `sfumesh:room-lookups:<address>` | counter, TTL | room look-ups (info, QR) from one address |
+| `sfumesh:room-creations:<uid>` | counter, TTL | rooms one user created in the window |
 | `sfumesh:relays:<name>` | string (JSON), TTL | that node's relays and figures (mesh/relay.py) |
 | `sfumesh:relay-msg:<id>` | string, TTL | a relay signalling message (the "redis" carrier) |
 | `sfumesh:relay-seen:<name>:<id>` | string, TTL | a relay request id that node accepted (replays) |
 | `sfumesh:token-revoked:<family>` | string, TTL | a logged-out login (node/state/revocation.py) |
 | `sfumesh:ws-ticket:<sha256>` | string (JSON), TTL | a single-use WebSocket ticket, by its hash |
+| `sfumesh:files:{files}:room:<slug>` | counter | bytes kept or being uploaded, one room |
+| `sfumesh:files:{files}:user:<user id>` | counter | bytes kept or being uploaded, one user |
 
 Every key of a room carries the hash tag `{room:<slug>}`, so in a Redis Cluster one room's
 keys share a slot and one Lua script may touch them all. `fail-acct` counts the failed logins
 of one account (or one unknown login name) from one address: h hashes both. `try-*` count
 every login, right or wrong. The rate-limit counters share the
 tag `{limits}` for the same reason: one attempt reserves a slot in several at once
-(node/state/ratelimit.py).
+(node/state/ratelimit.py). The file quota counters share `{files}`: an upload reserves its
+bytes in its room's and its user's counter in one script (node/state/quota.py); they are
+counted again from the store when missing.
 """
 
 from __future__ import annotations
@@ -75,6 +82,16 @@ def chat_limit(session_id: str) -> str:
     return f"{PREFIX}:chat-limit:{session_id}"
 
 
+def room_lookups(address: str) -> str:
+    """Counts GET /api/rooms/{slug} (and its QR code) per client address: room names must
+    not be found by trying many."""
+    return f"{PREFIX}:room-lookups:{address}"
+
+
+def room_creations(user_id: str) -> str:
+    return f"{PREFIX}:room-creations:{user_id}"
+
+
 def _room(slug: str, part: str) -> str:
     return f"{PREFIX}:{{room:{slug}}}:{part}"
 
@@ -97,6 +114,11 @@ def room_fence_applied(slug: str) -> str:
 
 def room_events(slug: str) -> str:
     return _room(slug, "events")
+
+
+def room_removed(slug: str, user_id: str) -> str:
+    """Set when the room's creator removes a user; they cannot join again until it expires."""
+    return _room(slug, f"removed:{user_id}")
 
 
 def node_reap_lock(name: str) -> str:
@@ -159,6 +181,17 @@ def signups_from(address: str) -> str:
 
 def signups_total() -> str:
     return f"{PREFIX}:signuplimit:{_LIMITS}:total"
+
+
+_FILES = "{files}"
+
+
+def files_room_bytes(slug: str) -> str:
+    return f"{PREFIX}:files:{_FILES}:room:{slug}"
+
+
+def files_user_bytes(user_id: str) -> str:
+    return f"{PREFIX}:files:{_FILES}:user:{user_id}"
 
 
 def happening_lock(slug: str, happening_id: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -39,7 +40,23 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[1], 'generation', generation, 'user_id', ARGV[1], 'node', ARGV[2],
            'region', ARGV[3], 'connected_at', ARGV[4])
 if redis.call('HEXISTS', KEYS[1], 'room') == 0 then redis.call('HSET', KEYS[1], 'room', '') end
+redis.call('HDEL', KEYS[1], 'pending_since')
 return {generation, previous}
+"""
+
+# KEYS[1] session. ARGV: generation, time. The connection's first join not yet completed on
+# its WebSocket started then (kept by later joins, cleared by the WebSocket join).
+_MARK_PENDING = """
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+redis.call('HSETNX', KEYS[1], 'pending_since', ARGV[2])
+return 1
+"""
+
+# KEYS[1] session. ARGV[1] generation. Its join completed: nothing pending any more.
+_CLEAR_PENDING = """
+if redis.call('HGET', KEYS[1], 'generation') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'pending_since')
+return 1
 """
 
 # KEYS[1] session. ARGV[1] generation. Deletes the record only if that generation is current.
@@ -60,11 +77,14 @@ return 1
 """
 
 # Fenced bodies: KEYS[2] members, KEYS[3] events; ARGV[2..] as noted.
-# ARGV[2] session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5..] replaced sessions.
+# KEYS[4] the user's removed-by-owner mark. ARGV[2] session, ARGV[3] membership JSON,
+# ARGV[4] maxlen, ARGV[5..] replaced sessions. Returns 0 (and changes nothing) when the
+# room's creator removed this user a short while ago.
 _JOIN = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local new = cjson.decode(ARGV[3])
-for i = 5, #ARGV do
+for i = 5, #ARGV - 1 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
     redis.call('HDEL', KEYS[2], ARGV[i])
@@ -77,12 +97,18 @@ end
 return 1
 """
 
-# ARGV[2] session, ARGV[3] generation, ARGV[4] maxlen. Returns {event id, membership} or nil.
+# ARGV[2] session, ARGV[3] generation, ARGV[4] maxlen, ARGV[5] oldest pending seat still
+# good (joined_at). Returns {event id, membership} or nil; a pending seat older than that is
+# dropped (another person may hold it by now).
 _ACTIVATE = """
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return nil end
 local member = cjson.decode(raw)
 if tonumber(member.generation) ~= tonumber(ARGV[3]) then return nil end
+if member.state == 'pending' and tonumber(member.joined_at) < tonumber(ARGV[5]) then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  return nil
+end
 member.state = 'active'
 local encoded = cjson.encode(member)
 redis.call('HSET', KEYS[2], ARGV[2], encoded)
@@ -106,6 +132,28 @@ end
 return raw
 """
 
+# KEYS[4] the user's removed-by-owner mark. ARGV[2] user, ARGV[3] maxlen, ARGV[4] how long
+# the mark keeps them out (ms). Every membership of the user goes (announced if active).
+# Returns the removed sessions' ids.
+_KICK = """
+local removed = {}
+local members = redis.call('HGETALL', KEYS[2])
+for i = 1, #members, 2 do
+  local member = cjson.decode(members[i + 1])
+  if member.user_id == ARGV[2] then
+    redis.call('HDEL', KEYS[2], members[i])
+    table.insert(removed, members[i])
+    if member.state == 'active' then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'type', 'participant-left',
+        'data', cjson.encode({session_id = members[i], user_id = member.user_id,
+                              reason = 'removed-by-owner'}))
+    end
+  end
+end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+return removed
+"""
+
 # KEYS[1] generation counter. ARGV: generation, TTL ms. Never lets the counter go back.
 _RAISE_GENERATION = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
@@ -117,7 +165,7 @@ return 1
 # ARGV[2..] sessions whose pending memberships expired: dropped without an event (the room
 # never heard of them).
 _DROP_PENDING = """
-for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+for i = 2, #ARGV - 1 do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 """
 
@@ -126,6 +174,25 @@ _REASSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
+"""
+
+
+def _room_script(body: str) -> str:
+    """`body` (a fenced room script) followed by the room's expiry, in the same atomic step:
+    once the room has no members, its keys (events, fence, applied fence) expire after the
+    TTL in the last ARGV; while it has any, they are kept. The fence key is the last KEYS."""
+    return f"""
+local function body()
+{body}
+end
+local result = body()
+local kept = {{KEYS[1], KEYS[3], KEYS[#KEYS]}}
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for _, key in ipairs(kept) do redis.call('PERSIST', key) end
+else
+  for _, key in ipairs(kept) do redis.call('PEXPIRE', key, ARGV[#ARGV]) end
+end
+return result
 """
 
 
@@ -138,6 +205,8 @@ class SessionRecord:
     connected_at: float
     generation: int
     room: str
+    # When this connection's first join not yet completed on the WebSocket began (0: none).
+    pending_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -188,15 +257,25 @@ class SessionStore:
         lock: DistributedLock,
         node: str,
         region: str,
-        pending_ttl_s: float = 300.0,
+        pending_ttl_s: float = 15.0,
         session_ttl_s: float = 24 * 3600.0,
+        kick_ttl_s: float = 600.0,
+        empty_ttl_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         # The generation counter lives as long as a session token could still connect.
         self._generation_ttl_ms = int(session_ttl_s * 1000) + 60_000
-        # A pending membership older than this (the room token's lifetime) can never be
-        # activated: it stops holding a seat.
+        # A pending membership (an HTTP join not yet completed on the WebSocket) holds a
+        # seat this long from the connection's first join, then never again: joining again
+        # on the same connection does not renew it, and the WebSocket join is refused.
         self._pending_ttl_s = pending_ttl_s
+        # Wall-clock seconds; pending seats are timed by it (tests give their own).
+        self._clock = clock
+        # Someone the room's creator removed stays out this long.
+        self._kick_ttl_ms = int(kick_ttl_s * 1000)
+        # An empty room's keys expire this long after its last member went (`_room_script`).
+        self._empty_ttl_ms = int(empty_ttl_s * 1000)
         self._lock = lock
         self.node = node
         self.region = region
@@ -204,11 +283,20 @@ class SessionStore:
         self._raise_generation = redis.register_script(_RAISE_GENERATION)
         self._drop = redis.register_script(_DROP_SESSION)
         self._set_room = redis.register_script(_SET_SESSION_ROOM)
-        self._join = FencedScript(redis, _JOIN)
-        self._activate = FencedScript(redis, _ACTIVATE)
-        self._leave = FencedScript(redis, _LEAVE)
-        self._reassert = FencedScript(redis, _REASSERT)
-        self._drop_pending = FencedScript(redis, _DROP_PENDING)
+        self._mark_pending = redis.register_script(_MARK_PENDING)
+        self._clear_pending = redis.register_script(_CLEAR_PENDING)
+        self._join = FencedScript(redis, _room_script(_JOIN))
+        self._activate = FencedScript(redis, _room_script(_ACTIVATE))
+        self._leave = FencedScript(redis, _room_script(_LEAVE))
+        self._kick = FencedScript(redis, _room_script(_KICK))
+        self._reassert = FencedScript(redis, _room_script(_REASSERT))
+        self._drop_pending = FencedScript(redis, _room_script(_DROP_PENDING))
+
+    @staticmethod
+    def _room_keys(slug: str, *extra: str) -> list[str]:
+        """The KEYS of a room script (after the applied fence): members, events, the
+        script's own, and the fence last (see `_room_script`)."""
+        return [keys.room_members(slug), keys.room_events(slug), *extra, keys.room_fence(slug)]
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -298,19 +386,28 @@ class SessionStore:
             ):
                 # Already in, on this very connection: joining again changes nothing.
                 return record, []
+            now = self._clock()
+            oldest_good = now - self._pending_ttl_s
+            # A connection's pending seat dates from its first join not yet completed: joining
+            # again does not renew it, and once it is over the connection must reconnect.
+            joined_at = record.pending_since or now
+            if joined_at < oldest_good:
+                raise Conflict(
+                    "join_expired",
+                    "this connection's join was not completed in time; reconnect the"
+                    " WebSocket and join again",
+                )
             expired = [
                 m.session_id
                 for m in members
-                if m.state == "pending"
-                and m.session_id != session_id
-                and m.joined_at < time.time() - self._pending_ttl_s
+                if m.state == "pending" and m.session_id != session_id and m.joined_at < oldest_good
             ]
             if expired:
                 await self._drop_pending(
                     keys.room_fence_applied(slug),
                     lease.fence,
-                    keys=[keys.room_members(slug)],
-                    args=expired,
+                    keys=self._room_keys(slug),
+                    args=[*expired, self._empty_ttl_ms],
                 )
             others = [
                 m for m in members if m.session_id != session_id and m.session_id not in expired
@@ -331,16 +428,27 @@ class SessionStore:
                 record.node,
                 record.generation,
                 "pending",
-                time.time(),
+                joined_at,
             )
-            await self._join(
+            admitted = await self._join(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug), keys.room_events(slug)],
-                args=[session_id, membership.encode(), STREAM_MAXLEN, *sorted(replaced_ids)],
+                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                args=[
+                    session_id,
+                    membership.encode(),
+                    STREAM_MAXLEN,
+                    *sorted(replaced_ids),
+                    self._empty_ttl_ms,
+                ],
             )
+            if not admitted:
+                raise Forbidden("removed_by_owner", "the room's creator removed you from this room")
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
         await self._set_room(keys=[keys.session(session_id)], args=[record.generation, slug, ""])
+        await self._mark_pending(
+            keys=[keys.session(session_id)], args=[record.generation, membership.joined_at]
+        )
         log.info(
             "room.join",
             extra={"room": slug, "session_id": session_id, "replaced": len(replaced)},
@@ -359,13 +467,20 @@ class SessionStore:
             result = await self._activate(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug), keys.room_events(slug)],
-                args=[session_id, generation, STREAM_MAXLEN],
+                keys=self._room_keys(slug),
+                args=[
+                    session_id,
+                    generation,
+                    STREAM_MAXLEN,
+                    self._clock() - self._pending_ttl_s,
+                    self._empty_ttl_ms,
+                ],
             )
             if result is None:
                 return None
             event_id, encoded = result
             members = await self.members(slug)
+        await self._clear_pending(keys=[keys.session(session_id)], args=[generation])
         active = [m for m in members if m.state == "active"]
         return Membership.decode(encoded), _text(event_id), active
 
@@ -381,8 +496,8 @@ class SessionStore:
             removed = await self._leave(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug), keys.room_events(slug)],
-                args=[session_id, generation, STREAM_MAXLEN, reason],
+                keys=self._room_keys(slug),
+                args=[session_id, generation, STREAM_MAXLEN, reason, self._empty_ttl_ms],
             )
             empty = removed is not None and not await self._redis.hlen(keys.room_members(slug))
         if removed is None:
@@ -393,6 +508,30 @@ class SessionStore:
         membership = Membership.decode(removed)
         log.info("room.leave", extra={"room": slug, "session_id": session_id, "reason": reason})
         return membership
+
+    async def kick(self, slug: str, user_id: str) -> list[str]:
+        """The room's creator removes `user_id`: every membership of theirs ends now (the
+        active ones announced as `participant-left`, reason `removed-by-owner`) and they
+        cannot join again for a while. Returns the sessions removed."""
+        async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            raw = await self._kick(
+                keys.room_fence_applied(slug),
+                lease.fence,
+                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                args=[user_id, STREAM_MAXLEN, self._kick_ttl_ms, self._empty_ttl_ms],
+            )
+            empty = not await self._redis.hlen(keys.room_members(slug))
+        removed = [_text(session_id) for session_id in raw or []]
+        if empty:
+            await self._redis.srem(keys.ROOMS_LIVE, slug)
+        for session_id in removed:
+            record = await self.get(session_id)
+            if record is not None:
+                await self._set_room(
+                    keys=[keys.session(session_id)], args=[record.generation, "", slug]
+                )
+        log.info("room.kick", extra={"room": slug, "removed": len(removed)})
+        return removed
 
     async def reassert(self, record: SessionRecord, membership: Membership | None) -> None:
         """Put a live local session back after Redis lost it (restart without data)."""
@@ -422,8 +561,8 @@ class SessionStore:
             await self._reassert(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=[keys.room_members(slug)],
-                args=[record.session_id, membership.encode()],
+                keys=self._room_keys(slug),
+                args=[record.session_id, membership.encode(), self._empty_ttl_ms],
             )
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
 
@@ -455,6 +594,7 @@ async def read_session(redis: Redis, session_id: str) -> SessionRecord | None:
         connected_at=float(field.get("connected_at", "0")),
         generation=int(field["generation"]),
         room=field.get("room", ""),
+        pending_since=float(field.get("pending_since", "0")),
     )
 
 

@@ -11,7 +11,7 @@ from bson.errors import InvalidId
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from node.errors import Invalid
-from node.store.models import Message, Room
+from node.store.models import FileRef, Message, Room
 from node.store.text import RAW_CHARS_PER_CHAR, check_size, clean_text
 
 MAX_PAGE = 100
@@ -65,6 +65,8 @@ class MessageView(BaseModel):
     author: Author
     text: str
     ts: datetime
+    #: set on a message sharing a file (Memories); its text is then empty
+    file: FileRef | None = None
 
 
 class HistoryPage(BaseModel):
@@ -80,11 +82,16 @@ def message_view(message: Message) -> MessageView:
         author=Author(id=message.author_id, display_name=message.author_name),
         text=message.text,
         ts=message.ts,
+        file=message.file,
     )
 
 
-async def append_message(room: Room, author_id: str, author_name: str, text: str) -> Message:
-    message = Message(room=room.slug, author_id=author_id, author_name=author_name, text=text)
+async def append_message(
+    room: Room, author_id: str, author_name: str, text: str, file: FileRef | None = None
+) -> Message:
+    message = Message(
+        room=room.slug, author_id=author_id, author_name=author_name, text=text, file=file
+    )
     await message.insert()
     return message
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 from beanie import Document, Indexed, PydanticObjectId
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pymongo import ASCENDING, DESCENDING, IndexModel
 
 
@@ -80,12 +80,87 @@ class RoomPerson(Document):
         return f"{room}\n{user_id}"
 
 
+class FileRef(BaseModel):
+    """What a chat message says of the file it shares (node/store/files.py)."""
+
+    id: str
+    name: str
+    kind: str  # "image" or "file"
+    content_type: str
+    size: int
+    width: int | None = None
+    height: int | None = None
+
+
+class FileVariant(BaseModel):
+    """One servable form of a stored file: a GridFS file and how it is served."""
+
+    grid_id: PydanticObjectId
+    content_type: str
+    size: int
+    etag: str
+
+
+def gallery_key(sort_at: datetime, file_id: str) -> str:
+    """Orders as (sort_at, id) does: microseconds since 1970, zero-padded, then the id."""
+    micros = max(0, int(sort_at.timestamp() * 1_000_000))
+    return f"{micros:020d}-{file_id}"
+
+
+class StoredFile(Document):
+    """A file or photo kept in a room (Memories, issue 15); its bytes are in GridFS."""
+
+    # Random, not derived from the content: an id must tell nobody outside the room
+    # whether some file is in it.
+    id: str = Field(default_factory=new_user_id)  # type: ignore[assignment]
+    room: Annotated[str, Indexed()]
+    # "<room>\n<sha256>": identical bytes in one room are kept once (unique index).
+    dedup_key: Annotated[str, Indexed(unique=True)]
+    uploader_id: Annotated[str, Indexed()]
+    uploader_name: str
+    name: str
+    kind: str
+    content_type: str
+    size: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    taken_at: datetime | None = None
+    #: the gallery's order: when the photo was taken, else when it was uploaded
+    sort_at: datetime
+    #: `gallery_key(sort_at, id)`: the gallery pages by a range on this string (on
+    #: nx-27017 a range on a date scans the collection, one on a string uses the index)
+    gallery_key: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    variants: dict[str, FileVariant]
+    message_id: str | None = None
+
+    class Settings:
+        name = "files"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel([("room", ASCENDING), ("gallery_key", DESCENDING)])
+        ]
+
+    def ref(self) -> FileRef:
+        return FileRef(
+            id=self.id,
+            name=self.name,
+            kind=self.kind,
+            content_type=self.content_type,
+            size=self.size,
+            width=self.width,
+            height=self.height,
+        )
+
+
 class Message(Document):
     id: PydanticObjectId = Field(default_factory=PydanticObjectId)
     room: str
     author_id: str
     author_name: str
     text: str
+    #: a message sharing a file (its text then empty)
+    file: FileRef | None = None
     ts: datetime = Field(default_factory=utcnow)
 
     class Settings:
@@ -97,4 +172,4 @@ class Message(Document):
         ]
 
 
-DOCUMENT_MODELS: list[type[Document]] = [User, Room, RoomPerson, Message]
+DOCUMENT_MODELS: list[type[Document]] = [User, Room, RoomPerson, Message, StoredFile]

@@ -13,6 +13,7 @@ from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from mesh.vivaldi import rank_from_samples, suggest_probes
+from node.errors import DomainError, Forbidden, Invalid
 from node.runtime.chat import Poster, post_chat
 from node.state import keys
 from node.store.messages import (
@@ -230,26 +231,51 @@ async def ws_ticket(auth: Auth) -> tuple[WsTicket, int]:
 async def new_room(data: NewRoom, auth: Auth) -> tuple[RoomView, int]:
     context = node_context()
     user = auth.user
-    lock = context.live.lock
-    room = await create_room(
-        data,
-        user,
-        context.settings.rooms,
-        guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+    settings = context.settings.rooms
+    # Counted before the work; given back if no room was made (a taken name, say).
+    limit_key = keys.room_creations(str(user.id))
+    await context.live.limits.hit(
+        limit_key, settings.creations_per_window, settings.creation_window_s, "rooms created"
     )
+    lock = context.live.lock
+    try:
+        room = await create_room(
+            data,
+            user,
+            settings,
+            guard=lambda: lock.hold(keys.room_lock(data.slug), keys.room_fence(data.slug)),
+        )
+    except DomainError:
+        await context.live.limits.give_back(limit_key)
+        raise
     return await room_view(room, context.settings.base_url, context.redis), 201
+
+
+async def _count_lookup() -> None:
+    """One room look-up from this client address (429 over `rooms.lookups_per_window`)."""
+    context = node_context()
+    settings = context.settings.rooms
+    address = client_address(context.settings.trusted_proxies)
+    await context.live.limits.hit(
+        keys.room_lookups(address),
+        settings.lookups_per_window,
+        settings.lookup_window_s,
+        "room look-ups",
+    )
 
 
 @api.get("/rooms/<slug>")
 @validate_response(RoomView)
 async def room_info(slug: str) -> RoomView:
     context = node_context()
+    await _count_lookup()
     room = await get_room(slug)
     return await room_view(room, context.settings.base_url, context.redis)
 
 
 @api.get("/rooms/<slug>/qr.svg")
 async def room_qr(slug: str) -> Response:
+    await _count_lookup()
     room = await get_room(slug)
     svg = qr_svg(room_url(node_context().settings.base_url, room.slug))
     return Response(svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=3600"})
@@ -300,6 +326,38 @@ async def join_room(slug: str, auth: Auth) -> RoomGrant:
         node=record.node,
         node_url=nodes[record.node].url if record.node in nodes else None,
     )
+
+
+class RemoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=64)
+
+
+class Removed(BaseModel):
+    room: str
+    user_id: str
+    # The sessions of that user that were in the room (or waiting to enter it).
+    sessions_removed: int
+
+
+@api.post("/rooms/<slug>/kick")
+@authenticated(Purpose.USER)
+@validate_request(RemoveRequest)
+@validate_response(Removed)
+async def kick(slug: str, data: RemoveRequest, auth: Auth) -> Removed:
+    """The room's creator removes someone: their sessions leave now (`left`, reason
+    `removed-by-owner`; the others see `participant-left`) and they cannot join again for
+    `rooms.removed_for_s`. Also how a creator frees seats held by joins never completed."""
+    context = node_context()
+    user = auth.user
+    room = await get_room(slug)
+    if room.creator_id != str(user.id):
+        raise Forbidden("not_room_creator", "only the room's creator can remove people")
+    if data.user_id == str(user.id):
+        raise Invalid("cannot_remove_self", "the creator cannot remove themselves")
+    removed = await context.live.sessions.kick(room.slug, data.user_id)
+    return Removed(room=room.slug, user_id=data.user_id, sessions_removed=len(removed))
 
 
 class CoordinateView(BaseModel):

@@ -27,8 +27,10 @@ from node.store.text import mark_runs
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.costs import costs_blueprint
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
+from node.web.files import install_files
 from node.web.happenings import REMINDERS_EXTENSION, happenings_api
 from node.web.headers import page_policy, secure
 from node.web.peers import SocketSlots
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> Quart:
     app.register_blueprint(api)
     app.register_blueprint(happenings_api)
     app.register_blueprint(ws_blueprint)
+    app.register_blueprint(costs_blueprint)
 
     @app.before_serving
     async def _open() -> None:
@@ -258,4 +261,7 @@ def create_app(settings: Settings) -> Quart:
             docs.append(docs_page(schema.openapi_provider.schema()))
         return Response(docs[0], content_type="text/html; charset=utf-8")
 
+    # Last: its start-up needs the node context `_open` makes, and its request class wraps
+    # the error handlers' one.
+    install_files(app)
     return app

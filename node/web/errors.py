@@ -18,8 +18,10 @@ from node.errors import (
     Invalid,
     NotFound,
     RateLimited,
+    TooLarge,
     Unauthenticated,
     Unavailable,
+    Unsupported,
     legacy_fields,
 )
 from node.state.lock import LockError, LockUnavailable
@@ -52,6 +54,8 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    TooLarge: 413,
+    Unsupported: 415,
     RateLimited: 429,
     Unavailable: 503,
 }

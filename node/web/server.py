@@ -32,7 +32,10 @@ def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornCo
     # default): with the app's own limit here, a longer message is cut off as it arrives
     # and the socket closed (1009, message too big). Hypercorn counts a text message in
     # characters, so it holds at most this many characters (4 bytes each at worst) of it.
-    config.websocket_max_message_size = settings.live.ws_max_frame_bytes
+    # The limit is the largest frame a client may send at all: an answer to a large
+    # subscribe offer (live.ws_max_answer_bytes); the app holds every other frame to
+    # ws_max_frame_bytes itself.
+    config.websocket_max_message_size = settings.live.max_incoming_frame_bytes
     return config
 
 

@@ -32,6 +32,8 @@ class Purpose(StrEnum):
     USER = "user"
     SESSION = "session"
     ROOM = "room"
+    #: read one room's files from a URL (<img src>): node/web/files.py
+    FILE = "file"
     #: a room's calendar feed, in its URL (calendar apps send no header); revoked by its own
     #: family (node/web/happenings.py), never by logout, so not in `longest_ttl_s`
     CALENDAR = "calendar"
@@ -76,6 +78,7 @@ class TokenService:
             Purpose.USER: settings.user_ttl_s,
             Purpose.SESSION: settings.session_ttl_s,
             Purpose.ROOM: settings.room_ttl_s,
+            Purpose.FILE: settings.file_ttl_s,
         }
         #: no token lives longer than this (how long a logged-out family stays refused)
         self.longest_ttl_s = max(self._ttl.values())
@@ -103,6 +106,8 @@ class TokenService:
             raise ValueError(f"a {purpose} token needs a session id")
         if purpose is Purpose.ROOM and (room is None or node is None):
             raise ValueError("a room token needs a room and a node")
+        if purpose is Purpose.FILE and room is None:
+            raise ValueError("a file token needs a room")
         issued = (now or datetime.now(UTC)).replace(microsecond=0)
         expires = issued + timedelta(seconds=self._ttl[purpose] if ttl_s is None else ttl_s)
         token_id = secrets.token_hex(12)

@@ -245,11 +245,17 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
         else:
             conn.send(_error(None, "bad_frame", "frames are JSON objects in text frames"))
         return
+    # An answer to the node's subscribe offer grows with the offer (the room's tracks): that
+    # one message may be larger, up to what the latest offer allows, within a hard bound.
+    answer_limit = min(
+        context.live.media.answer_limit(conn), context.settings.live.ws_max_answer_bytes
+    )
+    allowed = max(limit, answer_limit)
     # The limit is in bytes: a text frame of N characters is up to 4N bytes of UTF-8.
     size = len(raw)
-    if size <= limit < 4 * size:
+    if size <= allowed < 4 * size:
         size = len(raw.encode("utf-8", "surrogatepass"))
-    if size > limit:
+    if size > allowed:
         conn.send(_error(None, "frame_too_large", f"frames are limited to {limit} bytes"))
         return
     try:
@@ -259,6 +265,9 @@ async def _handle_frame(context: NodeContext, conn: Connection, raw: str | bytes
         return
     if not isinstance(frame, dict):
         conn.send(_error(None, "bad_frame", "frames are JSON objects"))
+        return
+    if size > limit and (frame.get("type"), frame.get("pc")) != ("answer", "subscribe"):
+        conn.send(_error(None, "frame_too_large", f"frames are limited to {limit} bytes"))
         return
     frame_id = frame.get("id")
     # An id the reply can carry back as it came: an integer, or a string of up to 64
@@ -432,7 +441,8 @@ async def _offer(context: NodeContext, conn: Connection, frame: dict[str, Any]) 
 async def _answer(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
     """The client's answer to the node's subscribe offer."""
     _pc_field(frame, "subscribe")
-    sdp = _string_field(frame, "sdp", _MAX_SDP)
+    # The frame's size was checked against the offer's answer limit already.
+    sdp = _string_field(frame, "sdp", max(_MAX_SDP, context.settings.live.ws_max_answer_bytes))
     session = _media_session(context, conn, "subscribe")
     try:
         await session.subscribe_answer(sdp)

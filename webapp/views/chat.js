@@ -6,7 +6,7 @@ import { $, h } from "./dom.js";
 import { showErrorIn } from "./forms.js";
 import { currentUser } from "./user.js";
 
-/** @typedef {{id: string, authorId: string, name: string, text: string, ts: string}} ChatMessage */
+/** @typedef {{id: string, authorId: string, name: string, text: string, ts: string, file?: any}} ChatMessage */
 
 const HISTORY_PAGE = 30;
 
@@ -14,8 +14,9 @@ const HISTORY_PAGE = 30;
  * @param {ParentNode} root the room, holding the chat's list and form
  * @param {string} slug
  * @param {(text: string) => Promise<unknown>} send
+ * @param {(file: any) => Node} [fileContent] what a message sharing a file shows (Memories)
  */
-export function chatPanel(root, slug, send) {
+export function chatPanel(root, slug, send, fileContent) {
   const messages = /** @type {HTMLOListElement} */ ($(root, "#messages"));
   const chatForm = /** @type {HTMLFormElement} */ ($(root, "#chat-form"));
   const chatText = /** @type {HTMLTextAreaElement} */ ($(root, "#chat-text"));
@@ -40,7 +41,9 @@ export function chatPanel(root, slug, send) {
       "li",
       { class: message.authorId === currentUser()?.id ? "message mine" : "message", "data-id": message.id, "data-ts": message.ts },
       h("div", { class: "meta" }, h("strong", {}, message.name), " ", time),
-      h("div", { class: "text" }, message.text),
+      message.file && fileContent
+        ? h("div", { class: "text file" }, fileContent(message.file))
+        : h("div", { class: "text" }, message.text),
     );
     return li;
   };
@@ -63,9 +66,9 @@ export function chatPanel(root, slug, send) {
   };
 
   /** @param {any} m history item */
-  const fromHistory = (m) => ({ id: m.id, authorId: m.author.id, name: m.author.display_name, text: m.text, ts: normalTs(m.ts) });
+  const fromHistory = (m) => ({ id: m.id, authorId: m.author.id, name: m.author.display_name, text: m.text, ts: normalTs(m.ts), file: m.file ?? undefined });
   /** @param {any} m live item */
-  const fromLive = (m) => ({ id: m.id, authorId: m.from.user_id, name: m.from.display_name, text: m.text, ts: normalTs(m.ts) });
+  const fromLive = (m) => ({ id: m.id, authorId: m.from.user_id, name: m.from.display_name, text: m.text, ts: normalTs(m.ts), file: m.file ?? undefined });
 
   /** @param {string | null} before */
   const fetchPage = async (before) => {
@@ -154,6 +157,8 @@ export function chatPanel(root, slug, send) {
       insertMessages([message]);
       if (stick) messages.scrollTop = messages.scrollHeight;
     },
+    /** A message taken back (its shared file was deleted). @param {string} id */
+    remove: (id) => messages.querySelector(`li.message[data-id="${CSS.escape(id)}"]`)?.remove(),
     stop: () => languageEvents.removeEventListener("change", relabel),
   };
 }

@@ -10,9 +10,20 @@ import { INVITE_KEY } from "./invite.js";
 const WORDS_A = ["sunny", "quiet", "brave", "lucky", "misty", "cosy", "merry", "swift", "bright", "gentle"];
 const WORDS_B = ["otter", "lotus", "river", "panda", "maple", "heron", "comet", "bamboo", "lagoon", "falcon"];
 
-function randomSlug() {
-  const pick = (/** @type {string[]} */ words) => words[Math.floor(Math.random() * words.length)];
-  return `${pick(WORDS_A)}-${pick(WORDS_B)}-${Math.floor(100 + Math.random() * 900)}`;
+// Lower-case base32 (RFC 4648's letters, lower-cased: slugs are case-folded).
+const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
+// 26 base32 characters = 130 bits from the browser's secure generator: a random room's
+// name cannot be guessed (two words before it keep it readable; they add no secrecy).
+const SUFFIX_CHARS = 26;
+
+/** A random room name: two words and 130 secure random bits, at most 40 characters. */
+export function randomSlug() {
+  const bytes = crypto.getRandomValues(new Uint8Array(SUFFIX_CHARS));
+  // 256 is a multiple of 32: each byte modulo 32 is uniform, 5 bits per character.
+  const suffix = Array.from(bytes, (byte) => BASE32[byte % 32]).join("");
+  const pick = (/** @type {string[]} */ words, /** @type {number} */ byte) => words[byte % words.length];
+  const [a, b] = crypto.getRandomValues(new Uint8Array(2));
+  return `${pick(WORDS_A, a)}-${pick(WORDS_B, b)}-${suffix}`;
 }
 
 export function showHome() {

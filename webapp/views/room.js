@@ -7,7 +7,9 @@ import { tr } from "../i18n.js";
 import { RoomConnection } from "../room.js";
 import { logoutTo, showAuth } from "./auth.js";
 import { chatPanel } from "./chat.js";
+import { filesPanel } from "./files.js";
 import { setupFullscreen, setupMicAndCamera } from "./controls.js";
+import { costsPanel } from "./costs.js";
 import { $, clone, h, render, setTeardown, setupTabs } from "./dom.js";
 import { videoGrid } from "./grid.js";
 import { happeningsPanel } from "./happenings.js";
@@ -112,7 +114,9 @@ async function enterRoom(room) {
   });
   window.sfumesh = { conn, room, tiles, participants };
 
-  const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
+  const costs = costsPanel(section, room.slug);
+  const files = filesPanel(section, room.slug);
+  const chat = chatPanel(section, room.slug, (text) => conn.chat(text), files.chatContent);
   const happenings = happeningsPanel(section, room);
 
   conn.addEventListener("state", (event) => {
@@ -145,6 +149,7 @@ async function enterRoom(room) {
     if (self) participants.set(self.session_id, self);
     renderPeople();
     chat.catchUp();
+    costs.refresh();
     happenings.load();
     if (sessionStorage.getItem(INVITE_KEY) === room.slug) {
       sessionStorage.removeItem(INVITE_KEY);
@@ -154,6 +159,7 @@ async function enterRoom(room) {
   conn.addEventListener("participant-joined", (event) => {
     addParticipant(/** @type {CustomEvent} */ (event).detail.participant);
     renderPeople();
+    costs.changed(); // someone new may be among the room's people now
   });
   conn.addEventListener("participant-left", (event) => {
     const sessionId = /** @type {CustomEvent} */ (event).detail.session_id;
@@ -166,6 +172,12 @@ async function enterRoom(room) {
   });
   conn.addEventListener("happening", (event) => {
     happenings.receive(/** @type {CustomEvent} */ (event).detail);
+  });
+  conn.addEventListener("costs", () => costs.changed());
+  conn.addEventListener("chat-deleted", (event) => {
+    const { id, file } = /** @type {CustomEvent} */ (event).detail;
+    if (id) chat.remove(id);
+    if (file) files.forget(file);
   });
   conn.addEventListener("track", (event) => {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
@@ -228,12 +240,15 @@ async function enterRoom(room) {
     location.assign("/");
   });
 
-  // -- tabs (chat / people) ------------------------------------------------------------
+  // -- tabs (chat / people / costs) ------------------------------------------------------
   setupTabs([
     { tab: $(section, "#tab-chat"), panel: /** @type {HTMLElement} */ ($(section, "#panel-chat")) },
     { tab: $(section, "#tab-people"), panel: /** @type {HTMLElement} */ ($(section, "#panel-people")) },
+    { tab: $(section, "#tab-costs"), panel: /** @type {HTMLElement} */ ($(section, "#panel-costs")) },
+    { tab: $(section, "#tab-memories"), panel: /** @type {HTMLElement} */ ($(section, "#panel-memories")) },
     { tab: $(section, "#tab-happenings"), panel: /** @type {HTMLElement} */ ($(section, "#panel-happenings")) },
   ]);
+  $(section, "#tab-memories").addEventListener("click", () => files.showGallery());
 
   setTeardown(() => {
     grid.stop();

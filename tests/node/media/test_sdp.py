@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.media.sdp import announce_addresses
+from node.media.sdp import announce_addresses, media_sections
 
 SDP = "\r\n".join(
     [
@@ -36,3 +36,28 @@ def test_host_candidates_announced_on_the_given_addresses() -> None:
 def test_duplicate_addresses_give_one_candidate() -> None:
     out = announce_addresses(SDP, ["203.0.113.7", "203.0.113.7"])
     assert out.count("203.0.113.7 50000 typ host") == 1
+
+
+def test_media_sections_count_every_m_line_with_its_direction() -> None:
+    sdp = "\r\n".join(
+        [
+            "v=0",
+            "a=recvonly",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+            "a=sendonly",
+            "m=video 9 UDP/TLS/RTP/SAVPF 97",
+            "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+            "a=inactive",
+        ]
+    )
+    sections = media_sections(sdp)
+    assert [(s.kind, s.direction, s.sending) for s in sections] == [
+        ("audio", "sendonly", True),
+        ("video", "recvonly", False),
+        ("application", "inactive", False),
+    ]
+
+
+def test_media_sections_know_their_mids() -> None:
+    sdp = "v=0\nm=audio 9 RTP 111\na=mid:0\na=sendonly\nm=video 9 RTP 97\na=mid:v1\n"
+    assert [s.mid for s in media_sections(sdp)] == ["0", "v1"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pymongo import AsyncMongoClient
 from redis.asyncio import Redis
 
 from node.runtime.services import BackingServices
+from node.runtime.store_server import LabOnlyError, lab_tcp_address
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +147,35 @@ async def test_another_local_user_cannot_reach_the_store(
     read = f"import sys\ntry:\n    open({str(database)!r}, 'rb')\nexcept PermissionError:\n"
     read += "    sys.exit(13)\n"
     assert _as_nobody(read).returncode == 13
+
+
+def test_the_store_listens_on_tcp_only_at_a_lab_address_inside_the_lab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store has no authentication: its TCP mode (for the WAN lab, where nodes reach it
+    over the emulated links) refuses any address outside 198.18.0.0/15 and any process
+    outside a private namespace made by sfumesh; refused, it writes nothing."""
+    assert lab_tcp_address("198.18.0.4:27017") == ("198.18.0.4", 27017)
+    for address in ("127.0.0.1:27017", "0.0.0.0:27017", "10.0.0.1:27017", "198.20.0.1:27017"):
+        with pytest.raises(LabOnlyError, match="only a lab address"):
+            lab_tcp_address(address)
+    with pytest.raises(LabOnlyError, match="bad port"):
+        lab_tcp_address("198.18.0.4:0")
+    for argv in (["--lab-tcp", "0.0.0.0:27017"], ["--lab-tcp", "198.18.0.4:27017"]):
+        env = dict(os.environ)
+        if argv[1].startswith("198.18"):
+            env.pop("SFUMESH_PRIVATE_NETNS")  # outside the lab
+        files = ["--data-dir", str(tmp_path / "db"), "--log-file", str(tmp_path / "store.log")]
+        refused = subprocess.run(
+            [sys.executable, "-m", "node.runtime.store_server", *argv, *files],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert refused.returncode == 2
+        assert "--lab-tcp" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("SFUMESH_PRIVATE_NETNS")
+    with pytest.raises(LabOnlyError, match="only inside the WAN lab"):
+        lab_tcp_address("198.18.0.4:27017")

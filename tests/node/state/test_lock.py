@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mesh.process import ManagedProcess, free_port
-from node.runtime.services import _redis_process
+from node.runtime.services import redis_process
 from node.state.lock import (
     DistributedLock,
     FencedScript,
@@ -163,7 +163,7 @@ def extra_redis(tmp_path: Path) -> Iterator[list[tuple[ManagedProcess, str]]]:
         for i in range(2):
             port = free_port()
             password = secrets.token_urlsafe(16)
-            child = _redis_process(tmp_path / f"redis-{i}", port, password)
+            child = redis_process(tmp_path / f"redis-{i}", port, password)
             child.start()
             started.append((child, f"redis://:{password}@127.0.0.1:{port}/0"))
             child.wait_port("127.0.0.1", port)

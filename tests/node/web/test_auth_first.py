@@ -89,8 +89,25 @@ AUTHENTICATED = {
     ("POST", "/api/sessions/ws-ticket"): Purpose.SESSION,
     ("POST", "/api/rooms"): Purpose.USER,
     ("POST", "/api/rooms/<slug>/join"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/kick"): Purpose.USER,
     ("GET", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/messages"): Purpose.SESSION,
+    # split the bill (node/web/costs.py)
+    ("GET", "/api/rooms/<slug>/costs"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/expenses"): Purpose.SESSION,
+    ("GET", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("PUT", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("DELETE", "/api/rooms/<slug>/expenses/<expense_id>"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/payments"): Purpose.SESSION,
+    ("DELETE", "/api/rooms/<slug>/payments/<payment_id>"): Purpose.SESSION,
+    # Memories (issue 15)
+    ("POST", "/api/rooms/<slug>/files"): Purpose.SESSION,
+    ("GET", "/api/rooms/<slug>/files"): Purpose.SESSION,
+    ("POST", "/api/rooms/<slug>/files/token"): Purpose.SESSION,
+    ("DELETE", "/api/files/<file_id>"): Purpose.SESSION,
+    # a session token in the header, or a file token in `?t=` (an <img> sends no header)
+    ("GET", "/api/files/<file_id>"): Purpose.FILE,
+    ("GET", "/api/files/<file_id>/<variant>"): Purpose.FILE,
     ("GET", "/api/rooms/<slug>/happenings"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/happenings"): Purpose.SESSION,
     ("GET", "/api/happenings/<happening_id>"): Purpose.SESSION,
@@ -137,6 +154,8 @@ def _concrete(path: str) -> str:
         path.replace("<user_id>", "0123456789abcdef01234567")
         .replace("<username>", "alice")
         .replace("<slug>", "lobby")
+        .replace("<expense_id>", "0123456789abcdef01234567")
+        .replace("<payment_id>", "0123456789abcdef01234567")
         .replace("<happening_id>", "0123456789abcdef01234567")
     )
 

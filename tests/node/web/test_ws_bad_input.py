@@ -39,6 +39,7 @@ VOLATILE = (
     ":lock",
     ":fence",
     ":chat-limit:",
+    ":room-lookups:",
     f"{keys.PREFIX}:node:",
     keys.NODES,
     ":node-inbox:",

@@ -31,9 +31,15 @@ LIMIT = 8192  # a small frame limit: the test sends a little over it
 
 
 def test_hypercorn_is_given_the_frame_limit(make_settings: SettingsFactory) -> None:
+    # The server's limit is the largest frame a client may send at all: an answer to a large
+    # subscribe offer (ws_max_answer_bytes) may be bigger than every other frame.
     for limit in (LIMIT, 64 * 1024):
-        settings: Settings = make_settings(live__ws_max_frame_bytes=limit)
+        settings: Settings = make_settings(
+            live__ws_max_frame_bytes=limit, live__ws_max_answer_bytes=limit
+        )
         assert hypercorn_config(settings).websocket_max_message_size == limit
+    settings = make_settings(live__ws_max_frame_bytes=LIMIT, live__ws_max_answer_bytes=4 * LIMIT)
+    assert hypercorn_config(settings).websocket_max_message_size == 4 * LIMIT
 
 
 def _ws_url(node: LocalNode, session_token: str) -> str:
@@ -59,7 +65,11 @@ async def test_a_real_node_refuses_oversize_frames_and_extra_sockets(
     node_processes: Callable[..., LocalNode],
 ) -> None:
     node = node_processes(
-        extra_env={"SFUMESH_WS_MAX_FRAME_BYTES": str(LIMIT), "SFUMESH_WS_MAX_PER_USER": "2"}
+        extra_env={
+            "SFUMESH_WS_MAX_FRAME_BYTES": str(LIMIT),
+            "SFUMESH_WS_MAX_ANSWER_BYTES": str(LIMIT),
+            "SFUMESH_WS_MAX_PER_USER": "2",
+        }
     )
     async with httpx.AsyncClient(timeout=30) as http:
         user = await sign_up(http, node.url)
