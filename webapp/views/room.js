@@ -113,7 +113,6 @@ async function enterRoom(room) {
   });
   window.sfumesh = { conn, room, tiles, participants };
 
-  const chat = chatPanel(section, room.slug, (text) => conn.chat(text));
   const costs = costsPanel(section, room.slug);
   const files = filesPanel(section, room.slug);
   const chat = chatPanel(section, room.slug, (text) => conn.chat(text), files.chatContent);
