@@ -66,6 +66,9 @@ async def test_plan_on_one_page_rsvp_on_another(node_processes: Callable[..., Lo
                 "Picnic at the lake"
             )
             await screenshot(second, "happenings-phone.png")
+            # the page is no wider than the phone: the tab bar scrolls, not the page
+            wide = await second.evaluate("() => document.documentElement.scrollWidth")
+            assert wide <= PHONE["width"], wide
             # Vietnamese strings
             await second.select_option("#lang", "vi")
             await expect(second.locator(f"{card} .count-going")).to_have_text("1 người đi")
