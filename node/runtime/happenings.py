@@ -7,8 +7,8 @@ answers would bury the chat.
 
 Answers to one happening are written one at a time under its lock (node/state/lock.py), and
 the lock's fence becomes the answer's place in the queue for seats (node/store/happenings.py
-derives who goes and who waits from the answers alone). The response is read under the same
-lock, so it says truly whether this answer got a seat.
+derives who goes and who waits from the answers alone). The response is read once the answer
+is written, so it says truly whether this answer got a seat.
 
 Every node runs `ReminderLoop`; node/state/reminders.py says how a reminder is sent exactly
 once whichever nodes are up.
@@ -97,7 +97,9 @@ async def answer(
     ) as lease:
         current = await get_happening(happening_id)  # cancelled meanwhile?
         await record_answer(current, user_id, display_name, value, lease.fence)
-        view = await happening_view(current)
+    # Read after the lock is let go: every answer ahead of this one (a smaller fence) was
+    # written under it before, and the ones after it cannot push this one back.
+    view = await happening_view(current)
     await publish_view(live, "rsvp", view)
     return view
 
