@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 import unicodedata
@@ -213,7 +214,9 @@ class FileStore:
         self.upload_dir = data_dir / "uploads"
         # Several nodes may share one data_dir: each names its temporary files after itself
         # (and its process), so on start it removes only its own leftovers.
-        self.temp_prefix = f"{upload_prefix(node_name)}{os.getpid()}-"
+        # The random part: a restarted node given its killed predecessor's pid still tells
+        # that one's leftovers from its own.
+        self.temp_prefix = f"{upload_prefix(node_name)}{os.getpid()}.{secrets.token_hex(4)}-"
         self._own_prefix = upload_prefix(node_name)
         self._images = asyncio.Semaphore(settings.image_workers)
 

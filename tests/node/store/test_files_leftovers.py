@@ -44,7 +44,7 @@ async def test_a_node_removes_only_its_own_stale_upload_files_on_start(
     store: FileStore = app.app.extensions[FILES_EXTENSION]
     handle, path = store._temp()
     handle.close()
-    assert path.name.startswith(f"{upload_prefix('node-a')}{os.getpid()}-")
+    assert path.name.startswith(f"{upload_prefix('node-a')}{os.getpid()}.")
     # This process's own files are never its leftovers, however old.
     os.utime(path, (time.time() - hour, time.time() - hour))
     assert store.sweep_leftovers() == 0 and path.exists()
