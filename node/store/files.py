@@ -325,9 +325,18 @@ class FileStore:
                     raise
                 return existing, False
             keep = True
+            # The room's storage after this upload: a log line per room, where a metric label
+            # per room would not do (`sfumesh cluster files` lists them all).
+            room_bytes, _ = await self.quota.used(room.slug, uploader.user_id)
             log.info(
                 "files.stored",
-                extra={"room": room.slug, "file": stored.id, "bytes": size, "kind": stored.kind},
+                extra={
+                    "room": room.slug,
+                    "file": stored.id,
+                    "bytes": size,
+                    "kind": stored.kind,
+                    "room_bytes": room_bytes,
+                },
             )
             return stored, True
         finally:

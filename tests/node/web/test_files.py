@@ -431,6 +431,18 @@ async def test_only_the_rooms_creator_opts_in_to_keeping_exif_from_then_on(room:
         response = await room.keep_exif(room.alice_user, bad)
         assert response.status_code == 422, bad
         await error_of(response)
+    broken = await room.client.patch(
+        f"/api/rooms/{room.slug}",
+        data=b"{",
+        headers={**bearer(room.alice_user), "Content-Type": "application/json"},
+    )
+    # Not JSON at all: the node's rule for every route (400 `malformed_json`).
+    assert broken.status_code == 400
+    assert (await error_of(broken))["code"] == "malformed_json"
+    nowhere = await room.client.patch(
+        "/api/rooms/nowhere", json={"keep_original_exif": True}, headers=bearer(room.alice_user)
+    )
+    assert nowhere.status_code == 404
     with_session = await room.keep_exif(room.alice, True)  # a session token is not a login's
     assert with_session.status_code == 401
     info = await (await room.client.get(f"/api/rooms/{room.slug}")).get_json()
