@@ -141,9 +141,14 @@ class FileSettings(BaseModel):
     #: all files of one room together, and all of one user's uploads (over every room)
     room_quota_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
     user_quota_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
-    #: serve photos with their EXIF (location, camera serial...) as uploaded; off: every
-    #: variant served is re-encoded without it
-    keep_original_exif: bool = False
+    #: whether a room's creator may opt the room in to keeping photos' originals as
+    #: uploaded, EXIF (location, camera serial...) included (`PATCH /api/rooms/{slug}`
+    #: `{"keep_original_exif": true}`); false: every variant of every photo is re-encoded
+    #: without it, whatever rooms chose. Each room strips by default.
+    keep_original_exif_allowed: bool = True
+    #: a node's temporary upload files (`data_dir/uploads`, named after the node) older than
+    #: this are removed when it starts: left by a node killed mid-upload
+    stale_upload_s: float = Field(default=15 * 60.0, gt=0)
     #: decoded pixels of one image at most (Pillow's decompression-bomb limit)
     max_image_pixels: int = Field(default=50_000_000, gt=0)
     thumb_px: int = Field(default=320, ge=16, le=2048)
@@ -477,7 +482,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MAX_FILE_BYTES": "files.max_file_bytes",
     "SFUMESH_ROOM_QUOTA_BYTES": "files.room_quota_bytes",
     "SFUMESH_USER_QUOTA_BYTES": "files.user_quota_bytes",
-    "SFUMESH_KEEP_ORIGINAL_EXIF": "files.keep_original_exif",
+    "SFUMESH_KEEP_ORIGINAL_EXIF_ALLOWED": "files.keep_original_exif_allowed",
 }
 
 

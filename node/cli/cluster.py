@@ -1,4 +1,7 @@
-"""`sfumesh cluster members|rtt|rooms|sessions|relays [--json]`: the operator's view (N8).
+"""`sfumesh cluster members|rtt|rooms|sessions|relays|files [--json]`: the operator's view (N8).
+
+`files` lists rooms by the bytes of files they keep (issue 15), largest first, from the
+quota counters in Redis: storage per room is here, not a Prometheus label per room.
 
 Membership and coordinates come from any node's Serf agent over RPC (`--rpc-addr`,
 `--rpc-auth`); rooms, sessions and relays from the cluster's Redis (`--redis-url`; each node
@@ -25,9 +28,10 @@ from mesh.vivaldi import estimate_rtt
 from node.config import ConfigError, Settings, load_settings
 from node.relay.manager import read_relays
 from node.state import keys
+from node.state.quota import bytes_by_room
 from node.state.sessions import Membership, read_session
 
-COMMANDS = ("members", "rtt", "rooms", "sessions", "relays")
+COMMANDS = ("members", "rtt", "rooms", "sessions", "relays", "files")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +184,26 @@ async def _relays(args: argparse.Namespace, settings: Settings) -> list[dict[str
     return rows
 
 
+async def _files(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    """Rooms by bytes of files kept (or being uploaded), largest first, with their share of
+    `files.room_quota_bytes`."""
+    redis = _redis(args, settings)
+    try:
+        rooms = await bytes_by_room(redis)
+    finally:
+        await redis.aclose()
+    quota = settings.files.room_quota_bytes
+    return [
+        {
+            "room": slug,
+            "bytes": stored,
+            "mb": round(stored / 1_000_000, 1),
+            "quota_percent": round(100 * stored / quota, 1),
+        }
+        for slug, stored in sorted(rooms.items(), key=lambda item: (-item[1], item[0]))
+    ]
+
+
 def _kbps(bps: Any) -> float | None:
     return None if bps is None else round(float(bps) / 1000, 1)
 
@@ -215,6 +239,8 @@ async def _run(args: argparse.Namespace) -> Any:
         return await _rooms(args, settings)
     if args.what == "sessions":
         return await _sessions(args, settings)
+    if args.what == "files":
+        return await _files(args, settings)
     return await _relays(args, settings)
 
 

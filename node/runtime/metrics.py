@@ -9,7 +9,7 @@ media state at scrape time; relay figures (per peer node) come from `node.relay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -64,6 +64,13 @@ class NodeMetrics:
         self.chat_messages = Counter(
             "sfumesh_chat_messages", "Chat messages accepted", registry=self.registry
         )
+        #: awaited before each render: figures read from Redis or the store (a collector
+        #: cannot await); each keeps its own pace, so a scrape flood costs no more reads
+        self.refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    async def refresh(self) -> None:
+        for refresher in self.refreshers:
+            await refresher()
 
     def watch(
         self,

@@ -46,7 +46,9 @@ every login, right or wrong. The rate-limit counters share the
 tag `{limits}` for the same reason: one attempt reserves a slot in several at once
 (node/state/ratelimit.py). The file quota counters share `{files}`: an upload reserves its
 bytes in its room's and its user's counter in one script (node/state/quota.py); they are
-counted again from the store when missing.
+counted again from the store when missing. The room counters are also what operators read
+for storage per room (`sfumesh cluster files`, the `sfumesh_file_*` gauges): found with
+SCAN on `files_room_bytes_pattern()`, never by a label per room.
 """
 
 from __future__ import annotations
@@ -188,6 +190,15 @@ _FILES = "{files}"
 
 def files_room_bytes(slug: str) -> str:
     return f"{PREFIX}:files:{_FILES}:room:{slug}"
+
+
+def files_room_bytes_pattern() -> str:
+    """SCAN pattern of every room's byte counter (`files_room_slug` reads a key back)."""
+    return f"{PREFIX}:files:{_FILES}:room:*"
+
+
+def files_room_slug(key: str) -> str:
+    return key.removeprefix(f"{PREFIX}:files:{_FILES}:room:")
 
 
 def files_user_bytes(user_id: str) -> str:

@@ -12,6 +12,7 @@ concurrent seeds agree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -95,3 +96,30 @@ class FileQuota:
             [keys.files_room_bytes(slug), keys.files_user_bytes(user_id)]
         )
         return int(room or 0), int(user or 0)
+
+
+#: room counters read per SCAN step (COUNT hint) and per MGET
+_SCAN_BATCH = 500
+
+
+async def bytes_by_room(redis: Redis) -> Mapping[str, int]:
+    """Bytes kept (or being uploaded) per room, from the quota counters: SCAN, never KEYS,
+    so a large keyspace is walked in steps without blocking Redis. A room whose counter is
+    not seeded (a fresh Redis, no upload since) is absent until its next upload."""
+    found: dict[str, int] = {}
+    batch: list[str] = []
+
+    async def flush() -> None:
+        values = await redis.mget(batch)
+        for key, value in zip(batch, values, strict=True):
+            if value is not None and int(value) > 0:
+                found[keys.files_room_slug(key)] = int(value)
+        batch.clear()
+
+    async for raw in redis.scan_iter(match=keys.files_room_bytes_pattern(), count=_SCAN_BATCH):
+        batch.append(raw.decode() if isinstance(raw, bytes) else raw)
+        if len(batch) >= _SCAN_BATCH:
+            await flush()
+    if batch:
+        await flush()
+    return found

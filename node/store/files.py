@@ -1,6 +1,8 @@
 """Memories (issue 15, R7): files and photos kept in a room, in GridFS through the one store.
 
-An upload streams to a private temporary file on disk (never whole in memory) while its
+An upload streams to a private temporary file on disk (never whole in memory; named after
+the node and its process, so a node restarted after being killed mid-upload removes its own
+leftovers, `FileStore.sweep_leftovers`) while its
 size is counted against `files.max_file_bytes` and its bytes are reserved against the room's
 and the uploader's quotas (node/state/quota.py: atomic across nodes). Only a complete,
 accepted upload reaches GridFS, so a cut or refused one leaves no chunk behind; should
@@ -20,8 +22,11 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 import re
+import secrets
 import tempfile
+import time
 import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -197,6 +202,7 @@ class FileStore:
         quota: FileQuota,
         settings: FileSettings,
         data_dir: Path,
+        node_name: str = "node-1",
     ) -> None:
         self.bucket = AsyncGridFSBucket(
             database, bucket_name=BUCKET, chunk_size_bytes=GRID_CHUNK_BYTES
@@ -206,15 +212,48 @@ class FileStore:
         self.quota = quota
         self.settings = settings
         self.upload_dir = data_dir / "uploads"
+        # Several nodes may share one data_dir: each names its temporary files after itself
+        # (and its process), so on start it removes only its own leftovers.
+        # The random part: a restarted node given its killed predecessor's pid still tells
+        # that one's leftovers from its own.
+        self.temp_prefix = f"{upload_prefix(node_name)}{os.getpid()}.{secrets.token_hex(4)}-"
+        self._own_prefix = upload_prefix(node_name)
         self._images = asyncio.Semaphore(settings.image_workers)
 
-    async def prepare(self) -> None:
-        """The chunks' index (GridFS's own): reads by file and number, each chunk once."""
+    async def prepare(self) -> int:
+        """The chunks' index (GridFS's own): reads by file and number, each chunk once; and
+        this node's temporary files left by an earlier run (killed mid-upload) removed.
+        Returns how many were removed."""
         await self.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
+        return await asyncio.to_thread(self.sweep_leftovers)
+
+    def sweep_leftovers(self) -> int:
+        """Remove this node's temporary upload files untouched for `files.stale_upload_s`:
+        an upload writes to its file as bytes arrive, so a live one is never that old. Other
+        nodes' files (a shared data_dir) and this process's own are left alone."""
+        cutoff = time.time() - self.settings.stale_upload_s
+        removed = 0
+        try:
+            entries = list(os.scandir(self.upload_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(self._own_prefix) or name.startswith(self.temp_prefix):
+                continue
+            with suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            log.info("files.leftovers_removed", extra={"files": removed})
+        return removed
 
     def _temp(self) -> tuple[IO[bytes], Path]:
         self.upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=self.upload_dir, delete=False)
+        handle = tempfile.NamedTemporaryFile(
+            dir=self.upload_dir, prefix=self.temp_prefix, delete=False
+        )
         return handle, Path(handle.name)
 
     async def _seed(self, room: str, user_id: str) -> None:
@@ -286,9 +325,18 @@ class FileStore:
                     raise
                 return existing, False
             keep = True
+            # The room's storage after this upload: a log line per room, where a metric label
+            # per room would not do (`sfumesh cluster files` lists them all).
+            room_bytes, _ = await self.quota.used(room.slug, uploader.user_id)
             log.info(
                 "files.stored",
-                extra={"room": room.slug, "file": stored.id, "bytes": size, "kind": stored.kind},
+                extra={
+                    "room": room.slug,
+                    "file": stored.id,
+                    "bytes": size,
+                    "kind": stored.kind,
+                    "room_bytes": room_bytes,
+                },
             )
             return stored, True
         finally:
@@ -352,6 +400,9 @@ class FileStore:
         written: list[ObjectId],
     ) -> StoredFile:
         settings = self.settings
+        # The room's creator opted in, and the operator lets rooms do so: the uploaded bytes
+        # are the original (display and thumb are re-encoded, stripped, either way).
+        keep_exif = room.keep_original_exif and settings.keep_original_exif_allowed
         head = await asyncio.to_thread(_read_head, path)
         async with self._images:
             try:
@@ -373,11 +424,11 @@ class FileStore:
         fields: dict[str, Any] = {}
         if rendered is not None:
             for variant, (data, content_type) in rendered.variants.items():
-                if variant == "original" and settings.keep_original_exif:
+                if variant == "original" and keep_exif:
                     continue
                 etag = hashlib.sha256(data).hexdigest()[:32]
                 variants[variant] = await self._put(data, content_type, etag, written)
-            if settings.keep_original_exif:
+            if keep_exif:
                 with path.open("rb") as source:
                     variants["original"] = await self._put(
                         source, rendered.content_type, sha[:32], written
@@ -465,6 +516,15 @@ class FileStore:
             files=[file_view(f) for f in found],
             next_before=found[-1].id if more and found else None,
         )
+
+
+def upload_prefix(node_name: str) -> str:
+    """The start of a node's temporary upload file names: its name, made safe for a file
+    name (and unambiguous: anything but letters, digits, `.`, `_` is escaped)."""
+    safe = "".join(
+        c if (c.isascii() and c.isalnum()) or c in "._" else f"-{ord(c):x}-" for c in node_name
+    )
+    return f"up~{safe}~"
 
 
 def _read_head(path: Path) -> bytes:

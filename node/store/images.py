@@ -3,10 +3,11 @@
 Pillow alone reads the bytes, and only as the formats a room keeps (JPEG, PNG, WebP, GIF):
 never by name or the client's content type. Everything served is re-encoded by Pillow with
 the EXIF orientation applied and *no* metadata passed on (location, camera serial, time
-zone...); the uploaded bytes are served only when the operator keeps them
-(`files.keep_original_exif`). Pixel counts are checked from the header, before anything is
-decoded: a decompression bomb is refused for its size, not after it filled memory; a
-truncated image fails its full decode and is refused too.
+zone...); the uploaded bytes are served only for photos uploaded while their room's creator
+opted in (`Room.keep_original_exif`, if the operator's `files.keep_original_exif_allowed`).
+Pixel counts are checked from the header, before anything is decoded: a decompression bomb
+is refused for its size, not after it filled memory; a truncated image fails its full
+decode and is refused too.
 
 These functions are blocking (decoding a 12-megapixel JPEG takes a CPU for a while): the
 caller runs them in a worker thread, a few at a time.

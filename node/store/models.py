@@ -57,6 +57,9 @@ class Room(Document):
     capacity: int
     creator_id: Annotated[str, Indexed()]
     created_at: datetime = Field(default_factory=utcnow)
+    #: the creator's opt-in (issue 15): photos uploaded while this is on keep their original
+    #: bytes, EXIF and location included, served to the room's people; off: stripped
+    keep_original_exif: bool = False
 
     class Settings:
         name = "rooms"

@@ -138,6 +138,8 @@ class RoomView(BaseModel):
     creator_id: str
     created_at: datetime
     occupancy: Occupancy
+    #: photos uploaded now keep their original EXIF (location...); see `PATCH /api/rooms/{slug}`
+    keep_original_exif: bool = False
 
 
 def room_url(base_url: str, slug: str) -> str:
@@ -159,6 +161,7 @@ async def room_view(room: Room, base_url: str, redis: Redis) -> RoomView:
         creator_id=room.creator_id,
         created_at=room.created_at,
         occupancy=await occupancy(redis, room.slug),
+        keep_original_exif=room.keep_original_exif,
     )
 
 
@@ -201,6 +204,34 @@ async def get_room(raw_slug: str) -> Room:
     room = await Room.find_one(Room.slug == slug)
     if room is None:
         raise NotFound("room_not_found", "no such room")
+    return room
+
+
+class RoomChange(BaseModel):
+    """`PATCH /api/rooms/{slug}`: what the room's creator may change (only what is given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: photos uploaded from now on keep their original bytes, EXIF and location included
+    keep_original_exif: bool | None = Field(default=None, strict=True)
+
+
+async def change_room(room: Room, change: RoomChange, by: User, exif_allowed: bool) -> Room:
+    """The creator's change, written in one `$set` (or refused, and nothing written). Not
+    retroactive: photos already kept stay as they were stored."""
+    if room.creator_id != str(by.id):
+        raise Forbidden("not_room_creator", "only the room's creator can change the room")
+    fields = change.model_dump(exclude_none=True)
+    if not fields:
+        raise Invalid("nothing_to_change", "give at least one field to change")
+    if fields.get("keep_original_exif") and not exif_allowed:
+        raise Forbidden(
+            "original_exif_not_allowed", "this node's operator does not let rooms keep EXIF"
+        )
+    await Room.find_one(Room.id == room.id).update({"$set": fields})
+    for name, value in fields.items():
+        setattr(room, name, value)
+    log.info("rooms.changed", extra={"room": room.slug, "fields": sorted(fields)})
     return room
 
 

@@ -27,7 +27,9 @@ from node.store.messages import (
 from node.store.models import User
 from node.store.rooms import (
     NewRoom,
+    RoomChange,
     RoomView,
+    change_room,
     create_room,
     get_room,
     qr_svg,
@@ -270,6 +272,22 @@ async def room_info(slug: str) -> RoomView:
     context = node_context()
     await _count_lookup()
     room = await get_room(slug)
+    return await room_view(room, context.settings.base_url, context.redis)
+
+
+@api.patch("/rooms/<slug>")
+@authenticated(Purpose.USER)
+@validate_request(RoomChange)
+@validate_response(RoomView)
+async def patch_room(slug: str, data: RoomChange, auth: Auth) -> RoomView:
+    """The room's creator changes its settings: today whether photos uploaded from now on
+    keep their original EXIF (issue 15), if the operator allows it
+    (`files.keep_original_exif_allowed`)."""
+    context = node_context()
+    room = await get_room(slug)
+    room = await change_room(
+        room, data, auth.user, context.settings.files.keep_original_exif_allowed
+    )
     return await room_view(room, context.settings.base_url, context.redis)
 
 

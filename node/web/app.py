@@ -46,8 +46,10 @@ WEBAPP_DIR = Path(str(resources.files("webapp")))
 READY_TIMEOUT_S = 2.0
 
 
-def _render_metrics(app: Quart) -> Response:
+async def _render_metrics(app: Quart) -> Response:
     context: NodeContext | None = app.extensions.get(EXTENSION)
+    if context is not None:
+        await context.metrics.refresh()
     body = context.metrics.render() if context is not None else b""
     return Response(body, content_type=CONTENT_TYPE)
 
@@ -60,7 +62,7 @@ def create_metrics_app(node_app: Quart) -> Quart:
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        return _render_metrics(node_app)
+        return await _render_metrics(node_app)
 
     return app
 
@@ -219,7 +221,7 @@ def create_app(settings: Settings) -> Quart:
     async def metrics_text() -> Response:
         if settings.metrics.listen:
             raise NotFound()  # served on the metrics listener only
-        return _render_metrics(app)
+        return await _render_metrics(app)
 
     @app.get("/static/<path:filename>")
     async def webapp_static(filename: str) -> Response:

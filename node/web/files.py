@@ -7,7 +7,8 @@ node/store/files.py, which counts it against `files.max_file_bytes` (413 `file_t
 and the quotas (413 `room_quota_exceeded` / `user_quota_exceeded`). Only this route's body
 may pass the node's `max_body_bytes`, and only up to `files.max_file_bytes`.
 
-Serving: `GET /api/files/{id}` (the original, EXIF stripped), `/display` and `/thumb`, to
+Serving: `GET /api/files/{id}` (the original: EXIF stripped, unless the photo was uploaded
+while its room's creator opted in to keeping it), `/display` and `/thumb`, to
 the room's people only. A page's `<img src>` cannot send an Authorization header, so these
 also take `?t=` a *file token*: signed (node/web/tokens.py, purpose `file`), bound to one
 room and its holder, short-lived (`tokens.file_ttl_s`), bought with a session token at
@@ -24,22 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote, unquote
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quart import Blueprint, Quart, Response, current_app, request
 from quart.wrappers.request import Body
 from quart_schema import validate_querystring, validate_response
+from redis.exceptions import RedisError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from node.errors import DomainError, Invalid, NotFound, TooLarge
 from node.runtime.chat import Poster, post_file, unshare_file
-from node.state.quota import FileQuota
+from node.state.quota import FileQuota, bytes_by_room
 from node.store.files import INLINE_TYPES, FilePage, FileStore, FileView, Uploader, file_view
 from node.store.models import StoredFile
 from node.store.rooms import get_room, is_person, room_person
@@ -67,6 +70,34 @@ class FileMetrics:
     uploads: Counter
     upload_bytes: Counter
     refusals: Counter
+    stored_bytes: Gauge
+    rooms_with_files: Gauge
+
+
+#: storage figures are read from Redis at most this often (a scrape in between sees the last)
+STORAGE_REFRESH_S = 15.0
+
+
+def storage_refresher(redis: Any, metrics: FileMetrics) -> Callable[[], Awaitable[None]]:
+    """Storage over the cluster (issue 15, item 7), summed: one label per room would grow
+    the series without end (as `metrics.per_session` is off by default for media); storage
+    per room is the operator's `sfumesh cluster files`."""
+    last = [-STORAGE_REFRESH_S]
+
+    async def refresh() -> None:
+        now = time.monotonic()
+        if now - last[0] < STORAGE_REFRESH_S:
+            return
+        last[0] = now
+        try:
+            rooms = await bytes_by_room(redis)
+        except (RedisError, OSError) as error:
+            log.warning("files.storage_unread", extra={"error": str(error)})
+            return
+        metrics.stored_bytes.set(sum(rooms.values()))
+        metrics.rooms_with_files.set(len(rooms))
+
+    return refresh
 
 
 _UPLOAD_PATH_PARTS = ("api", "rooms", "files")
@@ -167,12 +198,16 @@ def install_files(app: Quart) -> None:
             context.redis, settings.files.room_quota_bytes, settings.files.user_quota_bytes
         )
         store = FileStore(
-            context.store[settings.database], quota, settings.files, settings.data_dir
+            context.store[settings.database],
+            quota,
+            settings.files,
+            settings.data_dir,
+            settings.node_name,
         )
         await store.prepare()
         app.extensions[FILES_EXTENSION] = store
         registry = context.metrics.registry
-        app.extensions[METRICS_EXTENSION] = FileMetrics(
+        metrics = FileMetrics(
             uploads=Counter(
                 "sfumesh_file_uploads_total", "Files kept, by kind", ["kind"], registry=registry
             ),
@@ -185,7 +220,19 @@ def install_files(app: Quart) -> None:
                 ["reason"],
                 registry=registry,
             ),
+            stored_bytes=Gauge(
+                "sfumesh_file_stored_bytes",
+                "Bytes of files kept (or being uploaded) in every room, from the quota counters",
+                registry=registry,
+            ),
+            rooms_with_files=Gauge(
+                "sfumesh_file_rooms_with_files",
+                "Rooms keeping at least one byte of files",
+                registry=registry,
+            ),
         )
+        app.extensions[METRICS_EXTENSION] = metrics
+        context.metrics.refreshers.append(storage_refresher(context.redis, metrics))
 
 
 class UploadResult(FileView):

@@ -80,3 +80,32 @@ async def test_dropped_photo_reaches_the_other_page_gallery_and_late_joiner(
         third = await new_page(carol_ctx, url)
         await wait_joined(third)
         await loaded(third, THUMB)
+
+
+async def test_only_the_creator_sees_and_sets_keeping_photos_exif(
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    node = await asyncio.to_thread(node_processes, extra_env=MEDIA_ENV)
+    slug = f"exif-{secrets.token_hex(3)}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        alice, bob = [await sign_up(http, node.url, prefix=p) for p in ("al", "bo")]
+        await create_room(alice, node.url, slug)
+        url = f"{node.url}/r/{slug}"
+        async with (
+            chromium() as browser,
+            web_context(browser, alice.user_token) as alice_ctx,
+            web_context(browser, bob.user_token) as bob_ctx,
+        ):
+            first = await new_page(alice_ctx, url)
+            await wait_joined(first)
+            await first.get_by_role("tab", name="Memories").click()
+            await expect(first.locator("#exif-kept")).to_be_hidden()
+            await first.locator("#exif-keep").check()
+            await expect(first.locator("#exif-kept")).to_be_visible(timeout=10_000)
+            info = (await http.get(f"{node.url}/api/rooms/{slug}")).json()
+            assert info["keep_original_exif"] is True
+            second = await new_page(bob_ctx, url)
+            await wait_joined(second)
+            await second.get_by_role("tab", name="Memories").click()
+            await expect(second.locator("#exif-kept")).to_be_visible()
+            await expect(second.locator("#exif-choice")).to_be_hidden()

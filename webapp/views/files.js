@@ -5,11 +5,15 @@
 // An <img> cannot send an Authorization header, so the images' URLs carry a file token
 // (`?t=`): short-lived, read only, bound to this room, bought with the session token at
 // POST /api/rooms/{slug}/files/token and renewed before it expires.
+//
+// The room's creator alone sees a choice to keep photos' location and camera details (EXIF)
+// from now on: PATCH /api/rooms/{slug} with the user token; everyone sees when it is on.
 
 import { ApiError, auth, request, roomPath } from "../api.js";
 import { tr } from "../i18n.js";
 import { $, h } from "./dom.js";
 import { showErrorIn } from "./forms.js";
+import { currentUser } from "./user.js";
 
 const TOKEN_MARGIN_MS = 30_000;
 const GALLERY_PAGE = 40;
@@ -17,8 +21,9 @@ const GALLERY_PAGE = 40;
 /**
  * @param {ParentNode} root the room section
  * @param {string} slug
+ * @param {{creator_id?: string, keep_original_exif?: boolean}} [room] the room's info
  */
-export function filesPanel(root, slug) {
+export function filesPanel(root, slug, room = {}) {
   const picker = /** @type {HTMLInputElement} */ ($(root, "#file-input"));
   const attach = /** @type {HTMLButtonElement} */ ($(root, "#btn-attach"));
   const uploads = /** @type {HTMLUListElement} */ ($(root, "#uploads"));
@@ -27,6 +32,33 @@ export function filesPanel(root, slug) {
   const gallery = /** @type {HTMLUListElement} */ ($(root, "#gallery"));
   const more = /** @type {HTMLButtonElement} */ ($(root, "#gallery-more"));
   const viewer = /** @type {HTMLDialogElement} */ ($(root, "#viewer"));
+  const exifKept = /** @type {HTMLElement} */ ($(root, "#exif-kept"));
+  const exifChoice = /** @type {HTMLElement} */ ($(root, "#exif-choice"));
+  const exifKeep = /** @type {HTMLInputElement} */ ($(root, "#exif-keep"));
+  const exifError = /** @type {HTMLElement} */ ($(root, "#exif-error"));
+
+  const showExif = (/** @type {boolean} */ kept) => {
+    exifKept.hidden = !kept;
+    exifKeep.checked = kept;
+  };
+  showExif(Boolean(room.keep_original_exif));
+  exifChoice.hidden = !room.creator_id || currentUser()?.id !== room.creator_id;
+  exifKeep.addEventListener("change", async () => {
+    const wanted = exifKeep.checked;
+    exifKeep.disabled = true;
+    exifError.textContent = "";
+    try {
+      const token = auth.userToken();
+      if (token === null) throw new ApiError(401, "unauthorized", "sign in again");
+      const reply = await request("PATCH", roomPath(slug), { token, body: { keep_original_exif: wanted } });
+      showExif(Boolean(reply.keep_original_exif));
+    } catch (error) {
+      showExif(!wanted);
+      showErrorIn(exifError, /** @type {Error} */ (error));
+    } finally {
+      exifKeep.disabled = false;
+    }
+  });
 
   /** @type {{token: string, expires: number} | null} */
   let grant = null;

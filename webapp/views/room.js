@@ -115,7 +115,7 @@ async function enterRoom(room) {
   window.sfumesh = { conn, room, tiles, participants };
 
   const costs = costsPanel(section, room.slug);
-  const files = filesPanel(section, room.slug);
+  const files = filesPanel(section, room.slug, room);
   const chat = chatPanel(section, room.slug, (text) => conn.chat(text), files.chatContent);
   const happenings = happeningsPanel(section, room);
 

@@ -90,6 +90,7 @@ AUTHENTICATED = {
     ("POST", "/api/rooms"): Purpose.USER,
     ("POST", "/api/rooms/<slug>/join"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/kick"): Purpose.USER,
+    ("PATCH", "/api/rooms/<slug>"): Purpose.USER,
     ("GET", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     ("POST", "/api/rooms/<slug>/messages"): Purpose.SESSION,
     # split the bill (node/web/costs.py)

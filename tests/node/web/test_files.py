@@ -55,12 +55,15 @@ class Room:
         self.client = api.client
         self.database = database
         self.alice = self.bob = self.carol = ""
+        #: user tokens (for the room's settings, `PATCH /api/rooms/{slug}`)
+        self.alice_user = self.bob_user = ""
 
     async def setup(self, slug: str = "trip") -> Room:
         api = self.api
         alice, bob, carol = [await api.user_token(n) for n in ("alice", "bob", "carol")]
         await api.create_room(alice, slug)
         self.slug = slug
+        self.alice_user, self.bob_user = alice, bob
         self.alice = await api.session_token(alice)
         self.bob = await api.session_token(bob)
         self.carol = await api.session_token(carol)
@@ -75,6 +78,13 @@ class Room:
             f"/api/rooms/{slug or self.slug}/files?name={quote(name)}",
             data=data,
             headers={**bearer(token or self.alice), "Content-Type": "image/jpeg"},
+        )
+
+    async def keep_exif(self, user_token: str, body: Any) -> Any:
+        """The room's setting: `body` is the JSON sent (True/False, or anything to refuse)."""
+        json = {"keep_original_exif": body} if isinstance(body, bool) else body
+        return await self.client.patch(
+            f"/api/rooms/{self.slug}", json=json, headers=bearer(user_token)
         )
 
     async def grid(self) -> tuple[int, int]:
@@ -378,13 +388,15 @@ async def test_upload_appears_live_in_the_room_and_in_the_gallery(room: Room) ->
         assert deleted["file"] == stored["id"]
 
 
-async def test_the_original_with_its_exif_only_when_the_operator_keeps_it(
+async def test_the_original_with_its_exif_only_when_the_room_keeps_it(
     make_app: Any, backing: Any
 ) -> None:
-    app = await make_app(files__keep_original_exif=True)
+    # Was the operator-wide `files.keep_original_exif`; now the room's creator opts in.
+    app = await make_app()
     settings = app.app.extensions["sfumesh"].settings
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(backing.mongodb_uri)
     room = await Room(Api(app.test_client()), mongo[settings.database]).setup()
+    assert (await room.keep_exif(room.alice_user, True)).status_code == 200
     upload = photo()
     stored = await (await room.upload(upload)).get_json()
     original = await room.client.get(f"/api/files/{stored['id']}", headers=bearer(room.bob))
@@ -392,3 +404,101 @@ async def test_the_original_with_its_exif_only_when_the_operator_keeps_it(
     thumb = await room.client.get(f"/api/files/{stored['id']}/thumb", headers=bearer(room.bob))
     assert not has_gps(await thumb.get_data(as_text=False))
     await mongo.close()
+
+
+async def served(room: Room, file_id: str) -> dict[str, bytes]:
+    """Every variant of a file as one of the room's people (bob) gets it."""
+    found = {}
+    for variant, path in (("original", ""), ("display", "/display"), ("thumb", "/thumb")):
+        response = await room.client.get(f"/api/files/{file_id}{path}", headers=bearer(room.bob))
+        assert response.status_code == 200, variant
+        found[variant] = await response.get_data(as_text=False)
+    return found
+
+
+async def test_only_the_rooms_creator_opts_in_to_keeping_exif_from_then_on(room: Room) -> None:
+    info = await (await room.client.get(f"/api/rooms/{room.slug}")).get_json()
+    assert info["keep_original_exif"] is False
+    before = photo(width=600)
+    earlier = await (await room.upload(before, "before.jpg")).get_json()
+    # The default room: nothing served carries a location.
+    assert not any(has_gps(data) for data in (await served(room, earlier["id"])).values())
+
+    refused = await room.keep_exif(room.bob_user, True)
+    assert refused.status_code == 403
+    assert (await error_of(refused))["code"] == "not_room_creator"
+    for bad in ({"keep_original_exif": "yes"}, {"keep_original_exif": 1}, {}, {"other": True}):
+        response = await room.keep_exif(room.alice_user, bad)
+        assert response.status_code == 422, bad
+        await error_of(response)
+    broken = await room.client.patch(
+        f"/api/rooms/{room.slug}",
+        data=b"{",
+        headers={**bearer(room.alice_user), "Content-Type": "application/json"},
+    )
+    # Not JSON at all: the node's rule for every route (400 `malformed_json`).
+    assert broken.status_code == 400
+    assert (await error_of(broken))["code"] == "malformed_json"
+    nowhere = await room.client.patch(
+        "/api/rooms/nowhere", json={"keep_original_exif": True}, headers=bearer(room.alice_user)
+    )
+    assert nowhere.status_code == 404
+    with_session = await room.keep_exif(room.alice, True)  # a session token is not a login's
+    assert with_session.status_code == 401
+    info = await (await room.client.get(f"/api/rooms/{room.slug}")).get_json()
+    assert info["keep_original_exif"] is False  # nothing written by a refusal
+
+    enabled = await room.keep_exif(room.alice_user, True)
+    assert enabled.status_code == 200
+    assert (await enabled.get_json())["keep_original_exif"] is True
+    upload = photo()
+    assert has_gps(upload)
+    after = await (await room.upload(upload, "after.jpg")).get_json()
+    variants = await served(room, after["id"])
+    assert variants["original"] == upload and has_gps(variants["original"])
+    assert not has_gps(variants["display"]) and not has_gps(variants["thumb"])
+    # Not retroactive: the photo uploaded before stays stripped.
+    assert not has_gps((await served(room, earlier["id"]))["original"])
+
+    assert (await room.keep_exif(room.alice_user, False)).status_code == 200
+    later = await (await room.upload(photo(width=500), "later.jpg")).get_json()
+    assert not any(has_gps(data) for data in (await served(room, later["id"])).values())
+    # Opting out is not retroactive either: what was kept with its EXIF stays so.
+    assert has_gps((await served(room, after["id"]))["original"])
+
+
+async def test_the_operator_can_forbid_rooms_to_keep_exif(make_app: Any, backing: Any) -> None:
+    app = await make_app(files__keep_original_exif_allowed=False)
+    settings = app.app.extensions["sfumesh"].settings
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(backing.mongodb_uri)
+    room = await Room(Api(app.test_client()), mongo[settings.database]).setup()
+    refused = await room.keep_exif(room.alice_user, True)
+    assert refused.status_code == 403
+    assert (await error_of(refused))["code"] == "original_exif_not_allowed"
+    # A room that opted in before the operator forbade it: its new uploads are stripped.
+    await opt_in_behind_the_api(room.slug)
+    stored = await (await room.upload(photo())).get_json()
+    assert not any(has_gps(data) for data in (await served(room, stored["id"])).values())
+    await mongo.close()
+
+
+async def opt_in_behind_the_api(slug: str) -> None:
+    document = await get_room(slug)
+    document.keep_original_exif = True
+    await document.save()
+
+
+async def test_storage_is_a_total_in_metrics_never_a_label_per_room(room: Room) -> None:
+    first = photo(width=600)
+    await room.upload(first, "one.jpg")
+    data = b"%PDF-1.4 not much of a document" * 100
+    await room.upload(data, "two.pdf")
+    text = await (await room.client.get("/metrics")).get_data(as_text=True)
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("sfumesh_file_")
+    }
+    assert values["sfumesh_file_stored_bytes"] == len(first) + len(data)
+    assert values["sfumesh_file_rooms_with_files"] == 1
+    assert f'"{room.slug}"' not in text  # no label names the room
