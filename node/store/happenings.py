@@ -425,7 +425,8 @@ async def create_happening(
     """Checked here (who may is the caller's): times, span, capacity, the room's limit.
 
     The limit is a count followed by an insert: callers hold the room's lock around this call
-    (node/runtime/happenings.py `plan`), so two creations never both see the last place free."""
+    (node/runtime/happenings.py `plan`), so two creations never both see the last place free;
+    a count after the insert keeps the limit even without the lock."""
     start = to_instant("start", new.start, new.zone)
     end = to_instant("end", new.end, new.zone) if new.end is not None else None
     _check_span(start, end)
@@ -447,6 +448,14 @@ async def create_happening(
         creator_name=user_name,
     )
     await happening.insert()
+    # Belt and braces for a lock holder that stalled past its lease while another counted:
+    # counted again after the insert, an overshoot takes its own happening back. Each kept
+    # one saw at most the limit after its insert, so the limit holds even then (at worst two
+    # racers both step back and a place stays free).
+    if await Happening.find(Happening.room == room.slug).count() > max_per_room:
+        await happening.delete()
+        log.warning("happening.over_limit", extra={"room": room.slug})
+        raise Conflict("too_many_happenings", f"a room holds at most {max_per_room} happenings")
     log.info("happening.created", extra={"room": room.slug, "happening": str(happening.id)})
     return happening
 
