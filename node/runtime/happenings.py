@@ -2,8 +2,14 @@
 
 Planning, changing and cancelling a happening is told to the room twice: a chat line from
 "sfumesh" (stored, so the history shows it) and a `happening` event with the whole view, so
-every open page on every node redraws it. An answer (RSVP) sends the event only: fifty
-answers would bury the chat.
+every open page on every node redraws it. An answer (RSVP) is told the same way, but only
+when it changes something: the same answer given again writes nothing and says nothing, so
+the chat gets one line per real change of answer ("Bob is going", "Bob can't come"), never
+one per click.
+
+The room's limit on happenings (`happenings.max_per_room`) is a count then an insert; `plan`
+does both under the room's distributed lock, so creations racing for the last places never
+overshoot it.
 
 Answers to one happening are written one at a time under its lock (node/state/lock.py), and
 the lock's fence becomes the answer's place in the queue for seats (node/store/happenings.py
@@ -34,8 +40,10 @@ from node.store.happenings import (
     Answer,
     Happening,
     HappeningView,
+    NewHappening,
     ReminderKind,
     coming_happenings,
+    create_happening,
     epoch_ms,
     get_happening,
     happening_view,
@@ -80,11 +88,43 @@ async def announce(
     view = await happening_view(happening)
     when = datetime.fromisoformat(view.start_local).strftime("%Y-%m-%d %H:%M")
     text = f"📅 {by_name} {verb} “{happening.title}”: {when} ({happening.zone})"
+    await say(live, room, text, view)
+    await publish_view(live, action, view)
+    return view
+
+
+async def say(live: Live, room: Room, text: str, view: HappeningView) -> None:
+    """A stored chat line from "sfumesh" about `view`, sent to the room's open pages."""
     message = Message(room=room.slug, author_id="", author_name=SYSTEM_NAME, text=text)
     await message.insert()
     await live.events.publish(room.slug, "chat", chat_event(message, happening=view.id))
-    await publish_view(live, action, view)
-    return view
+
+
+def answer_text(view: HappeningView, user_id: str, display_name: str) -> str:
+    """The chat line of one person's changed answer, with where it left them."""
+    mine = next((r for r in view.rsvps if r.user_id == user_id), None)
+    title = f"“{view.title}”"
+    if mine is None or mine.status == "not_going":
+        return f"🙅 {display_name} can't come to {title}"
+    if mine.status == "going":
+        return f"🙋 {display_name} is going to {title}"
+    if mine.status == "waitlisted":
+        return f"⏳ {display_name} is on the wait list for {title} (#{mine.position})"
+    return f"🤔 {display_name} might come to {title}"
+
+
+async def plan(
+    live: Live,
+    room: Room,
+    user_id: str,
+    user_name: str,
+    new: NewHappening,
+    max_per_room: int,
+    max_capacity: int,
+) -> Happening:
+    """Create a happening; the room's limit is counted and taken under the room's lock."""
+    async with live.lock.hold(keys.room_lock(room.slug), keys.room_fence(room.slug)):
+        return await create_happening(room, user_id, user_name, new, max_per_room, max_capacity)
 
 
 async def answer(
@@ -96,10 +136,12 @@ async def answer(
         keys.happening_lock(room.slug, happening_id), keys.happening_fence(room.slug, happening_id)
     ) as lease:
         current = await get_happening(happening_id)  # cancelled meanwhile?
-        await record_answer(current, user_id, display_name, value, lease.fence)
+        changed = await record_answer(current, user_id, display_name, value, lease.fence)
     # Read after the lock is let go: every answer ahead of this one (a smaller fence) was
     # written under it before, and the ones after it cannot push this one back.
     view = await happening_view(current)
+    if changed:
+        await say(live, room, answer_text(view, user_id, display_name), view)
     await publish_view(live, "rsvp", view)
     return view
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from beanie import Document, PydanticObjectId, SortDirection
+from beanie.operators import In
 from bson.errors import InvalidId
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, IndexModel
@@ -338,6 +339,19 @@ async def answers_of(happening: Happening) -> list[Rsvp]:
     return await Rsvp.find(Rsvp.happening_id == str(happening.id)).to_list()
 
 
+async def happening_views(happenings: list[Happening]) -> list[HappeningView]:
+    """The views of many happenings (a room's list) with one read of all their answers,
+    not one read per happening."""
+    ids = [str(happening.id) for happening in happenings]
+    by_happening: dict[str, list[Rsvp]] = {hid: [] for hid in ids}
+    if ids:
+        for rsvp in await Rsvp.find(In(Rsvp.happening_id, ids)).to_list():
+            by_happening.setdefault(rsvp.happening_id, []).append(rsvp)
+    return [
+        await happening_view(happening, by_happening[str(happening.id)]) for happening in happenings
+    ]
+
+
 async def happening_view(happening: Happening, answers: list[Rsvp] | None = None) -> HappeningView:
     if answers is None:
         answers = await answers_of(happening)
@@ -408,7 +422,11 @@ async def create_happening(
     max_per_room: int,
     max_capacity: int,
 ) -> Happening:
-    """Checked here (who may is the caller's): times, span, capacity, the room's limit."""
+    """Checked here (who may is the caller's): times, span, capacity, the room's limit.
+
+    The limit is a count followed by an insert: callers hold the room's lock around this call
+    (node/runtime/happenings.py `plan`), so two creations never both see the last place free;
+    a count after the insert keeps the limit even without the lock."""
     start = to_instant("start", new.start, new.zone)
     end = to_instant("end", new.end, new.zone) if new.end is not None else None
     _check_span(start, end)
@@ -430,6 +448,14 @@ async def create_happening(
         creator_name=user_name,
     )
     await happening.insert()
+    # Belt and braces for a lock holder that stalled past its lease while another counted:
+    # counted again after the insert, an overshoot takes its own happening back. Each kept
+    # one saw at most the limit after its insert, so the limit holds even then (at worst two
+    # racers both step back and a place stays free).
+    if await Happening.find(Happening.room == room.slug).count() > max_per_room:
+        await happening.delete()
+        log.warning("happening.over_limit", extra={"room": room.slug})
+        raise Conflict("too_many_happenings", f"a room holds at most {max_per_room} happenings")
     log.info("happening.created", extra={"room": room.slug, "happening": str(happening.id)})
     return happening
 
@@ -502,8 +528,9 @@ async def cancel_happening(happening: Happening) -> Happening:
 
 async def record_answer(
     happening: Happening, user_id: str, display_name: str, answer: Answer, seq: int
-) -> None:
+) -> bool:
     """Store one answer; call it under the happening's lock with that lock's fence as `seq`.
+    Whether it changed anything (the same answer again is not written, nor told to the room).
 
     Answering "going" again keeps one's place: only a new "going" joins the queue's end."""
     if happening.cancelled:
@@ -511,7 +538,7 @@ async def record_answer(
     key = Rsvp.key(str(happening.id), user_id)
     current = await Rsvp.get(key)
     if current is not None and current.answer == answer:
-        return
+        return False
     rsvp = Rsvp(
         id=key,
         happening_id=str(happening.id),
@@ -521,6 +548,7 @@ async def record_answer(
         seq=seq,
     )
     await rsvp.save()
+    return True
 
 
 # --- reminders -----------------------------------------------------------------------------

@@ -26,12 +26,12 @@ from node.store.happenings import (
     RsvpRequest,
     cancel_happening,
     check_may_change,
-    create_happening,
     edit_happening,
     feed_family,
     feed_is_current,
     get_happening,
     happening_view,
+    happening_views,
     room_happenings,
 )
 from node.store.models import Room
@@ -64,7 +64,7 @@ async def _person_room(slug: str, user_id: str) -> Room:
 async def list_happenings(slug: str, auth: Auth) -> HappeningList:
     """The room's happenings by start, oldest first; cancelled ones included (flagged)."""
     room = await room_person(slug, str(auth.user.id))
-    return HappeningList(happenings=[await happening_view(h) for h in await room_happenings(room)])
+    return HappeningList(happenings=await happening_views(await room_happenings(room)))
 
 
 @happenings_api.post("/rooms/<slug>/happenings")
@@ -75,7 +75,8 @@ async def plan_happening(slug: str, data: NewHappening, auth: Auth) -> tuple[Hap
     context = node_context()
     settings = context.settings.happenings
     room = await _person_room(slug, str(auth.user.id))
-    happening = await create_happening(
+    happening = await live_happenings.plan(
+        context.live,
         room,
         str(auth.user.id),
         auth.user.display_name,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from redis.asyncio import Redis
 
 from node.state import keys
+from node.store.happenings import Rsvp
 from node.store.models import Room
 from node.store.rooms import remember_person
 from tests.conftest import Api, bearer, error_of
@@ -256,17 +259,127 @@ async def test_changes_and_answers_reach_the_room_stream(api: Api, redis: Redis)
     await room_with_owner(api)
     alice, _ = await person(api, "alice", "lobby")
     made = await plan(api, alice)
-    await api.client.put(
-        f"/api/happenings/{made['id']}/rsvp", json={"answer": "maybe"}, headers=bearer(alice)
-    )
+    for _ in range(2):  # the same answer again changes nothing and says nothing
+        await api.client.put(
+            f"/api/happenings/{made['id']}/rsvp", json={"answer": "maybe"}, headers=bearer(alice)
+        )
     await api.client.delete(f"/api/happenings/{made['id']}", headers=bearer(alice))
     entries: Any = await redis.xrange(keys.room_events("lobby"))
     events = [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in entries]
     happenings = [(d["action"], d["happening"]["id"]) for t, d in events if t == "happening"]
-    assert happenings == [("created", made["id"]), ("rsvp", made["id"]), ("cancelled", made["id"])]
+    assert happenings == [
+        ("created", made["id"]),
+        ("rsvp", made["id"]),
+        ("rsvp", made["id"]),
+        ("cancelled", made["id"]),
+    ]
     chat = [d["text"] for t, d in events if t == "chat"]
-    assert len(chat) == 2 and "planned" in chat[0] and "cancelled" in chat[1]
+    assert len(chat) == 3 and "planned" in chat[0] and "cancelled" in chat[2]
+    assert chat[1] == "🤔 Alice might come to “Picnic at the lake”"
+    assert all(d["happening"] == made["id"] for t, d in events if t == "chat")
     history = await (
         await api.client.get("/api/rooms/lobby/messages", headers=bearer(alice))
     ).get_json()
-    assert [m["author"]["display_name"] for m in history["messages"]] == ["sfumesh", "sfumesh"]
+    assert [m["author"]["display_name"] for m in history["messages"]] == ["sfumesh"] * 3
+
+
+async def test_each_changed_answer_is_one_chat_line_saying_where_it_left_them(
+    api: Api, redis: Redis
+) -> None:
+    await room_with_owner(api)
+    alice, _ = await person(api, "alice", "lobby")
+    bob, _ = await person(api, "bob", "lobby")
+    made = await plan(api, alice, capacity=1)
+    url = f"/api/happenings/{made['id']}/rsvp"
+    for token, answer in [
+        (alice, "going"),
+        (alice, "going"),  # unchanged: no line
+        (bob, "going"),
+        (bob, "going"),  # unchanged: no line
+        (alice, "not_going"),  # Bob moves up; one line, Alice's
+        (bob, "maybe"),
+    ]:
+        response = await api.client.put(url, json={"answer": answer}, headers=bearer(token))
+        assert response.status_code == 200
+    entries: Any = await redis.xrange(keys.room_events("lobby"))
+    events = [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in entries]
+    chat = [d["text"] for t, d in events if t == "chat"][1:]  # after "planned"
+    title = "“Picnic at the lake”"
+    assert chat == [
+        f"🙋 Alice is going to {title}",
+        f"⏳ Bob is on the wait list for {title} (#1)",
+        f"🙅 Alice can't come to {title}",
+        f"🤔 Bob might come to {title}",
+    ]
+    assert sum(t == "happening" and d["action"] == "rsvp" for t, d in events) == 6
+
+
+async def test_room_limit_holds_when_creations_race_for_the_last_places(
+    make_app: Callable[..., Any],
+) -> None:
+    cap = 6
+    app = await make_app(happenings__max_per_room=cap)
+    api = Api(app.test_client())
+    owner = await api.user_token("owner")
+    alice, alice_id = await person(api, "alice")
+    # rounds with 1..3 places left and 4..9 racers: many interleavings of count and insert
+    for round_, (left, racers) in enumerate([(1, 4), (2, 5), (3, 9), (1, 8), (2, 9), (3, 6)]):
+        slug = f"race{round_}"
+        await api.create_room(owner, slug)
+        found = await Room.find_one(Room.slug == slug)
+        assert found is not None
+        await remember_person(found, alice_id)
+        for _ in range(cap - left):
+            await plan(api, alice, room=slug)
+
+        async def create(slug: str = slug) -> int:
+            response = await api.client.post(
+                f"/api/rooms/{slug}/happenings", json=PICNIC, headers=bearer(alice)
+            )
+            if response.status_code == 409:
+                assert (await error_of(response))["code"] == "too_many_happenings"
+            return int(response.status_code)
+
+        codes = await asyncio.gather(*(create() for _ in range(racers)))
+        assert sorted(codes) == [201] * left + [409] * (racers - left), (round_, codes)
+        listed = await (
+            await api.client.get(f"/api/rooms/{slug}/happenings", headers=bearer(alice))
+        ).get_json()
+        assert len(listed["happenings"]) == cap
+
+
+async def test_listing_reads_all_answers_at_once_and_shows_what_each_shows(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await room_with_owner(api)
+    alice, _ = await person(api, "alice", "lobby")
+    bob, _ = await person(api, "bob", "lobby")
+    carol, _ = await person(api, "carol", "lobby")
+    made = [await plan(api, alice, capacity=1 + i % 2, title=f"Outing {i}") for i in range(6)]
+    await plan(api, alice, title="Nobody answered")
+    for i, happening in enumerate(made):
+        url = f"/api/happenings/{happening['id']}/rsvp"
+        order = [(alice, "going"), (bob, "going"), (carol, ["maybe", "going", "not_going"][i % 3])]
+        for token, answer in order[i % 3 :] + order[: i % 3]:
+            await api.client.put(url, json={"answer": answer}, headers=bearer(token))
+    one_by_one = []
+    for happening in made:
+        response = await api.client.get(f"/api/happenings/{happening['id']}", headers=bearer(bob))
+        one_by_one.append(await response.get_json())
+
+    reads: list[object] = []
+    find = Rsvp.find
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        return find(*args, **kwargs)
+
+    monkeypatch.setattr(Rsvp, "find", counted)
+    listed = await (
+        await api.client.get("/api/rooms/lobby/happenings", headers=bearer(bob))
+    ).get_json()
+    assert len(reads) == 1  # was one per happening
+    by_id = {h["id"]: h for h in listed["happenings"]}
+    assert [by_id[h["id"]] for h in made] == one_by_one
+    assert by_id[next(iter(set(by_id) - {h["id"] for h in made}))]["rsvps"] == []
+    assert any(h["counts"]["waitlisted"] for h in one_by_one)
