@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 15.0
 WAIT_S = 40.0
+# A `ping` this often keeps a long run from being dropped as idle (the node's
+# `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
+PING_INTERVAL_S = 20.0
 
 
 class SmallPattern(VideoStreamTrack):
@@ -52,7 +55,19 @@ class Socket:
     messages: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
+    pinger: asyncio.Task[None] | None = None
+    #: pings sent (each answered by a `pong`, kept in `messages` like any message)
+    pings: int = 0
     _ids: int = 0
+
+    async def _ping(self, interval_s: float) -> None:
+        while not self.closed:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.ws.send(json.dumps({"type": "ping"}))
+            except websockets.exceptions.ConnectionClosed:
+                return
+            self.pings += 1
 
     async def _read(self) -> None:
         try:
@@ -113,18 +128,26 @@ class Socket:
         return await asyncio.wait_for(scan(), TIMEOUT)
 
     async def close(self) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
+            await asyncio.gather(self.pinger, return_exceptions=True)
         await self.ws.close()
         if self.reader is not None:
             await self.reader
 
 
-async def open_socket(node_url: str, session_token: str) -> Socket:
-    """A node's WebSocket for this session, once its `hello` arrived."""
+async def open_socket(
+    node_url: str, session_token: str, ping_interval_s: float | None = PING_INTERVAL_S
+) -> Socket:
+    """A node's WebSocket for this session, once its `hello` arrived; it sends a `ping`
+    every `ping_interval_s` (None: never, and the node drops it once idle)."""
     ws_url = node_url.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
     sock = Socket(await websockets.connect(ws_url, max_size=2**22), node_url, session_token)
     sock.reader = asyncio.create_task(sock._read())
     hello = await sock.wait_for("hello")
     sock.session_id, sock.node = hello["session_id"], hello["node"]
+    if ping_interval_s is not None:
+        sock.pinger = asyncio.create_task(sock._ping(ping_interval_s))
     return sock
 
 
