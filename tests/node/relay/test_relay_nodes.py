@@ -128,6 +128,14 @@ async def test_a_room_across_three_nodes(
                 # every Serf message of the relay fits the bound
                 largest = await metric(http, node, "sfumesh_relay_signalling_message_bytes_max")
                 assert 0 < largest <= 1000
+                # each node's one participant gets audio and video of the two others, all
+                # relayed: its subscriptions are listed like local ones (issue 22, item 2)
+                text = (await http.get(f"{node.url}/metrics")).text
+                assert metric_sum(text, "sfumesh_media_forwarded_tracks") == 4, text
+                for kind in ("audio", "video"):
+                    out = f'direction="out",kind="{kind}"'
+                    assert metric_sum(text, "sfumesh_media_packets_total", out) > 0, text
+                assert metric_sum(text, "sfumesh_media_packets_total", 'direction="in"') > 0
 
             # each relay has its Vivaldi estimate once coordinates have converged a little,
             # its measured RTT from the RTCP reports of its senders, and its bitrates (from
