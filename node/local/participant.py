@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
-from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    AudioStreamTrack,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 from websockets.asyncio.client import ClientConnection
@@ -29,6 +35,13 @@ WAIT_S = 40.0
 # A `ping` this often keeps a long run from being dropped as idle (the node's
 # `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
 PING_INTERVAL_S = 20.0
+# A received video track that decoded nothing for this long asks for a keyframe, and again
+# each STALL_S while it stays frozen (as browsers do): aiortc's receiver asks only once, when
+# its jitter buffer overflows, so one lost PLI froze the picture until the encoder's periodic
+# keyframe (issue 20).
+STALL_S = 1.0
+# Gaps between decoded frames longer than this are kept (`Received.gaps`).
+GAP_KEPT_S = 0.5
 
 
 class SmallPattern(VideoStreamTrack):
@@ -154,23 +167,44 @@ async def open_socket(
 class Received:
     """A remote track: frames decoded until it ends."""
 
-    def __init__(self, track: MediaStreamTrack, mid: str | None) -> None:
+    def __init__(
+        self, track: MediaStreamTrack, mid: str | None, receiver: RTCRtpReceiver | None = None
+    ) -> None:
         self.track = track
         self.kind = track.kind
         self.mid = mid
+        self.receiver = receiver
         self.owner = ""
         self.frames = 0
         self.first_frame_at: float | None = None
+        self.last_frame_at: float | None = None
+        #: (monotonic time the gap ended, its length) of gaps longer than GAP_KEPT_S
+        self.gaps: list[tuple[float, float]] = []
+        #: keyframe requests (PLI) this participant sent because the track froze
+        self.keyframe_requests = 0
+        self.last_request_at = 0.0
         self.ended = asyncio.Event()
         self.task = asyncio.ensure_future(self._consume())
+
+    def longest_gap(self, after: float = 0.0) -> float:
+        """The longest time without a decoded frame, among gaps that ended after `after`
+        (the current one included while the track lives)."""
+        longest = max((gap for at, gap in self.gaps if at > after), default=0.0)
+        if self.last_frame_at is not None and not self.ended.is_set():
+            longest = max(longest, time.monotonic() - max(self.last_frame_at, after))
+        return longest
 
     async def _consume(self) -> None:
         try:
             while True:
                 await self.track.recv()
+                now = time.monotonic()
                 self.frames += 1
                 if self.first_frame_at is None:
-                    self.first_frame_at = time.monotonic()
+                    self.first_frame_at = now
+                elif self.last_frame_at is not None and now - self.last_frame_at > GAP_KEPT_S:
+                    self.gaps.append((now, now - self.last_frame_at))
+                self.last_frame_at = now
         except MediaStreamError:
             pass
         finally:
@@ -195,9 +229,32 @@ class MediaPeer:
                 (t.mid for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
-            received = Received(track, mid)
+            receiver = next(
+                (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
+                None,
+            )
+            received = Received(track, mid, receiver)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
+
+        self._watchdog = asyncio.ensure_future(self._watch_frozen())
+
+    async def _watch_frozen(self) -> None:
+        """Ask for a keyframe for a video track that decoded nothing for STALL_S."""
+        while True:
+            await asyncio.sleep(STALL_S / 4)
+            now = time.monotonic()
+            for r in self.received:
+                if r.kind != "video" or r.receiver is None or r.ended.is_set():
+                    continue
+                if r.last_frame_at is None or now - r.last_frame_at < STALL_S:
+                    continue
+                if now - r.last_request_at < STALL_S:
+                    continue
+                r.last_request_at = now
+                r.keyframe_requests += 1
+                for ssrc in adapter.remote_media_ssrcs(r.receiver):
+                    await adapter.request_keyframe(r.receiver, ssrc)
 
     async def _read(self) -> None:
         while True:
@@ -262,7 +319,8 @@ class MediaPeer:
 
     async def close(self) -> None:
         self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        self._watchdog.cancel()
+        await asyncio.gather(self._reader, self._watchdog, return_exceptions=True)
         await self.publish.close()
         await self.subscribe.close()
         for received in self.received:

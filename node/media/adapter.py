@@ -523,6 +523,14 @@ async def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> bool:
     return True
 
 
+def remote_media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
+    """The media SSRCs an (untapped, client-side) receiver has received so far, RTX
+    excluded: what a PLI names."""
+    r: Any = receiver
+    rtx: dict[int, int] = r._RTCRtpReceiver__rtx_ssrc
+    return [ssrc for ssrc in r._RTCRtpReceiver__remote_streams if ssrc not in rtx]
+
+
 # --------------------------------------------------------------------------- send side
 
 

@@ -129,26 +129,26 @@ class MediaCollector(Collector):
                         published.keyframe_requests,
                         tap.remb_bitrate,
                     )
-                for subscription in list(published.subscriptions.values()):
-                    subscriber = subscription.subscriber
-                    sink = subscription.sink
-                    if subscriber.closed or not sink.ready:
-                        continue
-                    labels = [subscriber.session_id, "out", published.kind, track]
-                    if tuple(labels) in seen:
-                        continue
-                    seen.add(tuple(labels))
-                    yield _Track(
-                        labels,
-                        sink.packets_sent,
-                        sink.bytes_sent,
-                        self._rates.rate(sink, sink.created, sink.bytes_sent, now),
-                        sink.reception(),
-                        sink.nacked,
-                        sink.retransmitted,
-                        sink.keyframe_requests,
-                        sink.remb_bitrate,
-                    )
+            for subscription in list(published.subscriptions.values()):
+                subscriber = subscription.subscriber
+                sink = subscription.sink
+                if subscriber.closed or not sink.ready:
+                    continue
+                labels = [subscriber.session_id, "out", published.kind, track]
+                if tuple(labels) in seen:
+                    continue
+                seen.add(tuple(labels))
+                yield _Track(
+                    labels,
+                    sink.packets_sent,
+                    sink.bytes_sent,
+                    self._rates.rate(sink, sink.created, sink.bytes_sent, now),
+                    sink.reception(),
+                    sink.nacked,
+                    sink.retransmitted,
+                    sink.keyframe_requests,
+                    sink.remb_bitrate,
+                )
 
     def collect(self) -> Iterator[Metric]:
         per_track = self.per_session
