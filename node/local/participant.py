@@ -36,9 +36,8 @@ WAIT_S = 40.0
 # `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
 PING_INTERVAL_S = 20.0
 # A received video track that decoded nothing for this long asks for a keyframe, and again
-# each STALL_S while it stays frozen (as browsers do): aiortc's receiver asks only once, when
-# its jitter buffer overflows, so one lost PLI froze the picture until the encoder's periodic
-# keyframe (issue 20).
+# each STALL_S while it stays frozen (as browsers do), and moves its jitter buffer past a
+# hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was there).
 STALL_S = 1.0
 # Gaps between decoded frames longer than this are kept (`Received.gaps`).
 GAP_KEPT_S = 0.5
@@ -183,6 +182,8 @@ class Received:
         #: keyframe requests (PLI) this participant sent because the track froze
         self.keyframe_requests = 0
         self.last_request_at = 0.0
+        #: times the receiver's jitter buffer was stuck behind a hole and moved past it
+        self.holes_skipped = 0
         self.ended = asyncio.Event()
         self.task = asyncio.ensure_future(self._consume())
 
@@ -253,6 +254,7 @@ class MediaPeer:
                     continue
                 r.last_request_at = now
                 r.keyframe_requests += 1
+                r.holes_skipped += adapter.skip_jitter_hole(r.receiver) > 0
                 for ssrc in adapter.remote_media_ssrcs(r.receiver):
                     await adapter.request_keyframe(r.receiver, ssrc)
 

@@ -14,6 +14,7 @@ cluster, every call over both kinds of loss. `SFUMESH_LAB_LOSS_CALLS` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import time
@@ -113,6 +114,7 @@ async def _call(url_a: str, url_b: str, index: int) -> dict[str, Any]:
                 "longest_gap_s": max(r.longest_gap(after=warm) for r in video),
                 "frames": sum(r.frames for r in video),
                 "plis": sum(r.keyframe_requests for r in video),
+                "holes_skipped": sum(r.holes_skipped for r in video),
             }
         return result
 
@@ -142,7 +144,7 @@ def test_relayed_calls_under_loss_have_no_long_video_gap(tmp_path: Path) -> None
         url_a, url_b = cluster.urls["node-a"], cluster.urls["node-b"]
         results = []
         for index in range(CALLS):
-            results.append(cluster.run("client", lambda i=index: _call(url_a, url_b, i)))
+            results.append(cluster.run("client", functools.partial(_call, url_a, url_b, index)))
         figures = _node_figures(cluster)
         print("relay-loss calls:", results, "nodes:", figures)
         for result in results:

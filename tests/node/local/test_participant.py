@@ -1,4 +1,5 @@
-"""Issue 22, item 4: the shared participant (`node.local.participant`) keeps its socket alive.
+"""Issues 22 (item 4) and 20: the shared participant (`node.local.participant`) keeps its
+socket alive, and its video does not stay frozen behind a lost packet.
 
 A bench or test client that runs longer than the node's `ws_idle_timeout_s` was dropped as
 idle: it never sent `ping` (the web client pings every 20 s). Here the idle timeout is 1 s
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
+from unittest.mock import MagicMock
 
 import httpx
 import pytest
+from aiortc import RTCRtpReceiver
+from aiortc.rtp import RtpPacket
 
 from node.local.launch import LocalNode
 from node.local.participant import open_socket
+from node.media import adapter
 from tests.node.live_client import sign_up
 
 
@@ -38,3 +44,28 @@ async def test_a_pinging_participant_outlives_the_idle_timeout(
         finally:
             await pinging.close()
             await silent.close()
+
+
+def _packet(seq: int) -> RtpPacket:
+    packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 3000)
+    packet._data = b"frame"  # type: ignore[attr-defined]  # what aiortc's depayload sets
+    return packet
+
+
+def test_a_receiver_stuck_behind_a_hole_moves_past_it() -> None:
+    """Issue 20's freeze, as the lab showed it: a packet never repaired (its NACK given up
+    128 packets later) left aiortc's jitter buffer waiting for 512 packets, every keyframe
+    queued behind it. `adapter.skip_jitter_hole`, which the participant calls when a video
+    track has decoded nothing for `STALL_S`, lets frames flow from the next one."""
+    transport = MagicMock()
+    transport.state = "new"
+    receiver = RTCRtpReceiver("video", transport)
+    buffer: Any = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+    frames = [buffer.add(_packet(seq))[1] for seq in range(5)]
+    assert sum(f is not None for f in frames) == 4  # a frame is out once the next begins
+    stuck = [buffer.add(_packet(seq))[1] for seq in range(6, 200)]  # 5 never arrives
+    assert all(f is None for f in stuck)
+    assert adapter.skip_jitter_hole(receiver) > 0
+    flowing = [buffer.add(_packet(seq))[1] for seq in range(200, 205)]
+    assert all(f is not None for f in flowing)
+    assert adapter.skip_jitter_hole(receiver) == 0  # no hole now: nothing done
