@@ -46,8 +46,12 @@ GAP_KEPT_S = 0.5
 class SmallPattern(VideoStreamTrack):
     """320x240 frames whose shade changes, 30 fps (aiortc's VideoStreamTrack clock)."""
 
+    #: frames made so far (what a subscriber may decode at most)
+    frames = 0
+
     async def recv(self) -> VideoFrame:
         pts, time_base = await self.next_timestamp()
+        self.frames += 1
         frame = VideoFrame(width=320, height=240)
         shade = (pts // 3000) % 200
         for plane in frame.planes:
@@ -219,6 +223,7 @@ class MediaPeer:
         self.publish = RTCPeerConnection(adapter.rtc_configuration())
         self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
         self.received: list[Received] = []
+        self.pattern = SmallPattern()
         self.owners: dict[str, str] = {}  # mid -> publisher session id
         self.errors: list[dict[str, Any]] = []
         self._seen = 0
@@ -289,7 +294,7 @@ class MediaPeer:
             self.errors.append(message)
 
     async def start_publishing(self) -> None:
-        self.publish.addTransceiver(SmallPattern(), direction="sendonly")
+        self.publish.addTransceiver(self.pattern, direction="sendonly")
         self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
         await self.publish.setLocalDescription(await self.publish.createOffer())
         sdp = self.publish.localDescription.sdp

@@ -107,9 +107,11 @@ async def _call(url_a: str, url_b: str, index: int) -> dict[str, Any]:
         warm = time.monotonic() + WARM_UP_S
         await asyncio.sleep(CALL_S)
         result: dict[str, Any] = {}
-        for name, peer, other in (("A", a, b_id), ("B", b, a_id)):
+        for name, peer, other, sender in (("A", a, b_id, b), ("B", b, a_id, a)):
             video = [r for r in peer.from_(other, "video") if not r.ended.is_set()]
             assert video, peer.describe()
+            # never more frames decoded than the far side made (issue 22, item 1)
+            assert sum(r.frames for r in video) <= sender.pattern.frames
             result[name] = {
                 "longest_gap_s": max(r.longest_gap(after=warm) for r in video),
                 "frames": sum(r.frames for r in video),

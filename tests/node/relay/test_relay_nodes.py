@@ -115,6 +115,11 @@ async def test_a_room_across_three_nodes(
             assert r1["node-2"]["tracks_out"] == 2 and r1["node-2"]["tracks_in"] == 2
             assert r1["node-2"]["rooms"] == [slug]
             assert r1["node-2"]["pair"] == ["node-1", "node-2"]
+            # the link's setup time split into its phases (issue 22, item 3)
+            phases = r1["node-2"]["setup_phases_ms"]
+            assert set(phases) == {"signalling", "ice", "dtls"}, phases
+            assert all(value >= 0 for value in phases.values()), phases
+            assert sum(phases.values()) <= r1["node-2"]["setup_ms"] + 1, (phases, r1)
             # the operator's view of the same
             assert node1.serf is not None
             listed = _cluster(backing, node1.serf.rpc_addr, node1.serf.rpc_auth, "relays")
