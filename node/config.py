@@ -216,6 +216,11 @@ class MediaSettings(BaseModel):
     announced_addresses: list[str] = Field(default_factory=list)
     # At most one keyframe request toward a publisher's track per this many seconds.
     keyframe_interval_s: float = Field(default=0.5, gt=0)
+    # While a subscriber (or a relay) waits for a keyframe, a request not answered within
+    # this many seconds is sent again (a PLI or the keyframe itself lost on some hop); the
+    # wait is given up (logged, counted) after keyframe_give_up_s. Each relay hop retries.
+    keyframe_retry_s: float = Field(default=0.6, gt=0)
+    keyframe_give_up_s: float = Field(default=10.0, gt=0)
     # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)

@@ -71,6 +71,8 @@ class CarrierRun:
     carrier: str
     setup_ms: list[float] = field(default_factory=list)
     link_setup_ms: list[float] = field(default_factory=list)
+    #: per phase (signalling, ice, dtls): the link's setup time spent in it, ms
+    phases_ms: dict[str, list[float]] = field(default_factory=dict)
     signalling_bytes: list[int] = field(default_factory=list)
     message_bytes_max: float = 0.0
     failures: int = 0
@@ -187,6 +189,8 @@ async def _drive(
                     one, two = ends[0].get("node-2", {}), ends[1].get("node-1", {})
                     if one.get("setup_ms") is not None:
                         result.link_setup_ms.append(float(one["setup_ms"]))
+                    for phase, value in (one.get("setup_phases_ms") or {}).items():
+                        result.phases_ms.setdefault(phase, []).append(float(value))
                     result.signalling_bytes.append(
                         int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
                     )
@@ -338,6 +342,12 @@ def print_table(run: RelayRun) -> None:
             f"{ms(percentile(links, 0.5)):>9} "
             f"{int(percentile(per_relay, 0.5) or 0):>12} {int(result.message_bytes_max):>8}"
         )
+    for result in run.carriers:
+        phases = ", ".join(
+            f"{phase} {ms(percentile(sorted(values), 0.5))}/{ms(percentile(sorted(values), 0.95))}"
+            for phase, values in result.phases_ms.items()
+        )
+        say(f"{result.carrier:<8} link phases p50/p95 (ms): {phases or '-'}")
     say("")
     say("setup: B's join starts -> A decodes B's first relayed video frame (ms);")
     say("link: relay offer -> ICE and DTLS up, on the offering node (ms)")
@@ -399,6 +409,14 @@ def report(run: RelayRun) -> dict[str, Any]:
             "setup_ms_p95": rounded(percentile(setup, 0.95)),
             "link_setup_ms_p50": rounded(percentile(links, 0.5)),
             "link_setup_ms_p95": rounded(percentile(links, 0.95)),
+            "link_phases_ms_p50": {
+                phase: rounded(percentile(sorted(values), 0.5))
+                for phase, values in result.phases_ms.items()
+            },
+            "link_phases_ms_p95": {
+                phase: rounded(percentile(sorted(values), 0.95))
+                for phase, values in result.phases_ms.items()
+            },
             "signalling_bytes_per_relay_p50": percentile(
                 sorted(float(b) for b in result.signalling_bytes), 0.5
             ),

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
-from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    AudioStreamTrack,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 from websockets.asyncio.client import ClientConnection
@@ -26,13 +32,26 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 15.0
 WAIT_S = 40.0
+# A `ping` this often keeps a long run from being dropped as idle (the node's
+# `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
+PING_INTERVAL_S = 20.0
+# A received video track that decoded nothing for this long asks for a keyframe, and again
+# each STALL_S while it stays frozen (as browsers do), and moves its jitter buffer past a
+# hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was there).
+STALL_S = 1.0
+# Gaps between decoded frames longer than this are kept (`Received.gaps`).
+GAP_KEPT_S = 0.5
 
 
 class SmallPattern(VideoStreamTrack):
     """320x240 frames whose shade changes, 30 fps (aiortc's VideoStreamTrack clock)."""
 
+    #: frames made so far (what a subscriber may decode at most)
+    frames = 0
+
     async def recv(self) -> VideoFrame:
         pts, time_base = await self.next_timestamp()
+        self.frames += 1
         frame = VideoFrame(width=320, height=240)
         shade = (pts // 3000) % 200
         for plane in frame.planes:
@@ -52,7 +71,19 @@ class Socket:
     messages: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
+    pinger: asyncio.Task[None] | None = None
+    #: pings sent (each answered by a `pong`, kept in `messages` like any message)
+    pings: int = 0
     _ids: int = 0
+
+    async def _ping(self, interval_s: float) -> None:
+        while not self.closed:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.ws.send(json.dumps({"type": "ping"}))
+            except websockets.exceptions.ConnectionClosed:
+                return
+            self.pings += 1
 
     async def _read(self) -> None:
         try:
@@ -113,41 +144,72 @@ class Socket:
         return await asyncio.wait_for(scan(), TIMEOUT)
 
     async def close(self) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
+            await asyncio.gather(self.pinger, return_exceptions=True)
         await self.ws.close()
         if self.reader is not None:
             await self.reader
 
 
-async def open_socket(node_url: str, session_token: str) -> Socket:
-    """A node's WebSocket for this session, once its `hello` arrived."""
+async def open_socket(
+    node_url: str, session_token: str, ping_interval_s: float | None = PING_INTERVAL_S
+) -> Socket:
+    """A node's WebSocket for this session, once its `hello` arrived; it sends a `ping`
+    every `ping_interval_s` (None: never, and the node drops it once idle)."""
     ws_url = node_url.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
     sock = Socket(await websockets.connect(ws_url, max_size=2**22), node_url, session_token)
     sock.reader = asyncio.create_task(sock._read())
     hello = await sock.wait_for("hello")
     sock.session_id, sock.node = hello["session_id"], hello["node"]
+    if ping_interval_s is not None:
+        sock.pinger = asyncio.create_task(sock._ping(ping_interval_s))
     return sock
 
 
 class Received:
     """A remote track: frames decoded until it ends."""
 
-    def __init__(self, track: MediaStreamTrack, mid: str | None) -> None:
+    def __init__(
+        self, track: MediaStreamTrack, mid: str | None, receiver: RTCRtpReceiver | None = None
+    ) -> None:
         self.track = track
         self.kind = track.kind
         self.mid = mid
+        self.receiver = receiver
         self.owner = ""
         self.frames = 0
         self.first_frame_at: float | None = None
+        self.last_frame_at: float | None = None
+        #: (monotonic time the gap ended, its length) of gaps longer than GAP_KEPT_S
+        self.gaps: list[tuple[float, float]] = []
+        #: keyframe requests (PLI) this participant sent because the track froze
+        self.keyframe_requests = 0
+        self.last_request_at = 0.0
+        #: times the receiver's jitter buffer was stuck behind a hole and moved past it
+        self.holes_skipped = 0
         self.ended = asyncio.Event()
         self.task = asyncio.ensure_future(self._consume())
+
+    def longest_gap(self, after: float = 0.0) -> float:
+        """The longest time without a decoded frame, among gaps that ended after `after`
+        (the current one included while the track lives)."""
+        longest = max((gap for at, gap in self.gaps if at > after), default=0.0)
+        if self.last_frame_at is not None and not self.ended.is_set():
+            longest = max(longest, time.monotonic() - max(self.last_frame_at, after))
+        return longest
 
     async def _consume(self) -> None:
         try:
             while True:
                 await self.track.recv()
+                now = time.monotonic()
                 self.frames += 1
                 if self.first_frame_at is None:
-                    self.first_frame_at = time.monotonic()
+                    self.first_frame_at = now
+                elif self.last_frame_at is not None and now - self.last_frame_at > GAP_KEPT_S:
+                    self.gaps.append((now, now - self.last_frame_at))
+                self.last_frame_at = now
         except MediaStreamError:
             pass
         finally:
@@ -161,6 +223,7 @@ class MediaPeer:
         self.publish = RTCPeerConnection(adapter.rtc_configuration())
         self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
         self.received: list[Received] = []
+        self.pattern = SmallPattern()
         self.owners: dict[str, str] = {}  # mid -> publisher session id
         self.errors: list[dict[str, Any]] = []
         self._seen = 0
@@ -172,9 +235,33 @@ class MediaPeer:
                 (t.mid for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
-            received = Received(track, mid)
+            receiver = next(
+                (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
+                None,
+            )
+            received = Received(track, mid, receiver)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
+
+        self._watchdog = asyncio.ensure_future(self._watch_frozen())
+
+    async def _watch_frozen(self) -> None:
+        """Ask for a keyframe for a video track that decoded nothing for STALL_S."""
+        while True:
+            await asyncio.sleep(STALL_S / 4)
+            now = time.monotonic()
+            for r in self.received:
+                if r.kind != "video" or r.receiver is None or r.ended.is_set():
+                    continue
+                if r.last_frame_at is None or now - r.last_frame_at < STALL_S:
+                    continue
+                if now - r.last_request_at < STALL_S:
+                    continue
+                r.last_request_at = now
+                r.keyframe_requests += 1
+                r.holes_skipped += adapter.skip_jitter_hole(r.receiver) > 0
+                for ssrc in adapter.remote_media_ssrcs(r.receiver):
+                    await adapter.request_keyframe(r.receiver, ssrc)
 
     async def _read(self) -> None:
         while True:
@@ -207,7 +294,7 @@ class MediaPeer:
             self.errors.append(message)
 
     async def start_publishing(self) -> None:
-        self.publish.addTransceiver(SmallPattern(), direction="sendonly")
+        self.publish.addTransceiver(self.pattern, direction="sendonly")
         self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
         await self.publish.setLocalDescription(await self.publish.createOffer())
         sdp = self.publish.localDescription.sdp
@@ -239,7 +326,8 @@ class MediaPeer:
 
     async def close(self) -> None:
         self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        self._watchdog.cancel()
+        await asyncio.gather(self._reader, self._watchdog, return_exceptions=True)
         await self.publish.close()
         await self.subscribe.close()
         for received in self.received:

@@ -18,6 +18,7 @@ from aiortc.rtp import RtpPacket
 SEQ_MASK: Final = 0xFFFF
 TS_MASK: Final = 0xFFFFFFFF
 _SEQ_HALF: Final = 0x8000
+_EPS: Final = 1e-6
 
 _rng = random.SystemRandom()
 
@@ -201,6 +202,151 @@ class KeyframeThrottle:
         return True
 
 
+class KeyframeRequests:
+    """Keyframe requests toward one publisher track, bounded both ways (time passed in).
+
+    At most one request goes out per `interval` seconds, yet a request is never lost to
+    that limit: one arriving inside the interval is sent when it ends (the old throttle
+    dropped it, so a subscriber whose loss came just after another's request waited for the
+    encoder's next periodic keyframe: minutes). From the first request until a keyframe
+    passes (`keyframe`), the wait is open: a request not answered within `retry_s` is sent
+    again (the PLI itself, or the keyframe, may be lost on any hop), and after `give_up_s`
+    the wait is closed and counted in `gave_up`. Each hop of a relay chain runs its own, so
+    a loss anywhere is repaired by the hop before it.
+    """
+
+    __slots__ = (
+        "_last_sent",
+        "_pending",
+        "gave_up",
+        "give_up_s",
+        "interval",
+        "recoveries",
+        "requests",
+        "retries",
+        "retry_s",
+        "sent",
+        "suppressed",
+        "wait_s_total",
+        "waiting_since",
+    )
+
+    def __init__(self, interval: float = 0.5, retry_s: float = 1.0, give_up_s: float = 10.0):
+        self.interval = interval
+        self.retry_s = max(retry_s, interval)
+        self.give_up_s = give_up_s
+        self._last_sent: float | None = None
+        self._pending = False
+        #: when the open wait began (the first unanswered request), None when none is open
+        self.waiting_since: float | None = None
+        self.requests = 0  # asked for (subscribers, relays, the node itself)
+        self.sent = 0  # sent to the publisher (PLI)
+        self.retries = 0  # of those, repeats of an unanswered request
+        self.suppressed = 0  # folded into another request, or answered before sent
+        self.recoveries = 0  # waits ended by a keyframe
+        self.gave_up = 0  # waits closed after give_up_s without a keyframe
+        self.wait_s_total = 0.0  # seconds waited, over the recoveries
+
+    def request(self, now: float) -> None:
+        self.requests += 1
+        if self._pending:
+            self.suppressed += 1
+        self._pending = True
+        if self.waiting_since is None:
+            self.waiting_since = now
+
+    def keyframe(self, now: float) -> float | None:
+        """A keyframe passed: the open wait (if any) ends; how long it lasted."""
+        since = self.waiting_since
+        if self._pending:
+            self.suppressed += 1  # answered before its own request went out
+        self._pending = False
+        if since is None:
+            return None
+        self.waiting_since = None
+        wait = max(0.0, now - since)
+        self.recoveries += 1
+        self.wait_s_total += wait
+        return wait
+
+    def due(self, now: float) -> bool:
+        """Whether to send a request now (and it is then counted as sent)."""
+        since = self.waiting_since
+        if since is not None and now - since > self.give_up_s:
+            self.waiting_since = None
+            self._pending = False
+            self.gave_up += 1
+            return False
+        last = self._last_sent
+        # (_EPS: `next_check` returns last + period, which minus last may round below it)
+        retry = since is not None and last is not None and now - last >= self.retry_s - _EPS
+        if not (self._pending or retry):
+            return False
+        if last is not None and now - last < self.interval - _EPS:
+            return False
+        if not self._pending:
+            self.retries += 1
+        self._last_sent = now
+        self._pending = False
+        self.sent += 1
+        return True
+
+    def next_check(self, now: float) -> float | None:
+        """When `due` may next say yes (or give up); None when nothing is pending or open."""
+        if not self._pending and self.waiting_since is None:
+            return None
+        last = self._last_sent
+        if self._pending:
+            at = now if last is None else max(now, last + self.interval)
+        else:
+            at = now if last is None else max(now, last + self.retry_s)
+        if self.waiting_since is not None:
+            at = min(at, self.waiting_since + self.give_up_s + 1e-3)
+        return max(at, now)
+
+
+class SeenWindow:
+    """Which of a track's recent sequence numbers were already forwarded (the last `SIZE`).
+
+    A packet can arrive twice: a NACK repeated before its retransmission arrived (aiortc's
+    NACK generator re-lists every missing number at each new gap), a retransmission of a
+    packet that was only late. Forwarding it again sends each subscriber and each relay a
+    copy nobody asked for, and a relay then carries more than its publisher sent. Packets
+    older than the window are refused too: no subscriber can use them (aiortc's jitter
+    buffer even resets on one more than 100 behind, freezing the picture).
+    """
+
+    SIZE: Final = 1024
+    __slots__ = ("_bits", "_max", "_ssrc")
+
+    def __init__(self) -> None:
+        self._ssrc: int | None = None
+        self._max = 0
+        self._bits = 0
+
+    def first_time(self, ssrc: int, seq: int) -> bool:
+        if ssrc != self._ssrc:
+            self._ssrc = ssrc
+            self._max = seq
+            self._bits = 1
+            return True
+        delta = (seq - self._max) & SEQ_MASK
+        if delta == 0:
+            return False
+        if delta < _SEQ_HALF:
+            self._bits = ((self._bits << delta) | 1) & ((1 << self.SIZE) - 1)
+            self._max = seq
+            return True
+        back = 0x10000 - delta
+        if back >= self.SIZE:
+            return False
+        bit = 1 << back
+        if self._bits & bit:
+            return False
+        self._bits |= bit
+        return True
+
+
 # --------------------------------------------------------------------------- fan-out
 
 
@@ -236,9 +382,16 @@ class Forwarder(Generic[K]):
         self._rewriters: dict[K, SubscriberRewriter] = {}
         self._waiting: set[K] = set()
         self._targets: tuple[tuple[K, SubscriberRewriter], ...] = ()
+        self._seen = SeenWindow()
         self.packets_in = 0
         self.packets_out = 0
         self.dropped_waiting = 0
+        #: packets that arrived again (or too late to use) and were not forwarded again
+        self.duplicates = 0
+
+    @property
+    def is_keyframe_start(self) -> Callable[[bytes], bool] | None:
+        return self._is_keyframe_start
 
     def __len__(self) -> int:
         return len(self._rewriters)
@@ -273,8 +426,12 @@ class Forwarder(Generic[K]):
 
     def admit(self, packet: RtpPacket) -> tuple[tuple[K, SubscriberRewriter], ...]:
         """Count `packet` in, release subscribers waiting for a keyframe if it starts one;
-        the (subscriber, rewriter) pairs it goes to. The caller counts `packets_out`."""
+        the (subscriber, rewriter) pairs it goes to (none for a packet already forwarded).
+        The caller counts `packets_out`."""
         self.packets_in += 1
+        if not self._seen.first_time(packet.ssrc, packet.sequence_number):
+            self.duplicates += 1
+            return ()
         if self._waiting:
             detector = self._is_keyframe_start
             if detector is not None and detector(packet.payload):

@@ -65,7 +65,7 @@ from node.media.adapter import RtpTap, SenderTap
 from node.media.forward import (
     ByteBudget,
     Forwarder,
-    KeyframeThrottle,
+    KeyframeRequests,
     SubscriberRewriter,
     keyframe_detector,
 )
@@ -80,8 +80,6 @@ from node.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
-# How long the node keeps asking a publisher for a keyframe while a subscriber waits for one.
-KEYFRAME_WAIT_S = 10.0
 # A subscription's sender not running after this long is checked (and started if aiortc
 # skipped it); after SENDER_START_S it is given up, and logged.
 SENDER_CHECK_S = 0.5
@@ -161,7 +159,10 @@ class Published:
         self.mid = mid
         self.kind = kind
         media = owner.media
-        self.throttle = KeyframeThrottle(media.settings.keyframe_interval_s)
+        settings = media.settings
+        self.keyframes = KeyframeRequests(
+            settings.keyframe_interval_s, settings.keyframe_retry_s, settings.keyframe_give_up_s
+        )
         limit = (
             media.settings.max_video_bitrate
             if kind == "video"
@@ -176,8 +177,6 @@ class Published:
         #: node name -> the relay sender carrying this track there (managed by node.relay.manager)
         self.relays: dict[str, SenderTap] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
-        #: keyframe requests (PLI) sent to the publisher, after the throttle
-        self.keyframe_requests = 0
         if tap is None:
             if receiver is None:
                 raise ValueError("a published track needs its receiver or a tap")
@@ -190,11 +189,19 @@ class Published:
         forwarder = self.forwarder
         if forwarder is None:
             return
-        if not self.budget.allow(len(packet.payload), time.monotonic()):
+        now = time.monotonic()
+        if not self.budget.allow(len(packet.payload), now):
             self.dropped("over-budget")
             return
+        if self.keyframes.waiting_since is not None:
+            detector = forwarder.is_keyframe_start
+            if detector is None or detector(packet.payload):
+                self._keyframe_arrived(now)
         # The hot path: no awaits, no packet objects; one send stamp for every copy.
+        duplicates = forwarder.duplicates
         self.owner.media.forwarded_packets += forwarder.forward(packet, adapter.send_stamp())
+        if forwarder.duplicates != duplicates:
+            self.dropped("duplicate")
 
     def attach(self, sink: SenderTap) -> bool:
         """Forward this track to `sink`, a started sender (a subscriber's, or a relay's to
@@ -242,29 +249,59 @@ class Published:
                 limit = remb
         return limit
 
+    @property
+    def keyframe_requests(self) -> int:
+        """Keyframe requests (PLI) sent to the publisher."""
+        return self.keyframes.sent
+
     def request_keyframe(self) -> None:
-        """Ask the publisher for a keyframe now, unless one was asked for recently."""
-        if self.throttle.allow(time.monotonic()):
-            self.keyframe_requests += 1
-            self.owner.media.spawn(self._send_keyframe_request())
+        """Ask the publisher for a keyframe: now, or when the interval since the last
+        request ends; again while none arrives (see `KeyframeRequests`)."""
+        self.keyframes.request(time.monotonic())
+        if self.keyframe_task is None or self.keyframe_task.done():
+            self.keyframe_task = self.owner.media.spawn(self._keyframe_loop())
+
+    def keep_asking_for_keyframe(self) -> None:
+        """A sink waits for a keyframe: ask until one arrives (or the wait is given up)."""
+        self.request_keyframe()
+
+    def _keyframe_arrived(self, now: float) -> None:
+        waited = self.keyframes.keyframe(now)
+        if waited is None:
+            return
+        media = self.owner.media
+        media.keyframe_recoveries += 1
+        media.keyframe_wait_s_total += waited
+        media.keyframe_wait_s_max = max(media.keyframe_wait_s_max, waited)
+        level = logging.INFO if waited > self.keyframes.retry_s else logging.DEBUG
+        log.log(
+            level,
+            "media.keyframe_arrived",
+            extra={"session_id": self.owner.session_id, "mid": self.mid, "waited_s": waited},
+        )
 
     async def _send_keyframe_request(self) -> None:
         for ssrc in self.tap.media_ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
 
-    def keep_asking_for_keyframe(self) -> None:
-        """While a subscriber waits for a keyframe, keep asking (throttled) for a while."""
-        if self.keyframe_task is None or self.keyframe_task.done():
-            self.keyframe_task = self.owner.media.spawn(self._keyframe_loop())
-
     async def _keyframe_loop(self) -> None:
-        deadline = time.monotonic() + KEYFRAME_WAIT_S
-        while self.forwarder is not None and self.forwarder.waiting:
-            if time.monotonic() > deadline:
-                log.warning("media.no_keyframe", extra={"session_id": self.owner.session_id})
+        keyframes = self.keyframes
+        while self.forwarder is not None:
+            now = time.monotonic()
+            gave_up, retries = keyframes.gave_up, keyframes.retries
+            if keyframes.due(now):
+                self.owner.media.keyframe_retries += keyframes.retries - retries
+                await self._send_keyframe_request()
+            elif keyframes.gave_up != gave_up:
+                self.owner.media.keyframe_gave_up += 1
+                log.warning(
+                    "media.no_keyframe",
+                    extra={"session_id": self.owner.session_id, "mid": self.mid},
+                )
+            at = keyframes.next_check(time.monotonic())
+            if at is None:
                 return
-            self.request_keyframe()
-            await asyncio.sleep(self.throttle.interval)
+            await asyncio.sleep(max(0.01, at - time.monotonic()))
 
 
 class MediaSession:
@@ -719,6 +756,12 @@ class MediaHub:
         self._tasks = TaskSet("media.task_failed")
         #: packets sent to subscribers since start (all sessions, ended ones included)
         self.forwarded_packets = 0
+        #: keyframe waits (see `forward.KeyframeRequests`), over every track of this node
+        self.keyframe_recoveries = 0
+        self.keyframe_retries = 0
+        self.keyframe_gave_up = 0
+        self.keyframe_wait_s_total = 0.0
+        self.keyframe_wait_s_max = 0.0
         #: packets received but not forwarded since start, by reason
         self.dropped: dict[str, int] = {}
 

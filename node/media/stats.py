@@ -21,13 +21,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from node.media.adapter import CODEC_WORK, Reception
 
 if TYPE_CHECKING:
-    from node.media.session import MediaHub
+    from node.media.session import MediaHub, Published
 
 LABELS = ["session", "direction", "kind", "track"]
 AGGREGATE_LABELS = ["direction", "kind"]
@@ -90,15 +95,27 @@ class MediaCollector(Collector):
     def tracks(self) -> Iterator[_Track]:
         now = time.monotonic()
         seen: set[tuple[str, ...]] = set()
-        for session in list(self.hub.sessions.values()):
-            if session.closed:
+        # Local tracks ("in" and their "out"s), then tracks relayed from other nodes: their
+        # subscribers here are "out" series like any (their "in" is the relay's, not a
+        # publisher's on this node).
+        tracks: list[tuple[str, Published, bool]] = [
+            (session.session_id, published, True)
+            for session in list(self.hub.sessions.values())
+            if not session.closed
+            for published in list(session.published.values())
+        ]
+        tracks.extend(
+            (published.owner.session_id, published, False)
+            for relayed in list(self.hub.relayed.values())
+            for published in list(relayed)
+        )
+        for owner_id, published, local in tracks:
+            if published.forwarder is None:
                 continue
-            for published in list(session.published.values()):
-                if published.forwarder is None:
-                    continue
-                track = f"{session.session_id}:{published.mid}"
-                tap = published.tap
-                labels = [session.session_id, "in", published.kind, track]
+            track = f"{owner_id}:{published.mid}"
+            tap = published.tap
+            if local:
+                labels = [owner_id, "in", published.kind, track]
                 if tuple(labels) not in seen:
                     seen.add(tuple(labels))
                     yield _Track(
@@ -112,26 +129,26 @@ class MediaCollector(Collector):
                         published.keyframe_requests,
                         tap.remb_bitrate,
                     )
-                for subscription in list(published.subscriptions.values()):
-                    subscriber = subscription.subscriber
-                    sink = subscription.sink
-                    if subscriber.closed or not sink.ready:
-                        continue
-                    labels = [subscriber.session_id, "out", published.kind, track]
-                    if tuple(labels) in seen:
-                        continue
-                    seen.add(tuple(labels))
-                    yield _Track(
-                        labels,
-                        sink.packets_sent,
-                        sink.bytes_sent,
-                        self._rates.rate(sink, sink.created, sink.bytes_sent, now),
-                        sink.reception(),
-                        sink.nacked,
-                        sink.retransmitted,
-                        sink.keyframe_requests,
-                        sink.remb_bitrate,
-                    )
+            for subscription in list(published.subscriptions.values()):
+                subscriber = subscription.subscriber
+                sink = subscription.sink
+                if subscriber.closed or not sink.ready:
+                    continue
+                labels = [subscriber.session_id, "out", published.kind, track]
+                if tuple(labels) in seen:
+                    continue
+                seen.add(tuple(labels))
+                yield _Track(
+                    labels,
+                    sink.packets_sent,
+                    sink.bytes_sent,
+                    self._rates.rate(sink, sink.created, sink.bytes_sent, now),
+                    sink.reception(),
+                    sink.nacked,
+                    sink.retransmitted,
+                    sink.keyframe_requests,
+                    sink.remb_bitrate,
+                )
 
     def collect(self) -> Iterator[Metric]:
         per_track = self.per_session
@@ -291,8 +308,8 @@ class MediaCollector(Collector):
         dropped = CounterMetricFamily(
             "sfumesh_media_dropped_packets",
             "RTP packets from publishers not forwarded, by reason: over-budget (above "
-            "media.max_*_bitrate), unknown-ssrc, unknown-payload-type, bad-rtx, unrouted (no "
-            "receiver matches: aiortc drops it)",
+            "media.max_*_bitrate), unknown-ssrc, unknown-payload-type, bad-rtx, duplicate "
+            "(arrived again or too late), unrouted (no receiver matches: aiortc drops it)",
             labels=["reason"],
         )
         for reason, count in sorted(self.hub.dropped.items()):
@@ -307,6 +324,29 @@ class MediaCollector(Collector):
             "sfumesh_media_codec_frames",
             "Frames this node's media core decoded or encoded itself (forwarding keeps both 0)",
             labels=["work"],
+        )
+        hub = self.hub
+        yield SummaryMetricFamily(
+            "sfumesh_media_keyframe_wait_seconds",
+            "From a keyframe request (a subscriber's, a relay's or the node's own) to the "
+            "keyframe passing this node, over the waits a keyframe ended",
+            count_value=hub.keyframe_recoveries,
+            sum_value=hub.keyframe_wait_s_total,
+        )
+        yield GaugeMetricFamily(
+            "sfumesh_media_keyframe_wait_max_seconds",
+            "The longest keyframe wait since start",
+            value=hub.keyframe_wait_s_max,
+        )
+        yield CounterMetricFamily(
+            "sfumesh_media_keyframe_retries",
+            "Keyframe requests repeated because none arrived within media.keyframe_retry_s",
+            value=hub.keyframe_retries,
+        )
+        yield CounterMetricFamily(
+            "sfumesh_media_keyframe_gave_up",
+            "Keyframe waits given up after media.keyframe_give_up_s (logged)",
+            value=hub.keyframe_gave_up,
         )
         codec.add_metric(["decoded"], CODEC_WORK.decoded_frames)
         codec.add_metric(["encoded"], CODEC_WORK.encoded_frames)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -207,6 +208,10 @@ class RelayLink:
         self.remote_tracks: dict[int, RemoteTrack] = {}
         self.connected = False
         self.closed = False
+        #: monotonic times of the setup phases (`connect`): started, ICE completed, DTLS up
+        self.connect_started_at: float | None = None
+        self.ice_done_at: float | None = None
+        self.dtls_done_at: float | None = None
         self.ended_reason: str | None = None
 
     @property
@@ -356,6 +361,7 @@ class RelayLink:
                 f"both sides of the relay link claim the DTLS {self.dtls_role} role "
                 "(the role rule must give the two nodes opposite roles)"
             )
+        self.connect_started_at = time.monotonic()
         await self._gatherer.gather()
         try:
             await asyncio.wait_for(self._connect(description), within_s)
@@ -373,6 +379,7 @@ class RelayLink:
         )
         if self._ice.state != "completed":
             raise ConnectionError(f"ICE failed (state {self._ice.state})")
+        self.ice_done_at = time.monotonic()
         await self._dtls.start(
             RTCDtlsParameters(
                 fingerprints=[
@@ -383,11 +390,26 @@ class RelayLink:
         )
         if self._dtls.state != "connected":
             raise ConnectionError(f"DTLS failed (state {self._dtls.state})")
+        self.dtls_done_at = time.monotonic()
         self.connected = True
         # Receivers first, so that the peer's first packets find them.
         await self.apply_remote_tracks(description)
         for track in self.local_tracks.values():
             await self._start_sender(track)
+
+    def setup_phases_ms(self, opened_at: float) -> dict[str, float] | None:
+        """How the setup time splits, in ms: `signalling` (from `opened_at`, when the
+        relay was asked for, until the peer's description was in hand and `connect`
+        began), `ice` (gathering and checks until completed) and `dtls` (handshake until
+        connected). None until the link is up."""
+        started, ice, dtls = self.connect_started_at, self.ice_done_at, self.dtls_done_at
+        if started is None or ice is None or dtls is None:
+            return None
+        return {
+            "signalling": round((started - opened_at) * 1000, 1),
+            "ice": round((ice - started) * 1000, 1),
+            "dtls": round((dtls - ice) * 1000, 1),
+        }
 
     def _dtls_state_changed(self) -> None:
         if self._dtls.state in ("closed", "failed"):

@@ -485,7 +485,12 @@ class RelayManager:
         self._backoff.pop(relay.peer, None)
         log.info(
             "relay.up",
-            extra={"peer": relay.peer, "link": relay.link_id, "setup_ms": round(setup_ms, 1)},
+            extra={
+                "peer": relay.peer,
+                "link": relay.link_id,
+                "setup_ms": round(setup_ms, 1),
+                "phases_ms": relay.link.setup_phases_ms(relay.opened_at),
+            },
         )
         self.changed()
 
@@ -866,6 +871,7 @@ class RelayManager:
                     "setup_ms": None
                     if relay.up_at is None
                     else round((relay.up_at - relay.opened_at) * 1000, 1),
+                    "setup_phases_ms": relay.link.setup_phases_ms(relay.opened_at),
                     "signalling_messages": relay.messages,
                     "signalling_bytes": relay.signalling_bytes,
                 }

@@ -36,7 +36,12 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     assert figures["signalling_bytes_max"] <= 1000
     for carrier in ("inline", "redis"):
         assert figures[carrier]["trials_ok"] == 2 and figures[carrier]["failures"] == 0
+        # the link's setup split into phases (issue 22, item 3)
+        phases = figures[carrier]["link_phases_ms_p50"]
+        assert set(phases) == {"signalling", "ice", "dtls"}, figures[carrier]
+        assert set(figures[carrier]["link_phases_ms_p95"]) == set(phases)
     # the pointer carrier's Serf messages are only pointers
     assert figures["redis"]["signalling_bytes_max"] < 100
     assert figures["sdp_offer_bytes"]["2"] > 1000  # why SDP cannot ride in a Serf message
     assert "setup p50" in printed.out and "relay's own CPU" in printed.out
+    assert "link phases p50/p95 (ms): signalling" in printed.out

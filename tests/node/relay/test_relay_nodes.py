@@ -115,6 +115,11 @@ async def test_a_room_across_three_nodes(
             assert r1["node-2"]["tracks_out"] == 2 and r1["node-2"]["tracks_in"] == 2
             assert r1["node-2"]["rooms"] == [slug]
             assert r1["node-2"]["pair"] == ["node-1", "node-2"]
+            # the link's setup time split into its phases (issue 22, item 3)
+            phases = r1["node-2"]["setup_phases_ms"]
+            assert set(phases) == {"signalling", "ice", "dtls"}, phases
+            assert all(value >= 0 for value in phases.values()), phases
+            assert sum(phases.values()) <= r1["node-2"]["setup_ms"] + 1, (phases, r1)
             # the operator's view of the same
             assert node1.serf is not None
             listed = _cluster(backing, node1.serf.rpc_addr, node1.serf.rpc_auth, "relays")
@@ -128,6 +133,14 @@ async def test_a_room_across_three_nodes(
                 # every Serf message of the relay fits the bound
                 largest = await metric(http, node, "sfumesh_relay_signalling_message_bytes_max")
                 assert 0 < largest <= 1000
+                # each node's one participant gets audio and video of the two others, all
+                # relayed: its subscriptions are listed like local ones (issue 22, item 2)
+                text = (await http.get(f"{node.url}/metrics")).text
+                assert metric_sum(text, "sfumesh_media_forwarded_tracks") == 4, text
+                for kind in ("audio", "video"):
+                    out = f'direction="out",kind="{kind}"'
+                    assert metric_sum(text, "sfumesh_media_packets_total", out) > 0, text
+                assert metric_sum(text, "sfumesh_media_packets_total", 'direction="in"') > 0
 
             # each relay has its Vivaldi estimate once coordinates have converged a little,
             # its measured RTT from the RTCP reports of its senders, and its bitrates (from

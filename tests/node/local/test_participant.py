@@ -1,0 +1,71 @@
+"""Issues 22 (item 4) and 20: the shared participant (`node.local.participant`) keeps its
+socket alive, and its video does not stay frozen behind a lost packet.
+
+A bench or test client that runs longer than the node's `ws_idle_timeout_s` was dropped as
+idle: it never sent `ping` (the web client pings every 20 s). Here the idle timeout is 1 s
+and the participant pings every 0.25 s; one socket that never pings shows the node's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from unittest.mock import MagicMock
+
+import httpx
+import pytest
+from aiortc import RTCRtpReceiver
+from aiortc.rtp import RtpPacket
+
+from node.local.launch import LocalNode
+from node.local.participant import open_socket
+from node.media import adapter
+from tests.node.live_client import sign_up
+
+
+@pytest.mark.slow
+async def test_a_pinging_participant_outlives_the_idle_timeout(
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    node = node_processes(extra_env={"SFUMESH_WS_IDLE_TIMEOUT_S": "1.0"})
+    async with httpx.AsyncClient(timeout=30) as http:
+        user = await sign_up(http, node.url)
+        pinging = await open_socket(node.url, await user.new_session(node.url), 0.25)
+        silent = await open_socket(node.url, await user.new_session(node.url), None)
+        try:
+            await asyncio.sleep(3.0)  # three idle timeouts
+            assert silent.closed
+            assert any(m.get("code") == "idle_timeout" for m in silent.messages), silent.messages
+            assert not pinging.closed, pinging.messages[-3:]
+            pongs = sum(1 for m in pinging.messages if m.get("type") == "pong")
+            assert pinging.pings >= 8 and pongs >= 8, (pinging.pings, pongs)
+            assert not any(m.get("type") == "error" for m in pinging.messages)
+        finally:
+            await pinging.close()
+            await silent.close()
+
+
+def _packet(seq: int) -> RtpPacket:
+    packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 3000)
+    packet._data = b"frame"  # type: ignore[attr-defined]  # what aiortc's depayload sets
+    return packet
+
+
+def test_a_receiver_stuck_behind_a_hole_moves_past_it() -> None:
+    """Issue 20's freeze, as the lab showed it: a packet never repaired (its NACK given up
+    128 packets later) left aiortc's jitter buffer waiting for 512 packets, every keyframe
+    queued behind it. `adapter.skip_jitter_hole`, which the participant calls when a video
+    track has decoded nothing for `STALL_S`, lets frames flow from the next one."""
+    transport = MagicMock()
+    transport.state = "new"
+    receiver = RTCRtpReceiver("video", transport)
+    buffer: Any = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+    frames = [buffer.add(_packet(seq))[1] for seq in range(5)]
+    assert sum(f is not None for f in frames) == 4  # a frame is out once the next begins
+    stuck = [buffer.add(_packet(seq))[1] for seq in range(6, 200)]  # 5 never arrives
+    assert all(f is None for f in stuck)
+    assert adapter.skip_jitter_hole(receiver) > 0
+    flowing = [buffer.add(_packet(seq))[1] for seq in range(200, 205)]
+    assert all(f is not None for f in flowing)
+    assert adapter.skip_jitter_hole(receiver) == 0  # no hole now: nothing done
