@@ -25,10 +25,10 @@ from types import FrameType
 
 from mesh.process import ServiceError
 from node.lab.cluster import LabCluster, running_hosts
-from node.lab.namespaces import LabError, enter_command, in_private_netns
+from node.lab.namespaces import LabError, enter_command
 from node.lab.selftest import SelftestConfig, format_table, run_selftest
 from node.lab.topology import TopologyError
-from node.local.netns import MARKER_ENV, NetnsError, reexec_in_private_netns
+from node.local.netns import MARKER_ENV, NetnsError, in_private_netns, reexec_in_private_netns
 from node.log import setup_logging
 
 DEFAULT_DATA_DIR = Path(".data/lab")

@@ -49,12 +49,12 @@ from typing import IO, Any, Final, TypeVar
 
 from node.lab import kernel
 from node.lab.topology import Topology, parse_topology, read_topology
+from node.local.netns import MARKER_ENV, in_private_netns, namespace_id
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MARKER_ENV: Final = "SFUMESH_PRIVATE_NETNS"
 #: how long the emulator may take to set up its devices
 READY_TIMEOUT_S: Final = 30.0
 #: how long a child may take to exit once asked, before it is killed
@@ -64,21 +64,6 @@ _CAP_SYS_ADMIN: Final = 21
 
 class LabError(RuntimeError):
     """The lab cannot be built (or a host, or the emulator, failed)."""
-
-
-def _netns_id(pid: str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-
-
-def in_private_netns() -> bool:
-    """True inside a namespace made by sfumesh (marker set and not the init namespace)."""
-    if os.environ.get(MARKER_ENV) != "1":
-        return False
-    own, init = _netns_id("self"), _netns_id("1")
-    return own is None or init is None or own != init
 
 
 def _has_cap_sys_admin() -> bool:
@@ -129,7 +114,7 @@ def _wait_unshared(holder: subprocess.Popen[bytes], own: str | None) -> None:
         if holder.poll() is not None:
             error = holder.stderr.read().decode(errors="replace") if holder.stderr else ""
             raise LabError(f"cannot create a host namespace: {error.strip() or holder.returncode}")
-        current = _netns_id(str(holder.pid))
+        current = namespace_id(str(holder.pid))
         if current is not None and current != own:
             return
         time.sleep(0.005)
@@ -189,7 +174,7 @@ class Lab:
         if problem is not None:
             raise LabError(problem)
         try:
-            own = _netns_id("self")
+            own = namespace_id("self")
             for name in self.topology.hosts:
                 self._holders[name] = subprocess.Popen(
                     HOLDER,

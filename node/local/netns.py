@@ -27,7 +27,8 @@ class NetnsError(RuntimeError):
     """The private namespace cannot be made or changed."""
 
 
-def _namespace_id(pid: str) -> str | None:
+def namespace_id(pid: str) -> str | None:
+    """The network namespace of process `pid` (or "self"), as the kernel names it."""
     try:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
@@ -38,7 +39,7 @@ def in_private_netns() -> bool:
     """True inside a namespace made by sfumesh (marker set and not the init namespace)."""
     if os.environ.get(MARKER_ENV) != "1":
         return False
-    own, init = _namespace_id("self"), _namespace_id("1")
+    own, init = namespace_id("self"), namespace_id("1")
     return own is None or init is None or own != init
 
 

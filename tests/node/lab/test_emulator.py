@@ -25,6 +25,7 @@ import pytest
 from node.lab import namespaces
 from node.lab.namespaces import Lab, LabError, namespace_problem
 from node.lab.selftest import SelftestConfig, measure
+from node.local import netns
 
 pytestmark = pytest.mark.skipif(
     namespace_problem() is not None, reason=f"no lab here: {namespace_problem()}"
@@ -234,7 +235,7 @@ def test_the_capability_check_names_what_is_missing(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(namespaces, "_has_cap_sys_admin", lambda: False)
     problem = namespace_problem()
     assert problem is not None and "CAP_SYS_ADMIN" in problem
-    monkeypatch.delenv(namespaces.MARKER_ENV)
+    monkeypatch.delenv(netns.MARKER_ENV)
     problem = namespace_problem()
     assert problem is not None and "outside a private network namespace" in problem
 
