@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import node
 from node.lab import namespaces
 from node.lab.namespaces import Lab, LabError, namespace_problem
 from node.lab.selftest import SelftestConfig, measure
@@ -260,11 +262,26 @@ def test_a_process_without_privileges_gets_a_clear_error_and_nothing_is_left(
         "    sys.exit(3)\n"
     )
     links_before = lab_links()
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-c", code],
-        input=TOPOLOGY, capture_output=True, text=True, timeout=60, cwd="/",
-    )  # fmt: skip
+    # nobody may not be able to enter the checkout (CI clones into a 0700 folder), so it runs
+    # the real interpreter on a world-readable copy of the package (node.lab needs only the
+    # standard library).
+    with tempfile.TemporaryDirectory() as copy:
+        shutil.copytree(
+            Path(node.__file__).parent,
+            Path(copy, "node"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        for folder, _, files in os.walk(copy):
+            os.chmod(folder, 0o755)  # noqa: S103 (nobody must read the copy: it holds no secret)
+            for name in files:
+                os.chmod(Path(folder, name), 0o644)
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+             os.path.realpath(sys.executable), "-c", code],
+            input=TOPOLOGY, capture_output=True, text=True, timeout=60, cwd="/",
+            env={"PYTHONPATH": copy, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                 netns.MARKER_ENV: os.environ.get(netns.MARKER_ENV, "")},
+        )  # fmt: skip
     assert result.returncode == 3, result.stderr
     message, pids = json.loads(result.stdout)
     if checked:
