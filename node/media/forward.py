@@ -317,6 +317,8 @@ class SeenWindow:
     """
 
     SIZE: Final = 1024
+    #: the window's bits (built once, not per packet)
+    _MASK: Final = (1 << SIZE) - 1
     __slots__ = ("_bits", "_max", "_ssrc")
 
     def __init__(self) -> None:
@@ -334,7 +336,7 @@ class SeenWindow:
         if delta == 0:
             return False
         if delta < _SEQ_HALF:
-            self._bits = ((self._bits << delta) | 1) & ((1 << self.SIZE) - 1)
+            self._bits = ((self._bits << delta) | 1) & self._MASK
             self._max = seq
             return True
         back = 0x10000 - delta
