@@ -55,6 +55,8 @@ export class RoomConnection extends EventTarget {
     this.sessionToken = options.sessionToken;
     this.localStream = options.localStream;
     this.mediaOptions = options.mediaOptions ?? {};
+    /** @type {RTCIceServer[]} the TURN servers of the current socket's `hello` */
+    this.iceServers = [];
     /** @type {WebSocket | null} */
     this.ws = null;
     /** @type {RoomMedia | null} */
@@ -169,6 +171,9 @@ export class RoomConnection extends EventTarget {
     switch (message.type) {
       case "hello":
         this.hello = { session_id: message.session_id, node: message.node, region: message.region };
+        // This connection's TURN credentials (time-limited, for this session only): used by
+        // the media connections of this socket, beside any the page was given.
+        this.iceServers = Array.isArray(message.ice_servers) ? message.ice_servers : [];
         this.refused = 0;
         this.emit("hello", this.hello);
         this.join().catch((error) => this.joinFailed(error));
@@ -230,7 +235,8 @@ export class RoomConnection extends EventTarget {
     if (reply.type !== "ack") throw new ApiError(409, reply.code, reply.message);
     this.attempt = 0;
     this.media?.close();
-    this.media = new RoomMedia((message) => this.send(message), this.localStream, this.mediaOptions);
+    const iceServers = [...(this.mediaOptions.iceServers ?? []), ...this.iceServers];
+    this.media = new RoomMedia((message) => this.send(message), this.localStream, { ...this.mediaOptions, iceServers });
     for (const type of ["track", "trackended", "error"]) {
       this.media.addEventListener(type, (event) =>
         this.emit(type === "error" ? "media-error" : type, /** @type {CustomEvent} */ (event).detail),

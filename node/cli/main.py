@@ -60,7 +60,13 @@ def _node(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from node.local.demo import run_demo
 
-    return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
+    return run_demo(
+        nodes=args.nodes,
+        smoke=args.smoke,
+        port=args.port,
+        data_dir=args.data_dir,
+        turn_server=args.turn,
+    )
 
 
 def _bench_forward(args: argparse.Namespace) -> int:
@@ -163,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
     demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
     demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
+    demo.add_argument(
+        "--turn",
+        action="store_true",
+        help="also start a local coturn; nodes hand its credentials to sessions",
+    )
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")

@@ -17,6 +17,7 @@ from typing import Any
 import websockets
 from aiortc import (
     AudioStreamTrack,
+    RTCIceServer,
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCSessionDescription,
@@ -74,6 +75,8 @@ class Socket:
     pinger: asyncio.Task[None] | None = None
     #: pings sent (each answered by a `pong`, kept in `messages` like any message)
     pings: int = 0
+    #: the RTCIceServer entries of the `hello` (TURN credentials of this session, if any)
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)
     _ids: int = 0
 
     async def _ping(self, interval_s: float) -> None:
@@ -162,6 +165,7 @@ async def open_socket(
     sock.reader = asyncio.create_task(sock._read())
     hello = await sock.wait_for("hello")
     sock.session_id, sock.node = hello["session_id"], hello["node"]
+    sock.ice_servers = list(hello.get("ice_servers", []))
     if ping_interval_s is not None:
         sock.pinger = asyncio.create_task(sock._ping(ping_interval_s))
     return sock
@@ -220,8 +224,17 @@ class MediaPeer:
     def __init__(self, sock: Socket, name: str) -> None:
         self.sock = sock
         self.name = name
-        self.publish = RTCPeerConnection(adapter.rtc_configuration())
-        self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
+        # As the web client does: the TURN servers the node handed this session, if any.
+        servers = [
+            RTCIceServer(
+                urls=server["urls"],
+                username=server.get("username"),
+                credential=server.get("credential"),
+            )
+            for server in sock.ice_servers
+        ]
+        self.publish = RTCPeerConnection(adapter.rtc_configuration(servers))
+        self.subscribe = RTCPeerConnection(adapter.rtc_configuration(servers))
         self.received: list[Received] = []
         self.pattern = SmallPattern()
         self.owners: dict[str, str] = {}  # mid -> publisher session id
