@@ -273,8 +273,11 @@ class TurnSettings(BaseModel):
     urls: list[str] = Field(default_factory=list)
     # coturn's `static-auth-secret` (SFUMESH_TURN_SECRET); required with `urls`.
     secret: SecretStr = SecretStr("")
-    # How long a credential is good. coturn ends an allocation when its credential expires,
-    # so this bounds a call's relayed time; a reconnect (a new WebSocket) brings fresh ones.
+    # How long a credential is good for new allocations: a leaked one opens nothing after
+    # that. coturn checks the expiry when a client allocates; an allocation made in time
+    # was still refreshed after it (coturn 4.6.1), so calls in progress keep their relay.
+    # A peer connection a client creates later than this after its WebSocket's `hello`
+    # gets no relay; every reconnect brings fresh credentials.
     credential_ttl_s: int = Field(default=12 * 3600, ge=60, le=7 * 24 * 3600)
 
     @field_validator("urls")
