@@ -141,9 +141,11 @@ def start_coturn(
     port: int | None = None,
     secret: str | None = None,
     realm: str = "sfumesh.local",
+    tls: tuple[int, Path, Path] | None = None,
 ) -> LocalCoturn:
     """Start coturn listening on `listen` (UDP and TCP), relaying from `relay` (default the
-    same address) to the nodes' media addresses `allowed_peers`; wait until it listens."""
+    same address) to the nodes' media addresses `allowed_peers`; wait until it listens.
+    `tls` = (port, certificate, key): TURN over TLS (`turns:`) there too."""
     binary = shutil.which("turnserver")
     if binary is None:
         raise ServiceError("coturn is not installed (Debian: apt-get install coturn)")
@@ -163,6 +165,9 @@ def start_coturn(
         allowed_peers=allowed_peers,
         pidfile=str(directory / "turnserver.pid"),
         userdb=str(directory / "turndb"),
+        tls_port=None if tls is None else tls[0],
+        cert="" if tls is None else str(tls[1]),
+        pkey="" if tls is None else str(tls[2]),
     )
     conf = private_file(directory / "turnserver.conf", config)
     process = ManagedProcess(
@@ -170,4 +175,6 @@ def start_coturn(
     )
     process.start()
     process.wait_port(listen, port)
+    if tls is not None:
+        process.wait_port(listen, tls[0])
     return LocalCoturn(process, listen, port, secret, realm)

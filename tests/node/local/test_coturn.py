@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 from aioice import stun, turn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mesh.process import free_port
 from node.config import load_settings
@@ -270,3 +276,68 @@ async def _call_through_turn(node: LocalNode, client_netns: str) -> None:
     # Both of the far client's connections travel over its relay candidate.
     assert paths["publish"] and all(local == "relay" for local, _ in paths["publish"]), paths
     assert paths["subscribe"] and all(local == "relay" for local, _ in paths["subscribe"]), paths
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for `name` and its key (PEM files), as an ACME client would leave them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert, pkey = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    pkey.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, pkey
+
+
+@pytest.mark.slow
+async def test_turns_on_443_allocates_over_tls(tmp_path: Path) -> None:
+    """`turns:host:443?transport=tcp`, as the README configures it: TURN inside TLS on the
+    HTTPS port, what gets through firewalls that pass only HTTPS. The client checks the
+    server's certificate (here a self-signed one it trusts)."""
+    cert, pkey = self_signed(tmp_path, "turn.example.org")
+    server = start_coturn(tmp_path, tls=(443, cert, pkey))
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False  # the test dials 127.0.0.1, not the name
+        username = turn_username("session-tls", int(time.time()) + 600)
+        endpoint, _ = await turn.create_turn_endpoint(
+            _Nothing,
+            server_addr=(server.host, 443),
+            username=username,
+            password=turn_password(server.secret, username),
+            transport="tcp",
+            ssl=context,
+        )
+        try:
+            assert endpoint.get_extra_info("sockname")[0] == "127.0.0.1"
+        finally:
+            endpoint.close()
+        with pytest.raises(stun.TransactionFailed):
+            forged = await turn.create_turn_endpoint(
+                _Nothing,
+                server_addr=(server.host, 443),
+                username=username,
+                password=turn_password("not-" + server.secret, username),
+                transport="tcp",
+                ssl=context,
+            )
+            forged[0].close()
+    finally:
+        server.stop()
