@@ -223,13 +223,7 @@ async def _call_through_turn(node: LocalNode, client_netns: str) -> None:
             user = await sign_up(http, node.url, "far")
             sock = await open_socket(node.url, await user.new_session(node.url))
             assert sock.ice_servers, "the node handed no TURN server"
-            grant = await http.post(
-                f"{node.url}/api/rooms/{slug}/join",
-                headers={"Authorization": f"Bearer {sock.session_token}"},
-            )
-            assert grant.status_code == 200, grant.text
-            ack = await sock.request("join", room_token=grant.json()["room_token"])
-            assert ack["type"] == "ack", ack
+            await user.join(sock, slug, node.url)
             peer = MediaPeer(sock, "far")
             try:
                 await peer.start_publishing()
