@@ -12,6 +12,7 @@ from typing import Any
 
 from mesh.process import PRIVATE_UMASK
 from node.bench.failover import add_arguments as add_failover_arguments
+from node.bench.faults import add_arguments as add_faults_arguments
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
@@ -95,6 +96,10 @@ def _bench(args: argparse.Namespace) -> int:
         return run_vivaldi_bench(args)
     if args.name == "forward":
         return _bench_forward(args)
+    if args.name == "faults":
+        from node.bench.faults import run as run_faults_bench
+
+        return run_faults_bench(args)
     if args.name == "failover":
         from node.bench.failover import run as run_failover_bench
 
@@ -183,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
             "files",
             "happenings",
             "failover",
+            "faults",
         ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_vivaldi_arguments(bench)
     add_relay_arguments(bench)
     add_failover_arguments(bench)
+    add_faults_arguments(bench)
     bench.set_defaults(run=_bench)
 
     cluster = commands.add_parser(

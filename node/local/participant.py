@@ -397,10 +397,16 @@ class FailoverParticipant:
         self.session_id = ""
         self.node: RankedNode | None = None
         self.peer: MediaPeer | None = None
+        #: every MediaPeer it had, the current one last (what was decoded before a failover)
+        self.peers: list[MediaPeer] = []
         self.failovers: list[Failover] = []
         #: the failover going on, if any (set when the death was noticed)
         self.failing_since: float | None = None
         self._watcher: asyncio.Task[None] | None = None
+
+    def frames_from(self, owner: str, kind: str = "video") -> int:
+        """Frames of `owner`'s `kind` decoded so far, over every peer it had."""
+        return sum(r.frames for peer in self.peers for r in peer.from_(owner, kind))
 
     def live(self) -> list[RankedNode]:
         return [n for n in self.ranking if n.name not in self.dead]
@@ -432,6 +438,7 @@ class FailoverParticipant:
         self.session_id = sock.session_id
         self.node = node
         self.peer = MediaPeer(sock, self.name)
+        self.peers.append(self.peer)
         await self.peer.start_publishing()
 
     def _gone(self, sock: Socket) -> bool:
