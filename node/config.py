@@ -190,6 +190,10 @@ class LiveSettings(BaseModel):
     # An HTTP join holds a seat this long, unless its WebSocket `join` completes; joining
     # again on the same connection does not renew it (seats cannot be squatted unseen).
     pending_seat_ttl_s: float = Field(default=15.0, gt=0)
+    # A member whose socket closed without leaving (a refresh, its node died) keeps the
+    # seat this long for the same session or user: a stranger joining meanwhile does not
+    # take it. 0: freed at once.
+    seat_grace_s: float = Field(default=10.0, ge=0, le=120)
     lock_ttl_s: float = Field(default=5.0, gt=0)
     # How long a request waits for a busy room lock before it is told to try again (503).
     lock_wait_s: float = Field(default=10.0, gt=0)
