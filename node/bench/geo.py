@@ -198,6 +198,7 @@ class PeerProcess:
 
     def __init__(self, cluster: LabCluster, host: str, config: dict[str, Any], log_path: Path):
         self.name = str(config["name"])
+        self._log_path = log_path
         self._log = log_path.open("ab")
         argv = cluster.lab.command(host, [sys.executable, "-m", "node.bench.geo_peer"])
         self.process = subprocess.Popen(
@@ -227,10 +228,20 @@ class PeerProcess:
         try:
             message = self.messages.get(timeout=timeout)
         except queue.Empty:
-            raise LabError(f"peer {self.name}: no {event!r} within {timeout:g} s") from None
+            tail = self.log_tail()
+            raise LabError(f"peer {self.name}: no {event!r} within {timeout:g} s\n{tail}") from None
         if message is None or message.get("event") != event:
-            raise LabError(f"peer {self.name}: expected {event!r}, got {message} (see its log)")
+            tail = self.log_tail()
+            raise LabError(f"peer {self.name}: expected {event!r}, got {message}\n{tail}")
         return message
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of what the peer wrote to stderr (its log is in a temporary dir)."""
+        self._log.flush()
+        try:
+            return self._log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         """Ask it to end; then by PID if it does not."""

@@ -68,7 +68,7 @@ def _averages_plot(rows: list[dict[str, Any]], variant: str) -> str:
         axis.bar(["1 relayed", "2 HCM", "3 SG"], values, color=["C0", "C1", "C2"])
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=8)
-    figure.suptitle(f"{variant}: averages of both directions")
+    figure.suptitle(f"{variant}: averages of both directions", y=1.06)
     return _png(figure)
 
 
