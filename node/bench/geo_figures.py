@@ -113,7 +113,7 @@ def direction_figures(
         (_unwrap(int(at), start), None if counter is None else _unwrap(int(counter), start))
         for at, counter in receiver["frames"]
     ]
-    shown = sorted((at, c) for at, c in frames if start <= at <= end)
+    shown = sorted(((at, c) for at, c in frames if start <= at <= end), key=lambda f: f[0])
     times = [at for at, _ in shown]
     latencies = [float(at - c) for at, c in shown if c is not None]
     intervals = [float(b - a) for a, b in itertools.pairwise(times)]

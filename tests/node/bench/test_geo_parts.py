@@ -81,6 +81,8 @@ def test_direction_figures_follow_their_definitions() -> None:
         (c + 100, c) for c in painted if c not in hole and c + 100 <= end
     ]
     frames.append((start + 6000, None))  # a misread one still counts as shown
+    # decoded in the same millisecond as a readable one (the full run once failed on it)
+    frames.append((start + 6000, start + 5900))
     samples = [
         {"t_ms": start + i * 1000, "bytes_received": i * 187_500, "video_jitter_ts": 900}
         for i in range(11)
