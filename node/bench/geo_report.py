@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from node.bench.geo_figures import SCENARIO_NAMES, scenario_summary, verdicts
+from node.bench.geo_figures import SCENARIO_NAMES, caveat, scenario_summary, verdicts
 
 SERIES: Final = (
     ("latency_ms_p50", "glass-to-glass p50, ms"),
@@ -161,6 +161,7 @@ Machine: {html.escape(str(machine))}.</p>
 <ul>{scenarios}</ul>
 <h2>The answer</h2>
 <ul>{"".join(f"<li>{html.escape(a)}</li>" for a in answers.values())}</ul>
+<p class=answer>{html.escape(caveat(report) or "")}</p>
 <p>{html.escape(lessons(rows))}</p>
 <p>Mesh: join (HTTP + WebSocket + ICE to the first frame) p50 {mesh["join_ms_p50"]} ms,
 p95 {mesh["join_ms_p95"]} ms; relay setup p50 {mesh["relay_setup_ms_p50"]} ms; closest-node

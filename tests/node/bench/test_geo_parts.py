@@ -18,7 +18,7 @@ from node.bench.geo import (
     lossy_long_haul,
     truly_closest,
 )
-from node.bench.geo_figures import direction_figures, verdicts, wire_loss
+from node.bench.geo_figures import caveat, direction_figures, verdicts, wire_loss
 from node.bench.geo_media import CameraTrack, frame_luma, paint_stamp, read_stamp
 from node.lab.topology import load_topology, parse_topology, topology_toml
 
@@ -131,3 +131,20 @@ def test_the_answer_is_computed_from_the_rows() -> None:
     assert ": yes" in verdicts([row(1, 150, 0), row(2, 170, 0), row(3, 220, 0)])["v"]
     answer = verdicts([row(1, 300, 0), row(2, 170, 0), row(3, 220, 0)])["v"]
     assert ": no" in answer and "HCM" in answer and "300 ms relayed" in answer
+
+
+def test_a_run_short_of_cpu_says_so() -> None:
+    idle = {
+        "emulator": {"delay_error_ms_p99": 0.4},
+        "scenarios": [{"fps": 29.8}, {"fps": 30.0}],
+        "machine": {"after": {"cpus": 2, "loadavg_5m": 0.7}},
+    }
+    assert caveat(idle) is None
+    starved = {
+        "emulator": {"delay_error_ms_p99": 72.5},
+        "scenarios": [{"fps": 9.4}, {"fps": 13.4}],
+        "machine": {"after": {"cpus": 2, "loadavg_5m": 24.4}},
+    }
+    warning = caveat(starved)
+    assert warning is not None
+    assert "72.5 ms" in warning and "13 of 30 fps" in warning and "24.4 on 2 CPUs" in warning
