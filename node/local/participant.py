@@ -26,6 +26,8 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
+from av.frame import Frame
+from av.packet import Packet
 from websockets.asyncio.client import ClientConnection
 
 from mesh.closest import RankedNode, pick_node
@@ -44,6 +46,9 @@ PING_INTERVAL_S = 20.0
 STALL_S = 1.0
 # Gaps between decoded frames longer than this are kept (`Received.gaps`).
 GAP_KEPT_S = 0.5
+
+#: what `MediaPeer(on_frame=...)` is called with: the remote track and a decoded frame
+FrameHook = Callable[["Received", "Frame | Packet[Any]"], None]
 
 
 class SmallPattern(VideoStreamTrack):
@@ -177,12 +182,17 @@ async def open_socket(
 
 
 class Received:
-    """A remote track: frames decoded until it ends."""
+    """A remote track: frames decoded until it ends (each handed to `on_frame`, if given)."""
 
     def __init__(
-        self, track: MediaStreamTrack, mid: str | None, receiver: RTCRtpReceiver | None = None
+        self,
+        track: MediaStreamTrack,
+        mid: str | None,
+        receiver: RTCRtpReceiver | None = None,
+        on_frame: FrameHook | None = None,
     ) -> None:
         self.track = track
+        self.on_frame = on_frame
         self.kind = track.kind
         self.mid = mid
         self.receiver = receiver
@@ -211,8 +221,10 @@ class Received:
     async def _consume(self) -> None:
         try:
             while True:
-                await self.track.recv()
+                frame = await self.track.recv()
                 now = time.monotonic()
+                if self.on_frame is not None:
+                    self.on_frame(self, frame)
                 self.frames += 1
                 if self.first_frame_at is None:
                     self.first_frame_at = now
@@ -226,7 +238,19 @@ class Received:
 
 
 class MediaPeer:
-    def __init__(self, sock: Socket, name: str) -> None:
+    """`video`/`audio`: the tracks it publishes (default: `SmallPattern` and silence);
+    `on_frame`: called with each decoded frame of every remote track (`bench geo` reads
+    the capture time painted into it)."""
+
+    def __init__(
+        self,
+        sock: Socket,
+        name: str,
+        *,
+        video: MediaStreamTrack | None = None,
+        audio: MediaStreamTrack | None = None,
+        on_frame: FrameHook | None = None,
+    ) -> None:
         self.sock = sock
         self.name = name
         # As the web client does: the TURN servers the node handed this session, if any.
@@ -242,6 +266,9 @@ class MediaPeer:
         self.subscribe = RTCPeerConnection(adapter.rtc_configuration(servers))
         self.received: list[Received] = []
         self.pattern = SmallPattern()
+        self.video: MediaStreamTrack = video or self.pattern
+        self.audio: MediaStreamTrack = audio or AudioStreamTrack()
+        self._on_frame = on_frame
         self.owners: dict[str, str] = {}  # mid -> publisher session id
         self.errors: list[dict[str, Any]] = []
         self._seen = 0
@@ -257,7 +284,7 @@ class MediaPeer:
                 (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
-            received = Received(track, mid, receiver)
+            received = Received(track, mid, receiver, self._on_frame)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
 
@@ -312,8 +339,8 @@ class MediaPeer:
             self.errors.append(message)
 
     async def start_publishing(self) -> None:
-        self.publish.addTransceiver(self.pattern, direction="sendonly")
-        self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        self.publish.addTransceiver(self.video, direction="sendonly")
+        self.publish.addTransceiver(self.audio, direction="sendonly")
         await self.publish.setLocalDescription(await self.publish.createOffer())
         sdp = self.publish.localDescription.sdp
         answer = await self.sock.request("offer", pc="publish", sdp=sdp)
