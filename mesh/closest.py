@@ -64,6 +64,8 @@ NEXT_PROBES = 4
 MAX_PROBES = FIRST_PROBES + NEXT_PROBES
 #: one request per probe: its RTT is read from the TCP connect and the request separately
 PINGS_PER_NODE = 1
+#: samples below this (s) count as this: 1/rtt^2 must stay finite (Serf's zero threshold)
+MIN_RTT_S = 1.0e-6
 #: a probe unanswered after this long counts as unreachable
 PROBE_TIMEOUT_MS = 3000
 #: a pick younger than this is reused without probing (a page refresh)
@@ -141,7 +143,7 @@ def profile_costs(rtts: Rtts, samples: Mapping[str, float]) -> list[Profile]:
     be est(n, l) + h (and h to n itself). h is the weighted least-squares fit (weights
     1/rtt^2, so relative errors count), clamped at 0."""
     usable = {
-        name: rtt
+        name: max(rtt, MIN_RTT_S)
         for name, rtt in sorted(samples.items())  # sorted: the same sums as the browser's
         if name in rtts and math.isfinite(rtt) and rtt > 0
     }

@@ -16,6 +16,7 @@ export const FIRST_PROBES = 4;
 export const NEXT_PROBES = 4;
 export const MAX_PROBES = FIRST_PROBES + NEXT_PROBES;
 export const PINGS_PER_NODE = 1;
+export const MIN_RTT_S = 1.0e-6;
 export const PROBE_TIMEOUT_MS = 3000;
 export const PICK_CACHE_MS = 10 * 60_000;
 export const SAMPLE_CACHE_MS = 7 * 24 * 3600_000;
@@ -128,7 +129,8 @@ export function spreadProbes(/** @type {Rtts} */ rtts, /** @type {number} */ cou
 export function profileCosts(rtts, samples) {
   const usable = sortedNames(Object.keys(samples))
     .map((name) => /** @type {[string, number]} */ ([name, samples[name]]))
-    .filter(([name, rtt]) => name in rtts && finite(rtt) && rtt > 0);
+    .filter(([name, rtt]) => name in rtts && finite(rtt) && rtt > 0)
+    .map(([name, rtt]) => /** @type {[string, number]} */ ([name, Math.max(rtt, MIN_RTT_S)]));
   if (usable.length === 0) return [];
   const profiles = [];
   for (const node of sortedNames(Object.keys(rtts))) {
