@@ -294,13 +294,15 @@ class RankedNode:
 @dataclass(frozen=True)
 class Pick:
     """A finished pick: the ranking (nearest first), the samples to cache for next time
-    (ms), how many probes and rounds it took, and its duration (s, listing included)."""
+    (ms), how many probes and rounds it took, its duration (s, the node listing included)
+    and the probing's alone (s, from the first probe sent to the pick)."""
 
     nodes: list[RankedNode]
     samples_ms: dict[str, float]
     probes: int
     rounds: int
     elapsed_s: float
+    probing_s: float
 
 
 async def time_ping(http: httpx.AsyncClient, url: str, pings: int = PINGS_PER_NODE) -> float | None:
@@ -381,6 +383,7 @@ async def pick(
         first=first,
         then=then,
     )
+    probing = time.perf_counter()
     while probes := procedure.next_round():
         rtts = await asyncio.gather(*(time_ping(http, nodes[name]["url"]) for name in probes))
         for name, rtt_ms in zip(probes, rtts, strict=True):
@@ -404,6 +407,7 @@ async def pick(
         probes=procedure.probes,
         rounds=procedure.rounds,
         elapsed_s=time.perf_counter() - started,
+        probing_s=time.perf_counter() - probing,
     )
 
 
