@@ -114,10 +114,10 @@ def create_app(settings: Settings) -> Quart:
         # bcrypt's first hash (its thread pool, ~0.3 s of CPU) also runs beside the rest.
         warming = asyncio.create_task(hasher.warm_up(), name="warm-hasher")
         try:
-            lock_redis = [
+            lock_clients = [
                 redis_client(url.get_secret_value()) for url in settings.live.lock_redis_urls
             ]
-            live = Live(settings, redis, lock_redis)
+            live = Live(settings, redis, [*lock_clients])
             await live.start()
             phases["redis_s"] = time.perf_counter() - started
             metrics = NodeMetrics(settings.node_name, settings.region)
@@ -133,6 +133,12 @@ def create_app(settings: Settings) -> Quart:
             phases["serf_s"] = time.perf_counter() - started
             if cluster.relay is not None:
                 metrics.watch_relays(cluster.relay)
+            # Built before the scripts are loaded: they register theirs.
+            login_limiter = LoginLimiter(redis, settings.login_limit)
+            signup_limiter = SignupLimiter(redis, settings.signup_limit)
+            reminders = ReminderLoop(live)
+            await asyncio.gather(*(c.load_scripts() for c in [redis, *lock_clients]))
+            phases["scripts_s"] = time.perf_counter() - started
             await warming
             store = await opening
         finally:
@@ -146,14 +152,13 @@ def create_app(settings: Settings) -> Quart:
             tokens=tokens,
             token_state=TokenState(redis),
             hasher=hasher,
-            login_limiter=LoginLimiter(redis, settings.login_limit),
-            signup_limiter=SignupLimiter(redis, settings.signup_limit),
+            login_limiter=login_limiter,
+            signup_limiter=signup_limiter,
             live=live,
             metrics=metrics,
             cluster=cluster,
             ws_slots=SocketSlots(settings.live.ws_max_per_user, settings.live.ws_max_per_address),
         )
-        reminders = ReminderLoop(live)
         reminders.start()
         app.extensions[REMINDERS_EXTENSION] = reminders
         # When each part of the start-up was done (s since it began; the store's runs beside

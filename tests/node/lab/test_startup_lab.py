@@ -8,7 +8,12 @@ item 6): its start-up's round trips are bounded, counted where they land, not ti
   rounds they took, commands in flight together counting once). Beanie alone made two
   sequential round trips per model for the indexes.
 
-The phases' times (`node.ready`'s `startup`) are printed, not asserted.
+Then a client beside the far node creates a room and joins it there: the room lock's calls
+each take a round trip to Redis, and its per-call timeout was shorter than that (every
+join "busy"). The join's Redis commands are counted and printed; none is a `SCRIPT LOAD`
+(the node loads its Lua scripts at start-up, in one round trip).
+
+The phases' times (`node.ready`'s `startup`, the join's) are printed, not asserted.
 
 Runs inside the private namespace ./scripts/test makes (SFUMESH_PRIVATE_NETNS=1).
 """
@@ -16,16 +21,19 @@ Runs inside the private namespace ./scripts/test makes (SFUMESH_PRIVATE_NETNS=1)
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from node.lab.cluster import LabCluster
 from node.lab.namespaces import namespace_problem
 from node.runtime.services import BackingServices
+from tests.node.live_client import create_room, sign_up
 
 pytestmark = pytest.mark.skipif(
     namespace_problem() is not None, reason=f"no lab here: {namespace_problem()}"
@@ -49,6 +57,10 @@ role = "store"
 [hosts.far-node]
 region = "far"
 role = "node"
+
+[hosts.far-client]
+region = "far"
+role = "client"
 
 [core.core.far]
 delay_ms = 150
@@ -90,8 +102,31 @@ def test_a_far_node_starts_in_few_round_trips(
     cluster = CountingCluster(TOPOLOGY, "startup-lab.toml", tmp_path)
     with cluster:
         assert cluster.services is not None
-        after = cluster.commandstats(cluster.services.redis_url)
+        redis_url = cluster.services.redis_url
+        after = cluster.commandstats(redis_url)
         ready_s = cluster.nodes["far-node"].ready_s
+        url = cluster.urls["far-node"]
+        join: dict[str, Any] = {}
+
+        async def join_far() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                user = await sign_up(http, url)
+                await create_room(user, url, "far-room")
+                sock = await user.connect(url)
+                before = cluster.commandstats(redis_url)
+                started = time.monotonic()
+                joined = await user.join(sock, "far-room", url)
+                join["s"] = round(time.monotonic() - started, 3)
+                done = cluster.commandstats(redis_url)
+                join["redis_calls"] = {
+                    name: count - before.get(name, 0)
+                    for name, count in done.items()
+                    if name != "info" and count != before.get(name, 0)
+                }
+                assert joined["type"] == "joined"
+                await sock.close()
+
+        cluster.run("far-client", join_far)
     # the counters' own INFO calls are not the node's
     calls = {
         name: count - cluster.before.get(name, 0)
@@ -106,6 +141,7 @@ def test_a_far_node_starts_in_few_round_trips(
         "startup": ready["startup"],
         "redis_calls": calls,
         "store": {k: store[k] for k in ("models", "commands", "rounds", "s")},
+        "join": join,
     }
     print(f"\nfar node start-up: {json.dumps(report)}")
     for key, value in report.items():
@@ -120,3 +156,6 @@ def test_a_far_node_starts_in_few_round_trips(
     # createIndexes side by side: a handful of rounds, however many models.
     assert store["commands"] <= 2 + 2 * store["models"] + 2, store
     assert store["rounds"] <= 5, store
+    # The join: its Lua scripts were loaded at start-up (one pipeline), so none is loaded
+    # on first use (NOSCRIPT, SCRIPT LOAD, EVALSHA again: two more round trips each).
+    assert "script|load" not in join["redis_calls"], join
