@@ -342,7 +342,8 @@ class RelaySettings(BaseModel):
     # How offers and answers travel: "inline" in the Serf query itself (ORTC-style, under
     # 1 KB), or "redis": the message in a short-lived Redis key, the query carrying its name.
     carrier: Literal["inline", "redis"] = "inline"
-    # One signalling attempt waits this long for the answer, then it is sent again.
+    # One signalling attempt waits this long for the answer, plus twice the peer's
+    # estimated RTT (Serf's coordinates), then it is sent again.
     attempt_timeout_s: float = Field(default=1.0, gt=0)
     attempts: int = Field(default=6, gt=0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
