@@ -23,7 +23,8 @@ TIMEOUT = 5.0
 
 
 async def connect(stack: AsyncExitStack, api: Api, session_token: str) -> Peer:
-    ws = await stack.enter_async_context(api.client.websocket(f"/ws?session_token={session_token}"))
+    context: Any = api.client.websocket(f"/ws?session_token={session_token}")
+    ws = await stack.enter_async_context(context)
     peer = Peer(api, ws, session_token)
     peer.session_id = (await peer.next("hello"))["session_id"]
     return peer
