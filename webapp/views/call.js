@@ -71,8 +71,10 @@ export function callControls({ buttons, conn, localStream, state, onChange, onSc
     screen = null;
     track.stop();
     onScreen(null);
-    await conn.media?.setScreen(null);
+    // The state first: the node handles a connection's frames in order, and the new
+    // offer (the share's m-line made inactive) takes it longer.
     set({ screen_sharing: false, screen_mid: null });
+    await conn.media?.setScreen(null);
   };
   buttons.screen.addEventListener("click", async () => {
     if (screen !== null) return stopSharing();
@@ -88,8 +90,10 @@ export function callControls({ buttons, conn, localStream, state, onChange, onSc
     // The browser's own "stop sharing" ends the track: the share ends for everyone.
     track.addEventListener("ended", () => stopSharing());
     onScreen(track);
+    // Said at once; which m-line carries it is known once the new offer is made.
+    set({ screen_sharing: true });
     const mid = (await conn.media?.setScreen(track)) ?? null;
-    set({ screen_sharing: true, screen_mid: mid });
+    if (screen === track) set({ screen_mid: mid });
   });
 
   // A new RoomMedia (joined, or joined again after a reconnect): it sends the share too,
