@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Page, Request, WebSocket, expect
+from playwright.async_api import BrowserContext, Page, Request, WebSocket, expect
 from redis.asyncio import Redis
 
 from node.local.launch import LocalNode
@@ -100,7 +100,7 @@ async def frames_grow(page: Page, key: str, limit_s: float = 15.0) -> None:
     start = await page.evaluate(TILE_FRAMES, key)
 
     async def more() -> bool:
-        return int(await page.evaluate(TILE_FRAMES, key)) > max(start, 0) + 10
+        return bool(int(await page.evaluate(TILE_FRAMES, key)) > max(start, 0) + 10)
 
     await until(more, limit_s, f"{key}'s video keeps decoding")
 
@@ -260,11 +260,16 @@ async def test_end_to_end_encryption(
         web_context(browser, bob_user.user_token) as bob_ctx,
         web_context(browser, carol_user.user_token) as carol_ctx,
     ):
-        for context in (alice_ctx, bob_ctx, carol_ctx):
-            context.on("request", record_request)
-            context.on("websocket", record_socket)
-        alice = await new_page(alice_ctx, f"{link}#key={key}")
-        bob = await new_page(bob_ctx, f"{link}#key={key}")
+
+        async def watched(context: BrowserContext, url: str) -> Page:
+            page = await new_page(context)
+            page.on("request", record_request)
+            page.on("websocket", record_socket)
+            await page.goto(url)
+            return page
+
+        alice = await watched(alice_ctx, f"{link}#key={key}")
+        bob = await watched(bob_ctx, f"{link}#key={key}")
         await wait_joined(alice)
         await wait_joined(bob)
         await decoding([alice, bob], 30, DECODE_LIMIT_S)
@@ -285,7 +290,7 @@ async def test_end_to_end_encryption(
         assert theirs["spread"] > 2, theirs
 
         # Carol has no key: nothing of theirs decoded, a clear notice instead.
-        carol = await new_page(carol_ctx, link)
+        carol = await watched(carol_ctx, link)
         await wait_joined(carol)
         for someone in (a_id, b_id):
             await expect(
@@ -321,24 +326,24 @@ async def test_end_to_end_encryption(
     assert seen and not [s for s in seen if key in s]
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
     assert logs and key not in logs
-    redis = Redis.from_url(backing.redis_url)
+    redis: Any = Redis.from_url(backing.redis_url)
     try:
-        async for name in redis.scan_iter(count=1000):
-            assert key.encode() not in name
+        names = [name async for name in redis.scan_iter(count=1000)]
+        assert names
+        for name in names:
             kind = (await redis.type(name)).decode()
             if kind == "string":
-                value = await redis.get(name) or b""
+                value = repr(await redis.get(name))
             elif kind == "hash":
-                value = json.dumps(
-                    {
-                        k.decode(): v.decode(errors="replace")
-                        for k, v in (await redis.hgetall(name)).items()
-                    }
-                ).encode()
+                value = repr(await redis.hgetall(name))
             elif kind == "stream":
-                value = str(await redis.xrange(name)).encode()
+                value = repr(await redis.xrange(name))
+            elif kind == "set":
+                value = repr(await redis.smembers(name))
+            elif kind == "zset":
+                value = repr(await redis.zrange(name, 0, -1))
             else:
-                value = b""
-            assert key.encode() not in value, name
+                value = repr(await redis.lrange(name, 0, -1))
+            assert key not in repr(name) + value, name
     finally:
         await redis.aclose()
