@@ -84,8 +84,9 @@ export function watchQuality(media, onReport, periodMs = 500) {
         const newPackets = sent - lastOwn.sent;
         const loss = newPackets > 0 ? Math.max(0, lost - lastOwn.lost) / newPackets : 0;
         lastOwn = { sent, lost };
+        // (qualityLimitationReason "bandwidth" is reported too, but not counted: the node
+        // caps each track's bitrate on purpose, which says nothing about the uplink.)
         own = qualityOf({ loss, rttMs });
-        if (ownLimited && own === "good") own = "poor";
       }
     } catch (error) {
       console.warn("getStats", error);

@@ -70,6 +70,21 @@ PICTURE = """
 }
 """
 
+# The quality levels the tiles show, for figures on each side of the thresholds.
+QUALITY_LEVELS = """
+async () => {
+  const { qualityOf } = await import("/static/quality.js");
+  return [
+    qualityOf({ loss: 0.01, rttMs: 40 }),
+    qualityOf({ loss: 0.05, rttMs: 40 }),
+    qualityOf({ loss: 0, rttMs: 400 }),
+    qualityOf({ loss: 0.2, rttMs: 40 }),
+    qualityOf({ loss: 0, rttMs: 900 }),
+    qualityOf({ loss: 0, rttMs: 40, stalled: true }),
+  ];
+}
+"""
+
 # Frames alice's camera sender has encoded so far.
 ENCODED = """
 async () => {
@@ -141,12 +156,25 @@ async def test_state_screen_share_devices_and_listen_only(
         a_id, b_id = await session_of(alice), await session_of(bob)
         on_bob = f'#grid li[data-session="{a_id}"]'
 
+        # Speaking, from the sound bob receives (the fake microphone beeps), and the
+        # connection's quality on every tile.
+        await expect(bob.locator(f"{on_bob}.speaking")).to_be_attached(timeout=10_000)
+        await expect(bob.locator(on_bob)).to_have_attribute("data-quality", "good")
+        await expect(alice.locator('#grid li[data-session="self"]')).to_have_attribute(
+            "data-quality", "good"
+        )
+        await expect(alice.locator("#own-quality")).to_be_hidden()
+        levels = await bob.evaluate(QUALITY_LEVELS)
+        assert levels == ["good", "poor", "poor", "bad", "bad", "bad"], levels
+
         # Mute: bob sees it on alice's tile and in the people list.
         await alice.get_by_role("button", name="Mute").click()
         await shows_within(bob, f"{on_bob}.mic-muted .badge-muted", "muted on bob's page")
         await expect(alice.locator("#btn-mic")).to_have_attribute("aria-pressed", "true")
         await bob.get_by_role("tab", name="People").click()
         await shows_within(bob, "#people .mark-muted", "muted in bob's people list")
+        # Muted: not speaking any more (the beeps are not sent).
+        await gone_within(bob, f"{on_bob}.speaking", "speaking ends when muted", 3)
 
         # Camera off: initials on bob's page, and alice's sender encodes nothing more
         # (the track is paused, not sent as black frames).

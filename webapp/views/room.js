@@ -10,7 +10,7 @@ import { chatPanel } from "./chat.js";
 import { filesPanel } from "./files.js";
 import { setupFullscreen } from "./controls.js";
 import { callControls } from "./call.js";
-import { devicePrefs, openLocalMedia } from "../devices.js";
+import { devicePrefs, micLevel, openLocalMedia } from "../devices.js";
 import { E2ee, e2eeSupported, keyFromFragment } from "../e2ee.js";
 import { SPEAKING_LEVEL, watchQuality } from "../quality.js";
 import { preJoin, showProblem } from "./prejoin.js";
@@ -240,7 +240,7 @@ async function enterRoom(room, choice) {
   conn.addEventListener("joined", (event) => {
     const { participants: list, self } = /** @type {CustomEvent} */ (event).detail;
     participants.clear();
-    for (const key of [...tiles.keys()]) if (key !== "self") grid.removeTile(key);
+    for (const key of [...tiles.keys()]) if (key !== "self" && key !== "screen:self") grid.removeTile(key);
     selfSession = self?.session_id ?? selfSession;
     if (self) participants.set(self.session_id, self);
     for (const p of list) addParticipant(p);
@@ -321,6 +321,8 @@ async function enterRoom(room, choice) {
   });
 
   // Who is speaking and how the connections are, from the peer connections' stats.
+  // Own speaking, from the microphone itself (what is sent is the same sound).
+  const stopMicLevel = micLevel(localStream, (level) => grid.setSpeaking("self", !me.mic_muted && level > 0.05));
   const stopQuality = watchQuality(
     () => conn.media,
     ({ tracks, own }) => {
@@ -424,6 +426,7 @@ async function enterRoom(room, choice) {
 
   setTeardown(() => {
     stopQuality();
+    stopMicLevel();
     controls.stop();
     e2ee?.stop();
     grid.stop();
