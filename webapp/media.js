@@ -11,7 +11,7 @@
 //
 // Events (RoomMedia is an EventTarget):
 // - "track": detail {track, streams, mid, transceiver, owner}, a remote track on the
-//   subscribe connection; `owner` is {session_id, user_id, kind} from the offer's `tracks`
+//   subscribe connection; `owner` is {session_id, user_id, kind, source_mid} from the offer's `tracks`
 //   map (every remote track arrives in the same stream, so this is how to tell whose it is).
 // - "trackended": detail {track, mid}, the node stopped sending it (its m-line became
 //   inactive; the publisher left).
