@@ -6,10 +6,12 @@ on bob's page within a second; camera off sends no video at all and shows her in
 the screen share is a second video track shown large, and it ends for both when she stops
 it, also through the browser's own "stop sharing" (the track's `ended`). Alice switches
 cameras mid-call and bob keeps decoding. Carol's browser has no camera or microphone at
-all: she is told so, joins listen-only and still sees and hears the others.
+all: she is told so, joins listen-only and still sees and hears the others. Dave refuses
+the permission: he is told how to allow it, and joins and chats anyway.
 
 End-to-end encryption: alice and bob open the invite link with `#key=...` and decode each
-other (and the picture is the camera's, not garbage); carol, without the key, decodes
+other (bob through createEncodedStreams, alice through RTCRtpScriptTransform; the picture
+is the camera's, not garbage); carol, without the key, decodes
 nothing of theirs and sees "Encrypted: key needed"; the node forwarded the packets; the
 key is in no request, WebSocket frame, node log or Redis key or value.
 """
@@ -31,7 +33,7 @@ from node.local.launch import LocalNode
 from node.runtime.services import BackingServices
 from tests.browser import chromium
 from tests.node.live_client import User, create_room, sign_up
-from tests.webapp.web import decoding, new_page, until, wait_joined, web_context
+from tests.webapp.web import decoding, new_page, send_chat, until, wait_joined, web_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -120,10 +122,10 @@ async def frames_grow(page: Page, key: str, limit_s: float = 15.0) -> None:
     await until(more, limit_s, f"{key}'s video keeps decoding")
 
 
-async def three_people(node: LocalNode, prefix: str) -> tuple[list[User], str]:
+async def people_in_room(node: LocalNode, prefix: str, count: int = 3) -> tuple[list[User], str]:
     slug = f"{prefix}-{secrets.token_hex(3)}"
     async with httpx.AsyncClient(timeout=30) as http:
-        people = [await sign_up(http, node.url, prefix=p) for p in ("al", "bo", "ca")]
+        people = [await sign_up(http, node.url, prefix=p) for p in ("al", "bo", "ca", "da")[:count]]
         await create_room(people[0], node.url, slug)
     return people, slug
 
@@ -132,14 +134,16 @@ async def test_state_screen_share_devices_and_listen_only(
     node_processes: Callable[..., LocalNode],
 ) -> None:
     node = await asyncio.to_thread(node_processes, extra_env=MEDIA_ENV)
-    (alice_user, bob_user, carol_user), slug = await three_people(node, "call")
+    (alice_user, bob_user, carol_user, dave_user), slug = await people_in_room(node, "call", 4)
     link = f"{node.url}/r/{slug}"
     async with (
         chromium(CAMERAS) as browser,
         chromium(fake_media=False) as bare,
+        chromium(["--use-fake-ui-for-media-stream=deny"]) as refusing,
         web_context(browser, alice_user.user_token, prejoin=True) as alice_ctx,
         web_context(browser, bob_user.user_token) as bob_ctx,
         web_context(bare, carol_user.user_token) as carol_ctx,
+        web_context(refusing, dave_user.user_token) as dave_ctx,
     ):
         alice = await new_page(alice_ctx, link)
         # The pre-join screen: a live preview, the cameras to choose from, then join.
@@ -198,6 +202,8 @@ async def test_state_screen_share_devices_and_listen_only(
 
         # Screen share: the state within a second, the picture large on both pages.
         await alice.get_by_role("button", name="Share screen").click()
+        # (the second counts from the share's start: the browser's picker comes first)
+        await expect(alice.locator("#btn-screen")).to_have_attribute("aria-pressed", "true")
         await shows_within(bob, "#people .mark-sharing_screen", "sharing in bob's list")
         screen_on_bob = f'#grid li.screen[data-session="screen:{a_id}"]'
         await shows_within(bob, screen_on_bob, "the screen tile on bob's page", 15)
@@ -248,6 +254,14 @@ async def test_state_screen_share_devices_and_listen_only(
         assert await carol.evaluate("() => window.sfumesh.conn.media.publishPc") is None
         # Late joiner: she sees alice's state as it is (muted).
         await shows_within(carol, f"{on_bob}.mic-muted", "alice muted on carol's page")
+        # Dave refuses the camera and microphone: told how to allow them, in anyway, chats.
+        dave = await new_page(dave_ctx, link)
+        await wait_joined(dave)
+        await expect(dave.locator("#media-problem")).to_contain_text("blocked")
+        await send_chat(dave, "listening only")
+        await expect(dave.locator("#messages")).to_contain_text("listening only")
+        await bob.get_by_role("tab", name="Chat").click()
+        await expect(bob.locator("#messages")).to_contain_text("listening only")
         # Keyboard: the new controls are reachable and labelled (Vietnamese too).
         for control in ("#btn-hand", "#btn-screen", "#btn-devices"):
             await expect(bob.locator(control)).to_have_accessible_name(
@@ -268,7 +282,7 @@ async def test_end_to_end_encryption(
     node_processes: Callable[..., LocalNode], backing: BackingServices, tmp_path: Any
 ) -> None:
     node = await asyncio.to_thread(node_processes, extra_env=MEDIA_ENV)
-    (alice_user, bob_user, carol_user), slug = await three_people(node, "e2ee")
+    (alice_user, bob_user, carol_user), slug = await people_in_room(node, "e2ee")
     key = secrets.token_urlsafe(16)
     link = f"{node.url}/r/{slug}"
     seen: list[str] = []
@@ -288,6 +302,9 @@ async def test_end_to_end_encryption(
         web_context(browser, bob_user.user_token) as bob_ctx,
         web_context(browser, carol_user.user_token) as carol_ctx,
     ):
+        # Bob's browser has no RTCRtpScriptTransform: his page uses Chromium's
+        # createEncodedStreams, and the two kinds of page read each other.
+        await bob_ctx.add_init_script(script="delete window.RTCRtpScriptTransform;")
 
         async def watched(context: BrowserContext, url: str) -> Page:
             page = await new_page(context)
@@ -302,6 +319,8 @@ async def test_end_to_end_encryption(
         await wait_joined(bob)
         await decoding([alice, bob], 30, DECODE_LIMIT_S)
         a_id, b_id = await session_of(alice), await session_of(bob)
+        assert await alice.evaluate("() => window.sfumesh.e2ee.script") is True
+        assert await bob.evaluate("() => window.sfumesh.e2ee.script") is False
         statuses = await bob.evaluate("() => [...window.sfumesh.e2eeStatus.values()]")
         assert "decrypted" in statuses and "clear" not in statuses, statuses
         # Every track encrypted: the lock shows.

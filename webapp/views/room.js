@@ -209,7 +209,7 @@ async function enterRoom(room, choice) {
         }
       : {},
   });
-  window.sfumesh = { conn, room, tiles, participants, me, e2eeStatus };
+  window.sfumesh = { conn, room, tiles, participants, me, e2ee, e2eeStatus };
 
   const costs = costsPanel(section, room.slug);
   const files = filesPanel(section, room.slug, room);
