@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh.process import PRIVATE_UMASK
+from node.bench.failover import add_arguments as add_failover_arguments
+from node.bench.faults import add_arguments as add_faults_arguments
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
@@ -60,7 +62,13 @@ def _node(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from node.local.demo import run_demo
 
-    return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
+    return run_demo(
+        nodes=args.nodes,
+        smoke=args.smoke,
+        port=args.port,
+        data_dir=args.data_dir,
+        turn_server=args.turn,
+    )
 
 
 def _bench_forward(args: argparse.Namespace) -> int:
@@ -94,6 +102,14 @@ def _bench(args: argparse.Namespace) -> int:
         return run_vivaldi_bench(args)
     if args.name == "forward":
         return _bench_forward(args)
+    if args.name == "faults":
+        from node.bench.faults import run as run_faults_bench
+
+        return run_faults_bench(args)
+    if args.name == "failover":
+        from node.bench.failover import run as run_failover_bench
+
+        return run_failover_bench(args)
     if args.name == "relay":
         from node.bench.relay import run as run_relay_bench
 
@@ -163,12 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
     demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
     demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
+    demo.add_argument(
+        "--turn",
+        action="store_true",
+        help="also start a local coturn; nodes hand its credentials to sessions",
+    )
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
     bench.add_argument(
         "name",
-        choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "files", "happenings"],
+        choices=[
+            "api",
+            "join",
+            "codecs",
+            "forward",
+            "vivaldi",
+            "relay",
+            "files",
+            "happenings",
+            "failover",
+            "faults",
+        ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
@@ -190,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reminders", type=int, default=240, help="happenings: reminders due (default 240)"
     )
     bench.add_argument(
-        "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
+        "--clients",
+        type=int,
+        help="join: users with an open WebSocket, all joining (default 60); "
+        "failover: clients on the killed node (default 4)",
     )
     forward = bench.add_argument_group("forward (the forwarding core against MediaRelay and Janus)")
     forward.add_argument(
@@ -199,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument(
         "--rounds",
         type=int,
-        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000)",
+        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000);"
+        " failover: kills, each on fresh nodes (default 1)",
     )
     forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
     forward.add_argument("--warmup", type=float, default=3.0, help="forward: warm-up, s")
@@ -221,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_vivaldi_arguments(bench)
     add_relay_arguments(bench)
+    add_failover_arguments(bench)
+    add_faults_arguments(bench)
     bench.set_defaults(run=_bench)
 
     cluster = commands.add_parser(

@@ -293,6 +293,18 @@ async def start_negotiated_sender(pc: aiortc.RTCPeerConnection, transceiver: Any
     return True
 
 
+def nominated_candidate_types(pc: aiortc.RTCPeerConnection) -> list[tuple[str, str]]:
+    """(local, remote) candidate types ("host", "srflx", "prflx", "relay") of the ICE pairs
+    a peer connection's transports nominated: how its media actually travels (a client
+    behind a strict firewall: "relay" on its side). aiortc's stats do not say."""
+    pairs = []
+    for transceiver in pc.getTransceivers():
+        ice: Any = transceiver.receiver.transport.transport
+        for pair in ice._connection._nominated.values():
+            pairs.append((pair.local_candidate.type, pair.remote_candidate.type))
+    return pairs
+
+
 def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
     """An explicit configuration: without one aiortc contacts a public STUN server.
 

@@ -136,6 +136,9 @@ class Relay:
     up_at: float | None = None
     signalling_bytes: int = 0
     messages: int = 0
+    #: the sends the plan wants next, not yet applied (`_apply_later`), and the task at it
+    wanted: dict[str, Published] | None = None
+    applying: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -313,10 +316,10 @@ class RelayManager:
                     self._opening.add(peer)
                     self.spawn(self._open(peer, tracks))
             elif relay.state == "up":
-                await self._apply_sends(relay, tracks)
+                self._apply_later(relay, tracks)
         for peer, relay in list(self.relays.items()):
             if peer not in desired and relay.state == "up" and relay.sends:
-                await self._apply_sends(relay, {})
+                self._apply_later(relay, {})
         for relay in list(self.relays.values()):
             if relay.state != "up":
                 continue
@@ -358,6 +361,20 @@ class RelayManager:
         if out.published.relays.get(relay.peer) is out.tap:
             del out.published.relays[relay.peer]
         self.totals.packets_out += out.tap.packets_sent
+
+    def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
+        """Bring a relay's sends to `wanted` in a task of its own, the latest plan winning.
+        A peer that stopped answering (killed, not yet declared failed by Serf) then holds
+        up only its own relay's update (its attempts take seconds), never the plan of the
+        others: the relay a failed-over client's new node needs opens meanwhile."""
+        relay.wanted = wanted
+        if relay.applying is None or relay.applying.done():
+            relay.applying = self.spawn(self._apply_wanted(relay))
+
+    async def _apply_wanted(self, relay: Relay) -> None:
+        while relay.wanted is not None:
+            wanted, relay.wanted = relay.wanted, None
+            await self._apply_sends(relay, wanted)
 
     async def _apply_sends(self, relay: Relay, wanted: dict[str, Published]) -> None:
         async with relay.updating:

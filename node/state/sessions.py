@@ -77,12 +77,14 @@ return 1
 """
 
 # Fenced bodies: KEYS[2] members, KEYS[3] events; ARGV[2..] as noted.
-# KEYS[4] the user's removed-by-owner mark. ARGV[2] session, ARGV[3] membership JSON,
-# ARGV[4] maxlen, ARGV[5..] replaced sessions. Returns 0 (and changes nothing) when the
-# room's creator removed this user a short while ago.
+# KEYS[4] the user's removed-by-owner mark, KEYS[5] the room's seat holds. ARGV[2]
+# session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5..] replaced sessions. Returns 0
+# (and changes nothing) when the room's creator removed this user a short while ago. The
+# session's own seat hold, if any, is used up.
 _JOIN = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HDEL', KEYS[5], ARGV[2])
 local new = cjson.decode(ARGV[3])
 for i = 5, #ARGV - 1 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
@@ -117,14 +119,21 @@ local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'par
 return {id, encoded}
 """
 
-# ARGV[2] session, ARGV[3] generation (removes memberships of that generation or older),
-# ARGV[4] maxlen, ARGV[5] reason. Returns the removed membership JSON or nil.
+# KEYS[4] the room's seat holds. ARGV[2] session, ARGV[3] generation (removes memberships of
+# that generation or older), ARGV[4] maxlen, ARGV[5] reason, ARGV[6] until when (ms) and
+# ARGV[7] how long (ms, 0: no hold) an active member's seat stays kept for the same session.
+# Returns the removed membership JSON or nil.
 _LEAVE = """
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return nil end
 local member = cjson.decode(raw)
 if tonumber(member.generation) > tonumber(ARGV[3]) then return nil end
 redis.call('HDEL', KEYS[2], ARGV[2])
+if member.state == 'active' and tonumber(ARGV[7]) > 0 then
+  redis.call('HSET', KEYS[4], ARGV[2],
+    cjson.encode({user_id = member.user_id, until_ms = ARGV[6]}))
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
 if member.state == 'active' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-left',
     'data', cjson.encode({session_id = ARGV[2], user_id = member.user_id, reason = ARGV[5]}))
@@ -307,6 +316,7 @@ class SessionStore:
         session_ttl_s: float = 24 * 3600.0,
         kick_ttl_s: float = 600.0,
         empty_ttl_s: float = 24 * 3600.0,
+        seat_grace_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
@@ -322,6 +332,9 @@ class SessionStore:
         self._kick_ttl_ms = int(kick_ttl_s * 1000)
         # An empty room's keys expire this long after its last member went (`_room_script`).
         self._empty_ttl_ms = int(empty_ttl_s * 1000)
+        # A session whose socket closed (not one that left) keeps its seat this long, for
+        # itself or its user only: a refresh or a failover to another node finds it free.
+        self._seat_grace_ms = int(seat_grace_s * 1000)
         self._lock = lock
         self.node = node
         self.region = region
@@ -369,7 +382,7 @@ class SessionStore:
         if record is None or record.generation != generation:
             return False
         if record.room:
-            await self.leave(record.room, session_id, generation, reason)
+            await self.leave(record.room, session_id, generation, reason, hold_seat=True)
         dropped = await self._drop(keys=[keys.session(session_id)], args=[generation])
         await self._redis.srem(keys.node_sessions(record.node), session_id)
         if dropped:
@@ -465,6 +478,7 @@ class SessionStore:
             replaced = same_user if policy == "replace" else []
             replaced_ids = {m.session_id for m in replaced}
             people = {m.user_id for m in others if m.session_id not in replaced_ids}
+            people |= await self._held_seats(slug, session_id, {m.session_id for m in members})
             # Capacity counts people, not sessions (R6): a user already inside takes no seat.
             if user_id not in people and len(people) >= capacity:
                 raise Conflict("room_full", f"the room is full ({capacity} people)")
@@ -480,7 +494,9 @@ class SessionStore:
             admitted = await self._join(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                keys=self._room_keys(
+                    slug, keys.room_removed(slug, user_id), keys.room_seat_holds(slug)
+                ),
                 args=[
                     session_id,
                     membership.encode(),
@@ -531,20 +547,53 @@ class SessionStore:
         active = [m for m in members if m.state == "active"]
         return Membership.decode(encoded), _text(event_id), active
 
+    async def _held_seats(self, slug: str, session_id: str, present: set[str]) -> set[str]:
+        """The users whose seats are still held for a closed session (not `session_id`'s
+        own, nor of a session that is in the room again). Read under the room's lock."""
+        raw = await self._redis.hgetall(keys.room_seat_holds(slug))
+        now_ms = self._clock() * 1000
+        held: set[str] = set()
+        for held_id, value in raw.items():
+            held_session = _text(held_id)
+            if held_session == session_id or held_session in present:
+                continue
+            hold = json.loads(value)
+            if float(hold["until_ms"]) > now_ms:
+                held.add(str(hold["user_id"]))
+        return held
+
     async def leave(
-        self, slug: str, session_id: str, generation: int, reason: str
+        self,
+        slug: str,
+        session_id: str,
+        generation: int,
+        reason: str,
+        *,
+        hold_seat: bool = False,
     ) -> Membership | None:
         """Remove the session's membership if it is of this generation or older.
 
         Idempotent: only the call that removes it gets it back (and appends
-        `participant-left`); every other call, before or after, gets None.
+        `participant-left`); every other call, before or after, gets None. With
+        `hold_seat` (the socket closed; the person did not leave) an active member's seat
+        stays kept for the session's user for the seat grace, in the same step.
         """
+        hold_ms = self._seat_grace_ms if hold_seat else 0
+        until_ms = int(self._clock() * 1000) + hold_ms
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
             removed = await self._leave(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=self._room_keys(slug),
-                args=[session_id, generation, STREAM_MAXLEN, reason, self._empty_ttl_ms],
+                keys=self._room_keys(slug, keys.room_seat_holds(slug)),
+                args=[
+                    session_id,
+                    generation,
+                    STREAM_MAXLEN,
+                    reason,
+                    until_ms,
+                    hold_ms,
+                    self._empty_ttl_ms,
+                ],
             )
             empty = removed is not None and not await self._redis.hlen(keys.room_members(slug))
         if removed is None:

@@ -27,6 +27,7 @@ from node.store.text import mark_runs
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.cors import MeshOrigins, allow_origin, preflight
 from node.web.costs import costs_blueprint
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
@@ -253,6 +254,18 @@ def create_app(settings: Settings) -> Quart:
                 # The page still works on this node alone (closest.js falls back to it).
                 log.warning("webapp.nodes_unknown", extra={"error": str(error)})
         return urls
+
+    # The API answers pages of every node of the mesh (a page whose node died carries on
+    # through another node): node/web/cors.py.
+    mesh_origins = MeshOrigins(_mesh_urls)
+
+    @app.before_request
+    async def _cors_preflight() -> Response | None:
+        return await preflight(mesh_origins)
+
+    @app.after_request
+    async def _cors(response: Response) -> Response:
+        return await allow_origin(mesh_origins, response)
 
     docs: list[str] = []
 

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from node.errors import DomainError, legacy_fields
 from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
+from node.runtime.turn import ice_servers
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
 from node.state.sessions import PARTICIPANT_STATE_DEFAULTS
@@ -143,6 +144,9 @@ async def _serve(context: NodeContext, session_id: str, user_id: str, display_na
             "node": live.name,
             "region": live.settings.region,
             "generation": conn.generation,
+            # TURN credentials of this session (node/runtime/turn.py): only to a socket
+            # that proved its session, and fresh on every connection.
+            "ice_servers": ice_servers(context.settings.turn, conn.session_id),
         }
     )
     reason = "closed"
