@@ -24,7 +24,7 @@
 //
 // Events: "state" {state, attempt?, delay?}, "hello" {session_id, node, region},
 // "joined" {participants, self}, "participant-joined" {participant}, "participant-left"
-// {session_id}, "chat" {message}, "track"/"trackended" (RoomMedia's), "media" {media} (a
+// {session_id}, "participant-state" {session_id, state}, "chat" {message}, "track"/"trackended" (RoomMedia's), "media" {media} (a
 // new RoomMedia), "ended" {reason} (replaced, left, room_full, ...: no reconnect follows).
 
 import { ApiError, request, roomPath } from "./api.js";
@@ -226,6 +226,10 @@ export class RoomConnection extends EventTarget {
       case "participant-joined":
         this.emit("participant-joined", { participant: message.participant });
         break;
+      case "participant-state":
+        // mic, camera, hand, screen share (README "Web client")
+        this.emit("participant-state", { session_id: message.session_id, state: message.state });
+        break;
       case "participant-left":
       case "participant-replaced":
         this.emit("participant-left", { session_id: message.session_id });
@@ -287,7 +291,8 @@ export class RoomConnection extends EventTarget {
     this.emit("media", { media: this.media });
     this.watch();
     this.setState("joined", { node: this.hello?.node ?? "" });
-    if (this.localStream !== null) await this.media.publish();
+    // (a "media" listener may have given it a screen share to send)
+    if (this.localStream !== null || this.media.screenTrack !== null) await this.media.publish();
   }
 
   /** @param {unknown} error */
@@ -503,6 +508,17 @@ export class RoomConnection extends EventTarget {
       });
       ws.send(JSON.stringify({ ...message, id }));
     });
+  }
+
+  /**
+   * Set this participant's state (some of mic_muted, camera_off, hand_raised,
+   * screen_sharing, screen_mid, e2ee); resolves to the node's ack (the whole state).
+   * @param {Record<string, boolean | string | null>} state
+   */
+  async participantState(state) {
+    const reply = await this.request({ type: "participant-state", state });
+    if (reply.type === "error") throw new ApiError(0, reply.code, reply.message);
+    return reply;
   }
 
   /** Send a chat message; resolves to the node's ack, rejects with its error. */

@@ -10,7 +10,7 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
 | `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
 | `sfumesh:session-gen:{<sid>}` | counter, TTL | the session's last generation; outlives the hash |
-| `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON |
+| `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON, participant state |
 | `sfumesh:{room:<slug>}:lock` | string | the room's distributed lock |
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |

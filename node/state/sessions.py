@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -178,6 +178,27 @@ for i = 2, #ARGV - 1 do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 """
 
+# KEYS[1] members, KEYS[2] events. ARGV: session, generation, changes JSON, maxlen. Merges
+# the changes into the active membership of that generation and announces the whole new
+# state, in one step; nil (nothing changed) when there is no such membership.
+_SET_STATE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return nil end
+local member = cjson.decode(raw)
+if tonumber(member.generation) ~= tonumber(ARGV[2]) or member.state ~= 'active' then
+  return nil
+end
+local flags = member.flags
+if type(flags) ~= 'table' then flags = {} end
+for name, value in pairs(cjson.decode(ARGV[3])) do flags[name] = value end
+member.flags = flags
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(member))
+local data = cjson.encode({session_id = ARGV[1], user_id = member.user_id, state = flags})
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-state',
+  'data', data)
+return data
+"""
+
 # ARGV[2] session, ARGV[3] membership JSON: put back a membership lost with Redis's data.
 _REASSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
@@ -218,6 +239,27 @@ class SessionRecord:
     pending_since: float = 0.0
 
 
+#: A participant's state (W5) as everyone sees it; a membership stores what was set.
+PARTICIPANT_STATE_DEFAULTS: dict[str, bool | str | None] = {
+    "mic_muted": False,
+    "camera_off": False,
+    "hand_raised": False,
+    "screen_sharing": False,
+    # the publisher's m-line (mid) of the screen share, so subscribers tell it from the camera
+    "screen_mid": None,
+    # every track this participant sends is end-to-end encrypted
+    "e2ee": False,
+}
+
+
+def participant_state(flags: Any) -> dict[str, bool | str | None]:
+    """The full state from what a membership or event holds (defaults for the rest)."""
+    state = dict(PARTICIPANT_STATE_DEFAULTS)
+    if isinstance(flags, dict):
+        state.update({k: v for k, v in flags.items() if k in PARTICIPANT_STATE_DEFAULTS})
+    return state
+
+
 @dataclass(frozen=True)
 class Membership:
     session_id: str
@@ -227,6 +269,8 @@ class Membership:
     generation: int
     state: Literal["pending", "active"]
     joined_at: float
+    #: the participant's state as set (`participant_state` fills in the rest)
+    flags: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -242,6 +286,7 @@ class Membership:
             generation=int(data["generation"]),
             state="active" if data["state"] == "active" else "pending",
             joined_at=float(data["joined_at"]),
+            flags=data["flags"] if isinstance(data.get("flags"), dict) else {},
         )
 
     def public(self) -> dict[str, Any]:
@@ -250,6 +295,7 @@ class Membership:
             "user_id": self.user_id,
             "display_name": self.display_name,
             "node": self.node,
+            "state": participant_state(self.flags),
         }
 
 
@@ -304,6 +350,7 @@ class SessionStore:
         self._kick = FencedScript(redis, _room_script(_KICK))
         self._reassert = FencedScript(redis, _room_script(_REASSERT))
         self._drop_pending = FencedScript(redis, _room_script(_DROP_PENDING))
+        self._set_state = redis.register_script(_SET_STATE)
 
     @staticmethod
     def _room_keys(slug: str, *extra: str) -> list[str]:
@@ -557,6 +604,30 @@ class SessionStore:
         membership = Membership.decode(removed)
         log.info("room.leave", extra={"room": slug, "session_id": session_id, "reason": reason})
         return membership
+
+    async def set_state(
+        self, slug: str, session_id: str, generation: int, changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge `changes` (validated by the caller) into the participant's state and
+        announce it to the room (`participant-state`), in one Lua step; None when this
+        connection has no active membership there (nothing changed).
+
+        Not under the room's lock: the script reads and writes the membership itself, so
+        no lock-held read can be overwritten with stale data, and every room script that
+        rewrites a membership (join, activate) names its generation: a state set for an
+        older connection never lands on a newer one."""
+        raw = await self._set_state(
+            keys=[keys.room_members(slug), keys.room_events(slug)],
+            args=[
+                session_id,
+                generation,
+                json.dumps(changes, separators=(",", ":")),
+                STREAM_MAXLEN,
+            ],
+        )
+        if raw is None:
+            return None
+        return participant_state(json.loads(raw).get("state"))
 
     async def kick(self, slug: str, user_id: str) -> list[str]:
         """The room's creator removes `user_id`: every membership of theirs ends now (the
