@@ -78,15 +78,42 @@ return 1
 
 # Fenced bodies: KEYS[2] members, KEYS[3] events; ARGV[2..] as noted.
 # KEYS[4] the user's removed-by-owner mark, KEYS[5] the room's seat holds. ARGV[2]
-# session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5..] replaced sessions. Returns 0
-# (and changes nothing) when the room's creator removed this user a short while ago. The
-# session's own seat hold, if any, is used up.
+# session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5] capacity (people), ARGV[6] now
+# (ms, the holds' clock), ARGV[7..] replaced sessions. Returns 0 (and changes nothing) when
+# the room's creator removed this user a short while ago, -1 (nothing changed) when the room
+# is full. The session's own seat hold, if any, is used up.
+#
+# Capacity is counted here, in the write, and not only by the caller under the room lock: a
+# lock holder stalled past the lock's TTL may still write before the next holder does (its
+# fence is then the newest applied), so a count read under the lock could be stale by one
+# admission per expired lease (seen under heavy load: 12 people in a room of 8).
 _JOIN = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local new = cjson.decode(ARGV[3])
+local skip = {[ARGV[2]] = true}
+for i = 7, #ARGV - 1 do skip[ARGV[i]] = true end
+local people, count, present = {}, 0, {}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  present[all[i]] = true
+  if not skip[all[i]] then
+    local uid = cjson.decode(all[i + 1]).user_id
+    if not people[uid] then people[uid] = true; count = count + 1 end
+  end
+end
+local holds = redis.call('HGETALL', KEYS[5])
+for i = 1, #holds, 2 do
+  if holds[i] ~= ARGV[2] and not present[holds[i]] then
+    local hold = cjson.decode(holds[i + 1])
+    if tonumber(hold.until_ms) > tonumber(ARGV[6]) and not people[hold.user_id] then
+      people[hold.user_id] = true; count = count + 1
+    end
+  end
+end
+if not people[new.user_id] and count >= tonumber(ARGV[5]) then return -1 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HDEL', KEYS[5], ARGV[2])
-local new = cjson.decode(ARGV[3])
-for i = 5, #ARGV - 1 do
+for i = 7, #ARGV - 1 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
     redis.call('HDEL', KEYS[2], ARGV[i])
@@ -501,10 +528,14 @@ class SessionStore:
                     session_id,
                     membership.encode(),
                     STREAM_MAXLEN,
+                    capacity,
+                    int(self._clock() * 1000),
                     *sorted(replaced_ids),
                     self._empty_ttl_ms,
                 ],
             )
+            if admitted == -1:
+                raise Conflict("room_full", f"the room is full ({capacity} people)")
             if not admitted:
                 raise Forbidden("removed_by_owner", "the room's creator removed you from this room")
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
