@@ -43,6 +43,16 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
+* Setup timers of node-to-node relay links (issue 22): a lost packet during setup costs what
+  the retransmission timer says, and aioice's STUN transactions start at a fixed 0.5 s
+  (`stun.RETRY_RTO`), OpenSSL's DTLS handshake timer at 1 s, whatever the path. Neither is a
+  parameter: `hasten_ice_checks()` gives one ICE transport's connectivity checks their own
+  first retransmission time (a copy of `StunProtocol.request` that sets the `Transaction`'s
+  first delay; consent checks keep aioice's timing), and `DtlsFlightResender` re-sends the
+  last DTLS flight verbatim when no new datagram answers it within its own time (OpenSSL's
+  timer cannot be shortened through pyOpenSSL: no `DTLS_set_timer_cb`). A verbatim copy
+  carries the same record sequence numbers, so a peer that got the first copy drops it as a
+  replay; a peer that did not processes it as the original.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from typing import Any, ClassVar, Final
 
 import aioice
 import aioice.ice
+import aioice.stun
 import aiortc
 import aiortc.jitterbuffer
 import aiortc.rtcdtlstransport
@@ -196,6 +207,15 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aioice.ice, "get_host_addresses", "member"),
     (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
     (aiortc.RTCPeerConnection, "_RTCPeerConnection__localRtp", "member"),
+    (aioice.ice.Connection, "_protocols", "init"),
+    (aioice.ice.StunProtocol, "transactions", "init"),
+    (aioice.ice.StunProtocol.request, "Transaction", "uses"),
+    (aioice.stun.Transaction, "_Transaction__timeout_delay", "init"),
+    (aioice.stun.Transaction, "run", "member"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_send", "init"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_recv", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl, "_send", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next, "_recv", "uses"),
 )
 
 
@@ -302,6 +322,160 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
     the later ones added before that answer keep the discarded transport: they never send
     (the third person joining a room quickly got no audio or video from the second)."""
     return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+# --------------------------------------------------------------------------- relay setup timers
+
+
+def hasten_ice_checks(transport: aiortc.RTCIceTransport, rto_s: float) -> None:
+    """Make the connectivity checks of `transport` (gathered, not yet started) retransmit
+    first after `rto_s`, doubling, instead of aioice's fixed 0.5 s: on a 35 ms path a lost
+    check then costs ~0.15 s. Checks keep aioice's count (7 tries); consent checks (one try
+    each) keep aioice's timing entirely. Applies to the transport's own sockets only."""
+    connection: Any = transport._connection
+    for protocol in connection._protocols:
+        _hasten_protocol(protocol, rto_s)
+
+
+def _hasten_protocol(protocol: Any, rto_s: float) -> None:
+    original = protocol.request
+
+    async def request(
+        message: aioice.stun.Message,
+        addr: tuple[str, int],
+        integrity_key: bytes | None = None,
+        retransmissions: int | None = None,
+    ) -> tuple[aioice.stun.Message, tuple[str, int]]:
+        if retransmissions is not None:
+            return await original(message, addr, integrity_key, retransmissions)  # type: ignore[no-any-return]
+        # aioice's StunProtocol.request, with the transaction's first delay set
+        assert message.transaction_id not in protocol.transactions
+        if integrity_key is not None:
+            message.add_message_integrity(integrity_key)
+        transaction = aioice.stun.Transaction(message, addr, protocol, integrity_key=integrity_key)
+        transaction_any: Any = transaction
+        transaction_any._Transaction__timeout_delay = rto_s
+        protocol.transactions[message.transaction_id] = transaction
+        try:
+            return await transaction.run()
+        finally:
+            del protocol.transactions[message.transaction_id]
+
+    protocol.request = request
+
+
+def _is_dtls(data: bytes) -> bool:
+    # RFC 7983: a first byte of 20-63 is DTLS; 128-191 is RTP/RTCP (SRTP here)
+    return bool(data) and 19 < data[0] < 64
+
+
+class DtlsFlightResender:
+    """Re-sends the last DTLS flight of `dtls` after `rto_s` (doubling, at most
+    `max_resends` times per flight) while the peer has not answered it, and at once when
+    the peer repeats a datagram it sent before (its sign that our flight was lost, RFC 6347
+    4.2.4). A flight is the DTLS datagrams sent since a new datagram last came in.
+
+    Installed on the ICE transport before the handshake (`RTCDtlsTransport.start`); it wraps
+    that transport's `_send` and `_recv` (attributes aiortc sets per instance) and puts them
+    back once the peer's
+    first SRTP/SRTCP shows the handshake done on both sides, or when it has nothing left to
+    re-send after the handshake (the final flight of the side that finishes first is covered
+    too: its loss would otherwise wait for the peer's 1 s timer)."""
+
+    def __init__(self, dtls: aiortc.RTCDtlsTransport, rto_s: float, max_resends: int = 6) -> None:
+        self.rto_s = rto_s
+        self.max_resends = max_resends
+        #: datagrams re-sent (timer or peer repeat)
+        self.resent = 0
+        self._dtls = dtls
+        self._ice: Any = dtls.transport
+        self._send = self._ice._send
+        self._recv = self._ice._recv
+        self._flight: list[bytes] = []
+        self._answered = True
+        self._delay = rto_s
+        self._tries = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = self._send_wrapper
+        self._receiving = self._recv_wrapper
+        self._ice._send = self._sending
+        self._ice._recv = self._receiving
+        self.installed = True
+        #: new DTLS datagrams received from the peer (repeats not counted twice)
+        self.seen: set[bytes] = set()
+        #: Test hook: when set and it returns True for a DTLS datagram (sent first or again),
+        #: it is not written (simulated loss on the way to the peer). Never set in production.
+        self.drop: Callable[[bytes], bool] | None = None
+
+    async def _send_wrapper(self, data: bytes) -> None:
+        if _is_dtls(data):
+            if self._answered:
+                self._flight, self._answered = [], False
+                self._delay, self._tries = self.rto_s, 0
+            self._flight.append(data)
+            self._arm()
+            if self.drop is not None and self.drop(data):
+                return
+        await self._send(data)
+
+    async def _recv_wrapper(self) -> bytes:
+        data: bytes = await self._recv()
+        if not _is_dtls(data):
+            self._cancel()
+            if self._dtls.state != "connecting":
+                self.uninstall()  # the peer sends media: its handshake is done
+        elif data in self.seen:
+            self._resend()  # the peer repeats itself: it did not get our flight
+        else:
+            self.seen.add(data)
+            self._answered = True
+            self._cancel()
+        return data
+
+    def _arm(self) -> None:
+        self._cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._delay, self._expired)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._dtls.state not in ("new", "connecting", "connected") or self._answered:
+            return
+        if self._tries >= self.max_resends:
+            if self._dtls.state == "connected":
+                self.uninstall()
+            return
+        self._tries += 1
+        self._delay *= 2
+        self._resend()
+        self._timer = asyncio.get_running_loop().call_later(self._delay, self._expired)
+
+    def _resend(self) -> None:
+        for datagram in self._flight:
+            self.resent += 1
+            if self.drop is not None and self.drop(datagram):
+                continue
+            task = asyncio.ensure_future(self._send(datagram))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def uninstall(self) -> None:
+        """Give the ICE transport its own `_send` and `_recv` back. Idempotent."""
+        self._cancel()
+        if not self.installed:
+            return
+        self.installed = False
+        # aiortc binds them per instance (the ICE connection's send and recv)
+        if self._ice._send is self._sending:
+            self._ice._send = self._send
+        if self._ice._recv is self._receiving:
+            self._ice._recv = self._recv
+        self._flight = []
 
 
 # --------------------------------------------------------------------------- receive side
