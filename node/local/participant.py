@@ -239,6 +239,8 @@ class MediaPeer:
                 (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
+            if receiver is not None:
+                adapter.retry_nacks(receiver)  # a lost NACK is asked again, not at the next gap
             received = Received(track, mid, receiver)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)

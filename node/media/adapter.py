@@ -43,6 +43,14 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
+* NACK retries (issue 20, "why a packet stays unrepaired"): aiortc's receiver NACKs missing
+  packets only when a packet arrives past a new gap (`NackGenerator.add`); a NACK or a
+  retransmission that is lost too is asked for again only at the next gap, on average a
+  second or more later at 2% loss and ~50 video packets/s, by which time the client's
+  jitter buffer has stalled (the freezes over 2 s in the lab). `retry_nacks()` wraps a
+  receiver's `_send_rtcp_nack` on the instance to note what was asked for, and asks again
+  for what is still missing every `NACK_RETRY_S`, up to `NACK_RETRY_TRIES` times per packet.
+  Node-side taps get it for video (`tap_rtp`); the shared participant uses it too.
 * Setup timers of node-to-node relay links (issue 22): a lost packet during setup costs what
   the retransmission timer says, and aioice's STUN transactions start at a fixed 0.5 s
   (`stun.RETRY_RTO`), OpenSSL's DTLS handshake timer at 1 s, whatever the path. Neither is a
@@ -324,6 +332,99 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
     return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
+# --------------------------------------------------------------------------- NACK retries
+
+#: a packet still missing this long after its NACK is asked for again (a 35-80 ms RTT
+#: answers well within; longer paths get a duplicate retransmission at worst)
+NACK_RETRY_S: Final = 0.15
+#: asks per missing packet beyond the first
+NACK_RETRY_TRIES: Final = 4
+
+
+class NackRetry:
+    """Asks again for packets a receiver NACKed and still misses (see the module docstring).
+
+    Installed on one receiver (`retry_nacks`): its `_send_rtcp_nack` is wrapped on the
+    instance, so both aiortc's own gap NACKs and a tap's are noted. A timer runs only while
+    something is missing."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        interval_s: float = NACK_RETRY_S,
+        tries: int = NACK_RETRY_TRIES,
+    ) -> None:
+        r: Any = receiver
+        self._r = r
+        self._nack: NackGenerator = r._RTCRtpReceiver__nack_generator
+        self.interval_s = interval_s
+        self.tries = tries
+        self._send = r._send_rtcp_nack
+        #: sequence number -> (last asked at, times asked)
+        self._asked: dict[int, tuple[float, int]] = {}
+        self._ssrc: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: NACKs sent by the timer, and the sequence numbers they named
+        self.retries = 0
+        self.retried_packets = 0
+        #: Test hook: when set and it returns True for a NACK's sequence numbers, the NACK
+        #: is not sent (simulated loss toward the sender). Never set in production.
+        self.drop: Callable[[list[int]], bool] | None = None
+        r._send_rtcp_nack = self._noting
+
+    async def _noting(self, media_ssrc: int, lost: list[int]) -> None:
+        now = time.monotonic()
+        self._ssrc = media_ssrc
+        for seq in lost:
+            _, times = self._asked.get(seq, (now, 0))
+            self._asked[seq] = (now, times + 1)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._expired)
+        if self.drop is None or not self.drop(list(lost)):
+            await self._send(media_ssrc, lost)
+
+    def _expired(self) -> None:
+        self._timer = None
+        missing = self._nack.missing
+        for seq in [s for s in self._asked if s not in missing]:
+            del self._asked[seq]  # arrived, or given up by the generator (too old)
+        now = time.monotonic()
+        due = sorted(
+            seq
+            for seq, (at, times) in self._asked.items()
+            if times <= self.tries and now - at >= self.interval_s * 0.9
+        )
+        if due and self._ssrc is not None:
+            self.retries += 1
+            self.retried_packets += len(due)
+            task = asyncio.ensure_future(self._noting(self._ssrc, due))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif any(times <= self.tries for _, times in self._asked.values()):
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._expired)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._asked.clear()
+
+
+def retry_nacks(receiver: RTCRtpReceiver) -> NackRetry | None:
+    """Ask again for packets `receiver` still misses after its NACK (video receivers: those
+    with a NACK generator); None for a receiver that never NACKs (audio)."""
+    r: Any = receiver
+    if r._RTCRtpReceiver__nack_generator is None:
+        return None
+    existing = getattr(r, "_sfumesh_nack_retry", None)
+    if isinstance(existing, NackRetry):
+        return existing
+    retry = NackRetry(receiver)
+    r._sfumesh_nack_retry = retry
+    return retry
+
+
 # --------------------------------------------------------------------------- relay setup timers
 
 
@@ -543,6 +644,8 @@ class RtpTap:
         r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
         r.receive = self._receive
         r._handle_rtp_packet = self._handle_rtp_packet
+        #: asks again for video packets still missing after their NACK (None for audio)
+        self.nack_retry = retry_nacks(receiver)
 
     @property
     def media_ssrcs(self) -> list[int]:
