@@ -190,10 +190,14 @@ def test_relayed_calls_under_loss_have_no_long_video_gap(tmp_path: Path) -> None
         for index in range(CALLS):
             kind = ORDER[index % len(ORDER)]
             nodes = {host: cluster.urls[host] for host in KINDS[kind]}
-            results.append(cluster.run("client", functools.partial(_call, nodes, kind, index)))
+            try:
+                results.append(cluster.run("client", functools.partial(_call, nodes, kind, index)))
+            except AssertionError as error:  # kept: a long run reports every call, then fails
+                results.append({"kind": kind, "error": str(error)[:2000]})
             print(f"relay-loss call {index + 1}/{CALLS}:", results[-1], flush=True)
         figures = _node_figures(cluster)
         print("relay-loss nodes:", figures)
+        assert not [r for r in results if "error" in r], results
         for result in results:
             for direction, side in result.items():
                 if direction != "kind":
