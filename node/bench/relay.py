@@ -282,7 +282,11 @@ async def _drive(
                     result.retries.append(int(await _retried(http, nodes) - retried))
                 except (AssertionError, RuntimeError, httpx.HTTPError) as error:
                     result.failures += 1
-                    say(f"sfumesh bench relay: trial {trial + 1} failed: {error}", err=True)
+                    say(
+                        f"sfumesh bench relay: trial {trial + 1} failed: "
+                        f"{type(error).__name__}: {error}",
+                        err=True,
+                    )
                 finally:
                     await b.close()
                     await b_sock.close()
