@@ -179,6 +179,8 @@ class Received:
         self.receiver = receiver
         self.owner = ""
         self.frames = 0
+        #: when the track arrived (monotonic), its first and latest decoded frames
+        self.arrived_at = time.monotonic()
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         #: (monotonic time the gap ended, its length) of gaps longer than GAP_KEPT_S
@@ -248,14 +250,17 @@ class MediaPeer:
         self._watchdog = asyncio.ensure_future(self._watch_frozen())
 
     async def _watch_frozen(self) -> None:
-        """Ask for a keyframe for a video track that decoded nothing for STALL_S."""
+        """Ask for a keyframe for a video track that decoded nothing for STALL_S (since its
+        latest frame, or since it arrived when it never decoded one)."""
         while True:
             await asyncio.sleep(STALL_S / 4)
             now = time.monotonic()
             for r in self.received:
                 if r.kind != "video" or r.receiver is None or r.ended.is_set():
                     continue
-                if r.last_frame_at is None or now - r.last_frame_at < STALL_S:
+                # a track that never decoded its first frame counts from its arrival: its
+                # first keyframe may have lost a packet for good just the same
+                if now - (r.last_frame_at or r.arrived_at) < STALL_S:
                     continue
                 if now - r.last_request_at < STALL_S:
                     continue
