@@ -36,9 +36,13 @@ WAIT_S = 40.0
 # `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
 PING_INTERVAL_S = 20.0
 # A received video track that decoded nothing for this long asks for a keyframe, and again
-# each STALL_S while it stays frozen (as browsers do), and moves its jitter buffer past a
-# hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was there).
+# each STALL_RETRY_S while it stays frozen (as browsers do), and moves its jitter buffer
+# past a hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was
+# there). A keyframe answers within a round trip or two; one that has not made the picture
+# move within STALL_RETRY_S met another hole or was lost: in the lab, waiting a whole
+# STALL_S for the next try made the gaps over 2 s.
 STALL_S = 1.0
+STALL_RETRY_S = 0.5
 # Gaps between decoded frames longer than this are kept (`Received.gaps`).
 GAP_KEPT_S = 0.5
 
@@ -253,7 +257,7 @@ class MediaPeer:
         """Ask for a keyframe for a video track that decoded nothing for STALL_S (since its
         latest frame, or since it arrived when it never decoded one)."""
         while True:
-            await asyncio.sleep(STALL_S / 4)
+            await asyncio.sleep(STALL_RETRY_S / 4)
             now = time.monotonic()
             for r in self.received:
                 if r.kind != "video" or r.receiver is None or r.ended.is_set():
@@ -262,7 +266,7 @@ class MediaPeer:
                 # first keyframe may have lost a packet for good just the same
                 if now - (r.last_frame_at or r.arrived_at) < STALL_S:
                     continue
-                if now - r.last_request_at < STALL_S:
+                if now - r.last_request_at < STALL_RETRY_S:
                     continue
                 r.last_request_at = now
                 r.keyframe_requests += 1
