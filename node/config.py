@@ -346,6 +346,11 @@ class RelaySettings(BaseModel):
     # estimated RTT (Serf's coordinates), then it is sent again.
     attempt_timeout_s: float = Field(default=1.0, gt=0)
     attempts: int = Field(default=6, gt=0)
+    # A relay link's ICE checks and DTLS handshake flights are sent again after this long
+    # without an answer (doubling), scaled up to 3x the Vivaldi RTT estimate of far peers
+    # (at most 1 s). 0: aioice's and OpenSSL's own timers (0.5 s and 1 s), which made a
+    # single lost packet cost 0.5-1 s of setup on a 35 ms path.
+    setup_rto_s: float = Field(default=0.15, ge=0, le=1.0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
     report_period_s: float = Field(default=2.0, gt=0)
     # The cluster's relay key, the same on every node (`sfumesh keygen`): every relay
