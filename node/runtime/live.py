@@ -37,8 +37,14 @@ class Live:
         self.settings = settings
         self.redis = redis
         self.lock_redis = lock_redis
+        sentinel = settings.redis.mode == "sentinel"
         self.lock = DistributedLock(
-            [redis, *lock_redis], redis, ttl_s=live.lock_ttl_s, wait_s=live.lock_wait_s
+            [redis, *lock_redis],
+            redis,
+            ttl_s=live.lock_ttl_s,
+            wait_s=live.lock_wait_s,
+            fence_replicas=settings.redis.wait_replicas if sentinel else 0,
+            fence_wait_ms=settings.redis.wait_timeout_ms,
         )
         self.sessions = SessionStore(
             redis,

@@ -20,6 +20,7 @@ from node.runtime.cluster import Cluster
 from node.runtime.happenings import ReminderLoop
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
+from node.state.connect import open_redis
 from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
@@ -95,7 +96,7 @@ def create_app(settings: Settings) -> Quart:
     async def _open() -> None:
         # Built from the Unicode tables once (~40 ms): now, not in the first request's time.
         mark_runs()
-        redis = Redis.from_url(settings.redis_url.get_secret_value())
+        redis = open_redis(settings)
         store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
         hasher = PasswordHasher(
             settings.bcrypt_cost, settings.hashing.threads, settings.hashing.max_waiting

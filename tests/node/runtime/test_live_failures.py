@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from node.local.launch import LocalNode
 from node.runtime.services import BackingServices
 from node.state import keys
+from tests.conftest import test_redis
 from tests.node.live_client import create_room, sign_up
 from tests.node.runtime.test_live_mesh import members_of, mesh_of
 
@@ -53,7 +54,7 @@ async def test_sigterm_drains_and_kill_9_is_reaped(
     backing: BackingServices, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     nodes = mesh_of(backing, tmp_path)
-    state = Redis.from_url(backing.redis_url)
+    state = test_redis(backing)
     try:
         urls = [node.url for node in nodes]
         users = [await sign_up(http, urls[0]) for _ in range(3)]

@@ -20,6 +20,7 @@ from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.sessions import Membership
+from tests.conftest import test_redis
 from tests.node.live_client import Socket, User, create_room, sign_up
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def state(backing: BackingServices) -> AsyncIterator[Redis]:
     # Not the `redis` fixture: that one empties Redis, and these nodes live in it.
-    client = Redis.from_url(backing.redis_url)
+    client = test_redis(backing)
     yield client
     await client.aclose()
 

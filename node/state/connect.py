@@ -1,0 +1,67 @@
+"""The one place a node's Redis client is made, for each deployment `redis.mode` names.
+
+`single` is one server at `redis_url`. `sentinel` asks Redis Sentinel for the primary of
+`redis.sentinel_service` and asks again whenever a connection fails, so after a failover the
+same client object (and every stream reader on it) talks to the promoted replica. `cluster`
+is a Redis Cluster: every key of a room carries the room's hash tag (node/state/keys.py),
+so each script and transaction stays in one slot, and the event reader runs one blocking
+read per slot (node/state/events.py).
+
+The cluster client (`RedisCluster`) is not a subclass of `Redis` but serves the same command
+methods; the node uses only commands both route alike, and the suite runs its Redis paths
+on a real cluster (tests/conftest.py, `SFUMESH_TEST_REDIS=cluster`), which is what checks it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
+
+from node.config import RedisSettings, Settings
+
+# A failover takes the sentinels' down-after time plus an election (seconds): commands retry
+# across it rather than fail, ~8 s in all.
+_FAILOVER_RETRIES = 12
+_FAILOVER_BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
+
+
+def open_redis(settings: Settings) -> Redis:
+    return open_redis_with(settings.redis, settings.redis_url.get_secret_value())
+
+
+def open_redis_with(redis: RedisSettings, url: str) -> Redis:
+    if redis.mode == "cluster":
+        return cast(Redis, RedisCluster.from_url(url))
+    if redis.mode == "sentinel":
+        sentinel = Sentinel(
+            redis.sentinel_addresses(),
+            sentinel_kwargs=_password(redis.sentinel_password.get_secret_value()),
+            **_password(redis.password.get_secret_value()),
+        )
+        primary: Redis = sentinel.master_for(
+            redis.sentinel_service,
+            retry=Retry(_FAILOVER_BACKOFF, _FAILOVER_RETRIES),
+            retry_on_error=[ConnectionError, TimeoutError, ReadOnlyError],
+        )
+        return primary
+    return Redis.from_url(url)
+
+
+def _password(password: str) -> dict[str, Any]:
+    return {"password": password} if password else {}
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def slot_of(redis: Redis, key: str) -> int:
+    """The key's hash slot on a cluster; 0 for every key elsewhere (one server holds all)."""
+    return key_slot(key.encode()) if is_cluster(redis) else 0
