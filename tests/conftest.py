@@ -29,7 +29,7 @@ from node.local.launch import LocalNode, start_node
 from node.runtime.services import BackingServices
 from node.state.connect import open_redis_with
 from node.web.app import create_app
-from tests.redis_topologies import start_cluster
+from tests.redis_topologies import SentinelGroup, start_cluster, start_sentinel_group
 
 SettingsFactory = Callable[..., Settings]
 
@@ -142,9 +142,28 @@ def make_settings(
     return build
 
 
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A primary, two replicas and three sentinels of its own (stopped by PID at the end)."""
+    group = start_sentinel_group(tmp_path / "sentinel")
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def sentinel_settings(group: SentinelGroup) -> RedisSettings:
+    return RedisSettings(mode="sentinel", sentinels=group.addresses, password=group.password)
+
+
 def test_redis(backing: BackingServices) -> Redis:
     """A client of the suite's Redis, single server or cluster (SFUMESH_TEST_REDIS)."""
     return open_redis_with(RedisSettings(mode=REDIS_MODE), backing.redis_url)
+
+
+async def keys_matching(redis: Redis, pattern: str) -> list[bytes]:
+    """KEYS `pattern` over every primary (on a cluster, KEYS asks one node only)."""
+    return [key async for key in redis.scan_iter(match=pattern, count=1000)]
 
 
 @pytest.fixture

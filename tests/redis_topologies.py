@@ -77,7 +77,9 @@ def start_cluster(data_dir: Path, primaries: int = 3) -> RedisCluster:
     try:
         for index, port in enumerate(cluster.ports):
             conf = (
-                "cluster-enabled yes\ncluster-config-file nodes.conf\n"
+                # its bus port given: the default (port + 10000) may not exist
+                f"cluster-enabled yes\ncluster-port {free_port()}\n"
+                "cluster-config-file nodes.conf\n"
                 "cluster-node-timeout 2000\nappendonly no\nsave ''\n"
                 f"requirepass {password}\nmasterauth {password}\n"
             )
@@ -102,8 +104,7 @@ def start_cluster(data_dir: Path, primaries: int = 3) -> RedisCluster:
 @dataclass
 class SentinelGroup:
     password: str
-    primary_port: int
-    replica_port: int
+    server_ports: list[int]  # the first started as primary, the others as its replicas
     sentinel_ports: list[int]
     servers: dict[int, ManagedProcess] = field(default_factory=dict)
     sentinels: list[ManagedProcess] = field(default_factory=list)
@@ -113,7 +114,7 @@ class SentinelGroup:
         return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
 
     def primary(self) -> int:
-        """The port the sentinels name as primary now."""
+        """The port the sentinels name as primary now (asked of the first that answers)."""
         for port in self.sentinel_ports:
             try:
                 out = cli(port, "", "sentinel", "get-master-addr-by-name", SERVICE, timeout=5)
@@ -124,34 +125,60 @@ class SentinelGroup:
                 return int(lines[1])
         raise ServiceError("no sentinel names a primary")
 
+    def kill(self, port: int) -> None:
+        """SIGKILL one server (by its PID), as a crash would."""
+        popen = self.servers[port].popen
+        assert popen is not None
+        popen.kill()
+        popen.wait(10)
+
+    def restart(self, port: int) -> None:
+        """Start a killed server again, empty: the sentinels make it a replica of the
+        primary they promoted."""
+        process = self.servers[port]
+        process.start()
+        process.wait_port("127.0.0.1", port)
+
+    def wait_new_primary(self, old: int, within_s: float = 30.0) -> int:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            try:
+                port = self.primary()
+            except ServiceError:
+                port = old
+            if port != old and "role:master" in cli(port, self.password, "info", "replication"):
+                return port
+            time.sleep(0.1)
+        raise ServiceError(f"no replica was promoted within {within_s} s")
+
     def stop(self) -> None:
         for process in [*self.sentinels, *self.servers.values()]:
             process.stop()
 
 
-def start_sentinel_group(data_dir: Path, *, down_after_ms: int = 1000) -> SentinelGroup:
-    """A primary, one replica, three sentinels (quorum 2), all on loopback."""
+def start_sentinel_group(
+    data_dir: Path, *, replicas: int = 2, down_after_ms: int = 1000
+) -> SentinelGroup:
+    """A primary and `replicas` replicas, watched by three sentinels (quorum 2), on loopback.
+    Two replicas, so that once one is promoted the other still acknowledges writes (WAIT)."""
     password = secrets.token_urlsafe(18)
-    ports = [free_port() for _ in range(5)]
-    group = SentinelGroup(password, ports[0], ports[1], ports[2:])
+    ports = [free_port() for _ in range(4 + replicas)]
+    group = SentinelGroup(password, ports[: 1 + replicas], ports[1 + replicas :])
+    primary = group.server_ports[0]
     auth = f"requirepass {password}\nmasterauth {password}\nappendonly no\nsave ''\n"
     try:
-        for port in (group.primary_port, group.replica_port):
-            replica = (
-                ""
-                if port == group.primary_port
-                else (f"replicaof 127.0.0.1 {group.primary_port}\n")
-            )
+        for port in group.server_ports:
+            follow = "" if port == primary else f"replicaof 127.0.0.1 {primary}\n"
             group.servers[port] = _server(
-                f"redis-{port}", data_dir / f"redis-{port}", port, auth + replica
+                f"redis-{port}", data_dir / f"redis-{port}", port, auth + follow
             )
         for port in group.sentinel_ports:
             conf = (
-                f"sentinel monitor {SERVICE} 127.0.0.1 {group.primary_port} 2\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n"
                 f"sentinel auth-pass {SERVICE} {password}\n"
                 f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} 10000\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
+                f"sentinel parallel-syncs {SERVICE} {replicas}\n"
             )
             group.sentinels.append(
                 _server(
@@ -159,14 +186,15 @@ def start_sentinel_group(data_dir: Path, *, down_after_ms: int = 1000) -> Sentin
                 )
             )
         deadline = time.monotonic() + 30
-        while "master_link_status:up" not in cli(
-            group.replica_port, password, "info", "replication"
+        for port in group.server_ports[1:]:
+            while "master_link_status:up" not in cli(port, password, "info", "replication"):
+                if time.monotonic() > deadline:
+                    raise ServiceError("the replicas did not sync within 30 s")
+                time.sleep(0.1)
+        # Every sentinel must know the replicas and the other sentinels before a failover.
+        while not all(
+            _sentinel_ready(port, group.server_ports[1:]) for port in group.sentinel_ports
         ):
-            if time.monotonic() > deadline:
-                raise ServiceError("the replica did not sync within 30 s")
-            time.sleep(0.1)
-        # Every sentinel must know the replica and the other sentinels before a failover.
-        while not all(_sentinel_ready(port, group.replica_port) for port in group.sentinel_ports):
             if time.monotonic() > deadline:
                 raise ServiceError("the sentinels did not discover each other within 30 s")
             time.sleep(0.2)
@@ -176,8 +204,10 @@ def start_sentinel_group(data_dir: Path, *, down_after_ms: int = 1000) -> Sentin
     return group
 
 
-def _sentinel_ready(port: int, replica_port: int) -> bool:
+def _sentinel_ready(port: int, replica_ports: list[int]) -> bool:
     out = cli(port, "", "sentinel", "master", SERVICE, timeout=5).split()
     fields = dict(zip(out[::2], out[1::2], strict=False))
-    replicas = cli(port, "", "sentinel", "replicas", SERVICE, timeout=5)
-    return int(fields.get("num-other-sentinels", "0")) >= 2 and str(replica_port) in replicas
+    known = cli(port, "", "sentinel", "replicas", SERVICE, timeout=5)
+    return int(fields.get("num-other-sentinels", "0")) >= 2 and all(
+        str(replica) in known for replica in replica_ports
+    )
