@@ -19,7 +19,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
@@ -30,6 +30,23 @@ from node.config import RedisSettings, Settings
 # across it rather than fail, ~8 s in all.
 _FAILOVER_RETRIES = 12
 _FAILOVER_BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
+
+
+class _FollowingConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is on every (re)connect.
+
+    redis-py's own reconnects a dropped connection through `connect_check_health`, which
+    skips the sentinel lookup of `SentinelManagedConnection.connect`: its command retries
+    kept dialling the dead primary's address until they ran out (seen with redis-py 8.2)."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
 
 
 def open_redis(settings: Settings) -> Redis:
@@ -47,6 +64,7 @@ def open_redis_with(redis: RedisSettings, url: str) -> Redis:
         )
         primary: Redis = sentinel.master_for(
             redis.sentinel_service,
+            connection_class=_FollowingConnection,
             retry=Retry(_FAILOVER_BACKOFF, _FAILOVER_RETRIES),
             retry_on_error=[ConnectionError, TimeoutError, ReadOnlyError],
         )
