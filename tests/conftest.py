@@ -156,7 +156,7 @@ def sentinel_settings(group: SentinelGroup) -> RedisSettings:
     return RedisSettings(mode="sentinel", sentinels=group.addresses, password=group.password)
 
 
-def test_redis(backing: BackingServices) -> Redis:
+def suite_redis(backing: BackingServices) -> Redis:
     """A client of the suite's Redis, single server or cluster (SFUMESH_TEST_REDIS)."""
     return open_redis_with(RedisSettings(mode=REDIS_MODE), backing.redis_url)
 
@@ -168,7 +168,7 @@ async def keys_matching(redis: Redis, pattern: str) -> list[bytes]:
 
 @pytest.fixture
 async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = test_redis(backing)
+    client = suite_redis(backing)
     # Tests run one at a time; each starts from an empty Redis (rate-limit counters and all).
     await client.flushdb()
     yield client

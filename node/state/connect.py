@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
+from redis.exceptions import ClusterError, ConnectionError, ReadOnlyError, TimeoutError
 
 from node.config import RedisSettings, Settings
 
@@ -30,6 +30,18 @@ from node.config import RedisSettings, Settings
 # across it rather than fail, ~8 s in all.
 _FAILOVER_RETRIES = 12
 _FAILOVER_BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
+
+
+class _Cluster(RedisCluster):
+    """A cluster client that rides out a slot migration (resharding).
+
+    While a slot's keys are split between two primaries, a script or command naming several
+    of them is answered TRYAGAIN; redis-py retries that for ~0.4 s, then gives up with a bare
+    `ClusterError` ("TTL exhausted"). Nothing ran, so the whole command is tried again here,
+    with backoff (~8 s in all): a room's slot can take longer than 0.4 s to move."""
+
+    # (redis-py types the tuple as exactly its four classes)
+    ERRORS_ALLOW_RETRY = (*RedisCluster.ERRORS_ALLOW_RETRY, ClusterError)  # type: ignore[assignment]
 
 
 class _FollowingConnection(SentinelManagedConnection):
@@ -49,13 +61,18 @@ class _FollowingConnection(SentinelManagedConnection):
         )
 
 
+_RESHARD_RETRIES = 20
+_RESHARD_BACKOFF = ExponentialBackoff(cap=0.5, base=0.05)
+
+
 def open_redis(settings: Settings) -> Redis:
     return open_redis_with(settings.redis, settings.redis_url.get_secret_value())
 
 
 def open_redis_with(redis: RedisSettings, url: str) -> Redis:
     if redis.mode == "cluster":
-        return cast(Redis, RedisCluster.from_url(url))
+        cluster = _Cluster.from_url(url, retry=Retry(_RESHARD_BACKOFF, _RESHARD_RETRIES))
+        return cast(Redis, cluster)
     if redis.mode == "sentinel":
         sentinel = Sentinel(
             redis.sentinel_addresses(),

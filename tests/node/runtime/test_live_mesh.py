@@ -20,10 +20,11 @@ from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.sessions import Membership
-from tests.conftest import test_redis
+from tests.conftest import suite_redis
 from tests.node.live_client import Socket, User, create_room, sign_up
 
-pytestmark = pytest.mark.slow
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = [pytest.mark.slow, pytest.mark.redis_paths]
 
 FAST_LIVENESS = {
     "SFUMESH_BCRYPT_COST": "4",
@@ -36,8 +37,17 @@ FAST_LIVENESS = {
 }
 
 
-def mesh_of(services: BackingServices, data_dir: Path, count: int = 3) -> list[LocalNode]:
-    env = {**FAST_LIVENESS, "SFUMESH_DATABASE": f"mesh_{secrets.token_hex(4)}"}
+def mesh_of(
+    services: BackingServices,
+    data_dir: Path,
+    count: int = 3,
+    extra_env: dict[str, str] | None = None,
+) -> list[LocalNode]:
+    env = {
+        **FAST_LIVENESS,
+        "SFUMESH_DATABASE": f"mesh_{secrets.token_hex(4)}",
+        **(extra_env or {}),
+    }
     return start_nodes(services, {"k1": new_key()}, count=count, data_dir=data_dir, extra_env=env)
 
 
@@ -60,7 +70,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def state(backing: BackingServices) -> AsyncIterator[Redis]:
     # Not the `redis` fixture: that one empties Redis, and these nodes live in it.
-    client = test_redis(backing)
+    client = suite_redis(backing)
     yield client
     await client.aclose()
 

@@ -83,6 +83,7 @@ async def test_logout_revokes_the_login_and_what_it_bought(api: Api) -> None:
     assert await ws_opens(api, other_session)
 
 
+@pytest.mark.redis_paths
 async def test_logout_holds_on_every_node_and_for_as_long_as_a_token_lives(
     make_app: Any, redis: Redis
 ) -> None:
