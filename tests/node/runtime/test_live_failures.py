@@ -50,7 +50,6 @@ async def _until_gone(state: Redis, key: str, within_s: float = 5) -> None:
     await asyncio.wait_for(poll(), within_s)
 
 
-@pytest.mark.redis_paths
 async def test_sigterm_drains_and_kill_9_is_reaped(
     backing: BackingServices, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:

@@ -23,8 +23,7 @@ from node.state.sessions import Membership
 from tests.conftest import suite_redis
 from tests.node.live_client import Socket, User, create_room, sign_up
 
-# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
-pytestmark = [pytest.mark.slow, pytest.mark.redis_paths]
+pytestmark = pytest.mark.slow
 
 FAST_LIVENESS = {
     "SFUMESH_BCRYPT_COST": "4",
@@ -80,6 +79,7 @@ async def members_of(state: Redis, slug: str) -> list[Membership]:
     return [Membership.decode(value) for value in raw.values()]
 
 
+@pytest.mark.redis_paths
 async def test_events_and_chat_cross_nodes_in_one_order(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -154,6 +154,7 @@ async def test_capacity_4_refresh_20_times_then_fifth_is_refused(
         await sock.close()
 
 
+@pytest.mark.redis_paths
 async def test_100_users_at_once_into_capacity_8(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -234,6 +235,7 @@ async def _refresh_once(user: User, old: Socket, mesh: list[str], slug: str) -> 
     return fresh
 
 
+@pytest.mark.redis_paths
 async def test_refresh_race_never_loses_the_new_session(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -276,6 +278,7 @@ async def test_refresh_race_never_loses_the_new_session(
     await asyncio.gather(observer.close(), *(s.close() for s in current.values()))
 
 
+@pytest.mark.redis_paths
 async def test_joining_mid_flood_misses_nothing(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:

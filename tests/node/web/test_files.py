@@ -490,7 +490,6 @@ async def opt_in_behind_the_api(slug: str) -> None:
     await document.save()
 
 
-@pytest.mark.redis_paths
 async def test_storage_is_a_total_in_metrics_never_a_label_per_room(room: Room) -> None:
     first = photo(width=600)
     await room.upload(first, "one.jpg")
