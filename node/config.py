@@ -362,9 +362,10 @@ class RedisSettings(BaseModel):
     sentinel_password: SecretStr = SecretStr("")
     # the primary's and replicas' password (sentinel mode; in the other modes: in redis_url)
     password: SecretStr = SecretStr("")
-    # Sentinel mode: replicas that must hold a lock's fencing token (WAIT) before the lock
-    # counts as taken, and that room changes wait for (up to wait_timeout_ms): a failover
-    # then never hands out a fence twice nor forgets a change a node already acted on.
+    # Sentinel mode: replicas that must hold a lock's fencing token (WAIT, up to
+    # wait_timeout_ms) before the lock counts as taken: a failover then never hands the same
+    # fence out twice. With one replica down and wait_replicas of them needed, room changes
+    # wait (and answer 503 after live.lock_wait_s): run two replicas for wait_replicas = 1.
     wait_replicas: int = Field(default=1, ge=0)
     wait_timeout_ms: int = Field(default=500, gt=0)
 
