@@ -25,6 +25,7 @@ from node.local.participant import MediaPeer, until
 from node.media import adapter
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
+from tests.conftest import suite_redis
 from tests.node.live_client import User, create_room, sign_up
 from tests.node.runtime.test_live_mesh import FAST_LIVENESS
 from tests.node.runtime.test_node_mesh import _cluster
@@ -57,7 +58,7 @@ def loopback_candidates() -> Iterator[None]:
 
 @pytest.fixture
 async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = Redis.from_url(backing.redis_url)
+    client = suite_redis(backing)
     yield client
     await client.aclose()
 
