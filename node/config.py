@@ -221,6 +221,9 @@ class MediaSettings(BaseModel):
     # wait is given up (logged, counted) after keyframe_give_up_s. Each relay hop retries.
     keyframe_retry_s: float = Field(default=0.6, gt=0)
     keyframe_give_up_s: float = Field(default=10.0, gt=0)
+    # Simulcast: the highest layer (0 = the publisher's lowest encoding) any subscriber is
+    # sent, whatever its bandwidth and tile allow: the operator's cap (issue 14).
+    simulcast_max_layer: int = Field(default=2, ge=0, le=2)
     # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)

@@ -179,6 +179,8 @@ class Received:
         self.receiver = receiver
         self.owner = ""
         self.frames = 0
+        #: the last decoded video frame's (width, height)
+        self.size: tuple[int, int] | None = None
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         #: (monotonic time the gap ended, its length) of gaps longer than GAP_KEPT_S
@@ -202,9 +204,11 @@ class Received:
     async def _consume(self) -> None:
         try:
             while True:
-                await self.track.recv()
+                frame = await self.track.recv()
                 now = time.monotonic()
                 self.frames += 1
+                if isinstance(frame, VideoFrame):
+                    self.size = (frame.width, frame.height)
                 if self.first_frame_at is None:
                     self.first_frame_at = now
                 elif self.last_frame_at is not None and now - self.last_frame_at > GAP_KEPT_S:
