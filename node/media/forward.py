@@ -415,6 +415,10 @@ class Forwarder(Generic[K]):
         """Subscribers still waiting for a keyframe (of their target layer, with simulcast)."""
         return frozenset(self._waiting) | {k for k, r in self._layered if r.waiting}
 
+    def wanted_layers(self) -> set[int]:
+        """The simulcast layers subscribers wait for a keyframe of (their targets)."""
+        return {r.target for _, r in self._layered if r.waiting and r.target is not None}
+
     def add(self, key: K, rewriter: SubscriberRewriter | LayerRewriter) -> None:
         self._rewriters[key] = rewriter
         if self._is_keyframe_start is not None and isinstance(rewriter, SubscriberRewriter):
@@ -859,6 +863,7 @@ def choose_layer(
     view: View | None,
     cap: int,
     probe: bool = True,
+    settling: bool = False,
 ) -> LayerChoice:
     """The layer (index into `rates_bps`, lowest first; None where a layer is not being
     received) to send a subscriber: the lowest of what its bandwidth allows (its estimate,
@@ -871,7 +876,9 @@ def choose_layer(
     it covers the current layer and `probe` allows, the next layer up is tried (the caller
     holds `probe` off for a while after a bandwidth step down, so a weak link does not
     bounce). With `probe`, a subscriber whose estimate fits nothing (at the start, or
-    paused) tries the lowest layer; without it, it gets no video."""
+    paused) tries the lowest layer; without it, it gets no video. While `settling` (just
+    after a step up, before the estimate could follow the new rate) the estimate alone
+    never takes the subscriber below `current`; loss still does."""
     available = [i for i, rate in enumerate(rates_bps) if rate is not None]
     if not available:
         return LayerChoice(None, "top")
@@ -881,10 +888,20 @@ def choose_layer(
     choice = LayerChoice(top, "top")
     bandwidth: int | None = top
     if estimate_bps is not None:
-        fitting = [
-            i for i in available if (rates_bps[i] or 0.0) <= estimate_bps * BANDWIDTH_HEADROOM
-        ]
+        # a layer costs at least what any lower one does (a measured rate can dip: a layer
+        # just started, or the lower ones inflated by keyframes)
+        cost: dict[int, float] = {}
+        highest = 0.0
+        for i in available:
+            highest = max(highest, rates_bps[i] or 0.0)
+            cost[i] = highest
+        fitting = [i for i in available if cost[i] <= estimate_bps * BANDWIDTH_HEADROOM]
         bandwidth = fitting[-1] if fitting else None
+        # hysteresis: the headroom is for going up; the current layer stays while the
+        # estimate covers it (an estimate hovers near what the subscriber receives)
+        if current is not None and current in available:
+            if (rates_bps[current] or 0.0) <= estimate_bps:
+                bandwidth = current if bandwidth is None else max(bandwidth, current)
         if (
             probe
             and current is not None
@@ -895,6 +912,8 @@ def choose_layer(
             above = [i for i in available if i > current]
             if above and (bandwidth is None or bandwidth < above[0]):
                 bandwidth = above[0]
+        if settling and current is not None and current in available:
+            bandwidth = current if bandwidth is None else max(bandwidth, current)
     if loss > LOSS_STEP_DOWN and current is not None:
         lower = [i for i in available if i < current]
         stepped = lower[-1] if lower else None

@@ -115,6 +115,9 @@ LAYER_SELECT_S = 0.5
 LAYER_IDLE_S = 2.0
 # After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
 PROBE_HOLD_S = 8.0
+# After a step up, the subscriber's estimate (which grows only with what it receives) has
+# this long to catch up before it may step the subscriber down again (loss may at once)
+SETTLE_S = 10.0
 # Active speaker: an audio track's mean level (-dBov, 0 loudest) must be at most this...
 SPEAKER_MAX_DBOV = 55
 # ... and be the loudest this many rounds in a row before it is announced
@@ -140,6 +143,8 @@ class Subscription:
     #: layer switches and bandwidth steps down so far; no climbing by probing before this
     switches: int = 0
     probe_after: float = 0.0
+    #: after a step up, the estimate alone does not step down before this (it lags)
+    settle_until: float = 0.0
 
 
 class TrackOwner(Protocol):
@@ -394,7 +399,13 @@ class Published:
         )
 
     async def _send_keyframe_request(self) -> None:
-        for ssrc in self.tap.media_ssrcs:
+        ssrcs = self.tap.media_ssrcs
+        forwarder = self.forwarder
+        if self.simulcast and forwarder is not None:
+            # only the layers someone waits to switch to (a keyframe is ~10 delta frames)
+            wanted = forwarder.wanted_layers()
+            ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted] or ssrcs
+        for ssrc in ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
 
     async def _keyframe_loop(self) -> None:
@@ -945,6 +956,7 @@ class MediaHub:
             view=view,
             cap=self.settings.simulcast_max_layer,
             probe=now >= subscription.probe_after,
+            settling=now < subscription.settle_until,
         )
 
     def select_layers(self, session: MediaSession | None = None) -> None:
@@ -977,7 +989,25 @@ class MediaHub:
                     and (choice.layer is None or choice.layer < current)
                 ):
                     subscription.probe_after = now + PROBE_HOLD_S
+                if choice.layer is not None and (current is None or choice.layer > current):
+                    if choice.layer != rewriter.target:
+                        subscription.settle_until = now + SETTLE_S
                 if choice.layer != rewriter.target:
+                    log.info(
+                        "media.layer_target",
+                        extra={
+                            "session_id": subscriber.session_id,
+                            "publisher": published.owner.session_id,
+                            "layer": choice.layer,
+                            "was": rewriter.target,
+                            "reason": choice.reason,
+                            "estimate_bps": subscription.sink.remb_bitrate,
+                            "rates_bps": [
+                                None if rate is None else round(rate)
+                                for rate in published.rates(now)
+                            ],
+                        },
+                    )
                     rewriter.set_target(choice.layer)
                     if choice.layer is not None and choice.layer != rewriter.current:
                         published.request_keyframe()

@@ -269,3 +269,15 @@ def test_an_estimate_covering_the_current_layer_tries_the_next() -> None:
     )
     # an estimate below the current layer's rate: down to what fits
     assert choose(estimate_bps=400_000, current=2) == LayerChoice(0, "bandwidth")
+    # just stepped up: the lagging estimate alone does not take it down again; loss does
+    assert choose(estimate_bps=700_000, current=2, settling=True) == LayerChoice(2, "top")
+    assert choose(estimate_bps=700_000, current=2, settling=True, loss=0.2) == LayerChoice(
+        1, "bandwidth"
+    )
+    # an estimate just above the current layer's rate keeps it (the headroom is for going up)
+    assert choose(estimate_bps=520_000, current=1, probe=False) == LayerChoice(1, "bandwidth")
+    assert choose(estimate_bps=450_000, current=1, probe=False) == LayerChoice(0, "bandwidth")
+    # a layer costs at least what a lower one does: a new layer's low first rate is no bargain
+    assert choose(
+        estimate_bps=300_000, current=0, probe=False, rates=[400_000.0, 500_000.0, 40_000.0]
+    ) == LayerChoice(0, "bandwidth")

@@ -82,6 +82,8 @@ async def test_each_subscriber_gets_the_layer_its_tile_needs(
                 frames = track.frames
                 await asyncio.sleep(2.0)
                 assert track.frames - frames <= 2  # (a frame in flight)
+                for _, peer in peers:
+                    assert peer.errors == []
                 # and a bad view is refused, changing nothing
                 refused = await small_sock.request("view", tiles={track.mid: {"width": -1}})
                 assert refused["type"] == "error" and refused["code"] == "bad_frame"
@@ -99,8 +101,6 @@ async def test_each_subscriber_gets_the_layer_its_tile_needs(
                     assert line in metrics, metrics
                 assert "sfumesh_media_layer_switches_total" in metrics
                 assert "sfumesh_media_layer_paused_seconds_total" in metrics
-                for _, peer in peers:
-                    assert peer.errors == []
             finally:
                 for sock, peer in peers:
                     await peer.close()
