@@ -279,5 +279,5 @@ def test_an_estimate_covering_the_current_layer_tries_the_next() -> None:
     assert choose(estimate_bps=450_000, current=1, probe=False) == LayerChoice(0, "bandwidth")
     # a layer costs at least what a lower one does: a new layer's low first rate is no bargain
     assert choose(
-        estimate_bps=300_000, current=0, probe=False, rates=[400_000.0, 500_000.0, 40_000.0]
+        estimate_bps=480_000, current=0, probe=False, rates=[400_000.0, 500_000.0, 40_000.0]
     ) == LayerChoice(0, "bandwidth")
