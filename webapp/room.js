@@ -231,7 +231,7 @@ export class RoomConnection extends EventTarget {
     this.attempt = 0;
     this.media?.close();
     this.media = new RoomMedia((message) => this.send(message), this.localStream, this.mediaOptions);
-    for (const type of ["track", "trackended", "error"]) {
+    for (const type of ["track", "trackended", "error", "speaker", "video-paused"]) {
       this.media.addEventListener(type, (event) =>
         this.emit(type === "error" ? "media-error" : type, /** @type {CustomEvent} */ (event).detail),
       );

@@ -297,9 +297,10 @@ class MediaPeer:
             log.error("%s got an error: %s", self.name, message)
             self.errors.append(message)
 
-    async def start_publishing(self) -> None:
+    async def start_publishing(self, audio: MediaStreamTrack | None = None) -> None:
+        """Publish the test pattern and `audio` (silence by default)."""
         self.publish.addTransceiver(self.pattern, direction="sendonly")
-        self.publish.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        self.publish.addTransceiver(audio or AudioStreamTrack(), direction="sendonly")
         await self.publish.setLocalDescription(await self.publish.createOffer())
         sdp = self.publish.localDescription.sdp
         answer = await self.sock.request("offer", pc="publish", sdp=sdp)

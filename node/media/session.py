@@ -327,6 +327,7 @@ class Published:
             rewriter = LayerRewriter(sink.ssrc, payload_type, clock_rate=clock_rate, vp8=self.vp8)
             rewriter.set_target(len(self.rids) - 1 if layer is None else layer)
             forwarder.add(sink, rewriter)
+            self.owner.media.ensure_layer_selection()
         else:
             forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
         if forwarder.waiting:
@@ -964,6 +965,8 @@ class MediaHub:
         receives: set the target, ask for the keyframe a switch waits for, tell the client
         when its video pauses or resumes."""
         now = time.monotonic()
+        if session is None:
+            self._select_relay_layers(now)
         sessions = [session] if session is not None else list(self.sessions.values())
         for subscriber in sessions:
             if subscriber.closed:
@@ -1031,6 +1034,37 @@ class MediaHub:
                             "reason": choice.reason,
                         }
                     )
+
+    def _select_relay_layers(self, now: float) -> None:
+        """A relay to another node carries one layer of a simulcast track: the best one
+        arriving that its link's estimate allows (never paused: its subscribers there
+        would all lose the video)."""
+        for published in self.local_tracks_everywhere():
+            forwarder = published.forwarder
+            if forwarder is None or not published.simulcast:
+                continue
+            for sink in list(published.relays.values()):
+                rewriter = forwarder.layer_rewriter(sink)
+                if rewriter is None:
+                    continue
+                choice = choose_layer(
+                    published.rates(now),
+                    published.heights(),
+                    estimate_bps=sink.remb_bitrate,
+                    loss=0.0,
+                    current=rewriter.current,
+                    view=None,
+                    cap=self.settings.simulcast_max_layer,
+                )
+                layer = choice.layer if choice.layer is not None else 0
+                if layer != rewriter.target:
+                    rewriter.set_target(layer)
+                    if layer != rewriter.current:
+                        published.request_keyframe()
+
+    def local_tracks_everywhere(self) -> list[Published]:
+        """Every track published on this node, in every room."""
+        return [p for slug in list(self.rooms) for p in self.local_tracks(slug)]
 
     def paused_now(self, now: float) -> float:
         """Seconds of the pauses still going on (metrics add them to `layer_paused_s`)."""

@@ -183,9 +183,26 @@ async function enterRoom(room) {
     const { track, owner, mid } = /** @type {CustomEvent} */ (event).detail;
     const key = owner?.session_id ?? `mid-${mid}`;
     grid.showTrack(key, participants.get(key)?.display_name ?? "…", track);
+    // simulcast: the node sends the layer this tile needs (none while it is hidden)
+    const tile = $(section, "#grid").querySelector(`li[data-session="${CSS.escape(key)}"] video`);
+    if (track.kind === "video" && mid && tile) conn.media?.watchTile(mid, /** @type {HTMLElement} */ (tile));
   });
   conn.addEventListener("trackended", (event) => {
-    grid.dropTrack(/** @type {CustomEvent} */ (event).detail.track);
+    const { track, mid } = /** @type {CustomEvent} */ (event).detail;
+    grid.dropTrack(track);
+    if (track.kind === "video" && mid) conn.media?.unwatchTile(mid);
+  });
+  conn.addEventListener("speaker", (event) => {
+    const { session_id } = /** @type {CustomEvent} */ (event).detail;
+    for (const li of $(section, "#grid").querySelectorAll("li[data-session]")) {
+      li.classList.toggle("speaking", /** @type {HTMLElement} */ (li).dataset.session === session_id);
+    }
+  });
+  conn.addEventListener("video-paused", (event) => {
+    const { session_id, paused, reason } = /** @type {CustomEvent} */ (event).detail;
+    const li = $(section, "#grid").querySelector(`li[data-session="${CSS.escape(session_id)}"]`);
+    // hidden tiles need no notice; a link too weak for any layer does
+    li?.classList.toggle("video-paused", paused && reason === "bandwidth");
   });
   conn.addEventListener("media", (event) => {
     if (/** @type {CustomEvent} */ (event).detail.media !== null) return;
