@@ -281,3 +281,15 @@ def test_an_estimate_covering_the_current_layer_tries_the_next() -> None:
     assert choose(
         estimate_bps=480_000, current=0, probe=False, rates=[400_000.0, 500_000.0, 40_000.0]
     ) == LayerChoice(0, "bandwidth")
+
+
+def test_target_packets_ahead_of_its_keyframe_start_are_not_lost() -> None:
+    packets = publish(12, [set(), set(), {6}], [(100, 0, 5, 1), (200, 0, 50, 2), (300, 0, 9, 3)])
+    key = next(p for p in packets if p.layer == 2 and p.keyframe and p.at > 0)
+    order = list(packets)
+    # the keyframe's first packet arrives after the rest of its frame
+    order.insert(order.index(key) + 2, order.pop(order.index(key)))
+    emitted = run(order, {0: 0, 20: 2}, 0)
+    seqs = sorted(e[0] for e in emitted)
+    assert seqs == list(range(4000, 4000 + len(seqs)))
+    assert sum(1 for e in emitted if packets[e[4]].layer == 2 and packets[e[4]].at == key.at) == 3
