@@ -29,6 +29,8 @@ MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-rea
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _URL = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
 _VERSION = re.compile(r"^[0-9A-Za-z.+-]{1,32}$")
+#: host:port of a node's own /metrics listener (a name, IPv4, or [IPv6])
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}$")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class NodeMember:
     http: str = ""  # public base URL of the node's HTTP API and web client
     media: tuple[str, ...] = ()  # addresses its media (ICE) uses
     version: str = ""
+    #: host:port of the node's /metrics when it has a listener of its own (`metrics.listen`);
+    #: "" = /metrics is on `http`
+    metrics: str = ""
     load: Load = field(default_factory=Load)
     coordinate: Coordinate | None = None
 
@@ -104,6 +109,9 @@ def member_from_serf(member: Member, warn: Callable[[str, str], None] | None = N
     version = tags.get("version", "")
     if version:
         fields["version"] = version if _VERSION.match(version) else bad("version")
+    metrics = tags.get("metrics", "")
+    if metrics:
+        fields["metrics"] = metrics if _HOST_PORT.match(metrics) else bad("metrics")
     load = tags.get("load", "")
     if load:
         try:
@@ -277,10 +285,17 @@ class LoadPublisher:
 
 
 def node_tags(
-    region: str, http: str, media: list[str], version: str, load: Load | None = None
+    region: str,
+    http: str,
+    media: list[str],
+    version: str,
+    load: Load | None = None,
+    metrics: str = "",
 ) -> Mapping[str, str]:
-    """The tags a node's agent starts with."""
+    """The tags a node's agent starts with (`metrics`: its own /metrics listener, if any)."""
     tags = {"region": region, "http": http, "version": version, "load": (load or Load()).tag()}
     if media:
         tags["media"] = ",".join(media)
+    if metrics:
+        tags["metrics"] = metrics
     return tags

@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 #: the shortest relay key accepted (as `mesh.relay_signal.KEY_MIN_BYTES`: the base imports
 #: nothing of the rest)
 RELAY_KEY_MIN_BYTES = 32
+#: the shortest TURN shared secret accepted (HMAC-SHA1 keys shorter than this are guessable)
+TURN_SECRET_MIN_BYTES = 16
 
 
 class TokenSettings(BaseModel):
@@ -188,6 +190,10 @@ class LiveSettings(BaseModel):
     # An HTTP join holds a seat this long, unless its WebSocket `join` completes; joining
     # again on the same connection does not renew it (seats cannot be squatted unseen).
     pending_seat_ttl_s: float = Field(default=15.0, gt=0)
+    # A member whose socket closed without leaving (a refresh, its node died) keeps the
+    # seat this long for the same session or user: a stranger joining meanwhile does not
+    # take it. 0: freed at once.
+    seat_grace_s: float = Field(default=10.0, ge=0, le=120)
     lock_ttl_s: float = Field(default=5.0, gt=0)
     # How long a request waits for a busy room lock before it is told to try again (503).
     lock_wait_s: float = Field(default=10.0, gt=0)
@@ -259,6 +265,52 @@ class MediaSettings(BaseModel):
         return value
 
 
+class TurnSettings(BaseModel):
+    """TURN for clients behind strict NATs and firewalls (issue 18 item 1): a coturn with
+    `use-auth-secret` and the same `secret`. Each connected session is handed credentials of
+    its own in the TURN REST style coturn checks (username `expiry:session_id`, password
+    base64(HMAC-SHA1(secret, username))), so no long-lived TURN password reaches a client
+    and a leaked one dies with its expiry. The node itself never uses TURN (it has a public
+    address; a client's relay candidate reaches it directly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:443?transport=tcp"
+    # ...; [] = no TURN (nothing handed out).
+    urls: list[str] = Field(default_factory=list)
+    # coturn's `static-auth-secret` (SFUMESH_TURN_SECRET); required with `urls`.
+    secret: SecretStr = SecretStr("")
+    # How long a credential is good for new allocations: a leaked one opens nothing after
+    # that. coturn checks the expiry when a client allocates; an allocation made in time
+    # was still refreshed after it (coturn 4.6.1), so calls in progress keep their relay.
+    # A peer connection a client creates later than this after its WebSocket's `hello`
+    # gets no relay; every reconnect brings fresh credentials.
+    credential_ttl_s: int = Field(default=12 * 3600, ge=60, le=7 * 24 * 3600)
+
+    @field_validator("urls")
+    @classmethod
+    def _turn_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            scheme, sep, rest = url.partition(":")
+            if (
+                scheme not in ("turn", "turns")
+                or not sep
+                or not rest
+                or any(c.isspace() for c in url)
+            ):
+                raise ValueError("turn.urls: each must be a turn: or turns: URL (RFC 7065)")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_with_urls(self) -> TurnSettings:
+        if self.urls and len(self.secret.get_secret_value().encode()) < TURN_SECRET_MIN_BYTES:
+            raise ValueError(
+                f"turn.secret (SFUMESH_TURN_SECRET) is required with turn.urls: coturn's "
+                f"static-auth-secret, at least {TURN_SECRET_MIN_BYTES} bytes"
+            )
+        return self
+
+
 class SerfSettings(BaseModel):
     """The node's Serf agent (the Mesh issue): its own child agent, or an operator's."""
 
@@ -293,7 +345,8 @@ class RelaySettings(BaseModel):
     # How offers and answers travel: "inline" in the Serf query itself (ORTC-style, under
     # 1 KB), or "redis": the message in a short-lived Redis key, the query carrying its name.
     carrier: Literal["inline", "redis"] = "inline"
-    # One signalling attempt waits this long for the answer, then it is sent again.
+    # One signalling attempt waits this long for the answer, plus twice the peer's
+    # estimated RTT (Serf's coordinates), then it is sent again.
     attempt_timeout_s: float = Field(default=1.0, gt=0)
     attempts: int = Field(default=6, gt=0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
@@ -375,6 +428,7 @@ class Settings(BaseModel):
     rooms: RoomSettings = Field(default_factory=RoomSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    turn: TurnSettings = Field(default_factory=TurnSettings)
     serf: SerfSettings = Field(default_factory=SerfSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
@@ -470,6 +524,9 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_MAX_TRACKS_PER_PARTICIPANT": "media.max_tracks_per_participant",
     "SFUMESH_MEDIA_MAX_TRACKS_PER_ROOM": "media.max_tracks_per_room",
     "SFUMESH_MEDIA_ALLOW_PRIVATE_CANDIDATES": "media.allow_private_candidates",
+    "SFUMESH_TURN_URLS": "turn.urls",
+    "SFUMESH_TURN_SECRET": "turn.secret",
+    "SFUMESH_TURN_CREDENTIAL_TTL_S": "turn.credential_ttl_s",
     "SFUMESH_SERF_MODE": "serf.mode",
     "SFUMESH_SERF_BIND": "serf.bind",
     "SFUMESH_SERF_ADVERTISE": "serf.advertise",

@@ -50,14 +50,18 @@ def chromium_path() -> str:
 
 
 @asynccontextmanager
-async def chromium(extra_args: Sequence[str] = ()) -> AsyncIterator[Browser]:
-    """A headless Chromium, closed (with its temporary profile) on exit."""
+async def chromium(
+    extra_args: Sequence[str] = (), *, fake_media: bool = True
+) -> AsyncIterator[Browser]:
+    """A headless Chromium, closed (with its temporary profile) on exit. Without
+    `fake_media` it has no camera or microphone at all (as a machine without any)."""
     executable = chromium_path()
+    args = [a for a in CHROMIUM_ARGS if fake_media or a != "--use-fake-device-for-media-stream"]
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=executable,
             headless=True,
-            args=[*CHROMIUM_ARGS, *extra_args],
+            args=[*args, *extra_args],
         )
         try:
             yield browser

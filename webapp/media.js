@@ -11,11 +11,18 @@
 //
 // Events (RoomMedia is an EventTarget):
 // - "track": detail {track, streams, mid, transceiver, owner}, a remote track on the
-//   subscribe connection; `owner` is {session_id, user_id, kind} from the offer's `tracks`
+//   subscribe connection; `owner` is {session_id, user_id, kind, source_mid} from the offer's `tracks`
 //   map (every remote track arrives in the same stream, so this is how to tell whose it is).
 // - "trackended": detail {track, mid}, the node stopped sending it (its m-line became
 //   inactive; the publisher left).
 // - "error": detail {error, pc}, a step of the negotiation failed.
+// - "published": detail {screenMid}, a publish offer went out (the screen share's mid, for
+//   the participant state, may differ after a reconnect).
+//
+// Changing what is sent without a new offer (issue 17): `replaceLocal` swaps a camera or
+// microphone in place (replaceTrack); camera off sends nothing at all (the sender's track is
+// null: no black frames, no bandwidth). The screen share is a third m-line, added (or sent
+// on again) and stopped (inactive) with a new publish offer.
 // - "speaker": detail {session_id, user_id}, who speaks now (the node reads audio levels).
 // - "video-paused": detail {mid, session_id, paused, reason}, the node stopped (or resumed)
 //   sending that video: "bandwidth" (even its lowest layer does not fit), "hidden".
@@ -30,6 +37,9 @@
  *   iceServers?: RTCIceServer[],
  *   videoCodec?: string | null,
  *   simulcast?: boolean,
+ *   screenTrack?: MediaStreamTrack | null,
+ *   transform?: ((endpoint: RTCRtpSender | RTCRtpReceiver, kind: string, role: string) => void) | null,
+ *   encodedInsertableStreams?: boolean,
  * }} RoomMediaOptions
  */
 
@@ -61,6 +71,15 @@ export class RoomMedia extends EventTarget {
     /** @type {Map<string, () => void>} */
     this.tileWatchers = new Map();
     this.viewTimer = 0;
+    /** @type {MediaStreamTrack | null} the screen share, sent on a third m-line */
+    this.screenTrack = options.screenTrack ?? null;
+    // End-to-end encryption (e2ee.js): called with every sender and receiver.
+    this.transform = options.transform ?? null;
+    this.encodedInsertableStreams = options.encodedInsertableStreams ?? false;
+    /** @type {{audio?: RTCRtpTransceiver, video?: RTCRtpTransceiver, screen?: RTCRtpTransceiver}} */
+    this.transceivers = {};
+    // Publish offers go out one at a time, each after the previous one's answer.
+    this.publishing = Promise.resolve();
     /** @type {RTCPeerConnection | null} */
     this.publishPc = null;
     /** @type {RTCPeerConnection | null} */
@@ -73,22 +92,104 @@ export class RoomMedia extends EventTarget {
 
   /** Offer the local stream's tracks to the node; resolves once the offer is sent. */
   async publish() {
-    if (this.localStream === null) throw new Error("no local stream to publish");
+    if (this.localStream === null && this.screenTrack === null) throw new Error("no local stream to publish");
     if (this.publishPc !== null) throw new Error("already publishing");
     const pc = (this.publishPc = this.newPc("publish"));
-    for (const track of this.localStream.getTracks()) {
-      const simulcast = this.simulcast && track.kind === "video";
+    for (const track of this.localStream?.getTracks() ?? []) {
+      const kind = /** @type {"audio" | "video"} */ (track.kind);
+      if (this.transceivers[kind]) continue;
       const transceiver = pc.addTransceiver(track, {
         direction: "sendonly",
-        streams: [this.localStream],
-        ...(simulcast ? { sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })) } : {}),
+        streams: this.localStream ? [this.localStream] : [],
+        // simulcast: the camera as three encodings (the screen share stays one)
+        ...(this.simulcast && kind === "video"
+          ? { sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })) }
+          : {}),
       });
-      if (track.kind === "video" && this.videoCodec) {
+      this.transceivers[kind] = transceiver;
+      this.transform?.(transceiver.sender, kind, "publish");
+      if (kind === "video" && this.videoCodec) {
         preferCodec(transceiver, "video", this.videoCodec);
       }
+      // A camera that is off sends nothing (not black frames) until it is on again.
+      if (kind === "video" && !track.enabled) await transceiver.sender.replaceTrack(null);
     }
-    await pc.setLocalDescription();
-    this.send({ type: "offer", pc: "publish", sdp: pc.localDescription.sdp });
+    if (this.screenTrack !== null) this.addScreen(pc, this.screenTrack);
+    await this.offerPublish();
+  }
+
+  /** @param {RTCPeerConnection} pc @param {MediaStreamTrack} track */
+  addScreen(pc, track) {
+    const transceiver = pc.addTransceiver(track, { direction: "sendonly" });
+    this.transceivers.screen = transceiver;
+    this.transform?.(transceiver.sender, "video", "publish");
+    if (this.videoCodec) preferCodec(transceiver, "video", this.videoCodec);
+    return transceiver;
+  }
+
+  /**
+   * Send the publish connection's offer, after any earlier one is answered; resolves once
+   * this one is sent.
+   */
+  offerPublish() {
+    const pc = this.publishPc;
+    /** @type {() => void} */
+    let sent = () => {};
+    const done = new Promise((resolve) => (sent = () => resolve(undefined)));
+    this.publishing = this.publishing
+      .then(async () => {
+        try {
+          if (this.closed || pc === null) return;
+          await pc.setLocalDescription();
+          this.send({ type: "offer", pc: "publish", sdp: pc.localDescription.sdp });
+          const screenMid = this.screenTrack !== null ? (this.transceivers.screen?.mid ?? null) : null;
+          this.dispatchEvent(new CustomEvent("published", { detail: { screenMid } }));
+        } finally {
+          sent();
+        }
+        await stable(pc);
+      })
+      .catch((error) => this.fail(error, "publish"));
+    return done;
+  }
+
+  /**
+   * Send `track` as the screen share, or stop sharing (null). Resolves to the share's mid
+   * on this page's publish connection (null when not sharing).
+   * @param {MediaStreamTrack | null} track
+   * @returns {Promise<string | null>}
+   */
+  async setScreen(track) {
+    this.screenTrack = track;
+    if (this.closed) return null;
+    if (this.publishPc === null) {
+      if (track === null) return null;
+      await this.publish();
+      return this.transceivers.screen?.mid ?? null;
+    }
+    const transceiver = this.transceivers.screen;
+    if (track !== null) {
+      if (transceiver) {
+        transceiver.direction = "sendonly";
+        await transceiver.sender.replaceTrack(track);
+      } else {
+        this.addScreen(this.publishPc, track);
+      }
+    } else if (transceiver) {
+      await transceiver.sender.replaceTrack(null);
+      transceiver.direction = "inactive";
+    }
+    await this.offerPublish();
+    return track !== null ? (this.transceivers.screen?.mid ?? null) : null;
+  }
+
+  /**
+   * Send `track` (null: nothing) in place of the camera or microphone, without a new offer.
+   * @param {"audio" | "video"} kind @param {MediaStreamTrack | null} track
+   */
+  async replaceLocal(kind, track) {
+    const transceiver = this.transceivers[kind];
+    if (transceiver && !this.closed) await transceiver.sender.replaceTrack(track);
   }
 
   /**
@@ -181,7 +282,11 @@ export class RoomMedia extends EventTarget {
 
   /** @param {"publish" | "subscribe"} role */
   newPc(role) {
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    /** @type {any} */
+    const config = { iceServers: this.iceServers };
+    // Chromium without RTCRtpScriptTransform: encoded frames through createEncodedStreams.
+    if (this.encodedInsertableStreams) config.encodedInsertableStreams = true;
+    const pc = new RTCPeerConnection(config);
     pc.addEventListener("icecandidate", (event) => {
       if (this.closed) return;
       // null: this side has gathered all its candidates.
@@ -207,6 +312,7 @@ export class RoomMedia extends EventTarget {
       stream.addEventListener("removetrack", onRemove);
     }
     const owner = (mid !== null && this.owners?.[mid]) || null;
+    this.transform?.(transceiver.receiver, track.kind, "subscribe");
     this.dispatchEvent(
       new CustomEvent("track", { detail: { track, streams, mid, transceiver, owner } }),
     );
@@ -227,6 +333,27 @@ export class RoomMedia extends EventTarget {
     this.publishPc?.close();
     this.subscribePc?.close();
   }
+}
+
+/**
+ * Resolves once `pc` has no offer outstanding (or after `limitMs`, or when it closes).
+ * @param {RTCPeerConnection} pc
+ */
+function stable(pc, limitMs = 15_000) {
+  return new Promise((resolve) => {
+    const check = () => {
+      if (pc.signalingState !== "stable" && pc.signalingState !== "closed") return;
+      pc.removeEventListener("signalingstatechange", check);
+      clearTimeout(timer);
+      resolve(undefined);
+    };
+    const timer = setTimeout(() => {
+      pc.removeEventListener("signalingstatechange", check);
+      resolve(undefined);
+    }, limitMs);
+    pc.addEventListener("signalingstatechange", check);
+    check();
+  });
 }
 
 /**

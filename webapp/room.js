@@ -10,19 +10,33 @@
 // again on it: the same session token gives the same session, which replaces its older
 // self in the room, so it never needs a second seat. `reconnect {node, url}` (the node is
 // draining) moves to the named node at once. `session-replaced` (this session, or this
-// user, was opened somewhere newer) ends it: it does not fight back. A `ping` goes out
-// every 20 s, well inside the node's 45 s idle limit.
+// user, was opened somewhere newer) ends it: it does not fight back.
+//
+// Failover (issue 17): a node that dies says nothing. Its socket closes without a
+// `reconnect` (the page checks at once whether the node still answers a ping), or, when the
+// path went silent, no answer comes to the `ping` sent every 5 s (nothing heard for 7.5 s).
+// Either way the node is marked dead and the page goes at once, without a backoff, to the
+// next closest live node: the ranking is measured again without the dead node (asked of
+// any node that answers, cross-origin: the API allows the mesh's own origins), or, if no
+// node answers that quickly, the next of the ranking it already had. The ticket and the
+// HTTP join go to a node that answers too (this page's own node may be the dead one). The
+// same session joins again there, and its seat was kept for it meanwhile (the seat grace).
 //
 // Events: "state" {state, attempt?, delay?}, "hello" {session_id, node, region},
 // "joined" {participants, self}, "participant-joined" {participant}, "participant-left"
-// {session_id}, "chat" {message}, "track"/"trackended" (RoomMedia's), "media" {media} (a
+// {session_id}, "participant-state" {session_id, state}, "chat" {message}, "track"/"trackended" (RoomMedia's), "media" {media} (a
 // new RoomMedia), "ended" {reason} (replaced, left, room_full, ...: no reconnect follows).
 
 import { ApiError, request, roomPath } from "./api.js";
-import { forgetPick, pickNode } from "./closest.js";
+import { forgetPick, pickNode, rankedNodes, timePing } from "./closest.js";
 import { RoomMedia } from "./media.js";
 
-const PING_MS = 20_000;
+// A ping this often (the node's idle limit is 45 s), and a node not heard from for
+// SILENT_MS counts as gone: the page fails over.
+const PING_MS = 5_000;
+const SILENT_MS = 7_500;
+// How long a dead node's quick check may take (a refused connection answers at once).
+const PROBE_TIMEOUT_MS = 1_500;
 const REQUEST_TIMEOUT_MS = 15_000;
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 15_000;
@@ -55,6 +69,8 @@ export class RoomConnection extends EventTarget {
     this.sessionToken = options.sessionToken;
     this.localStream = options.localStream;
     this.mediaOptions = options.mediaOptions ?? {};
+    /** @type {RTCIceServer[]} the TURN servers of the current socket's `hello` */
+    this.iceServers = [];
     /** @type {WebSocket | null} */
     this.ws = null;
     /** @type {RoomMedia | null} */
@@ -77,6 +93,19 @@ export class RoomConnection extends EventTarget {
     this.retryTimer = undefined;
     // A draining node named another: go there without waiting.
     this.redirect = false;
+    // Nodes this page found dead (names), never picked again by this connection.
+    /** @type {Set<string>} */
+    this.dead = new Set();
+    // Where API calls go: "" (this page's node) until it stops answering.
+    this.apiBase = "";
+    this.lastHeard = 0;
+    this.lastPing = 0;
+    // Failovers done, and when the last began (performance.now(); tests read them).
+    this.failovers = 0;
+    this.failoverStarted = 0;
+    // The last ranking (closest first), kept here too: a forgotten pick must not lose it.
+    /** @type {import("./closest.js").NodeChoice[]} */
+    this.known = [];
     this.onOnline = () => {
       if (this.state === "waiting") this.retryNow();
     };
@@ -88,11 +117,25 @@ export class RoomConnection extends EventTarget {
     this.setState("picking");
     try {
       this.node = await pickNode();
+      this.remember();
     } catch (error) {
       console.warn("closest node: falling back to this page's node", error);
       this.node = null;
     }
     this.open();
+  }
+
+  /** Keep the ranking of the last pick. */
+  remember() {
+    const ranked = rankedNodes();
+    if (ranked.length > 0) this.known = ranked;
+  }
+
+  /** The known live nodes, closest first, without those found dead. */
+  liveNodes() {
+    const ranked = rankedNodes(this.dead);
+    const nodes = ranked.length > 0 ? ranked : this.known;
+    return nodes.filter((node) => !this.dead.has(node.name));
   }
 
   /** @param {string} state @param {Record<string, unknown>} [detail] */
@@ -126,7 +169,7 @@ export class RoomConnection extends EventTarget {
     try {
       // The session token stays out of the URL: a ticket (single use, seconds long, good
       // on any node) stands in for it.
-      ticket = (await request("POST", "/api/sessions/ws-ticket", { token })).ticket;
+      ticket = (await this.api("POST", "/api/sessions/ws-ticket", { token })).ticket;
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) {
         // Even a new session is refused: logged out (or the password changed).
@@ -150,6 +193,7 @@ export class RoomConnection extends EventTarget {
       } catch {
         return;
       }
+      this.lastHeard = performance.now();
       this.onMessage(message);
     });
     ws.addEventListener("close", (event) => {
@@ -169,6 +213,9 @@ export class RoomConnection extends EventTarget {
     switch (message.type) {
       case "hello":
         this.hello = { session_id: message.session_id, node: message.node, region: message.region };
+        // This connection's TURN credentials (time-limited, for this session only): used by
+        // the media connections of this socket, beside any the page was given.
+        this.iceServers = Array.isArray(message.ice_servers) ? message.ice_servers : [];
         this.refused = 0;
         this.emit("hello", this.hello);
         this.join().catch((error) => this.joinFailed(error));
@@ -178,6 +225,10 @@ export class RoomConnection extends EventTarget {
         break;
       case "participant-joined":
         this.emit("participant-joined", { participant: message.participant });
+        break;
+      case "participant-state":
+        // mic, camera, hand, screen share (README "Web client")
+        this.emit("participant-state", { session_id: message.session_id, state: message.state });
         break;
       case "participant-left":
       case "participant-replaced":
@@ -225,22 +276,23 @@ export class RoomConnection extends EventTarget {
   async join() {
     this.setState("joining");
     const token = await this.sessionToken(false);
-    const grant = await request("POST", `${roomPath(this.slug)}/join`, { token });
+    const grant = await this.api("POST", `${roomPath(this.slug)}/join`, { token });
     const reply = await this.request({ type: "join", room_token: grant.room_token });
     if (reply.type !== "ack") throw new ApiError(409, reply.code, reply.message);
     this.attempt = 0;
     this.media?.close();
-    this.media = new RoomMedia((message) => this.send(message), this.localStream, this.mediaOptions);
+    const iceServers = [...(this.mediaOptions.iceServers ?? []), ...this.iceServers];
+    this.media = new RoomMedia((message) => this.send(message), this.localStream, { ...this.mediaOptions, iceServers });
     for (const type of ["track", "trackended", "error", "speaker", "video-paused"]) {
       this.media.addEventListener(type, (event) =>
         this.emit(type === "error" ? "media-error" : type, /** @type {CustomEvent} */ (event).detail),
       );
     }
     this.emit("media", { media: this.media });
-    clearInterval(this.pinger);
-    this.pinger = setInterval(() => this.send({ type: "ping" }), PING_MS);
+    this.watch();
     this.setState("joined", { node: this.hello?.node ?? "" });
-    if (this.localStream !== null) await this.media.publish();
+    // (a "media" listener may have given it a screen share to send)
+    if (this.localStream !== null || this.media.screenTrack !== null) await this.media.publish();
   }
 
   /** @param {unknown} error */
@@ -258,11 +310,71 @@ export class RoomConnection extends EventTarget {
     this.ws?.close();
   }
 
-  /** @param {CloseEvent} event */
-  onClose(event) {
+  /**
+   * One API call, to this page's node or, once that stops answering, to the node of the
+   * WebSocket or any other ranked node still alive (cross-origin: node/web/cors.py).
+   * @param {string} method @param {string} path @param {{token?: string, body?: unknown}} options
+   */
+  async api(method, path, options) {
+    const bases = [this.apiBase];
+    for (const node of [this.node, ...this.liveNodes()]) {
+      if (node && !this.dead.has(node.name)) bases.push(node.url.replace(/\/$/, ""));
+    }
+    if (this.apiBase !== "") bases.push("");
+    let lastError = null;
+    for (const base of new Set(bases)) {
+      try {
+        const reply = await request(method, `${base}${path}`, {
+          ...options,
+          signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+        });
+        this.apiBase = base;
+        return reply;
+      } catch (error) {
+        // Only a node that did not answer is passed over; its answers (errors) are final.
+        if (error instanceof ApiError && error.status !== 0) throw error;
+        lastError = error;
+      }
+    }
+    throw lastError;
+  }
+
+  /** Pings, and the watch for a node gone silent (the socket may never close by itself). */
+  watch() {
+    clearInterval(this.pinger);
+    this.lastHeard = this.lastPing = performance.now();
+    const ws = this.ws;
+    this.pinger = setInterval(() => {
+      if (ws !== this.ws) return;
+      const now = performance.now();
+      if (now - this.lastHeard > SILENT_MS) {
+        console.warn("node silent; failing over", this.hello?.node);
+        this.ws = null;
+        ws?.close();
+        this.onClose(new CloseEvent("close", { code: 4999, reason: "silent" }), true);
+        return;
+      }
+      if (now - this.lastPing >= PING_MS) {
+        this.lastPing = now;
+        this.send({ type: "ping" });
+      }
+    }, 500);
+  }
+
+  /**
+   * @param {CloseEvent} event
+   * @param {boolean} [silent] the node stopped answering (it is gone, not just the socket)
+   */
+  onClose(event, silent = false) {
+    const wasJoined = this.hello !== null;
     this.stopMedia();
     if (this.ended) return;
     if (event.code === 4000) return this.end("replaced");
+    if (!this.redirect && wasJoined) {
+      // Closed without a `reconnect`: is the node still there at all?
+      this.checkNode(silent);
+      return;
+    }
     if (this.hello === null) this.refused += 1;
     if (this.refused >= 3) forgetPick();
     if (this.redirect) {
@@ -274,6 +386,53 @@ export class RoomConnection extends EventTarget {
       return;
     }
     this.retry();
+  }
+
+  /**
+   * After a close without `reconnect`: a node that no longer answers a ping is dead, and
+   * the page fails over at once; one that answers (a network blip, a restart) is tried
+   * again with the usual backoff.
+   * @param {boolean} silent
+   */
+  async checkNode(silent) {
+    const node = this.node;
+    const url = node?.url ?? location.origin;
+    this.setState("reconnecting", { attempt: this.attempt + 1, delay: 0 });
+    const alive = silent ? null : await timePing(url.replace(/\/$/, ""), 1, PROBE_TIMEOUT_MS);
+    if (this.ended) return;
+    if (alive !== null) {
+      this.retry();
+      return;
+    }
+    this.failover(node?.name ?? "");
+  }
+
+  /** The node in use is gone: on to the next closest live node, now. @param {string} deadName */
+  async failover(deadName) {
+    this.failovers += 1;
+    this.failoverStarted = performance.now();
+    if (deadName) this.dead.add(deadName);
+    // This page's own node may be the one that died: then nothing more is asked of it.
+    const deadUrl = (this.node?.url ?? location.origin).replace(/\/$/, "");
+    const pageNodeDead = this.node === null || deadUrl === location.origin;
+    const next = this.liveNodes();
+    forgetPick();
+    console.warn("node gone; failing over", deadName, "next:", next[0]?.name);
+    const bases = next.map((n) => n.url.replace(/\/$/, ""));
+    if (!pageNodeDead && this.apiBase === "") bases.unshift("");
+    try {
+      this.node = await pickNode({ fresh: true, exclude: this.dead, bases });
+      this.remember();
+    } catch {
+      this.node = next[0] ?? null;
+    }
+    if (this.node !== null && this.dead.has(this.node.name)) this.node = next[0] ?? null;
+    if (pageNodeDead && this.apiBase === "" && this.node !== null) {
+      this.apiBase = this.node.url.replace(/\/$/, "");
+    }
+    this.attempt = 1;
+    this.refused = 0;
+    this.open();
   }
 
   retry() {
@@ -294,7 +453,9 @@ export class RoomConnection extends EventTarget {
     if (this.ended) return;
     if (this.refused >= 3 || this.node === null) {
       try {
-        this.node = await pickNode({ fresh: true });
+        const bases = this.liveNodes().map((n) => n.url.replace(/\/$/, ""));
+        this.node = await pickNode({ fresh: true, exclude: this.dead, bases: [this.apiBase, ...bases] });
+        this.remember();
       } catch {
         this.node = null;
       }
@@ -347,6 +508,17 @@ export class RoomConnection extends EventTarget {
       });
       ws.send(JSON.stringify({ ...message, id }));
     });
+  }
+
+  /**
+   * Set this participant's state (some of mic_muted, camera_off, hand_raised,
+   * screen_sharing, screen_mid, e2ee); resolves to the node's ack (the whole state).
+   * @param {Record<string, boolean | string | null>} state
+   */
+  async participantState(state) {
+    const reply = await this.request({ type: "participant-state", state });
+    if (reply.type === "error") throw new ApiError(0, reply.code, reply.message);
+    return reply;
   }
 
   /** Send a chat message; resolves to the node's ack, rejects with its error. */

@@ -15,7 +15,14 @@ Input: a CSV of measured (or synthetic) round-trip times, rows `a,b,rtt_ms` (see
    the matrix (or ties with it); the penalty of a miss is the RTT to the chosen node minus
    the RTT to the true nearest. "Best measured" is the baseline without coordinates: the
    sampled node with the smallest RTT. Only mesh nodes with a known RTT to the client take
-   part. The 3 + 2 procedure is the one `mesh.vivaldi.suggest_probes` documents for clients.
+   part. (The 3 + 2 procedure is what clients did before issue 13; kept for comparison.)
+3. The clients' procedure (`mesh.closest.Procedure`, which `mesh/closest.py` and the web
+   client run): the same held-out clients, new (round 1: landmarks spread over the mesh)
+   and returning (round 1 guided by the samples cached from their first pick), each at
+   most `FIRST_PROBES` + `NEXT_PROBES` probes in two rounds of parallel probes. Reported
+   as the main figures: `within_10ms_rate`, `probes_max`, `probes_mean`, `procedure_rounds`,
+   and the time it takes a client 300 ms from every node (`time_ms_at_300ms_rtt`: each
+   round a TCP connect and one request, the node listing one more request).
 
 Everything is seeded (`--seed`): the same matrix and options give the same figures.
 
@@ -41,6 +48,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mesh.closest import FIRST_PROBES, NEXT_PROBES, Rtts, estimated_rtts
+from mesh.closest import Procedure as ClientProcedure
 from mesh.vivaldi import (
     DEFAULT_CONFIG,
     MAX_RTT_S,
@@ -63,6 +72,8 @@ DEFAULT_TRIALS = 10
 MAX_ROUNDS = 100_000
 # A pick within this much of the true nearest node's RTT is "near" (reported beside hits).
 NEAR_MS = 10.0
+# The client the issue sizes the procedure for: 300 ms RTT to every node.
+FAR_CLIENT_RTT_MS = 300.0
 # The Vivaldi paper's median relative error on real Internet latencies.
 TARGET_MEDIAN_REL_ERROR = 0.11
 HEADER = ("a", "b", "rtt_ms")
@@ -151,12 +162,16 @@ class Procedure:
     hits: int = 0
     near: int = 0
     penalties_ms: list[float] = field(default_factory=list)
+    probes: list[int] = field(default_factory=list)
+    rounds: int = 0
 
     @property
     def cases(self) -> int:
         return self.hits + len(self.penalties_ms)
 
-    def record(self, chosen_ms: float, nearest_ms: float) -> None:
+    def record(self, chosen_ms: float, nearest_ms: float, probes: int, rounds: int = 1) -> None:
+        self.probes.append(probes)
+        self.rounds = max(self.rounds, rounds)
         if chosen_ms <= nearest_ms:
             self.hits += 1
             self.near += 1
@@ -176,6 +191,9 @@ class Procedure:
             "misses": len(ordered),
             "nearest_median_penalty_ms": round(percentile(ordered, 0.5), 2) if ordered else 0.0,
             "nearest_p90_penalty_ms": round(percentile(ordered, 0.9), 2) if ordered else 0.0,
+            "probes_mean": round(sum(self.probes) / max(len(self.probes), 1), 2),
+            "probes_max": max(self.probes, default=0),
+            "rounds": self.rounds,
         }
 
 
@@ -187,6 +205,8 @@ class ClientRun:
     baseline: Procedure = field(default_factory=lambda: Procedure("best measured"))
     sampled: Procedure = field(default_factory=lambda: Procedure("samples"))
     followed: Procedure = field(default_factory=lambda: Procedure("samples + follow-ups"))
+    fresh: Procedure = field(default_factory=lambda: Procedure("closest.py, new client"))
+    returning: Procedure = field(default_factory=lambda: Procedure("closest.py, returning"))
 
     def __post_init__(self) -> None:
         self.baseline.label = f"best measured of {self.samples} random (no coordinates)"
@@ -197,9 +217,19 @@ class ClientRun:
             else self.sampled.label
         )
 
+        self.fresh.label = f"clients' procedure ({FIRST_PROBES} + {NEXT_PROBES}), new client"
+        self.returning.label = (
+            f"clients' procedure ({FIRST_PROBES} + {NEXT_PROBES}), returning client"
+        )
+
+    @property
+    def before(self) -> Procedure:
+        """The procedure clients ran before issue 13 (3 random + 2 suggested, ranked)."""
+        return self.followed if self.follow_ups else self.sampled
+
     @property
     def main(self) -> Procedure:
-        return self.followed if self.follow_ups else self.sampled
+        return self.fresh
 
 
 def folds_of(nodes: list[str], holdout: float, rng: random.Random) -> list[list[str]]:
@@ -226,6 +256,7 @@ def run_clients(
     for fold, clients in enumerate(folds_of(matrix.nodes, holdout, rng)):
         members = [name for name in matrix.nodes if name not in set(clients)]
         coords = simulate(matrix, rounds, seed + 1 + fold, nodes=members)
+        everyone = estimated_rtts(coords)
         run.folds += 1
         for client in clients:
             known = matrix.neighbours(client)
@@ -233,9 +264,31 @@ def run_clients(
             if len(reachable) < 2:
                 continue
             nearest_ms = min(known[name] for name in reachable) * 1000.0
+            estimates = {a: {b: everyone[a][b] for b in reachable} for a in reachable}
             for _ in range(trials):
                 _one_client(run, known, reachable, nearest_ms, rng)
+                _closest_client(run, known, reachable, estimates, nearest_ms, rng)
     return run
+
+
+def _closest_client(
+    run: ClientRun,
+    known: dict[str, float],
+    reachable: dict[str, Coordinate],
+    estimates: Rtts,
+    nearest_ms: float,
+    rng: random.Random,
+) -> None:
+    """The clients' procedure, new and then returning (with the samples of the first)."""
+    cached: dict[str, float] | None = None
+    for outcome in (run.fresh, run.returning):
+        procedure = ClientProcedure(reachable, rng, cached=cached, rtts=estimates)
+        while probes := procedure.next_round():
+            for name in probes:
+                procedure.record(name, known[name])
+        chosen = procedure.ranking()[0][0]
+        outcome.record(known[chosen] * 1000.0, nearest_ms, procedure.probes, procedure.rounds)
+        cached = dict(procedure.samples)
 
 
 def _one_client(
@@ -248,14 +301,14 @@ def _one_client(
     probes = suggest_probes({}, reachable, run.samples, rng)
     measured = {name: known[name] for name in probes}
     best = min(measured, key=lambda name: (measured[name], name))
-    run.baseline.record(known[best] * 1000.0, nearest_ms)
+    run.baseline.record(known[best] * 1000.0, nearest_ms, len(measured))
     ranked = rank_from_samples(measured, reachable)
-    run.sampled.record(known[ranked[0][0]] * 1000.0, nearest_ms)
+    run.sampled.record(known[ranked[0][0]] * 1000.0, nearest_ms, len(measured))
     if run.follow_ups:
         extra = [name for name, _ in ranked if name not in measured][: run.follow_ups]
         measured.update({name: known[name] for name in extra})
         ranked = rank_from_samples(measured, reachable)
-        run.followed.record(known[ranked[0][0]] * 1000.0, nearest_ms)
+        run.followed.record(known[ranked[0][0]] * 1000.0, nearest_ms, len(measured), 2)
 
 
 def bench(
@@ -286,7 +339,12 @@ def bench(
         trials=trials,
     )
     main = clients.main.summary()
+    before = clients.before.summary()
     procedures = [clients.baseline, clients.sampled] + ([clients.followed] if follow_ups else [])
+    keys = ["best_measured", "samples"] + (["follow_ups"] if follow_ups else [])
+    procedures += [clients.fresh, clients.returning]
+    keys += ["closest_new", "closest_returning"]
+    returning = clients.returning.summary()
     errors = accuracy.errors
     return {
         "bench": "vivaldi",
@@ -320,17 +378,33 @@ def bench(
         "nearest_hit_rate": main["nearest_hit_rate"],
         "nearest_median_penalty": main["nearest_median_penalty_ms"],
         "nearest_median_penalty_unit": "ms",
+        f"within_{NEAR_MS:g}ms_rate": main[f"within_{NEAR_MS:g}ms_rate"],
+        f"returning_within_{NEAR_MS:g}ms_rate": returning[f"within_{NEAR_MS:g}ms_rate"],
+        "probes_max": max(main["probes_max"], returning["probes_max"]),
+        "probes_mean": main["probes_mean"],
+        "procedure_rounds": main["rounds"],
+        f"time_ms_at_{FAR_CLIENT_RTT_MS:g}ms_rtt": time_at(FAR_CLIENT_RTT_MS, main["rounds"]),
+        f"probes_time_ms_at_{FAR_CLIENT_RTT_MS:g}ms_rtt": time_at(
+            FAR_CLIENT_RTT_MS, main["rounds"], listing=False
+        ),
+        f"before_within_{NEAR_MS:g}ms_rate": before[f"within_{NEAR_MS:g}ms_rate"],
+        "before_procedure": clients.before.label,
         "procedures": {
-            key: procedure.summary()
-            for key, procedure in zip(
-                ("best_measured", "samples", "follow_ups"), procedures, strict=False
-            )
+            key: procedure.summary() for key, procedure in zip(keys, procedures, strict=True)
         },
         "elapsed_s": rounded(time.perf_counter() - started),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def time_at(rtt_ms: float, rounds: int, *, listing: bool = True) -> float:
+    """How long the clients' procedure takes a client `rtt_ms` from every node: each round
+    of parallel probes a TCP connect and one request (2 RTT), and, with `listing`, the node
+    listing before it (one request on the page's open connection). The node's own work and
+    TLS are left out (plain HTTP; a TLS 1.3 handshake adds one RTT per round)."""
+    return rtt_ms * (2 * rounds + (1 if listing else 0))
 
 
 def print_table(figures: dict[str, Any]) -> None:
@@ -354,20 +428,32 @@ def print_table(figures: dict[str, Any]) -> None:
     )
     near = f"within {NEAR_MS:g} ms"
     header = (
-        f"{'procedure':<44} {'cases':>6} {'nearest':>8} {near:>13} "
-        f"{'median penalty':>15} {'p90 penalty':>12}"
+        f"{'procedure':<52} {'cases':>6} {'nearest':>8} {near:>13} "
+        f"{'median penalty':>15} {'p90 penalty':>12} {'probes':>7} {'rounds':>6}"
     )
     print(header)
     print("-" * len(header))
     for summary in figures["procedures"].values():
         print(
-            f"{summary['label']:<44} {summary['cases']:>6} "
+            f"{summary['label']:<52} {summary['cases']:>6} "
             f"{100 * summary['nearest_hit_rate']:>7.1f}% "
             f"{100 * summary[f'within_{NEAR_MS:g}ms_rate']:>12.1f}% "
             f"{summary['nearest_median_penalty_ms']:>12.1f} ms "
-            f"{summary['nearest_p90_penalty_ms']:>9.1f} ms"
+            f"{summary['nearest_p90_penalty_ms']:>9.1f} ms "
+            f"{summary['probes_max']:>7} {summary['rounds']:>6}"
         )
-    print("(penalty: RTT to the chosen node minus RTT to the true nearest, over misses)")
+    print("(penalty: RTT to the chosen node minus RTT to the true nearest, over misses;")
+    print(" probes: the most any case used)")
+    far = f"{FAR_CLIENT_RTT_MS:g}"
+    print(
+        f"clients' procedure: within {NEAR_MS:g} ms of the best node "
+        f"{100 * figures[f'within_{NEAR_MS:g}ms_rate']:.1f}% (new client), "
+        f"{100 * figures[f'returning_within_{NEAR_MS:g}ms_rate']:.1f}% (returning), "
+        f"before {100 * figures[f'before_within_{NEAR_MS:g}ms_rate']:.1f}%; "
+        f"at most {figures['probes_max']} probes in {figures['procedure_rounds']} rounds: "
+        f"{figures[f'probes_time_ms_at_{far}ms_rtt']:.0f} ms of probing "
+        f"({figures[f'time_ms_at_{far}ms_rtt']:.0f} ms with the listing) at {far} ms RTT"
+    )
     print(f"elapsed: {figures['elapsed_s']} s")
 
 

@@ -1,5 +1,9 @@
 """`sfumesh cluster members|rtt|rooms|sessions|relays|files [--json]`: the operator's view (N8).
 
+`targets --out FILE [--watch]` writes Prometheus file_sd targets from Serf membership (and
+with `--watch` rewrites them whenever a node comes or goes); `monitoring-files --out DIR`
+writes the shipped Prometheus configuration, rules and Grafana dashboard (issue 18).
+
 `files` lists rooms by the bytes of files they keep (issue 15), largest first, from the
 quota counters in Redis: storage per room is here, not a Prometheus label per room.
 
@@ -13,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +33,23 @@ from mesh.serf import SerfClient, SerfError
 from mesh.vivaldi import estimate_rtt
 from node.config import ConfigError, Settings, load_settings
 from node.relay.manager import read_relays
+from node.runtime.monitoring import write_monitoring_files, write_targets
 from node.state import keys
 from node.state.quota import bytes_by_room
 from node.state.sessions import Membership, read_session
 
-COMMANDS = ("members", "rtt", "rooms", "sessions", "relays", "files")
+COMMANDS = (
+    "members",
+    "rtt",
+    "rooms",
+    "sessions",
+    "relays",
+    "files",
+    "targets",
+    "monitoring-files",
+)
+#: how often `targets --watch` compares the membership view with the file
+WATCH_PERIOD_S = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpc-addr", help="a Serf agent's RPC address (host:port)")
     parser.add_argument("--rpc-auth", help="its RPC auth key (or SFUMESH_SERF_RPC_AUTH)")
     parser.add_argument("--redis-url", help="the cluster's Redis (or REDIS_URL)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="targets: the file_sd JSON file to write; monitoring-files: the directory",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="targets: keep running, rewriting the file whenever membership changes",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -229,8 +257,49 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+async def _targets(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Write the file_sd targets once, or (`--watch`) on every membership change until
+    SIGINT/SIGTERM."""
+    out: Path = args.out
+    if not args.watch:
+        view = await _view(args, settings)
+        written, count = write_targets(out, view.members.values())
+        return {"file": str(out), "targets": count, "written": written}
+    rpc_addr = args.rpc_addr or settings.serf.rpc_addr
+    auth = args.rpc_auth if args.rpc_auth is not None else settings.serf.rpc_auth
+    secret = auth if isinstance(auth, str) else auth.get_secret_value()
+    # Reconnecting: an agent restarting must not end the watch (the view resyncs after).
+    client = SerfClient(rpc_addr, secret, reconnect=True)
+    await client.connect()
+    view = MembershipView(client, resync_s=settings.serf.resync_period_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await view.start()
+    rewrites = 0
+    try:
+        while not stop.is_set():
+            written, count = write_targets(out, view.members.values())
+            if written:
+                rewrites += 1
+                print(f"sfumesh cluster targets: {count} targets -> {out}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_PERIOD_S)
+    finally:
+        await view.stop()
+        await client.close()
+    return {"file": str(out), "rewrites": rewrites}
+
+
 async def _run(args: argparse.Namespace) -> Any:
     settings = _settings(args)
+    if args.what in ("targets", "monitoring-files") and args.out is None:
+        raise ConfigError(f"{args.what} needs --out")
+    if args.what == "monitoring-files":
+        return {"files": [str(path) for path in write_monitoring_files(args.out)]}
+    if args.what == "targets":
+        return await _targets(args, settings)
     if args.what == "members":
         return await _members(args, settings)
     if args.what == "rtt":
@@ -250,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, SerfError, OSError) as error:
         print(f"sfumesh cluster {args.what}: {error}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json or args.what in ("targets", "monitoring-files"):
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.what == "rtt":
         names = list(result)

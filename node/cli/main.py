@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh.process import PRIVATE_UMASK
+from node.bench.failover import add_arguments as add_failover_arguments
+from node.bench.faults import add_arguments as add_faults_arguments
+from node.bench.geo import add_arguments as add_geo_arguments
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
@@ -60,7 +63,13 @@ def _node(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from node.local.demo import run_demo
 
-    return run_demo(nodes=args.nodes, smoke=args.smoke, port=args.port, data_dir=args.data_dir)
+    return run_demo(
+        nodes=args.nodes,
+        smoke=args.smoke,
+        port=args.port,
+        data_dir=args.data_dir,
+        turn_server=args.turn,
+    )
 
 
 def _bench_forward(args: argparse.Namespace) -> int:
@@ -88,12 +97,27 @@ def _bench_forward(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "geo":
+        return _bench_geo(args)
+    # geo has defaults of its own; the other benches keep theirs
+    if args.duration is None:
+        args.duration = 5.0
+    if args.warmup is None:
+        args.warmup = 3.0
     if args.name == "vivaldi":
         from node.bench.vivaldi import run as run_vivaldi_bench
 
         return run_vivaldi_bench(args)
     if args.name == "forward":
         return _bench_forward(args)
+    if args.name == "faults":
+        from node.bench.faults import run as run_faults_bench
+
+        return run_faults_bench(args)
+    if args.name == "failover":
+        from node.bench.failover import run as run_failover_bench
+
+        return run_failover_bench(args)
     if args.name == "relay":
         from node.bench.relay import run as run_relay_bench
 
@@ -140,6 +164,21 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_geo(args: argparse.Namespace) -> int:
+    from node.bench.geo import run as run_geo_bench
+    from node.local.netns import NetnsError, in_private_netns, reexec_in_private_netns
+
+    # the lab builds its hosts only inside a private network namespace (as `sfumesh lab`)
+    if not in_private_netns():
+        try:
+            reexec_in_private_netns()
+        except NetnsError as error:
+            print(f"sfumesh bench geo: {error}", file=sys.stderr)
+            return 2
+    setup_logging("WARNING")
+    return run_geo_bench(args)
+
+
 def _keygen(args: argparse.Namespace) -> int:
     print(new_key())
     return 0
@@ -163,15 +202,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="run a self-check and exit 0/1")
     demo.add_argument("--port", type=int, default=8080, help="HTTP port of the first node")
     demo.add_argument("--data-dir", type=Path, default=Path(".data/demo"))
+    demo.add_argument(
+        "--turn",
+        action="store_true",
+        help="also start a local coturn; nodes hand its credentials to sessions",
+    )
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks named in the issues")
     bench.add_argument(
         "name",
-        choices=["api", "join", "codecs", "forward", "vivaldi", "relay", "files", "happenings"],
+        choices=[
+            "api",
+            "join",
+            "codecs",
+            "forward",
+            "vivaldi",
+            "relay",
+            "files",
+            "happenings",
+            "failover",
+            "faults",
+            "geo",
+        ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
-    bench.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    bench.add_argument(
+        "--duration",
+        type=float,
+        help="seconds per phase (default 5); geo: seconds measured per scenario (default 30)",
+    )
     bench.add_argument(
         "--concurrency", type=int, default=8, help="api: requests in flight during signups/logins"
     )
@@ -190,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reminders", type=int, default=240, help="happenings: reminders due (default 240)"
     )
     bench.add_argument(
-        "--clients", type=int, help="join: users with an open WebSocket, all joining (default 60)"
+        "--clients",
+        type=int,
+        help="join: users with an open WebSocket, all joining (default 60); "
+        "failover: clients on the killed node (default 4)",
     )
     forward = bench.add_argument_group("forward (the forwarding core against MediaRelay and Janus)")
     forward.add_argument(
@@ -199,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument(
         "--rounds",
         type=int,
-        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000)",
+        help="forward: rounds per K (default 2); vivaldi: Vivaldi rounds per node (default 1000);"
+        " failover: kills, each on fresh nodes (default 1)",
     )
     forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
-    forward.add_argument("--warmup", type=float, default=3.0, help="forward: warm-up, s")
+    forward.add_argument(
+        "--warmup", type=float, help="forward: warm-up, s (default 3); geo: after media flows (5)"
+    )
     forward.add_argument(
         "--systems",
         help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1 "
@@ -214,13 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward: run MediaRelay only for K up to this (default: every K)",
     )
     forward.add_argument(
-        "--video-size", default="640x360", help="forward: the publisher's VP8 size, WxH"
+        "--video-size", default="640x360", help="forward, geo: the publishers' VP8 size, WxH"
     )
     forward.add_argument(
         "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
     )
     add_vivaldi_arguments(bench)
     add_relay_arguments(bench)
+    add_failover_arguments(bench)
+    add_faults_arguments(bench)
+    add_geo_arguments(bench)
     bench.set_defaults(run=_bench)
 
     cluster = commands.add_parser(

@@ -11,6 +11,9 @@ the lab talks to it over its stdin and stdout, one JSON object per line:
   time);
 * in: `{"cmd": "samples", "link": name, "limit": n}`; out: `{"samples": [ms, ...]}`, the
   link's most recent one-way delays (a stage name, or a path "SRC->DST" between hosts);
+* in: `{"cmd": "cut", "links": [stage, ...], "cut": bool}`; out: `{"cut": {stage: bool}}`:
+  cuts the stages at once (every packet entering them is dropped, counted as `cut`) or
+  restores them; a fault injected at run time (an unknown stage: an `error`, nothing cut);
 * in: `{"cmd": "quit"}` or end of input (the lab went away): the devices close, and with
   them vanish from their namespaces.
 
@@ -175,6 +178,15 @@ def _command(
             _reply(out, {"error": f"no link or path {message.get('link')!r}"})
         else:
             _reply(out, {"samples": samples})
+    elif command == "cut":
+        links = [str(name) for name in message.get("links", [])]
+        unknown = [name for name in links if name not in network.stages]
+        if unknown or not links:
+            _reply(out, {"error": f"no such links {unknown or links!r}"})
+        else:
+            for name in links:
+                network.stages[name].cut = bool(message.get("cut", True))
+            _reply(out, {"cut": {name: network.stages[name].cut for name in links}})
     else:
         _reply(out, {"error": f"unknown command {command!r}"})
     return True

@@ -57,6 +57,8 @@ class DropCause(StrEnum):
     LOSS = "loss"
     BURST = "burst"
     QUEUE = "queue"
+    #: the stage was cut at run time (`Stage.cut`): a fault, not the link's model
+    CUT = "cut"
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -177,6 +179,9 @@ class Stage:
         self._bad = False
         self._busy_until = -math.inf
         self._last_departure = -math.inf
+        #: cut at run time (a fault: a cable cut, a dead router): every packet is dropped
+        #: until it is restored; packets already past the stage still arrive
+        self.cut = False
 
     @property
     def bad(self) -> bool:
@@ -203,7 +208,7 @@ class Stage:
         stats = self.stats
         stats.packets_in += 1
         stats.bytes_in += size
-        cause = self._lost()
+        cause = DropCause.CUT if self.cut else self._lost()
         if cause is None and self._seconds_per_byte:
             start = max(now, self._busy_until)
             if start - now > self._queue:

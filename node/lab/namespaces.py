@@ -329,6 +329,15 @@ class Lab:
         stats: dict[str, Any] = reply["stats"]
         return stats
 
+    def cut(self, links: Sequence[str], cut: bool = True) -> dict[str, bool]:
+        """Cut stages at run time (`A->B` between regions, `HOST/up`, `HOST/down`: every
+        packet entering them is dropped, as `cut`), or restore them with `cut=False`."""
+        reply = self._ask({"cmd": "cut", "links": list(links), "cut": cut})
+        if "cut" not in reply:
+            raise LabError(str(reply.get("error", reply)))
+        state: dict[str, bool] = reply["cut"]
+        return state
+
     def samples(self, link: str, limit: int = 1000) -> list[float]:
         """The most recent one-way delays (ms) the emulator gave on `link`: a stage name
         (`A->B` between regions, `HOST/up`, `HOST/down`) or a path between hosts

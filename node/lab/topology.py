@@ -510,3 +510,72 @@ def with_core(topology: Topology, a: str, b: str, **changes: Any) -> Topology:
     core = dict(topology.core)
     core[(a, b)] = replace(core[(a, b)], **changes)
     return replace(topology, core=core)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _link_fields(link: LinkParams) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "delay_ms": link.delay_ms,
+        "jitter_ms": link.jitter_ms,
+        "loss": link.loss,
+        "queue_ms": link.queue_ms,
+        "jitter_correlation_ms": link.jitter_correlation_ms,
+    }
+    if link.rate_mbps is not None:
+        fields["rate_mbps"] = link.rate_mbps
+    if link.burst is not None:
+        fields["burst"] = {
+            "p_good_to_bad": link.burst.p_good_to_bad,
+            "p_bad_to_good": link.burst.p_bad_to_good,
+            "loss_bad": link.burst.loss_bad,
+        }
+    return fields
+
+
+def topology_toml(topology: Topology) -> str:
+    """A topology file that parses back to `topology` (every address, access figure and
+    both directions of every core link spelt out): how a variant made in memory
+    (`with_core`) becomes the text a `Lab` and its emulator are built from."""
+    lines = ["[lab]", f"seed = {topology.seed}", ""]
+    for region in topology.regions.values():
+        lines += [f"[regions.{region.name}]", f"description = {_toml_value(region.description)}"]
+        lines.append("")
+    for host in topology.hosts.values():
+        lines += [
+            f"[hosts.{host.name}]",
+            f"region = {_toml_value(host.region)}",
+            f"role = {_toml_value(host.role.value)}",
+            f'address = "{host.address}"',
+        ]
+        if host.access is not None:
+            up, down = host.access.uplink, host.access.downlink
+            # a built-in profile keeps its name (every figure is still spelt out)
+            named = host.access.profile in PROFILES
+            access = {
+                **({"profile": host.access.profile} if named else {}),
+                "uplink_mbps": up.rate_mbps,
+                "downlink_mbps": down.rate_mbps,
+                "delay_ms": up.delay_ms,
+                "jitter_ms": up.jitter_ms,
+                "loss": up.loss,
+                "queue_ms": up.queue_ms,
+                "jitter_correlation_ms": up.jitter_correlation_ms,
+            }
+            lines.append(f"access = {_toml_value(access)}")
+        lines.append("")
+    for (a, b), link in topology.core.items():
+        lines.append(f"[core.{a}.{b}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in _link_fields(link).items()]
+        lines.append("")
+    return "\n".join(lines)

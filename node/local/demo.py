@@ -18,9 +18,11 @@ from typing import Any
 
 import httpx
 import websockets
+from aioice import stun, turn
 
 from mesh.process import PRIVATE_UMASK, ServiceError, free_port, private_dir, private_file
 from node.config import new_key
+from node.local.coturn import LocalCoturn, start_coturn
 from node.local.launch import LocalNode, start_nodes
 from node.log import setup_logging
 from node.runtime.services import BackingServices
@@ -87,9 +89,34 @@ async def _receive(sock: Any, type_: str) -> dict[str, Any]:
             raise SmokeFailure(f"live room: {message}")
 
 
-async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
+async def _turn_allocation(url: str, session_token: str, server: tuple[str, int]) -> str:
+    """The TURN credentials a node hands a session in its `hello` buy an allocation."""
+    ws_url = url.replace("http", "ws", 1) + f"/ws?session_token={session_token}"
+    async with websockets.connect(ws_url) as sock:
+        hello = await _receive(sock, "hello")
+    if not hello.get("ice_servers"):
+        raise SmokeFailure("turn: the node handed no TURN server")
+    given = hello["ice_servers"][0]
+    try:
+        endpoint, _ = await turn.create_turn_endpoint(
+            asyncio.DatagramProtocol,
+            server_addr=server,
+            username=given["username"],
+            password=given["credential"],
+        )
+    except stun.TransactionFailed as error:
+        raise SmokeFailure(f"turn: allocation refused: {error}") from None
+    host, port = endpoint.get_extra_info("sockname")
+    endpoint.close()
+    return f"relayed address {host}:{port} for {given['username']}"
+
+
+async def smoke(
+    urls: list[str], turn_server: tuple[str, int] | None = None
+) -> list[tuple[str, bool, str]]:
     """signup -> login -> session -> create room -> QR -> chat history over HTTP, then a live
-    room over WebSockets spanning the nodes."""
+    room over WebSockets spanning the nodes; with `turn_server`, a TURN allocation with the
+    credentials the node handed the session."""
     base_url = urls[0]
     results: list[tuple[str, bool, str]] = []
     suffix = secrets.token_hex(4)
@@ -197,6 +224,13 @@ async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
             ("chat history", chat_history),
             ("live room", live_room),
         ]
+        if turn_server is not None:
+            server = turn_server
+
+            async def turn_step() -> str:
+                return await _turn_allocation(base_url, state["session_token"], server)
+
+            steps.append(("turn", turn_step))
         for name, step in steps:
             try:
                 results.append((name, True, await step()))
@@ -214,7 +248,9 @@ async def smoke(urls: list[str]) -> list[tuple[str, bool, str]]:
     return results
 
 
-def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
+def run_demo(
+    *, nodes: int, smoke: bool, port: int, data_dir: Path, turn_server: bool = False
+) -> int:
     setup_logging(os.environ.get("SFUMESH_LOG_LEVEL", "WARNING"))
     if not 1 <= nodes <= 16:
         print("sfumesh demo: --nodes must be 1..16", file=sys.stderr)
@@ -233,7 +269,14 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
         print(f"sfumesh demo: {error}", file=sys.stderr)
         return 1
     started: list[LocalNode] = []
+    coturn: LocalCoturn | None = None
+    media_hosts = os.environ.get("SFUMESH_MEDIA_HOST_ADDRESSES", '["127.0.0.1"]')
     try:
+        turn_env: dict[str, str] = {}
+        if turn_server:
+            # Relaying to the nodes' media addresses only (loopback here).
+            coturn = start_coturn(data_dir, allowed_peers=json.loads(media_hosts))
+            turn_env = coturn.node_env()
         token_keys = {"demo": new_key()}
         ports = None if smoke else _ports_or_free(port, nodes)
         started.extend(
@@ -245,30 +288,30 @@ def run_demo(*, nodes: int, smoke: bool, port: int, data_dir: Path) -> int:
                 ports=ports,
                 # Browsers on this machine reach the nodes on loopback (aioice skips it unless
                 # told); unless the operator chose addresses.
-                extra_env={
-                    "SFUMESH_MEDIA_HOST_ADDRESSES": os.environ.get(
-                        "SFUMESH_MEDIA_HOST_ADDRESSES", '["127.0.0.1"]'
-                    )
-                },
+                extra_env={"SFUMESH_MEDIA_HOST_ADDRESSES": media_hosts, **turn_env},
             )
         )
         if smoke:
-            return _report_smoke(started)
+            return _report_smoke(started, coturn)
         print(f"sfumesh demo is running: {started[0].url}/")
         for node in started:
             print(f"  {node.name}: {node.url}/  (logs: {data_dir}/{node.name}.log)")
         print(f"  API docs: {started[0].url}/docs")
+        if coturn is not None:
+            print(f"  TURN: coturn {', '.join(coturn.urls)} (pid {coturn.process.pid})")
         cluster_env = _write_cluster_env(data_dir, started[0], services)
         if cluster_env is not None:
             print(f"  the mesh: . {cluster_env} && sfumesh cluster members  (rtt, rooms, ...)")
         print("  Ctrl-C stops it.")
-        return _wait_until_stopped(services, started)
+        return _wait_until_stopped(services, started, coturn)
     except ServiceError as error:
         print(f"sfumesh demo: {error}", file=sys.stderr)
         return 1
     finally:
         for node in started:
             node.stop()
+        if coturn is not None:
+            coturn.stop()
         services.stop()
 
 
@@ -303,21 +346,27 @@ def _ports_or_free(first: int, count: int) -> list[int]:
     return ports
 
 
-def _report_smoke(nodes: list[LocalNode]) -> int:
-    results = asyncio.run(smoke([node.url for node in nodes]))
+def _report_smoke(nodes: list[LocalNode], coturn: LocalCoturn | None = None) -> int:
+    server = None if coturn is None else (coturn.host, coturn.port)
+    results = asyncio.run(smoke([node.url for node in nodes], server))
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-    passed = len(results) == SMOKE_STEPS and all(ok for _, ok, _ in results)
+    steps = SMOKE_STEPS + (coturn is not None)
+    passed = len(results) == steps and all(ok for _, ok, _ in results)
     print("smoke: passed" if passed else "smoke: FAILED")
     return 0 if passed else 1
 
 
-def _wait_until_stopped(services: BackingServices, nodes: list[LocalNode]) -> int:
+def _wait_until_stopped(
+    services: BackingServices, nodes: list[LocalNode], coturn: LocalCoturn | None = None
+) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(0.5):
         exited = [n.process for n in nodes if n.process.exit_code() is not None]
+        if coturn is not None and coturn.process.exit_code() is not None:
+            exited.append(coturn.process)
         for child in services.dead() + exited:
             print(f"sfumesh demo: {child.death_report()}", file=sys.stderr)
             return 1

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import websockets
 from aiortc import (
     AudioStreamTrack,
+    RTCIceServer,
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCSessionDescription,
@@ -24,8 +26,11 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
+from av.frame import Frame
+from av.packet import Packet
 from websockets.asyncio.client import ClientConnection
 
+from mesh.closest import RankedNode, pick_node
 from node.media import adapter
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,9 @@ PING_INTERVAL_S = 20.0
 STALL_S = 1.0
 # Gaps between decoded frames longer than this are kept (`Received.gaps`).
 GAP_KEPT_S = 0.5
+
+#: what `MediaPeer(on_frame=...)` is called with: the remote track and a decoded frame
+FrameHook = Callable[["Received", "Frame | Packet[Any]"], None]
 
 
 class SmallPattern(VideoStreamTrack):
@@ -74,6 +82,10 @@ class Socket:
     pinger: asyncio.Task[None] | None = None
     #: pings sent (each answered by a `pong`, kept in `messages` like any message)
     pings: int = 0
+    #: the RTCIceServer entries of the `hello` (TURN credentials of this session, if any)
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)
+    #: when the node was last heard from (monotonic): a silent node may be gone
+    last_heard: float = field(default_factory=time.monotonic)
     _ids: int = 0
 
     async def _ping(self, interval_s: float) -> None:
@@ -88,6 +100,7 @@ class Socket:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
+                self.last_heard = time.monotonic()
                 self.messages.append(json.loads(raw))
                 self.arrived.set()
         except websockets.exceptions.ConnectionClosed:
@@ -162,18 +175,24 @@ async def open_socket(
     sock.reader = asyncio.create_task(sock._read())
     hello = await sock.wait_for("hello")
     sock.session_id, sock.node = hello["session_id"], hello["node"]
+    sock.ice_servers = list(hello.get("ice_servers", []))
     if ping_interval_s is not None:
         sock.pinger = asyncio.create_task(sock._ping(ping_interval_s))
     return sock
 
 
 class Received:
-    """A remote track: frames decoded until it ends."""
+    """A remote track: frames decoded until it ends (each handed to `on_frame`, if given)."""
 
     def __init__(
-        self, track: MediaStreamTrack, mid: str | None, receiver: RTCRtpReceiver | None = None
+        self,
+        track: MediaStreamTrack,
+        mid: str | None,
+        receiver: RTCRtpReceiver | None = None,
+        on_frame: FrameHook | None = None,
     ) -> None:
         self.track = track
+        self.on_frame = on_frame
         self.kind = track.kind
         self.mid = mid
         self.receiver = receiver
@@ -206,6 +225,8 @@ class Received:
             while True:
                 frame = await self.track.recv()
                 now = time.monotonic()
+                if self.on_frame is not None:
+                    self.on_frame(self, frame)
                 self.frames += 1
                 if isinstance(frame, VideoFrame):
                     self.size = (frame.width, frame.height)
@@ -221,13 +242,37 @@ class Received:
 
 
 class MediaPeer:
-    def __init__(self, sock: Socket, name: str) -> None:
+    """`video`/`audio`: the tracks it publishes (default: `SmallPattern` and silence);
+    `on_frame`: called with each decoded frame of every remote track (`bench geo` reads
+    the capture time painted into it)."""
+
+    def __init__(
+        self,
+        sock: Socket,
+        name: str,
+        *,
+        video: MediaStreamTrack | None = None,
+        audio: MediaStreamTrack | None = None,
+        on_frame: FrameHook | None = None,
+    ) -> None:
         self.sock = sock
         self.name = name
-        self.publish = RTCPeerConnection(adapter.rtc_configuration())
-        self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
+        # As the web client does: the TURN servers the node handed this session, if any.
+        servers = [
+            RTCIceServer(
+                urls=server["urls"],
+                username=server.get("username"),
+                credential=server.get("credential"),
+            )
+            for server in sock.ice_servers
+        ]
+        self.publish = RTCPeerConnection(adapter.rtc_configuration(servers))
+        self.subscribe = RTCPeerConnection(adapter.rtc_configuration(servers))
         self.received: list[Received] = []
         self.pattern = SmallPattern()
+        self.video: MediaStreamTrack = video or self.pattern
+        self.audio: MediaStreamTrack = audio or AudioStreamTrack()
+        self._on_frame = on_frame
         self.owners: dict[str, str] = {}  # mid -> publisher session id
         self.errors: list[dict[str, Any]] = []
         self._seen = 0
@@ -243,7 +288,7 @@ class MediaPeer:
                 (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
-            received = Received(track, mid, receiver)
+            received = Received(track, mid, receiver, self._on_frame)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
 
@@ -297,10 +342,9 @@ class MediaPeer:
             log.error("%s got an error: %s", self.name, message)
             self.errors.append(message)
 
-    async def start_publishing(self, audio: MediaStreamTrack | None = None) -> None:
-        """Publish the test pattern and `audio` (silence by default)."""
-        self.publish.addTransceiver(self.pattern, direction="sendonly")
-        self.publish.addTransceiver(audio or AudioStreamTrack(), direction="sendonly")
+    async def start_publishing(self) -> None:
+        self.publish.addTransceiver(self.video, direction="sendonly")
+        self.publish.addTransceiver(self.audio, direction="sendonly")
         await self.publish.setLocalDescription(await self.publish.createOffer())
         sdp = self.publish.localDescription.sdp
         answer = await self.sock.request("offer", pc="publish", sdp=sdp)
@@ -352,3 +396,168 @@ async def until(
             state = f" ({describe()})" if describe is not None else ""
             raise AssertionError(f"timed out waiting for {what}{state}")
         await asyncio.sleep(0.1)
+
+
+# Failover (issue 17), as the web client does it (webapp/room.js): a socket that closes
+# without a `reconnect`, on a node that no longer answers a ping, or a node not heard from
+# for SILENT_S (pings every FAILOVER_PING_S), is dead; the participant goes at once to the
+# next closest live node, ranked again without the dead one, and joins there with the same
+# session (its seat was kept for it: the seat grace).
+FAILOVER_PING_S = 5.0
+SILENT_S = 7.5
+PROBE_TIMEOUT_S = 1.5
+WATCH_S = 0.1
+
+
+@dataclass
+class Failover:
+    """One failover: the node it left, the node it reached, and when (monotonic)."""
+
+    dead: str
+    reached: str
+    detected_at: float
+    joined_at: float
+
+
+class FailoverParticipant:
+    """A participant that publishes, subscribes and survives its node's death (no drain)
+    by rejoining the next closest live node, with the web client's procedure."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        user_token: str,
+        slug: str,
+        ranking: list[RankedNode],
+        name: str,
+    ) -> None:
+        self.http = http
+        self.user_token = user_token
+        self.slug = slug
+        self.ranking = ranking
+        self.name = name
+        self.dead: set[str] = set()
+        self.session_token = ""
+        self.session_id = ""
+        self.node: RankedNode | None = None
+        self.peer: MediaPeer | None = None
+        #: every MediaPeer it had, the current one last (what was decoded before a failover)
+        self.peers: list[MediaPeer] = []
+        self.failovers: list[Failover] = []
+        #: the failover going on, if any (set when the death was noticed)
+        self.failing_since: float | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def frames_from(self, owner: str, kind: str = "video") -> int:
+        """Frames of `owner`'s `kind` decoded so far, over every peer it had."""
+        return sum(r.frames for peer in self.peers for r in peer.from_(owner, kind))
+
+    def live(self) -> list[RankedNode]:
+        return [n for n in self.ranking if n.name not in self.dead]
+
+    async def start(self) -> None:
+        reply = await self.http.post(
+            f"{self.live()[0].url}/api/sessions",
+            headers={"Authorization": f"Bearer {self.user_token}"},
+        )
+        reply.raise_for_status()
+        self.session_token = reply.json()["session_token"]
+        await self._enter(self.live()[0])
+        self._watcher = asyncio.create_task(self._watch(), name=f"failover-{self.name}")
+
+    async def _enter(self, node: RankedNode) -> None:
+        """Connect to `node`, join the room (over its own API) and publish."""
+        sock = await open_socket(node.url, self.session_token, FAILOVER_PING_S)
+        reply = await self.http.post(
+            f"{node.url}/api/rooms/{self.slug}/join",
+            headers={"Authorization": f"Bearer {self.session_token}"},
+        )
+        if reply.status_code != 200:
+            await sock.close()
+            raise ConnectionError(f"join on {node.name}: {reply.status_code} {reply.text}")
+        ack = await sock.request("join", room_token=reply.json()["room_token"])
+        if ack.get("type") != "ack":
+            await sock.close()
+            raise ConnectionError(f"join on {node.name}: {ack}")
+        self.session_id = sock.session_id
+        self.node = node
+        self.peer = MediaPeer(sock, self.name)
+        self.peers.append(self.peer)
+        await self.peer.start_publishing()
+
+    def _gone(self, sock: Socket) -> bool:
+        return sock.closed or time.monotonic() - sock.last_heard > SILENT_S
+
+    async def _node_answers(self, node: RankedNode) -> bool:
+        try:
+            reply = await self.http.get(f"{node.url}/api/ping", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            peer, node = self.peer, self.node
+            if peer is None or node is None or not self._gone(peer.sock):
+                continue
+            detected = time.monotonic()
+            self.failing_since = detected
+            moved = next(
+                (m for m in reversed(peer.sock.messages) if m.get("type") == "reconnect"), None
+            )
+            if any(m.get("type") == "session-replaced" for m in peer.sock.messages):
+                return  # opened elsewhere: never fight back (as the web client)
+            silent = not peer.sock.closed
+            if moved is not None or silent or not await self._node_answers(node):
+                self.dead.add(node.name)
+            await peer.close()
+            await peer.sock.close()
+            self.peer = None
+            await self._rejoin(node, moved)
+            assert self.node is not None
+            self.failovers.append(Failover(node.name, self.node.name, detected, time.monotonic()))
+            self.failing_since = None
+
+    async def _refresh(self) -> None:
+        """Rank again without the dead nodes, asking any node that answers."""
+        for seed in self.live():
+            try:
+                ranking = await pick_node(self.http, seed.url)
+            except (httpx.HTTPError, KeyError, ValueError):
+                continue
+            fresh = [n for n in ranking if n.name not in self.dead]
+            if fresh:
+                self.ranking = fresh + [n for n in self.ranking if n.name in self.dead]
+            return
+
+    async def _rejoin(self, left: RankedNode, moved: dict[str, Any] | None) -> None:
+        attempt = 0
+        while True:
+            if moved is not None and moved.get("url"):
+                target = [n for n in self.live() if n.url == moved["url"]]
+            else:
+                await self._refresh()
+                target = []
+            candidates = target + [n for n in self.live() if n not in target]
+            for node in candidates:
+                try:
+                    await self._enter(node)
+                    return
+                except (OSError, ConnectionError, TimeoutError, httpx.HTTPError) as error:
+                    log.warning("%s: rejoin on %s failed: %s", self.name, node.name, error)
+                    if not await self._node_answers(node):
+                        self.dead.add(node.name)
+            attempt += 1
+            moved = None
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            if not self.live():
+                self.dead.clear()  # everything looked dead: look again
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self.peer is not None:
+            await self.peer.close()
+            await self.peer.sock.close()

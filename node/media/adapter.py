@@ -330,6 +330,18 @@ async def start_negotiated_sender(pc: aiortc.RTCPeerConnection, transceiver: Any
     return True
 
 
+def nominated_candidate_types(pc: aiortc.RTCPeerConnection) -> list[tuple[str, str]]:
+    """(local, remote) candidate types ("host", "srflx", "prflx", "relay") of the ICE pairs
+    a peer connection's transports nominated: how its media actually travels (a client
+    behind a strict firewall: "relay" on its side). aiortc's stats do not say."""
+    pairs = []
+    for transceiver in pc.getTransceivers():
+        ice: Any = transceiver.receiver.transport.transport
+        for pair in ice._connection._nominated.values():
+            pairs.append((pair.local_candidate.type, pair.remote_candidate.type))
+    return pairs
+
+
 def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfiguration:
     """An explicit configuration: without one aiortc contacts a public STUN server.
 
@@ -987,3 +999,44 @@ class SenderTap:
 def tap_sender(sender: RTCRtpSender) -> SenderTap:
     """Prepare `sender` for raw RTP forwarding; call before the connection starts it."""
     return SenderTap(sender)
+
+
+# --------------------------------------------------------------------------- test clients
+
+_held_classes: dict[type, type] = {}
+
+
+def _held_class(base: type) -> type:
+    """`base` with a `target_bitrate` that never drops below the instance's `held_bitrate`."""
+    held = _held_classes.get(base)
+    if held is None:
+        prop: property = base.target_bitrate  # type: ignore[attr-defined]
+        setter = prop.fset
+        assert setter is not None
+
+        def set_target(self: Any, value: int) -> None:
+            setter(self, max(int(value), self.held_bitrate))
+
+        held = type(
+            f"Held{base.__name__}",
+            (base,),
+            {"target_bitrate": property(prop.fget, set_target), "held_bitrate": 0},
+        )
+        _held_classes[base] = held
+    return held
+
+
+def hold_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> bool:
+    """A client's (not the node's) sender encodes at no less than `bitrate` bit/s from now
+    on: a REMB may raise its target (up to aiortc's codec maximum, 1.5 Mbit/s for VP8),
+    not lower it. `bench geo`'s camera-like publishers hold ~1.5 Mbit/s this way, instead
+    of aiortc's 500 kbit/s start and its slow REMB ramp. The encoder exists only once the
+    sender encoded its first frame: False until then (call again)."""
+    encoder = getattr(sender, _S + "encoder", None)
+    if encoder is None or not isinstance(getattr(type(encoder), "target_bitrate", None), property):
+        return False
+    if type(encoder) not in _held_classes.values():
+        encoder.__class__ = _held_class(type(encoder))
+    encoder.held_bitrate = bitrate
+    encoder.target_bitrate = bitrate
+    return True

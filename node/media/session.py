@@ -249,6 +249,13 @@ class Published:
         forwarder.layers = self.layer_of
         return forwarder
 
+    @property
+    def source_mid(self) -> str:
+        """The track's mid on its publisher's own connection (a relayed track's `mid` is
+        "<session>:<mid>"): with the publisher's `screen_mid` state, subscribers tell its
+        screen share from its camera."""
+        return self.mid.rsplit(":", 1)[-1]
+
     def on_rtp(self, packet: RtpPacket) -> None:
         forwarder = self.forwarder
         if forwarder is None:
@@ -835,6 +842,7 @@ class MediaSession:
                     "session_id": subscription.published.owner.session_id,
                     "user_id": subscription.published.owner.user_id,
                     "kind": subscription.published.kind,
+                    "source_mid": subscription.published.source_mid,
                 }
                 for transceiver, subscription in self.incoming.items()
                 if transceiver.mid is not None

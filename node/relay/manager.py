@@ -23,7 +23,8 @@ message under 1 KB; the query's response is the reply.
 
 * **Open.** The node that first has something to send offers (a new link id and request
   id); the peer answers with its own description. An attempt that gets no reply within
-  `relay.attempt_timeout_s` is sent again (same link, a fresh request id: see Trust); a
+  `relay.attempt_timeout_s`, plus twice the peer's estimated RTT (`attempt_timeout`), is
+  sent again (same link, a fresh request id: see Trust); a
   receiver that already answered that link answers again with the same answer (duplicates
   change nothing).
 * **Glare.** Both nodes offering at once: the offer of the node whose name sorts first wins.
@@ -51,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
@@ -76,6 +78,18 @@ from node.state.sessions import SessionStore, read_session
 from node.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+
+
+def attempt_timeout(configured_s: float, rtt_s: float | None) -> float:
+    """How long one signalling attempt waits for its reply: `relay.attempt_timeout_s` plus
+    twice the peer's estimated RTT (Serf's coordinates; nothing when unknown). A reply
+    needs the query's gossip out and the answer back, and a late reply is lost with the
+    closed query: between nodes 300 ms apart the signalling took 0.82 s of a 1 s attempt
+    in the WAN lab, so a little more delay or load would have doubled every relay's setup."""
+    if rtt_s is None or not math.isfinite(rtt_s) or rtt_s < 0:
+        return configured_s
+    return configured_s + 2.0 * rtt_s
+
 
 #: payload type per codec on relay links (any fixed choice works: both ends read it from `t`)
 PAYLOAD_TYPES: Final = {"VP8": 96, "H264": 102, "opus": 111, "PCMU": 0, "PCMA": 8, "G722": 9}
@@ -136,6 +150,9 @@ class Relay:
     up_at: float | None = None
     signalling_bytes: int = 0
     messages: int = 0
+    #: the sends the plan wants next, not yet applied (`_apply_later`), and the task at it
+    wanted: dict[str, Published] | None = None
+    applying: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -313,10 +330,10 @@ class RelayManager:
                     self._opening.add(peer)
                     self.spawn(self._open(peer, tracks))
             elif relay.state == "up":
-                await self._apply_sends(relay, tracks)
+                self._apply_later(relay, tracks)
         for peer, relay in list(self.relays.items()):
             if peer not in desired and relay.state == "up" and relay.sends:
-                await self._apply_sends(relay, {})
+                self._apply_later(relay, {})
         for relay in list(self.relays.values()):
             if relay.state != "up":
                 continue
@@ -358,6 +375,20 @@ class RelayManager:
         if out.published.relays.get(relay.peer) is out.tap:
             del out.published.relays[relay.peer]
         self.totals.packets_out += out.tap.packets_sent
+
+    def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
+        """Bring a relay's sends to `wanted` in a task of its own, the latest plan winning.
+        A peer that stopped answering (killed, not yet declared failed by Serf) then holds
+        up only its own relay's update (its attempts take seconds), never the plan of the
+        others: the relay a failed-over client's new node needs opens meanwhile."""
+        relay.wanted = wanted
+        if relay.applying is None or relay.applying.done():
+            relay.applying = self.spawn(self._apply_wanted(relay))
+
+    async def _apply_wanted(self, relay: Relay) -> None:
+        while relay.wanted is not None:
+            wanted, relay.wanted = relay.wanted, None
+            await self._apply_sends(relay, wanted)
 
     async def _apply_sends(self, relay: Relay, wanted: dict[str, Published]) -> None:
         async with relay.updating:
@@ -608,6 +639,9 @@ class RelayManager:
             data, self._key, me=self.name, now=time.time(), window_s=self.settings.signal_window_s
         )
 
+    def _attempt_timeout(self, peer: str) -> float:
+        return attempt_timeout(self.settings.attempt_timeout_s, self.estimate_rtt_s(peer))
+
     async def _ask(self, relay: Relay, message: Message, attempts: int = 0) -> Message | None:
         """Send a request to the relay's peer; its reply, or None after every attempt
         timed out (or the relay was replaced meanwhile). Each attempt is sealed afresh under
@@ -632,7 +666,7 @@ class RelayManager:
                     signal.QUERY_NAME,
                     payload,
                     filter_nodes=[relay.peer],
-                    timeout=self.settings.attempt_timeout_s,
+                    timeout=self._attempt_timeout(relay.peer),
                 ) as replies:
                     async for reply in replies:
                         if reply.type != "response" or reply.node != relay.peer:
@@ -646,7 +680,7 @@ class RelayManager:
                             return answer
             except (SerfError, OSError) as error:
                 log.warning("relay.query_failed", extra={"peer": relay.peer, "error": str(error)})
-                await asyncio.sleep(self.settings.attempt_timeout_s)
+                await asyncio.sleep(self._attempt_timeout(relay.peer))
         return None
 
     # ----------------------------------------------------------------- messages in

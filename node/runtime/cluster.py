@@ -19,6 +19,7 @@ import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -91,7 +92,15 @@ class Cluster:
         """The tags this node gossips: region, public URL, media addresses, version, load."""
         settings = self.settings
         media = settings.media.announced_addresses or settings.media.host_addresses
-        return dict(node_tags(settings.region, settings.base_url, media, node_version()))
+        return dict(
+            node_tags(
+                settings.region,
+                settings.base_url,
+                media,
+                node_version(),
+                metrics=metrics_address(settings.metrics.listen, settings.base_url),
+            )
+        )
 
     def agent_config(self) -> SerfAgentConfig:
         serf = self.serf_settings
@@ -226,3 +235,15 @@ class Cluster:
             await self.client.close()
         if self.agent is not None:
             await self.agent.stop(leave=leave)
+
+
+def metrics_address(listen: str, base_url: str) -> str:
+    """Where a scraper finds this node's own /metrics listener ("" = on the public URL): its
+    `metrics.listen`, with an unspecified host (0.0.0.0, ::) replaced by the public URL's."""
+    if not listen:
+        return ""
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):  # noqa: S104 (read, not bound)
+        host = urlsplit(base_url).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}"

@@ -49,6 +49,7 @@ class Live:
             pending_ttl_s=min(live.pending_seat_ttl_s, settings.tokens.room_ttl_s),
             session_ttl_s=settings.tokens.session_ttl_s,
             kick_ttl_s=settings.rooms.removed_for_s,
+            seat_grace_s=live.seat_grace_s,
             empty_ttl_s=settings.rooms.empty_ttl_s,
         )
         self.hub = Hub()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.state.events import stream_id_key
+from node.state.sessions import participant_state
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,17 @@ def client_message(event_type: str, data: dict[str, Any], slug: str) -> dict[str
                 "user_id": data["user_id"],
                 "display_name": data["display_name"],
                 "node": data["node"],
+                "state": participant_state(data.get("flags")),
             },
+        }
+    if event_type == "participant-state":
+        # mic, camera, hand, screen share (W5): the whole state, so a missed one is harmless
+        return {
+            "type": "participant-state",
+            "room": slug,
+            "session_id": data["session_id"],
+            "user_id": data["user_id"],
+            "state": participant_state(data.get("state")),
         }
     if event_type == "participant-left":
         return {"type": "participant-left", "room": slug, **data}

@@ -10,12 +10,13 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
 | `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
 | `sfumesh:session-gen:{<sid>}` | counter, TTL | the session's last generation; outlives the hash |
-| `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON |
+| `sfumesh:{room:<slug>}:members` | hash | session id -> membership JSON, participant state |
 | `sfumesh:{room:<slug>}:lock` | string | the room's distributed lock |
 | `sfumesh:{room:<slug>}:fence` | counter | fencing tokens handed to lock holders (INCR) |
 | `sfumesh:{room:<slug>}:fence-applied` | string | newest fence a guarded write applied |
 | `sfumesh:{room:<slug>}:events` | stream | participant and chat events, in room order |
 | `sfumesh:{room:<slug>}:removed:<uid>` | string, TTL | the creator removed this user: no join |
+| `sfumesh:{room:<slug>}:seat-holds` | hash, TTL | session -> user, until: seat kept after a close |
 | `sfumesh:{room:<slug>}:happening-lock:<id>` | string | serialises a happening's RSVPs |
 | `sfumesh:{room:<slug>}:happening-fence:<id>` | counter | its fences: order of "going" answers |
 | `sfumesh:{room:<slug>}:reminder-sent:<r>` | string, TTL | reminder r was published to the room |
@@ -121,6 +122,13 @@ def room_events(slug: str) -> str:
 def room_removed(slug: str, user_id: str) -> str:
     """Set when the room's creator removes a user; they cannot join again until it expires."""
     return _room(slug, f"removed:{user_id}")
+
+
+def room_seat_holds(slug: str) -> str:
+    """Seats kept for a while for sessions whose socket closed (a refresh, a failover):
+    the same session (or user) gets its seat back, a stranger does not take it meanwhile.
+    Each field says until when (ms); the hash's TTL drops it after the last hold."""
+    return _room(slug, "seat-holds")
 
 
 def node_reap_lock(name: str) -> str:

@@ -98,7 +98,7 @@ class DistributedLock:
     """Locks over `clients` (independent Redis servers; one is fine), fenced on `fence_client`.
 
     `fence_client` is the Redis holding the state the lock guards; it may be one of `clients`.
-    Each call to a lock server is cut off after `call_timeout_s` (default min(0.05*ttl, 0.5 s))
+    Each call to a lock server is cut off after `call_timeout_s` (default min(0.25*ttl, 2 s))
     and then counts as a "no" from that server, so a dead server costs time, not the lock.
     """
 
@@ -138,7 +138,11 @@ class DistributedLock:
     def _timeout_for(self, ttl_s: float) -> float:
         if self._call_timeout_s is not None:
             return self._call_timeout_s
-        return min(0.05 * ttl_s, 0.5)
+        # A quarter of the TTL (1.25 s at the default 5 s): room for a node far from Redis
+        # (300 ms RTT and some queueing) while a dead server still costs only part of the
+        # lease. It was min(0.05*ttl, 0.5): 0.25 s, shorter than the round trip itself, so
+        # a node 300 ms from Redis never got a lock (every room join "busy"; issue 13).
+        return min(0.25 * ttl_s, 2.0)
 
     def _validity(self, ttl_s: float, started: float, now: float) -> float:
         return ttl_s - (now - started) - (ttl_s * self.drift_factor + _DRIFT_FLOOR_S)

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -77,14 +77,43 @@ return 1
 """
 
 # Fenced bodies: KEYS[2] members, KEYS[3] events; ARGV[2..] as noted.
-# KEYS[4] the user's removed-by-owner mark. ARGV[2] session, ARGV[3] membership JSON,
-# ARGV[4] maxlen, ARGV[5..] replaced sessions. Returns 0 (and changes nothing) when the
-# room's creator removed this user a short while ago.
+# KEYS[4] the user's removed-by-owner mark, KEYS[5] the room's seat holds. ARGV[2]
+# session, ARGV[3] membership JSON, ARGV[4] maxlen, ARGV[5] capacity (people), ARGV[6] now
+# (ms, the holds' clock), ARGV[7..] replaced sessions. Returns 0 (and changes nothing) when
+# the room's creator removed this user a short while ago, -1 (nothing changed) when the room
+# is full. The session's own seat hold, if any, is used up.
+#
+# Capacity is counted here, in the write, and not only by the caller under the room lock: a
+# lock holder stalled past the lock's TTL may still write before the next holder does (its
+# fence is then the newest applied), so a count read under the lock could be stale by one
+# admission per expired lease (seen under heavy load: 12 people in a room of 8).
 _JOIN = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local new = cjson.decode(ARGV[3])
-for i = 5, #ARGV - 1 do
+local skip = {[ARGV[2]] = true}
+for i = 7, #ARGV - 1 do skip[ARGV[i]] = true end
+local people, count, present = {}, 0, {}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  present[all[i]] = true
+  if not skip[all[i]] then
+    local uid = cjson.decode(all[i + 1]).user_id
+    if not people[uid] then people[uid] = true; count = count + 1 end
+  end
+end
+local holds = redis.call('HGETALL', KEYS[5])
+for i = 1, #holds, 2 do
+  if holds[i] ~= ARGV[2] and not present[holds[i]] then
+    local hold = cjson.decode(holds[i + 1])
+    if tonumber(hold.until_ms) > tonumber(ARGV[6]) and not people[hold.user_id] then
+      people[hold.user_id] = true; count = count + 1
+    end
+  end
+end
+if not people[new.user_id] and count >= tonumber(ARGV[5]) then return -1 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HDEL', KEYS[5], ARGV[2])
+for i = 7, #ARGV - 1 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
     redis.call('HDEL', KEYS[2], ARGV[i])
@@ -117,14 +146,21 @@ local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'par
 return {id, encoded}
 """
 
-# ARGV[2] session, ARGV[3] generation (removes memberships of that generation or older),
-# ARGV[4] maxlen, ARGV[5] reason. Returns the removed membership JSON or nil.
+# KEYS[4] the room's seat holds. ARGV[2] session, ARGV[3] generation (removes memberships of
+# that generation or older), ARGV[4] maxlen, ARGV[5] reason, ARGV[6] until when (ms) and
+# ARGV[7] how long (ms, 0: no hold) an active member's seat stays kept for the same session.
+# Returns the removed membership JSON or nil.
 _LEAVE = """
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return nil end
 local member = cjson.decode(raw)
 if tonumber(member.generation) > tonumber(ARGV[3]) then return nil end
 redis.call('HDEL', KEYS[2], ARGV[2])
+if member.state == 'active' and tonumber(ARGV[7]) > 0 then
+  redis.call('HSET', KEYS[4], ARGV[2],
+    cjson.encode({user_id = member.user_id, until_ms = ARGV[6]}))
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
 if member.state == 'active' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-left',
     'data', cjson.encode({session_id = ARGV[2], user_id = member.user_id, reason = ARGV[5]}))
@@ -169,6 +205,27 @@ for i = 2, #ARGV - 1 do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 """
 
+# KEYS[1] members, KEYS[2] events. ARGV: session, generation, changes JSON, maxlen. Merges
+# the changes into the active membership of that generation and announces the whole new
+# state, in one step; nil (nothing changed) when there is no such membership.
+_SET_STATE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return nil end
+local member = cjson.decode(raw)
+if tonumber(member.generation) ~= tonumber(ARGV[2]) or member.state ~= 'active' then
+  return nil
+end
+local flags = member.flags
+if type(flags) ~= 'table' then flags = {} end
+for name, value in pairs(cjson.decode(ARGV[3])) do flags[name] = value end
+member.flags = flags
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(member))
+local data = cjson.encode({session_id = ARGV[1], user_id = member.user_id, state = flags})
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-state',
+  'data', data)
+return data
+"""
+
 # ARGV[2] session, ARGV[3] membership JSON: put back a membership lost with Redis's data.
 _REASSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
@@ -209,6 +266,27 @@ class SessionRecord:
     pending_since: float = 0.0
 
 
+#: A participant's state (W5) as everyone sees it; a membership stores what was set.
+PARTICIPANT_STATE_DEFAULTS: dict[str, bool | str | None] = {
+    "mic_muted": False,
+    "camera_off": False,
+    "hand_raised": False,
+    "screen_sharing": False,
+    # the publisher's m-line (mid) of the screen share, so subscribers tell it from the camera
+    "screen_mid": None,
+    # every track this participant sends is end-to-end encrypted
+    "e2ee": False,
+}
+
+
+def participant_state(flags: Any) -> dict[str, bool | str | None]:
+    """The full state from what a membership or event holds (defaults for the rest)."""
+    state = dict(PARTICIPANT_STATE_DEFAULTS)
+    if isinstance(flags, dict):
+        state.update({k: v for k, v in flags.items() if k in PARTICIPANT_STATE_DEFAULTS})
+    return state
+
+
 @dataclass(frozen=True)
 class Membership:
     session_id: str
@@ -218,6 +296,8 @@ class Membership:
     generation: int
     state: Literal["pending", "active"]
     joined_at: float
+    #: the participant's state as set (`participant_state` fills in the rest)
+    flags: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -233,6 +313,7 @@ class Membership:
             generation=int(data["generation"]),
             state="active" if data["state"] == "active" else "pending",
             joined_at=float(data["joined_at"]),
+            flags=data["flags"] if isinstance(data.get("flags"), dict) else {},
         )
 
     def public(self) -> dict[str, Any]:
@@ -241,6 +322,7 @@ class Membership:
             "user_id": self.user_id,
             "display_name": self.display_name,
             "node": self.node,
+            "state": participant_state(self.flags),
         }
 
 
@@ -261,6 +343,7 @@ class SessionStore:
         session_ttl_s: float = 24 * 3600.0,
         kick_ttl_s: float = 600.0,
         empty_ttl_s: float = 24 * 3600.0,
+        seat_grace_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
@@ -276,6 +359,9 @@ class SessionStore:
         self._kick_ttl_ms = int(kick_ttl_s * 1000)
         # An empty room's keys expire this long after its last member went (`_room_script`).
         self._empty_ttl_ms = int(empty_ttl_s * 1000)
+        # A session whose socket closed (not one that left) keeps its seat this long, for
+        # itself or its user only: a refresh or a failover to another node finds it free.
+        self._seat_grace_ms = int(seat_grace_s * 1000)
         self._lock = lock
         self.node = node
         self.region = region
@@ -291,6 +377,7 @@ class SessionStore:
         self._kick = FencedScript(redis, _room_script(_KICK))
         self._reassert = FencedScript(redis, _room_script(_REASSERT))
         self._drop_pending = FencedScript(redis, _room_script(_DROP_PENDING))
+        self._set_state = redis.register_script(_SET_STATE)
 
     @staticmethod
     def _room_keys(slug: str, *extra: str) -> list[str]:
@@ -322,7 +409,7 @@ class SessionStore:
         if record is None or record.generation != generation:
             return False
         if record.room:
-            await self.leave(record.room, session_id, generation, reason)
+            await self.leave(record.room, session_id, generation, reason, hold_seat=True)
         dropped = await self._drop(keys=[keys.session(session_id)], args=[generation])
         await self._redis.srem(keys.node_sessions(record.node), session_id)
         if dropped:
@@ -418,6 +505,7 @@ class SessionStore:
             replaced = same_user if policy == "replace" else []
             replaced_ids = {m.session_id for m in replaced}
             people = {m.user_id for m in others if m.session_id not in replaced_ids}
+            people |= await self._held_seats(slug, session_id, {m.session_id for m in members})
             # Capacity counts people, not sessions (R6): a user already inside takes no seat.
             if user_id not in people and len(people) >= capacity:
                 raise Conflict("room_full", f"the room is full ({capacity} people)")
@@ -433,15 +521,21 @@ class SessionStore:
             admitted = await self._join(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=self._room_keys(slug, keys.room_removed(slug, user_id)),
+                keys=self._room_keys(
+                    slug, keys.room_removed(slug, user_id), keys.room_seat_holds(slug)
+                ),
                 args=[
                     session_id,
                     membership.encode(),
                     STREAM_MAXLEN,
+                    capacity,
+                    int(self._clock() * 1000),
                     *sorted(replaced_ids),
                     self._empty_ttl_ms,
                 ],
             )
+            if admitted == -1:
+                raise Conflict("room_full", f"the room is full ({capacity} people)")
             if not admitted:
                 raise Forbidden("removed_by_owner", "the room's creator removed you from this room")
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
@@ -484,20 +578,53 @@ class SessionStore:
         active = [m for m in members if m.state == "active"]
         return Membership.decode(encoded), _text(event_id), active
 
+    async def _held_seats(self, slug: str, session_id: str, present: set[str]) -> set[str]:
+        """The users whose seats are still held for a closed session (not `session_id`'s
+        own, nor of a session that is in the room again). Read under the room's lock."""
+        raw = await self._redis.hgetall(keys.room_seat_holds(slug))
+        now_ms = self._clock() * 1000
+        held: set[str] = set()
+        for held_id, value in raw.items():
+            held_session = _text(held_id)
+            if held_session == session_id or held_session in present:
+                continue
+            hold = json.loads(value)
+            if float(hold["until_ms"]) > now_ms:
+                held.add(str(hold["user_id"]))
+        return held
+
     async def leave(
-        self, slug: str, session_id: str, generation: int, reason: str
+        self,
+        slug: str,
+        session_id: str,
+        generation: int,
+        reason: str,
+        *,
+        hold_seat: bool = False,
     ) -> Membership | None:
         """Remove the session's membership if it is of this generation or older.
 
         Idempotent: only the call that removes it gets it back (and appends
-        `participant-left`); every other call, before or after, gets None.
+        `participant-left`); every other call, before or after, gets None. With
+        `hold_seat` (the socket closed; the person did not leave) an active member's seat
+        stays kept for the session's user for the seat grace, in the same step.
         """
+        hold_ms = self._seat_grace_ms if hold_seat else 0
+        until_ms = int(self._clock() * 1000) + hold_ms
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
             removed = await self._leave(
                 keys.room_fence_applied(slug),
                 lease.fence,
-                keys=self._room_keys(slug),
-                args=[session_id, generation, STREAM_MAXLEN, reason, self._empty_ttl_ms],
+                keys=self._room_keys(slug, keys.room_seat_holds(slug)),
+                args=[
+                    session_id,
+                    generation,
+                    STREAM_MAXLEN,
+                    reason,
+                    until_ms,
+                    hold_ms,
+                    self._empty_ttl_ms,
+                ],
             )
             empty = removed is not None and not await self._redis.hlen(keys.room_members(slug))
         if removed is None:
@@ -508,6 +635,30 @@ class SessionStore:
         membership = Membership.decode(removed)
         log.info("room.leave", extra={"room": slug, "session_id": session_id, "reason": reason})
         return membership
+
+    async def set_state(
+        self, slug: str, session_id: str, generation: int, changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge `changes` (validated by the caller) into the participant's state and
+        announce it to the room (`participant-state`), in one Lua step; None when this
+        connection has no active membership there (nothing changed).
+
+        Not under the room's lock: the script reads and writes the membership itself, so
+        no lock-held read can be overwritten with stale data, and every room script that
+        rewrites a membership (join, activate) names its generation: a state set for an
+        older connection never lands on a newer one."""
+        raw = await self._set_state(
+            keys=[keys.room_members(slug), keys.room_events(slug)],
+            args=[
+                session_id,
+                generation,
+                json.dumps(changes, separators=(",", ":")),
+                STREAM_MAXLEN,
+            ],
+        )
+        if raw is None:
+            return None
+        return participant_state(json.loads(raw).get("state"))
 
     async def kick(self, slug: str, user_id: str) -> list[str]:
         """The room's creator removes `user_id`: every membership of theirs ends now (the

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
-from mesh.vivaldi import rank_from_samples, suggest_probes
+from mesh.closest import NEXT_PROBES, estimated_rtts, next_probes
+from mesh.vivaldi import rank_from_samples
 from node.errors import DomainError, Forbidden, Invalid
 from node.runtime.chat import Poster, post_chat
 from node.state import keys
@@ -468,9 +469,9 @@ class RankedNode(BaseModel):
 
 class Ranking(BaseModel):
     nodes: list[RankedNode]
-    # Up to 2 nodes worth measuring next (not measured yet, ranked first): a client that
-    # measured 3 random nodes, then these, and asks again picks the true nearest far more
-    # often (sfumesh bench vivaldi).
+    # Up to NEXT_PROBES (4) nodes worth measuring next, not measured yet: those whose RTT
+    # profile best matches the samples, round 2 of the clients' procedure (mesh/closest.py,
+    # which clients run themselves from GET /api/nodes; kept here for older clients).
     probe_next: list[str]
 
 
@@ -507,7 +508,8 @@ async def rank_nodes(data: RankRequest) -> Ranking:
         )
         for info in sorted(infos, key=lambda i: (rtts[i.name], i.name))
     ]
-    return Ranking(nodes=ranked, probe_next=suggest_probes(samples, coords, 2) if coords else [])
+    probe_next = next_probes(estimated_rtts(coords), samples, NEXT_PROBES) if coords else []
+    return Ranking(nodes=ranked, probe_next=probe_next)
 
 
 @api.get("/ping")
@@ -518,6 +520,10 @@ async def ping() -> Response:
         content_type="application/json",
     )
     response.headers["Cache-Control"] = "no-store"
+    # Lets a page of another node read this request's Resource Timing (TCP connect and
+    # request apart), so one request measures the RTT even on a new connection
+    # (webapp/closest.js). It reveals nothing but timing of a public, constant answer.
+    response.headers["Timing-Allow-Origin"] = "*"
     return response
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from quart import Quart, Response, g, request, send_from_directory
 from quart_schema import QuartSchema, hide
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import NotFound
 
@@ -20,6 +19,7 @@ from node.runtime.cluster import Cluster
 from node.runtime.happenings import ReminderLoop
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
+from node.state.connect import redis_client
 from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
@@ -27,6 +27,7 @@ from node.store.text import mark_runs
 from node.store.users import PasswordHasher
 from node.web.api import api
 from node.web.context import EXTENSION, NodeContext
+from node.web.cors import MeshOrigins, allow_origin, preflight
 from node.web.costs import costs_blueprint
 from node.web.docs import docs_page
 from node.web.errors import install_error_handlers
@@ -95,27 +96,56 @@ def create_app(settings: Settings) -> Quart:
     async def _open() -> None:
         # Built from the Unicode tables once (~40 ms): now, not in the first request's time.
         mark_runs()
-        redis = Redis.from_url(settings.redis_url.get_secret_value())
-        store = await open_store(settings.mongodb_uri.get_secret_value(), settings.database)
+        started = time.perf_counter()
+        phases: dict[str, float] = {}
+        redis = redis_client(settings.redis_url.get_secret_value())
+        # The store's set-up (Beanie, indexes) needs nothing of Redis or Serf, nor they of it:
+        # side by side, a node far from both pays the longer of the two, not their sum
+        # (README "WAN lab": 20.6 s to ready at 300 ms RTT when one followed the other).
+        opening = asyncio.create_task(
+            open_store(settings.mongodb_uri.get_secret_value(), settings.database),
+            name="open-store",
+        )
+        opening.add_done_callback(
+            lambda _: phases.__setitem__("store_s", time.perf_counter() - started)
+        )
         hasher = PasswordHasher(
             settings.bcrypt_cost, settings.hashing.threads, settings.hashing.max_waiting
         )
-        await hasher.warm_up()
-        lock_redis = [
-            Redis.from_url(url.get_secret_value()) for url in settings.live.lock_redis_urls
-        ]
-        live = Live(settings, redis, lock_redis)
-        await live.start()
-        metrics = NodeMetrics(settings.node_name, settings.region)
-        metrics.watch(
-            lambda: len(live.hub.connections), lambda: len(live.hub.rooms), lambda: live.redis_ok
-        )
-        metrics.watch_media(live.media, settings.metrics.per_session)
-        live.metrics = metrics
-        cluster = Cluster(settings, live)
-        await cluster.start()
-        if cluster.relay is not None:
-            metrics.watch_relays(cluster.relay)
+        # bcrypt's first hash (its thread pool, ~0.3 s of CPU) also runs beside the rest.
+        warming = asyncio.create_task(hasher.warm_up(), name="warm-hasher")
+        try:
+            lock_clients = [
+                redis_client(url.get_secret_value()) for url in settings.live.lock_redis_urls
+            ]
+            live = Live(settings, redis, [*lock_clients])
+            await live.start()
+            phases["redis_s"] = time.perf_counter() - started
+            metrics = NodeMetrics(settings.node_name, settings.region)
+            metrics.watch(
+                lambda: len(live.hub.connections),
+                lambda: len(live.hub.rooms),
+                lambda: live.redis_ok,
+            )
+            metrics.watch_media(live.media, settings.metrics.per_session)
+            live.metrics = metrics
+            cluster = Cluster(settings, live)
+            await cluster.start()
+            phases["serf_s"] = time.perf_counter() - started
+            if cluster.relay is not None:
+                metrics.watch_relays(cluster.relay)
+            # Built before the scripts are loaded: they register theirs.
+            login_limiter = LoginLimiter(redis, settings.login_limit)
+            signup_limiter = SignupLimiter(redis, settings.signup_limit)
+            reminders = ReminderLoop(live)
+            await asyncio.gather(*(c.load_scripts() for c in [redis, *lock_clients]))
+            phases["scripts_s"] = time.perf_counter() - started
+            await warming
+            store = await opening
+        finally:
+            # no-ops once they are done; else start-up failed: stop them
+            warming.cancel()
+            opening.cancel()
         app.extensions[EXTENSION] = NodeContext(
             settings=settings,
             redis=redis,
@@ -123,17 +153,22 @@ def create_app(settings: Settings) -> Quart:
             tokens=tokens,
             token_state=TokenState(redis),
             hasher=hasher,
-            login_limiter=LoginLimiter(redis, settings.login_limit),
-            signup_limiter=SignupLimiter(redis, settings.signup_limit),
+            login_limiter=login_limiter,
+            signup_limiter=signup_limiter,
             live=live,
             metrics=metrics,
             cluster=cluster,
             ws_slots=SocketSlots(settings.live.ws_max_per_user, settings.live.ws_max_per_address),
         )
-        reminders = ReminderLoop(live)
         reminders.start()
         app.extensions[REMINDERS_EXTENSION] = reminders
-        log.info("node.ready", extra={"node": settings.node_name, "region": settings.region})
+        # When each part of the start-up was done (s since it began; the store's runs beside
+        # the others): what a node far from Redis and the store waits for.
+        startup = {name: round(seconds, 3) for name, seconds in phases.items()}
+        log.info(
+            "node.ready",
+            extra={"node": settings.node_name, "region": settings.region, "startup": startup},
+        )
 
     @app.after_serving
     async def _close() -> None:
@@ -253,6 +288,18 @@ def create_app(settings: Settings) -> Quart:
                 # The page still works on this node alone (closest.js falls back to it).
                 log.warning("webapp.nodes_unknown", extra={"error": str(error)})
         return urls
+
+    # The API answers pages of every node of the mesh (a page whose node died carries on
+    # through another node): node/web/cors.py.
+    mesh_origins = MeshOrigins(_mesh_urls)
+
+    @app.before_request
+    async def _cors_preflight() -> Response | None:
+        return await preflight(mesh_origins)
+
+    @app.after_request
+    async def _cors(response: Response) -> Response:
+        return await allow_origin(mesh_origins, response)
 
     docs: list[str] = []
 

@@ -27,8 +27,10 @@ from node.errors import DomainError, legacy_fields
 from node.media.forward import View
 from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
+from node.runtime.turn import ice_servers
 from node.state.hub import CLOSE_IDLE, Connection, RoomEvent, replace
 from node.state.lock import LockError
+from node.state.sessions import PARTICIPANT_STATE_DEFAULTS
 from node.store.messages import MAX_RAW_CHAT_CHARS
 from node.store.rooms import get_room
 from node.web.auth import token_user
@@ -143,6 +145,9 @@ async def _serve(context: NodeContext, session_id: str, user_id: str, display_na
             "node": live.name,
             "region": live.settings.region,
             "generation": conn.generation,
+            # TURN credentials of this session (node/runtime/turn.py): only to a socket
+            # that proved its session, and fresh on every connection.
+            "ice_servers": ice_servers(context.settings.turn, conn.session_id),
         }
     )
     reason = "closed"
@@ -408,6 +413,48 @@ async def _chat(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
     return {"type": "ack", "message_id": str(message.id), "ts": ts}
 
 
+# A publisher's mid: what browsers and aiortc write (digits, short tokens).
+_MID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_MAX_MID = 16
+
+
+def _state_changes(frame: dict[str, Any]) -> dict[str, Any]:
+    """The `state` object of a `participant-state` frame, checked field by field: known
+    names only, booleans, `screen_mid` a short token or null. Anything else is refused
+    whole, so a bad frame changes nothing."""
+    changes = frame.get("state")
+    if not isinstance(changes, dict) or not changes:
+        raise ClientError("bad_frame", "state must be a non-empty object")
+    for name, value in changes.items():
+        if name not in PARTICIPANT_STATE_DEFAULTS:
+            raise ClientError("bad_frame", f"unknown state field {str(name)[:64]!r}")
+        if name == "screen_mid":
+            if value is not None and not (
+                isinstance(value, str)
+                and 0 < len(value) <= _MAX_MID
+                and all(char in _MID_CHARS for char in value)
+            ):
+                raise ClientError("bad_frame", "screen_mid must be a short token or null")
+        elif not isinstance(value, bool):
+            raise ClientError("bad_frame", f"{name} must be true or false")
+    return changes
+
+
+async def _participant_state(
+    context: NodeContext, conn: Connection, frame: dict[str, Any]
+) -> dict[str, Any]:
+    """Microphone, camera, hand, screen share (W5): stored with the membership and sent to
+    the whole room, on every node, as `participant-state`."""
+    slug = conn.room
+    if slug is None:
+        raise ClientError("not_in_room", "join a room first")
+    changes = _state_changes(frame)
+    state = await context.live.sessions.set_state(slug, conn.session_id, conn.generation, changes)
+    if state is None:
+        raise ClientError("not_in_room", "this session is no longer in the room")
+    return {"type": "ack", "state": state}
+
+
 _PCS = ("publish", "subscribe")
 _MAX_SDP = 60000
 
@@ -502,6 +549,7 @@ HANDLERS: dict[str, Handler] = {
     "join": _join,
     "leave": _leave,
     "chat": _chat,
+    "participant-state": _participant_state,
     "offer": _offer,
     "answer": _answer,
     "candidate": _candidate,

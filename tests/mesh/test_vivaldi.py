@@ -522,8 +522,21 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "p90_rel_error",
         "nearest_hit_rate",
         "nearest_median_penalty",
+        "within_10ms_rate",
+        "returning_within_10ms_rate",
+        "before_within_10ms_rate",
+        "probes_max",
+        "probes_mean",
+        "procedure_rounds",
+        "time_ms_at_300ms_rtt",
+        "probes_time_ms_at_300ms_rtt",
     ):
         assert isinstance(figures[key], float | int), key
+    # The clients' procedure: at most 8 probes in 2 rounds, 2 x 2 RTT at 300 ms.
+    assert figures["probes_max"] <= 8 and figures["procedure_rounds"] == 2
+    assert figures["probes_time_ms_at_300ms_rtt"] == 1200
+    assert figures["procedures"]["closest_new"]["cases"] == 16 * 2
+    assert figures["procedures"]["closest_returning"]["cases"] == 16 * 2
     assert figures["nodes"] == 16
     assert figures["pairs"] == 120
     assert 0.0 <= figures["nearest_hit_rate"] <= 1.0
@@ -531,6 +544,8 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "relative error: median" in out
     assert "3 random + 2 suggested, ranked" in out
+    assert "clients' procedure (4 + 4), new client" in out
+    assert "within 10 ms of the best node" in out
 
 
 def test_bench_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -52,12 +52,27 @@ document.addEventListener("securitypolicyviolation", (event) =>
 """
 
 
+# The pre-join screen's own "skip this screen next time", as a returning person has it:
+# the tests that are not about it go straight into the room.
+_SKIP_PREJOIN = """
+if (!localStorage.getItem('sfumesh.devices'))
+  localStorage.setItem('sfumesh.devices', JSON.stringify({skipPrejoin: true}));
+"""
+
+
 @asynccontextmanager
 async def web_context(
-    browser: Browser, user_token: str | None = None, viewport: dict[str, int] | None = None
+    browser: Browser,
+    user_token: str | None = None,
+    viewport: dict[str, int] | None = None,
+    *,
+    prejoin: bool = False,
 ) -> AsyncIterator[BrowserContext]:
-    """A browser context (own storage), logged in as `user_token`'s user if given."""
+    """A browser context (own storage), logged in as `user_token`'s user if given; rooms
+    open without the pre-join screen unless `prejoin`."""
     context = await browser.new_context(viewport=viewport or DESKTOP)  # type: ignore[arg-type]
+    if not prejoin:
+        await context.add_init_script(script=_SKIP_PREJOIN)
     violations: list[str] = []
     context.on(
         "console",

@@ -1,42 +1,7 @@
-// The room's own-media controls: microphone, camera, full screen.
+// The room's full-screen control (microphone, camera, hand, screen share: call.js).
 
 import { tr } from "../i18n.js";
 import { $ } from "./dom.js";
-
-/**
- * Mute and camera off switch the local tracks off (they stay published), so turning them
- * back on needs no new offer.
- * @param {HTMLButtonElement} mic @param {HTMLButtonElement} cam
- * @param {MediaStream | null} localStream
- * @param {() => void} onCamera after the camera went on or off
- */
-export function setupMicAndCamera(mic, cam, localStream, onCamera) {
-  const audioTracks = localStream?.getAudioTracks() ?? [];
-  const videoTracks = localStream?.getVideoTracks() ?? [];
-  mic.disabled = audioTracks.length === 0;
-  cam.disabled = videoTracks.length === 0;
-  const syncMic = () => {
-    const muted = audioTracks.length === 0 || !audioTracks[0].enabled;
-    mic.setAttribute("aria-pressed", String(muted));
-    tr($(mic, ".label"), muted ? "unmute" : "mute");
-  };
-  const syncCam = () => {
-    const off = videoTracks.length === 0 || !videoTracks[0].enabled;
-    cam.setAttribute("aria-pressed", String(off));
-    tr($(cam, ".label"), off ? "camera_on" : "camera_off");
-    onCamera();
-  };
-  mic.addEventListener("click", () => {
-    for (const track of audioTracks) track.enabled = !track.enabled;
-    syncMic();
-  });
-  cam.addEventListener("click", () => {
-    for (const track of videoTracks) track.enabled = !track.enabled;
-    syncCam();
-  });
-  syncMic();
-  syncCam();
-}
 
 /**
  * Fullscreen: the button asks, the browser decides; the UI follows `fullscreenchange`

@@ -1,11 +1,14 @@
-// The room's video grid: one tile per person (own camera first), sized to fill the stage.
+// The room's video grid: one tile per person (own camera first), sized to fill the stage;
+// a screen share gets a tile of its own, large above the others. Each tile shows its
+// person's state (muted, camera off: initials, hand raised, speaking, connection quality).
 
-import { tr } from "../i18n.js";
+import { t, tr } from "../i18n.js";
 import { h } from "./dom.js";
 
 /**
  * @typedef {{li: HTMLLIElement, video: HTMLVideoElement, stream: MediaStream,
- *   name: HTMLElement, initials: HTMLElement, self: boolean}} Tile
+ *   name: HTMLElement, initials: HTMLElement, self: boolean, badges: HTMLElement,
+ *   cameraOff: boolean, notice: HTMLElement, state: Record<string, any>}} Tile
  */
 
 const initialsOf = (/** @type {string} */ name) =>
@@ -15,6 +18,14 @@ const initialsOf = (/** @type {string} */ name) =>
     .slice(0, 2)
     .map((part) => [...part][0]?.toUpperCase() ?? "")
     .join("") || "?";
+
+/** A state badge: an icon, with its words for screen readers (and as a tooltip). */
+function badge(/** @type {string} */ key, /** @type {string} */ icon) {
+  const span = h("span", { class: `badge badge-${key}`, role: "img" }, icon);
+  span.setAttribute("aria-label", t(key));
+  span.title = t(key);
+  return span;
+}
 
 /**
  * @param {HTMLUListElement} grid
@@ -48,28 +59,38 @@ export function videoGrid(grid, unmuteAudio, localStream) {
   const resize = new ResizeObserver(layout);
   resize.observe(grid);
 
-  /** @param {string} key @param {string} name @param {boolean} self */
-  const tileFor = (key, name, self = false) => {
+  /** @param {string} key @param {string} name @param {boolean} self @param {boolean} screen */
+  const tileFor = (key, name, self = false, screen = false) => {
     let tile = tiles.get(key);
     if (tile === undefined) {
       const video = /** @type {HTMLVideoElement} */ (
         h("video", { autoplay: "", playsinline: "", "aria-hidden": "true" })
       );
-      video.muted = self;
+      // Own sound never plays back; a screen share carries no sound.
+      video.muted = self || screen;
       const nameEl = h("span", { class: "name" });
       const initials = h("span", { class: "initials", "aria-hidden": "true" });
+      const badges = h("span", { class: "badges" });
+      const notice = h("span", { class: "tile-notice", role: "status", hidden: "" });
+      const classes = ["tile", self ? "self" : "", screen ? "screen" : ""].filter(Boolean).join(" ");
       const li = /** @type {HTMLLIElement} */ (
-        h("li", { class: self ? "tile self" : "tile", "data-session": key }, initials, video, nameEl)
+        h("li", { class: classes, "data-session": key }, initials, video, notice, nameEl, badges)
       );
-      const stream = self && localStream ? localStream : new MediaStream();
-      tile = { li, video, stream, name: nameEl, initials, self };
+      const stream = self && !screen && localStream ? localStream : new MediaStream();
+      tile = { li, video, stream, name: nameEl, initials, self, badges, cameraOff: false, notice, state: {} };
       video.srcObject = stream;
-      if (self) grid.prepend(li);
-      else grid.append(li);
+      if (screen) grid.prepend(li);
+      else if (self) {
+        const lastScreen = [...grid.querySelectorAll(".tile.screen")].pop();
+        if (lastScreen) lastScreen.after(li);
+        else grid.prepend(li);
+      } else grid.append(li);
       tiles.set(key, tile);
+      grid.classList.toggle("sharing", grid.querySelector(".tile.screen") !== null);
       layout();
     }
-    if (self) tr(tile.name, "you_name", { name });
+    if (screen) tr(tile.name, "screen_of", { name });
+    else if (self) tr(tile.name, "you_name", { name });
     else tile.name.textContent = name;
     tile.initials.textContent = initialsOf(name);
     updateTile(tile);
@@ -78,7 +99,8 @@ export function videoGrid(grid, unmuteAudio, localStream) {
 
   /** @param {Tile} tile */
   const updateTile = (tile) => {
-    const live = tile.stream.getVideoTracks().some((track) => track.enabled && track.readyState === "live");
+    const live =
+      !tile.cameraOff && tile.stream.getVideoTracks().some((track) => track.enabled && track.readyState === "live");
     tile.li.classList.toggle("no-video", !live);
     if (tile.stream.getTracks().length > 0) {
       tile.video.play().catch(() => {
@@ -92,7 +114,58 @@ export function videoGrid(grid, unmuteAudio, localStream) {
     if (tile === undefined) return;
     tile.li.remove();
     tiles.delete(key);
+    grid.classList.toggle("sharing", grid.querySelector(".tile.screen") !== null);
     layout();
+  };
+
+  /**
+   * A person's state on their tile: initials for camera off, badges for muted, hand raised.
+   * @param {string} key @param {Record<string, any>} state
+   */
+  const setState = (key, state) => {
+    const tile = tiles.get(key);
+    if (tile === undefined) return;
+    tile.state = state;
+    tile.cameraOff = Boolean(state.camera_off);
+    tile.li.classList.toggle("mic-muted", Boolean(state.mic_muted));
+    tile.li.classList.toggle("camera-off", tile.cameraOff);
+    tile.li.classList.toggle("hand", Boolean(state.hand_raised));
+    const badges = [];
+    if (state.mic_muted) badges.push(badge("muted", "🔇"));
+    if (state.hand_raised) badges.push(badge("hand_raised", "✋"));
+    if (state.screen_sharing) badges.push(badge("sharing_screen", "🖥"));
+    const quality = tile.li.dataset.quality;
+    if (quality && quality !== "good") badges.push(badge(`quality_${quality}`, quality === "bad" ? "📶✖" : "📶"));
+    tile.badges.replaceChildren(...badges);
+    updateTile(tile);
+  };
+
+  /** @param {string} key @param {boolean} speaking */
+  const setSpeaking = (key, speaking) => tiles.get(key)?.li.classList.toggle("speaking", speaking);
+
+  /** @param {string} key @param {string} quality good / poor / bad */
+  const setQuality = (key, quality) => {
+    const tile = tiles.get(key);
+    if (tile === undefined || tile.li.dataset.quality === quality) return;
+    tile.li.dataset.quality = quality;
+    setState(key, tile.state);
+  };
+
+  /** A notice over the tile in place of its picture (e.g. "encrypted: key needed"). */
+  const setNotice = (/** @type {string} */ key, /** @type {string | null} */ textKey) => {
+    const tile = tiles.get(key);
+    if (tile === undefined) return;
+    tile.notice.hidden = textKey === null;
+    tile.li.classList.toggle("has-notice", textKey !== null);
+    if (textKey !== null) tr(tile.notice, textKey);
+  };
+
+  /** @param {string} key @param {string} name @param {MediaStreamTrack} track a screen share */
+  const showScreen = (key, name, track) => {
+    const tile = tileFor(key, name, key === "screen:self", true);
+    for (const old of tile.stream.getTracks()) if (old !== track) tile.stream.removeTrack(old);
+    if (!tile.stream.getTracks().includes(track)) tile.stream.addTrack(track);
+    updateTile(tile);
   };
 
   /** A remote track in its owner's tile, in place of one of its kind. */
@@ -142,6 +215,11 @@ export function videoGrid(grid, unmuteAudio, localStream) {
     dropTrack,
     dropRemoteTracks,
     updateSelf,
+    setState,
+    setSpeaking,
+    setQuality,
+    setNotice,
+    showScreen,
     stop: () => resize.disconnect(),
   };
 }

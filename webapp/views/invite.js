@@ -8,8 +8,12 @@ import { $, clone } from "./dom.js";
 // empty until its link is passed on.
 export const INVITE_KEY = "sfumesh.invite";
 
-/** @param {any} room @param {HTMLElement} opener */
-export function openInvite(room, opener) {
+/**
+ * @param {any} room @param {HTMLElement} opener
+ * @param {string} [key] the room's end-to-end key: it goes in the link's fragment, which
+ *   browsers never send to a server (so the server-made QR code cannot carry it: hidden)
+ */
+export function openInvite(room, opener, key = "") {
   let dialog = /** @type {HTMLDialogElement | null} */ (document.querySelector("dialog.invite"));
   if (dialog === null) {
     document.body.append(clone("tpl-invite"));
@@ -35,8 +39,9 @@ export function openInvite(room, opener) {
     link.addEventListener("focus", () => link.select());
   }
   const link = /** @type {HTMLInputElement} */ ($(dialog, "#invite-link"));
-  link.value = room.url || new URL(roomPage(room.slug), location.origin).href;
-  let readable = link.value;
+  const base = room.url || new URL(roomPage(room.slug), location.origin).href;
+  link.value = key ? `${base}#key=${encodeURIComponent(key)}` : base;
+  let readable = base;
   try {
     readable = decodeURI(link.value);
   } catch {
@@ -44,7 +49,9 @@ export function openInvite(room, opener) {
   }
   $(dialog, "#invite-address").textContent = readable.replace(/^https?:\/\//, "");
   dialog.dataset.title = room.name;
-  /** @type {HTMLImageElement} */ ($(dialog, "#invite-qr")).src = `${roomPath(room.slug)}/qr.svg`;
+  const qr = /** @type {HTMLImageElement} */ ($(dialog, "#invite-qr"));
+  qr.hidden = key !== "";
+  if (!key) qr.src = `${roomPath(room.slug)}/qr.svg`;
   const copied = $(dialog, "#invite-copied");
   copied.textContent = "";
   delete (/** @type {HTMLElement} */ (copied).dataset.i18n);

@@ -291,3 +291,42 @@ def test_a_process_without_privileges_gets_a_clear_error_and_nothing_is_left(
         assert "Operation not permitted" in message
     assert pids == {}
     assert lab_links() == links_before
+
+
+@pytest.mark.slow
+def test_a_link_cut_at_run_time_drops_everything_until_restored() -> None:
+    """Issue 13 item 8: the running emulator cuts a stage on request (a cable cut) and
+    restores it; its ground truth counts the cut packets apart from the model's losses."""
+    quiet = TOPOLOGY.replace("jitter_ms = 5\nloss = 0.01\n", "")
+    with Lab(quiet, "cut", realtime=True) as lab:
+        receiver = lab.socket("y")
+        sender = lab.socket("x")
+        with receiver, sender:
+            receiver.bind((str(lab.address("y")), 7001))
+            receiver.settimeout(0.5)
+            target = (str(lab.address("y")), 7001)
+
+            def delivered(count: int) -> int:
+                for index in range(count):
+                    sender.sendto(b"p%d" % index, target)
+                got = 0
+                try:
+                    while got < count:
+                        receiver.recv(100)
+                        got += 1
+                except TimeoutError:
+                    pass
+                return got
+
+            assert delivered(20) == 20
+            assert lab.cut(["a->b"]) == {"a->b": True}
+            assert delivered(20) == 0
+            # the other direction and the other links are untouched
+            assert lab.stats()["links"]["a->c"]["drops"]["cut"] == 0
+            assert lab.cut(["a->b"], cut=False) == {"a->b": False}
+            assert delivered(20) == 20
+            with pytest.raises(LabError, match="no such links"):
+                lab.cut(["a->nowhere"])
+        stats = lab.stats()
+    assert stats["links"]["a->b"]["drops"]["cut"] == 20
+    assert stats["links"]["a->b"]["drops"]["loss"] == 0

@@ -188,3 +188,17 @@ def test_the_default_topology_builds_a_network() -> None:
     # fiber up + Amsterdam-HCM + fiber down
     assert 0.114 <= delivery.due <= 0.125
     assert set(net.stats()["links"]) >= {"eu-peer/up", "ams->hcm", "vn-peer/down", "sg->sg"}
+
+
+def test_a_cut_stage_drops_everything_until_restored() -> None:
+    """Issue 13 item 8: a link cut at run time (a fault, not the link's model)."""
+    stage = Stage("ab", LinkParams(delay_ms=10), random.Random(1))
+    assert isinstance(stage.offer(0.0, 100), float)
+    stage.cut = True
+    assert [stage.offer(0.1 + i / 1000, 100) for i in range(50)] == [DropCause.CUT] * 50
+    stage.cut = False
+    departure = stage.offer(0.2, 100)
+    assert isinstance(departure, float) and abs(departure - 0.21) < 1e-9
+    assert stage.stats.drops[DropCause.CUT] == 50
+    assert stage.stats.drops[DropCause.LOSS] == 0
+    assert stage.stats.packets_out == 2

@@ -9,7 +9,11 @@ and the participant pings every 0.25 s; one socket that never pings shows the no
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
 
@@ -18,10 +22,12 @@ import pytest
 from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
-from node.local.launch import LocalNode
-from node.local.participant import open_socket
+from mesh.closest import pick_node
+from node.local.launch import LocalNode, start_nodes
+from node.local.participant import FailoverParticipant, open_socket, until
 from node.media import adapter
-from tests.node.live_client import sign_up
+from node.runtime.services import BackingServices
+from tests.node.live_client import create_room, sign_up
 
 
 @pytest.mark.slow
@@ -69,3 +75,51 @@ def test_a_receiver_stuck_behind_a_hole_moves_past_it() -> None:
     flowing = [buffer.add(_packet(seq))[1] for seq in range(200, 205)]
     assert all(f is not None for f in flowing)
     assert adapter.skip_jitter_hole(receiver) == 0  # no hole now: nothing done
+
+
+@pytest.mark.slow
+async def test_a_failover_participant_leaves_a_node_gone_silent(
+    backing: BackingServices, token_keys: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 17: a node that stops answering (frozen: SIGSTOP, its socket stays open) is
+    noticed by the failed pings (nothing heard for SILENT_S) and the participant fails over
+    to the next node with the same session; media flows both ways again."""
+    adapter.set_host_addresses(["127.0.0.1"])
+    env = {"SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]', "SFUMESH_BCRYPT_COST": "4"}
+    env["SFUMESH_DATABASE"] = f"failover_{secrets.token_hex(4)}"
+    nodes = await asyncio.to_thread(
+        start_nodes, backing, token_keys, count=2, data_dir=tmp_path, extra_env=env
+    )
+    node1 = nodes[0]
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            alice, bob = await sign_up(http, node1.url, "a"), await sign_up(http, node1.url, "b")
+            slug = f"silent-{secrets.token_hex(3)}"
+            await create_room(alice, node1.url, slug)
+            ranking = sorted(await pick_node(http, node1.url), key=lambda n: n.name != node1.name)
+            a = FailoverParticipant(http, alice.user_token, slug, ranking, "A")
+            b = FailoverParticipant(http, bob.user_token, slug, ranking[::-1], "B")
+            try:
+                await a.start()
+                await b.start()
+                assert (a.node and a.node.name, b.node and b.node.name) == ("node-1", "node-2")
+                await until(lambda: a.frames_from(b.session_id) > 10, "A to decode B")
+                await until(lambda: b.frames_from(a.session_id) > 10, "B to decode A")
+                assert node1.process.pid is not None
+                os.kill(node1.process.pid, signal.SIGSTOP)
+                await until(lambda: bool(a.failovers), "A to fail over", within_s=30)
+                assert a.peer is not None and a.peer.sock.node == "node-2"
+                assert a.peer.sock.session_id == a.session_id == a.peers[0].sock.session_id
+                seen = b.frames_from(a.session_id)
+                await until(lambda: a.peer is not None and a.peer.decodes(b.session_id, 5), "A")
+                await until(lambda: b.frames_from(a.session_id) > seen + 10, "B to decode A")
+                assert not b.failovers
+            finally:
+                await a.close()
+                await b.close()
+    finally:
+        adapter.set_host_addresses(None)
+        if node1.process.pid is not None and node1.process.exit_code() is None:
+            os.kill(node1.process.pid, signal.SIGKILL)  # frozen: it would not stop by itself
+        for node in nodes:
+            node.stop()

@@ -88,7 +88,7 @@ class MediaClient:
         self.subscribe = RTCPeerConnection(adapter.rtc_configuration())
         self.remote: list[RemoteTrack] = []
         self.offers = 0
-        #: the latest subscribe offer's `tracks`: mid -> {session_id, user_id, kind}
+        #: the latest subscribe offer's `tracks`: mid -> {session_id, user_id, kind, source_mid}
         self.track_owners: dict[str, dict[str, str]] = {}
         self.errors: list[dict[str, Any]] = []
         self.published = asyncio.Event()
@@ -211,6 +211,9 @@ async def test_two_clients_decode_each_other_third_joins_and_leaves(
                 assert {o["session_id"] for o in owners.values()} == {other.peer.session_id}
                 mids = {t.mid for t in client.subscribe.getTransceivers()}
                 assert set(owners) <= mids
+                # ... and which m-line of its publisher's it is (screen share vs camera).
+                published = {t.mid: t.kind for t in other.publish.getTransceivers()}
+                assert {o["source_mid"]: o["kind"] for o in owners.values()} == published
 
             # A third joins late: it gets both publishers' tracks, and they get its own.
             peer = await connect(stack, api, await api.session_token(tokens["carol"]))

@@ -53,11 +53,11 @@ async def test_the_one_speaking_is_announced(node_processes: Callable[..., Local
         socks = [await user.connect(node.url) for user in users]
         peers = []
         try:
-            for user, sock in zip(users, socks, strict=True):
+            for user, sock, audio in zip(users, socks, (Tone(), None), strict=True):
                 await user.join(sock, "speakers", node.url)
-                peers.append(MediaPeer(sock, user.username))
-            await peers[0].start_publishing(Tone())
-            await peers[1].start_publishing()
+                peers.append(MediaPeer(sock, user.username, audio=audio))
+            for peer in peers:
+                await peer.start_publishing()
             for sock in socks:
                 event = await sock.wait_for("speaker", within_s=30)
                 assert event["session_id"] == socks[0].session_id

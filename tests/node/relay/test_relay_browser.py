@@ -60,6 +60,8 @@ async def test_two_browsers_on_two_nodes(backing: BackingServices, tmp_path: Pat
             states = await until_all(pages, decoded, DECODE_LIMIT_S)
             for state, other in zip(states, reversed(sessions), strict=True):
                 assert {t["owner"]["session_id"] for t in state["tracks"]} == {other}, state
+                # The publisher's own mids (its audio and video m-lines), across the relay.
+                assert {t["owner"]["source_mid"] for t in state["tracks"]} == {"0", "1"}, state
                 assert state["errors"] == [], state
                 assert len(state["video"]) == 1 and len(state["audio"]) == 1, state
                 assert state["video"][0]["frames"] > FRAMES, state

@@ -188,6 +188,29 @@ async def test_no_token_is_refused_before_the_request_is_read(
     assert work == Work(), "the request was read before its token was checked"
 
 
+async def test_an_invalid_body_without_a_token_gets_401_not_422(api: Api) -> None:
+    """Issue 17: an anonymous caller never learns the body's rules (422) before being told
+    to authenticate (401), whatever is wrong with the body."""
+    bodies: list[tuple[bytes, str]] = [
+        (b"{not json", "application/json"),
+        (b"[1, 2, 3]", "application/json"),
+        (b'{"slug": 5, "text": null, "amount": "x", "capacity": -1}', "application/json"),
+        (b"\xff\xfe", "application/json"),
+        (b"slug=a&text=b", "application/x-www-form-urlencoded"),
+    ]
+    client: Any = api.client
+    for method, path in AUTHENTICATED:
+        for data, content_type in bodies:
+            response = await client.open(
+                _concrete(path) + "?limit=-5&before=x",
+                method=method,
+                data=data,
+                headers={"Content-Type": content_type},
+            )
+            assert response.status_code == 401, (method, path, data, response.status_code)
+            assert (await error_of(response))["code"] == "unauthorized"
+
+
 async def test_the_attack_with_a_token_is_refused_before_nfc(api: Api, work: Work) -> None:
     user_token = await api.user_token("alice")
     await api.create_room(user_token, "lobby")

@@ -15,7 +15,13 @@ async def test_ping_is_tiny_and_never_cached(api: Api) -> None:
     response = await api.client.get("/api/ping")
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
+    # Pages of other nodes read its timing: one request measures a new connection's RTT.
+    assert response.headers["Timing-Allow-Origin"] == "*"
     assert await response.get_json() == {"node": "node-1"}
+    # The browser makes each probe's URL unique; the query changes nothing.
+    probed = await api.client.get("/api/ping?probe=abc123")
+    assert probed.status_code == 200
+    assert await probed.get_json() == {"node": "node-1"}
 
 
 async def test_nodes_without_a_mesh_have_no_coordinate(api: Api) -> None:

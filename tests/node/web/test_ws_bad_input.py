@@ -313,6 +313,35 @@ CASES: dict[str, Case] = {
     "chat-too-long-after-nfc": Case(
         raw({"type": "chat", "text": "e\u0301" * (CHAT_MAX + 1)}), "invalid_text"
     ),
+    # participant-state: known fields of the right types, in a room.
+    "state-not-in-room": Case(
+        raw({"type": "participant-state", "state": {"mic_muted": True}}), "not_in_room", who="carol"
+    ),
+    "state-missing": Case(raw({"type": "participant-state"}), "bad_frame"),
+    "state-empty": Case(raw({"type": "participant-state", "state": {}}), "bad_frame"),
+    "state-list": Case(raw({"type": "participant-state", "state": ["mic_muted"]}), "bad_frame"),
+    "state-unknown-field": Case(
+        raw({"type": "participant-state", "state": {"mic_muted": True, "admin": True}}),
+        "bad_frame",
+    ),
+    "state-not-bool": Case(
+        raw({"type": "participant-state", "state": {"mic_muted": "yes"}}), "bad_frame"
+    ),
+    "state-number": Case(
+        raw({"type": "participant-state", "state": {"hand_raised": 1}}), "bad_frame"
+    ),
+    "state-null-flag": Case(
+        raw({"type": "participant-state", "state": {"camera_off": None}}), "bad_frame"
+    ),
+    "state-screen-mid-bad": Case(
+        raw({"type": "participant-state", "state": {"screen_mid": "a b"}}), "bad_frame"
+    ),
+    "state-screen-mid-long": Case(
+        raw({"type": "participant-state", "state": {"screen_mid": "1" * 17}}), "bad_frame"
+    ),
+    "state-screen-mid-number": Case(
+        raw({"type": "participant-state", "state": {"screen_mid": 2}}), "bad_frame"
+    ),
     # Media signalling: which connection, in a room, usable SDP and candidates.
     "offer": Case(raw({"type": "offer", "sdp": "v=0"}), "bad_frame"),
     "offer-for-subscribe": Case(
