@@ -322,7 +322,8 @@ class Published:
         """Forward this track to `sink`, a started sender (a subscriber's, or a relay's to
         another node): from the next keyframe, which is asked for, and with the sink's
         keyframe requests reaching the publisher. The one way a sink joins the fan-out.
-        A simulcast track starts at `layer` (None: the top one; layer choice moves it).
+        A simulcast track starts at `layer` (None: the best one arriving; layer choice
+        moves it).
         False when it cannot (the track has no forwarder, or the sink no payload type)."""
         forwarder = self.forwarder
         payload_type = sink.payload_type
@@ -332,7 +333,12 @@ class Published:
         if self.simulcast:
             clock_rate = self.codec.clockRate if self.codec is not None else 90000
             rewriter = LayerRewriter(sink.ssrc, payload_type, clock_rate=clock_rate, vp8=self.vp8)
-            rewriter.set_target(len(self.rids) - 1 if layer is None else layer)
+            if layer is None:  # (a relay) the best layer arriving now
+                live = [
+                    i for i, rate in enumerate(self.rates(time.monotonic())) if rate is not None
+                ]
+                layer = live[-1] if live else 0
+            rewriter.set_target(layer)
             forwarder.add(sink, rewriter)
             self.owner.media.ensure_layer_selection()
         else:
@@ -411,8 +417,10 @@ class Published:
         forwarder = self.forwarder
         if self.simulcast and forwarder is not None:
             # only the layers someone waits to switch to (a keyframe is ~10 delta frames)
+            # (none while the layer waited for has not arrived yet: asking the others for
+            # keyframes would only inflate them)
             wanted = forwarder.wanted_layers()
-            ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted] or ssrcs
+            ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted]
         for ssrc in ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
 
@@ -946,8 +954,9 @@ class MediaHub:
         forwarder = published.forwarder
         rewriter = forwarder.layer_rewriter(sink) if forwarder is not None else None
         loss = 0.0
+        follow = self.settings.simulcast_follow_bandwidth
         report = sink.reception()
-        if report is not None:
+        if report is not None and follow:
             lost = report.packets_lost - subscription.reported_lost
             sent = sink.packets_sent - subscription.reported_sent
             if sent > 0:
@@ -959,7 +968,7 @@ class MediaHub:
         return choose_layer(
             published.rates(now),
             published.heights(),
-            estimate_bps=sink.remb_bitrate,
+            estimate_bps=sink.remb_bitrate if follow else None,
             loss=loss,
             current=None if rewriter is None else rewriter.current,
             view=view,
