@@ -353,6 +353,11 @@ class RelaySettings(BaseModel):
     # estimated RTT (Serf's coordinates), then it is sent again.
     attempt_timeout_s: float = Field(default=1.0, gt=0)
     attempts: int = Field(default=6, gt=0)
+    # A relay link's ICE checks and DTLS handshake flights are sent again after this long
+    # without an answer (doubling), scaled up to 3x the Vivaldi RTT estimate of far peers
+    # (at most 1 s). 0: aioice's and OpenSSL's own timers (0.5 s and 1 s), which made a
+    # single lost packet cost 0.5-1 s of setup on a 35 ms path.
+    setup_rto_s: float = Field(default=0.15, ge=0, le=1.0)
     # How often each node writes its relays' figures for `sfumesh cluster relays`.
     report_period_s: float = Field(default=2.0, gt=0)
     # The cluster's relay key, the same on every node (`sfumesh keygen`): every relay
@@ -406,6 +411,49 @@ class HappeningSettings(BaseModel):
     max_capacity: int = Field(default=10_000, gt=0)
 
 
+class RedisSettings(BaseModel):
+    """Which Redis deployment holds the live state. `single` (the default): `redis_url`.
+    `sentinel`: the primary that Redis Sentinel names for `sentinel_service`, asked of
+    `sentinels`, followed through failovers. `cluster`: a Redis Cluster, `redis_url` naming
+    any one of its nodes (the others are discovered)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["single", "sentinel", "cluster"] = "single"
+    # "host:port" of each sentinel (three or more, on separate machines, for a real quorum)
+    sentinels: list[str] = Field(default_factory=list)
+    sentinel_service: str = "sfumesh"
+    # the sentinels' own password (their `requirepass`), if any
+    sentinel_password: SecretStr = SecretStr("")
+    # the primary's and replicas' password (sentinel mode; in the other modes: in redis_url)
+    password: SecretStr = SecretStr("")
+    # Sentinel mode: replicas that must hold a lock's fencing token (WAIT, up to
+    # wait_timeout_ms) before the lock counts as taken: a failover then never hands the same
+    # fence out twice. With one replica down and wait_replicas of them needed, room changes
+    # wait (and answer 503 after live.lock_wait_s): run two replicas for wait_replicas = 1.
+    wait_replicas: int = Field(default=1, ge=0)
+    wait_timeout_ms: int = Field(default=500, gt=0)
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinels_given(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("redis.mode 'sentinel' needs redis.sentinels (host:port, ...)")
+        return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        pairs = [item.rpartition(":") for item in self.sentinels]
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -417,6 +465,7 @@ class Settings(BaseModel):
     # Empty means: start an embedded server (redis-server / nx-27017) under data_dir.
     redis_url: SecretStr = SecretStr("")
     mongodb_uri: SecretStr = SecretStr("")
+    redis: RedisSettings = Field(default_factory=RedisSettings)
     database: str = "sfumesh"
     data_dir: Path = Path(".data")
     bcrypt_cost: int = Field(default=12, ge=4, le=31)
@@ -480,6 +529,12 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_PUBLIC_BASE_URL": "public_base_url",
     "REDIS_URL": "redis_url",
     "MONGODB_URI": "mongodb_uri",
+    "SFUMESH_REDIS_MODE": "redis.mode",
+    "SFUMESH_REDIS_SENTINELS": "redis.sentinels",
+    "SFUMESH_REDIS_SENTINEL_SERVICE": "redis.sentinel_service",
+    "SFUMESH_REDIS_SENTINEL_PASSWORD": "redis.sentinel_password",
+    "SFUMESH_REDIS_PASSWORD": "redis.password",
+    "SFUMESH_REDIS_WAIT_REPLICAS": "redis.wait_replicas",
     "SFUMESH_DATABASE": "database",
     "SFUMESH_DATA_DIR": "data_dir",
     "SFUMESH_BCRYPT_COST": "bcrypt_cost",

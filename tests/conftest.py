@@ -3,6 +3,10 @@
 Set REDIS_TEST_URL / MONGODB_TEST_URI to test against servers of your own (a real MongoDB,
 say); otherwise the embedded ones start on free loopback ports, through the same code path
 as `sfumesh demo`, and are stopped by PID at the end.
+
+SFUMESH_TEST_REDIS=cluster runs the same tests on a local 3-primary Redis Cluster instead
+(started here, stopped by PID): in-process apps and node processes get `redis.mode =
+"cluster"`. ./scripts/test runs the tests marked `redis_paths` that way too.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from quart.testing.app import TestApp
 from quart.typing import TestAppProtocol, TestClientProtocol
 from redis.asyncio import Redis
 
-from node.config import ENV_VARS, Settings, load_settings, new_key
+from node.config import ENV_VARS, RedisSettings, Settings, load_settings, new_key
 from node.local.launch import LocalNode, start_node
 from node.runtime.services import BackingServices
+from node.state.connect import open_redis_with
 from node.web.app import create_app
+from tests.redis_topologies import SentinelGroup, start_cluster, start_sentinel_group
 
 SettingsFactory = Callable[..., Settings]
 
@@ -49,11 +55,19 @@ GENEROUS_LIMITS_ENV: dict[str, str] = {
 }
 
 
+#: "single" (one redis-server) or "cluster" (a 3-primary Redis Cluster)
+REDIS_MODE = os.environ.get("SFUMESH_TEST_REDIS", "single")
+if REDIS_MODE not in ("single", "cluster"):
+    raise ValueError(f"SFUMESH_TEST_REDIS must be single or cluster, not {REDIS_MODE!r}")
+REDIS_MODE_ENV = {"SFUMESH_REDIS_MODE": REDIS_MODE}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _generous_limits_for_node_processes() -> Iterator[None]:
     """Every node process a test starts inherits these (a test's extra_env still wins)."""
-    saved = {name: os.environ.get(name) for name in GENEROUS_LIMITS_ENV}
+    saved = {name: os.environ.get(name) for name in {**GENEROUS_LIMITS_ENV, **REDIS_MODE_ENV}}
     os.environ.update(GENEROUS_LIMITS_ENV)
+    os.environ.update(REDIS_MODE_ENV)
     yield
     for name, value in saved.items():
         if value is None:
@@ -70,11 +84,21 @@ def running_app(app: Quart) -> TestAppProtocol:
 
 @pytest.fixture(scope="session")
 def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackingServices]:
-    services = BackingServices.start(
-        os.environ.get("REDIS_TEST_URL", ""),
-        os.environ.get("MONGODB_TEST_URI", ""),
-        tmp_path_factory.mktemp("services"),
-    )
+    redis_url = os.environ.get("REDIS_TEST_URL", "")
+    cluster = None
+    if REDIS_MODE == "cluster" and not redis_url:
+        cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+        redis_url = cluster.url
+    try:
+        services = BackingServices.start(
+            redis_url, os.environ.get("MONGODB_TEST_URI", ""), tmp_path_factory.mktemp("services")
+        )
+    except BaseException:
+        if cluster is not None:
+            cluster.stop()
+        raise
+    if cluster is not None:
+        services.children[:0] = cluster.processes  # watched and stopped with the rest
     try:
         yield services
         # A child that died during the run fails the run, even if no test noticed.
@@ -98,6 +122,7 @@ def make_settings(
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "redis_url": backing.redis_url,
+            "redis.mode": REDIS_MODE,
             "mongodb_uri": backing.mongodb_uri,
             "database": database,
             "data_dir": str(tmp_path),
@@ -118,8 +143,32 @@ def make_settings(
 
 
 @pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A primary, two replicas and three sentinels of its own (stopped by PID at the end)."""
+    group = start_sentinel_group(tmp_path / "sentinel")
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def sentinel_settings(group: SentinelGroup) -> RedisSettings:
+    return RedisSettings(mode="sentinel", sentinels=group.addresses, password=group.password)
+
+
+def suite_redis(backing: BackingServices) -> Redis:
+    """A client of the suite's Redis, single server or cluster (SFUMESH_TEST_REDIS)."""
+    return open_redis_with(RedisSettings(mode=REDIS_MODE), backing.redis_url)
+
+
+async def keys_matching(redis: Redis, pattern: str) -> list[bytes]:
+    """KEYS `pattern` over every primary (on a cluster, KEYS asks one node only)."""
+    return [key async for key in redis.scan_iter(match=pattern, count=1000)]
+
+
+@pytest.fixture
 async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = Redis.from_url(backing.redis_url)
+    client = suite_redis(backing)
     # Tests run one at a time; each starts from an empty Redis (rate-limit counters and all).
     await client.flushdb()
     yield client

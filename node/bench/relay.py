@@ -23,6 +23,14 @@ Signalling: the largest Serf message any node sent (`signalling_bytes_max`) and 
 both ends sent to set up one relay (offer, answer, tracks updates, replies), per trial.
 For comparison, the size of an SDP offer aiortc makes for a relay-like connection with 2
 and with 8 tracks (what would have to go through Redis with the pointer design).
+
+Lossy path (`--paths lossy`, issue 22 item 3): the same trials with the first carrier, but
+in the WAN lab (`node.lab.cluster.LabCluster`): node-1 (with Redis and the store) and node-2
+in two regions `--lossy-delay-ms` apart one way (default 17.5: a 35 ms RTT) with
+`--lossy-loss` random loss (default 2%) on that path, the participants on a client host 1 ms
+from both. The figures: setup p50/p95, the link's phases (signalling, ICE, DTLS) and the
+signalling attempts sent again (`sfumesh_relay_events_total{event="retried"}`, both nodes)
+per trial. The bench re-executes itself in a private network namespace for it.
 """
 
 from __future__ import annotations
@@ -55,7 +63,10 @@ from node.bench.report import (
     write_report,
 )
 from node.config import new_key
+from node.lab.cluster import LabCluster
+from node.lab.namespaces import namespace_problem
 from node.local.launch import LocalNode, start_nodes
+from node.local.netns import in_private_netns, reexec_in_private_netns
 from node.local.participant import MediaPeer, Socket, open_socket, until
 from node.log import setup_logging
 from node.media import adapter
@@ -64,6 +75,48 @@ from node.runtime.services import BackingServices
 
 PASSWORD = "bench relay password"  # noqa: S105 (throwaway users in a throwaway store)
 CARRIERS = ("inline", "redis")
+PATHS = ("loopback", "lossy")
+
+#: the lossy path: node-1 with Redis and the store, node-2 one lossy link away, the
+#: participants 1 ms from both (only the relay's path loses packets)
+LOSSY_TOPOLOGY = """\
+[lab]
+seed = 22
+
+[regions.one]
+[regions.two]
+[regions.clients]
+
+[hosts.node-1]
+region = "one"
+role = "node"
+
+[hosts.redis]
+region = "one"
+role = "redis"
+
+[hosts.store]
+region = "one"
+role = "store"
+
+[hosts.node-2]
+region = "two"
+role = "node"
+
+[hosts.client]
+region = "clients"
+role = "client"
+
+[core.one.two]
+delay_ms = {delay_ms}
+loss = {loss}
+
+[core.clients.one]
+delay_ms = 1
+
+[core.clients.two]
+delay_ms = 1
+"""
 
 
 @dataclass
@@ -74,8 +127,12 @@ class CarrierRun:
     #: per phase (signalling, ice, dtls): the link's setup time spent in it, ms
     phases_ms: dict[str, list[float]] = field(default_factory=dict)
     signalling_bytes: list[int] = field(default_factory=list)
+    #: signalling attempts sent again (no reply in time), both nodes, per trial
+    retries: list[int] = field(default_factory=list)
     message_bytes_max: float = 0.0
     failures: int = 0
+    #: "loopback", or "lossy" (the WAN lab's lossy path)
+    path: str = "loopback"
 
 
 @dataclass
@@ -94,6 +151,12 @@ class RelayRun:
     cpu_relayed_s: float = 0.0
     cpu_local_s: float = 0.0
     sdp_bytes: dict[int, int] = field(default_factory=dict)
+    #: the lossy path's run (None: not asked for), its one-way delay and loss
+    lossy: CarrierRun | None = None
+    lossy_delay_ms: float = 17.5
+    lossy_loss: float = 0.02
+    #: why the lossy path was not run, when it was asked for but cannot be
+    lossy_problem: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +165,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--carriers", default=",".join(CARRIERS), help="relay: inline and/or redis")
     group.add_argument(
         "--cpu-window", type=float, default=10.0, help="relay: CPU measuring window, s"
+    )
+    group.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help="relay: loopback (both carriers) and/or lossy (the WAN lab, first carrier)",
+    )
+    group.add_argument(
+        "--lossy-delay-ms", type=float, default=17.5, help="relay: lossy path, one-way delay"
+    )
+    group.add_argument(
+        "--lossy-loss", type=float, default=0.02, help="relay: lossy path, random loss (0-1)"
     )
 
 
@@ -133,6 +207,16 @@ async def _join(http: httpx.AsyncClient, url: str, user_token: str, slug: str) -
 
 async def _metric(http: httpx.AsyncClient, node: LocalNode, name: str, label: str = "") -> float:
     return metric_sum((await http.get(f"{node.url}/metrics")).text, name, label)
+
+
+async def _retried(http: httpx.AsyncClient, nodes: list[LocalNode]) -> float:
+    """Signalling attempts sent again so far, both nodes."""
+    return sum(
+        [
+            await _metric(http, node, "sfumesh_relay_events_total", 'event="retried"')
+            for node in nodes
+        ]
+    )
 
 
 async def _no_relay(redis: Redis, within_s: float = 20.0) -> None:
@@ -170,6 +254,7 @@ async def _drive(
         try:
             for trial in range(run.trials):
                 await _no_relay(redis)
+                retried = await _retried(http, nodes)
                 started = time.monotonic()
                 b_sock = await _join(http, node2.url, b_token, slug)
                 b = MediaPeer(b_sock, "B")
@@ -194,9 +279,14 @@ async def _drive(
                     result.signalling_bytes.append(
                         int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
                     )
+                    result.retries.append(int(await _retried(http, nodes) - retried))
                 except (AssertionError, RuntimeError, httpx.HTTPError) as error:
                     result.failures += 1
-                    say(f"sfumesh bench relay: trial {trial + 1} failed: {error}", err=True)
+                    say(
+                        f"sfumesh bench relay: trial {trial + 1} failed: "
+                        f"{type(error).__name__}: {error}",
+                        err=True,
+                    )
                 finally:
                     await b.close()
                     await b_sock.close()
@@ -298,18 +388,21 @@ async def _sdp_sizes(run: RelayRun) -> None:
         await pc.close()
 
 
-def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carrier: str) -> None:
-    result = CarrierRun(carrier)
-    run.carriers.append(result)
-    env = {
+def _node_env(carrier: str) -> dict[str, str]:
+    return {
         "SFUMESH_DATABASE": f"bench_{secrets.token_hex(4)}",
         "SFUMESH_BCRYPT_COST": "4",
-        "SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]',
         "SFUMESH_RELAY_LINGER_S": "0",
         "SFUMESH_RELAY_CARRIER": carrier,
         "SFUMESH_RELAY_REPORT_PERIOD_S": "0.5",
         "SFUMESH_LOG_LEVEL": "WARNING",
     }
+
+
+def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carrier: str) -> None:
+    result = CarrierRun(carrier)
+    run.carriers.append(result)
+    env = {**_node_env(carrier), "SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]'}
     nodes: list[LocalNode] = []
     try:
         nodes = start_nodes(
@@ -322,10 +415,32 @@ def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carri
                 node.stop()
 
 
+def _run_lossy(data_dir: Path, run: RelayRun, carrier: str) -> None:
+    """The trials over the WAN lab's lossy path (no CPU windows: the emulator shares the
+    machine); the participants run on the lab's client host."""
+    result = CarrierRun(carrier, path="lossy")
+    run.lossy = result
+    topology = LOSSY_TOPOLOGY.format(delay_ms=run.lossy_delay_ms, loss=run.lossy_loss)
+    trials = RelayRun(trials=run.trials, window_s=0.0)
+    with LabCluster(
+        topology, "bench-relay-lossy", data_dir / "lab", node_env=_node_env(carrier)
+    ) as cluster:
+        cluster.wait_converged(timeout=60)
+        nodes = [cluster.nodes["node-1"].local, cluster.nodes["node-2"].local]
+        services = cluster.services
+        assert services is not None
+        adapter.set_host_addresses([str(cluster.lab.address("client"))])
+
+        async def drive() -> None:
+            await _drive(nodes, services, trials, result)
+
+        cluster.run("client", drive)
+
+
 def print_table(run: RelayRun) -> None:
     say(
-        f"sfumesh bench relay: 2 nodes on loopback, {run.trials} trials per carrier, "
-        f"{os.cpu_count()} CPUs"
+        f"sfumesh bench relay: 2 nodes on loopback, {run.trials} trials per carrier "
+        f"(and per path), {os.cpu_count()} CPUs"
     )
     header = (
         f"{'carrier':<8} {'ok':>4} {'fail':>5} {'setup p50':>10} {'p95':>8} "
@@ -342,12 +457,33 @@ def print_table(run: RelayRun) -> None:
             f"{ms(percentile(links, 0.5)):>9} "
             f"{int(percentile(per_relay, 0.5) or 0):>12} {int(result.message_bytes_max):>8}"
         )
-    for result in run.carriers:
+    lossy = run.lossy
+    if lossy is not None:
+        ordered = sorted(lossy.setup_ms)
+        links = sorted(lossy.link_setup_ms)
+        say(
+            f"{'lossy':<8} {len(ordered):>4} {lossy.failures:>5} "
+            f"{ms(percentile(ordered, 0.5)):>10} {ms(percentile(ordered, 0.95)):>8} "
+            f"{ms(percentile(links, 0.5)):>9} "
+            f"{int(percentile(sorted(map(float, lossy.signalling_bytes)), 0.5) or 0):>12} "
+            f"{int(lossy.message_bytes_max):>8}"
+        )
+    for result in [*run.carriers, *([lossy] if lossy is not None else [])]:
+        name = "lossy" if result.path == "lossy" else result.carrier
         phases = ", ".join(
             f"{phase} {ms(percentile(sorted(values), 0.5))}/{ms(percentile(sorted(values), 0.95))}"
             for phase, values in result.phases_ms.items()
         )
-        say(f"{result.carrier:<8} link phases p50/p95 (ms): {phases or '-'}")
+        say(f"{name:<8} link phases p50/p95 (ms): {phases or '-'}")
+    if lossy is not None:
+        say(
+            f"lossy: {lossy.carrier} carrier, {run.lossy_delay_ms:g} ms one way "
+            f"({2 * run.lossy_delay_ms:g} ms RTT) with {run.lossy_loss:.1%} random loss between "
+            f"the nodes (WAN lab); signalling attempts sent again: {sum(lossy.retries)} in "
+            f"{len(lossy.retries)} relays"
+        )
+    elif run.lossy_problem is not None:
+        say(f"lossy: not run ({run.lossy_problem})")
     say("")
     say("setup: B's join starts -> A decodes B's first relayed video frame (ms);")
     say("link: relay offer -> ICE and DTLS up, on the offering node (ms)")
@@ -401,30 +537,43 @@ def report(run: RelayRun) -> dict[str, Any]:
         "python": platform.python_version(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    for result in run.carriers:
-        setup = sorted(result.setup_ms)
-        links = sorted(result.link_setup_ms)
-        figures[result.carrier] = {
-            "setup_ms_p50": rounded(percentile(setup, 0.5)),
-            "setup_ms_p95": rounded(percentile(setup, 0.95)),
-            "link_setup_ms_p50": rounded(percentile(links, 0.5)),
-            "link_setup_ms_p95": rounded(percentile(links, 0.95)),
-            "link_phases_ms_p50": {
-                phase: rounded(percentile(sorted(values), 0.5))
-                for phase, values in result.phases_ms.items()
-            },
-            "link_phases_ms_p95": {
-                phase: rounded(percentile(sorted(values), 0.95))
-                for phase, values in result.phases_ms.items()
-            },
-            "signalling_bytes_per_relay_p50": percentile(
-                sorted(float(b) for b in result.signalling_bytes), 0.5
-            ),
-            "signalling_bytes_max": result.message_bytes_max,
-            "trials_ok": len(setup),
-            "failures": result.failures,
+    if run.lossy is not None:
+        figures["lossy"] = {
+            **_carrier_figures(run.lossy),
+            "carrier": run.lossy.carrier,
+            "one_way_delay_ms": run.lossy_delay_ms,
+            "loss": run.lossy_loss,
         }
+    for result in run.carriers:
+        figures[result.carrier] = _carrier_figures(result)
     return figures
+
+
+def _carrier_figures(result: CarrierRun) -> dict[str, Any]:
+    setup = sorted(result.setup_ms)
+    links = sorted(result.link_setup_ms)
+    return {
+        "setup_ms_p50": rounded(percentile(setup, 0.5)),
+        "setup_ms_p95": rounded(percentile(setup, 0.95)),
+        "link_setup_ms_p50": rounded(percentile(links, 0.5)),
+        "link_setup_ms_p95": rounded(percentile(links, 0.95)),
+        "link_phases_ms_p50": {
+            phase: rounded(percentile(sorted(values), 0.5))
+            for phase, values in result.phases_ms.items()
+        },
+        "link_phases_ms_p95": {
+            phase: rounded(percentile(sorted(values), 0.95))
+            for phase, values in result.phases_ms.items()
+        },
+        "signalling_bytes_per_relay_p50": percentile(
+            sorted(float(b) for b in result.signalling_bytes), 0.5
+        ),
+        "signalling_bytes_max": result.message_bytes_max,
+        "signalling_retries": sum(result.retries),
+        "signalling_retries_per_relay_max": max(result.retries, default=0),
+        "trials_ok": len(setup),
+        "failures": result.failures,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -435,34 +584,59 @@ def run(args: argparse.Namespace) -> int:
     if args.joins < 1:
         say("sfumesh bench relay: --joins must be at least 1", err=True)
         return 2
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not paths or any(p not in PATHS for p in paths):
+        say(f"sfumesh bench relay: --paths takes {', '.join(PATHS)}", err=True)
+        return 2
+    if not 0 <= args.lossy_loss < 1 or args.lossy_delay_ms < 0:
+        say("sfumesh bench relay: --lossy-loss is 0 to 1, --lossy-delay-ms >= 0", err=True)
+        return 2
+    if "lossy" in paths and not in_private_netns():
+        reexec_in_private_netns()  # the same command, in a namespace of its own (the lab)
     setup_logging("WARNING")
-    relay_run = RelayRun(trials=args.joins, window_s=args.cpu_window)
+    relay_run = RelayRun(
+        trials=args.joins,
+        window_s=args.cpu_window,
+        lossy_delay_ms=args.lossy_delay_ms,
+        lossy_loss=args.lossy_loss,
+    )
     adapter.set_host_addresses(["127.0.0.1"])  # the participants in this process
     try:
-        return _run(args, relay_run, carriers)
+        return _run(args, relay_run, carriers, paths)
     finally:
         adapter.set_host_addresses(None)
 
 
-def _run(args: argparse.Namespace, relay_run: RelayRun, carriers: list[str]) -> int:
+def _run(
+    args: argparse.Namespace, relay_run: RelayRun, carriers: list[str], paths: list[str]
+) -> int:
     asyncio.run(_sdp_sizes(relay_run))
     with tempfile.TemporaryDirectory(prefix="sfumesh-bench-relay-") as tmp:
         data_dir = Path(tmp)
-        try:
-            services = BackingServices.start(
-                os.environ.get("REDIS_URL", ""), "", data_dir / "services"
-            )
-        except ServiceError as error:
-            say(f"sfumesh bench relay: {error}", err=True)
-            return 1
-        try:
-            for carrier in carriers:
-                _run_carrier(data_dir, services, relay_run, carrier)
-        finally:
-            with no_interrupts():
-                services.stop()
+        if "lossy" in paths:
+            relay_run.lossy_problem = namespace_problem()
+            if relay_run.lossy_problem is None:
+                _run_lossy(data_dir, relay_run, carriers[0])
+                adapter.set_host_addresses(["127.0.0.1"])
+            else:
+                say(f"sfumesh bench relay: lossy path: {relay_run.lossy_problem}", err=True)
+        if "loopback" in paths:
+            try:
+                services = BackingServices.start(
+                    os.environ.get("REDIS_URL", ""), "", data_dir / "services"
+                )
+            except ServiceError as error:
+                say(f"sfumesh bench relay: {error}", err=True)
+                return 1
+            try:
+                for carrier in carriers:
+                    _run_carrier(data_dir, services, relay_run, carrier)
+            finally:
+                with no_interrupts():
+                    services.stop()
     print_table(relay_run)
     if args.json is not None and not write_report(args.json, report(relay_run)):
         return 1
-    ok = all(c.setup_ms and not c.failures for c in relay_run.carriers)
+    ran = [*relay_run.carriers, *([relay_run.lossy] if relay_run.lossy is not None else [])]
+    ok = bool(ran) and all(c.setup_ms and not c.failures for c in ran)
     return 0 if ok else 1

@@ -35,6 +35,7 @@ from node.config import ConfigError, Settings, load_settings
 from node.relay.manager import read_relays
 from node.runtime.monitoring import write_monitoring_files, write_targets
 from node.state import keys
+from node.state.connect import open_redis_with
 from node.state.quota import bytes_by_room
 from node.state.sessions import Membership, read_session
 
@@ -117,9 +118,9 @@ async def _rtt(args: argparse.Namespace, settings: Settings) -> dict[str, dict[s
 
 def _redis(args: argparse.Namespace, settings: Settings) -> Redis:
     url = args.redis_url or settings.redis_url.get_secret_value()
-    if not url:
+    if not url and settings.redis.mode != "sentinel":
         raise ConfigError("the cluster's Redis is not known: give --redis-url or REDIS_URL")
-    return Redis.from_url(url)
+    return open_redis_with(settings.redis, url)
 
 
 def _text(value: bytes | str) -> str:

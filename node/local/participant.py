@@ -41,9 +41,13 @@ WAIT_S = 40.0
 # `live.ws_idle_timeout_s`, 45 s by default); the web client pings every 20 s too.
 PING_INTERVAL_S = 20.0
 # A received video track that decoded nothing for this long asks for a keyframe, and again
-# each STALL_S while it stays frozen (as browsers do), and moves its jitter buffer past a
-# hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was there).
+# each STALL_RETRY_S while it stays frozen (as browsers do), and moves its jitter buffer
+# past a hole it waits behind (`adapter.skip_jitter_hole`: the freeze of issue 20 was
+# there). A keyframe answers within a round trip or two; one that has not made the picture
+# move within STALL_RETRY_S met another hole or was lost: in the lab, waiting a whole
+# STALL_S for the next try made the gaps over 2 s.
 STALL_S = 1.0
+STALL_RETRY_S = 0.5
 # Gaps between decoded frames longer than this are kept (`Received.gaps`).
 GAP_KEPT_S = 0.5
 
@@ -200,6 +204,8 @@ class Received:
         self.frames = 0
         #: the last decoded video frame's (width, height)
         self.size: tuple[int, int] | None = None
+        #: when the track arrived (monotonic), its first and latest decoded frames
+        self.arrived_at = time.monotonic()
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         #: (monotonic time the gap ended, its length) of gaps longer than GAP_KEPT_S
@@ -288,6 +294,8 @@ class MediaPeer:
                 (t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track),
                 None,
             )
+            if receiver is not None:
+                adapter.retry_nacks(receiver)  # a lost NACK is asked again, not at the next gap
             received = Received(track, mid, receiver, self._on_frame)
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
@@ -295,16 +303,19 @@ class MediaPeer:
         self._watchdog = asyncio.ensure_future(self._watch_frozen())
 
     async def _watch_frozen(self) -> None:
-        """Ask for a keyframe for a video track that decoded nothing for STALL_S."""
+        """Ask for a keyframe for a video track that decoded nothing for STALL_S (since its
+        latest frame, or since it arrived when it never decoded one)."""
         while True:
-            await asyncio.sleep(STALL_S / 4)
+            await asyncio.sleep(STALL_RETRY_S / 4)
             now = time.monotonic()
             for r in self.received:
                 if r.kind != "video" or r.receiver is None or r.ended.is_set():
                     continue
-                if r.last_frame_at is None or now - r.last_frame_at < STALL_S:
+                # a track that never decoded its first frame counts from its arrival: its
+                # first keyframe may have lost a packet for good just the same
+                if now - (r.last_frame_at or r.arrived_at) < STALL_S:
                     continue
-                if now - r.last_request_at < STALL_S:
+                if now - r.last_request_at < STALL_RETRY_S:
                     continue
                 r.last_request_at = now
                 r.keyframe_requests += 1

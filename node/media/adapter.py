@@ -53,6 +53,24 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
+* NACK retries (issue 20, "why a packet stays unrepaired"): aiortc's receiver NACKs missing
+  packets only when a packet arrives past a new gap (`NackGenerator.add`); a NACK or a
+  retransmission that is lost too is asked for again only at the next gap, on average a
+  second or more later at 2% loss and ~50 video packets/s, by which time the client's
+  jitter buffer has stalled (the freezes over 2 s in the lab). `retry_nacks()` wraps a
+  receiver's `_send_rtcp_nack` on the instance to note what was asked for, and asks again
+  for what is still missing every `NACK_RETRY_S`, up to `NACK_RETRY_TRIES` times per packet.
+  Node-side taps get it for video (`tap_rtp`); the shared participant uses it too.
+* Setup timers of node-to-node relay links (issue 22): a lost packet during setup costs what
+  the retransmission timer says, and aioice's STUN transactions start at a fixed 0.5 s
+  (`stun.RETRY_RTO`), OpenSSL's DTLS handshake timer at 1 s, whatever the path. Neither is a
+  parameter: `hasten_ice_checks()` gives one ICE transport's connectivity checks their own
+  first retransmission time (a copy of `StunProtocol.request` that sets the `Transaction`'s
+  first delay; consent checks keep aioice's timing), and `DtlsFlightResender` re-sends the
+  last DTLS flight verbatim when no new datagram answers it within its own time (OpenSSL's
+  timer cannot be shortened through pyOpenSSL: no `DTLS_set_timer_cb`). A verbatim copy
+  carries the same record sequence numbers, so a peer that got the first copy drops it as a
+  replay; a peer that did not processes it as the original.
 """
 
 from __future__ import annotations
@@ -69,6 +87,7 @@ from typing import Any, ClassVar, Final
 
 import aioice
 import aioice.ice
+import aioice.stun
 import aiortc
 import aiortc.codecs
 import aiortc.jitterbuffer
@@ -216,6 +235,15 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aiortc.rtcdtlstransport.RtpRouter, "ssrc_table", "init"),
     (HeaderExtensions, "rtp_stream_id", "member"),
     (HeaderExtensions, "repaired_rtp_stream_id", "member"),
+    (aioice.ice.Connection, "_protocols", "init"),
+    (aioice.ice.StunProtocol, "transactions", "init"),
+    (aioice.ice.StunProtocol.request, "Transaction", "uses"),
+    (aioice.stun.Transaction, "_Transaction__timeout_delay", "init"),
+    (aioice.stun.Transaction, "run", "member"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_send", "init"),
+    (aiortc.rtcicetransport.RTCIceTransport, "_recv", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl, "_send", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next, "_recv", "uses"),
 )
 
 RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
@@ -353,6 +381,253 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
     return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
+# --------------------------------------------------------------------------- NACK retries
+
+#: a packet still missing this long after its NACK is asked for again (a 35-80 ms RTT
+#: answers well within; longer paths get a duplicate retransmission at worst)
+NACK_RETRY_S: Final = 0.15
+#: asks per missing packet beyond the first
+NACK_RETRY_TRIES: Final = 4
+
+
+class NackRetry:
+    """Asks again for packets a receiver NACKed and still misses (see the module docstring).
+
+    Installed on one receiver (`retry_nacks`): its `_send_rtcp_nack` is wrapped on the
+    instance, so both aiortc's own gap NACKs and a tap's are noted. A timer runs only while
+    something is missing."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        interval_s: float = NACK_RETRY_S,
+        tries: int = NACK_RETRY_TRIES,
+    ) -> None:
+        r: Any = receiver
+        self._r = r
+        self._nack: NackGenerator = r._RTCRtpReceiver__nack_generator
+        self.interval_s = interval_s
+        self.tries = tries
+        self._send = r._send_rtcp_nack
+        #: sequence number -> (last asked at, times asked)
+        self._asked: dict[int, tuple[float, int]] = {}
+        self._ssrc: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: NACKs sent by the timer, and the sequence numbers they named
+        self.retries = 0
+        self.retried_packets = 0
+        #: Test hook: when set and it returns True for a NACK's sequence numbers, the NACK
+        #: is not sent (simulated loss toward the sender). Never set in production.
+        self.drop: Callable[[list[int]], bool] | None = None
+        r._send_rtcp_nack = self._noting
+
+    async def _noting(self, media_ssrc: int, lost: list[int]) -> None:
+        now = time.monotonic()
+        self._ssrc = media_ssrc
+        for seq in lost:
+            _, times = self._asked.get(seq, (now, 0))
+            self._asked[seq] = (now, times + 1)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._expired)
+        if self.drop is None or not self.drop(list(lost)):
+            await self._send(media_ssrc, lost)
+
+    def _expired(self) -> None:
+        self._timer = None
+        missing = self._nack.missing
+        for seq in [s for s in self._asked if s not in missing]:
+            del self._asked[seq]  # arrived, or given up by the generator (too old)
+        now = time.monotonic()
+        due = sorted(
+            seq
+            for seq, (at, times) in self._asked.items()
+            if times <= self.tries and now - at >= self.interval_s * 0.9
+        )
+        if due and self._ssrc is not None:
+            self.retries += 1
+            self.retried_packets += len(due)
+            task = asyncio.ensure_future(self._noting(self._ssrc, due))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif any(times <= self.tries for _, times in self._asked.values()):
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._expired)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._asked.clear()
+
+
+def retry_nacks(receiver: RTCRtpReceiver) -> NackRetry | None:
+    """Ask again for packets `receiver` still misses after its NACK (video receivers: those
+    with a NACK generator); None for a receiver that never NACKs (audio)."""
+    r: Any = receiver
+    if r._RTCRtpReceiver__nack_generator is None:
+        return None
+    existing = getattr(r, "_sfumesh_nack_retry", None)
+    if isinstance(existing, NackRetry):
+        return existing
+    retry = NackRetry(receiver)
+    r._sfumesh_nack_retry = retry
+    return retry
+
+
+# --------------------------------------------------------------------------- relay setup timers
+
+
+def hasten_ice_checks(transport: aiortc.RTCIceTransport, rto_s: float) -> None:
+    """Make the connectivity checks of `transport` (gathered, not yet started) retransmit
+    first after `rto_s`, doubling, instead of aioice's fixed 0.5 s: on a 35 ms path a lost
+    check then costs ~0.15 s. Checks keep aioice's count (7 tries); consent checks (one try
+    each) keep aioice's timing entirely. Applies to the transport's own sockets only."""
+    connection: Any = transport._connection
+    for protocol in connection._protocols:
+        _hasten_protocol(protocol, rto_s)
+
+
+def _hasten_protocol(protocol: Any, rto_s: float) -> None:
+    original = protocol.request
+
+    async def request(
+        message: aioice.stun.Message,
+        addr: tuple[str, int],
+        integrity_key: bytes | None = None,
+        retransmissions: int | None = None,
+    ) -> tuple[aioice.stun.Message, tuple[str, int]]:
+        if retransmissions is not None:
+            return await original(message, addr, integrity_key, retransmissions)  # type: ignore[no-any-return]
+        # aioice's StunProtocol.request, with the transaction's first delay set
+        assert message.transaction_id not in protocol.transactions
+        if integrity_key is not None:
+            message.add_message_integrity(integrity_key)
+        transaction = aioice.stun.Transaction(message, addr, protocol, integrity_key=integrity_key)
+        transaction_any: Any = transaction
+        transaction_any._Transaction__timeout_delay = rto_s
+        protocol.transactions[message.transaction_id] = transaction
+        try:
+            return await transaction.run()
+        finally:
+            del protocol.transactions[message.transaction_id]
+
+    protocol.request = request
+
+
+def _is_dtls(data: bytes) -> bool:
+    # RFC 7983: a first byte of 20-63 is DTLS; 128-191 is RTP/RTCP (SRTP here)
+    return bool(data) and 19 < data[0] < 64
+
+
+class DtlsFlightResender:
+    """Re-sends the last DTLS flight of `dtls` after `rto_s` (doubling, at most
+    `max_resends` times per flight) while the peer has not answered it, and at once when
+    the peer repeats a datagram it sent before (its sign that our flight was lost, RFC 6347
+    4.2.4). A flight is the DTLS datagrams sent since a new datagram last came in.
+
+    Installed on the ICE transport before the handshake (`RTCDtlsTransport.start`); it wraps
+    that transport's `_send` and `_recv` (attributes aiortc sets per instance) and puts them
+    back once the peer's
+    first SRTP/SRTCP shows the handshake done on both sides, or when it has nothing left to
+    re-send after the handshake (the final flight of the side that finishes first is covered
+    too: its loss would otherwise wait for the peer's 1 s timer)."""
+
+    def __init__(self, dtls: aiortc.RTCDtlsTransport, rto_s: float, max_resends: int = 6) -> None:
+        self.rto_s = rto_s
+        self.max_resends = max_resends
+        #: datagrams re-sent (timer or peer repeat)
+        self.resent = 0
+        self._dtls = dtls
+        self._ice: Any = dtls.transport
+        self._send = self._ice._send
+        self._recv = self._ice._recv
+        self._flight: list[bytes] = []
+        self._answered = True
+        self._delay = rto_s
+        self._tries = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = self._send_wrapper
+        self._receiving = self._recv_wrapper
+        self._ice._send = self._sending
+        self._ice._recv = self._receiving
+        self.installed = True
+        #: new DTLS datagrams received from the peer (repeats not counted twice)
+        self.seen: set[bytes] = set()
+        #: Test hook: when set and it returns True for a DTLS datagram (sent first or again),
+        #: it is not written (simulated loss on the way to the peer). Never set in production.
+        self.drop: Callable[[bytes], bool] | None = None
+
+    async def _send_wrapper(self, data: bytes) -> None:
+        if _is_dtls(data):
+            if self._answered:
+                self._flight, self._answered = [], False
+                self._delay, self._tries = self.rto_s, 0
+            self._flight.append(data)
+            self._arm()
+            if self.drop is not None and self.drop(data):
+                return
+        await self._send(data)
+
+    async def _recv_wrapper(self) -> bytes:
+        data: bytes = await self._recv()
+        if not _is_dtls(data):
+            self._cancel()
+            if self._dtls.state != "connecting":
+                self.uninstall()  # the peer sends media: its handshake is done
+        elif data in self.seen:
+            self._resend()  # the peer repeats itself: it did not get our flight
+        else:
+            self.seen.add(data)
+            self._answered = True
+            self._cancel()
+        return data
+
+    def _arm(self) -> None:
+        self._cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._delay, self._expired)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._dtls.state not in ("new", "connecting", "connected") or self._answered:
+            return
+        if self._tries >= self.max_resends:
+            if self._dtls.state == "connected":
+                self.uninstall()
+            return
+        self._tries += 1
+        self._delay *= 2
+        self._resend()
+        self._timer = asyncio.get_running_loop().call_later(self._delay, self._expired)
+
+    def _resend(self) -> None:
+        for datagram in self._flight:
+            self.resent += 1
+            if self.drop is not None and self.drop(datagram):
+                continue
+            task = asyncio.ensure_future(self._send(datagram))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def uninstall(self) -> None:
+        """Give the ICE transport its own `_send` and `_recv` back. Idempotent."""
+        self._cancel()
+        if not self.installed:
+            return
+        self.installed = False
+        # aiortc binds them per instance (the ICE connection's send and recv)
+        if self._ice._send is self._sending:
+            self._ice._send = self._send
+        if self._ice._recv is self._receiving:
+            self._ice._recv = self._recv
+        self._flight = []
+
+
 # --------------------------------------------------------------------------- receive side
 
 
@@ -424,6 +699,8 @@ class RtpTap:
         r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
         r.receive = self._receive
         r._handle_rtp_packet = self._handle_rtp_packet
+        #: asks again for video packets still missing after their NACK (None for audio)
+        self.nack_retry = retry_nacks(receiver)
 
     @property
     def media_ssrcs(self) -> list[int]:

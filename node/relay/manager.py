@@ -99,6 +99,8 @@ POINTER_TTL_MS: Final = 30_000
 RETRY_BACKOFF_S: Final = 0.5
 RETRY_BACKOFF_MAX_S: Final = 8.0
 STOP_WAIT_S: Final = 5.0
+#: the longest first retransmission time of a link's setup (OpenSSL's own DTLS timer)
+SETUP_RTO_MAX_S: Final = 1.0
 
 
 def relay_track_id(published: Published) -> str:
@@ -446,8 +448,19 @@ class RelayManager:
             if holder and holder[0].state != "closed":
                 self.spawn(self._end(holder[0], reason))
 
-        link = RelayLink(is_controlling(self.name, peer), on_rtp, on_ended)
+        link = RelayLink(
+            is_controlling(self.name, peer), on_rtp, on_ended, setup_rto_s=self._setup_rto(peer)
+        )
         return link, holder
+
+    def _setup_rto(self, peer: str) -> float | None:
+        """The link's first ICE/DTLS retransmission time: the setting, or 3x the estimated
+        RTT of a far peer (capped at OpenSSL's own 1 s); None when the setting is 0."""
+        floor = self.settings.setup_rto_s
+        if not floor:
+            return None
+        rtt = self.estimate_rtt_s(peer)
+        return min(SETUP_RTO_MAX_S, max(floor, 3 * rtt)) if rtt else floor
 
     def _relay(self, peer: str, link_id: str, offered_by_me: bool, boot: str = "") -> Relay:
         link, holder = self._new_link(peer)

@@ -37,8 +37,14 @@ class Live:
         self.settings = settings
         self.redis = redis
         self.lock_redis = lock_redis
+        sentinel = settings.redis.mode == "sentinel"
         self.lock = DistributedLock(
-            [redis, *lock_redis], redis, ttl_s=live.lock_ttl_s, wait_s=live.lock_wait_s
+            [redis, *lock_redis],
+            redis,
+            ttl_s=live.lock_ttl_s,
+            wait_s=live.lock_wait_s,
+            fence_replicas=settings.redis.wait_replicas if sentinel else 0,
+            fence_wait_ms=settings.redis.wait_timeout_ms,
         )
         self.sessions = SessionStore(
             redis,
@@ -72,6 +78,13 @@ class Live:
         self.draining = False
         self.redis_ok = False
         self._registered = False
+        # Heartbeats, monotonic: when the last one succeeded, and since when they have come
+        # without a gap. After a gap (Redis away, or a Sentinel failover that held commands
+        # in retries) other nodes' records may have run out for the same reason, not because
+        # those nodes died: the reaper waits one node TTL of steady beats before reaping.
+        self._beat_ok_at: float | None = None
+        self._beat_failed = False
+        self._steady_since = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanups: set[asyncio.Task[Any]] = set()
 
@@ -198,10 +211,28 @@ class Live:
                     log.info("redis.back")
                 await self.registry.register()
             self.redis_ok = True
+            self._beat_done()
         except (RedisError, OSError, LockError) as error:
+            self._beat_failed = True
             if self.redis_ok or not self._registered:
                 log.warning("redis.unreachable", extra={"error": str(error)})
             self.redis_ok = False
+
+    def _beat_done(self) -> None:
+        now = time.monotonic()
+        # A beat is due every node_ttl_s / 3: one that came two periods late broke the run.
+        late = self._beat_ok_at is not None and now - self._beat_ok_at > (
+            self.settings.live.node_ttl_s * 2 / 3
+        )
+        if late or self._beat_failed:
+            self._steady_since = now
+        self._beat_failed = False
+        self._beat_ok_at = now
+
+    def steady(self) -> bool:
+        """Whether this node's heartbeats have run without a gap for a node TTL: only then
+        does a missing record of another node mean that node is dead."""
+        return time.monotonic() - self._steady_since >= self.settings.live.node_ttl_s
 
     async def _reassert(self) -> None:
         for conn in list(self.hub.connections.values()):
@@ -232,6 +263,9 @@ class Live:
         period = self.settings.live.reaper_period_s
         while True:
             await asyncio.sleep(period * (0.8 + random.random() * 0.4))  # noqa: S311
+            if not self.steady():
+                log.info("reaper.waiting", extra={"reason": "heartbeat gap, records may lag"})
+                continue
             try:
                 for name in await self.registry.expired():
                     if name == self.name:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from node.state import keys
+from node.state.connect import is_cluster, slot_of
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class EventPump:
         self._inbox = keys.node_inbox(node)
         self._positions: dict[str, str] = {self._inbox: f"{int(time.time() * 1000)}-0"}
         self._rooms: dict[str, str] = {}  # stream key -> slug
+        self._cluster = is_cluster(redis)
+        # cluster only: the reader of each hash slot, and the flag that makes it re-read
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._changed: dict[int, asyncio.Event] = {}
+        self._running = False
         self.healthy = asyncio.Event()
 
     async def watch(self, slug: str, after_id: str) -> None:
@@ -72,7 +78,10 @@ class EventPump:
             return
         self._positions[stream] = after_id
         self._rooms[stream] = slug
-        await self.send_to_node(self._node, "wake", {})
+        if self._cluster:
+            self._spawn(self._slot(stream))
+        else:
+            await self.send_to_node(self._node, "wake", {})
 
     async def events_after(self, slug: str, after_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         """The room's events after `after_id`, oldest first (a joining connection's backlog)."""
@@ -114,12 +123,59 @@ class EventPump:
         )
 
     async def run(self) -> None:
-        """Read and deliver until cancelled; reconnects with backoff when Redis is away."""
+        """Read and deliver until cancelled; reconnects with backoff when Redis is away.
+
+        On one server (or a Sentinel-managed primary) one blocking XREAD covers every stream.
+        A cluster serves a multi-stream XREAD only within one hash slot, so there each slot
+        with watched streams (a room's, the inbox) gets a reader of its own."""
+        if not self._cluster:
+            await self._read(None)
+            return
+        self._running = True
+        try:
+            for slot in {self._slot(stream) for stream in self._positions}:
+                self._spawn(slot)
+            await asyncio.Event().wait()
+        finally:
+            self._running = False
+            readers = list(self._readers.values())
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            self._readers.clear()
+
+    def _slot(self, stream: str) -> int:
+        return slot_of(self._redis, stream)
+
+    def _spawn(self, slot: int) -> None:
+        if not self._running:
+            return  # run() starts a reader for every watched slot
+        if slot in self._readers:
+            self._changed.setdefault(slot, asyncio.Event()).set()
+            return
+        self._changed[slot] = asyncio.Event()
+        reader = asyncio.create_task(self._read(slot), name=f"events-slot-{slot}")
+        self._readers[slot] = reader
+        reader.add_done_callback(lambda _: self._reader_done(slot, reader))
+
+    def _reader_done(self, slot: int, reader: asyncio.Task[None]) -> None:
+        if self._readers.get(slot) is reader:
+            del self._readers[slot]
+            self._changed.pop(slot, None)
+
+    async def _read(self, slot: int | None) -> None:
+        """Read the watched streams (of `slot`, or all of them) and deliver, in a loop."""
         backoff = 0.1
         while True:
+            streams: dict[Any, Any] = {
+                stream: position
+                for stream, position in self._positions.items()
+                if slot is None or self._slot(stream) == slot
+            }
+            if not streams:
+                return  # its rooms were all unwatched; a watch starts a new reader
             try:
-                streams: dict[Any, Any] = dict(self._positions)
-                batches: Any = await self._redis.xread(streams, count=200, block=BLOCK_MS)
+                batches = await self._xread(streams, slot)
                 self.healthy.set()
                 backoff = 0.1
             except (RedisError, OSError) as error:
@@ -138,6 +194,25 @@ class EventPump:
                     if stream != self._inbox and slug is None:
                         continue  # unwatched meanwhile
                     await self._dispatch(slug, event_id, fields)
+
+    async def _xread(self, streams: dict[Any, Any], slot: int | None) -> Any:
+        """One blocking XREAD; a cluster slot's read is cut short (nothing read, positions
+        unchanged) when a stream of that slot is newly watched, so the next read has it."""
+        changed = None if slot is None else self._changed.get(slot)
+        if changed is None:
+            return await self._redis.xread(streams, count=200, block=BLOCK_MS)
+        changed.clear()
+        read = asyncio.ensure_future(self._redis.xread(streams, count=200, block=BLOCK_MS))
+        woken = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not read.done():
+                read.cancel()
+        if read.cancelled():
+            return []
+        return read.result()
 
     async def _dispatch(self, slug: str | None, event_id: str, fields: dict[bytes, bytes]) -> None:
         event_type = fields.get(b"type", b"").decode()

@@ -46,6 +46,11 @@ class Connection:
     on_error: Callable[[str], None] | None = None
     # While joining: live room events wait here until the backlog is sent (Hub.catch_up).
     held: list[RoomEvent] | None = None
+    # Ids of the chat messages sent lately (oldest first). A Redis failover can put one
+    # message in the stream twice under two ids: the node read it from the old primary,
+    # which died before a replica had it, and the publisher's retry wrote it again. The
+    # client gets it once.
+    sent_chats: dict[str, None] = field(default_factory=dict)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.close_code is not None:
@@ -160,6 +165,8 @@ class Hub:
         if stream_id_key(conn.after) >= stream_id_key(event_id):
             return  # already in its `joined` snapshot, or already sent
         conn.after = event_id
+        if event_type == "chat" and not _first_time(conn, str(data.get("id"))):
+            return
         message = client_message(event_type, data, slug)
         if event_type == "participant-replaced" and data["session_id"] == conn.session_id:
             self.leave_room(conn)
@@ -177,6 +184,19 @@ class Hub:
             conn.send({"type": "left", "room": slug, "reason": data["reason"]})
         elif message is not None:
             conn.send(message)
+
+
+#: chat ids a connection remembers: far more than a failover's few seconds of messages
+SENT_CHATS_KEPT = 512
+
+
+def _first_time(conn: Connection, chat_id: str) -> bool:
+    if chat_id in conn.sent_chats:
+        return False
+    conn.sent_chats[chat_id] = None
+    if len(conn.sent_chats) > SENT_CHATS_KEPT:
+        del conn.sent_chats[next(iter(conn.sent_chats))]
+    return True
 
 
 def replace(conn: Connection, *, same_session: bool) -> None:

@@ -4,8 +4,8 @@ Live state only; users, rooms and messages are in the document store.
 
 | key | type | what |
 |---|---|---|
-| `sfumesh:node:<name>` | string (JSON), TTL | node registry record; expiry = node dead (N2) |
-| `sfumesh:nodes` | set | names of registered nodes, so reapers find expired ones |
+| `sfumesh:{nodes}:node:<name>` | string (JSON), TTL | node record; expiry = node dead (N2) |
+| `sfumesh:{nodes}:names` | set | names of registered nodes, so reapers find expired ones |
 | `sfumesh:node-sessions:<name>` | set | session ids whose WebSocket is on that node |
 | `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
 | `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
@@ -20,10 +20,10 @@ Live state only; users, rooms and messages are in the document store.
 | `sfumesh:{room:<slug>}:happening-lock:<id>` | string | serialises a happening's RSVPs |
 | `sfumesh:{room:<slug>}:happening-fence:<id>` | counter | its fences: order of "going" answers |
 | `sfumesh:{room:<slug>}:reminder-sent:<r>` | string, TTL | reminder r was published to the room |
-| `sfumesh:reminders:due` | sorted set | reminder -> due time (ms), not yet claimed |
-| `sfumesh:reminders:claimed` | sorted set | reminder -> claim lease expiry (ms) |
+| `sfumesh:{reminders}:due` | sorted set | reminder -> due time (ms), not yet claimed |
+| `sfumesh:{reminders}:claimed` | sorted set | reminder -> claim lease expiry (ms) |
 | `sfumesh:rooms-live` | set | slugs with members, for operators and reapers |
-| `sfumesh:chat-limit:<sid>` | counter, TTL | chat messages in the current second |
+| `sfumesh:chat-limit:{<sid>}` | counter, TTL | chat messages in the current second |
 | `sfumesh:loginlimit:{limits}:fail-acct:<h>` | counter, TTL | failed logins, one account (h) |
 | `sfumesh:loginlimit:{limits}:fail-addr:<addr>` | counter, TTL | failed logins from one address |
 | `sfumesh:loginlimit:{limits}:try-addr:<addr>` | counter, TTL | logins from one address |
@@ -50,17 +50,23 @@ bytes in its room's and its user's counter in one script (node/state/quota.py); 
 counted again from the store when missing. The room counters are also what operators read
 for storage per room (`sfumesh cluster files`, the `sfumesh_file_*` gauges): found with
 SCAN on `files_room_bytes_pattern()`, never by a label per room.
+
+The same holds for the rest: node records and their name set share `{nodes}` (registered
+and dropped in one transaction), the two reminder sets `{reminders}` (claimed by one
+script), and a session's keys (record, generation, chat counter) its id. No script or
+transaction touches two slots, so every one runs unchanged on a Redis Cluster; the global
+sets (`rooms-live`, `node-sessions:*`) are changed by single commands only.
 """
 
 from __future__ import annotations
 
 PREFIX = "sfumesh"
-NODES = f"{PREFIX}:nodes"
+NODES = f"{PREFIX}:{{nodes}}:names"
 ROOMS_LIVE = f"{PREFIX}:rooms-live"
 
 
 def node(name: str) -> str:
-    return f"{PREFIX}:node:{name}"
+    return f"{PREFIX}:{{nodes}}:node:{name}"
 
 
 def node_sessions(name: str) -> str:
@@ -82,7 +88,7 @@ def session_generation(session_id: str) -> str:
 
 
 def chat_limit(session_id: str) -> str:
-    return f"{PREFIX}:chat-limit:{session_id}"
+    return f"{PREFIX}:chat-limit:{{{session_id}}}"
 
 
 def room_lookups(address: str) -> str:
@@ -230,6 +236,6 @@ def reminder_sent(slug: str, reminder: str) -> str:
 
 
 #: reminders waiting for their time (score: due, ms since the epoch, Redis clock)
-REMINDERS_DUE = f"{PREFIX}:reminders:due"
+REMINDERS_DUE = f"{PREFIX}:{{reminders}}:due"
 #: reminders a node is writing (score: when its lease ends; then any node takes it over)
-REMINDERS_CLAIMED = f"{PREFIX}:reminders:claimed"
+REMINDERS_CLAIMED = f"{PREFIX}:{{reminders}}:claimed"

@@ -113,6 +113,8 @@ class DistributedLock:
         drift_factor: float = 0.01,
         call_timeout_s: float | None = None,
         wait_s: float | None = None,
+        fence_replicas: int = 0,
+        fence_wait_ms: int = 500,
     ) -> None:
         if not clients:
             raise ValueError("a lock needs at least one Redis server")
@@ -131,6 +133,11 @@ class DistributedLock:
         # With wait_s, a busy lock is retried until that deadline, however many attempts it
         # takes: under contention a fixed count runs out long before the queue does.
         self.wait_s = wait_s
+        # Under Sentinel the fence counter must be on a replica before the lock counts:
+        # a failover that lost the INCR would hand the same fence to the next holder, and a
+        # stale holder's writes would pass the fence check beside the new holder's.
+        self.fence_replicas = fence_replicas
+        self.fence_wait_ms = fence_wait_ms
         self.quorum = len(self._clients) // 2 + 1
         self._release_scripts = [client.register_script(_RELEASE) for client in self._clients]
         self._extend_scripts = [client.register_script(_EXTEND) for client in self._clients]
@@ -196,17 +203,36 @@ class DistributedLock:
         # successor's.
         try:
             async with asyncio.timeout(validity):
-                fence = int(await self._fence_client.incr(fence_key))
+                fence = await self._new_fence(fence_key)
         except TimeoutError:
             return None
         except (RedisError, OSError) as exc:
             await self._release_all(name, value)
             raise LockError(f"no fencing token for lock {name!r}: {exc!r}") from exc
+        if fence is None:
+            return None
         now = time.monotonic()
         validity = self._validity(self.ttl_s, started, now)
         if validity <= 0:
             return None
         return Lease(name=name, value=value, fence=fence, validity_s=validity, acquired_at=now)
+
+    async def _new_fence(self, fence_key: str) -> int | None:
+        """INCR the fence; with `fence_replicas`, None unless that many replicas have it
+        (WAIT on the same connection, in one pipeline, as WAIT counts that client's writes)."""
+        if not self.fence_replicas:
+            return int(await self._fence_client.incr(fence_key))
+        async with self._fence_client.pipeline(transaction=False) as pipe:
+            pipe.incr(fence_key)
+            pipe.wait(self.fence_replicas, self.fence_wait_ms)
+            fence, acked = await pipe.execute()
+        if int(acked) < self.fence_replicas:
+            log.warning(
+                "lock.fence_not_replicated",
+                extra={"fence_key": fence_key, "replicas": int(acked)},
+            )
+            return None
+        return int(fence)
 
     async def acquire(self, name: str, fence_key: str) -> Lease:
         """The lock `name` with a fresh fence from `INCR fence_key`, or LockUnavailable."""

@@ -425,12 +425,14 @@ class SessionStore:
         one transaction with the checks: raises when over it, or, for `in_room_now` (a
         connection that joined the room), when its membership has ended."""
         limit_key = keys.chat_limit(session_id)
+        # The counter and the session share the session's slot: one transaction on a
+        # cluster too. The membership is a read in the room's slot.
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(limit_key)
             pipe.expire(limit_key, 1, nx=True)
-            pipe.hexists(keys.room_members(slug), session_id)
             pipe.exists(keys.session(session_id))
-            count, _, member, session = await pipe.execute()
+            count, _, session = await pipe.execute()
+        member = await self._redis.hexists(keys.room_members(slug), session_id)
         if in_room_now and not member:
             if not session:
                 # Redis lost its data; the node puts this session back when it answers again.

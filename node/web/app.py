@@ -19,7 +19,7 @@ from node.runtime.cluster import Cluster
 from node.runtime.happenings import ReminderLoop
 from node.runtime.live import Live
 from node.runtime.metrics import CONTENT_TYPE, NodeMetrics
-from node.state.connect import redis_client
+from node.state.connect import load_scripts, open_redis, redis_client
 from node.state.ratelimit import LoginLimiter, SignupLimiter
 from node.state.revocation import TokenState
 from node.store.db import open_store, ping_store
@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> Quart:
         mark_runs()
         started = time.perf_counter()
         phases: dict[str, float] = {}
-        redis = redis_client(settings.redis_url.get_secret_value())
+        redis = open_redis(settings)
         # The store's set-up (Beanie, indexes) needs nothing of Redis or Serf, nor they of it:
         # side by side, a node far from both pays the longer of the two, not their sum
         # (README "WAN lab": 20.6 s to ready at 300 ms RTT when one followed the other).
@@ -138,7 +138,7 @@ def create_app(settings: Settings) -> Quart:
             login_limiter = LoginLimiter(redis, settings.login_limit)
             signup_limiter = SignupLimiter(redis, settings.signup_limit)
             reminders = ReminderLoop(live)
-            await asyncio.gather(*(c.load_scripts() for c in [redis, *lock_clients]))
+            await asyncio.gather(*(load_scripts(c) for c in [redis, *lock_clients]))
             phases["scripts_s"] = time.perf_counter() - started
             await warming
             store = await opening

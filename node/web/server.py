@@ -44,7 +44,10 @@ async def run_node(settings: Settings) -> int:
     private_dir(settings.data_dir, tighten=False)
     services = await asyncio.to_thread(
         BackingServices.start,
-        settings.redis_url.get_secret_value(),
+        # Sentinel mode names no URL (the sentinels name the primary), yet must not start
+        # an embedded redis-server: a placeholder stands for the URL it does not use.
+        settings.redis_url.get_secret_value()
+        or ("sentinel:" if settings.redis.mode == "sentinel" else ""),
         settings.mongodb_uri.get_secret_value(),
         settings.data_dir / "services",
     )

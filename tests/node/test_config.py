@@ -41,6 +41,16 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
         "serf.encrypt_key",
     ),
     "relay-key-a-list": ({"SFUMESH_RELAY_KEY": f'["{SECRET}"]'}, "relay.key"),
+    "redis-password-a-list": ({"SFUMESH_REDIS_PASSWORD": f'["{SECRET}"]'}, "redis.password"),
+    "sentinel-password-an-object": (
+        {"SFUMESH_REDIS_SENTINEL_PASSWORD": f'{{"{SECRET}": 1}}'},
+        "redis.sentinel_password",
+    ),
+    # Sentinel mode without sentinels says so, and not the password given beside.
+    "sentinel-mode-without-sentinels": (
+        {"SFUMESH_REDIS_MODE": "sentinel", "SFUMESH_REDIS_PASSWORD": SECRET},
+        "redis.sentinels",
+    ),
     # A mistake elsewhere still must not print the secrets given beside it.
     "bad-port-beside-secrets": (
         {
@@ -103,3 +113,24 @@ def test_other_errors_still_say_what_is_wrong() -> None:
         load_settings(env={"SFUMESH_SERF_MODE": "sometimes"})
     with pytest.raises(ConfigError, match="bcrypt_cost"):
         load_settings(env={"SFUMESH_BCRYPT_COST": "99"})
+
+
+def test_redis_deployments_from_the_environment() -> None:
+    settings = load_settings(
+        env={
+            "SFUMESH_REDIS_MODE": "sentinel",
+            "SFUMESH_REDIS_SENTINELS": '["10.0.0.1:26379", "[fd00::2]:26379"]',
+            "SFUMESH_REDIS_SENTINEL_SERVICE": "rooms",
+            "SFUMESH_REDIS_PASSWORD": SECRET,
+        }
+    )
+    redis = settings.redis
+    assert redis.mode == "sentinel" and redis.sentinel_service == "rooms"
+    assert redis.sentinel_addresses() == [("10.0.0.1", 26379), ("fd00::2", 26379)]
+    assert redis.password.get_secret_value() == SECRET and SECRET not in repr(settings)
+    assert load_settings(env={"SFUMESH_REDIS_MODE": "cluster"}).redis.mode == "cluster"
+    for bad in ('["10.0.0.1"]', '["10.0.0.1:99999"]', '[":26379"]'):
+        with pytest.raises(ConfigError, match=r"redis\.sentinels"):
+            load_settings(env={"SFUMESH_REDIS_MODE": "sentinel", "SFUMESH_REDIS_SENTINELS": bad})
+    with pytest.raises(ConfigError, match=r"redis\.mode"):
+        load_settings(env={"SFUMESH_REDIS_MODE": "ring"})

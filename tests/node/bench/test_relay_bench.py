@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from node.cli.main import main
+from node.lab.namespaces import namespace_problem
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,8 @@ ISSUE_KEYS = (
 
 def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "relay.json"
-    argv = ["bench", "relay", "--joins", "2", "--cpu-window", "2", "--json", str(out)]
+    argv = ["bench", "relay", "--joins", "2", "--cpu-window", "2", "--paths", "loopback"]
+    argv += ["--json", str(out)]
     code = main(argv)
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
@@ -45,3 +47,29 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     assert figures["sdp_offer_bytes"]["2"] > 1000  # why SDP cannot ride in a Serf message
     assert "setup p50" in printed.out and "relay's own CPU" in printed.out
     assert "link phases p50/p95 (ms): signalling" in printed.out
+
+
+@pytest.mark.skipif(namespace_problem() is not None, reason=f"no lab: {namespace_problem()}")
+def test_the_lossy_path_reports_setup_phases_and_retries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22 item 3: the relay's setup over a 35 ms path with 2% loss (the WAN lab)."""
+    out = tmp_path / "relay.json"
+    argv = ["bench", "relay", "--joins", "2", "--paths", "lossy", "--json", str(out)]
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    figures = json.loads(out.read_text())
+    lossy = figures["lossy"]
+    assert lossy["trials_ok"] == 2 and lossy["failures"] == 0, lossy
+    assert lossy["loss"] == 0.02 and lossy["one_way_delay_ms"] == 17.5
+    assert 0 < lossy["setup_ms_p50"] <= lossy["setup_ms_p95"]
+    assert 0 < lossy["link_setup_ms_p50"] <= lossy["link_setup_ms_p95"]
+    # the link crossed the 35 ms path: its setup took at least a round trip
+    phases = lossy["link_phases_ms_p50"]
+    assert phases["ice"] + phases["dtls"] >= 35, phases
+    assert set(lossy["link_phases_ms_p95"]) == {"signalling", "ice", "dtls"}
+    assert isinstance(lossy["signalling_retries"], int) and lossy["signalling_retries"] >= 0
+    assert "inline" not in figures and "redis" not in figures  # loopback not run
+    assert "lossy    link phases p50/p95 (ms): signalling" in printed.out
+    assert "signalling attempts sent again" in printed.out

@@ -15,6 +15,9 @@ from node.cli.main import main
 from tests.conftest import Api
 from tests.node.web.test_files import Room, photo
 
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
+
 
 async def test_cluster_files_lists_rooms_by_bytes_stored(
     make_app: Any, backing: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -24,7 +25,7 @@ from aiortc.rtp import RtpPacket
 
 from mesh.closest import pick_node
 from node.local.launch import LocalNode, start_nodes
-from node.local.participant import FailoverParticipant, open_socket, until
+from node.local.participant import FailoverParticipant, MediaPeer, open_socket, until
 from node.media import adapter
 from node.runtime.services import BackingServices
 from tests.node.live_client import create_room, sign_up
@@ -123,3 +124,61 @@ async def test_a_failover_participant_leaves_a_node_gone_silent(
             os.kill(node1.process.pid, signal.SIGKILL)  # frozen: it would not stop by itself
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.slow
+async def test_a_track_that_never_decoded_asks_for_a_keyframe(
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    """Issue 20 (a lab call waited 40 s for a first frame): B's video is lost until B asks
+    for a keyframe, so B never decodes a frame by itself (alice's encoder makes a keyframe
+    only when asked, or every 3000 frames). The participant counted a freeze only after a
+    first frame and never asked; now a track that decoded nothing for STALL_S since it
+    arrived is frozen too, and the keyframe it asks for gets through."""
+    node = node_processes(extra_env={"SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]'})
+    adapter.set_host_addresses(["127.0.0.1"])
+    try:
+        async with httpx.AsyncClient(timeout=30) as http, AsyncExitStack() as stack:
+            alice, bob = await sign_up(http, node.url, "a"), await sign_up(http, node.url, "b")
+            await create_room(alice, node.url, "first-frame")
+            peers: list[MediaPeer] = []
+            for user in (alice, bob):
+                sock = await user.connect(node.url)
+                stack.push_async_callback(sock.close)
+                await user.join(sock, "first-frame", node.url)
+                peer = MediaPeer(sock, user.username)
+                stack.push_async_callback(peer.close)
+                peers.append(peer)
+            a, b = peers
+            lost = [0]
+
+            @b.subscribe.on("track")
+            def lose_until_asked(track: Any) -> None:
+                if track.kind != "video":
+                    return
+                receiver: Any = next(
+                    t.receiver for t in b.subscribe.getTransceivers() if t.receiver.track is track
+                )
+                handle = receiver._handle_rtp_packet
+                received = next(r for r in b.received if r.track is track)
+
+                async def handle_rtp(packet: RtpPacket, arrival_time_ms: int) -> None:
+                    if not received.keyframe_requests:
+                        lost[0] += 1
+                        return
+                    await handle(packet, arrival_time_ms)
+
+                receiver._handle_rtp_packet = handle_rtp
+
+            await a.start_publishing()
+            await until(lambda: bool(b.from_(a.sock.session_id, "video")), "b's video track")
+            video = b.from_(a.sock.session_id, "video")[0]
+            await until(
+                lambda: video.frames >= 5,
+                "b decodes alice's video",
+                within_s=8.0,
+                describe=lambda: f"{video.frames} frames, {video.keyframe_requests} PLIs",
+            )
+            assert lost[0] > 10 and video.keyframe_requests >= 1
+    finally:
+        adapter.set_host_addresses(None)

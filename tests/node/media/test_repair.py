@@ -22,6 +22,7 @@ import pytest
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.rtp import RtpPacket
 
+from node.bench.report import metric_sum
 from node.media import adapter
 from node.media.adapter import SenderTap
 from node.media.session import MediaHub, MediaSession, Published
@@ -217,3 +218,43 @@ async def test_lost_packet_repaired_by_nack_through_node(make_app: Any) -> None:
             longest = max(longest, run)
         assert longest < 0.5, f"video froze for {longest:.2f} s"
     assert adapter.CODEC_WORK.total == work_before
+
+
+@pytest.mark.slow
+async def test_keyframe_waits_are_counted_and_logged_given_up_or_recovered(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 20, Build 2: a wait the publisher never answers is retried, then given up,
+    logged (`media.no_keyframe`) and counted; an answered one is a recovery, with its wait
+    in `sfumesh_media_keyframe_wait_seconds`."""
+    settings = {"media__keyframe_retry_s": 0.3, "media__keyframe_give_up_s": 1.2}
+    async with scene(make_app, **settings) as s:
+        sender: Any = s.alice_sender
+        answer = sender._send_keyframe
+        forwarder = s.published.forwarder
+        assert forwarder is not None
+        await until(lambda: not forwarder.waiting, "bob no longer waits for a keyframe", LIMIT)
+        receiver: Any = s.bob_receiver
+        await asyncio.sleep(s.published.keyframes.interval + 0.1)
+        recoveries, gave_up = s.media.keyframe_recoveries, s.media.keyframe_gave_up
+        retries = s.media.keyframe_retries
+
+        asked: list[float] = []
+        sender._send_keyframe = lambda: asked.append(time.monotonic())  # alice ignores PLIs
+        with caplog.at_level("WARNING", logger="node.media.session"):
+            await receiver._send_rtcp_pli(s.sink.ssrc)
+            await until(lambda: s.media.keyframe_gave_up > gave_up, "the wait given up", LIMIT)
+        assert len(asked) >= 3  # the first request and its retries reached alice
+        assert s.media.keyframe_retries >= retries + 2
+        assert s.media.keyframe_recoveries == recoveries
+        assert any(r.getMessage() == "media.no_keyframe" for r in caplog.records)
+
+        sender._send_keyframe = answer  # alice answers again: the next wait recovers
+        await receiver._send_rtcp_pli(s.sink.ssrc)
+        await until(lambda: s.media.keyframe_recoveries > recoveries, "a recovery", LIMIT)
+        text = await (await s.api.client.get("/metrics")).get_data(as_text=True)
+        assert metric_sum(text, "sfumesh_media_keyframe_gave_up_total") == s.media.keyframe_gave_up
+        assert metric_sum(text, "sfumesh_media_keyframe_retries_total") >= retries + 2
+        count = metric_sum(text, "sfumesh_media_keyframe_wait_seconds_count")
+        assert count == s.media.keyframe_recoveries > recoveries
+        assert metric_sum(text, "sfumesh_media_keyframe_wait_seconds_sum") > 0

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from mesh import relay_signal as signal
 from mesh.relay_description import TrackInfo
@@ -28,6 +27,7 @@ from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
+from tests.conftest import suite_redis
 from tests.mesh.test_serf_rpc import serf_agents
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ async def managers(
     RelaySettings, `b_<field>` only node-b's. `attacker` gets one more RPC client of node-a's
     agent (anyone with its RPC address and auth)."""
     adapter.set_host_addresses(["127.0.0.1"])
-    redis = Redis.from_url(backing.redis_url)
+    redis = suite_redis(backing)
     try:
         async with serf_agents(tmp_path, ["node-a", "node-b"]) as agents, AsyncExitStack() as stack:
             made: list[RelayManager] = []
@@ -177,6 +177,7 @@ async def test_repeats_unknown_links_and_a_restarted_peer(
         assert relay.state == "closed"
 
 
+@pytest.mark.redis_paths
 async def test_redis_pointer_carrier(tmp_path: Path, backing: BackingServices) -> None:
     async with managers(tmp_path, backing, carrier="redis") as (a, b):
         await a.open("node-b")
@@ -260,7 +261,7 @@ async def test_forged_requests_are_refused_unanswered_and_change_nothing(
 
 
 async def backing_redis_has(backing: BackingServices, key: str) -> bool:
-    redis = Redis.from_url(backing.redis_url)
+    redis = suite_redis(backing)
     try:
         return bool(await redis.exists(key))
     finally:
@@ -275,7 +276,7 @@ async def test_a_relayed_track_is_taken_only_for_a_session_of_the_peer(
         await eventually(lambda: same_link(a, b), "the relay")
         relay = b.relays["node-a"]
         own, foreign = signal.new_id(), signal.new_id()
-        redis = Redis.from_url(backing.redis_url)
+        redis = suite_redis(backing)
         try:
             for session_id, node in ((own, "node-a"), (foreign, "node-c")):
                 record = {"user_id": "u-" + node, "node": node, "generation": "1", "room": "r1"}

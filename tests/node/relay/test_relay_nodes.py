@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import time
@@ -24,6 +25,7 @@ from node.local.participant import MediaPeer, until
 from node.media import adapter
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
+from tests.conftest import suite_redis
 from tests.node.live_client import User, create_room, sign_up
 from tests.node.runtime.test_live_mesh import FAST_LIVENESS
 from tests.node.runtime.test_node_mesh import _cluster
@@ -56,7 +58,7 @@ def loopback_candidates() -> Iterator[None]:
 
 @pytest.fixture
 async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = Redis.from_url(backing.redis_url)
+    client = suite_redis(backing)
     yield client
     await client.aclose()
 
@@ -71,6 +73,33 @@ def _env() -> dict[str, str]:
 async def metric(http: httpx.AsyncClient, node: LocalNode, name: str) -> float:
     """The sum of a metric's samples on one node."""
     return metric_sum((await http.get(f"{node.url}/metrics")).text, name)
+
+
+#: the series every subscription has, local or relayed (`node.media.stats`); loss, jitter,
+#: RTT and REMB follow the subscriber's first RTCP report
+SUBSCRIBER_FAMILIES = (
+    "sfumesh_media_packets_total",
+    "sfumesh_media_bytes_total",
+    "sfumesh_media_bitrate_bps",
+    "sfumesh_media_nacks_total",
+    "sfumesh_media_retransmissions_total",
+    "sfumesh_media_keyframe_requests_total",
+)
+
+
+def _subscriber_series(text: str, subscriber: str, publishers: set[str]) -> None:
+    """/metrics (per session) lists each of `subscriber`'s subscriptions, to the audio and
+    video of every one of `publishers` (all relayed here), in every subscriber family."""
+    for family in SUBSCRIBER_FAMILIES:
+        tracks = set()
+        for labels in re.findall(rf"^{family}\{{([^}}]*)\}} ", text, re.MULTILINE):
+            label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if label.get("session") == subscriber and label.get("direction") == "out":
+                tracks.add((label["kind"], label["track"]))
+        owners = {track.split(":", 1)[0] for _, track in tracks}
+        kinds = sorted(kind for kind, _ in tracks)
+        assert kinds == ["audio", "audio", "video", "video"], (family, subscriber, tracks)
+        assert owners == publishers, (family, subscriber, tracks)
 
 
 async def join_and_publish(
@@ -88,7 +117,8 @@ async def join_and_publish(
 async def test_a_room_across_three_nodes(
     backing: BackingServices, tmp_path: Path, http: httpx.AsyncClient, redis: Redis
 ) -> None:
-    env = _env()
+    # per-session series: each subscriber of a relayed track listed on its own (issue 22)
+    env = {**_env(), "SFUMESH_METRICS_PER_SESSION": "true"}
     nodes = start_nodes(backing, TOKEN_KEYS, count=3, data_dir=tmp_path, extra_env=env)
     node1, node2, node3 = nodes
     try:
@@ -141,6 +171,8 @@ async def test_a_room_across_three_nodes(
                     out = f'direction="out",kind="{kind}"'
                     assert metric_sum(text, "sfumesh_media_packets_total", out) > 0, text
                 assert metric_sum(text, "sfumesh_media_packets_total", 'direction="in"') > 0
+                local = {node1.name: a_id, node2.name: b_id, node3.name: c_id}[node.name]
+                _subscriber_series(text, local, {a_id, b_id, c_id} - {local})
 
             # each relay has its Vivaldi estimate once coordinates have converged a little,
             # its measured RTT from the RTCP reports of its senders, and its bitrates (from

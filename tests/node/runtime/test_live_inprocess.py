@@ -13,6 +13,9 @@ from node.state import keys
 from node.store.models import Message
 from tests.conftest import Api, bearer
 
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
+
 TIMEOUT = 5.0
 
 

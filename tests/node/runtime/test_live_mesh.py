@@ -20,6 +20,7 @@ from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.sessions import Membership
+from tests.conftest import suite_redis
 from tests.node.live_client import Socket, User, create_room, sign_up
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,17 @@ FAST_LIVENESS = {
 }
 
 
-def mesh_of(services: BackingServices, data_dir: Path, count: int = 3) -> list[LocalNode]:
-    env = {**FAST_LIVENESS, "SFUMESH_DATABASE": f"mesh_{secrets.token_hex(4)}"}
+def mesh_of(
+    services: BackingServices,
+    data_dir: Path,
+    count: int = 3,
+    extra_env: dict[str, str] | None = None,
+) -> list[LocalNode]:
+    env = {
+        **FAST_LIVENESS,
+        "SFUMESH_DATABASE": f"mesh_{secrets.token_hex(4)}",
+        **(extra_env or {}),
+    }
     return start_nodes(services, {"k1": new_key()}, count=count, data_dir=data_dir, extra_env=env)
 
 
@@ -59,7 +69,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def state(backing: BackingServices) -> AsyncIterator[Redis]:
     # Not the `redis` fixture: that one empties Redis, and these nodes live in it.
-    client = Redis.from_url(backing.redis_url)
+    client = suite_redis(backing)
     yield client
     await client.aclose()
 
@@ -69,6 +79,7 @@ async def members_of(state: Redis, slug: str) -> list[Membership]:
     return [Membership.decode(value) for value in raw.values()]
 
 
+@pytest.mark.redis_paths
 async def test_events_and_chat_cross_nodes_in_one_order(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -143,6 +154,7 @@ async def test_capacity_4_refresh_20_times_then_fifth_is_refused(
         await sock.close()
 
 
+@pytest.mark.redis_paths
 async def test_100_users_at_once_into_capacity_8(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -223,6 +235,7 @@ async def _refresh_once(user: User, old: Socket, mesh: list[str], slug: str) -> 
     return fresh
 
 
+@pytest.mark.redis_paths
 async def test_refresh_race_never_loses_the_new_session(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:
@@ -265,6 +278,7 @@ async def test_refresh_race_never_loses_the_new_session(
     await asyncio.gather(observer.close(), *(s.close() for s in current.values()))
 
 
+@pytest.mark.redis_paths
 async def test_joining_mid_flood_misses_nothing(
     mesh: list[str], http: httpx.AsyncClient, state: Redis
 ) -> None:

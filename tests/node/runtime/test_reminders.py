@@ -25,6 +25,9 @@ from node.web.context import EXTENSION
 from node.web.happenings import REMINDERS_EXTENSION
 from tests.conftest import Api, bearer
 
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
+
 LEASE_MS = 400
 
 

@@ -19,6 +19,8 @@ from node.state.lock import DistributedLock
 from node.state.sessions import Membership, SessionStore
 from tests.node.state.test_pending_seats import Clock
 
+pytestmark = pytest.mark.redis_paths
+
 
 async def test_a_stale_view_of_a_full_room_admits_nobody(redis: Any) -> None:
     lock = DistributedLock([redis], redis, retries=200, retry_delay_s=(0.001, 0.01))

@@ -26,6 +26,9 @@ from node.state.lock import (
     StaleFence,
 )
 
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
+
 LOCK = "sfumesh:{room:lobby}:lock"
 FENCE = "sfumesh:{room:lobby}:fence"
 APPLIED = "sfumesh:{room:lobby}:applied-fence"

@@ -19,6 +19,9 @@ from node.state import keys
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
 
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
+
 TTL_S = 15.0
 
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from node.state import keys
 from node.state.events import EventPump
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
+
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
 
 EMPTY_TTL_S = 600.0
 

@@ -18,6 +18,8 @@ from node.state.lock import DistributedLock
 from node.state.sessions import SessionStore
 from tests.node.state.test_pending_seats import Clock
 
+pytestmark = pytest.mark.redis_paths
+
 GRACE_S = 10.0
 RACES = 50
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from node.state import keys
 from node.state.lock import DistributedLock
 from node.state.sessions import SessionRecord, SessionStore
+
+# Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
+pytestmark = pytest.mark.redis_paths
 
 
 def store(redis: Any) -> SessionStore:

@@ -33,7 +33,7 @@ from node.store.models import DOCUMENT_MODELS, Message, Room, User
 from node.web.app import create_app
 from node.web.context import EXTENSION, NodeContext
 from node.web.tokens import Purpose, TokenService
-from tests.conftest import GENEROUS_LIMITS, Api, bearer, error_of, running_app
+from tests.conftest import GENEROUS_LIMITS, Api, bearer, error_of, running_app, suite_redis
 
 MAX_BODY = 64 * 1024  # settings.max_body_bytes, the default the fixtures keep
 ABSENT_ID = "0123456789abcdef01234567"  # a well-formed ObjectId no document has
@@ -173,7 +173,7 @@ async def open_world(backing: BackingServices, data_dir: Path) -> AsyncIterator[
     )
     test_app = running_app(create_app(settings))
     await test_app.startup()
-    redis = Redis.from_url(backing.redis_url)
+    redis = suite_redis(backing)
     try:
         api = Api(test_app.test_client())
         user = await api.signup("alice")

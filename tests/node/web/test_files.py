@@ -288,6 +288,7 @@ async def test_cut_upload_leaves_no_chunk_and_no_quota(
     assert used is None or int(used) == 0
 
 
+@pytest.mark.redis_paths
 async def test_quota_counters_lost_with_redis_are_counted_again_from_the_store(
     make_app: Any, backing: Any, redis: Any
 ) -> None:
@@ -304,6 +305,7 @@ async def test_quota_counters_lost_with_redis_are_counted_again_from_the_store(
     await mongo.close()
 
 
+@pytest.mark.redis_paths
 async def test_racing_uploads_cannot_pass_the_room_quota(make_app: Any, backing: Any) -> None:
     """Two app instances (two nodes' worth of handlers) on one Redis and one store: ten
     uploads at once, room quota for three: three are kept, never more."""

@@ -203,6 +203,7 @@ async def test_planned_in_ho_chi_minh_read_in_amsterdam_across_dst(api: Api) -> 
     assert made["start_local"] == "2026-03-29T10:00:00+07:00"
 
 
+@pytest.mark.redis_paths
 async def test_50_rsvps_race_for_10_places(api: Api) -> None:
     await room_with_owner(api)
     alice, _ = await person(api, "alice", "lobby")
@@ -255,6 +256,7 @@ async def test_50_rsvps_race_for_10_places(api: Api) -> None:
     assert response.status_code == 422
 
 
+@pytest.mark.redis_paths
 async def test_changes_and_answers_reach_the_room_stream(api: Api, redis: Redis) -> None:
     await room_with_owner(api)
     alice, _ = await person(api, "alice", "lobby")
@@ -314,6 +316,7 @@ async def test_each_changed_answer_is_one_chat_line_saying_where_it_left_them(
     assert sum(t == "happening" and d["action"] == "rsvp" for t, d in events) == 6
 
 
+@pytest.mark.redis_paths
 async def test_room_limit_holds_when_creations_race_for_the_last_places(
     make_app: Callable[..., Any],
 ) -> None:

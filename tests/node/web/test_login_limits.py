@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from node.store.users import PasswordHasher
 from node.web.context import EXTENSION
 from tests.conftest import Api, error_of
@@ -58,6 +60,7 @@ async def test_successful_logins_do_not_use_up_the_limit(make_app: Any) -> None:
         assert (await _login(api, "alice", api.password)).status_code == 200
 
 
+@pytest.mark.redis_paths
 async def test_concurrent_guesses_cannot_exceed_the_limit(make_app: Any) -> None:
     test_app = await make_app(login_limit__per_login=5, login_limit__window_s=60)
     api = Api(test_app.test_client())
@@ -169,6 +172,7 @@ async def test_login_attempts_per_address_bound_bcrypt_work(make_app: Any) -> No
     assert (await _login(api, "alice", api.password, "10.0.0.10")).status_code == 200
 
 
+@pytest.mark.redis_paths
 async def test_login_attempts_over_the_mesh_are_bounded(make_app: Any) -> None:
     test_app = await make_app(login_limit__attempts_total=4, login_limit__attempts_window_s=60)
     api = Api(test_app.test_client())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.conftest import Api, bearer, error_of
 
 
@@ -12,6 +14,7 @@ async def _get(api: Api, path: str, address: str) -> Any:
     return await api.client.get(path, scope_base={"client": (address, 40000)})
 
 
+@pytest.mark.redis_paths
 async def test_room_lookups_are_limited_per_address(make_app: Any) -> None:
     test_app = await make_app(rooms__lookups_per_window=5, rooms__lookup_window_s=60)
     api = Api(test_app.test_client())
@@ -37,6 +40,7 @@ async def test_room_lookups_are_limited_per_address(make_app: Any) -> None:
     assert (await _get(api, "/api/rooms/hidden-place", "203.0.113.9")).status_code == 200
 
 
+@pytest.mark.redis_paths
 async def test_room_creation_is_limited_per_user(make_app: Any) -> None:
     test_app = await make_app(rooms__creations_per_window=3)
     api = Api(test_app.test_client())

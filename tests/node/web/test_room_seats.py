@@ -9,10 +9,13 @@ import asyncio
 from contextlib import AsyncExitStack
 from typing import Any
 
+import pytest
+
 from tests.conftest import Api, bearer, error_of
 from tests.node.runtime.test_live_inprocess import connect
 
 
+@pytest.mark.redis_paths
 async def test_throwaway_joins_free_their_seats_and_the_next_person_gets_in(
     make_app: Any,
 ) -> None:
@@ -37,6 +40,7 @@ async def test_throwaway_joins_free_their_seats_and_the_next_person_gets_in(
         assert again.status_code == 409 and (await error_of(again))["code"] == "join_expired"
 
 
+@pytest.mark.redis_paths
 async def test_the_creator_removes_someone_and_only_the_creator(make_app: Any) -> None:
     test_app = await make_app()
     api = Api(test_app.test_client())

@@ -52,6 +52,7 @@ async def test_signup_flood_from_one_address_reaches_bcrypt_at_most_the_limit(
     assert (await _signup(client, "neighbour", "10.0.0.8")).status_code == 201
 
 
+@pytest.mark.redis_paths
 async def test_signups_over_the_mesh_are_bounded(make_app: Any) -> None:
     test_app = await make_app(signup_limit__total=4, signup_limit__total_window_s=60)
     client = test_app.test_client()
