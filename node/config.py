@@ -227,6 +227,13 @@ class MediaSettings(BaseModel):
     # wait is given up (logged, counted) after keyframe_give_up_s. Each relay hop retries.
     keyframe_retry_s: float = Field(default=0.6, gt=0)
     keyframe_give_up_s: float = Field(default=10.0, gt=0)
+    # Simulcast: the highest layer (0 = the publisher's lowest encoding) any subscriber is
+    # sent, whatever its bandwidth and tile allow: the operator's cap (issue 14).
+    simulcast_max_layer: int = Field(default=2, ge=0, le=2)
+    # Whether a subscriber's layer follows its bandwidth estimate (REMB) and reported loss;
+    # off, only its tiles and the cap choose (a LAN, or a host too loaded for delay-based
+    # estimates to mean anything).
+    simulcast_follow_bandwidth: bool = True
     # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)
@@ -570,6 +577,8 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_REMINDER_LEASE_S": "happenings.reminder_lease_s",
     "SFUMESH_LOCK_REDIS_URLS": "live.lock_redis_urls",
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
+    "SFUMESH_MEDIA_SIMULCAST_MAX_LAYER": "media.simulcast_max_layer",
+    "SFUMESH_MEDIA_SIMULCAST_FOLLOW_BANDWIDTH": "media.simulcast_follow_bandwidth",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
     "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
     "SFUMESH_MEDIA_MAX_TRACKS_PER_OFFER": "media.max_tracks_per_offer",

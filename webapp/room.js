@@ -283,7 +283,7 @@ export class RoomConnection extends EventTarget {
     this.media?.close();
     const iceServers = [...(this.mediaOptions.iceServers ?? []), ...this.iceServers];
     this.media = new RoomMedia((message) => this.send(message), this.localStream, { ...this.mediaOptions, iceServers });
-    for (const type of ["track", "trackended", "error"]) {
+    for (const type of ["track", "trackended", "error", "speaker", "video-paused"]) {
       this.media.addEventListener(type, (event) =>
         this.emit(type === "error" ? "media-error" : type, /** @type {CustomEvent} */ (event).detail),
       );

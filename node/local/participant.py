@@ -202,6 +202,8 @@ class Received:
         self.receiver = receiver
         self.owner = ""
         self.frames = 0
+        #: the last decoded video frame's (width, height)
+        self.size: tuple[int, int] | None = None
         #: when the track arrived (monotonic), its first and latest decoded frames
         self.arrived_at = time.monotonic()
         self.first_frame_at: float | None = None
@@ -232,6 +234,8 @@ class Received:
                 if self.on_frame is not None:
                     self.on_frame(self, frame)
                 self.frames += 1
+                if isinstance(frame, VideoFrame):
+                    self.size = (frame.width, frame.height)
                 if self.first_frame_at is None:
                     self.first_frame_at = now
                 elif self.last_frame_at is not None and now - self.last_frame_at > GAP_KEPT_S:

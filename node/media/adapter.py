@@ -40,6 +40,16 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   calls `sender._send_keyframe()` (which only sets a flag the pack path never reads):
   replaced on the instance by a callback. A subscriber's REMB sets `encoder.target_bitrate`:
   the encoder slot holds a counting wrapper that records it.
+* Simulcast (issue 14). aiortc offers and accepts only the MID and abs-send-time header
+  extensions for video; `enable_simulcast_extensions()` adds rtp-stream-id and
+  repaired-rtp-stream-id to its `HEADER_EXTENSIONS` table (which its answers intersect with
+  the offer), so a browser may send its encodings with their RIDs. A simulcast publisher
+  signals no SSRCs: the tap learns each encoding's SSRC from the first packet that carries
+  its RID (and an RTX SSRC from the repaired RID), keeps one NACK generator per SSRC
+  (aiortc's follows a single sequence) and tells the node the layer (`on_layer`). aiortc's
+  `RtpRouter.route_rtp` routes an unknown SSRC only by payload type, which two video tracks
+  of one codec share: the counting wrapper of `count_unrouted` routes it by the packet's MID
+  extension then.
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
@@ -79,9 +89,11 @@ import aioice
 import aioice.ice
 import aioice.stun
 import aiortc
+import aiortc.codecs
 import aiortc.jitterbuffer
 import aiortc.rtcdtlstransport
 import aiortc.rtcicetransport
+import aiortc.rtcpeerconnection
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
@@ -91,6 +103,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import (
     RTCRtpCodecParameters,
+    RTCRtpHeaderExtensionParameters,
     RTCRtpReceiveParameters,
     RTCRtpSendParameters,
 )
@@ -215,6 +228,13 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aioice.ice, "get_host_addresses", "member"),
     (aioice.ice.Connection.gather_candidates, "get_host_addresses", "uses"),
     (aiortc.RTCPeerConnection, "_RTCPeerConnection__localRtp", "member"),
+    (aiortc.codecs, "HEADER_EXTENSIONS", "member"),
+    (aiortc.rtcpeerconnection, "HEADER_EXTENSIONS", "member"),
+    (aiortc.rtcpeerconnection.RTCPeerConnection.setRemoteDescription, "HEADER_EXTENSIONS", "uses"),
+    (aiortc.rtcdtlstransport.RtpRouter, "mid_table", "init"),
+    (aiortc.rtcdtlstransport.RtpRouter, "ssrc_table", "init"),
+    (HeaderExtensions, "rtp_stream_id", "member"),
+    (HeaderExtensions, "repaired_rtp_stream_id", "member"),
     (aioice.ice.Connection, "_protocols", "init"),
     (aioice.ice.StunProtocol, "transactions", "init"),
     (aioice.ice.StunProtocol.request, "Transaction", "uses"),
@@ -225,6 +245,22 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl, "_send", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next, "_recv", "uses"),
 )
+
+RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+REPAIRED_RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+# ids unused by aiortc's own table (mid 1, audio level 2, abs-send-time 3): with BUNDLE the
+# id space is shared by audio and video
+_SIMULCAST_EXTENSION_IDS: Final = ((RID_URI, 10), (REPAIRED_RID_URI, 11))
+
+
+def enable_simulcast_extensions() -> None:
+    """Let aiortc negotiate the RID header extensions for video (idempotent, process-wide):
+    without them a browser refuses to send simulcast."""
+    table: list[RTCRtpHeaderExtensionParameters] = aiortc.codecs.HEADER_EXTENSIONS["video"]
+    present = {extension.uri for extension in table}
+    for uri, extension_id in _SIMULCAST_EXTENSION_IDS:
+        if uri not in present:
+            table.append(RTCRtpHeaderExtensionParameters(id=extension_id, uri=uri))
 
 
 def _describe(owner: Any) -> str:
@@ -258,6 +294,7 @@ def check_aiortc() -> None:
             f"{', '.join(missing)}. sfumesh is pinned to aiortc=={PINNED_AIORTC_VERSION} "
             f"(aioice=={PINNED_AIOICE_VERSION}); install those versions."
         )
+    enable_simulcast_extensions()
     versions = (aiortc.__version__, aioice.__version__)
     if versions != (PINNED_AIORTC_VERSION, PINNED_AIOICE_VERSION):
         logger.warning(
@@ -653,6 +690,12 @@ class RtpTap:
         # cannot grow per-SSRC state.
         self._ssrcs: set[int] = set()
         self._declared = False
+        #: simulcast: the RIDs the publisher offered (lowest layer first; empty: none) ...
+        self.rids: tuple[str, ...] = ()
+        #: ... the media SSRC learnt for each, and who is told (SSRC, layer index)
+        self.rid_ssrcs: dict[str, int] = {}
+        self.on_layer: Callable[[int, int], None] | None = None
+        self._nacks: dict[int, NackGenerator] = {}
         r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
         r.receive = self._receive
         r._handle_rtp_packet = self._handle_rtp_packet
@@ -720,10 +763,15 @@ class RtpTap:
             self._drop("unknown-payload-type")
             return
         if packet.ssrc not in self._ssrcs:
-            if self._declared or self._ssrcs or packet.payload_type in self._rtx_pts:
+            if self.rids:
+                if not self._learn_layer(packet):
+                    self._drop("unknown-ssrc")
+                    return
+            elif self._declared or self._ssrcs or packet.payload_type in self._rtx_pts:
                 self._drop("unknown-ssrc")
                 return
-            self._ssrcs.add(packet.ssrc)
+            else:
+                self._ssrcs.add(packet.ssrc)
 
         estimator = self._estimator
         if estimator is not None and packet.extensions.abs_send_time is not None:
@@ -767,6 +815,11 @@ class RtpTap:
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
 
         nack = self._nack
+        if nack is not None and self.rids:
+            # aiortc's generator follows one sequence; each encoding has its own
+            nack = self._nacks.get(packet.ssrc)
+            if nack is None:
+                nack = self._nacks[packet.ssrc] = NackGenerator()
         if nack is not None and nack.add(packet):
             await r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
 
@@ -778,6 +831,26 @@ class RtpTap:
             # An exception here would end the DTLS transport's receive loop.
             self.handler_errors += 1
             logger.exception("RTP handler failed (packet dropped)")
+
+    def _learn_layer(self, packet: RtpPacket) -> bool:
+        """A new SSRC of a simulcast publisher: accept it if it carries an offered RID not
+        yet seen (an encoding), or, on an RTX payload type, the repaired RID of a known one."""
+        extensions = packet.extensions
+        if packet.payload_type in self._rtx_pts:
+            media_ssrc = self.rid_ssrcs.get(extensions.repaired_rtp_stream_id or "")
+            if media_ssrc is None or media_ssrc in self._rtx_ssrc.values():
+                return False
+            self._rtx_ssrc[packet.ssrc] = media_ssrc
+            self._ssrcs.add(packet.ssrc)
+            return True
+        rid = extensions.rtp_stream_id
+        if rid is None or rid not in self.rids or rid in self.rid_ssrcs:
+            return False
+        self.rid_ssrcs[rid] = packet.ssrc
+        self._ssrcs.add(packet.ssrc)
+        if self.on_layer is not None:
+            self.on_layer(packet.ssrc, self.rids.index(rid))
+        return True
 
 
 def tap_rtp(receiver: RTCRtpReceiver, handler: PacketHandler) -> RtpTap:
@@ -801,6 +874,12 @@ def count_unrouted(transport: aiortc.RTCDtlsTransport, on_drop: DropCallback) ->
     def counting_route_rtp(packet: RtpPacket) -> Any:
         receiver = route_rtp(packet)
         if receiver is None:
+            # an unknown SSRC whose payload type several receivers share: its MID says whose
+            mid = packet.extensions.mid
+            by_mid = router.mid_table.get(mid) if mid else None
+            if by_mid is not None and packet.ssrc not in router.ssrc_table:
+                router.ssrc_table[packet.ssrc] = by_mid
+                return by_mid
             on_drop("unrouted")
         return receiver
 

@@ -10,7 +10,9 @@ subscriber's NACKs name sequence numbers that map one-to-one onto the publisher'
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from aiortc.rtp import RtpPacket
@@ -381,10 +383,17 @@ class Forwarder(Generic[K]):
 
     def __init__(self, is_keyframe_start: Callable[[bytes], bool] | None = None) -> None:
         self._is_keyframe_start = is_keyframe_start
-        self._rewriters: dict[K, SubscriberRewriter] = {}
+        self._rewriters: dict[K, SubscriberRewriter | LayerRewriter] = {}
         self._waiting: set[K] = set()
         self._targets: tuple[tuple[K, SubscriberRewriter], ...] = ()
+        self._layered: tuple[tuple[K, LayerRewriter], ...] = ()
         self._seen = SeenWindow()
+        #: simulcast: publisher SSRC -> layer index (0 lowest); its packets go through the
+        #: subscribers' `LayerRewriter`s, each layer with its own window of seen packets
+        self.layers: dict[int, int] = {}
+        self._layer_seen: dict[int, SeenWindow] = {}
+        #: packets received per layer
+        self.layer_packets: dict[int, int] = {}
         self.packets_in = 0
         self.packets_out = 0
         self.dropped_waiting = 0
@@ -403,27 +412,44 @@ class Forwarder(Generic[K]):
 
     @property
     def waiting(self) -> frozenset[K]:
-        """Subscribers still waiting for a keyframe."""
-        return frozenset(self._waiting)
+        """Subscribers still waiting for a keyframe (of their target layer, with simulcast)."""
+        return frozenset(self._waiting) | {k for k, r in self._layered if r.waiting}
 
-    def add(self, key: K, rewriter: SubscriberRewriter) -> None:
+    def wanted_layers(self) -> set[int]:
+        """The simulcast layers subscribers wait for a keyframe of (their targets)."""
+        return {r.target for _, r in self._layered if r.waiting and r.target is not None}
+
+    def add(self, key: K, rewriter: SubscriberRewriter | LayerRewriter) -> None:
         self._rewriters[key] = rewriter
-        if self._is_keyframe_start is not None:
+        if self._is_keyframe_start is not None and isinstance(rewriter, SubscriberRewriter):
             self._waiting.add(key)
         self._rebuild()
 
-    def remove(self, key: K) -> SubscriberRewriter | None:
+    def remove(self, key: K) -> SubscriberRewriter | LayerRewriter | None:
         rewriter = self._rewriters.pop(key, None)
         self._waiting.discard(key)
         self._rebuild()
         return rewriter
 
     def rewriter(self, key: K) -> SubscriberRewriter | None:
-        return self._rewriters.get(key)
+        rewriter = self._rewriters.get(key)
+        return rewriter if isinstance(rewriter, SubscriberRewriter) else None
+
+    def layer_rewriter(self, key: K) -> LayerRewriter | None:
+        """A simulcast subscriber's rewriter (its target and current layer)."""
+        rewriter = self._rewriters.get(key)
+        return rewriter if isinstance(rewriter, LayerRewriter) else None
 
     def _rebuild(self) -> None:
         self._targets = tuple(
-            (key, rewriter) for key, rewriter in self._rewriters.items() if key not in self._waiting
+            (key, rewriter)
+            for key, rewriter in self._rewriters.items()
+            if key not in self._waiting and isinstance(rewriter, SubscriberRewriter)
+        )
+        self._layered = tuple(
+            (key, rewriter)
+            for key, rewriter in self._rewriters.items()
+            if isinstance(rewriter, LayerRewriter)
         )
 
     def admit(self, packet: RtpPacket) -> tuple[tuple[K, SubscriberRewriter], ...]:
@@ -447,6 +473,9 @@ class Forwarder(Generic[K]):
         """Write `packet` to every subscriber it goes to, renumbered for each, the payload
         shared (no packet object per copy); how many copies were written. `stamp` is the
         one send time every copy carries (the sink's own type)."""
+        layer = self.layers.get(packet.ssrc)
+        if layer is not None:
+            return self.forward_layer(layer, packet, stamp, time.monotonic())
         payload = packet.payload
         marker = packet.marker
         level = packet.extensions.audio_level
@@ -457,6 +486,35 @@ class Forwarder(Generic[K]):
                 rewriter.payload_type, marker, numbers[0], numbers[1], payload, level, stamp
             ):
                 sent += 1
+        self.packets_out += sent
+        return sent
+
+    def forward_layer(self, layer: int, packet: RtpPacket, stamp: object, now: float) -> int:
+        """Write a packet of simulcast layer `layer` to the subscribers whose stream takes it
+        (see `LayerRewriter`); how many copies were written."""
+        self.packets_in += 1
+        self.layer_packets[layer] = self.layer_packets.get(layer, 0) + 1
+        seen = self._layer_seen.get(layer)
+        if seen is None:
+            seen = self._layer_seen[layer] = SeenWindow()
+        if not seen.first_time(packet.ssrc, packet.sequence_number):
+            self.duplicates += 1
+            return 0
+        detector = self._is_keyframe_start
+        payload = packet.payload
+        keyframe = detector is not None and detector(payload)
+        seq = packet.sequence_number
+        ts = packet.timestamp
+        marker = packet.marker
+        sent = 0
+        for sink, rewriter in self._layered:
+            for out_seq, out_ts, out_marker, out_payload in rewriter.rewrite(
+                layer, seq, ts, marker, payload, keyframe, now
+            ):
+                if sink.write(
+                    rewriter.payload_type, out_marker, out_seq, out_ts, out_payload, None, stamp
+                ):
+                    sent += 1
         self.packets_out += sent
         return sent
 
@@ -493,3 +551,387 @@ class ByteBudget:
             return True
         self.refused += 1
         return False
+
+
+# --------------------------------------------------------------------------- simulcast
+
+PID_MASK_15: Final = 0x7FFF
+PID_MASK_7: Final = 0x7F
+TL0_MASK: Final = 0xFF
+
+
+def vp8_ids(payload: bytes) -> tuple[int | None, int, int | None, int]:
+    """The VP8 payload descriptor's (picture id, its mask (0x7F or 0x7FFF; 0: none),
+    TL0PICIDX, its offset in the payload (-1: none)) (RFC 7741)."""
+    n = len(payload)
+    if n < 3 or not payload[0] & 0x80:
+        return None, 0, None, -1
+    ext = payload[1]
+    pos = 2
+    pid: int | None = None
+    mask = 0
+    if ext & 0x80:
+        if payload[pos] & 0x80:
+            if n < pos + 2:
+                return None, 0, None, -1
+            pid = ((payload[pos] & 0x7F) << 8) | payload[pos + 1]
+            mask = PID_MASK_15
+            pos += 2
+        else:
+            pid = payload[pos] & 0x7F
+            mask = PID_MASK_7
+            pos += 1
+    if ext & 0x40 and n > pos:
+        return pid, mask, payload[pos], pos
+    return pid, mask, None, -1
+
+
+def vp8_rewrite_ids(payload: bytes, pid_offset: int, tl0_offset: int) -> bytes:
+    """`payload` with its picture id and TL0PICIDX shifted by the offsets (modulo their
+    width); the payload itself when it carries neither or both offsets are 0."""
+    if not (pid_offset or tl0_offset):
+        return payload
+    pid, mask, tl0, tl0_pos = vp8_ids(payload)
+    if pid is None and tl0 is None:
+        return payload
+    out = bytearray(payload)
+    if pid is not None and pid_offset:
+        new = (pid + pid_offset) & mask
+        if mask == PID_MASK_15:
+            out[2] = 0x80 | (new >> 8)
+            out[3] = new & 0xFF
+        else:
+            out[2] = new
+    if tl0 is not None and tl0_offset:
+        out[tl0_pos] = (tl0 + tl0_offset) & TL0_MASK
+    return bytes(out)
+
+
+def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """(width, height) from the frame header at the start of a VP8 keyframe (RFC 6386
+    9.1: 3-byte frame tag, start code 9d 01 2a, 14-bit width and height), read without
+    decoding; None for any other packet."""
+    if not vp8_is_keyframe_start(payload):
+        return None
+    pos = 1
+    if payload[0] & 0x80:
+        ext = payload[1]
+        pos = 2
+        if ext & 0x80:
+            pos += 2 if payload[pos] & 0x80 else 1
+        if ext & 0x40:
+            pos += 1
+        if ext & 0x30:
+            pos += 1
+    header = payload[pos : pos + 10]
+    if len(header) < 10 or header[3:6] != b"\x9d\x01\x2a":
+        return None
+    width = int.from_bytes(header[6:8], "little") & 0x3FFF
+    height = int.from_bytes(header[8:10], "little") & 0x3FFF
+    return width, height
+
+
+#: one packet as a layer rewriter emits it: (sequence number, timestamp, marker, payload)
+Emitted = tuple[int, int, int, bytes]
+
+
+class _Segment:
+    """The stretch of a subscriber's stream taken from one layer: input -> output offsets."""
+
+    __slots__ = ("ext_first", "ext_max", "layer", "pid_offset", "seq_offset", "tl0_offset")
+
+    def __init__(self, layer: int, seq: int, seq_offset: int) -> None:
+        self.layer = layer
+        self.ext_first = self.ext_max = seq
+        self.seq_offset = seq_offset
+        self.pid_offset = 0
+        self.tl0_offset = 0
+
+    def ext(self, seq: int) -> int:
+        delta = (seq - self.ext_max) & SEQ_MASK
+        return self.ext_max + delta if delta < _SEQ_HALF else self.ext_max - (0x10000 - delta)
+
+
+class LayerRewriter:
+    """One subscriber's stream of a simulcast track, made from the layer it is given.
+
+    The subscriber sees one RTP stream whatever layer feeds it: at a switch the new layer
+    continues the sequence numbers (last + 1), the timestamps (last + the time passed, in
+    the clock rate) and, for VP8, the picture id and TL0PICIDX (last + 1). A switch (and the
+    first packet) happens only at a keyframe start of `target`; until then the current
+    layer keeps flowing (down-switches too: a simulcast layer cannot be decoded from any
+    other point). The target's packets that arrive before its keyframe start (reordering)
+    are kept in a small window and emitted right after it, and packets of the previous
+    layer that arrive late still go out in the numbers they were given, so a switch opens
+    no sequence gap a receiver would count as loss. `target` None pauses the stream.
+    """
+
+    PENDING: Final = 32
+    RETIRED: Final = 3
+
+    def __init__(
+        self,
+        ssrc: int,
+        payload_type: int,
+        *,
+        clock_rate: int = 90000,
+        vp8: bool = True,
+        seq_base: int | None = None,
+        ts_base: int | None = None,
+    ) -> None:
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        self.clock_rate = clock_rate
+        self.vp8 = vp8
+        self._seq_base = _rng.randrange(_SEQ_HALF) if seq_base is None else seq_base
+        self._ts_base = _rng.randrange(TS_MASK + 1) if ts_base is None else ts_base
+        #: the layer wanted (None: paused), and the one being sent (None before the first)
+        self.target: int | None = None
+        self._segment: _Segment | None = None
+        self._retired: list[_Segment] = []
+        self._ts_offset = 0
+        self._retired_ts: list[int] = []
+        self._pending: list[tuple[int, int, int, bytes]] = []  # target's, before its keyframe
+        self._last_seq = (self._seq_base - 1) & SEQ_MASK
+        self._last_ts = self._ts_base
+        self._last_time: float | None = None
+        self._last_pid: int | None = None
+        self._last_tl0: int | None = None
+        self.switches = 0
+
+    @property
+    def current(self) -> int | None:
+        return None if self._segment is None else self._segment.layer
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the stream waits for a keyframe of its target."""
+        return self.target is not None and self.current != self.target
+
+    def _out(
+        self, segment: _Segment, ts_offset: int, ext: int, ts: int, marker: int, payload: bytes
+    ) -> Emitted:
+        seq = (ext + segment.seq_offset) & SEQ_MASK
+        if self.vp8:
+            payload = vp8_rewrite_ids(payload, segment.pid_offset, segment.tl0_offset)
+        return seq, (ts + ts_offset) & TS_MASK, marker, payload
+
+    def _remember(self, ext: int, emitted: Emitted, now: float) -> None:
+        segment = self._segment
+        if segment is None or ext < segment.ext_max:
+            return
+        segment.ext_max = ext
+        self._last_seq = emitted[0]
+        self._last_ts = emitted[1]
+        self._last_time = now
+        if self.vp8:
+            pid, mask, tl0, _ = vp8_ids(emitted[3])
+            if pid is not None:
+                self._last_pid = pid
+            if tl0 is not None:
+                self._last_tl0 = tl0
+            del mask
+
+    def _retire(self, layer: int | None) -> None:
+        """End the current stretch (its late packets still go out in their numbers); an
+        older stretch of `layer` is superseded by the one about to start."""
+        if self._segment is None:
+            return
+        kept = [
+            (old, ts_offset)
+            for old, ts_offset in zip(self._retired, self._retired_ts, strict=True)
+            if old.layer != layer
+        ]
+        kept = [(self._segment, self._ts_offset), *kept][: self.RETIRED]
+        self._retired = [old for old, _ in kept]
+        self._retired_ts = [ts_offset for _, ts_offset in kept]
+        self._segment = None
+
+    def _switch(self, layer: int, seq: int, ts: int, payload: bytes, now: float) -> None:
+        self._retire(layer)
+        first = self._last_time is None
+        segment = _Segment(layer, seq, ((self._last_seq + 1) - seq) & SEQ_MASK)
+        step = 0 if first else 1
+        if self._last_time is not None:
+            step = max(1, round((now - self._last_time) * self.clock_rate))
+        self._ts_offset = (self._last_ts + step - ts) & TS_MASK
+        if self.vp8:
+            pid, mask, tl0, _ = vp8_ids(payload)
+            if pid is not None and self._last_pid is not None:
+                segment.pid_offset = (self._last_pid + 1 - pid) & mask
+            if tl0 is not None and self._last_tl0 is not None:
+                segment.tl0_offset = (self._last_tl0 + 1 - tl0) & TL0_MASK
+        self._segment = segment
+        if not first:
+            self.switches += 1
+
+    def rewrite(
+        self,
+        layer: int,
+        seq: int,
+        ts: int,
+        marker: int,
+        payload: bytes,
+        keyframe_start: bool,
+        now: float,
+    ) -> list[Emitted]:
+        """What the subscriber gets for one packet of `layer` (none, it, or, at a switch,
+        it and the target's packets held back since)."""
+        segment = self._segment
+        if segment is not None and layer == segment.layer:
+            ext = segment.ext(seq)
+            if ext < segment.ext_first:
+                return []
+            emitted = self._out(segment, self._ts_offset, ext, ts, marker, payload)
+            self._remember(ext, emitted, now)
+            return [emitted]
+        for old, ts_offset in zip(self._retired, self._retired_ts, strict=True):
+            if layer == old.layer:
+                ext = old.ext(seq)
+                if old.ext_first <= ext <= old.ext_max:
+                    return [self._out(old, ts_offset, ext, ts, marker, payload)]
+                break
+        if layer != self.target:
+            return []
+        if not keyframe_start:
+            self._pending.append((seq, ts, marker, payload))
+            if len(self._pending) > self.PENDING:
+                del self._pending[0]
+            return []
+        self._switch(layer, seq, ts, payload, now)
+        new = self._segment
+        assert new is not None
+        out = [self._out(new, self._ts_offset, seq, ts, marker, payload)]
+        self._remember(seq, out[0], now)
+        held = sorted(
+            ((new.ext(s), s, t, m, p) for s, t, m, p in self._pending),
+            key=lambda item: item[0],
+        )
+        self._pending.clear()
+        for ext, _, t, m, p in held:
+            if seq < ext <= seq + self.PENDING:
+                emitted = self._out(new, self._ts_offset, ext, t, m, p)
+                self._remember(ext, emitted, now)
+                out.append(emitted)
+        return out
+
+    def set_target(self, layer: int | None) -> None:
+        """The layer wanted from now on; None pauses at once (resuming waits for a keyframe
+        and continues the numbers)."""
+        if layer != self.target:
+            self._pending.clear()
+        if layer is None:
+            self._retire(None)
+        self.target = layer
+
+
+# --------------------------------------------------------------------------- layer choice
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """How the subscriber shows a track: its tile's size in CSS pixels (times the device
+    pixel ratio, as the client sends it) and whether it is visible."""
+
+    width: int
+    height: int
+    visible: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LayerChoice:
+    """The layer a subscriber should get (None: no video) and what bound it: "bandwidth",
+    "view", "hidden", "cap", or "top" (nothing did: the best layer sent)."""
+
+    layer: int | None
+    reason: str
+
+
+#: a layer fits a bandwidth estimate when its measured rate is at most this share of it
+BANDWIDTH_HEADROOM: Final = 0.85
+#: receiver-report loss above this share steps the subscriber one layer down from its own
+LOSS_STEP_DOWN: Final = 0.10
+
+
+def choose_layer(
+    rates_bps: Sequence[float | None],
+    heights: Sequence[int | None],
+    *,
+    estimate_bps: int | None,
+    loss: float,
+    current: int | None,
+    view: View | None,
+    cap: int,
+    probe: bool = True,
+    settling: bool = False,
+) -> LayerChoice:
+    """The layer (index into `rates_bps`, lowest first; None where a layer is not being
+    received) to send a subscriber: the lowest of what its bandwidth allows (its estimate,
+    REMB, against each layer's measured rate; one step below `current` when its reports
+    show more than `LOSS_STEP_DOWN` loss), what its view needs (the lowest layer at least
+    as tall as the tile; the top one when no height is known) and `cap`.
+
+    A receiver's estimate grows only with what it receives (aiortc's stays under 1.5 times
+    the incoming rate), so it can never vouch for a layer well above the current one: when
+    it covers the current layer and `probe` allows, the next layer up is tried (the caller
+    holds `probe` off for a while after a bandwidth step down, so a weak link does not
+    bounce). With `probe`, a subscriber whose estimate fits nothing (at the start, or
+    paused) tries the lowest layer; without it, it gets no video. While `settling` (just
+    after a step up, before the estimate could follow the new rate) the estimate alone
+    never takes the subscriber below `current`; loss still does."""
+    available = [i for i, rate in enumerate(rates_bps) if rate is not None]
+    if not available:
+        return LayerChoice(None, "top")
+    if view is not None and (not view.visible or view.width <= 0 or view.height <= 0):
+        return LayerChoice(None, "hidden")
+    top = available[-1]
+    choice = LayerChoice(top, "top")
+    bandwidth: int | None = top
+    if estimate_bps is not None:
+        # a layer costs at least what any lower one does (a measured rate can dip: a layer
+        # just started, or the lower ones inflated by keyframes)
+        cost: dict[int, float] = {}
+        highest = 0.0
+        for i in available:
+            highest = max(highest, rates_bps[i] or 0.0)
+            cost[i] = highest
+        fitting = [i for i in available if cost[i] <= estimate_bps * BANDWIDTH_HEADROOM]
+        bandwidth = fitting[-1] if fitting else None
+        # hysteresis: the headroom is for going up; the current layer stays while the
+        # estimate covers it (an estimate hovers near what the subscriber receives)
+        if current is not None and current in available:
+            if (rates_bps[current] or 0.0) <= estimate_bps:
+                bandwidth = current if bandwidth is None else max(bandwidth, current)
+        if (
+            probe
+            and current is not None
+            and current in available
+            and (rates_bps[current] or 0.0) <= estimate_bps
+            and loss <= LOSS_STEP_DOWN
+        ):
+            above = [i for i in available if i > current]
+            if above and (bandwidth is None or bandwidth < above[0]):
+                bandwidth = above[0]
+        if settling and current is not None and current in available:
+            bandwidth = current if bandwidth is None else max(bandwidth, current)
+    if loss > LOSS_STEP_DOWN and current is not None:
+        lower = [i for i in available if i < current]
+        stepped = lower[-1] if lower else None
+        bandwidth = stepped if bandwidth is None or stepped is None else min(bandwidth, stepped)
+    if bandwidth is None:
+        if not probe:
+            return LayerChoice(None, "bandwidth")
+        bandwidth = available[0]  # (re)try the lowest: a paused stream has no estimate
+    if bandwidth < top:
+        choice = LayerChoice(bandwidth, "bandwidth")
+    if view is not None:
+        needed = next(
+            (i for i in available if (heights[i] or 0) >= view.height * 0.9),
+            top,
+        )
+        if needed < (choice.layer if choice.layer is not None else top):
+            choice = LayerChoice(needed, "view")
+    capped = max((i for i in available if i <= cap), default=available[0])
+    if choice.layer is not None and capped < choice.layer:
+        choice = LayerChoice(capped, "cap")
+    return choice

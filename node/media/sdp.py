@@ -112,3 +112,74 @@ def filter_candidates(sdp: str, keep: Callable[[str], bool]) -> str:
         if not line.startswith("a=candidate:") or keep(line.removeprefix("a=candidate:"))
     ]
     return sdp if len(kept) == len(lines) else newline.join(kept)
+
+
+#: at most this many encodings of one track are taken (what browsers send: 3)
+MAX_LAYERS = 3
+_RID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def offered_rids(sdp: str) -> dict[str, tuple[str, ...]]:
+    """mid -> the RIDs a publisher's offer sends on that m-line (RFC 8853
+    `a=simulcast:send`, each with its `a=rid:<id> send`), in the order listed, which the
+    node takes as lowest layer first; m-lines without simulcast are left out. Paused
+    (`~`) and alternative (`,`) RIDs are taken as plain ones; at most `MAX_LAYERS`."""
+    found: dict[str, tuple[str, ...]] = {}
+    mid = ""
+    rids: set[str] = set()
+    listed: list[str] = []
+
+    def close() -> None:
+        wanted = tuple(r for r in listed if r in rids)[:MAX_LAYERS]
+        if mid and len(wanted) > 1:
+            found[mid] = wanted
+
+    for raw in sdp.split("\n"):
+        line = raw.rstrip("\r")
+        if line.startswith("m="):
+            close()
+            mid, rids, listed = "", set(), []
+        elif line.startswith("a=mid:"):
+            mid = line[6:].strip()
+        elif line.startswith("a=rid:"):
+            fields = line[6:].split()
+            if len(fields) >= 2 and fields[1] == "send" and set(fields[0]) <= _RID_CHARS:
+                rids.add(fields[0][:16])
+        elif line.startswith("a=simulcast:"):
+            fields = line[12:].split()
+            if len(fields) >= 2 and fields[0] == "send":
+                for alternatives in fields[1].split(";"):
+                    rid = alternatives.split(",")[0].removeprefix("~")
+                    if rid and rid not in listed:
+                        listed.append(rid)
+    close()
+    return found
+
+
+def answer_simulcast(sdp: str, rids: dict[str, tuple[str, ...]]) -> str:
+    """The node's answer with `a=rid:<id> recv` and `a=simulcast:recv` added to each m-line
+    whose mid is in `rids` (what a browser needs to send its encodings)."""
+    if not rids:
+        return sdp
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    out: list[str] = []
+    pending: tuple[str, ...] = ()
+
+    def flush() -> None:
+        out.extend(f"a=rid:{rid} recv" for rid in pending)
+        if pending:
+            out.append("a=simulcast:recv " + ";".join(pending))
+
+    lines = sdp.split(newline)
+    trailing = lines[-1] == ""
+    if trailing:
+        lines = lines[:-1]
+    for line in lines:
+        if line.startswith("m="):
+            flush()
+            pending = ()
+        elif line.startswith("a=mid:"):
+            pending = rids.get(line[6:].strip(), ())
+        out.append(line)
+    flush()
+    return newline.join(out) + (newline if trailing else "")

@@ -66,14 +66,21 @@ from node.media.forward import (
     ByteBudget,
     Forwarder,
     KeyframeRequests,
+    LayerChoice,
+    LayerRewriter,
     SubscriberRewriter,
+    View,
+    choose_layer,
     keyframe_detector,
+    vp8_keyframe_size,
 )
 from node.media.sdp import (
     announce_addresses,
+    answer_simulcast,
     candidate_refusal,
     filter_candidates,
     media_sections,
+    offered_rids,
 )
 from node.state.hub import Connection
 from node.tasks import TaskSet
@@ -102,6 +109,21 @@ class MediaError(Exception):
         self.message = message
 
 
+# Layers of simulcast tracks are chosen again this often (see `MediaHub._select_layers`).
+LAYER_SELECT_S = 0.5
+# A layer whose packets stopped this long ago is not being sent (not chosen).
+LAYER_IDLE_S = 2.0
+# After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
+PROBE_HOLD_S = 8.0
+# After a step up, the subscriber's estimate (which grows only with what it receives) has
+# this long to catch up before it may step the subscriber down again (loss may at once)
+SETTLE_S = 10.0
+# Active speaker: an audio track's mean level (-dBov, 0 loudest) must be at most this...
+SPEAKER_MAX_DBOV = 55
+# ... and be the loudest this many rounds in a row before it is announced
+SPEAKER_ROUNDS = 2
+
+
 @dataclass(eq=False)
 class Subscription:
     """One published track sent to one subscriber (a transceiver on its subscribe PC)."""
@@ -111,6 +133,18 @@ class Subscription:
     transceiver: RTCRtpTransceiver
     sink: SenderTap
     task: asyncio.Task[None] | None = None
+    #: simulcast: the latest layer choice (target and why), and the pause bookkeeping
+    choice: LayerChoice | None = None
+    paused_since: float | None = None
+    paused_s: float = 0.0
+    #: the subscriber's receiver-report counters at the last choice (loss between choices)
+    reported_lost: int = 0
+    reported_sent: int = 0
+    #: layer switches and bandwidth steps down so far; no climbing by probing before this
+    switches: int = 0
+    probe_after: float = 0.0
+    #: after a step up, the estimate alone does not step down before this (it lags)
+    settle_until: float = 0.0
 
 
 class TrackOwner(Protocol):
@@ -184,6 +218,36 @@ class Published:
         self.tap: RtpTap = tap
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
+        self.tap.on_layer = self._layer_learnt
+        #: simulcast: the publisher's RIDs (lowest layer first; empty: one encoding), each
+        #: layer's SSRC -> index (the forwarder's `layers`), payload bytes, last packet time
+        #: and frame size (from its keyframes)
+        self.rids: tuple[str, ...] = ()
+        self.layer_of: dict[int, int] = {}
+        self.layer_bytes: dict[int, int] = {}
+        self.layer_seen: dict[int, float] = {}
+        self.layer_sizes: dict[int, tuple[int, int]] = {}
+        self._layer_marks: dict[int, tuple[float, int]] = {}
+        self.layer_rates: dict[int, float] = {}
+        #: audio: sum and count of the ssrc-audio-level values since the last speaker round
+        self.level_sum = 0
+        self.level_count = 0
+
+    @property
+    def simulcast(self) -> bool:
+        return len(self.rids) > 1
+
+    def _layer_learnt(self, ssrc: int, layer: int) -> None:
+        self.layer_of[ssrc] = layer
+        log.info(
+            "media.layer_learnt",
+            extra={"session_id": self.owner.session_id, "mid": self.mid, "layer": layer},
+        )
+
+    def new_forwarder(self) -> Forwarder[SenderTap]:
+        forwarder: Forwarder[SenderTap] = Forwarder(keyframe_detector(self.mime_type))
+        forwarder.layers = self.layer_of
+        return forwarder
 
     @property
     def source_mid(self) -> str:
@@ -200,7 +264,19 @@ class Published:
         if not self.budget.allow(len(packet.payload), now):
             self.dropped("over-budget")
             return
-        if self.keyframes.waiting_since is not None:
+        layer = self.layer_of.get(packet.ssrc) if self.layer_of else None
+        if layer is not None:
+            self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + len(packet.payload)
+            self.layer_seen[layer] = now
+            size = vp8_keyframe_size(packet.payload) if self.vp8 else None
+            if size is not None:
+                self.layer_sizes[layer] = size
+        elif self.kind == "audio":
+            level = packet.extensions.audio_level
+            if level is not None:
+                self.level_sum += level[1]
+                self.level_count += 1
+        if self.keyframes.waiting_since is not None and layer is None:
             detector = forwarder.is_keyframe_start
             if detector is None or detector(packet.payload):
                 self._keyframe_arrived(now)
@@ -209,18 +285,64 @@ class Published:
         self.owner.media.forwarded_packets += forwarder.forward(packet, adapter.send_stamp())
         if forwarder.duplicates != duplicates:
             self.dropped("duplicate")
+        if layer is not None and self.keyframes.waiting_since is not None:
+            # a simulcast wait ends when no subscriber waits for its target's keyframe
+            if not forwarder.waiting:
+                self._keyframe_arrived(now)
 
-    def attach(self, sink: SenderTap) -> bool:
+    @property
+    def vp8(self) -> bool:
+        return self.mime_type.lower() == "video/vp8"
+
+    def rates(self, now: float) -> list[float | None]:
+        """Each layer's measured bit rate (None: not being received), lowest first."""
+        out: list[float | None] = []
+        for layer in range(len(self.rids)):
+            total = self.layer_bytes.get(layer, 0)
+            at, before = self._layer_marks.get(layer, (now, total))
+            if now - at >= LAYER_SELECT_S:
+                measured = (total - before) * 8 / (now - at)
+                old = self.layer_rates.get(layer)
+                self.layer_rates[layer] = measured if old is None else (old + measured) / 2
+                self._layer_marks[layer] = (now, total)
+            elif layer not in self._layer_marks:
+                self._layer_marks[layer] = (now, total)
+            seen = self.layer_seen.get(layer)
+            live = seen is not None and now - seen < LAYER_IDLE_S
+            out.append(self.layer_rates.get(layer, 0.0) if live else None)
+        return out
+
+    def heights(self) -> list[int | None]:
+        return [
+            self.layer_sizes[layer][1] if layer in self.layer_sizes else None
+            for layer in range(len(self.rids))
+        ]
+
+    def attach(self, sink: SenderTap, layer: int | None = None) -> bool:
         """Forward this track to `sink`, a started sender (a subscriber's, or a relay's to
         another node): from the next keyframe, which is asked for, and with the sink's
         keyframe requests reaching the publisher. The one way a sink joins the fan-out.
+        A simulcast track starts at `layer` (None: the best one arriving; layer choice
+        moves it).
         False when it cannot (the track has no forwarder, or the sink no payload type)."""
         forwarder = self.forwarder
         payload_type = sink.payload_type
         if forwarder is None or payload_type is None:
             return False
         sink.on_keyframe_request = self.request_keyframe
-        forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
+        if self.simulcast:
+            clock_rate = self.codec.clockRate if self.codec is not None else 90000
+            rewriter = LayerRewriter(sink.ssrc, payload_type, clock_rate=clock_rate, vp8=self.vp8)
+            if layer is None:  # (a relay) the best layer arriving now
+                live = [
+                    i for i, rate in enumerate(self.rates(time.monotonic())) if rate is not None
+                ]
+                layer = live[-1] if live else 0
+            rewriter.set_target(layer)
+            forwarder.add(sink, rewriter)
+            self.owner.media.ensure_layer_selection()
+        else:
+            forwarder.add(sink, SubscriberRewriter(sink.ssrc, payload_type))
         if forwarder.waiting:
             self.keep_asking_for_keyframe()
         return True
@@ -246,9 +368,12 @@ class Published:
             self._drop_logged[reason] = (last, count + 1)
 
     def remb_limit(self) -> int:
-        """What REMB may ask of the publisher: its budget, and no more than the slowest
-        subscriber's last REMB for this track."""
+        """What REMB may ask of the publisher: its budget, and for a single encoding no more
+        than the slowest subscriber's last REMB for this track. A simulcast publisher is
+        never held to its slowest subscriber: each subscriber gets a layer that fits it."""
         limit = self.budget.rate_bps
+        if self.simulcast:
+            return limit
         sinks = [s.sink for s in self.subscriptions.values()] + list(self.relays.values())
         for sink in sinks:
             remb = sink.remb_bitrate
@@ -288,7 +413,15 @@ class Published:
         )
 
     async def _send_keyframe_request(self) -> None:
-        for ssrc in self.tap.media_ssrcs:
+        ssrcs = self.tap.media_ssrcs
+        forwarder = self.forwarder
+        if self.simulcast and forwarder is not None:
+            # only the layers someone waits to switch to (a keyframe is ~10 delta frames)
+            # (none while the layer waited for has not arrived yet: asking the others for
+            # keyframes would only inflate them)
+            wanted = forwarder.wanted_layers()
+            ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted]
+        for ssrc in ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
 
     async def _keyframe_loop(self) -> None:
@@ -337,6 +470,8 @@ class MediaSession:
         self.reserved = 0
         #: tracks started on the publish connection so far (restarts included)
         self.track_starts = 0
+        #: how the client shows each track it receives, by subscribe m-line mid (`view`)
+        self.views: dict[str, View] = {}
         #: the client's distinct ICE candidates accepted so far, per peer connection
         self.remote_candidates: dict[str, set[tuple[str, int, str, int]]] = {
             "publish": set(),
@@ -475,8 +610,17 @@ class MediaSession:
     async def _apply_publish_offer(self, sdp: str) -> str:
         pc = self._publish()
         known = set(self.published)
+        rids = offered_rids(sdp)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            # before any packet: the taps learn the encodings' SSRCs from their RIDs
+            simulcast: dict[str, tuple[str, ...]] = {}
+            for mid, published in self.published.items():
+                wanted = rids.get(mid, ()) if published.kind == "video" else ()
+                if published.forwarder is None or not published.rids:
+                    published.rids = published.tap.rids = wanted
+                if published.rids:
+                    simulcast[mid] = published.rids
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as error:
             # aiortc raises assorted errors on bad SDP; none may take the node down.
@@ -509,14 +653,19 @@ class MediaSession:
                 continue
             published.codec = codec
             published.mime_type = codec.mimeType
-            published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+            published.forwarder = published.new_forwarder()
             self.track_starts += 1
             log.info(
                 "media.track_published",
-                extra={"session_id": self.session_id, "mid": mid, "codec": codec.mimeType},
+                extra={
+                    "session_id": self.session_id,
+                    "mid": mid,
+                    "codec": codec.mimeType,
+                    "layers": len(published.rids) or 1,
+                },
             )
             self.media.track_published(published)
-        return self.media.announce(answer)
+        return self.media.announce(answer_simulcast(answer, simulcast))
 
     async def subscribe_answer(self, sdp: str) -> None:
         async with self._subscribe_lock:
@@ -572,6 +721,11 @@ class MediaSession:
         parsed.sdpMLineIndex = index
         await pc.addIceCandidate(parsed)
 
+    def set_views(self, views: dict[str, View]) -> None:
+        """The client's tiles (replacing what it said before); layers follow at once."""
+        self.views = views
+        self.media.select_layers(self)
+
     # ----------------------------------------------------------------- subscriptions
 
     def subscribe(self, published: Published) -> None:
@@ -617,8 +771,16 @@ class MediaSession:
                 extra={"session_id": self.session_id, "codec": sink.codec.mimeType},
             )
             return
-        if not published.attach(sink):
+        layer = None
+        if published.simulcast:
+            # start low, then climb: the first choice is made with what is known now
+            choice = self.media.choose(subscription, time.monotonic())
+            subscription.choice = choice
+            layer = choice.layer
+        if not published.attach(sink, layer):
             return
+        if published.simulcast:
+            self.media.ensure_layer_selection()
         log.info(
             "media.subscribed",
             extra={
@@ -772,6 +934,215 @@ class MediaHub:
         self.keyframe_wait_s_max = 0.0
         #: packets received but not forwarded since start, by reason
         self.dropped: dict[str, int] = {}
+        self._layer_task: asyncio.Task[None] | None = None
+        #: simulcast layer switches and paused seconds of ended pauses, over all subscribers
+        #: since start (never going down when one leaves)
+        self.layer_switches = 0
+        self.layer_paused_s = 0.0
+        #: active speaker per room: (session id, user id) announced, and the candidate
+        #: with how many rounds in a row it was the loudest
+        self.speakers: dict[str, tuple[str, str]] = {}
+        self._speaker_candidates: dict[str, tuple[tuple[str, str], int]] = {}
+        self._speaker_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- layer selection
+
+    def choose(self, subscription: Subscription, now: float) -> LayerChoice:
+        """The layer `subscription`'s subscriber should get now (see `choose_layer`)."""
+        published = subscription.published
+        sink = subscription.sink
+        forwarder = published.forwarder
+        rewriter = forwarder.layer_rewriter(sink) if forwarder is not None else None
+        loss = 0.0
+        follow = self.settings.simulcast_follow_bandwidth
+        report = sink.reception()
+        if report is not None and follow:
+            lost = report.packets_lost - subscription.reported_lost
+            sent = sink.packets_sent - subscription.reported_sent
+            if sent > 0:
+                loss = max(0.0, lost / sent)
+            subscription.reported_lost = report.packets_lost
+            subscription.reported_sent = sink.packets_sent
+        mid = subscription.transceiver.mid
+        view = subscription.subscriber.views.get(mid) if mid is not None else None
+        return choose_layer(
+            published.rates(now),
+            published.heights(),
+            estimate_bps=sink.remb_bitrate if follow else None,
+            loss=loss,
+            current=None if rewriter is None else rewriter.current,
+            view=view,
+            cap=self.settings.simulcast_max_layer,
+            probe=now >= subscription.probe_after,
+            settling=now < subscription.settle_until,
+        )
+
+    def select_layers(self, session: MediaSession | None = None) -> None:
+        """Choose again the layer of every simulcast track each subscriber (or `session`)
+        receives: set the target, ask for the keyframe a switch waits for, tell the client
+        when its video pauses or resumes."""
+        now = time.monotonic()
+        if session is None:
+            self._select_relay_layers(now)
+        sessions = [session] if session is not None else list(self.sessions.values())
+        for subscriber in sessions:
+            if subscriber.closed:
+                continue
+            for subscription in list(subscriber.incoming.values()):
+                published = subscription.published
+                forwarder = published.forwarder
+                if forwarder is None or not published.simulcast:
+                    continue
+                rewriter = forwarder.layer_rewriter(subscription.sink)
+                if rewriter is None:
+                    continue
+                if rewriter.switches != subscription.switches:
+                    self.layer_switches += rewriter.switches - subscription.switches
+                    subscription.switches = rewriter.switches
+                choice = self.choose(subscription, now)
+                before = subscription.choice
+                subscription.choice = choice
+                current = rewriter.current
+                if (
+                    choice.reason == "bandwidth"
+                    and current is not None
+                    and (choice.layer is None or choice.layer < current)
+                ):
+                    subscription.probe_after = now + PROBE_HOLD_S
+                if choice.layer is not None and (current is None or choice.layer > current):
+                    if choice.layer != rewriter.target:
+                        subscription.settle_until = now + SETTLE_S
+                if choice.layer != rewriter.target:
+                    log.info(
+                        "media.layer_target",
+                        extra={
+                            "session_id": subscriber.session_id,
+                            "publisher": published.owner.session_id,
+                            "layer": choice.layer,
+                            "was": rewriter.target,
+                            "reason": choice.reason,
+                            "estimate_bps": subscription.sink.remb_bitrate,
+                            "rates_bps": [
+                                None if rate is None else round(rate)
+                                for rate in published.rates(now)
+                            ],
+                        },
+                    )
+                    rewriter.set_target(choice.layer)
+                    if choice.layer is not None and choice.layer != rewriter.current:
+                        published.request_keyframe()
+                paused = choice.layer is None
+                was_paused = subscription.paused_since is not None
+                if paused and not was_paused:
+                    subscription.paused_since = now
+                elif not paused and was_paused and subscription.paused_since is not None:
+                    subscription.paused_s += now - subscription.paused_since
+                    self.layer_paused_s += now - subscription.paused_since
+                    subscription.paused_since = None
+                if paused != was_paused or (
+                    before is not None and paused and before.reason != choice.reason
+                ):
+                    subscriber.conn.send(
+                        {
+                            "type": "video-paused",
+                            "mid": subscription.transceiver.mid,
+                            "session_id": published.owner.session_id,
+                            "paused": paused,
+                            "reason": choice.reason,
+                        }
+                    )
+
+    def _select_relay_layers(self, now: float) -> None:
+        """A relay to another node carries one layer of a simulcast track: the best one
+        arriving that its link's estimate allows (never paused: its subscribers there
+        would all lose the video)."""
+        for published in self.local_tracks_everywhere():
+            forwarder = published.forwarder
+            if forwarder is None or not published.simulcast:
+                continue
+            for sink in list(published.relays.values()):
+                rewriter = forwarder.layer_rewriter(sink)
+                if rewriter is None:
+                    continue
+                choice = choose_layer(
+                    published.rates(now),
+                    published.heights(),
+                    estimate_bps=sink.remb_bitrate,
+                    loss=0.0,
+                    current=rewriter.current,
+                    view=None,
+                    cap=self.settings.simulcast_max_layer,
+                )
+                layer = choice.layer if choice.layer is not None else 0
+                if layer != rewriter.target:
+                    rewriter.set_target(layer)
+                    if layer != rewriter.current:
+                        published.request_keyframe()
+
+    def local_tracks_everywhere(self) -> list[Published]:
+        """Every track published on this node, in every room."""
+        return [p for slug in list(self.rooms) for p in self.local_tracks(slug)]
+
+    def paused_now(self, now: float) -> float:
+        """Seconds of the pauses still going on (metrics add them to `layer_paused_s`)."""
+        return sum(
+            now - subscription.paused_since
+            for session in list(self.sessions.values())
+            for subscription in list(session.incoming.values())
+            if subscription.paused_since is not None
+        )
+
+    def ensure_layer_selection(self) -> None:
+        if self._layer_task is None or self._layer_task.done():
+            self._layer_task = self.spawn(self._layer_loop())
+
+    async def _layer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAYER_SELECT_S)
+            self.select_layers()
+
+    # ----------------------------------------------------------------- active speaker
+
+    def ensure_speaker_detection(self) -> None:
+        if self._speaker_task is None or self._speaker_task.done():
+            self._speaker_task = self.spawn(self._speaker_loop())
+
+    async def _speaker_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAYER_SELECT_S)
+            self.detect_speakers()
+
+    def detect_speakers(self) -> None:
+        """Per room, the loudest audio track (mean ssrc-audio-level, never decoded) whose
+        level says speech, announced as `speaker` to the room's clients on this node once it
+        has led `SPEAKER_ROUNDS` rounds in a row."""
+        slugs = set(self.rooms) | set(self.relayed)
+        for slug in slugs:
+            tracks = self.local_tracks(slug) + [
+                p for p in self.relayed.get(slug, ()) if p.forwarder is not None
+            ]
+            loudest: tuple[float, Published] | None = None
+            for published in tracks:
+                if published.kind != "audio" or not published.level_count:
+                    continue
+                mean = published.level_sum / published.level_count
+                published.level_sum = published.level_count = 0
+                if mean <= SPEAKER_MAX_DBOV and (loudest is None or mean < loudest[0]):
+                    loudest = (mean, published)
+            if loudest is None:
+                self._speaker_candidates.pop(slug, None)
+                continue
+            owner = loudest[1].owner
+            who = (owner.session_id, owner.user_id)
+            candidate, rounds = self._speaker_candidates.get(slug, (who, 0))
+            rounds = rounds + 1 if candidate == who else 1
+            self._speaker_candidates[slug] = (who, rounds)
+            if rounds >= SPEAKER_ROUNDS and self.speakers.get(slug) != who:
+                self.speakers[slug] = who
+                message = {"type": "speaker", "session_id": who[0], "user_id": who[1]}
+                for conn in self.members(slug):
+                    if conn.room == slug:
+                        conn.send(message)
 
     def count_unrouted(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -802,6 +1173,8 @@ class MediaHub:
 
     def track_published(self, published: Published) -> None:
         """A new track: send it to every other local participant of the room."""
+        if published.kind == "audio":
+            self.ensure_speaker_detection()
         owner = published.owner
         for conn in self.members(owner.slug):
             if conn is owner.conn or conn.room != owner.slug:
@@ -848,7 +1221,7 @@ class MediaHub:
         """A track from another node arrived over a relay: fan it out like a local one."""
         published.codec = codec
         published.mime_type = codec.mimeType
-        published.forwarder = Forwarder(keyframe_detector(codec.mimeType))
+        published.forwarder = published.new_forwarder()
         self.relayed.setdefault(published.owner.slug, set()).add(published)
         log.info(
             "media.relayed_track_added",

@@ -351,3 +351,92 @@ class MediaCollector(Collector):
         codec.add_metric(["decoded"], CODEC_WORK.decoded_frames)
         codec.add_metric(["encoded"], CODEC_WORK.encoded_frames)
         yield codec
+        yield from self.layers()
+
+    def layers(self) -> Iterator[Metric]:
+        """Simulcast (issue 14): per subscriber and track the layer sent, the target and
+        why, switches and paused time; per publisher the layers arriving. Summed (counts
+        per layer and per reason) unless `per_session`."""
+        hub = self.hub
+        now = time.monotonic()
+        per = self.per_session
+        sub_labels = ["session", "track"] if per else ["layer"]
+        selected = GaugeMetricFamily(
+            "sfumesh_media_layer_selected",
+            "Simulcast layer sent (0 lowest, -1 none: paused or waiting)"
+            if per
+            else "Simulcast subscriptions per layer sent (none: paused or waiting)",
+            labels=sub_labels,
+        )
+        target = GaugeMetricFamily(
+            "sfumesh_media_layer_target",
+            "Simulcast layer chosen (-1: no video) and what bound it: bandwidth, view, "
+            "hidden, cap, top"
+            if per
+            else "Simulcast subscriptions per reason of their layer choice",
+            labels=["session", "track", "reason"] if per else ["reason"],
+        )
+        switches = CounterMetricFamily(
+            "sfumesh_media_layer_switches",
+            "Simulcast layer switches made (at a keyframe of the new layer)",
+            labels=["session", "track"] if per else [],
+        )
+        paused = CounterMetricFamily(
+            "sfumesh_media_layer_paused_seconds",
+            "Time simulcast subscribers got no video (bandwidth or hidden tile)",
+            labels=["session", "track"] if per else [],
+        )
+        active = GaugeMetricFamily(
+            "sfumesh_media_publisher_layers",
+            "Simulcast layers arriving from the publisher"
+            if per
+            else "Simulcast tracks per layer arriving",
+            labels=["session", "track"] if per else ["layer"],
+        )
+        by_layer: dict[str, int] = {}
+        by_reason: dict[str, int] = {}
+        arriving: dict[str, int] = {}
+        tracks = [p for session in list(hub.sessions.values()) for p in session.published.values()]
+        tracks += [p for relayed in list(hub.relayed.values()) for p in relayed]
+        for published in tracks:
+            forwarder = published.forwarder
+            if forwarder is None or not published.simulcast:
+                continue
+            track = f"{published.owner.session_id}:{published.mid}"
+            live = [i for i, rate in enumerate(published.rates(now)) if rate is not None]
+            if per:
+                active.add_metric([published.owner.session_id, track], len(live))
+            for layer in live:
+                arriving[str(layer)] = arriving.get(str(layer), 0) + 1
+            for subscription in list(published.subscriptions.values()):
+                rewriter = forwarder.layer_rewriter(subscription.sink)
+                choice = subscription.choice
+                if rewriter is None or choice is None:
+                    continue
+                sending = rewriter.current if rewriter.target is not None else None
+                if sending is not None and rewriter.waiting and rewriter.current is None:
+                    sending = None
+                paused_s = subscription.paused_s
+                if subscription.paused_since is not None:
+                    paused_s += now - subscription.paused_since
+                if per:
+                    key = [subscription.subscriber.session_id, track]
+                    selected.add_metric(key, -1 if sending is None else sending)
+                    layer = -1 if choice.layer is None else choice.layer
+                    target.add_metric([*key, choice.reason], layer)
+                    switches.add_metric(key, rewriter.switches)
+                    paused.add_metric(key, paused_s)
+                else:
+                    name = "none" if sending is None else str(sending)
+                    by_layer[name] = by_layer.get(name, 0) + 1
+                    by_reason[choice.reason] = by_reason.get(choice.reason, 0) + 1
+        if not per:
+            for name, count in sorted(by_layer.items()):
+                selected.add_metric([name], count)
+            for reason, count in sorted(by_reason.items()):
+                target.add_metric([reason], count)
+            for name, count in sorted(arriving.items()):
+                active.add_metric([name], count)
+            switches.add_metric([], hub.layer_switches)
+            paused.add_metric([], hub.layer_paused_s + hub.paused_now(now))
+        yield from (selected, target, switches, paused, active)

@@ -24,6 +24,7 @@ from quart import Blueprint, Response, jsonify, websocket
 from redis.exceptions import RedisError
 
 from node.errors import DomainError, legacy_fields
+from node.media.forward import View
 from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
 from node.runtime.turn import ice_servers
@@ -510,6 +511,39 @@ async def _candidate(
     return {"type": "ack"}
 
 
+#: at most this many tiles in one `view` message; sizes up to this many pixels
+_MAX_VIEW_TILES = 64
+_MAX_VIEW_PIXELS = 16384
+
+
+def _int_field(tile: dict[str, Any], name: str) -> int:
+    value = tile.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_VIEW_PIXELS:
+        raise ClientError("bad_frame", f"a tile's {name} must be an integer 0..{_MAX_VIEW_PIXELS}")
+    return value
+
+
+async def _view(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+    """How the client shows the tracks it receives: `tiles` maps a subscribe m-line's mid
+    to {width, height, visible} (device pixels). A simulcast track's layer follows (the
+    lowest at least as tall as its tile); a hidden tile gets no video. Replaces what the
+    client said before."""
+    tiles = frame.get("tiles")
+    if not isinstance(tiles, dict) or len(tiles) > _MAX_VIEW_TILES:
+        raise ClientError("bad_frame", f"tiles must be an object of at most {_MAX_VIEW_TILES}")
+    views: dict[str, View] = {}
+    for mid, tile in tiles.items():
+        if not isinstance(mid, str) or not 0 < len(mid) <= 32 or not isinstance(tile, dict):
+            raise ClientError("bad_frame", "tiles maps a mid to {width, height, visible}")
+        visible = tile.get("visible", True)
+        if not isinstance(visible, bool):
+            raise ClientError("bad_frame", "a tile's visible must be true or false")
+        views[mid] = View(_int_field(tile, "width"), _int_field(tile, "height"), visible)
+    session = _media_session(context, conn, "subscribe")
+    session.set_views(views)
+    return {"type": "ack"}
+
+
 HANDLERS: dict[str, Handler] = {
     "ping": _ping,
     "join": _join,
@@ -519,4 +553,5 @@ HANDLERS: dict[str, Handler] = {
     "offer": _offer,
     "answer": _answer,
     "candidate": _candidate,
+    "view": _view,
 }

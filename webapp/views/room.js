@@ -297,19 +297,31 @@ async function enterRoom(room, choice) {
       remoteVideo.set(key, videos);
       grid.tileFor(key, participants.get(key)?.display_name ?? "…");
       route(key);
+      // simulcast: the node sends the layer the tile showing it needs (none while hidden)
+      const shown = [...$(section, "#grid").querySelectorAll("video")].find((v) =>
+        /** @type {MediaStream | null} */ (v.srcObject)?.getTracks().includes(track),
+      );
+      if (mid && shown) conn.media?.watchTile(mid, shown);
     } else {
       grid.showTrack(key, participants.get(key)?.display_name ?? "…", track);
     }
   });
   conn.addEventListener("trackended", (event) => {
-    const { track } = /** @type {CustomEvent} */ (event).detail;
+    const { track, mid } = /** @type {CustomEvent} */ (event).detail;
     grid.dropTrack(track);
+    if (track.kind === "video" && mid) conn.media?.unwatchTile(mid);
     const key = trackOwner.get(track.id);
     if (key === undefined) return;
     const videos = (remoteVideo.get(key) ?? []).filter((v) => v.track !== track);
     remoteVideo.set(key, videos);
     for (const tile of tiles.values()) if (tile.stream.getTracks().includes(track)) tile.stream.removeTrack(track);
     route(key);
+  });
+  conn.addEventListener("video-paused", (event) => {
+    const { session_id, paused, reason } = /** @type {CustomEvent} */ (event).detail;
+    const li = $(section, "#grid").querySelector(`li[data-session="${CSS.escape(session_id)}"]`);
+    // a hidden tile needs no notice; a link too weak for even the lowest layer does
+    li?.classList.toggle("video-paused", paused && reason === "bandwidth");
   });
   conn.addEventListener("media", (event) => {
     if (/** @type {CustomEvent} */ (event).detail.media !== null) return;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.media.sdp import announce_addresses, media_sections
+from node.media.sdp import announce_addresses, answer_simulcast, media_sections, offered_rids
 
 SDP = "\r\n".join(
     [
@@ -61,3 +61,50 @@ def test_media_sections_count_every_m_line_with_its_direction() -> None:
 def test_media_sections_know_their_mids() -> None:
     sdp = "v=0\nm=audio 9 RTP 111\na=mid:0\na=sendonly\nm=video 9 RTP 97\na=mid:v1\n"
     assert [s.mid for s in media_sections(sdp)] == ["0", "v1"]
+
+
+CHROME_SIMULCAST = "\r\n".join(
+    [
+        "v=0",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "a=mid:0",
+        "a=sendonly",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96 97",
+        "a=mid:1",
+        "a=sendonly",
+        "a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+        "a=rid:q send",
+        "a=rid:h send",
+        "a=rid:f send",
+        "a=rid:bad! send",
+        "a=simulcast:send q;h;~f",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96",
+        "a=mid:2",
+        "a=sendonly",
+        "",
+    ]
+)
+
+
+def test_offered_rids_per_mid_lowest_first() -> None:
+    # only m-lines with simulcast; a paused (~) RID is taken; an invalid one is not
+    assert offered_rids(CHROME_SIMULCAST) == {"1": ("q", "h", "f")}
+    assert offered_rids(SDP) == {}
+
+
+def test_answer_gets_rid_recv_and_simulcast_recv_on_its_mlines() -> None:
+    answer = "\r\n".join(
+        ["v=0", "m=audio 9 X 111", "a=mid:0", "m=video 9 X 96", "a=mid:1", "a=recvonly", ""]
+    )
+    out = answer_simulcast(answer, {"1": ("q", "h", "f")})
+    lines = out.split("\r\n")
+    video = lines[lines.index("m=video 9 X 96") :]
+    assert video[-5:] == [
+        "a=rid:q recv",
+        "a=rid:h recv",
+        "a=rid:f recv",
+        "a=simulcast:recv q;h;f",
+        "",
+    ]
+    assert "a=rid" not in out.split("m=video")[0]
+    assert answer_simulcast(answer, {}) == answer
