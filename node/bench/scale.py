@@ -67,6 +67,11 @@ DEFAULT_MAX_PARTICIPANTS: Final = 64
 DEFAULT_PEOPLE: Final = 4
 LATENCY_LIMIT_MS: Final = 50.0
 LOSS_LIMIT: Final = 0.005
+#: past a failed step the ramp goes on (the node's CPU per participant is still worth
+#: measuring when the clients, not the node, missed the limits) until the node's core is
+#: this busy, or this much is lost, or a step cannot be set up
+GIVE_UP_CORE_SHARE: Final = 0.9
+GIVE_UP_LOSS: Final = 0.05
 #: subscriber frames are matched to a publisher's sent up to this long before (a frame
 #: later than this fails the 50 ms limit anyway)
 MATCH_WINDOW_S: Final = 1.0
@@ -119,6 +124,28 @@ def step_passes(p99_ms: float | None, loss: float | None) -> bool:
         and loss is not None
         and loss <= LOSS_LIMIT
     )
+
+
+def ramp_over(step: Step) -> bool:
+    """Whether the ramp stops after `step` (a failed step alone does not stop it)."""
+    return (
+        step.error is not None
+        or step.core_share >= GIVE_UP_CORE_SHARE
+        or (step.loss is not None and step.loss > GIVE_UP_LOSS)
+    )
+
+
+def cpu_bound(steps: Sequence[Step]) -> tuple[float | None, float | None]:
+    """The node's CPU against participants over the measured steps, as a line: (marginal ms
+    of CPU per participant-second, participants one core would hold by CPU alone)."""
+    measured = [s for s in steps if s.error is None and s.window_s > 0]
+    line = fit_line(
+        [float(s.participants) for s in measured],
+        [s.node_cpu_s * 1000 / s.window_s for s in measured],
+    )
+    if line is None or line.slope <= 0:
+        return None, None
+    return line.slope, max(0.0, (1000.0 - line.intercept) / line.slope)
 
 
 def redis_calls(commandstats: dict[str, Any]) -> int:
@@ -233,7 +260,7 @@ class NodeRamp:
                 except Exception as error:  # the step failed: the ramp ends here
                     step.error = f"{type(error).__name__}: {error}"
                 say(self._line(step))
-                if not step.passed:
+                if ramp_over(step):
                     break
                 target = next_rooms(target)
         finally:
@@ -676,14 +703,21 @@ def summarise(
 ) -> dict[str, Any]:
     per_core: dict[str, int] = {}
     cpu_pp: dict[str, float | None] = {}
+    marginal: dict[str, float | None] = {}
+    by_cpu: dict[str, float | None] = {}
     capped: dict[str, bool] = {}
     for size, ramp in steps.items():
         passed = [s for s in ramp if s.passed]
         best = max(passed, key=lambda s: s.participants, default=None)
         per_core[str(size)] = best.participants if best else 0
         capped[str(size)] = bool(ramp) and ramp[-1].passed
-        measured = best or next((s for s in ramp if s.cpu_ms_per_participant_s), None)
-        cpu_pp[str(size)] = rounded(measured.cpu_ms_per_participant_s, 3) if measured else None
+        # the largest step measured: the node's fixed costs spread the most
+        measured = [s for s in ramp if s.cpu_ms_per_participant_s is not None]
+        largest = max(measured, key=lambda s: s.participants, default=None)
+        cpu_pp[str(size)] = rounded(largest.cpu_ms_per_participant_s, 3) if largest else None
+        slope, holds = cpu_bound(ramp)
+        marginal[str(size)] = rounded(slope, 3)
+        by_cpu[str(size)] = rounded(holds, 1)
     ok = [p for p in points if p.error is None]
     serf = {str(p.nodes): round(p.udp_packets_per_s, 2) for p in ok}
     redis_ops = {str(p.nodes): rounded(p.redis_ops_per_join) for p in ok}
@@ -715,6 +749,8 @@ def summarise(
         "participants_per_core": per_core,
         "participants_per_core_capped": capped,
         "cpu_ms_per_participant_s": cpu_pp,
+        "cpu_ms_per_participant_s_marginal": marginal,
+        "participants_per_core_cpu_bound": by_cpu,
         "target_rooms_of_4": TARGET_PER_CORE_ROOMS_OF_4,
         "serf_msgs_per_s": serf,
         "serf_msgs_counted": "memberlist UDP packets sent per second, whole cluster, idle",
@@ -730,11 +766,19 @@ def summarise(
 
 def print_table(figures: dict[str, Any], points: list[MeshPoint]) -> None:
     say()
-    say(f"{'room size':<10} {'participants/core':>18} {'cpu ms/participant/s':>21}")
+    say(
+        f"{'room size':<10} {'participants/core':>18} {'cpu ms/participant/s':>21} "
+        f"{'marginal ms':>12} {'by CPU alone':>13}"
+    )
     for size, count in figures["participants_per_core"].items():
         more = "+" if figures["participants_per_core_capped"][size] else ""
         cpu = figures["cpu_ms_per_participant_s"][size]
-        say(f"{size:<10} {str(count) + more:>18} {_num(cpu, 2):>21}")
+        slope = figures["cpu_ms_per_participant_s_marginal"][size]
+        holds = figures["participants_per_core_cpu_bound"][size]
+        say(
+            f"{size:<10} {str(count) + more:>18} {_num(cpu, 2):>21} {_num(slope, 2):>12} "
+            f"{_num(holds, 0):>13}"
+        )
     if points:
         say()
         header = (

@@ -12,10 +12,12 @@ import pytest
 from node.bench.scale import (
     Step,
     analyse,
+    cpu_bound,
     fit_power_law,
     next_rooms,
     node_counts_up_to,
     parse_statsd,
+    ramp_over,
     redis_calls,
     step_passes,
 )
@@ -40,6 +42,26 @@ def test_ramp_grows_then_the_limits_decide() -> None:
     assert not step_passes(51.0, 0.0)
     assert not step_passes(10.0, 0.006)
     assert not step_passes(None, 0.0)
+
+
+def test_a_failed_step_goes_on_until_the_node_is_busy_or_loses() -> None:
+    late = Step(size=4, rooms=1, participants=4, core_share=0.2, loss=0.0)
+    assert not ramp_over(late)  # the clients were late: the node's CPU is still measured
+    assert ramp_over(Step(size=4, rooms=2, participants=8, core_share=0.95, loss=0.0))
+    assert ramp_over(Step(size=4, rooms=2, participants=8, core_share=0.2, loss=0.06))
+    assert ramp_over(Step(size=4, rooms=2, participants=8, error="TimeoutError"))
+
+
+def test_cpu_bound_is_the_line_through_the_steps() -> None:
+    # 50 ms/s fixed plus 20 ms/s per participant: a core holds (1000 - 50) / 20 = 47.5
+    steps = [
+        Step(size=4, rooms=r, participants=4 * r, window_s=10.0, node_cpu_s=(50 + 80 * r) / 100)
+        for r in (1, 2, 3)
+    ]
+    slope, holds = cpu_bound(steps)
+    assert slope == pytest.approx(20.0)
+    assert holds == pytest.approx(47.5)
+    assert cpu_bound(steps[:1]) == (None, None)
 
 
 def test_node_counts() -> None:
