@@ -269,7 +269,7 @@ class NodeRamp:
         return steps
 
     async def _grow(self, system: Any, spec: dict[str, Any], rooms: int, target: int) -> None:
-        timeout = 60.0 + 5.0 * self.size
+        timeout = 60.0 + 15.0 * self.size
         added = []
         for number in range(rooms, target):
             room = spec["room"] if number == 0 else f"scale-{self.size}-{number}"
@@ -503,6 +503,7 @@ class Mesh:
                 "SFUMESH_WS_MAX_PER_ADDRESS": "100000",
                 "SFUMESH_WS_IDLE_TIMEOUT_S": "600",
                 "SFUMESH_BCRYPT_COST": "4",
+                "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "100000",
                 "SFUMESH_LOG_LEVEL": "WARNING",
                 "SFUMESH_DATABASE": "bench_scale",
             }

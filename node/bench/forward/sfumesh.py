@@ -94,6 +94,8 @@ class SfumeshSystem:
                 "SFUMESH_WS_MAX_PER_USER": "100000",
                 "SFUMESH_WS_MAX_PER_ADDRESS": "100000",
                 "SFUMESH_BCRYPT_COST": "4",
+                # `sfumesh bench scale` makes a room per step of its ramp
+                "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "100000",
                 "SFUMESH_LOG_LEVEL": self.log_level,
                 "SFUMESH_DATABASE": f"bench_forward_{secrets.token_hex(4)}",
                 # one node, no mesh: no Serf agent beside it, no gossip in the window
