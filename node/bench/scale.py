@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -556,10 +557,11 @@ class Mesh:
         return total
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        for agent in self.agents:
-            agent.stop()
+        # Side by side: a node drains before it exits, sixteen in a row take minutes.
+        with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
+            list(pool.map(lambda node: node.stop(), self.nodes))
+        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
+            list(pool.map(lambda agent: agent.stop(), self.agents))
         if self.services is not None:
             self.services.stop()
 
