@@ -136,10 +136,21 @@ def ramp_over(step: Step) -> bool:
     )
 
 
+def counts_for_cpu(step: Step) -> bool:
+    """A step whose node CPU says what forwarding costs: measured, and not one where the
+    clients collapsed (most packets lost: the node had little to forward)."""
+    return (
+        step.error is None
+        and step.window_s > 0
+        and step.loss is not None
+        and step.loss <= GIVE_UP_LOSS
+    )
+
+
 def cpu_bound(steps: Sequence[Step]) -> tuple[float | None, float | None]:
     """The node's CPU against participants over the measured steps, as a line: (marginal ms
     of CPU per participant-second, participants one core would hold by CPU alone)."""
-    measured = [s for s in steps if s.error is None and s.window_s > 0]
+    measured = [s for s in steps if counts_for_cpu(s)]
     line = fit_line(
         [float(s.participants) for s in measured],
         [s.node_cpu_s * 1000 / s.window_s for s in measured],
@@ -715,7 +726,7 @@ def summarise(
         per_core[str(size)] = best.participants if best else 0
         capped[str(size)] = bool(ramp) and ramp[-1].passed
         # the largest step measured: the node's fixed costs spread the most
-        measured = [s for s in ramp if s.cpu_ms_per_participant_s is not None]
+        measured = [s for s in ramp if counts_for_cpu(s)]
         largest = max(measured, key=lambda s: s.participants, default=None)
         cpu_pp[str(size)] = rounded(largest.cpu_ms_per_participant_s, 3) if largest else None
         slope, holds = cpu_bound(ramp)

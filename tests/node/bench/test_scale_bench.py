@@ -55,9 +55,19 @@ def test_a_failed_step_goes_on_until_the_node_is_busy_or_loses() -> None:
 def test_cpu_bound_is_the_line_through_the_steps() -> None:
     # 50 ms/s fixed plus 20 ms/s per participant: a core holds (1000 - 50) / 20 = 47.5
     steps = [
-        Step(size=4, rooms=r, participants=4 * r, window_s=10.0, node_cpu_s=(50 + 80 * r) / 100)
+        Step(
+            size=4,
+            rooms=r,
+            participants=4 * r,
+            window_s=10.0,
+            node_cpu_s=(50 + 80 * r) / 100,
+            loss=0.0,
+        )
         for r in (1, 2, 3)
     ]
+    # clients that collapsed (most packets lost) say nothing about the node's cost
+    collapsed = Step(size=4, rooms=5, participants=20, window_s=10.0, node_cpu_s=0.1, loss=0.7)
+    assert cpu_bound([*steps, collapsed]) == cpu_bound(steps)
     slope, holds = cpu_bound(steps)
     assert slope == pytest.approx(20.0)
     assert holds == pytest.approx(47.5)
