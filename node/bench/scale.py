@@ -260,6 +260,12 @@ class NodeRamp:
             allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             self.core = allowed[0] if allowed else None
             spec = system.spec()
+            # A person may publish at most `media.max_tracks_per_participant` tracks in a
+            # room: one user per place in a room, each participant a person of its own.
+            spec["user_tokens"] = [spec["user_token"]] + [
+                await asyncio.to_thread(_bench_user, system.url, f"benchscale{n}")
+                for n in range(1, self.size)
+            ]
             rooms = 0
             target = 1
             while target * self.size <= max(self.config.max_participants, self.size):
@@ -577,19 +583,20 @@ class Mesh:
             self.services.stop()
 
 
-def _bench_user(url: str) -> str:
+def _bench_user(url: str, username: str = "benchscale") -> str:
+    """A new user's token (signed up and logged in at `url`)."""
     password = secrets.token_urlsafe(16)
     with httpx.Client(base_url=url, timeout=30.0) as http:
         signup = {
-            "username": "benchscale",
-            "email": "benchscale@example.org",
+            "username": username,
+            "email": f"{username}@example.org",
             "password": password,
             "display_name": "Scale",
         }
         created = http.post("/api/users", json=signup)
         if created.status_code != 201:
             raise ScaleBenchError(f"sign-up: HTTP {created.status_code}: {created.text[:200]}")
-        login = http.post("/api/auth/login", json={"login": "benchscale", "password": password})
+        login = http.post("/api/auth/login", json={"login": username, "password": password})
         if login.status_code != 200:
             raise ScaleBenchError(f"login: HTTP {login.status_code}")
         return str(login.json()["user_token"])

@@ -578,8 +578,11 @@ async def participants_main(
     reader = await stdin_reader()
     publishers: list[Publisher] = []
     receivers: list[RoomSubscriber] = []
+    # One user per participant when the driver made them (a node caps tracks per person).
+    tokens = list(spec.get("user_tokens") or [spec.get("user_token")])
     for n in range(count):
-        signalling = signalling_from_spec(spec, "participant")
+        own = {**spec, "user_token": tokens[n % len(tokens)]}
+        signalling = signalling_from_spec(own, "participant")
         if not isinstance(signalling, SfumeshSignalling):
             raise ValueError("participants speak sfumesh's signalling only")
         receiver = RoomSubscriber(first + n, signalling, 2 * (count - 1))
