@@ -80,6 +80,7 @@ MATCH_WINDOW_S: Final = 1.0
 LATENCY_TRACKS: Final = 2
 NODE_READY_S: Final = 180.0
 CONVERGE_S: Final = 90.0
+SETTLE_S: Final = 10.0
 JOIN_CONCURRENCY: Final = 8
 TARGET_PER_CORE_ROOMS_OF_4: Final = 50
 VIDEO_SIZE: Final = (320, 180)
@@ -626,6 +627,9 @@ async def run_mesh(config: MeshConfig, workdir: Path) -> list[MeshPoint]:
                         raise ScaleBenchError(f"Serf did not see {count} members")
                     await asyncio.sleep(0.5)
                 point.converge_s = time.monotonic() - began
+                # The joins' and tags' broadcasts are still retransmitted for a while after
+                # every agent sees every member: the idle window starts after them.
+                await asyncio.sleep(min(SETTLE_S, 2 * config.duration_s))
                 await _measure_gossip(mesh, listener, point, config.duration_s)
                 await _measure_joins(mesh, listener, point, config, members)
             except Exception as error:  # one size failed; the larger ones would too
@@ -911,13 +915,17 @@ def run_scale_bench(config: ScaleConfig, json_path: Path | None, workdir: Path |
     """`sfumesh bench scale`: 0 when every part ran, 1 when one failed, 2 on bad arguments.
     Re-executes itself in a private network namespace."""
     if (
-        not config.sizes
+        not (config.sizes or config.node_counts)
         or any(s < 2 or s > 16 for s in config.sizes)
         or config.duration_s <= 0
         or config.max_participants < 2
         or config.people < 1
     ):
-        say("sfumesh bench: --sizes 2..16, --duration > 0, --max-participants >= 2", err=True)
+        say(
+            "sfumesh bench: --sizes 2..16 (or none, with --max-nodes), --duration > 0, "
+            "--max-participants >= 2",
+            err=True,
+        )
         return 2
     if shutil.which("serf") is None and config.node_counts:
         say("sfumesh bench: `serf` is not installed (leave the mesh out: --max-nodes 0)", err=True)
