@@ -53,7 +53,13 @@ import httpx
 from mesh.agent import DEFAULT_TEMPLATE, NODE_KEYS, SerfAgentConfig
 from mesh.process import ManagedProcess, free_port
 from node.bench.forward import media as bench_media
-from node.bench.forward.run import ClientProcess, estimate_offset, fit_line, frame_latencies
+from node.bench.forward.run import (
+    ClientProcess,
+    estimate_offset,
+    fit_line,
+    frame_latencies,
+    split_evenly,
+)
 from node.bench.report import metric_sum, percentile, process_cpu_s, rounded, say, write_report
 from node.config import new_key
 from node.local.launch import ClusterSecrets, LocalNode, spawn_node, wait_ready
@@ -83,6 +89,8 @@ CONVERGE_S: Final = 90.0
 SETTLE_S: Final = 10.0
 JOIN_CONCURRENCY: Final = 8
 TARGET_PER_CORE_ROOMS_OF_4: Final = 50
+#: participants per client process (a room of 8 is two processes)
+PER_PROCESS: Final = 4
 VIDEO_SIZE: Final = (320, 180)
 VIDEO_BITRATE: Final = 300_000
 
@@ -249,6 +257,8 @@ class NodeRamp:
         self.media_path = media_path
         self.workdir = workdir
         self.clients: list[ClientProcess] = []
+        #: the room of each client process, in the same order
+        self.client_rooms: list[int] = []
         self.core: int | None = None
 
     async def run(self) -> list[Step]:
@@ -294,27 +304,38 @@ class NodeRamp:
             room = spec["room"] if number == 0 else f"scale-{self.size}-{number}"
             if number:
                 await asyncio.to_thread(_create_room, system.url, spec["user_token"], room)
-            argv = [
-                sys.executable,
-                "-m",
-                "node.bench.forward.peers",
-                "participants",
-                "--spec",
-                json.dumps({**spec, "room": room}),
-                "--address",
-                self.address,
-                "--media",
-                str(self.media_path),
-                "--count",
-                str(self.size),
-                "--first",
-                str(number * self.size),
-                "--timeout",
-                str(timeout),
-            ]
-            client = ClientProcess(f"room-{number}", argv, self.workdir / f"room-{number}.log")
-            self.clients.append(client)
-            added.append(client)
+            first = number * self.size
+            # A room's people over processes of at most PER_PROCESS, so that one Python
+            # client process does not limit a large room.
+            for part, count in enumerate(split_evenly(self.size, PER_PROCESS)):
+                room_spec = {**spec, "room": room}
+                room_spec["user_tokens"] = spec["user_tokens"][first - number * self.size :][:count]
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "node.bench.forward.peers",
+                    "participants",
+                    "--spec",
+                    json.dumps(room_spec),
+                    "--address",
+                    self.address,
+                    "--media",
+                    str(self.media_path),
+                    "--count",
+                    str(count),
+                    "--room-size",
+                    str(self.size),
+                    "--first",
+                    str(first),
+                    "--timeout",
+                    str(timeout),
+                ]
+                first += count
+                label = f"room-{number}-{part}"
+                client = ClientProcess(label, argv, self.workdir / f"{label}.log")
+                self.clients.append(client)
+                self.client_rooms.append(number)
+                added.append(client)
         await asyncio.gather(*(c.start() for c in added))
         await asyncio.gather(*(c.expect("ready", timeout + 10) for c in added))
         await asyncio.sleep(self.config.warmup_s)
@@ -327,7 +348,12 @@ class NodeRamp:
         cpu = process_cpu_s(pid)
         machine = machine_cpu()
         replies = await asyncio.gather(*(c.expect("marked", 60.0) for c in self.clients))
-        return {"t": at, "cpu": cpu, "machine": machine, "rooms": replies}
+        return {
+            "t": at,
+            "cpu": cpu,
+            "machine": machine,
+            "rooms": merge_rooms(self.client_rooms, replies),
+        }
 
     async def _measure(self, pid: int, step: Step) -> None:
         start = await self._mark(pid)
@@ -343,6 +369,16 @@ class NodeRamp:
             f"cpu/participant {_num(step.cpu_ms_per_participant_s, 2)} ms/s  "
             f"loss {_pct(step.loss)}  p99 {_num(step.latency_p99_ms)} ms  {verdict}"
         )
+
+
+def merge_rooms(rooms: Sequence[int], replies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One report per room from its processes' reports (in participant order)."""
+    merged: dict[int, dict[str, Any]] = {}
+    for room, reply in zip(rooms, replies, strict=True):
+        into = merged.setdefault(room, {"publishers": [], "subscribers": []})
+        into["publishers"].extend(reply["publishers"])
+        into["subscribers"].extend(reply["subscribers"])
+    return [merged[room] for room in sorted(merged)]
 
 
 def analyse(step: Step, start: dict[str, Any], end: dict[str, Any]) -> None:

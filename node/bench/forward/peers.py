@@ -568,10 +568,17 @@ class RoomSubscriber(Subscriber):
 
 
 async def participants_main(
-    spec: dict[str, Any], media_path: Path, count: int, first: int, limit_s: float
+    spec: dict[str, Any],
+    media_path: Path,
+    count: int,
+    first: int,
+    limit_s: float,
+    room_size: int | None = None,
 ) -> int:
-    """`count` participants of one room: each publishes the pre-encoded loop and receives
-    every other participant's video and audio, on one session (`sfumesh bench scale`)."""
+    """`count` participants of one room of `room_size` (default `count`; a large room is
+    spread over several processes): each publishes the pre-encoded loop and receives every
+    other participant's video and audio, on one session (`sfumesh bench scale`)."""
+    size = room_size or count
     from node.bench.forward.sfumesh import SfumeshSignalling
 
     media = bench_media.load(media_path)
@@ -585,7 +592,7 @@ async def participants_main(
         signalling = signalling_from_spec(own, "participant")
         if not isinstance(signalling, SfumeshSignalling):
             raise ValueError("participants speak sfumesh's signalling only")
-        receiver = RoomSubscriber(first + n, signalling, 2 * (count - 1))
+        receiver = RoomSubscriber(first + n, signalling, 2 * (size - 1))
         # Set before the session joins, so that no subscribe offer finds it missing.
         signalling.subscribe_pc = receiver.pc
         publishers.append(Publisher(media, signalling))
@@ -595,7 +602,7 @@ async def participants_main(
     async def start(publisher: Publisher, receiver: RoomSubscriber) -> None:
         async with gate:
             await publisher.start(limit_s)
-        if count > 1:
+        if size > 1:
             await receiver.subscribe(limit_s)
             await asyncio.wait_for(receiver.receiving.wait(), limit_s)
 
@@ -693,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="the only ICE host address")
     parser.add_argument("--media", type=Path, help="publisher: pre-encoded media file")
     parser.add_argument("--count", type=int, default=1, help="subscribers in this process")
+    parser.add_argument(
+        "--room-size", type=int, help="participants: people in the room (default --count)"
+    )
     parser.add_argument("--first", type=int, default=0, help="number of the first subscriber")
     parser.add_argument("--timeout", type=float, default=60.0, help="set-up time limit, s")
     parser.add_argument("--log-level", default="WARNING")
@@ -711,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "participants":
         assert args.media is not None
         return run_on_big_buffer_loop(
-            participants_main(spec, args.media, args.count, args.first, args.timeout)
+            participants_main(
+                spec, args.media, args.count, args.first, args.timeout, args.room_size
+            )
         )
     return run_on_big_buffer_loop(subscribers_main(spec, args.count, args.first, args.timeout))
 

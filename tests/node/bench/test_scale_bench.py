@@ -14,6 +14,7 @@ from node.bench.scale import (
     analyse,
     cpu_bound,
     fit_power_law,
+    merge_rooms,
     next_rooms,
     node_counts_up_to,
     parse_statsd,
@@ -72,6 +73,18 @@ def test_cpu_bound_is_the_line_through_the_steps() -> None:
     assert slope == pytest.approx(20.0)
     assert holds == pytest.approx(47.5)
     assert cpu_bound(steps[:1]) == (None, None)
+
+
+def test_a_room_over_two_processes_is_one_room_again() -> None:
+    replies = [
+        {"publishers": ["a0", "a1"], "subscribers": ["s0", "s1"]},
+        {"publishers": ["b0"], "subscribers": ["t0"]},
+        {"publishers": ["a2"], "subscribers": ["s2"]},
+    ]
+    assert merge_rooms([0, 1, 0], replies) == [
+        {"publishers": ["a0", "a1", "a2"], "subscribers": ["s0", "s1", "s2"]},
+        {"publishers": ["b0"], "subscribers": ["t0"]},
+    ]
 
 
 def test_node_counts() -> None:
@@ -157,9 +170,9 @@ def test_tiny_real_run_writes_every_key(tmp_path: Path) -> None:
         "--people",
         "2",
         "--duration",
-        "2",
-        "--warmup",
         "1",
+        "--warmup",
+        "0.5",
         "--json",
         str(out),
         "--workdir",
