@@ -87,6 +87,7 @@ LATENCY_TRACKS: Final = 2
 NODE_READY_S: Final = 180.0
 CONVERGE_S: Final = 90.0
 SETTLE_S: Final = 10.0
+MEMBERS_CLOSE_S: Final = 30.0
 JOIN_CONCURRENCY: Final = 8
 TARGET_PER_CORE_ROOMS_OF_4: Final = 50
 #: participants per client process (a room of 8 is two processes)
@@ -678,7 +679,12 @@ async def run_mesh(config: MeshConfig, workdir: Path) -> list[MeshPoint]:
                 f"redis ops/join {_num(point.redis_ops_per_join)}"
             )
     finally:
-        await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
+        # Bounded: whatever a WebSocket does on its way out, the processes are stopped.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(m.close() for m in members), return_exceptions=True),
+                MEMBERS_CLOSE_S,
+            )
         transport.close()
         await asyncio.to_thread(mesh.stop)
     return points
