@@ -96,6 +96,26 @@ def _bench_forward(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from node.bench.scale import ScaleConfig, node_counts_up_to, run_scale_bench
+
+    try:
+        sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
+    except ValueError:
+        print("sfumesh bench: --sizes takes room sizes, comma-separated", file=sys.stderr)
+        return 2
+    config = ScaleConfig(
+        sizes=sizes,
+        node_counts=node_counts_up_to(args.max_nodes),
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        max_participants=args.max_participants,
+        people=args.people,
+    )
+    setup_logging("WARNING")
+    return run_scale_bench(config, args.json, args.workdir)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.name == "geo":
         return _bench_geo(args)
@@ -118,6 +138,8 @@ def _bench(args: argparse.Namespace) -> int:
         from node.bench.failover import run as run_failover_bench
 
         return run_failover_bench(args)
+    if args.name == "scale":
+        return _bench_scale(args)
     if args.name == "relay":
         from node.bench.relay import run as run_relay_bench
 
@@ -224,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
             "failover",
             "faults",
             "geo",
+            "scale",
         ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
@@ -267,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forward.add_argument("--window", type=float, default=10.0, help="forward: window, s")
     forward.add_argument(
-        "--warmup", type=float, help="forward: warm-up, s (default 3); geo: after media flows (5)"
+        "--warmup",
+        type=float,
+        help="forward, scale: warm-up, s (default 3); geo: after media flows (5)",
     )
     forward.add_argument(
         "--systems",
@@ -283,7 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-size", default="640x360", help="forward, geo: the publishers' VP8 size, WxH"
     )
     forward.add_argument(
-        "--workdir", type=Path, help="forward: keep logs and data here (default: a temp dir)"
+        "--workdir", type=Path, help="forward, scale: keep logs and data here (default: a temp dir)"
+    )
+    scale = bench.add_argument_group("scale (how cost grows: one node per core, then the mesh)")
+    scale.add_argument("--sizes", default="2,4,8", help="scale: room sizes, comma-separated")
+    scale.add_argument(
+        "--max-participants",
+        type=int,
+        default=64,
+        help="scale: stop a ramp at this many participants on the node (default 64)",
+    )
+    scale.add_argument(
+        "--max-nodes",
+        type=int,
+        default=16,
+        help="scale: the mesh grows 4, 8, 16 ... up to this many nodes (0: no mesh part)",
+    )
+    scale.add_argument(
+        "--people", type=int, default=4, help="scale: people per room in the mesh's joins"
     )
     add_vivaldi_arguments(bench)
     add_relay_arguments(bench)

@@ -2,6 +2,10 @@
 
     python -m node.bench.forward.peers publisher --spec JSON --address A --media FILE
     python -m node.bench.forward.peers subscribers --spec JSON --address A --count N
+    python -m node.bench.forward.peers participants --spec JSON --address A --count N --media F
+
+(`participants`: the N people of one room of `sfumesh bench scale`, each publishing and
+receiving the others on one session; sfumesh's signalling only.)
 
 Every system under test gets exactly these clients; only the signalling differs
 (`signalling_from_spec`). A process talks to the driver in JSON lines: it writes events on
@@ -507,6 +511,129 @@ class Subscriber:
         await close_quietly(f"subscriber {self.number} connection", self.pc.close())
 
 
+class RoomSubscriber(Subscriber):
+    """The receiving side of one participant of `sfumesh bench scale`: one counter per
+    received track (every other participant's video and audio), never decoded."""
+
+    def __init__(self, number: int, signalling: Signalling, streams_expected: int) -> None:
+        self.streams_expected = streams_expected
+        self.track_frames: dict[str, list[tuple[int, float]]] = {}
+        super().__init__(number, signalling)
+        # Counters are made per track as tracks arrive, not per kind.
+        self.streams = {}
+        self._marked = {}
+
+    def _handler(self, kind: str) -> Callable[[RtpPacket], None]:
+        key = f"{kind}-{len(self.streams)}"
+        stream = self.streams[key] = StreamCounter()
+        self._marked[key] = stream.snapshot()
+        if kind != "video":
+
+            def on_audio(packet: RtpPacket) -> None:
+                stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
+                self._check_receiving()
+
+            return on_audio
+        frames = self.track_frames[key] = []
+        seen: set[int] = set()
+        order: deque[int] = deque()
+
+        def on_video(packet: RtpPacket) -> None:
+            now = time.monotonic()
+            stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
+            timestamp = packet.timestamp
+            if timestamp not in seen:
+                seen.add(timestamp)
+                order.append(timestamp)
+                if len(order) > SEEN_FRAMES:
+                    seen.discard(order.popleft())
+                frames.append((timestamp, now))
+            self._check_receiving()
+
+        return on_video
+
+    def _check_receiving(self) -> None:
+        if not self.receiving.is_set():
+            flowing = sum(1 for counter in self.streams.values() if counter.packets)
+            if flowing >= self.streams_expected:
+                self.receiving.set()
+
+    def mark(self) -> dict[str, Any]:
+        report = super().mark()
+        report["tracks"] = {}
+        for key, frames in self.track_frames.items():
+            report["tracks"][key] = list(frames)
+            frames.clear()
+        return report
+
+
+async def participants_main(
+    spec: dict[str, Any],
+    media_path: Path,
+    count: int,
+    first: int,
+    limit_s: float,
+    room_size: int | None = None,
+) -> int:
+    """`count` participants of one room of `room_size` (default `count`; a large room is
+    spread over several processes): each publishes the pre-encoded loop and receives every
+    other participant's video and audio, on one session (`sfumesh bench scale`)."""
+    size = room_size or count
+    from node.bench.forward.sfumesh import SfumeshSignalling
+
+    media = bench_media.load(media_path)
+    reader = await stdin_reader()
+    publishers: list[Publisher] = []
+    receivers: list[RoomSubscriber] = []
+    # One user per participant when the driver made them (a node caps tracks per person).
+    tokens = list(spec.get("user_tokens") or [spec.get("user_token")])
+    for n in range(count):
+        own = {**spec, "user_token": tokens[n % len(tokens)]}
+        signalling = signalling_from_spec(own, "participant")
+        if not isinstance(signalling, SfumeshSignalling):
+            raise ValueError("participants speak sfumesh's signalling only")
+        receiver = RoomSubscriber(first + n, signalling, 2 * (size - 1))
+        # Set before the session joins, so that no subscribe offer finds it missing.
+        signalling.subscribe_pc = receiver.pc
+        publishers.append(Publisher(media, signalling))
+        receivers.append(receiver)
+    gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def start(publisher: Publisher, receiver: RoomSubscriber) -> None:
+        async with gate:
+            await publisher.start(limit_s)
+        if size > 1:
+            await receiver.subscribe(limit_s)
+            await asyncio.wait_for(receiver.receiving.wait(), limit_s)
+
+    try:
+        results = await asyncio.gather(
+            *(start(p, r) for p, r in zip(publishers, receivers, strict=True)),
+            return_exceptions=True,
+        )
+        failures = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+        if failures:
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.error("participant set-up failed", exc_info=result)
+            emit("error", message="; ".join(failures[:3]), failed=len(failures))
+            return 1
+        emit("ready", t=time.monotonic(), rcvbuf=BigBufferLoop.rcvbuf)
+
+        def mark() -> dict[str, Any]:
+            return {
+                "publishers": [p.mark()["publisher"] for p in publishers],
+                "subscribers": [r.mark() for r in receivers],
+            }
+
+        await command_loop(reader, mark)
+    finally:
+        await asyncio.gather(*(p.close() for p in publishers))
+        await asyncio.gather(*(close_quietly("receiver", r.pc.close()) for r in receivers))
+    emit("stopped")
+    return 0
+
+
 # --------------------------------------------------------------------------- process mains
 
 
@@ -568,11 +695,14 @@ async def subscribers_main(spec: dict[str, Any], count: int, first: int, limit_s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.bench.forward.peers")
-    parser.add_argument("role", choices=["publisher", "subscribers"])
+    parser.add_argument("role", choices=["publisher", "subscribers", "participants"])
     parser.add_argument("--spec", required=True, help="the system's spec, JSON")
     parser.add_argument("--address", required=True, help="the only ICE host address")
     parser.add_argument("--media", type=Path, help="publisher: pre-encoded media file")
     parser.add_argument("--count", type=int, default=1, help="subscribers in this process")
+    parser.add_argument(
+        "--room-size", type=int, help="participants: people in the room (default --count)"
+    )
     parser.add_argument("--first", type=int, default=0, help="number of the first subscriber")
     parser.add_argument("--timeout", type=float, default=60.0, help="set-up time limit, s")
     parser.add_argument("--log-level", default="WARNING")
@@ -583,10 +713,18 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(args.spec)
     import_system_modules(str(spec.get("system")))
     adapter.set_host_addresses([args.address])
+    if args.role in ("publisher", "participants") and args.media is None:
+        parser.error(f"{args.role} needs --media")
     if args.role == "publisher":
-        if args.media is None:
-            parser.error("the publisher needs --media")
+        assert args.media is not None
         return run_on_big_buffer_loop(publisher_main(spec, args.media, args.timeout))
+    if args.role == "participants":
+        assert args.media is not None
+        return run_on_big_buffer_loop(
+            participants_main(
+                spec, args.media, args.count, args.first, args.timeout, args.room_size
+            )
+        )
     return run_on_big_buffer_loop(subscribers_main(spec, args.count, args.first, args.timeout))
 
 

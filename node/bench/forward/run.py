@@ -126,11 +126,14 @@ def estimate_offset(
 
 
 def frame_latencies(
-    publisher: Sequence[tuple[int, float]], subscriber: Sequence[tuple[int, float]]
+    publisher: Sequence[tuple[int, float]],
+    subscriber: Sequence[tuple[int, float]],
+    *,
+    max_latency_s: float = MAX_LATENCY_S,
 ) -> list[float] | None:
     """Seconds from each frame's first packet sent to its first packet received, for the
     subscriber's frames found at the publisher; None when the streams cannot be aligned."""
-    offset = estimate_offset(publisher, subscriber)
+    offset = estimate_offset(publisher, subscriber, max_latency_s=max_latency_s)
     if offset is None:
         return None
     sent = dict(publisher)

@@ -94,6 +94,8 @@ class SfumeshSystem:
                 "SFUMESH_WS_MAX_PER_USER": "100000",
                 "SFUMESH_WS_MAX_PER_ADDRESS": "100000",
                 "SFUMESH_BCRYPT_COST": "4",
+                # `sfumesh bench scale` makes a room per step of its ramp
+                "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "100000",
                 "SFUMESH_LOG_LEVEL": self.log_level,
                 "SFUMESH_DATABASE": f"bench_forward_{secrets.token_hex(4)}",
                 # one node, no mesh: no Serf agent beside it, no gossip in the window
@@ -168,6 +170,9 @@ class SfumeshSignalling:
         self.role = role
         self.timeout = timeout
         self.pc: RTCPeerConnection | None = None
+        #: the connection the node's subscribe offers are answered on (a participant of
+        #: `sfumesh bench scale` publishes on `pc` and receives on this one)
+        self.subscribe_pc: RTCPeerConnection | None = None
         self.offers = 0
         self.errors: list[dict[str, Any]] = []
         self._ws: ClientConnection | None = None
@@ -177,10 +182,17 @@ class SfumeshSignalling:
         self._answered = asyncio.Event()
         self._offer_lock = asyncio.Lock()
         self._closed = False
+        self._opened: asyncio.Future[None] | None = None
+
+    async def join(self) -> None:
+        """Open the session and join the room, with no media (once, however often called)."""
+        if self._opened is None:
+            self._opened = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opened)
 
     async def publish(self, pc: RTCPeerConnection) -> None:
         self.pc = pc
-        await self._open()
+        await self.join()
         await pc.setLocalDescription(await pc.createOffer())
         reply = await self._request("offer", pc="publish", sdp=pc.localDescription.sdp)
         if reply.get("type") != "answer":
@@ -188,8 +200,8 @@ class SfumeshSignalling:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer"))
 
     async def subscribe(self, pc: RTCPeerConnection) -> None:
-        self.pc = pc
-        await self._open()
+        self.subscribe_pc = pc
+        await self.join()
         await asyncio.wait_for(self._answered.wait(), self.timeout)
 
     async def close(self) -> None:
@@ -273,7 +285,7 @@ class SfumeshSignalling:
                     waiter.set_exception(ConnectionError("the WebSocket closed"))
 
     async def _answer(self, sdp: str) -> None:
-        pc = self.pc
+        pc = self.subscribe_pc
         if pc is None:
             return
         async with self._offer_lock:
