@@ -73,6 +73,8 @@ REDIS_PORT: Final = 6379
 STATE_FILE: Final = "lab.json"
 #: how long a node may take to answer /readyz (two cores shared by many processes)
 NODE_READY_TIMEOUT_S: Final = 90.0
+#: how long a node may take to stop gracefully (drain, Serf leave across the emulated links)
+NODE_STOP_TIMEOUT_S: Final = 30.0
 
 
 @dataclass
@@ -277,9 +279,12 @@ class LabCluster:
     def stop(self) -> None:
         """End the nodes, the services and the lab (by PID) and remove the state file."""
         nodes, self.nodes = self.nodes, {}
-        # side by side: each takes seconds (it drains, its agent leaves over the WAN)
+        # side by side: each takes seconds (it drains, its agent leaves over the WAN), more
+        # on a loaded machine: a graceful stop gets NODE_STOP_TIMEOUT_S before it is killed
         stoppers = [
-            threading.Thread(target=node.local.stop, name=f"lab-stop-{host}")
+            threading.Thread(
+                target=node.local.stop, args=(NODE_STOP_TIMEOUT_S,), name=f"lab-stop-{host}"
+            )
             for host, node in nodes.items()
         ]
         for stopper in stoppers:

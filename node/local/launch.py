@@ -27,8 +27,8 @@ class LocalNode:
     #: the node's own Serf agent (None when started without the mesh)
     serf: SerfLaunch | None = None
 
-    def stop(self) -> None:
-        self.process.stop()
+    def stop(self, timeout: float = 10.0) -> None:
+        self.process.stop(timeout)
 
 
 def node_env(
