@@ -26,6 +26,7 @@ Round trips matter to a node far from Redis (300 ms RTT: README "WAN lab", issue
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -35,11 +36,19 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ClusterError, ConnectionError, ReadOnlyError, TimeoutError
+from redis.exceptions import (
+    ClusterError,
+    ConnectionError,
+    ReadOnlyError,
+    RedisError,
+    TimeoutError,
+)
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import ScriptTextT
 
 from node.config import RedisSettings, Settings
+
+log = logging.getLogger(__name__)
 
 # A failover takes the sentinels' down-after time plus an election (seconds): commands retry
 # across it rather than fail, ~8 s in all.
@@ -104,8 +113,17 @@ class NodeRedis(Redis):
 
 
 async def load_scripts(redis: Redis) -> int:
-    """Load the scripts registered on a node's client in one round trip (0 on a cluster)."""
-    return await redis.load_scripts() if isinstance(redis, NodeRedis) else 0
+    """Load the scripts registered on a node's client in one round trip (0 on a cluster).
+
+    Only saves round trips: when Redis cannot be reached at start-up the node still starts
+    (not ready: /readyz says why) and each script is loaded on its first use instead."""
+    if not isinstance(redis, NodeRedis):
+        return 0
+    try:
+        return await redis.load_scripts()
+    except (RedisError, OSError) as error:
+        log.warning("redis.scripts_not_loaded", extra={"error": str(error)})
+        return 0
 
 
 def redis_client(url: str) -> NodeRedis:

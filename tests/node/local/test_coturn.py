@@ -67,6 +67,12 @@ def client_netns() -> Iterator[str]:
             time.sleep(0.01)
         path = f"/proc/{holder.pid}/ns/net"
         inside = ["nsenter", f"--net={path}", "--", "ip"]
+        # A pair left by an earlier test goes with its namespace, but the kernel removes a
+        # dead namespace's devices asynchronously: wait until the name is free.
+        while subprocess.run(["ip", "link", "show", "turnc0"], capture_output=True).returncode == 0:
+            subprocess.run(["ip", "link", "del", "turnc0"], capture_output=True)
+            assert time.monotonic() < deadline, "turnc0 is still there"
+            time.sleep(0.05)
         for command in (
             [
                 "ip",
@@ -87,9 +93,11 @@ def client_netns() -> Iterator[str]:
             [*inside, "link", "set", "turnc1", "up"],
             [*inside, "link", "set", "lo", "up"],
         ):
-            subprocess.run(command, check=True, capture_output=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            assert done.returncode == 0, f"{' '.join(command)}: {done.stderr.strip()}"
         yield path
     finally:
+        subprocess.run(["ip", "link", "del", "turnc0"], capture_output=True)
         holder.kill()
         holder.wait()
 
