@@ -170,7 +170,7 @@ def test_tiny_real_run_writes_every_key(tmp_path: Path) -> None:
         "--people",
         "2",
         "--duration",
-        "1",
+        "3",
         "--warmup",
         "0.5",
         "--json",

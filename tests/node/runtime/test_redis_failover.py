@@ -144,15 +144,22 @@ async def test_primary_failover_mid_call_loses_and_repeats_nothing(
     await state.aclose()
 
 
+class JoinExpired(Exception):
+    """The connection's pending seat lapsed while the room was unavailable: reconnect."""
+
+
 async def _join(user: User, sock: Socket, via_url: str) -> None:
     """Join as a page does: a refusal that says "try again" (503 over HTTP, `unavailable` on
     the socket: while a room change waits for the promoted primary to have a replica) is
-    tried again after a moment."""
+    tried again after a moment; `join_expired` (the wait outlasted the pending seat) means
+    reconnect the WebSocket, as the error says."""
     for _ in range(60):
         reply = await user.http_join(sock, ROOM, via_url)
         if reply.status_code == 503:
             await asyncio.sleep(0.5)
             continue
+        if reply.status_code == 409 and reply.json()["error"]["code"] == "join_expired":
+            raise JoinExpired
         assert reply.status_code == 200, reply.text
         ack = await sock.request("join", room_token=reply.json()["room_token"])
         if ack.get("code") == "unavailable":
@@ -183,9 +190,17 @@ async def _refresh_once(user: User, old: Socket, urls: list[str]) -> Socket:
 
     async def new_page() -> Socket:
         await asyncio.sleep(random.uniform(0, 0.03))
-        fresh = await user.connect(random.choice(urls), old.session_token if same_session else None)
-        await _join(user, fresh, random.choice(urls))
-        return fresh
+        for _ in range(3):
+            fresh = await user.connect(
+                random.choice(urls), old.session_token if same_session else None
+            )
+            try:
+                await _join(user, fresh, random.choice(urls))
+            except JoinExpired:
+                await fresh.close()
+                continue
+            return fresh
+        raise AssertionError("the join expired three times in a row")
 
     _, fresh = await asyncio.gather(old_page(), new_page())
     return fresh

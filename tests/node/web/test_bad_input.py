@@ -229,7 +229,13 @@ async def world(_module_world: World) -> World:
     return _module_world
 
 
-VOLATILE = (b":room-lookups:", b":loginlimit:", b":signuplimit:", b":chat-limit:")
+VOLATILE = (
+    b":room-lookups:",
+    b":room-creations:",
+    b":loginlimit:",
+    b":signuplimit:",
+    b":chat-limit:",
+)
 
 
 async def _redis_state(redis: Redis) -> dict[Any, Any]:
