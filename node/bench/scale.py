@@ -344,6 +344,12 @@ class NodeRamp:
     async def _mark(self, pid: int) -> dict[str, Any]:
         if self.core is not None:
             pin(pid, {self.core})
+            # The clients keep off the node's core: "one core holds" means a core of its
+            # own, and clients that float onto it would charge their CPU to its latency.
+            others = set(os.sched_getaffinity(0)) - {self.core}
+            if others:
+                for client in self.clients:
+                    pin(client.pid, others)
         await asyncio.gather(*(c.send("mark") for c in self.clients))
         at = time.monotonic()
         cpu = process_cpu_s(pid)
