@@ -25,7 +25,8 @@ baseline).
 
 The loops are encoded once with libvpx through PyAV (aiortc's own encoder will not go below
 250 kbit/s) and packetized by aiortc's `Vp8Encoder.pack`, then cached like the forward
-bench's media (`.data/bench-media/simulcast/`). The process speaks the forward bench's JSON
+bench's media (`.data/bench-media/simulcast-opus32k/`). The audio is Opus at 32 kbit/s, a
+browser's speech rate. The process speaks the forward bench's JSON
 lines (`node.bench.forward.peers`): `ready`, then `marked` per `mark`, `stop`.
 """
 
@@ -82,6 +83,9 @@ LAYERS: Final = (
 RIDS: Final = tuple(layer.rid for layer in LAYERS)
 #: the loops' length: the first frame is their only keyframe
 LOOP_SECONDS: Final = 10.0
+#: the audio: Opus at a browser's speech rate (aiortc's own 96 kbit/s would be a third of
+#: a 300 kbit/s link)
+AUDIO_BITRATE: Final = 32_000
 FPS: Final = 30
 KEYFRAME_MIN_INTERVAL_S: Final = 1.0
 MAX_BEHIND_S: Final = 0.5
@@ -148,7 +152,7 @@ def encode_layer_video(params: bench_media.MediaParams) -> tuple[list[list[bytes
 
 
 def cache_dir() -> Path:
-    return bench_media.default_cache_dir() / "simulcast"
+    return bench_media.default_cache_dir() / f"simulcast-opus{AUDIO_BITRATE // 1000}k"
 
 
 def load_or_encode_layers(
@@ -170,7 +174,7 @@ def load_or_encode_layers(
         if media is None:
             video, keyframes = encode_layer_video(params)
             media = bench_media.PreEncoded(
-                params, video, keyframes, bench_media.encode_audio(params)
+                params, video, keyframes, bench_media.encode_audio(params, AUDIO_BITRATE)
             )
             bench_media.save(media, path)
         out.append((media, path))
