@@ -18,7 +18,8 @@ and the room.
 answered the same way until `close`). A `ping` every 15 s keeps the socket alive.
 
 For simulcast (issue 14): `offer_filter` edits the publish offer before it is sent (the
-synthetic simulcast publisher's RIDs, `node.bench.forward.simulcast`), and a subscriber
+synthetic simulcast publisher's RIDs, `node.bench.forward.simulcast`), `on_layers` hears
+which of its encodings the node wants sent (`layers`), and a subscriber
 with a `tile` (width, height) tells the node after each answer that every video track it
 receives shows in a tile of that size (`view`), so the node picks the layer that fits.
 """
@@ -203,6 +204,9 @@ class SfumeshSignalling:
         self.offer_filter: Callable[[str], str] | None = None
         #: the tile (device pixels) every received video track is shown in (None: no `view`)
         self.tile: tuple[int, int] | None = None
+        #: called with a `layers` message's mid and active RIDs (the node switches a
+        #: simulcast publisher's unwatched encodings off and on, as it tells a browser)
+        self.on_layers: Callable[[str, list[str]], None] | None = None
         self.errors: list[dict[str, Any]] = []
         self._ws: ClientConnection | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -315,6 +319,10 @@ class SfumeshSignalling:
                         else []
                     )
                     self._spawn(self._answer(str(message.get("sdp", "")), video))
+                elif kind == "layers" and self.on_layers is not None:
+                    active = message.get("active")
+                    if isinstance(active, list):
+                        self.on_layers(str(message.get("mid")), [str(rid) for rid in active])
                 elif kind == "error":
                     log.warning("node error: %s", message)
                     self.errors.append(message)

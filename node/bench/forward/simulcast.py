@@ -12,7 +12,8 @@ Then it sends three pre-encoded VP8 loops (`LAYERS`: 320x180 / 640x360 / 1280x72
 150 / 500 / 1500 kbit/s, 30 fps) on three SSRCs, each packet carrying its RID, through one
 tapped sender (`adapter.tap_simulcast_sender`): never encoding while it runs. A PLI/FIR
 naming a layer's SSRC restarts that layer's loop at its keyframe (at most once a second per
-layer); NACKs are answered from that layer's history (no RTX: the offer has none). All
+layer); the node's `layers` message switches encodings off and on as it would a browser's;
+NACKs are answered from that layer's history (no RTX: the offer has none). All
 layers share one RTP timestamp per frame (as one camera's capture time; `bench forward`
 aligns every subscriber's frames with the publisher's whatever layer it receives).
 
@@ -264,6 +265,9 @@ class LayeredPublisher:
             if not isinstance(signalling, SfumeshSignalling):
                 raise ValueError("only sfumesh's signalling carries a simulcast offer")
             signalling.offer_filter = simulcast_offer
+            signalling.on_layers = self._layers_message
+        #: the encodings sent (the node switches unwatched ones off, as in a browser)
+        self.active = set(range(len(LAYERS)))
         self.audio = adapter.tap_sender(audio.sender)
         self.switches = 0
         self._up_since: float | None = None
@@ -278,6 +282,14 @@ class LayeredPublisher:
         self.remb: list[tuple[float, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._marked = {"nacked": 0, "retransmitted": 0, "keyframe_requests": 0, "restarts": 0}
+
+    def _layers_message(self, mid: str, active: list[str]) -> None:
+        """The node's `layers`: send only these encodings (a browser's `active: false`);
+        one switched on again starts with its keyframe."""
+        wanted = {RIDS.index(rid) for rid in active if rid in RIDS}
+        for layer in wanted - self.active:
+            self._restart[layer] = True
+        self.active = wanted
 
     def _keyframe_requested(self, layer: int) -> None:
         self.keyframe_requests += 1
@@ -340,7 +352,7 @@ class LayeredPublisher:
             self.frames.append((timestamp, now))
             self.counts["video"][2] += 1
             stamp = adapter.send_stamp()
-            sending = range(count) if simulcast is not None else (self.current,)
+            sending = sorted(self.active) if simulcast is not None else [self.current]
             for layer in sending:
                 if self._restart[layer]:
                     self._restart[layer] = False

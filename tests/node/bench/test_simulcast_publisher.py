@@ -188,3 +188,19 @@ async def watch(peers: list[tuple[Socket, MediaPeer]]) -> list[tuple[int, int]]:
             return [t.size if t is not None and t.size is not None else (0, 0) for t in now]
         await asyncio.sleep(0.5)
     return [s or (0, 0) for s in sizes]
+
+
+async def test_the_nodes_layers_message_switches_encodings_off_and_on() -> None:
+    spec = {"url": "http://127.0.0.1:1", "user_token": "t", "room": "r"}
+    layers = [fake_loop(0, 150), fake_loop(1, 500), fake_loop(2, 1500)]
+    signalling = SfumeshSignalling(spec, "publisher")
+    publisher = LayeredPublisher(layers, signalling)
+    try:
+        assert publisher.active == {0, 1, 2} and signalling.on_layers is not None
+        signalling.on_layers("0", ["q"])  # as the node's `layers` message is handed on
+        assert publisher.active == {0}
+        signalling.on_layers("0", ["q", "f", "nonsense"])
+        assert publisher.active == {0, 2}
+        assert publisher._restart[2]  # an encoding back on starts with its keyframe
+    finally:
+        await publisher.pc.close()
