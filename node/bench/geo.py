@@ -436,6 +436,24 @@ def run_geo(config: GeoConfig, data_dir: Path) -> GeoResult:
     return result
 
 
+def joins_by_peer(runs: list[ScenarioRun]) -> dict[str, dict[str, float | None]]:
+    """Join time (session, WebSocket, ICE, to the other peer's first frame) per peer, so a
+    slow region shows as itself and not as the tail of everyone's."""
+    per_peer: dict[str, list[float]] = {}
+    for run in runs:
+        for name, report in run.peers.items():
+            if report.get("join_ms") is not None:
+                per_peer.setdefault(name, []).append(float(report["join_ms"]))
+    return {
+        name: {
+            "p50": rounded(percentile(sorted(values), 0.5)),
+            "p95": rounded(percentile(sorted(values), 0.95)),
+            "max": rounded(max(values)),
+        }
+        for name, values in sorted(per_peer.items())
+    }
+
+
 def figures(result: GeoResult) -> dict[str, Any]:
     """The JSON of the issue (plus the series the report plots, under `series`)."""
     rows = aggregate([d for run in result.runs for d in run.directions])
@@ -466,6 +484,18 @@ def figures(result: GeoResult) -> dict[str, Any]:
                 sum(p["correct"] for p in picks) / len(picks) if picks else None, 3
             ),
             "serf_failure_detect_s": rounded(result.serf_failure_detect_s, 2),
+            "join_ms_by_peer": joins_by_peer(result.runs),
+            "joins": [
+                {
+                    "variant": run.variant,
+                    "scenario": run.scenario,
+                    "peer": name,
+                    "node": report.get("node"),
+                    "join_ms": rounded(report.get("join_ms")),
+                }
+                for run in result.runs
+                for name, report in sorted(run.peers.items())
+            ],
             "picks": picks,
         },
     }
