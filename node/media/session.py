@@ -121,6 +121,8 @@ LAYER_SELECT_S = 0.5
 LAYER_IDLE_S = 2.0
 # A layer switched on again at the publisher is still offered this long before it arrives
 LAYER_BACK_S = 5.0
+# ... and one that did not come in that time is not offered again for this long
+LAYER_RETRY_S = 15.0
 # After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
 PROBE_HOLD_S = 8.0
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
@@ -128,6 +130,8 @@ PROBE_HOLD_S = 8.0
 SETTLE_S = 10.0
 # REMB to a simulcast publisher: what the layers its subscribers select take, times this
 PUBLISHER_HEADROOM = 1.25
+# Per layer round, what the held uplink estimate of a simulcast publisher keeps (half-life ~35 s)
+REMB_HOLD_DECAY = 0.99
 # What a relay's peer reports of a relayed track (`Published.relay_needs`): the height of
 # the largest tile its subscribers show it in, 0 when none shows it, or this when one of them
 # has not said (its tile is unknown: any layer may be needed)
@@ -234,6 +238,7 @@ class Published:
         self.tap: RtpTap = tap
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
+        self.tap.remb_floor = self.remb_floor
         self.tap.on_layer = self._layer_learnt
         #: simulcast: the publisher's RIDs (lowest layer first; empty: one encoding), each
         #: layer's SSRC -> index (the forwarder's `layers`), payload bytes, last packet time
@@ -248,10 +253,11 @@ class Published:
         #: each layer's last rate measured while it arrived (a layer switched off at the
         #: publisher is still offered to subscribers at that cost)
         self.layer_known: dict[int, float] = {}
-        #: simulcast: which encodings are on at the publisher (`update_publisher`), and
-        #: what REMB may ask of it (None: its budget alone)
+        #: simulcast: which encodings are on at the publisher (`update_publisher`), what
+        #: REMB may ask of it (None: its budget alone), and the uplink estimate it is held at
         self.publisher_layers: PublisherLayers | None = None
         self.remb_cap: int | None = None
+        self.remb_held = 0.0
         #: one encoding: the track's bit rate (for the allocation over a subscriber's tracks)
         self._mark: tuple[float, int] | None = None
         self.rate_bps = 0.0
@@ -343,7 +349,9 @@ class Published:
                 if rate > 0 and not self.switched_off(layer):  # (not while it winds down)
                     self.layer_known[layer] = rate
                 out.append(rate)
-            elif self.switched_off(layer) or self.coming_back(layer, now):
+            elif (self.switched_off(layer) or self.coming_back(layer, now)) and not (
+                self.stalled(layer, now)
+            ):
                 # off at the publisher because nobody wanted it: still there to be chosen
                 # (choosing it switches it on again, and it stays chosen while it comes)
                 out.append(self.layer_known.get(layer, self.nominal_bps(layer)))
@@ -354,6 +362,16 @@ class Published:
     def switched_off(self, layer: int) -> bool:
         layers = self.publisher_layers
         return layers is not None and layer not in layers.active
+
+    def stalled(self, layer: int, now: float) -> bool:
+        """Whether `layer`, switched on again, did not come within `LAYER_BACK_S` (the
+        publisher's uplink may not carry it yet): then it is not offered for
+        `LAYER_RETRY_S`, so subscribers do not swing to it and back."""
+        layers = self.publisher_layers
+        since = None if layers is None else layers.switched_on.get(layer)
+        if since is None or self.layer_seen.get(layer, -1.0) >= since:
+            return False
+        return LAYER_BACK_S <= now - since < LAYER_BACK_S + LAYER_RETRY_S
 
     def coming_back(self, layer: int, now: float) -> bool:
         """Whether `layer` was switched on again lately (its first packets may not be here
@@ -392,17 +410,31 @@ class Published:
     def update_publisher(self, now: float) -> None:
         """A simulcast publisher's side of the layers: the encodings nobody selects go off
         (the client is told with a `layers` message; on again at once when wanted, with a
-        keyframe asked), and REMB asks for what the selected layers take, with headroom:
-        never for the slowest subscriber's rate, nor for layers nobody watches."""
+        keyframe asked), and REMB asks for what the encodings left on take (the selected
+        ones, and any not arriving yet), with headroom, holding the uplink's recent
+        estimate: never held to the slowest subscriber's rate, nor asking for layers
+        nobody watches."""
         layers = self.publisher_layers
         forwarder = self.forwarder
         if layers is None or forwarder is None:
             return
         selected = {layer for layer in forwarder.selected_layers() if layer < len(self.rids)}
-        need = sum(max(self.layer_known.get(i, 0.0), self.nominal_bps(i)) for i in selected)
-        self.remb_cap = round((need or self.nominal_bps(0)) * PUBLISHER_HEADROOM)
+        # an encoding that is on but not arriving (the browser's send rate does not reach
+        # it yet, at the start of a call or on a weak uplink) stays on: nobody could select
+        # it, yet it costs nothing, and the browser starts it once its rate allows
+        coming = set(layers.active) - set(self.arriving(now))
         was = layers.active
-        changed = layers.update(selected, now)
+        changed = layers.update(selected | coming, now)
+        self.remb_cap = round(
+            sum(max(self.layer_known.get(i, 0.0), self.nominal_bps(i)) for i in layers.active)
+            * PUBLISHER_HEADROOM
+        )
+        # aiortc's estimate follows what arrives: with encodings off it sinks, the browser's
+        # send rate follows it down, and an encoding switched on again then takes half a
+        # minute to climb back (measured). So REMB holds the uplink's recent estimate
+        # (decaying, half-life ~35 s), within what all layers would take.
+        estimate = self.tap.remb_estimate or 0
+        self.remb_held = max(float(estimate), self.remb_held * REMB_HOLD_DECAY)
         if changed is None:
             return
         active = [self.rids[i] for i in sorted(changed)]
@@ -471,6 +503,13 @@ class Published:
         else:
             self._drop_logged[reason] = (last, count + 1)
 
+    def remb_floor(self) -> int | None:
+        """The least REMB asks of a simulcast publisher (see `update_publisher`)."""
+        if not self.simulcast or not self.remb_held:
+            return None
+        every = sum(self.nominal_bps(i) for i in range(len(self.rids))) * PUBLISHER_HEADROOM
+        return round(min(self.remb_held, every, self.budget.rate_bps))
+
     def remb_limit(self) -> int:
         """What REMB may ask of the publisher: its budget, and for a single encoding no more
         than the slowest subscriber's last REMB for this track. A simulcast publisher is
@@ -478,8 +517,11 @@ class Published:
         it is asked for what the layers someone selects take (`update_publisher`)."""
         limit = self.budget.rate_bps
         if self.simulcast:
+            # what the selected layers take, or what holds the uplink (if more)
             cap = self.remb_cap
-            return limit if cap is None else min(limit, cap)
+            if cap is None:
+                return limit
+            return min(limit, max(cap, self.remb_floor() or 0))
         sinks = [s.sink for s in self.subscriptions.values()] + list(self.relays.values())
         for sink in sinks:
             remb = sink.remb_bitrate

@@ -217,6 +217,7 @@ class Tap:
         self.remb_limit: Any = None
         self.on_layer: Any = None
         self.bytes = 0
+        self.remb_estimate: int | None = None
         self.receiver: Any = None
         self.rids: tuple[str, ...] = ()
         self.media_ssrcs: list[int] = []
@@ -312,6 +313,19 @@ async def test_the_hub_shares_a_subscribers_estimate_and_switches_encodings_off(
         assert [m["active"] for m in messages(a_conn, "layers")] == [[]]
         assert publishers["b"].remb_limit() == round(150_000 * 1.25)
         assert publishers["b"].arriving(now) == [0]
+        # once its uplink was estimated at 2 Mbit/s, REMB holds that while encodings are off
+        # (so one switched on again has the rate at once), within what all layers take
+        cast(Any, publishers["b"].tap).remb_estimate = 2_000_000
+        hub.select_layers()
+        assert publishers["b"].remb_floor() == 2_000_000
+        assert publishers["b"].remb_limit() == 2_000_000
+        cast(Any, publishers["b"].tap).remb_estimate = 9_000_000
+        hub.select_layers()
+        assert publishers["b"].remb_limit() == round(sum(RATES) * 1.25)
+        cast(Any, publishers["b"].tap).remb_estimate = None
+        publishers["b"].remb_held = 0.0
+        messages(b_conn, "layers")
+        messages(a_conn, "layers")
 
         # a speaks now: the allocation follows, and a's encoding comes back
         hub.speakers[slug] = ("s-a", "u-a")

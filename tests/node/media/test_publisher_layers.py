@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from tests.node.media.test_loopback import loopback_ice  # noqa: F401 (a fixture
 from tests.node.media.test_simulcast import SIMULCAST_PUBLISH, subscriber, video_from
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+log = logging.getLogger(__name__)
 
 LIMIT_S = 60.0
 ENCODINGS = (
@@ -84,8 +87,11 @@ async def test_unwatched_encodings_go_off_at_the_publisher_and_come_back(
                         told_tiles[track.mid] = (width, height)
                     return track.size == (width, height)
 
-                # one small tile: only the quarter-size encoding is wanted, so the other
-                # two go off at the browser
+                # a large tile first (the uplink's estimate grows with all three layers)
+                await until(lambda: shown(1280, 720), "the full layer never came")
+                await asyncio.sleep(3.0)
+                # then one small tile: only the quarter-size encoding is wanted, so the
+                # other two go off at the browser
                 await until(lambda: shown(320, 180), "the small layer never came")
                 await until(
                     lambda: _is(encodings(publisher_page), [True, False, False]),
@@ -102,18 +108,22 @@ async def test_unwatched_encodings_go_off_at_the_publisher_and_come_back(
                         f'sfumesh_media_publisher_layers{{layer="{layer}"}}' in text
                         for layer in (1, 2)
                     )
-                    # the quarter layer with headroom (150 kbit/s, or what it measured, x
-                    # 1.25), far below the three layers' 2.7 Mbit/s or the 8 Mbit/s budget
-                    return 0 < remb <= 300_000 and arriving and not others
+                    # within what the three layers take with headroom (2.7 Mbit/s), not the
+                    # 8 Mbit/s budget: the uplink's estimate is held while encodings are off
+                    return 0 < remb <= 2_700_000 and arriving and not others
 
                 await until(asks_little, "REMB or the arriving layers did not follow")
 
                 # a large tile: the full-size encoding is switched on again, and decoded
+                # (REMB held the uplink's estimate meanwhile, so it comes back at once)
+                asked = time.monotonic()
                 await until(lambda: shown(1280, 720), "the full layer never came back")
+                log.info("the full layer came back in %.1f s", time.monotonic() - asked)
                 assert (await encodings(publisher_page))[2] is True
                 told = await publisher_page.evaluate(LAYERS)
                 assert told[0] == ["q", "h", "f"], told  # (the first round: all on)
-                assert any("f" in active for active in told[told.index(["q"]) :]), told
+                told = told[told.index(["q"]) :]
+                assert any("f" in active for active in told), told
                 assert peer.errors == []
                 assert await publisher_page.evaluate("() => room.errors") == []
             finally:
