@@ -69,7 +69,8 @@ async def test_a_relay_carries_the_layer_the_far_tiles_select(
     backing: BackingServices, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     """Node 2 reports what its subscriber's tile needs (`needs`); node 1 relays that layer,
-    none while the tile is hidden, and a bigger one (from its keyframe) when it grows."""
+    none while the tile is hidden, and a bigger one again (from its keyframe, the publisher's
+    encoding switched back on) when it grows."""
     # the tiles alone choose (aiortc's delay-based estimates swing with the test host's load)
     env = {**_env(), "SFUMESH_MEDIA_SIMULCAST_FOLLOW_BANDWIDTH": "false"}
     nodes = start_nodes(backing, TOKEN_KEYS, count=2, data_dir=tmp_path, extra_env=env)
@@ -112,6 +113,10 @@ async def test_a_relay_carries_the_layer_the_far_tiles_select(
                         assert time.monotonic() < deadline, (size, peer.describe())
                         await asyncio.sleep(0.3)
 
+                # a large tile first: the full layer crosses (and the publisher's uplink
+                # estimate grows with it, which REMB then holds while layers are off)
+                await tile(1280, 720)
+                await decoded((1280, 720))
                 await tile(320, 180)
                 await decoded((320, 180))
                 # hidden: node 1 stops relaying it (a frame in flight at most)
