@@ -333,6 +333,15 @@ async def test_the_hub_shares_a_subscribers_estimate_and_switches_encodings_off(
         assert (target("a"), target("b")) == (0, None)
         assert [m["active"] for m in messages(a_conn, "layers")] == [["q"]]
         assert [m["active"] for m in messages(b_conn, "layers")] == [[]]
+        # b's track is its screen share (the room's state says so): before the speaker
+        hub.set_screen("s-b", "1")
+        hub.select_layers()
+        assert (target("a"), target("b")) == (None, 0)
+        hub.set_screen("s-b", None)
+        hub.select_layers()
+        assert (target("a"), target("b")) == (0, None)
+        messages(a_conn, "layers")
+        messages(b_conn, "layers")
 
         # the estimate grows: both get the top layer, every encoding is wanted again
         for sink in sinks.values():
