@@ -699,6 +699,9 @@ class RtpTap:
         self.remb_estimate: int | None = None
         #: when set, REMB toward the publisher never exceeds what it returns (if not None)
         self.remb_limit: Callable[[], int | None] | None = None
+        #: when set, REMB is at least what it returns (then capped by `remb_limit`): a
+        #: simulcast publisher's uplink estimate is held while encodings are off
+        self.remb_floor: Callable[[], int | None] | None = None
         self.on_drop: DropCallback | None = None
         # SSRCs this receiver accepts: the ones the offer declared (media and RTX), or else
         # the first media SSRC that arrives. Anything else is dropped, so a hostile sender
@@ -800,6 +803,9 @@ class RtpTap:
             if rtcp_ssrc is not None and remb is not None:
                 bitrate, ssrcs = remb
                 self.remb_estimate = bitrate
+                floor = self.remb_floor() if self.remb_floor is not None else None
+                if floor is not None and floor > bitrate:
+                    bitrate = floor
                 limit = self.remb_limit() if self.remb_limit is not None else None
                 if limit is not None and limit < bitrate:
                     bitrate = limit

@@ -251,7 +251,10 @@ class Publisher:
         assert payload_type is not None
         sequence = _rng.randrange(1 << 15)
         timestamp = _rng.randrange(1 << 30)
-        counter = 0
+        # The irregular steps start at a random place in their sequence: publishers that
+        # start together would otherwise step alike, and a subscriber's track would match
+        # any of them (at a constant shift: the latency measured against the wrong sender).
+        counter = _rng.randrange(1 << 31)
         index = 0
         interval = 1 / fps
         due = time.monotonic()
