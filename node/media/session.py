@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -245,6 +246,9 @@ class Published:
         #: and frame size (from its keyframes)
         self.rids: tuple[str, ...] = ()
         self.layer_of: dict[int, int] = {}
+        #: simulcast layers a subscriber asked a keyframe of (its PLI after loss), with when:
+        #: asked of the publisher until that layer's keyframe passes (or the wait is given up)
+        self.asked_layers: dict[int, float] = {}
         self.layer_bytes: dict[int, int] = {}
         self.layer_seen: dict[int, float] = {}
         self.layer_sizes: dict[int, tuple[int, int]] = {}
@@ -321,8 +325,13 @@ class Published:
         if forwarder.duplicates != duplicates:
             self.dropped("duplicate")
         if layer is not None and self.keyframes.waiting_since is not None:
-            # a simulcast wait ends when no subscriber waits for its target's keyframe
-            if not forwarder.waiting:
+            if layer in self.asked_layers:
+                detector = forwarder.is_keyframe_start
+                if detector is None or detector(packet.payload):
+                    del self.asked_layers[layer]
+            # a simulcast wait ends when no subscriber waits for its target's keyframe, nor
+            # for a keyframe of the layer it is sent
+            if not forwarder.waiting and not self.asked_layers:
                 self._keyframe_arrived(now)
 
     @property
@@ -469,6 +478,8 @@ class Published:
         if self.simulcast:
             clock_rate = self.codec.clockRate if self.codec is not None else 90000
             rewriter = LayerRewriter(sink.ssrc, payload_type, clock_rate=clock_rate, vp8=self.vp8)
+            # A sink's own PLI (loss it could not repair) asks for the layer it is sent.
+            sink.on_keyframe_request = functools.partial(self.request_layer_keyframe, rewriter)
             if layer is None:  # (a relay) the best layer arriving now
                 live = [
                     i for i, rate in enumerate(self.rates(time.monotonic())) if rate is not None
@@ -541,6 +552,14 @@ class Published:
         if self.keyframe_task is None or self.keyframe_task.done():
             self.keyframe_task = self.owner.media.spawn(self._keyframe_loop())
 
+    def request_layer_keyframe(self, rewriter: LayerRewriter) -> None:
+        """A subscriber of a simulcast track asks for a keyframe: of the layer it is sent
+        (or, before its first, of the one it waits for)."""
+        layer = rewriter.current if rewriter.current is not None else rewriter.target
+        if layer is not None:
+            self.asked_layers[layer] = time.monotonic()
+        self.request_keyframe()
+
     def keep_asking_for_keyframe(self) -> None:
         """A sink waits for a keyframe: ask until one arrives (or the wait is given up)."""
         self.request_keyframe()
@@ -567,7 +586,11 @@ class Published:
             # only the layers someone waits to switch to (a keyframe is ~10 delta frames)
             # (none while the layer waited for has not arrived yet: asking the others for
             # keyframes would only inflate them)
-            wanted = forwarder.wanted_layers()
+            now = time.monotonic()
+            for layer, at in list(self.asked_layers.items()):
+                if now - at > self.keyframes.give_up_s:
+                    del self.asked_layers[layer]
+            wanted = forwarder.wanted_layers() | set(self.asked_layers)
             ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted]
         for ssrc in ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
