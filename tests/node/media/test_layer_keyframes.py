@@ -73,8 +73,8 @@ def vp8_packet(ssrc: int, sequence: int, keyframe: bool) -> RtpPacket:
     )
 
 
-async def until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(check: Any, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
@@ -110,7 +110,7 @@ async def test_a_subscribers_pli_asks_the_layer_it_is_sent() -> None:
         assert set(receiver.plis) == {222}, receiver.plis
         # asked again while no keyframe of that layer comes (other layers' do not count)
         published.on_rtp(vp8_packet(111, 3, keyframe=True))
-        await until(lambda: len(receiver.plis) >= 2, timeout=hub.settings.keyframe_retry_s + 5)
+        await until(lambda: len(receiver.plis) >= 2, within_s=hub.settings.keyframe_retry_s + 5)
         assert set(receiver.plis) == {222}, receiver.plis
         # its keyframe answers it
         published.on_rtp(vp8_packet(222, 4, keyframe=True))
