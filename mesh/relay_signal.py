@@ -10,6 +10,10 @@ Requests (`n`: sending node, `b`: its boot id, `l`: the link id, `r`: request id
 * `tracks` `{s: sequence number, a: [track, ...] added, x: [track id, ...] removed}`: the
   sender's tracks after the link is up, as deltas split to fit (`track_updates`).
 * `close`  the sender closed the link (idle after its linger, or shutting down).
+* `needs`  `{w: [[track id, need], ...]}`: what the sender's subscribers need of tracks it
+  receives over the link (simulcast layer selection): the height of the largest tile one is
+  shown in, 0 when nobody shows it, -1 when unknown (any layer). Absolute values, so a
+  message split to fit (`needs_updates`) or repeated changes nothing more.
 
 Replies: `answer {d: description}`, `ok`, or `refuse {e: reason}` ("glare", "unknown-link",
 "bad", "gap", "busy").
@@ -41,15 +45,18 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from mesh.relay_description import MAX_TRACKS, TrackInfo, parse_description, parse_track
 
 MAX_MESSAGE_BYTES: Final = 1000
 QUERY_NAME: Final = "sfumesh-relay"
-KINDS: Final = ("offer", "answer", "tracks", "close", "ok", "refuse")
-REQUESTS: Final = ("offer", "tracks", "close")
+KINDS: Final = ("offer", "answer", "tracks", "close", "needs", "ok", "refuse")
+REQUESTS: Final = ("offer", "tracks", "close", "needs")
+#: a `needs` value: -1 (unknown) up to the tallest tile height a client may state
+NEED_MIN: Final = -1
+NEED_MAX: Final = 16384
 
 _NODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -88,6 +95,8 @@ class Message:
     added: tuple[TrackInfo, ...] = ()
     removed: tuple[str, ...] = ()
     reason: str = ""
+    #: `needs`: (track id, need) pairs
+    needs: tuple[tuple[str, int], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     #: when it was sealed (ms since the epoch), as `decode` read it; 0 if it was not
     stamp: int = 0
@@ -108,6 +117,8 @@ class Message:
             out["s"] = self.seq
             out["a"] = [track.wire() for track in self.added]
             out["x"] = list(self.removed)
+        if self.kind == "needs":
+            out["w"] = [[track_id, need] for track_id, need in self.needs]
         if self.reason:
             out["e"] = self.reason
         return out
@@ -225,6 +236,9 @@ def decode(data: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> Message:
             parse_track([1, track_id, "a", 0, "opus"], index).track_id
             for index, track_id in enumerate(raw_removed)
         )
+    needs: tuple[tuple[str, int], ...] = ()
+    if kind == "needs":
+        needs = _needs(value.get("w"))
     reason = _field(value, "e", _REASON, kind == "refuse")
     stamp = value.get("t", 0)
     if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 10**_STAMP_DIGITS:
@@ -241,8 +255,49 @@ def decode(data: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> Message:
         added=added,
         removed=removed,
         reason=reason,
+        needs=needs,
         stamp=stamp,
     )
+
+
+def _needs(raw: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_TRACKS:
+        raise ValueError(f"relay message: w must be a list of 1 to {MAX_TRACKS} pairs")
+    out: list[tuple[str, int]] = []
+    for index, pair in enumerate(raw):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError("relay message: each need is [track id, value]")
+        track_id = parse_track([1, pair[0], "v", 0, "VP8"], index).track_id
+        need = pair[1]
+        if isinstance(need, bool) or not isinstance(need, int) or not NEED_MIN <= need <= NEED_MAX:
+            raise ValueError(f"relay message: a need is an integer from {NEED_MIN} to {NEED_MAX}")
+        out.append((track_id, need))
+    return tuple(out)
+
+
+def needs_updates(header: Message, needs: Sequence[tuple[str, int]]) -> list[Message]:
+    """`needs` messages carrying these values, each under the size bound."""
+    messages: list[Message] = []
+    current: list[tuple[str, int]] = []
+
+    def build(pairs: list[tuple[str, int]]) -> Message:
+        return replace(header, kind="needs", request=new_id(), needs=tuple(pairs))
+
+    for pair in needs:
+        trial = [*current, pair]
+        try:
+            if len(trial) > MAX_TRACKS:
+                raise ValueError("too many")
+            encode(build(trial))
+            current = trial
+        except ValueError:
+            if not current:
+                raise
+            messages.append(build(current))
+            current = [pair]
+    if current:
+        messages.append(build(current))
+    return messages
 
 
 def fit_description(message: Message) -> tuple[Message, list[dict[str, Any]]]:

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -234,6 +235,17 @@ class MediaSettings(BaseModel):
     # off, only its tiles and the cap choose (a LAN, or a host too loaded for delay-based
     # estimates to mean anything).
     simulcast_follow_bandwidth: bool = True
+    # What each simulcast layer (lowest first) may take at most, bits/s: the web client's
+    # encodings' caps (`SIMULCAST_ENCODINGS` in webapp/media.js). REMB to a simulcast
+    # publisher asks for the layers subscribers select, each at least this (a layer that is
+    # off, or still ramping up, has no measured rate to go by).
+    simulcast_layer_bitrates: list[PositiveInt] = Field(
+        default_factory=lambda: [150_000, 500_000, 1_500_000], min_length=1, max_length=3
+    )
+    # A layer no subscriber (nor relay) has selected for this long is switched off at the
+    # publisher (`layers` message); one wanted again is switched on at once. The delay keeps
+    # a tile being resized from flapping the encodings.
+    simulcast_layer_off_s: float = Field(default=3.0, ge=0)
     # Budget per published track (bits/s of RTP payload, with one second of burst). Packets
     # above it are dropped and counted; REMB toward the publisher never asks for more.
     max_video_bitrate: int = Field(default=8_000_000, gt=0)
@@ -579,6 +591,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_MEDIA_HOST_ADDRESSES": "media.host_addresses",
     "SFUMESH_MEDIA_SIMULCAST_MAX_LAYER": "media.simulcast_max_layer",
     "SFUMESH_MEDIA_SIMULCAST_FOLLOW_BANDWIDTH": "media.simulcast_follow_bandwidth",
+    "SFUMESH_MEDIA_SIMULCAST_LAYER_OFF_S": "media.simulcast_layer_off_s",
     "SFUMESH_ICE_SERVERS": "media.ice_servers",
     "SFUMESH_MEDIA_ANNOUNCED_ADDRESSES": "media.announced_addresses",
     "SFUMESH_MEDIA_MAX_TRACKS_PER_OFFER": "media.max_tracks_per_offer",

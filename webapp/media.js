@@ -29,7 +29,10 @@
 //
 // Simulcast: the camera is sent as three encodings (quarter, half and full size, lowest
 // first); the node sends each subscriber the one that fits its link and its tile, which
-// `watchTile(mid, element)` reports (size and visibility, as `view` messages).
+// `watchTile(mid, element)` reports (size and visibility, as `view` messages). An encoding
+// nobody watches is switched off: the node sends `layers {mid, active: [rid, ...]}` and
+// this page sets each encoding's `active` (RTCRtpSender.setParameters), so the browser
+// neither encodes nor sends it until it is wanted again.
 
 /**
  * @typedef {{type: string, pc?: string, sdp?: string, candidate?: unknown}} Message
@@ -203,6 +206,12 @@ export class RoomMedia extends EventTarget {
       this.dispatchEvent(new CustomEvent(type, { detail }));
       return true;
     }
+    if (message.type === "layers") {
+      this.queue = this.queue
+        .then(() => this.setLayers(message))
+        .catch((error) => this.fail(error, "publish"));
+      return true;
+    }
     const pc = message.pc;
     if (pc !== "publish" && pc !== "subscribe") return false;
     if (!["offer", "answer", "candidate"].includes(message.type)) return false;
@@ -228,6 +237,28 @@ export class RoomMedia extends EventTarget {
       const pc = message.pc === "publish" ? this.publishPc : this.subscribePc;
       if (pc !== null) await pc.addIceCandidate(toCandidate(message.candidate));
     }
+  }
+
+  /**
+   * Switch the publish connection's encodings of m-line `mid` on or off, as the node asks
+   * (`active`: the rids wanted).
+   * @param {{mid?: string, active?: string[]}} message
+   */
+  async setLayers(message) {
+    const transceiver = this.publishPc?.getTransceivers().find((t) => t.mid === message.mid);
+    if (!transceiver || !Array.isArray(message.active)) return;
+    const sender = transceiver.sender;
+    const parameters = sender.getParameters();
+    if (!parameters.encodings || parameters.encodings.length < 2) return;
+    let changed = false;
+    for (const encoding of parameters.encodings) {
+      const active = message.active.includes(encoding.rid ?? "");
+      if (encoding.active !== active) {
+        encoding.active = active;
+        changed = true;
+      }
+    }
+    if (changed) await sender.setParameters(parameters);
   }
 
   /**

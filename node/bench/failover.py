@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from mesh.closest import RankedNode, pick_node
+from mesh.closest import pick_node
 from mesh.process import ServiceError
-from node.bench.harness import no_interrupts
+from node.bench.harness import no_interrupts, ranked_first, sign_up
 from node.bench.report import percentile, rounded, say, write_report
 from node.config import new_key
 from node.local.launch import LocalNode, start_nodes
@@ -37,7 +37,6 @@ from node.log import setup_logging
 from node.media import adapter
 from node.runtime.services import BackingServices
 
-PASSWORD = "bench failover password"  # noqa: S105 (throwaway users in a throwaway store)
 #: frames of the new media (each kind, each direction) that count as "back"
 FRAMES_BACK = 3
 POLL_S = 0.05
@@ -63,22 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--timeout", type=float, default=60.0, help="failover: a client not back by then is lost"
     )
-
-
-async def _user(http: httpx.AsyncClient, url: str) -> str:
-    name = f"f{secrets.token_hex(5)}"
-    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
-    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
-    reply.raise_for_status()
-    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
-    login.raise_for_status()
-    token: str = login.json()["user_token"]
-    return token
-
-
-def _pinned(ranking: list[RankedNode], first: str) -> list[RankedNode]:
-    """The measured ranking with `first` in front: where the bench puts the client."""
-    return sorted(ranking, key=lambda node: node.name != first)
 
 
 def _new(peer: MediaPeer | None, owner: str, before: set[int], kind: str) -> bool:
@@ -110,7 +93,7 @@ async def _round(nodes: list[LocalNode], run: FailoverRun) -> None:
         try:
             for index in range(run.clients):
                 slug = f"failover-{secrets.token_hex(4)}"
-                owner = await _user(http, node1.url)
+                owner = await sign_up(http, node1.url, f"x{secrets.token_hex(5)}")
                 reply = await http.post(
                     f"{node1.url}/api/rooms",
                     json={"slug": slug, "capacity": 2},
@@ -119,13 +102,13 @@ async def _round(nodes: list[LocalNode], run: FailoverRun) -> None:
                 reply.raise_for_status()
                 partner = FailoverParticipant(
                     http,
-                    await _user(http, node1.url),
+                    await sign_up(http, node1.url, f"x{secrets.token_hex(5)}"),
                     slug,
-                    _pinned(ranking, node3.name),
+                    ranked_first(ranking, node3.name),
                     f"P{index}",
                 )
                 client = FailoverParticipant(
-                    http, owner, slug, _pinned(ranking, node1.name), f"C{index}"
+                    http, owner, slug, ranked_first(ranking, node1.name), f"C{index}"
                 )
                 partners.append(partner)
                 clients.append(client)

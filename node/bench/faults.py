@@ -36,8 +36,9 @@ from typing import Any
 
 import httpx
 
-from mesh.closest import RankedNode, pick_node
+from mesh.closest import pick_node
 from mesh.process import ServiceError
+from node.bench.harness import ranked_first, sign_up
 from node.bench.report import rounded, say, write_report
 from node.lab.cluster import LabCluster
 from node.lab.namespaces import LabError, namespace_problem
@@ -45,7 +46,6 @@ from node.local.netns import NetnsError, in_private_netns, reexec_in_private_net
 from node.local.participant import FailoverParticipant, until
 from node.log import setup_logging
 
-PASSWORD = "bench faults password"  # noqa: S105 (throwaway users in a throwaway store)
 CUT_LINKS = ("sg->hcm", "hcm->sg")
 #: how often the decoded frame counts are read (the gap's resolution)
 SAMPLE_S = 0.05
@@ -173,21 +173,6 @@ class Sampler:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _user(http: httpx.AsyncClient, url: str) -> str:
-    name = f"x{secrets.token_hex(5)}"
-    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
-    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
-    reply.raise_for_status()
-    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
-    login.raise_for_status()
-    token: str = login.json()["user_token"]
-    return token
-
-
-def _pinned(ranking: list[RankedNode], first: str) -> list[RankedNode]:
-    return sorted(ranking, key=lambda node: node.name != first)
-
-
 def _new_media(receiver: FailoverParticipant, owner: str, before: set[int]) -> bool:
     peer = receiver.peer
     if peer is None:
@@ -205,15 +190,19 @@ async def _faults(cluster: LabCluster, figures: Faults, timeout_s: float) -> Non
     sg, hcm = cluster.urls["sg-node"], cluster.urls["hcm-node"]
     async with httpx.AsyncClient(timeout=30) as http:
         ranking = await pick_node(http, sg)
-        owner = await _user(http, sg)
+        owner = await sign_up(http, sg, f"x{secrets.token_hex(5)}")
         slug = f"faults-{secrets.token_hex(3)}"
         reply = await http.post(
             f"{sg}/api/rooms", json={"slug": slug}, headers={"Authorization": f"Bearer {owner}"}
         )
         reply.raise_for_status()
-        a = FailoverParticipant(http, owner, slug, _pinned(ranking, "sg-node"), "A")
+        a = FailoverParticipant(http, owner, slug, ranked_first(ranking, "sg-node"), "A")
         b = FailoverParticipant(
-            http, await _user(http, hcm), slug, _pinned(ranking, "hcm-node"), "B"
+            http,
+            await sign_up(http, hcm, f"x{secrets.token_hex(5)}"),
+            slug,
+            ranked_first(ranking, "hcm-node"),
+            "B",
         )
         sampler: Sampler | None = None
         try:

@@ -47,6 +47,7 @@ import httpx
 from redis.asyncio import Redis
 
 from node.bench.geo_figures import Direction, aggregate, direction_figures, print_table
+from node.bench.harness import sign_up
 from node.bench.report import metric_sum, percentile, rounded, say, write_report
 from node.lab.cluster import LabCluster
 from node.lab.mesh_timing import serf_failure_detection
@@ -62,7 +63,6 @@ VN_PEER: Final = "vn-peer"
 SG_NODE: Final = "sg-node"
 HCM_NODE: Final = "hcm-node"
 SCENARIOS: Final = (1, 2, 3)
-PASSWORD: Final = "bench geo password"  # noqa: S105 (throwaway users in a throwaway lab)
 #: how long both peers may take from their start to decoding each other
 MEDIA_TIMEOUT_S: Final = 120.0
 #: how long a peer may take to report once asked to stop
@@ -168,21 +168,11 @@ def truly_closest(topology: Topology, client: str) -> str:
 # -- one scenario -------------------------------------------------------------------------
 
 
-async def _sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
-    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
-    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
-    reply.raise_for_status()
-    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
-    login.raise_for_status()
-    token: str = login.json()["user_token"]
-    return token
-
-
 async def _prepare_room(url: str) -> tuple[str, str, str]:
     """Two users and a room (made through `url`): their tokens and the room's slug."""
     async with httpx.AsyncClient(timeout=60.0) as http:
         stamp = secrets.token_hex(3)
-        eu, vn = await _sign_up(http, url, f"eu{stamp}"), await _sign_up(http, url, f"vn{stamp}")
+        eu, vn = await sign_up(http, url, f"eu{stamp}"), await sign_up(http, url, f"vn{stamp}")
         slug = f"geo-{stamp}"
         created = await http.post(
             f"{url}/api/rooms",
@@ -436,6 +426,24 @@ def run_geo(config: GeoConfig, data_dir: Path) -> GeoResult:
     return result
 
 
+def joins_by_peer(runs: list[ScenarioRun]) -> dict[str, dict[str, float | None]]:
+    """Join time (session, WebSocket, ICE, to the other peer's first frame) per peer, so a
+    slow region shows as itself and not as the tail of everyone's."""
+    per_peer: dict[str, list[float]] = {}
+    for run in runs:
+        for name, report in run.peers.items():
+            if report.get("join_ms") is not None:
+                per_peer.setdefault(name, []).append(float(report["join_ms"]))
+    return {
+        name: {
+            "p50": rounded(percentile(sorted(values), 0.5)),
+            "p95": rounded(percentile(sorted(values), 0.95)),
+            "max": rounded(max(values)),
+        }
+        for name, values in sorted(per_peer.items())
+    }
+
+
 def figures(result: GeoResult) -> dict[str, Any]:
     """The JSON of the issue (plus the series the report plots, under `series`)."""
     rows = aggregate([d for run in result.runs for d in run.directions])
@@ -466,6 +474,18 @@ def figures(result: GeoResult) -> dict[str, Any]:
                 sum(p["correct"] for p in picks) / len(picks) if picks else None, 3
             ),
             "serf_failure_detect_s": rounded(result.serf_failure_detect_s, 2),
+            "join_ms_by_peer": joins_by_peer(result.runs),
+            "joins": [
+                {
+                    "variant": run.variant,
+                    "scenario": run.scenario,
+                    "peer": name,
+                    "node": report.get("node"),
+                    "join_ms": rounded(report.get("join_ms")),
+                }
+                for run in result.runs
+                for name, report in sorted(run.peers.items())
+            ],
             "picks": picks,
         },
     }

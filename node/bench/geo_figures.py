@@ -391,6 +391,13 @@ def print_table(report: dict[str, Any]) -> None:
         f"{_cell(mesh['closest_node_correct'], 0, 100)}%; Serf failure detected in "
         f"{_cell(mesh['serf_failure_detect_s'], 2)} s"
     )
+    by_peer = mesh.get("join_ms_by_peer") or {}
+    if by_peer:
+        joins = "; ".join(
+            f"{peer} p50 {_cell(j['p50'], 0)} p95 {_cell(j['p95'], 0)} max {_cell(j['max'], 0)} ms"
+            for peer, j in by_peer.items()
+        )
+        print(f"joins to the other peer's first frame: {joins}")
     picks = ", ".join(f"{p['peer']} -> {p['picked']}" for p in mesh["picks"])
     print(f"closest-node picks: {picks or '-'}")
     print(

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from mesh.closest import RankedNode
 from node.bench.report import Phase
 from node.local.launch import LocalNode
 from node.runtime.services import BackingServices
@@ -135,3 +136,27 @@ def drop_external_database(mongodb_uri: str, database: str) -> None:
         mongo.drop_database(database)
     finally:
         mongo.close()
+
+
+#: the password of every throwaway user a bench signs up (in a throwaway store)
+BENCH_PASSWORD = "bench throwaway password"  # noqa: S105
+
+
+async def sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
+    """A new user `name` signed up and logged in at `url`: its user token."""
+    body = {"username": name, "email": f"{name}@example.org", "password": BENCH_PASSWORD}
+    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
+    if reply.status_code != 201:
+        raise BenchFailure(f"sign-up of {name}: HTTP {reply.status_code} {reply.text[:200]}")
+    login = await http.post(
+        f"{url}/api/auth/login", json={"login": name, "password": BENCH_PASSWORD}
+    )
+    if login.status_code != 200:
+        raise BenchFailure(f"login of {name}: HTTP {login.status_code}")
+    token: str = login.json()["user_token"]
+    return token
+
+
+def ranked_first(ranking: list[RankedNode], first: str) -> list[RankedNode]:
+    """The measured ranking with the node named `first` in front: where a bench puts a client."""
+    return sorted(ranking, key=lambda node: node.name != first)

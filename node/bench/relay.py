@@ -52,7 +52,7 @@ from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
 from mesh.process import ServiceError
-from node.bench.harness import no_interrupts
+from node.bench.harness import no_interrupts, sign_up
 from node.bench.report import (
     metric_sum,
     ms,
@@ -73,7 +73,6 @@ from node.media import adapter
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
 
-PASSWORD = "bench relay password"  # noqa: S105 (throwaway users in a throwaway store)
 CARRIERS = ("inline", "redis")
 PATHS = ("loopback", "lossy")
 
@@ -179,16 +178,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
-    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
-    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
-    reply.raise_for_status()
-    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
-    login.raise_for_status()
-    token: str = login.json()["user_token"]
-    return token
-
-
 async def _join(http: httpx.AsyncClient, url: str, user_token: str, slug: str) -> Socket:
     auth = {"Authorization": f"Bearer {user_token}"}
     session = await http.post(f"{url}/api/sessions", headers=auth)
@@ -237,8 +226,8 @@ async def _drive(
     redis = Redis.from_url(services.redis_url)
     async with httpx.AsyncClient(timeout=30) as http:
         stamp = secrets.token_hex(3)
-        a_token = await _sign_up(http, node1.url, f"a{stamp}")
-        b_token = await _sign_up(http, node1.url, f"b{stamp}")
+        a_token = await sign_up(http, node1.url, f"a{stamp}")
+        b_token = await sign_up(http, node1.url, f"b{stamp}")
         slug = f"relay-bench-{stamp}"
         created = await http.post(
             f"{node1.url}/api/rooms",

@@ -14,6 +14,7 @@ from mesh.process import PRIVATE_UMASK
 from node.bench.failover import add_arguments as add_failover_arguments
 from node.bench.faults import add_arguments as add_faults_arguments
 from node.bench.geo import add_arguments as add_geo_arguments
+from node.bench.quality import add_arguments as add_quality_arguments
 from node.bench.relay import add_arguments as add_relay_arguments
 from node.bench.vivaldi import add_arguments as add_vivaldi_arguments
 from node.cli import cluster as cluster_cli
@@ -119,6 +120,11 @@ def _bench_scale(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.name == "geo":
         return _bench_geo(args)
+    if args.name == "quality":
+        from node.bench.quality import run as run_quality_bench
+
+        # its own defaults (--warmup 15, --duration 30), like geo's
+        return run_quality_bench(args)
     # geo has defaults of its own; the other benches keep theirs
     if args.duration is None:
         args.duration = 5.0
@@ -247,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
             "faults",
             "geo",
             "scale",
+            "quality",
         ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
@@ -331,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_relay_arguments(bench)
     add_failover_arguments(bench)
     add_faults_arguments(bench)
+    add_quality_arguments(bench)
     add_geo_arguments(bench)
     bench.set_defaults(run=_bench)
 

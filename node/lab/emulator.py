@@ -14,6 +14,10 @@ the lab talks to it over its stdin and stdout, one JSON object per line:
 * in: `{"cmd": "cut", "links": [stage, ...], "cut": bool}`; out: `{"cut": {stage: bool}}`:
   cuts the stages at once (every packet entering them is dropped, counted as `cut`) or
   restores them; a fault injected at run time (an unknown stage: an `error`, nothing cut);
+* in: `{"cmd": "rate", "links": [stage, ...], "rate_mbps": number | null}`; out:
+  `{"rate": {stage: rate_mbps}}`: changes the stages' rate limits at once (null: none), a
+  link's capacity changing at run time (an unknown stage or a bad rate: an `error`, nothing
+  changed);
 * in: `{"cmd": "quit"}` or end of input (the lab went away): the devices close, and with
   them vanish from their namespaces.
 
@@ -187,6 +191,20 @@ def _command(
             for name in links:
                 network.stages[name].cut = bool(message.get("cut", True))
             _reply(out, {"cut": {name: network.stages[name].cut for name in links}})
+    elif command == "rate":
+        links = [str(name) for name in message.get("links", [])]
+        unknown = [name for name in links if name not in network.stages]
+        rate = message.get("rate_mbps")
+        if unknown or not links:
+            _reply(out, {"error": f"no such links {unknown or links!r}"})
+        elif rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0
+        ):
+            _reply(out, {"error": f"rate_mbps must be a number > 0 or null, not {rate!r}"})
+        else:
+            for name in links:
+                network.stages[name].set_rate(None if rate is None else float(rate))
+            _reply(out, {"rate": {name: network.stages[name].params.rate_mbps for name in links}})
     else:
         _reply(out, {"error": f"unknown command {command!r}"})
     return True

@@ -34,7 +34,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -182,6 +182,13 @@ class Stage:
         #: cut at run time (a fault: a cable cut, a dead router): every packet is dropped
         #: until it is restored; packets already past the stage still arrive
         self.cut = False
+
+    def set_rate(self, rate_mbps: float | None) -> None:
+        """Change the rate limit at run time (None: none), as a link whose capacity changes
+        (a phone moving to a better cell): packets already queued keep their departure,
+        the next ones are sent at the new rate."""
+        self.params = replace(self.params, rate_mbps=rate_mbps)
+        self._seconds_per_byte = 8.0 / (rate_mbps * 1e6) if rate_mbps else 0.0
 
     @property
     def bad(self) -> bool:

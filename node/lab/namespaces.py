@@ -338,6 +338,15 @@ class Lab:
         state: dict[str, bool] = reply["cut"]
         return state
 
+    def set_rate(self, links: Sequence[str], rate_mbps: float | None) -> dict[str, float | None]:
+        """Change stages' rate limits at run time (`HOST/up`, `HOST/down`, `A->B`; None:
+        no limit), e.g. a weak downlink that recovers; the new rates, by stage."""
+        reply = self._ask({"cmd": "rate", "links": list(links), "rate_mbps": rate_mbps})
+        if "rate" not in reply:
+            raise LabError(str(reply.get("error", reply)))
+        state: dict[str, float | None] = reply["rate"]
+        return state
+
     def samples(self, link: str, limit: int = 1000) -> list[float]:
         """The most recent one-way delays (ms) the emulator gave on `link`: a stage name
         (`A->B` between regions, `HOST/up`, `HOST/down`) or a path between hosts

@@ -50,6 +50,13 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   `RtpRouter.route_rtp` routes an unknown SSRC only by payload type, which two video tracks
   of one codec share: the counting wrapper of `count_unrouted` routes it by the packet's MID
   extension then.
+* A simulcast *client* (issue 14: the benches' synthetic publisher, never the node):
+  `tap_simulcast_sender()` makes one tapped sender send several encodings the way Chromium
+  does, each on an SSRC of its own carrying its RID (rtp-stream-id) in every packet. aiortc
+  knows one SSRC per sender: the layers' SSRCs are added to the DTLS transport's RTCP
+  router (`RtpRouter.register_sender`) and the sender's `_handle_rtcp_packet` is wrapped
+  on the instance, so a PLI/FIR or a NACK naming a layer's SSRC is answered for that layer
+  (its own RTP history) and everything else goes on to aiortc.
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
@@ -79,6 +86,7 @@ import asyncio
 import ipaddress
 import logging
 import queue
+import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -110,10 +118,14 @@ from aiortc.rtcrtpparameters import (
 from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
     RTP_HISTORY_SIZE,
     HeaderExtensions,
     HeaderExtensionsMap,
     RtcpPsfbPacket,
+    RtcpRtpfbPacket,
     RtpPacket,
     pack_remb_fci,
     unwrap_rtx,
@@ -244,6 +256,9 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aiortc.rtcicetransport.RTCIceTransport, "_recv", "init"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl, "_send", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next, "_recv", "uses"),
+    (RTCRtpSender, "_handle_rtcp_packet", "member"),
+    (aiortc.rtcdtlstransport.RtpRouter, "register_sender", "member"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtcp_data, "_handle_rtcp_packet", "uses"),
 )
 
 RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
@@ -684,6 +699,9 @@ class RtpTap:
         self.remb_estimate: int | None = None
         #: when set, REMB toward the publisher never exceeds what it returns (if not None)
         self.remb_limit: Callable[[], int | None] | None = None
+        #: when set, REMB is at least what it returns (then capped by `remb_limit`): a
+        #: simulcast publisher's uplink estimate is held while encodings are off
+        self.remb_floor: Callable[[], int | None] | None = None
         self.on_drop: DropCallback | None = None
         # SSRCs this receiver accepts: the ones the offer declared (media and RTX), or else
         # the first media SSRC that arrives. Anything else is dropped, so a hostile sender
@@ -785,6 +803,9 @@ class RtpTap:
             if rtcp_ssrc is not None and remb is not None:
                 bitrate, ssrcs = remb
                 self.remb_estimate = bitrate
+                floor = self.remb_floor() if self.remb_floor is not None else None
+                if floor is not None and floor > bitrate:
+                    bitrate = floor
                 limit = self.remb_limit() if self.remb_limit is not None else None
                 if limit is not None and limit < bitrate:
                     bitrate = limit
@@ -1317,3 +1338,145 @@ def hold_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> bool:
     encoder.held_bitrate = bitrate
     encoder.target_bitrate = bitrate
     return True
+
+
+# --------------------------------------------------------------------------- simulcast clients
+
+
+class SimulcastSenderTap(SenderTap):
+    """A client's tapped sender that sends `rids` as separate encodings (see the module
+    docstring): each layer its own SSRC (`layer_ssrcs`, lowest first) and RID header
+    extension, its own RTP history for NACKs, its own keyframe requests
+    (`on_layer_keyframe_request(layer)`). For the benches' synthetic publisher, never the
+    node; `write` (the sender's own SSRC) is not used alongside `write_layer`."""
+
+    def __init__(self, sender: RTCRtpSender, rids: Sequence[str]) -> None:
+        super().__init__(sender)
+        if not rids or len(set(rids)) != len(rids):
+            raise ValueError("a simulcast sender needs distinct RIDs")
+        self.rids = tuple(rids)
+        taken = {self.ssrc}
+        self.layer_ssrcs: list[int] = []
+        while len(self.layer_ssrcs) < len(self.rids):
+            ssrc = secrets.randbits(32)
+            if ssrc and ssrc not in taken:
+                taken.add(ssrc)
+                self.layer_ssrcs.append(ssrc)
+        self._layer_of = {ssrc: layer for layer, ssrc in enumerate(self.layer_ssrcs)}
+        self._histories: list[dict[int, tuple[int, bytes]]] = [{} for _ in self.rids]
+        self._rid_elements: list[bytes] = [b""] * len(self.rids)
+        self.layer_packets = [0] * len(self.rids)
+        self.layer_bytes = [0] * len(self.rids)
+        self.layer_keyframe_requests = [0] * len(self.rids)
+        self.on_layer_keyframe_request: Callable[[int], None] | None = None
+        self._original_rtcp = self._s._handle_rtcp_packet
+        self._s._handle_rtcp_packet = self._handle_rtcp_packet
+
+    async def _send_parameters(self, parameters: RTCRtpSendParameters) -> None:
+        await super()._send_parameters(parameters)
+        ids: HeaderExtensions = self._extensions_map._HeaderExtensionsMap__ids
+        if not ids.rtp_stream_id:
+            logger.error("simulcast sender: the answer did not negotiate rtp-stream-id")
+        else:
+            for layer, rid in enumerate(self.rids):
+                encoded = rid.encode()
+                self._rid_elements[layer] = (
+                    bytes([(ids.rtp_stream_id << 4) | (len(encoded) - 1)]) + encoded
+                )
+        router = self._dtls._rtp_router
+        for ssrc in self.layer_ssrcs:
+            router.register_sender(self.sender, ssrc)
+
+    async def _handle_rtcp_packet(self, packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            named = [packet.media_ssrc]
+            if packet.fmt == RTCP_PSFB_FIR:  # FCI entries: SSRC, sequence number, reserved
+                named += [
+                    int.from_bytes(packet.fci[i : i + 4], "big")
+                    for i in range(0, len(packet.fci) - 7, 8)
+                ]
+            layers = {self._layer_of[s] for s in named if s in self._layer_of}
+            for layer in sorted(layers):
+                self.layer_keyframe_requests[layer] += 1
+                if self.on_layer_keyframe_request is not None:
+                    self.on_layer_keyframe_request(layer)
+            if layers:
+                return
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            nacked_layer = self._layer_of.get(packet.media_ssrc)
+            if nacked_layer is not None:
+                self._resend(nacked_layer, packet.lost)
+                return
+        await self._original_rtcp(packet)
+
+    def _resend(self, layer: int, lost: Sequence[int]) -> None:
+        """Answer a NACK from the layer's history: the same packet again (no RTX)."""
+        history = self._histories[layer]
+        for sequence_number in lost:
+            self.nacked += 1
+            kept = history.get(sequence_number % RTP_HISTORY_SIZE)
+            if kept is not None and kept[0] == sequence_number and self._transmit(kept[1]):
+                self.retransmitted += 1
+
+    def _transmit(self, data: bytes) -> bool:
+        dtls = self._dtls
+        pair = self._ice._nominated.get(1) if self._ice is not None else None
+        if dtls is None or dtls._state is not _CONNECTED or pair is None:
+            self.send_errors += 1
+            return False
+        protected = dtls._tx_srtp.protect(data)
+        pair.protocol.transport.sendto(protected, pair.remote_addr)
+        dtls._RTCDtlsTransport__tx_bytes += len(protected)
+        dtls._RTCDtlsTransport__tx_packets += 1
+        return True
+
+    def write_layer(
+        self,
+        layer: int,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        payload: bytes,
+        stamp: SendStamp,
+    ) -> bool:
+        """Send one RTP packet of encoding `layer` (its SSRC, MID, abs-send-time and RID
+        extensions); kept for NACKs. False (dropped) if not started or not connected."""
+        if self._dtls is None:
+            return False
+        elements = self._leading_elements
+        if self._abs_send_time:
+            elements += stamp.abs_send_time
+        elements += self._rid_elements[layer]
+        pad = -len(elements) & 3
+        if pad:
+            elements += b"\0" * pad
+        data = (
+            _RTP_HEADER.pack(
+                0x90,
+                (marker << 7) | payload_type,
+                sequence_number,
+                timestamp,
+                self.layer_ssrcs[layer],
+                0xBEDE,
+                len(elements) >> 2,
+            )
+            + elements
+            + payload
+        )
+        self._histories[layer][sequence_number % RTP_HISTORY_SIZE] = (sequence_number, data)
+        if not self._transmit(data):
+            return False
+        self.packets_sent += 1
+        self.bytes_sent += len(payload)
+        self.layer_packets[layer] += 1
+        self.layer_bytes[layer] += len(payload)
+        return True
+
+
+def tap_simulcast_sender(sender: RTCRtpSender, rids: Sequence[str]) -> SimulcastSenderTap:
+    """Prepare a client's `sender` to send the encodings `rids` (lowest first) as separate
+    SSRCs with their RIDs; call before the connection starts it. The offer must announce
+    them (`a=rid`, `a=simulcast`: the caller edits its SDP) and `enable_simulcast_extensions`
+    must have run before the offer was made."""
+    return SimulcastSenderTap(sender, rids)

@@ -419,6 +419,18 @@ class Forwarder(Generic[K]):
         """The simulcast layers subscribers wait for a keyframe of (their targets)."""
         return {r.target for _, r in self._layered if r.waiting and r.target is not None}
 
+    def selected_layers(self) -> set[int]:
+        """The simulcast layers some subscriber (or relay) takes: the one it is sent and
+        the one it waits to switch to (both flow until the switch)."""
+        out: set[int] = set()
+        for _, rewriter in self._layered:
+            if rewriter.target is not None:
+                out.add(rewriter.target)
+                current = rewriter.current
+                if current is not None:
+                    out.add(current)
+        return out
+
     def add(self, key: K, rewriter: SubscriberRewriter | LayerRewriter) -> None:
         self._rewriters[key] = rewriter
         if self._is_keyframe_start is not None and isinstance(rewriter, SubscriberRewriter):
@@ -935,3 +947,144 @@ def choose_layer(
     if choice.layer is not None and capped < choice.layer:
         choice = LayerChoice(capped, "cap")
     return choice
+
+
+# --------------------------------------------------------------------------- allocation
+
+#: allocation priority of a subscriber's video tracks (lower first)
+PRIORITY_SCREEN: Final = 0
+PRIORITY_SPEAKER: Final = 1
+PRIORITY_OTHER: Final = 2
+
+H = TypeVar("H", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class TrackDemand(Generic[H]):
+    """One video track a subscriber receives, as the allocation sees it.
+
+    `ceiling` is what the track would get alone (`choose_layer` with the subscriber's whole
+    estimate, its tile and the cap). A `fixed` track (one encoding: a screen share, an
+    H264 camera) cannot be switched nor paused here: its `rates_bps[0]` is spent whatever
+    is decided, so it is taken off the budget first."""
+
+    key: H
+    priority: int
+    rates_bps: Sequence[float | None]
+    ceiling: LayerChoice
+    fixed: bool = False
+
+
+def _costs(rates_bps: Sequence[float | None]) -> dict[int, float]:
+    """Layer -> what it costs (at least what any lower layer does; see `choose_layer`)."""
+    cost: dict[int, float] = {}
+    highest = 0.0
+    for i, rate in enumerate(rates_bps):
+        if rate is not None:
+            highest = max(highest, rate)
+            cost[i] = highest
+    return cost
+
+
+def allocate(demands: Sequence[TrackDemand[H]], budget_bps: float | None) -> dict[H, LayerChoice]:
+    """Share one subscriber's bandwidth estimate over its video tracks (LiveKit's way): in
+    priority order (screen share, the active speaker, the rest; ties in the order given)
+    every track first gets its lowest layer, then, level by level, each climbs towards its
+    `ceiling` while what is left covers the step. So a constrained subscriber keeps the
+    speaker (at its lowest layer) while the others pause, and no track gets a better layer
+    before every one of higher priority has its lowest.
+
+    A track held below its ceiling says why: "allocation" when it alone would have had
+    more (it lost to higher-priority tracks), "bandwidth" when even alone it would not.
+    `budget_bps` None (no estimate): every track gets its ceiling. Pure: the same input
+    always gives the same answer."""
+    out: dict[H, LayerChoice] = {d.key: d.ceiling for d in demands}
+    if budget_bps is None:
+        return out
+    order = sorted(
+        (d for d in demands if not d.fixed), key=lambda d: d.priority
+    )  # (stable: ties keep the caller's order)
+    budget = float(budget_bps) - sum(
+        d.rates_bps[0] or 0.0 for d in demands if d.fixed and d.rates_bps
+    )
+    left = budget
+    costs = {id(d): _costs(d.rates_bps) for d in order}
+    alloc: dict[int, int | None] = {}
+    # every track's lowest layer first, in priority order
+    for d in order:
+        cost = costs[id(d)]
+        ceiling = d.ceiling.layer
+        lowest = min(cost, default=None)
+        alloc[id(d)] = None
+        if ceiling is None or lowest is None or lowest > ceiling:
+            continue
+        if cost[lowest] <= left:
+            alloc[id(d)] = lowest
+            left -= cost[lowest]
+    # then climb, one level at a time across all tracks
+    top = max((len(d.rates_bps) for d in order), default=0)
+    for level in range(1, top):
+        for d in order:
+            now = alloc[id(d)]
+            ceiling = d.ceiling.layer
+            if now is None or ceiling is None:
+                continue
+            cost = costs[id(d)]
+            wanted = max((i for i in cost if i <= min(level, ceiling)), default=None)
+            if wanted is None or wanted <= now:
+                continue
+            step = cost[wanted] - cost[now]
+            if step <= left:
+                alloc[id(d)] = wanted
+                left -= step
+    for d in order:
+        got = alloc[id(d)]
+        ceiling = d.ceiling.layer
+        if got == ceiling:
+            continue
+        cost = costs[id(d)]
+        above = min((i for i in cost if got is None or i > got), default=None)
+        alone = above is not None and cost[above] <= budget  # (what it would take alone)
+        out[d.key] = LayerChoice(got, "allocation" if alone else "bandwidth")
+    return out
+
+
+class PublisherLayers:
+    """Which encodings of a simulcast publisher should be on (time passed in).
+
+    A layer somebody selects is switched on at once; one nobody has selected for `off_s`
+    is switched off (the publisher then neither encodes nor sends it). The delay keeps a
+    tile being resized, or a subscriber probing a layer up, from flapping the encodings.
+    `update` returns the set of active layers when it changes (and the first time: the
+    publisher may still have encodings off from an earlier track on its connection), else
+    None."""
+
+    __slots__ = ("_told", "_unwanted_since", "active", "layers", "off_s", "switched_on")
+
+    def __init__(self, layers: int, off_s: float) -> None:
+        self.layers = layers
+        self.off_s = off_s
+        #: the layers on at the publisher (all of them at first, as it starts)
+        self.active: frozenset[int] = frozenset(range(layers))
+        self._unwanted_since: dict[int, float] = {}
+        self._told = False
+        #: when each layer was last switched on again (its packets take a moment to come)
+        self.switched_on: dict[int, float] = {}
+
+    def update(self, selected: set[int], now: float) -> frozenset[int] | None:
+        active = set(self.active)
+        for layer in range(self.layers):
+            if layer in selected:
+                self._unwanted_since.pop(layer, None)
+                if layer not in active:
+                    active.add(layer)
+                    self.switched_on[layer] = now
+                continue
+            since = self._unwanted_since.setdefault(layer, now)
+            if layer in active and now - since >= self.off_s:
+                active.discard(layer)
+        if active == self.active and self._told:
+            return None
+        self._told = True
+        self.active = frozenset(active)
+        return self.active

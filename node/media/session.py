@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -63,13 +64,19 @@ from node.config import MediaSettings
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
 from node.media.forward import (
+    PRIORITY_OTHER,
+    PRIORITY_SCREEN,
+    PRIORITY_SPEAKER,
     ByteBudget,
     Forwarder,
     KeyframeRequests,
     LayerChoice,
     LayerRewriter,
+    PublisherLayers,
     SubscriberRewriter,
+    TrackDemand,
     View,
+    allocate,
     choose_layer,
     keyframe_detector,
     vp8_keyframe_size,
@@ -113,11 +120,23 @@ class MediaError(Exception):
 LAYER_SELECT_S = 0.5
 # A layer whose packets stopped this long ago is not being sent (not chosen).
 LAYER_IDLE_S = 2.0
+# A layer switched on again at the publisher is still offered this long before it arrives
+LAYER_BACK_S = 5.0
+# ... and one that did not come in that time is not offered again for this long
+LAYER_RETRY_S = 15.0
 # After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
 PROBE_HOLD_S = 8.0
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
 # this long to catch up before it may step the subscriber down again (loss may at once)
 SETTLE_S = 10.0
+# REMB to a simulcast publisher: what the layers its subscribers select take, times this
+PUBLISHER_HEADROOM = 1.25
+# Per layer round, what the held uplink estimate of a simulcast publisher keeps (half-life ~35 s)
+REMB_HOLD_DECAY = 0.99
+# What a relay's peer reports of a relayed track (`Published.relay_needs`): the height of
+# the largest tile its subscribers show it in, 0 when none shows it, or this when one of them
+# has not said (its tile is unknown: any layer may be needed)
+RELAY_NEED_ANY = -1
 # Active speaker: an audio track's mean level (-dBov, 0 loudest) must be at most this...
 SPEAKER_MAX_DBOV = 55
 # ... and be the loudest this many rounds in a row before it is announced
@@ -210,6 +229,8 @@ class Published:
         self.subscriptions: dict[MediaSession, Subscription] = {}
         #: node name -> the relay sender carrying this track there (managed by node.relay.manager)
         self.relays: dict[str, SenderTap] = {}
+        #: node name -> what its subscribers of this track need (see `RELAY_NEED_ANY`)
+        self.relay_needs: dict[str, int] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         if tap is None:
             if receiver is None:
@@ -218,17 +239,32 @@ class Published:
         self.tap: RtpTap = tap
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
+        self.tap.remb_floor = self.remb_floor
         self.tap.on_layer = self._layer_learnt
         #: simulcast: the publisher's RIDs (lowest layer first; empty: one encoding), each
         #: layer's SSRC -> index (the forwarder's `layers`), payload bytes, last packet time
         #: and frame size (from its keyframes)
         self.rids: tuple[str, ...] = ()
         self.layer_of: dict[int, int] = {}
+        #: simulcast layers a subscriber asked a keyframe of (its PLI after loss), with when:
+        #: asked of the publisher until that layer's keyframe passes (or the wait is given up)
+        self.asked_layers: dict[int, float] = {}
         self.layer_bytes: dict[int, int] = {}
         self.layer_seen: dict[int, float] = {}
         self.layer_sizes: dict[int, tuple[int, int]] = {}
         self._layer_marks: dict[int, tuple[float, int]] = {}
         self.layer_rates: dict[int, float] = {}
+        #: each layer's last rate measured while it arrived (a layer switched off at the
+        #: publisher is still offered to subscribers at that cost)
+        self.layer_known: dict[int, float] = {}
+        #: simulcast: which encodings are on at the publisher (`update_publisher`), what
+        #: REMB may ask of it (None: its budget alone), and the uplink estimate it is held at
+        self.publisher_layers: PublisherLayers | None = None
+        self.remb_cap: int | None = None
+        self.remb_held = 0.0
+        #: one encoding: the track's bit rate (for the allocation over a subscriber's tracks)
+        self._mark: tuple[float, int] | None = None
+        self.rate_bps = 0.0
         #: audio: sum and count of the ssrc-audio-level values since the last speaker round
         self.level_sum = 0
         self.level_count = 0
@@ -247,6 +283,9 @@ class Published:
     def new_forwarder(self) -> Forwarder[SenderTap]:
         forwarder: Forwarder[SenderTap] = Forwarder(keyframe_detector(self.mime_type))
         forwarder.layers = self.layer_of
+        if self.simulcast:
+            off_s = self.owner.media.settings.simulcast_layer_off_s
+            self.publisher_layers = PublisherLayers(len(self.rids), off_s)
         return forwarder
 
     @property
@@ -286,8 +325,13 @@ class Published:
         if forwarder.duplicates != duplicates:
             self.dropped("duplicate")
         if layer is not None and self.keyframes.waiting_since is not None:
-            # a simulcast wait ends when no subscriber waits for its target's keyframe
-            if not forwarder.waiting:
+            if layer in self.asked_layers:
+                detector = forwarder.is_keyframe_start
+                if detector is None or detector(packet.payload):
+                    del self.asked_layers[layer]
+            # a simulcast wait ends when no subscriber waits for its target's keyframe, nor
+            # for a keyframe of the layer it is sent
+            if not forwarder.waiting and not self.asked_layers:
                 self._keyframe_arrived(now)
 
     @property
@@ -309,8 +353,109 @@ class Published:
                 self._layer_marks[layer] = (now, total)
             seen = self.layer_seen.get(layer)
             live = seen is not None and now - seen < LAYER_IDLE_S
-            out.append(self.layer_rates.get(layer, 0.0) if live else None)
+            if live:
+                rate = self.layer_rates.get(layer, 0.0)
+                if rate > 0 and not self.switched_off(layer):  # (not while it winds down)
+                    self.layer_known[layer] = rate
+                out.append(rate)
+            elif (self.switched_off(layer) or self.coming_back(layer, now)) and not (
+                self.stalled(layer, now)
+            ):
+                # off at the publisher because nobody wanted it: still there to be chosen
+                # (choosing it switches it on again, and it stays chosen while it comes)
+                out.append(self.layer_known.get(layer, self.nominal_bps(layer)))
+            else:
+                out.append(None)
         return out
+
+    def switched_off(self, layer: int) -> bool:
+        layers = self.publisher_layers
+        return layers is not None and layer not in layers.active
+
+    def stalled(self, layer: int, now: float) -> bool:
+        """Whether `layer`, switched on again, did not come within `LAYER_BACK_S` (the
+        publisher's uplink may not carry it yet): then it is not offered for
+        `LAYER_RETRY_S`, so subscribers do not swing to it and back."""
+        layers = self.publisher_layers
+        since = None if layers is None else layers.switched_on.get(layer)
+        if since is None or self.layer_seen.get(layer, -1.0) >= since:
+            return False
+        return LAYER_BACK_S <= now - since < LAYER_BACK_S + LAYER_RETRY_S
+
+    def coming_back(self, layer: int, now: float) -> bool:
+        """Whether `layer` was switched on again lately (its first packets may not be here
+        yet: a subscriber waiting for it keeps its target meanwhile)."""
+        layers = self.publisher_layers
+        since = None if layers is None else layers.switched_on.get(layer)
+        return since is not None and now - since < LAYER_BACK_S
+
+    def nominal_bps(self, layer: int) -> float:
+        """What a layer may take at most (`media.simulcast_layer_bitrates`)."""
+        nominal = self.owner.media.settings.simulcast_layer_bitrates
+        return float(nominal[min(layer, len(nominal) - 1)])
+
+    def arriving(self, now: float) -> list[int]:
+        """The layers arriving from the publisher now (on, and seen lately)."""
+        return [
+            layer
+            for layer in range(len(self.rids))
+            if not self.switched_off(layer)
+            and (seen := self.layer_seen.get(layer)) is not None
+            and now - seen < LAYER_IDLE_S
+        ]
+
+    def measure(self, now: float) -> float:
+        """The track's bit rate (all layers), measured over the choice rounds."""
+        total = self.tap.bytes
+        if self._mark is None:
+            self._mark = (now, total)
+        at, before = self._mark
+        if now - at >= LAYER_SELECT_S:
+            measured = (total - before) * 8 / (now - at)
+            self.rate_bps = measured if not self.rate_bps else (self.rate_bps + measured) / 2
+            self._mark = (now, total)
+        return self.rate_bps
+
+    def update_publisher(self, now: float) -> None:
+        """A simulcast publisher's side of the layers: the encodings nobody selects go off
+        (the client is told with a `layers` message; on again at once when wanted, with a
+        keyframe asked), and REMB asks for what the encodings left on take (the selected
+        ones, and any not arriving yet), with headroom, holding the uplink's recent
+        estimate: never held to the slowest subscriber's rate, nor asking for layers
+        nobody watches."""
+        layers = self.publisher_layers
+        forwarder = self.forwarder
+        if layers is None or forwarder is None:
+            return
+        selected = {layer for layer in forwarder.selected_layers() if layer < len(self.rids)}
+        # an encoding that is on but not arriving (the browser's send rate does not reach
+        # it yet, at the start of a call or on a weak uplink) stays on: nobody could select
+        # it, yet it costs nothing, and the browser starts it once its rate allows
+        coming = set(layers.active) - set(self.arriving(now))
+        was = layers.active
+        changed = layers.update(selected | coming, now)
+        self.remb_cap = round(
+            sum(max(self.layer_known.get(i, 0.0), self.nominal_bps(i)) for i in layers.active)
+            * PUBLISHER_HEADROOM
+        )
+        # aiortc's estimate follows what arrives: with encodings off it sinks, the browser's
+        # send rate follows it down, and an encoding switched on again then takes half a
+        # minute to climb back (measured). So REMB holds the uplink's recent estimate
+        # (decaying, half-life ~35 s), within what all layers would take.
+        estimate = self.tap.remb_estimate or 0
+        self.remb_held = max(float(estimate), self.remb_held * REMB_HOLD_DECAY)
+        if changed is None:
+            return
+        active = [self.rids[i] for i in sorted(changed)]
+        log.info(
+            "media.publisher_layers",
+            extra={"session_id": self.owner.session_id, "mid": self.mid, "active": active},
+        )
+        conn = self.owner.conn
+        if conn is not None:
+            conn.send({"type": "layers", "mid": self.mid, "active": active})
+        if changed - was and forwarder.wanted_layers():
+            self.request_keyframe()  # (a layer switched on starts with one; ask anyway)
 
     def heights(self) -> list[int | None]:
         return [
@@ -333,6 +478,8 @@ class Published:
         if self.simulcast:
             clock_rate = self.codec.clockRate if self.codec is not None else 90000
             rewriter = LayerRewriter(sink.ssrc, payload_type, clock_rate=clock_rate, vp8=self.vp8)
+            # A sink's own PLI (loss it could not repair) asks for the layer it is sent.
+            sink.on_keyframe_request = functools.partial(self.request_layer_keyframe, rewriter)
             if layer is None:  # (a relay) the best layer arriving now
                 live = [
                     i for i, rate in enumerate(self.rates(time.monotonic())) if rate is not None
@@ -367,13 +514,25 @@ class Published:
         else:
             self._drop_logged[reason] = (last, count + 1)
 
+    def remb_floor(self) -> int | None:
+        """The least REMB asks of a simulcast publisher (see `update_publisher`)."""
+        if not self.simulcast or not self.remb_held:
+            return None
+        every = sum(self.nominal_bps(i) for i in range(len(self.rids))) * PUBLISHER_HEADROOM
+        return round(min(self.remb_held, every, self.budget.rate_bps))
+
     def remb_limit(self) -> int:
         """What REMB may ask of the publisher: its budget, and for a single encoding no more
         than the slowest subscriber's last REMB for this track. A simulcast publisher is
-        never held to its slowest subscriber: each subscriber gets a layer that fits it."""
+        never held to its slowest subscriber (each subscriber gets a layer that fits it):
+        it is asked for what the layers someone selects take (`update_publisher`)."""
         limit = self.budget.rate_bps
         if self.simulcast:
-            return limit
+            # what the selected layers take, or what holds the uplink (if more)
+            cap = self.remb_cap
+            if cap is None:
+                return limit
+            return min(limit, max(cap, self.remb_floor() or 0))
         sinks = [s.sink for s in self.subscriptions.values()] + list(self.relays.values())
         for sink in sinks:
             remb = sink.remb_bitrate
@@ -392,6 +551,14 @@ class Published:
         self.keyframes.request(time.monotonic())
         if self.keyframe_task is None or self.keyframe_task.done():
             self.keyframe_task = self.owner.media.spawn(self._keyframe_loop())
+
+    def request_layer_keyframe(self, rewriter: LayerRewriter) -> None:
+        """A subscriber of a simulcast track asks for a keyframe: of the layer it is sent
+        (or, before its first, of the one it waits for)."""
+        layer = rewriter.current if rewriter.current is not None else rewriter.target
+        if layer is not None:
+            self.asked_layers[layer] = time.monotonic()
+        self.request_keyframe()
 
     def keep_asking_for_keyframe(self) -> None:
         """A sink waits for a keyframe: ask until one arrives (or the wait is given up)."""
@@ -419,7 +586,11 @@ class Published:
             # only the layers someone waits to switch to (a keyframe is ~10 delta frames)
             # (none while the layer waited for has not arrived yet: asking the others for
             # keyframes would only inflate them)
-            wanted = forwarder.wanted_layers()
+            now = time.monotonic()
+            for layer, at in list(self.asked_layers.items()):
+                if now - at > self.keyframes.give_up_s:
+                    del self.asked_layers[layer]
+            wanted = forwarder.wanted_layers() | set(self.asked_layers)
             ssrcs = [ssrc for ssrc, layer in self.layer_of.items() if layer in wanted]
         for ssrc in ssrcs:
             await adapter.request_keyframe(self.tap.receiver, ssrc)
@@ -874,6 +1045,11 @@ class MediaSession:
 _KINDS = ("audio", "video")
 
 
+def _client_reason(reason: str) -> str:
+    """A pause's reason as the client hears it (`video-paused`: bandwidth or hidden)."""
+    return "bandwidth" if reason == "allocation" else reason
+
+
 def _negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecCapability]:
     """mid -> the first (chosen) media codec of each audio/video section of an answer."""
     description = SessionDescription.parse(answer_sdp)
@@ -944,6 +1120,8 @@ class MediaHub:
         self.speakers: dict[str, tuple[str, str]] = {}
         self._speaker_candidates: dict[str, tuple[tuple[str, str], int]] = {}
         self._speaker_task: asyncio.Task[None] | None = None
+        #: session id -> the mid of its screen share (from the room's state events)
+        self.screens: dict[str, str] = {}
 
     # ----------------------------------------------------------------- layer selection
 
@@ -979,8 +1157,10 @@ class MediaHub:
 
     def select_layers(self, session: MediaSession | None = None) -> None:
         """Choose again the layer of every simulcast track each subscriber (or `session`)
-        receives: set the target, ask for the keyframe a switch waits for, tell the client
-        when its video pauses or resumes."""
+        receives: each track's own choice, then one estimate shared over the subscriber's
+        video tracks (`allocate`); set the target, ask for the keyframe a switch waits for,
+        tell the client when its video pauses or resumes. A full round also sets the relays'
+        layers and each simulcast publisher's encodings and REMB."""
         now = time.monotonic()
         if session is None:
             self._select_relay_layers(now)
@@ -988,6 +1168,7 @@ class MediaHub:
         for subscriber in sessions:
             if subscriber.closed:
                 continue
+            chosen: list[tuple[Subscription, LayerRewriter, LayerChoice]] = []
             for subscription in list(subscriber.incoming.values()):
                 published = subscription.published
                 forwarder = published.forwarder
@@ -999,84 +1180,187 @@ class MediaHub:
                 if rewriter.switches != subscription.switches:
                     self.layer_switches += rewriter.switches - subscription.switches
                     subscription.switches = rewriter.switches
-                choice = self.choose(subscription, now)
-                before = subscription.choice
-                subscription.choice = choice
-                current = rewriter.current
-                if (
-                    choice.reason == "bandwidth"
-                    and current is not None
-                    and (choice.layer is None or choice.layer < current)
-                ):
-                    subscription.probe_after = now + PROBE_HOLD_S
-                if choice.layer is not None and (current is None or choice.layer > current):
-                    if choice.layer != rewriter.target:
-                        subscription.settle_until = now + SETTLE_S
-                if choice.layer != rewriter.target:
-                    log.info(
-                        "media.layer_target",
-                        extra={
-                            "session_id": subscriber.session_id,
-                            "publisher": published.owner.session_id,
-                            "layer": choice.layer,
-                            "was": rewriter.target,
-                            "reason": choice.reason,
-                            "estimate_bps": subscription.sink.remb_bitrate,
-                            "rates_bps": [
-                                None if rate is None else round(rate)
-                                for rate in published.rates(now)
-                            ],
-                        },
+                chosen.append((subscription, rewriter, self.choose(subscription, now)))
+            if not chosen:
+                continue
+            choices = self._allocate(subscriber, chosen, now)
+            for subscription, rewriter, _ in chosen:
+                self._apply_choice(subscription, rewriter, choices[subscription], now)
+        if session is None:
+            for published in self.local_tracks_everywhere():
+                if published.simulcast:
+                    published.update_publisher(now)
+
+    def priority(self, published: Published) -> int:
+        """Where a video track comes in a subscriber's allocation: the screen share, then
+        the room's active speaker, then the rest."""
+        owner = published.owner
+        if self.screens.get(owner.session_id) == published.source_mid:
+            return PRIORITY_SCREEN
+        speaker = self.speakers.get(owner.slug)
+        if speaker is not None and speaker[0] == owner.session_id:
+            return PRIORITY_SPEAKER
+        return PRIORITY_OTHER
+
+    def set_screen(self, session_id: str, mid: str | None) -> None:
+        """A participant's screen share (its publish mid), from the room's state events."""
+        if mid is None:
+            self.screens.pop(session_id, None)
+        else:
+            self.screens[session_id] = mid
+
+    def _allocate(
+        self,
+        subscriber: MediaSession,
+        chosen: list[tuple[Subscription, LayerRewriter, LayerChoice]],
+        now: float,
+    ) -> dict[Subscription, LayerChoice]:
+        """The subscriber's estimate shared over its video tracks (`allocate`): with two or
+        more of them and the bandwidth followed. A browser's REMB covers its whole
+        connection (every sender hears the same figure), hence the largest one."""
+        ceilings = {subscription: choice for subscription, _, choice in chosen}
+        videos = [
+            s
+            for s in subscriber.incoming.values()
+            if s.published.kind == "video" and s.published.forwarder is not None
+        ]
+        if not self.settings.simulcast_follow_bandwidth or len(videos) < 2:
+            return ceilings
+        estimates = [s.sink.remb_bitrate for s in videos if s.sink.remb_bitrate is not None]
+        if not estimates:
+            return ceilings
+        # a fixed order for ties: the tracks' mids on the subscriber's connection
+        videos.sort(key=lambda s: (len(s.transceiver.mid or ""), s.transceiver.mid or ""))
+        demands: list[TrackDemand[Subscription]] = []
+        for subscription in videos:
+            published = subscription.published
+            ceiling = ceilings.get(subscription)
+            if ceiling is None and published.simulcast:
+                continue  # (not sending yet)
+            if ceiling is None:  # one encoding: what it takes is spent anyway
+                rate = published.measure(now)
+                demands.append(
+                    TrackDemand(
+                        subscription,
+                        self.priority(published),
+                        [rate],
+                        LayerChoice(0, "top"),
+                        fixed=True,
                     )
-                    rewriter.set_target(choice.layer)
-                    if choice.layer is not None and choice.layer != rewriter.current:
-                        published.request_keyframe()
-                paused = choice.layer is None
-                was_paused = subscription.paused_since is not None
-                if paused and not was_paused:
-                    subscription.paused_since = now
-                elif not paused and was_paused and subscription.paused_since is not None:
-                    subscription.paused_s += now - subscription.paused_since
-                    self.layer_paused_s += now - subscription.paused_since
-                    subscription.paused_since = None
-                if paused != was_paused or (
-                    before is not None and paused and before.reason != choice.reason
-                ):
-                    subscriber.conn.send(
-                        {
-                            "type": "video-paused",
-                            "mid": subscription.transceiver.mid,
-                            "session_id": published.owner.session_id,
-                            "paused": paused,
-                            "reason": choice.reason,
-                        }
+                )
+            else:
+                demands.append(
+                    TrackDemand(
+                        subscription, self.priority(published), published.rates(now), ceiling
                     )
+                )
+        allocated = allocate(demands, max(estimates))
+        return {subscription: allocated[subscription] for subscription in ceilings}
+
+    def _apply_choice(
+        self, subscription: Subscription, rewriter: LayerRewriter, choice: LayerChoice, now: float
+    ) -> None:
+        published = subscription.published
+        subscriber = subscription.subscriber
+        before = subscription.choice
+        subscription.choice = choice
+        current = rewriter.current
+        if (
+            choice.reason == "bandwidth"
+            and current is not None
+            and (choice.layer is None or choice.layer < current)
+        ):
+            subscription.probe_after = now + PROBE_HOLD_S
+        if choice.layer is not None and (current is None or choice.layer > current):
+            if choice.layer != rewriter.target:
+                subscription.settle_until = now + SETTLE_S
+        if choice.layer != rewriter.target:
+            log.info(
+                "media.layer_target",
+                extra={
+                    "session_id": subscriber.session_id,
+                    "publisher": published.owner.session_id,
+                    "layer": choice.layer,
+                    "was": rewriter.target,
+                    "reason": choice.reason,
+                    "estimate_bps": subscription.sink.remb_bitrate,
+                    "rates_bps": [
+                        None if rate is None else round(rate) for rate in published.rates(now)
+                    ],
+                },
+            )
+            rewriter.set_target(choice.layer)
+            if choice.layer is not None and choice.layer != rewriter.current:
+                published.request_keyframe()
+        paused = choice.layer is None
+        was_paused = subscription.paused_since is not None
+        if paused and not was_paused:
+            subscription.paused_since = now
+        elif not paused and was_paused and subscription.paused_since is not None:
+            subscription.paused_s += now - subscription.paused_since
+            self.layer_paused_s += now - subscription.paused_since
+            subscription.paused_since = None
+        # the client hears "bandwidth" for a track that lost the allocation (its link is
+        # what cannot carry it); /metrics tells the two apart
+        reason = _client_reason(choice.reason)
+        if paused != was_paused or (
+            before is not None and paused and _client_reason(before.reason) != reason
+        ):
+            subscriber.conn.send(
+                {
+                    "type": "video-paused",
+                    "mid": subscription.transceiver.mid,
+                    "session_id": published.owner.session_id,
+                    "paused": paused,
+                    "reason": reason,
+                }
+            )
 
     def _select_relay_layers(self, now: float) -> None:
-        """A relay to another node carries one layer of a simulcast track: the best one
-        arriving that its link's estimate allows (never paused: its subscribers there
-        would all lose the video)."""
+        """A relay to another node carries one layer of a simulcast track: the highest one
+        the subscribers there select by their tiles (the peer reports the largest visible
+        tile: `relay_needs`), within what the link's estimate allows; none when nobody
+        there watches it. Their bandwidth is in the link's estimate: the peer's REMB for
+        a relayed track is capped by its slowest subscriber (not followed when
+        `simulcast_follow_bandwidth` is off, as for local subscribers)."""
+        follow = self.settings.simulcast_follow_bandwidth
         for published in self.local_tracks_everywhere():
             forwarder = published.forwarder
             if forwarder is None or not published.simulcast:
                 continue
-            for sink in list(published.relays.values()):
+            for node, sink in list(published.relays.items()):
                 rewriter = forwarder.layer_rewriter(sink)
                 if rewriter is None:
                     continue
-                choice = choose_layer(
-                    published.rates(now),
-                    published.heights(),
-                    estimate_bps=sink.remb_bitrate,
-                    loss=0.0,
-                    current=rewriter.current,
-                    view=None,
-                    cap=self.settings.simulcast_max_layer,
-                )
-                layer = choice.layer if choice.layer is not None else 0
+                need = published.relay_needs.get(node, RELAY_NEED_ANY)
+                if need == 0:
+                    layer: int | None = None
+                else:
+                    view = None if need == RELAY_NEED_ANY else View(need * 16 // 9, need)
+                    choice = choose_layer(
+                        published.rates(now),
+                        published.heights(),
+                        estimate_bps=sink.remb_bitrate if follow else None,
+                        loss=0.0,
+                        current=rewriter.current,
+                        view=view,
+                        cap=self.settings.simulcast_max_layer,
+                    )
+                    layer = choice.layer if choice.layer is not None else 0
                 if layer != rewriter.target:
+                    log.info(
+                        "media.relay_layer",
+                        extra={
+                            "session_id": published.owner.session_id,
+                            "mid": published.mid,
+                            "node": node,
+                            "layer": layer,
+                            "was": rewriter.target,
+                            "need": need,
+                        },
+                    )
                     rewriter.set_target(layer)
-                    if layer != rewriter.current:
+                    if layer is not None and layer != rewriter.current:
                         published.request_keyframe()
 
     def local_tracks_everywhere(self) -> list[Published]:
@@ -1175,6 +1459,8 @@ class MediaHub:
         """A new track: send it to every other local participant of the room."""
         if published.kind == "audio":
             self.ensure_speaker_detection()
+        if published.simulcast:
+            self.ensure_layer_selection()  # (its encodings nobody takes go off)
         owner = published.owner
         for conn in self.members(owner.slug):
             if conn is owner.conn or conn.room != owner.slug:

@@ -371,7 +371,7 @@ class MediaCollector(Collector):
         target = GaugeMetricFamily(
             "sfumesh_media_layer_target",
             "Simulcast layer chosen (-1: no video) and what bound it: bandwidth, view, "
-            "hidden, cap, top"
+            "hidden, cap, top, allocation (lost to a higher-priority track)"
             if per
             else "Simulcast subscriptions per reason of their layer choice",
             labels=["session", "track", "reason"] if per else ["reason"],
@@ -403,7 +403,8 @@ class MediaCollector(Collector):
             if forwarder is None or not published.simulcast:
                 continue
             track = f"{published.owner.session_id}:{published.mid}"
-            live = [i for i, rate in enumerate(published.rates(now)) if rate is not None]
+            # the encodings on at the publisher and arriving (one switched off is not)
+            live = published.arriving(now)
             if per:
                 active.add_metric([published.owner.session_id, track], len(live))
             for layer in live:

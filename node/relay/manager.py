@@ -71,7 +71,7 @@ from mesh.span import RoomView, TrackRef, node_pair, plan
 from node.config import ConfigError, RelaySettings
 from node.media.adapter import SenderTap
 from node.media.forward import Forwarder
-from node.media.session import MediaHub, Published, RelayedOwner
+from node.media.session import LAYER_SELECT_S, RELAY_NEED_ANY, MediaHub, Published, RelayedOwner
 from node.relay.link import CODECS, RelayLink, RemoteTrack
 from node.state import keys
 from node.state.sessions import SessionStore, read_session
@@ -155,6 +155,10 @@ class Relay:
     #: the sends the plan wants next, not yet applied (`_apply_later`), and the task at it
     wanted: dict[str, Published] | None = None
     applying: asyncio.Task[None] | None = None
+    #: what this node last told the peer its subscribers need of the tracks it receives
+    #: (`needs`), and the task telling it
+    needs_told: dict[str, int] = field(default_factory=dict)
+    needs_task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -230,6 +234,7 @@ class RelayManager:
             asyncio.create_task(self._serve(), name="relay-serve"),
             asyncio.create_task(self._run(), name="relay-plan"),
             asyncio.create_task(self._report_loop(), name="relay-report"),
+            asyncio.create_task(self._needs_loop(), name="relay-needs"),
         ]
         self.changed()
 
@@ -376,6 +381,7 @@ class RelayManager:
             out.forwarder.remove(out.tap)
         if out.published.relays.get(relay.peer) is out.tap:
             del out.published.relays[relay.peer]
+            out.published.relay_needs.pop(relay.peer, None)
         self.totals.packets_out += out.tap.packets_sent
 
     def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
@@ -795,6 +801,8 @@ class RelayManager:
             return await self._on_offer(message)
         if message.kind == "tracks":
             return await self._on_tracks(message)
+        if message.kind == "needs":
+            return self._on_needs(message)
         if message.kind == "close":
             relay = self.relays.get(message.node)
             if relay is not None and relay.link_id == message.link:
@@ -866,6 +874,67 @@ class RelayManager:
             await self._received_changed(relay)
         self.changed()
         return Message("ok", update.request)
+
+    # ----------------------------------------------------------------- layer needs
+
+    def _on_needs(self, message: Message) -> Message:
+        """The peer's subscribers' needs of tracks this node sends it: the relay's layer
+        follows them at once (`MediaHub.select_layers`)."""
+        relay = self.relays.get(message.node)
+        if relay is None or relay.link_id != message.link:
+            return Message("refuse", message.request, reason="unknown-link")
+        changed = False
+        for track_id, need in message.needs:
+            out = relay.sends.get(track_id)
+            if out is not None and out.published.relay_needs.get(relay.peer) != need:
+                out.published.relay_needs[relay.peer] = need
+                changed = True
+        if changed:
+            self.media.select_layers()
+        return Message("ok", message.request)
+
+    def needs(self, relay: Relay) -> dict[str, int]:
+        """What this node's subscribers need of each video track received over `relay`:
+        the height of the largest visible tile, 0 when nobody shows it, `RELAY_NEED_ANY`
+        when a subscriber has not said how it shows it."""
+        out: dict[str, int] = {}
+        for track_id, published in relay.received.items():
+            if published.kind != "video" or published.forwarder is None:
+                continue
+            need = 0
+            for subscription in list(published.subscriptions.values()):
+                mid = subscription.transceiver.mid
+                view = subscription.subscriber.views.get(mid) if mid is not None else None
+                if view is None:
+                    need = RELAY_NEED_ANY
+                    break
+                if view.visible and view.width > 0 and view.height > 0:
+                    need = max(need, min(view.height, signal.NEED_MAX))
+            out[track_id] = need
+        return out
+
+    async def _needs_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAYER_SELECT_S)
+            for relay in list(self.relays.values()):
+                if relay.state != "up" or (relay.needs_task and not relay.needs_task.done()):
+                    continue
+                needs = self.needs(relay)
+                changed = [(t, n) for t, n in needs.items() if relay.needs_told.get(t) != n]
+                for track_id in [t for t in relay.needs_told if t not in needs]:
+                    del relay.needs_told[track_id]
+                if changed:
+                    relay.needs_task = self.spawn(self._tell_needs(relay, changed))
+
+    async def _tell_needs(self, relay: Relay, changed: list[tuple[str, int]]) -> None:
+        """Tell the peer what changed (one request in flight per relay, so in order); what
+        is not acknowledged is told again next round."""
+        header = Message("needs", "", self.name, self.boot, relay.link_id)
+        for update in signal.needs_updates(header, changed):
+            reply = await self._ask(relay, update)
+            if reply is None or reply.kind != "ok" or relay.state != "up":
+                return
+            relay.needs_told.update(update.needs)
 
     # ----------------------------------------------------------------- figures
 

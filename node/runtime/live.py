@@ -26,9 +26,12 @@ from node.state.hub import CLOSE_DRAINING, Connection, Hub
 from node.state.limits import WindowLimiter
 from node.state.lock import DistributedLock, LockError
 from node.state.registry import NodeInfo, Registry
-from node.state.sessions import Membership, SessionRecord, SessionStore
+from node.state.sessions import Membership, SessionRecord, SessionStore, participant_state
 
 log = logging.getLogger(__name__)
+
+#: room events that say (or end) a participant's screen share
+_STATE_EVENTS = ("participant-joined", "participant-state", "participant-left")
 
 
 class Live:
@@ -112,6 +115,13 @@ class Live:
         self, slug: str | None, event_id: str, event_type: str, data: dict[str, Any]
     ) -> None:
         await self.hub.deliver(slug, event_id, event_type, data)
+        if slug is not None and event_type in _STATE_EVENTS:
+            # the screen share comes first in each subscriber's layer allocation
+            raw = data.get("state") if event_type == "participant-state" else data.get("flags")
+            screen = participant_state(raw).get("screen_mid")
+            if event_type == "participant-left" or not isinstance(screen, str):
+                screen = None
+            self.media.set_screen(str(data.get("session_id", "")), screen)
         if slug is not None and event_type.startswith("participant-"):
             if self.on_room_changed is not None:
                 self.on_room_changed(slug)

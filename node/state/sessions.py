@@ -506,11 +506,6 @@ class SessionStore:
                 raise Conflict("already_joined", "this user is already in the room")
             replaced = same_user if policy == "replace" else []
             replaced_ids = {m.session_id for m in replaced}
-            people = {m.user_id for m in others if m.session_id not in replaced_ids}
-            people |= await self._held_seats(slug, session_id, {m.session_id for m in members})
-            # Capacity counts people, not sessions (R6): a user already inside takes no seat.
-            if user_id not in people and len(people) >= capacity:
-                raise Conflict("room_full", f"the room is full ({capacity} people)")
             membership = Membership(
                 session_id,
                 user_id,
@@ -536,6 +531,8 @@ class SessionStore:
                     self._empty_ttl_ms,
                 ],
             )
+            # Capacity counts people, not sessions (R6): a user already inside takes no
+            # seat. Counted by `_JOIN` alone, in the write (see there why).
             if admitted == -1:
                 raise Conflict("room_full", f"the room is full ({capacity} people)")
             if not admitted:
@@ -579,21 +576,6 @@ class SessionStore:
         await self._clear_pending(keys=[keys.session(session_id)], args=[generation])
         active = [m for m in members if m.state == "active"]
         return Membership.decode(encoded), _text(event_id), active
-
-    async def _held_seats(self, slug: str, session_id: str, present: set[str]) -> set[str]:
-        """The users whose seats are still held for a closed session (not `session_id`'s
-        own, nor of a session that is in the room again). Read under the room's lock."""
-        raw = await self._redis.hgetall(keys.room_seat_holds(slug))
-        now_ms = self._clock() * 1000
-        held: set[str] = set()
-        for held_id, value in raw.items():
-            held_session = _text(held_id)
-            if held_session == session_id or held_session in present:
-                continue
-            hold = json.loads(value)
-            if float(hold["until_ms"]) > now_ms:
-                held.add(str(hold["user_id"]))
-        return held
 
     async def leave(
         self,

@@ -185,3 +185,39 @@ def test_short_keys_are_refused_for_sealing_and_unsealing() -> None:
     data = signal.seal(offer(), KEY, to="node-2", now=NOW)
     with pytest.raises(ValueError, match="at least 32 bytes"):
         signal.unseal(data, b"", me="node-2", now=NOW, window_s=30)
+
+
+@settings(max_examples=50, deadline=None)
+@given(needs=st.lists(st.integers(signal.NEED_MIN, signal.NEED_MAX), min_size=1, max_size=60))
+def test_needs_fit_and_carry_every_value(needs: list[int]) -> None:
+    header = Message("needs", "", "node-1", "boot1", "link1")
+    pairs = [(f"{'c' * 32}:{i}", need) for i, need in enumerate(needs)]
+    messages = signal.needs_updates(header, pairs)
+    carried: list[tuple[str, int]] = []
+    for message in messages:
+        data = signal.encode(message)
+        assert len(data) + signal.SEAL_BYTES <= MAX_MESSAGE_BYTES
+        decoded = signal.decode(data)
+        assert decoded.kind == "needs" and decoded.link == "link1" and decoded.node == "node-1"
+        carried.extend(decoded.needs)
+    assert carried == pairs
+    assert len({m.request for m in messages}) == len(messages)
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        [],
+        [["a:1"]],
+        [["a:1", signal.NEED_MAX + 1]],
+        [["a:1", -2]],
+        [["a:1", True]],
+        [["a:1", "7"]],
+        [["bad id with spaces", 7]],
+        "a:1",
+    ],
+)
+def test_bad_needs_are_refused(needs: object) -> None:
+    wire = {"m": "needs", "r": "req1", "n": "node-1", "b": "boot1", "l": "link1", "w": needs}
+    with pytest.raises(ValueError):
+        signal.decode(json.dumps(wire).encode())

@@ -159,8 +159,12 @@ def _tone(index: int) -> bytes:
     return samples.tobytes()
 
 
-def encode_audio(params: MediaParams) -> list[bytes]:
+def encode_audio(params: MediaParams, bitrate: int | None = None) -> list[bytes]:
+    """The tone as Opus packets, at aiortc's 96 kbit/s unless `bitrate` says otherwise (a
+    browser sends speech at ~32 kbit/s: what a weak link must carry besides the video)."""
     encoder = OpusEncoder()
+    if bitrate is not None:
+        encoder.codec.bit_rate = bitrate  # (the codec opens at its first frame)
     payloads: list[bytes] = []
     index = 0
     # The encoder buffers a little at the start: feed until enough packets came out.

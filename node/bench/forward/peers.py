@@ -3,6 +3,12 @@
     python -m node.bench.forward.peers publisher --spec JSON --address A --media FILE
     python -m node.bench.forward.peers subscribers --spec JSON --address A --count N
     python -m node.bench.forward.peers participants --spec JSON --address A --count N --media F
+    python -m node.bench.forward.peers simulcast-publisher --spec JSON --address A \
+        --layer-media Q --layer-media H --layer-media F [--ladder]
+
+(`simulcast-publisher`: three encodings of one track, `node.bench.forward.simulcast`; with
+`--ladder` one encoding that follows REMB. A spec with `tiles`, a list of [width, height],
+gives subscriber N the tile `tiles[N % len(tiles)]`, told to the node: sfumesh only.)
 
 (`participants`: the N people of one room of `sfumesh bench scale`, each publishing and
 receiving the others on one session; sfumesh's signalling only.)
@@ -245,7 +251,10 @@ class Publisher:
         assert payload_type is not None
         sequence = _rng.randrange(1 << 15)
         timestamp = _rng.randrange(1 << 30)
-        counter = 0
+        # The irregular steps start at a random place in their sequence: publishers that
+        # start together would otherwise step alike, and a subscriber's track would match
+        # any of them (at a constant shift: the latency measured against the wrong sender).
+        counter = _rng.randrange(1 << 31)
         index = 0
         interval = 1 / fps
         due = time.monotonic()
@@ -661,6 +670,14 @@ async def subscribers_main(spec: dict[str, Any], count: int, first: int, limit_s
     subscribers = [
         Subscriber(first + n, signalling_from_spec(spec, "subscriber")) for n in range(count)
     ]
+    tiles = spec.get("tiles") or []
+    if tiles:
+        from node.bench.forward.sfumesh import SfumeshSignalling
+
+        for subscriber in subscribers:
+            if isinstance(subscriber.signalling, SfumeshSignalling):
+                width, height = tiles[subscriber.number % len(tiles)]
+                subscriber.signalling.tile = (int(width), int(height))
     gate = asyncio.Semaphore(SETUP_CONCURRENCY)
 
     async def start(subscriber: Subscriber) -> None:
@@ -695,10 +712,22 @@ async def subscribers_main(spec: dict[str, Any], count: int, first: int, limit_s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.bench.forward.peers")
-    parser.add_argument("role", choices=["publisher", "subscribers", "participants"])
+    parser.add_argument(
+        "role", choices=["publisher", "subscribers", "participants", "simulcast-publisher"]
+    )
     parser.add_argument("--spec", required=True, help="the system's spec, JSON")
     parser.add_argument("--address", required=True, help="the only ICE host address")
     parser.add_argument("--media", type=Path, help="publisher: pre-encoded media file")
+    parser.add_argument(
+        "--layer-media",
+        type=Path,
+        action="append",
+        default=[],
+        help="simulcast-publisher: each layer's pre-encoded media, lowest first",
+    )
+    parser.add_argument(
+        "--ladder", action="store_true", help="simulcast-publisher: one encoding following REMB"
+    )
     parser.add_argument("--count", type=int, default=1, help="subscribers in this process")
     parser.add_argument(
         "--room-size", type=int, help="participants: people in the room (default --count)"
@@ -713,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(args.spec)
     import_system_modules(str(spec.get("system")))
     adapter.set_host_addresses([args.address])
+    if args.role == "simulcast-publisher":
+        from node.bench.forward.simulcast import publisher_main as layered_main
+
+        return run_on_big_buffer_loop(
+            layered_main(spec, args.layer_media, args.ladder, args.timeout)
+        )
     if args.role in ("publisher", "participants") and args.media is None:
         parser.error(f"{args.role} needs --media")
     if args.role == "publisher":

@@ -54,10 +54,21 @@ from node.bench.report import ms, percentile, process_cpu_s, rounded, say, write
 from node.local.netns import NetnsError, ensure_veth, in_private_netns, reexec_in_private_netns
 
 DEFAULT_SUBSCRIBERS: Final = (1, 4, 16, 32)
+#: sfumesh with the synthetic simulcast publisher (three encodings) and subscribers whose
+#: tiles choose their layers (issue 14): `simulcast_comparison`
+SIMULCAST_SYSTEM: Final = "sfumesh-simulcast"
+#: compared against Janus with one event loop (single-encoding publisher, same subscribers)
+SIMULCAST_REFERENCE: Final = "janus-event-loops-1"
 DEFAULT_ROUNDS: Final = 2
 DEFAULT_WINDOW_S: Final = 10.0
 DEFAULT_WARMUP_S: Final = 3.0
-SYSTEM_NAMES: Final = ("sfumesh", "mediarelay", "janus", "janus-event-loops-1")
+SYSTEM_NAMES: Final = (
+    "sfumesh",
+    "mediarelay",
+    "janus",
+    "janus-event-loops-1",
+    SIMULCAST_SYSTEM,
+)
 JANUS_MODULE: Final = "node.bench.forward.janus"
 TS_MASK: Final = 0xFFFFFFFF
 #: timestamps within this many ticks of a publisher frame's are that frame (frame steps
@@ -387,6 +398,10 @@ def make_system(name: str, address: str, workdir: Path) -> System:
         from node.bench.forward.sfumesh import SfumeshSystem
 
         return SfumeshSystem(address, workdir)
+    if name == SIMULCAST_SYSTEM:
+        from node.bench.forward.sfumesh import SfumeshSystem
+
+        return SfumeshSystem(address, workdir, simulcast=True)
     if name == "mediarelay":
         from node.bench.forward.mediarelay import MediaRelaySystem
 
@@ -423,6 +438,17 @@ class Runner:
         self.media_path = media_path
         self.workdir = workdir
         self.say = say
+        #: the simulcast publisher's layers, lowest first (SIMULCAST_SYSTEM only)
+        self.layer_media: list[Path] = []
+
+    def _publisher_argv(self, spec: dict[str, Any], timeout: float) -> list[str]:
+        """The single-encoding publisher, or the simulcast one when the spec asks for it."""
+        if not spec.get("simulcast"):
+            return [*self._client_argv("publisher", spec, timeout), "--media", str(self.media_path)]
+        if not self.layer_media:
+            raise ForwardBenchError("the simulcast publisher's layer media are missing")
+        layers = [part for path in self.layer_media for part in ("--layer-media", str(path))]
+        return [*self._client_argv("simulcast-publisher", spec, timeout), *layers]
 
     def _client_argv(self, role: str, spec: dict[str, Any], timeout: float) -> list[str]:
         return [
@@ -470,9 +496,7 @@ class Runner:
         timeout = config.setup_timeout(k)
         spec = system.spec()
         publisher = ClientProcess(
-            "publisher",
-            [*self._client_argv("publisher", spec, timeout), "--media", str(self.media_path)],
-            workdir / "publisher.log",
+            "publisher", self._publisher_argv(spec, timeout), workdir / "publisher.log"
         )
         clients.append(publisher)
         await publisher.start()
@@ -837,9 +861,14 @@ def plan(config: BenchConfig) -> list[tuple[int, int, list[str]]]:
 
 
 async def run_all(
-    config: BenchConfig, address: str, media_path: Path, workdir: Path
+    config: BenchConfig,
+    address: str,
+    media_path: Path,
+    workdir: Path,
+    layer_media: Sequence[Path] = (),
 ) -> list[Window]:
     runner = Runner(config, address, media_path, workdir, say)
+    runner.layer_media = list(layer_media)
     windows: list[Window] = []
     for k, round_no, order in plan(config):
         for position, name in enumerate(order):
@@ -936,11 +965,12 @@ def run_forward_bench(
         return 1
     began = time.monotonic()
     media, media_path = bench_media.load_or_encode(params)
+    layer_media = simulcast_media() if SIMULCAST_SYSTEM in chosen else []
     try:
         with contextlib.ExitStack() as stack:
             if workdir is None:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sfu-fwd-")))
-            windows = asyncio.run(run_all(config, address, media_path, workdir))
+            windows = asyncio.run(run_all(config, address, media_path, workdir, layer_media))
     except KeyboardInterrupt:
         say("sfumesh bench: interrupted; every process stopped", err=True)
         return 130
@@ -950,6 +980,73 @@ def run_forward_bench(
     compared = ratios(fitted)
     print_table(config, media, windows, rows, fitted, compared, elapsed)
     figures = report(config, media, windows, rows, fitted, compared, elapsed)
+    if SIMULCAST_SYSTEM in config.systems:
+        figures["simulcast"] = simulcast_comparison(windows)
+        print_simulcast(figures["simulcast"])
     if json_path is not None and not write_report(json_path, figures):
         return 1
     return 1 if any(not w.completed for w in windows) else 0
+
+
+# --------------------------------------------------------------------------- simulcast (issue 14)
+
+
+def simulcast_media() -> list[Path]:
+    """The simulcast publisher's three loops (encoded once, cached), lowest first."""
+    from node.bench.forward.simulcast import load_or_encode_layers
+
+    return [path for _, path in load_or_encode_layers()]
+
+
+def packet_fit(windows: Sequence[Window], system: str) -> Fit | None:
+    """SFU CPU (us/s) against packets forwarded per second, over `system`'s windows that
+    kept up: the slope is the marginal CPU per forwarded packet. With layers chosen by tile
+    size the subscribers do not all receive the same packet rate, so the slope over K
+    divided by an average rate (`fits`) would mix the two; against packets it does not (and
+    for a single encoding it is the same figure)."""
+    used = [w for w in windows if w.system == system and w.completed and w.kept_up]
+    return fit_line([w.packets_per_s for w in used], [w.cpu_us_per_s for w in used])
+
+
+def simulcast_comparison(windows: Sequence[Window]) -> dict[str, Any]:
+    """Issue 14's last benchmark: sfumesh forwarding a simulcast publisher's layers to
+    subscribers whose tiles choose them (layer selection on), against Janus with one event
+    loop forwarding a single encoding to the same subscribers, in the same run. Keys
+    `simulcast_us_per_packet`, `janus_event_loops_1_us_per_packet`, their ratio
+    `simulcast_over_janus_event_loops_1` (target: <= 1)."""
+    from node.bench.forward.sfumesh import SIMULCAST_TILES
+
+    mine = packet_fit(windows, SIMULCAST_SYSTEM)
+    theirs = packet_fit(windows, SIMULCAST_REFERENCE)
+    ours = None if mine is None else mine.slope
+    reference = None if theirs is None else theirs.slope
+    ratio = _ratio(ours, reference)
+    return {
+        "simulcast_us_per_packet": rounded(ours),
+        "janus_event_loops_1_us_per_packet": rounded(reference),
+        "simulcast_over_janus_event_loops_1": ratio,
+        "target_ratio_max": 1.0,
+        "target_met": None if ratio is None else ratio <= 1.0,
+        "simulcast_r2": rounded(None if mine is None else mine.r2, 4),
+        "simulcast_windows": 0 if mine is None else mine.points,
+        "janus_r2": rounded(None if theirs is None else theirs.r2, 4),
+        "tiles": [f"{w}x{h}" for w, h in SIMULCAST_TILES],
+    }
+
+
+def print_simulcast(compared: dict[str, Any]) -> None:
+    say()
+    say(
+        f"simulcast (3 encodings, subscribers' tiles {', '.join(compared['tiles'])} in turn, "
+        "layer selection on): CPU against forwarded packets/s"
+    )
+    say(
+        f"  {SIMULCAST_SYSTEM:<20} {_num(compared['simulcast_us_per_packet']):>6} us per "
+        f"forwarded packet; {SIMULCAST_REFERENCE} (one encoding) "
+        f"{_num(compared['janus_event_loops_1_us_per_packet'])} us"
+    )
+    say(
+        f"target: simulcast <= Janus event_loops=1 per forwarded packet: "
+        f"{_verdict(compared['target_met'])} "
+        f"({_num(compared['simulcast_over_janus_event_loops_1'], 2)}x)"
+    )

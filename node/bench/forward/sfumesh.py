@@ -1,10 +1,11 @@
 """sfumesh itself as a system under test for `sfumesh bench forward`.
 
-`SfumeshSystem` (driver side) starts Redis and the MongoDB-compatible store as in `sfumesh
-bench api` (children of the driver, not measured), then one real node process
-(`node.local.launch.start_node`, without a mesh: `serf.mode = "off"`), whose PID is the one
-measured. The node gathers ICE candidates on
-the bench address only (`media.host_addresses`), lets one user be in a room from many
+`SfumeshSystem` (driver side; `simulcast=True` for `sfumesh-simulcast`: the synthetic
+simulcast publisher, tiles given to the subscribers in turn) starts Redis and the
+MongoDB-compatible store as in `sfumesh bench api` (children of the driver, not measured),
+then one real node process (`node.local.launch.start_node`, without a mesh: `serf.mode =
+"off"`), whose PID is the one measured. The node gathers ICE candidates on the bench
+address only (`media.host_addresses`), lets one user be in a room from many
 sessions at once (`duplicate_policy = "allow"`: the room counts people, so every client can
 use the one bench account), and has a long WebSocket idle timeout. The driver signs the
 bench user up, logs in and creates the room; `spec()` carries the node's URL, the user token
@@ -15,6 +16,12 @@ and the room.
 `offer {pc: "publish"}` -> `answer` for the publisher, and for a subscriber the node's
 `offer {pc: "subscribe"}` answered with `answer {pc: "subscribe"}` (renegotiations are
 answered the same way until `close`). A `ping` every 15 s keeps the socket alive.
+
+For simulcast (issue 14): `offer_filter` edits the publish offer before it is sent (the
+synthetic simulcast publisher's RIDs, `node.bench.forward.simulcast`), `on_layers` hears
+which of its encodings the node wants sent (`layers`), and a subscriber
+with a `tile` (width, height) tells the node after each answer that every video track it
+receives shows in a tile of that size (`view`), so the node picks the layer that fits.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 ROOM: Final = "bench-forward"
 USERNAME: Final = "benchforward"
 PING_INTERVAL_S: Final = 15.0
+#: `sfumesh-simulcast`: subscriber N shows the video in tile N % 3 of these (device pixels):
+#: the node sends it the quarter, half or full size encoding
+SIMULCAST_TILES: Final = ((320, 180), (640, 360), (1280, 720))
 REQUEST_TIMEOUT_S: Final = 30.0
 
 
@@ -56,8 +66,12 @@ class SfumeshSystem:
 
     name = "sfumesh"
 
-    def __init__(self, address: str, workdir: Path, *, log_level: str = "WARNING") -> None:
+    def __init__(
+        self, address: str, workdir: Path, *, log_level: str = "WARNING", simulcast: bool = False
+    ) -> None:
         self.address = address
+        #: the publisher sends three encodings and subscribers' tiles choose among them
+        self.simulcast = simulcast
         self.workdir = Path(workdir)
         self.log_level = log_level
         self._services: BackingServices | None = None
@@ -77,7 +91,15 @@ class SfumeshSystem:
         return self._node.url
 
     def spec(self) -> dict[str, Any]:
-        return {"system": "sfumesh", "url": self.url, "user_token": self._user_token, "room": ROOM}
+        spec: dict[str, Any] = {
+            "system": "sfumesh",
+            "url": self.url,
+            "user_token": self._user_token,
+            "room": ROOM,
+        }
+        if self.simulcast:
+            spec.update(simulcast=True, tiles=[list(tile) for tile in SIMULCAST_TILES])
+        return spec
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
@@ -101,6 +123,10 @@ class SfumeshSystem:
                 # one node, no mesh: no Serf agent beside it, no gossip in the window
                 "SFUMESH_SERF_MODE": "off",
             }
+            if self.simulcast:
+                # the tiles choose the layers: the aiortc subscribers' delay-based estimates
+                # on one loaded machine would otherwise pick them (and make the runs differ)
+                extra_env["SFUMESH_MEDIA_SIMULCAST_FOLLOW_BANDWIDTH"] = "false"
             self._node = start_node(
                 self._services,
                 {"bench": new_key()},
@@ -174,6 +200,13 @@ class SfumeshSignalling:
         #: `sfumesh bench scale` publishes on `pc` and receives on this one)
         self.subscribe_pc: RTCPeerConnection | None = None
         self.offers = 0
+        #: edits the publish offer's SDP before it is sent (None: sent as aiortc made it)
+        self.offer_filter: Callable[[str], str] | None = None
+        #: the tile (device pixels) every received video track is shown in (None: no `view`)
+        self.tile: tuple[int, int] | None = None
+        #: called with a `layers` message's mid and active RIDs (the node switches a
+        #: simulcast publisher's unwatched encodings off and on, as it tells a browser)
+        self.on_layers: Callable[[str, list[str]], None] | None = None
         self.errors: list[dict[str, Any]] = []
         self._ws: ClientConnection | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -194,7 +227,10 @@ class SfumeshSignalling:
         self.pc = pc
         await self.join()
         await pc.setLocalDescription(await pc.createOffer())
-        reply = await self._request("offer", pc="publish", sdp=pc.localDescription.sdp)
+        sdp = pc.localDescription.sdp
+        if self.offer_filter is not None:
+            sdp = self.offer_filter(sdp)
+        reply = await self._request("offer", pc="publish", sdp=sdp)
         if reply.get("type") != "answer":
             raise SfumeshError(f"publish offer refused: {reply}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer"))
@@ -272,7 +308,21 @@ class SfumeshSignalling:
                     continue
                 kind = message.get("type")
                 if kind == "offer" and message.get("pc") == "subscribe":
-                    self._spawn(self._answer(str(message.get("sdp", ""))))
+                    tracks = message.get("tracks")
+                    video = (
+                        [
+                            str(mid)
+                            for mid, track in tracks.items()
+                            if isinstance(track, dict) and track.get("kind") == "video"
+                        ]
+                        if isinstance(tracks, dict)
+                        else []
+                    )
+                    self._spawn(self._answer(str(message.get("sdp", "")), video))
+                elif kind == "layers" and self.on_layers is not None:
+                    active = message.get("active")
+                    if isinstance(active, list):
+                        self.on_layers(str(message.get("mid")), [str(rid) for rid in active])
                 elif kind == "error":
                     log.warning("node error: %s", message)
                     self.errors.append(message)
@@ -284,7 +334,7 @@ class SfumeshSignalling:
                 if not waiter.done():
                     waiter.set_exception(ConnectionError("the WebSocket closed"))
 
-    async def _answer(self, sdp: str) -> None:
+    async def _answer(self, sdp: str, video_mids: list[str] | None = None) -> None:
         pc = self.subscribe_pc
         if pc is None:
             return
@@ -297,6 +347,13 @@ class SfumeshSignalling:
             except Exception:
                 log.exception("answering the node's subscribe offer failed")
                 return
+        if self.tile is not None and video_mids:
+            width, height = self.tile
+            tile = {"width": width, "height": height, "visible": True}
+            try:
+                await self._request("view", tiles=dict.fromkeys(video_mids[-64:], tile))
+            except Exception:
+                log.exception("telling the node the tile size failed")
         self._answered.set()
 
     async def _ping(self) -> None:

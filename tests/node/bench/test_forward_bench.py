@@ -239,3 +239,58 @@ def test_short_real_run_writes_every_figure(
     assert {f["system"] for f in figures["fits"]} == set(systems)
     assert "cpu_per_subscriber" in figures["ratios"]
     assert "sfumesh" in printed.out and "us per forwarded packet" in printed.out
+
+
+@pytest.mark.slow
+def test_simulcast_run_compares_with_janus_one_event_loop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14's last benchmark, tiny: sfumesh forwarding the synthetic simulcast
+    publisher's layers to subscribers whose tiles choose them, beside Janus with one event
+    loop (single encoding, same subscribers), the ratio reported."""
+    if not in_private_netns():
+        pytest.fail("run pytest in the private network namespace (./scripts/test does)")
+    assert janus_module_available() and shutil.which("janus") is not None
+    systems = ["sfumesh-simulcast", "janus-event-loops-1"]
+    out = tmp_path / "forward.json"
+    argv = [
+        "bench",
+        "forward",
+        "--subscribers",
+        "1,3",
+        "--rounds",
+        "1",
+        "--window",
+        "3",
+        "--warmup",
+        "2",
+        "--systems",
+        ",".join(systems),
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    figures = json.loads(out.read_text())
+    rows = {(r["system"], r["subscribers"]): r for r in figures["results"]}
+    assert set(rows) == {(s, k) for s in systems for k in (1, 3)}
+    for row in rows.values():
+        assert row["rounds"] == 1 and not row["errors"], row
+    # the tiles chose the layers: subscriber 0 (320x180) gets the smallest encoding, the
+    # three of K=3 (small, medium, large) far more packets each on average
+    one, three = rows[("sfumesh-simulcast", 1)], rows[("sfumesh-simulcast", 3)]
+    assert three["packets_per_s"] / 3 > 1.3 * one["packets_per_s"], (one, three)
+    assert three["frame_delivery"] > 0.8, three
+    simulcast = figures["simulcast"]
+    for key in (
+        "simulcast_us_per_packet",
+        "janus_event_loops_1_us_per_packet",
+        "simulcast_over_janus_event_loops_1",
+        "target_met",
+    ):
+        assert key in simulcast, key
+    assert simulcast["tiles"] == ["320x180", "640x360", "1280x720"]
+    assert "simulcast <= Janus event_loops=1" in printed.out

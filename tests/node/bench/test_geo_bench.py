@@ -64,6 +64,10 @@ def test_a_tiny_run_answers_with_every_figure(
     assert picks == {"eu-peer": "sg-node", "vn-peer": "hcm-node"}, mesh["picks"]
     assert mesh["closest_node_correct"] == 1.0
     assert mesh["join_ms_p50"] > 0 and mesh["relay_setup_ms_p50"] > 0, mesh
+    # each join on its own (a slow region is not hidden in everyone's tail)
+    assert set(mesh["join_ms_by_peer"]) == {"eu", "vn"}, mesh["join_ms_by_peer"]
+    assert len(mesh["joins"]) == 6 and all(j["join_ms"] > 0 for j in mesh["joins"]), mesh
+    assert "joins to the other peer's first frame: eu p50" in printed.out
 
     rows = {(r["scenario"], r["direction"]): r for r in figures["scenarios"]}
     assert set(rows) == {(s, d) for s in (1, 2, 3) for d in ("eu->vn", "vn->eu")}

@@ -110,6 +110,27 @@ def test_the_rate_cap_is_respected(rate, offered_factor, queue_ms, size) -> None
     assert drops[DropCause.QUEUE] == n - len(out)
 
 
+def test_a_rate_changed_at_run_time_applies_to_the_next_packets() -> None:
+    """`Stage.set_rate` (`bench quality` lifts a weak downlink's limit mid-call): 0.3 Mbit/s
+    delivers 0.3 Mbit/s of a 2 Mbit/s offer, then at 10 Mbit/s everything gets through,
+    and with no limit packets wait for nothing but the delay."""
+    size = 1000
+    net = one_link(LinkParams(delay_ms=10, rate_mbps=0.3, queue_ms=100))
+    pps = 2e6 / (8 * size)
+    phase = [i / pps for i in range(500)]  # 2 s
+    first = run(net, phase, size)
+    delivered = len(first) * size * 8 / 2.0
+    assert 0.25e6 <= delivered <= 0.3e6 * 1.1, delivered
+    net.stages["ab"].set_rate(10)
+    assert net.stages["ab"].params.rate_mbps == 10
+    later = [10 + t for t in phase]
+    assert len(run(net, later, size)) == len(later)
+    net.stages["ab"].set_rate(None)
+    assert net.stages["ab"].params.rate_mbps is None
+    dues = run(net, [20 + t for t in phase], size)
+    assert all(due - (20 + phase[i]) == pytest.approx(0.010) for i, due in dues)
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     p_gb=st.floats(0.001, 0.2),

@@ -169,6 +169,13 @@ async def test_repeats_unknown_links_and_a_restarted_peer(
         assert relay.in_seq == 1
         gap = Message("tracks", "t3", "node-a", a.boot, relay.link_id, seq=5)
         assert (await b.handle(gap) or gap).reason == "gap"
+        # layer needs: for an unknown link refused, for the link acknowledged (a track the
+        # relay does not send is ignored)
+        needs = (("sess:1", 180),)
+        stray_needs = Message("needs", "n1", "node-a", a.boot, "no-such-link", needs=needs)
+        assert (await b.handle(stray_needs) or stray_needs).reason == "unknown-link"
+        known = Message("needs", "n2", "node-a", a.boot, relay.link_id, needs=needs)
+        assert (await b.handle(known) or known).kind == "ok"
         # node-a restarted (a new boot id): its new offer replaces the old link at once
         reborn = Message("offer", "r2", "node-a", "newboot", "fresh-link", description)
         answer = await b.handle(reborn)

@@ -1,0 +1,68 @@
+"""`sfumesh bench quality` run tiny in the WAN lab (its smoke test): the issue's keys, the
+weak subscriber (its downlink limited to 300 kbit/s in the emulator) on a lower layer than
+the strong ones, the limit lifted at run time, the baseline measured, the plot written.
+Figures are reported, not asserted (a loaded 2-core machine): the bench is the measure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.cli.main import main
+from node.lab.namespaces import namespace_problem
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(namespace_problem() is not None, reason=f"no lab: {namespace_problem()}"),
+]
+
+ISSUE_KEYS = (
+    "strong_video_kbps",
+    "strong_fps",
+    "weak_video_kbps",
+    "weak_freeze_s",
+    "recovery_s",
+    "baseline_strong_video_kbps",
+)
+
+
+def test_the_weak_subscriber_gets_a_lower_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quality.json"
+    code = main(
+        [
+            "bench",
+            "quality",
+            "--warmup",
+            "3",
+            "--duration",
+            "4",
+            "--recovery-limit",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr()
+    print(printed.out)
+    assert code == 0, printed.out + printed.err
+    figures = json.loads(out.read_text())
+    for key in ISSUE_KEYS:
+        assert key in figures, key
+    for key in ("strong_video_kbps", "strong_fps", "weak_video_kbps", "weak_freeze_s"):
+        assert isinstance(figures[key], float), (key, figures[key])
+    assert figures["baseline_strong_video_kbps"] is not None
+    # the weak one got a lower layer than the strong ones (keyframe heights seen in RTP)
+    assert figures["strong_height"] is not None and figures["weak_height"] is not None
+    assert figures["weak_height"] < figures["strong_height"], figures["simulcast"]
+    assert figures["weak_lower_layer"] is True
+    # the limit was lifted at run time, and every subscriber's series was kept
+    simulcast = figures["simulcast"]
+    assert simulcast["lifted_at_s"] is not None
+    assert set(simulcast["series"]) == {"eu-peer", "vn-strong", "vn-weak"}
+    assert all(simulcast["series"][host] for host in simulcast["series"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "recovery after the limit is lifted" in printed.out
