@@ -67,11 +67,8 @@ export class RoomMedia extends EventTarget {
     this.localStream = localStream;
     this.iceServers = options.iceServers ?? [];
     this.videoCodec = options.videoCodec ?? null;
-    // on unless a codec is forced (a test of one codec's path) or frames are end-to-end
-    // encrypted (that pair is not made to work yet: the subscribers got nothing)
-    this.simulcast =
-      options.simulcast ??
-      (this.videoCodec === null && !options.encodedInsertableStreams && !options.transform);
+    // on unless a codec is forced (a test of one codec's path)
+    this.simulcast = options.simulcast ?? this.videoCodec === null;
     /** @type {Map<string, {width: number, height: number, visible: boolean}>} */
     this.tiles = new Map();
     /** @type {Map<string, () => void>} */

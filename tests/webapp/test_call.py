@@ -10,7 +10,8 @@ all: she is told so, joins listen-only and still sees and hears the others. Dave
 the permission: he is told how to allow it, and joins and chats anyway.
 
 End-to-end encryption: alice and bob open the invite link with `#key=...` and decode each
-other (bob through createEncodedStreams, alice through RTCRtpScriptTransform; the picture
+other (bob through createEncodedStreams, alice through RTCRtpScriptTransform; both cameras
+sent as three simulcast encodings, the node choosing a layer per subscriber; the picture
 is the camera's, not garbage); carol, without the key, decodes
 nothing of theirs and sees "Encrypted: key needed"; the node forwarded the packets; the
 key is in no request, WebSocket frame, node log or Redis key or value.
@@ -84,6 +85,19 @@ async () => {
     qualityOf({ loss: 0, rttMs: 900 }),
     qualityOf({ loss: 0, rttMs: 40, stalled: true }),
   ];
+}
+"""
+
+# Video packets and decoded frames on carol's subscribe connection.
+CAROL_RECEIVED = """
+async () => {
+  let packets = 0, frames = 0;
+  const pc = window.sfumesh.conn.media.subscribePc;
+  for (const r of (await pc.getStats()).values())
+    if (r.type === "inbound-rtp" && r.kind === "video") {
+      packets += r.packetsReceived ?? 0; frames += r.framesDecoded ?? 0;
+    }
+  return { packets, frames };
 }
 """
 
@@ -319,6 +333,23 @@ async def test_end_to_end_encryption(
         await wait_joined(bob)
         await decoding([alice, bob], 30, DECODE_LIMIT_S)
         a_id, b_id = await session_of(alice), await session_of(bob)
+        # Encrypted frames go out as simulcast too: three encodings of each camera, the
+        # layers the node learnt (from the RID extension; sizes from the clear header).
+        for page in (alice, bob):
+            encodings = await page.evaluate(
+                "() => window.sfumesh.conn.media.transceivers.video.sender"
+                ".getParameters().encodings.map((e) => e.rid)"
+            )
+            assert encodings == ["q", "h", "f"], encodings
+        async with httpx.AsyncClient(timeout=10) as http:
+            metrics = (await http.get(f"{node.url}/metrics")).text
+        # (per layer: the simulcast tracks it arrives on; an unwatched one may be off)
+        arriving = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("sfumesh_media_publisher_layers{")
+        ]
+        assert sum(arriving) >= 2, arriving
         assert await alice.evaluate("() => window.sfumesh.e2ee.script") is True
         assert await bob.evaluate("() => window.sfumesh.e2ee.script") is False
         statuses = await bob.evaluate("() => [...window.sfumesh.e2eeStatus.values()]")
@@ -343,17 +374,18 @@ async def test_end_to_end_encryption(
             await expect(
                 carol.locator(f'#grid li[data-session="{someone}"] .tile-notice')
             ).to_have_text("Encrypted: key needed", timeout=20_000)
-        received = await carol.evaluate(
-            """async () => {
-              let packets = 0, frames = 0;
-              const pc = window.sfumesh.conn.media.subscribePc;
-              for (const r of (await pc.getStats()).values())
-                if (r.type === "inbound-rtp" && r.kind === "video") {
-                  packets += r.packetsReceived ?? 0; frames += r.framesDecoded ?? 0;
-                }
-              return { packets, frames };
-            }"""
-        )
+        # (the notice may come from their audio first: with simulcast her video starts at
+        # the next keyframe of the layer she gets, asked of that encoding)
+        received: dict[str, int] = {}
+
+        async def video_arrives() -> bool:
+            nonlocal received
+            received = await carol.evaluate(CAROL_RECEIVED)
+            return received["packets"] > 0
+
+        await until(video_arrives, 20, "their encrypted video reaches carol")
+        await asyncio.sleep(1.0)
+        received = await carol.evaluate(CAROL_RECEIVED)
         assert received["packets"] > 0 and received["frames"] == 0, received
         # Carol's own media is clear: the others still see her, and the lock goes.
         await expect(alice.locator("#e2ee-lock")).to_be_hidden()

@@ -1,15 +1,42 @@
 // The room's video grid: one tile per person (own camera first), sized to fill the stage;
-// a screen share gets a tile of its own, large above the others. Each tile shows its
-// person's state (muted, camera off: initials, hand raised, speaking, connection quality).
+// a screen share gets a tile of its own. Each tile shows its person's state (muted, camera
+// off: initials, hand raised, speaking, connection quality).
+//
+// One tile may be large, the others in a strip below it (issue 14 item 5). Which one, first
+// match wins: the tile the person pinned (a click on it, or its pin button), a screen share
+// (someone else's before one's own, the newest first), and in the speaker layout the one
+// the node last named as speaking (its `speaker` events; never one's own tile, which nobody
+// wants to watch large), else the first other person. The grid layout has no large tile but
+// a pinned one or a screen share. A speaker change waits until the large tile has been large
+// for HOLD_MS, so two people taking turns quickly do not make the layout flap (the node
+// already names a speaker only after two rounds in front). Tiles change size with the
+// layout, and RoomMedia's ResizeObserver tells the node, which sends the large tile a
+// larger simulcast layer and the strip's tiles smaller ones.
 
-import { t, tr } from "../i18n.js";
+import { t, tr, trAttr } from "../i18n.js";
 import { h } from "./dom.js";
+
+/** How long a tile stays large before a new speaker takes its place (ms). */
+export const HOLD_MS = 2000;
+/** Where the chosen layout is kept ("speaker" or "grid"). */
+const LAYOUT_KEY = "sfumesh.layout";
 
 /**
  * @typedef {{li: HTMLLIElement, video: HTMLVideoElement, stream: MediaStream,
  *   name: HTMLElement, initials: HTMLElement, self: boolean, badges: HTMLElement,
- *   cameraOff: boolean, notice: HTMLElement, state: Record<string, any>}} Tile
+ *   cameraOff: boolean, notice: HTMLElement, state: Record<string, any>, screen: boolean,
+ *   pin: HTMLButtonElement, added: number}} Tile
+ * @typedef {"speaker" | "grid"} Layout
  */
+
+/** The layout chosen last time on this browser (the speaker layout at first). */
+export function savedLayout() {
+  try {
+    return localStorage.getItem(LAYOUT_KEY) === "grid" ? "grid" : "speaker";
+  } catch {
+    return "speaker";
+  }
+}
 
 const initialsOf = (/** @type {string} */ name) =>
   name
@@ -35,6 +62,18 @@ function badge(/** @type {string} */ key, /** @type {string} */ icon) {
 export function videoGrid(grid, unmuteAudio, localStream) {
   /** @type {Map<string, Tile>} */
   const tiles = new Map();
+  // the large tile (see the top of this file)
+  let added = 0; // tiles made so far: the newest screen share wins
+  /** @type {Layout} */
+  let mode = savedLayout();
+  /** @type {string | null} the tile the person pinned */
+  let pinned = null;
+  /** @type {string | null} the last other person the node named as speaking */
+  let speaker = null;
+  /** @type {string | null} the tile shown large now */
+  let large = null;
+  let largeSince = 0;
+  let holdTimer = 0;
 
   /** Columns and a tile size for n tiles of 4:3, as large as the stage allows. */
   const layout = () => {
@@ -56,6 +95,7 @@ export function videoGrid(grid, unmuteAudio, localStream) {
     grid.style.setProperty("--tile-w", `${Math.floor(best.tileWidth)}px`);
     grid.style.setProperty("--tile-h", `${Math.floor((best.tileWidth * 3) / 4)}px`);
   };
+  grid.dataset.layout = mode;
   const resize = new ResizeObserver(layout);
   resize.observe(grid);
 
@@ -72,12 +112,18 @@ export function videoGrid(grid, unmuteAudio, localStream) {
       const initials = h("span", { class: "initials", "aria-hidden": "true" });
       const badges = h("span", { class: "badges" });
       const notice = h("span", { class: "tile-notice", role: "status", hidden: "" });
+      const pin = /** @type {HTMLButtonElement} */ (
+        h("button", { type: "button", class: "pin", "aria-pressed": "false" }, "📌")
+      );
       const classes = ["tile", self ? "self" : "", screen ? "screen" : ""].filter(Boolean).join(" ");
       const li = /** @type {HTMLLIElement} */ (
-        h("li", { class: classes, "data-session": key }, initials, video, notice, nameEl, badges)
+        h("li", { class: classes, "data-session": key }, initials, video, notice, nameEl, badges, pin)
       );
       const stream = self && !screen && localStream ? localStream : new MediaStream();
-      tile = { li, video, stream, name: nameEl, initials, self, badges, cameraOff: false, notice, state: {} };
+      tile = {
+        li, video, stream, name: nameEl, initials, self, badges, cameraOff: false, notice,
+        state: {}, screen, pin, added: ++added,
+      };
       video.srcObject = stream;
       if (screen) grid.prepend(li);
       else if (self) {
@@ -86,7 +132,17 @@ export function videoGrid(grid, unmuteAudio, localStream) {
         else grid.prepend(li);
       } else grid.append(li);
       tiles.set(key, tile);
+      const tileKey = key;
+      // The button for keyboards and screen readers; a click anywhere on the tile too.
+      pin.addEventListener("click", (event) => {
+        event.stopPropagation();
+        togglePin(tileKey);
+      });
+      li.addEventListener("click", () => togglePin(tileKey));
+      trAttr(pin, "aria-label", "pin_tile");
+      trAttr(pin, "title", "pin_tile");
       grid.classList.toggle("sharing", grid.querySelector(".tile.screen") !== null);
+      arrange();
       layout();
     }
     if (screen) tr(tile.name, "screen_of", { name });
@@ -114,8 +170,80 @@ export function videoGrid(grid, unmuteAudio, localStream) {
     if (tile === undefined) return;
     tile.li.remove();
     tiles.delete(key);
+    if (pinned === key) pinned = null;
+    if (speaker === key) speaker = null;
     grid.classList.toggle("sharing", grid.querySelector(".tile.screen") !== null);
+    arrange();
     layout();
+  };
+
+  // -- the large tile ---------------------------------------------------------------------
+
+  /** The tile that should be large now (see the top of this file), and whether it may wait. */
+  const wanted = () => {
+    if (pinned !== null && tiles.has(pinned)) return { key: pinned, urgent: true };
+    const screens = [...tiles.entries()]
+      .filter(([, tile]) => tile.screen)
+      .sort(([, a], [, b]) => Number(a.self) - Number(b.self) || b.added - a.added);
+    if (screens.length > 0) return { key: screens[0][0], urgent: true };
+    if (mode !== "speaker") return { key: null, urgent: true };
+    if (speaker !== null && tiles.has(speaker)) return { key: speaker, urgent: false };
+    // no speaker yet, or they left: whoever is large stays; else the first other person
+    if (large !== null && tiles.has(large) && !tiles.get(large)?.self) return { key: large, urgent: false };
+    const other = [...tiles.entries()].find(([, tile]) => !tile.self);
+    return { key: other ? other[0] : null, urgent: true };
+  };
+
+  /** Make the wanted tile large (a speaker change only once the current one had HOLD_MS). */
+  const arrange = () => {
+    clearTimeout(holdTimer);
+    holdTimer = 0;
+    const { key, urgent } = wanted();
+    if (key === large) return;
+    const held = performance.now() - largeSince;
+    if (!urgent && large !== null && tiles.has(large) && held < HOLD_MS) {
+      holdTimer = window.setTimeout(arrange, HOLD_MS - held);
+      return;
+    }
+    if (large !== null) tiles.get(large)?.li.classList.remove("large");
+    large = key;
+    largeSince = performance.now();
+    if (key !== null) tiles.get(key)?.li.classList.add("large");
+    grid.classList.toggle("featured", key !== null);
+    grid.dataset.large = key ?? "";
+    layout();
+  };
+
+  /** Pin `key` large (over the speaker and screen shares), or unpin it. */
+  const togglePin = (/** @type {string} */ key) => {
+    pinned = pinned === key ? null : key;
+    for (const [other, tile] of tiles) {
+      tile.li.classList.toggle("pinned", other === pinned);
+      tile.pin.setAttribute("aria-pressed", String(other === pinned));
+      trAttr(tile.pin, "aria-label", other === pinned ? "unpin_tile" : "pin_tile");
+      trAttr(tile.pin, "title", other === pinned ? "unpin_tile" : "pin_tile");
+    }
+    arrange();
+  };
+
+  /** The node's `speaker` event: `key` speaks now ("self" for this page's own person). */
+  const setSpeaker = (/** @type {string} */ key) => {
+    for (const [other, tile] of tiles) tile.li.classList.toggle("active-speaker", other === key);
+    if (key === "self") return;
+    speaker = key;
+    arrange();
+  };
+
+  /** Switch between the speaker layout and the grid; the choice is kept. */
+  const setLayout = (/** @type {Layout} */ next) => {
+    mode = next;
+    grid.dataset.layout = next;
+    try {
+      localStorage.setItem(LAYOUT_KEY, next);
+    } catch {
+      // private mode without storage: the choice lasts as long as the page
+    }
+    arrange();
   };
 
   /**
@@ -220,6 +348,14 @@ export function videoGrid(grid, unmuteAudio, localStream) {
     setQuality,
     setNotice,
     showScreen,
-    stop: () => resize.disconnect(),
+    setSpeaker,
+    setLayout,
+    togglePin,
+    layoutMode: () => mode,
+    largeTile: () => large,
+    stop: () => {
+      resize.disconnect();
+      clearTimeout(holdTimer);
+    },
   };
 }

@@ -67,6 +67,7 @@ async function enterRoom(room, choice) {
     devices: /** @type {HTMLButtonElement} */ ($(view, "#btn-devices")),
     invite: /** @type {HTMLButtonElement} */ ($(view, "#btn-invite")),
     fullscreen: /** @type {HTMLButtonElement} */ ($(view, "#btn-fullscreen")),
+    layout: /** @type {HTMLButtonElement} */ ($(view, "#btn-layout")),
     leave: /** @type {HTMLButtonElement} */ ($(view, "#btn-leave")),
   };
   const lock = /** @type {HTMLElement} */ ($(view, "#e2ee-lock"));
@@ -209,7 +210,7 @@ async function enterRoom(room, choice) {
         }
       : {},
   });
-  window.sfumesh = { conn, room, tiles, participants, me, e2ee, e2eeStatus };
+  window.sfumesh = { conn, room, tiles, participants, me, e2ee, e2eeStatus, grid };
 
   const costs = costsPanel(section, room.slug);
   const files = filesPanel(section, room.slug, room);
@@ -317,6 +318,12 @@ async function enterRoom(room, choice) {
     for (const tile of tiles.values()) if (tile.stream.getTracks().includes(track)) tile.stream.removeTrack(track);
     route(key);
   });
+  // The node names who speaks (from audio levels, after two rounds in front): the speaker
+  // layout gives them the large tile.
+  conn.addEventListener("speaker", (event) => {
+    const { session_id: sessionId } = /** @type {CustomEvent} */ (event).detail;
+    grid.setSpeaker(sessionId === selfSession ? "self" : sessionId);
+  });
   conn.addEventListener("video-paused", (event) => {
     const { session_id, paused, reason } = /** @type {CustomEvent} */ (event).detail;
     const li = $(section, "#grid").querySelector(`li[data-session="${CSS.escape(session_id)}"]`);
@@ -415,6 +422,13 @@ async function enterRoom(room, choice) {
   grid.setState("self", me);
   buttons.invite.addEventListener("click", () => openInvite(room, buttons.invite, choice.key));
   const stopFullscreen = setupFullscreen(buttons.fullscreen, section, grid.layout);
+  // The layout button names the layout it switches to.
+  const showLayout = () => tr($(buttons.layout, ".label"), grid.layoutMode() === "speaker" ? "layout_grid" : "layout_speaker");
+  buttons.layout.addEventListener("click", () => {
+    grid.setLayout(grid.layoutMode() === "speaker" ? "grid" : "speaker");
+    showLayout();
+  });
+  showLayout();
 
   const stopLocal = () => {
     for (const track of localStream?.getTracks() ?? []) track.stop();
