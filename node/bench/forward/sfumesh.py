@@ -56,10 +56,16 @@ class SfumeshSystem:
 
     name = "sfumesh"
 
-    def __init__(self, address: str, workdir: Path, *, log_level: str = "WARNING") -> None:
+    def __init__(
+        self, address: str, workdir: Path, *, log_level: str = "WARNING", channels: int = 1
+    ) -> None:
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
         self.address = address
         self.workdir = Path(workdir)
         self.log_level = log_level
+        #: independent publisher/subscriber pairs (ingest runs): one room each
+        self.channels = channels
         self._services: BackingServices | None = None
         self._node: LocalNode | None = None
         self._user_token = ""
@@ -77,7 +83,15 @@ class SfumeshSystem:
         return self._node.url
 
     def spec(self) -> dict[str, Any]:
-        return {"system": "sfumesh", "url": self.url, "user_token": self._user_token, "room": ROOM}
+        spec: dict[str, Any] = {
+            "system": "sfumesh",
+            "url": self.url,
+            "user_token": self._user_token,
+            "room": ROOM,
+        }
+        if self.channels > 1:
+            spec["channels"] = [{"room": channel_room(n)} for n in range(self.channels)]
+        return spec
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
@@ -108,13 +122,13 @@ class SfumeshSystem:
                 data_dir=self.workdir / "node",
                 extra_env=extra_env,
             )
-            self._user_token = self._set_up_room(self._node.url)
+            self._user_token = self._set_up_room(self._node.url, self.channels)
         except BaseException:
             self._stop()
             raise
 
     @staticmethod
-    def _set_up_room(url: str) -> str:
+    def _set_up_room(url: str, channels: int = 1) -> str:
         password = secrets.token_urlsafe(16)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as http:
             signup = {
@@ -128,8 +142,9 @@ class SfumeshSystem:
                 http.post("/api/auth/login", json={"login": USERNAME, "password": password}), 200
             )
             token = str(login["user_token"])
-            room = {"slug": ROOM, "name": "Forward bench", "capacity": 100}
-            _expect(http.post("/api/rooms", json=room, headers=_bearer(token)), 201)
+            for channel in range(channels):
+                room = {"slug": channel_room(channel), "name": "Forward bench", "capacity": 100}
+                _expect(http.post("/api/rooms", json=room, headers=_bearer(token)), 201)
         return token
 
     async def stop(self) -> None:
@@ -142,6 +157,11 @@ class SfumeshSystem:
         if self._services is not None:
             self._services.stop()
             self._services = None
+
+
+def channel_room(channel: int) -> str:
+    """The room of publisher/subscriber pair `channel` (pair 0: the bench's one room)."""
+    return ROOM if channel == 0 else f"{ROOM}-{channel}"
 
 
 def _bearer(token: str) -> dict[str, str]:
