@@ -170,7 +170,7 @@ async def _drive(node: LocalNode, run: IdleRun) -> None:
     pid = node.process.pid
     assert pid is not None
     await asyncio.sleep(run.warmup_s)
-    run.load["before"] = list(os.getloadavg())
+    run.load["no_session"] = list(os.getloadavg())
     run.empty = await measure(pid, run.duration_s)
     say(f"[no session] node {run.empty.cpu_pct:.2f} % of a core", err=True)
 
@@ -286,7 +286,8 @@ def print_table(run: IdleRun) -> None:
         f"{run.setup_s:.1f} s)"
     )
     for phase, values in run.load.items():
-        say(f"load average before the {phase} window: " + " ".join(f"{v:.2f}" for v in values))
+        window = "with no session" if phase == "no_session" else "with the sessions"
+        say(f"load average before the window {window}: " + " ".join(f"{v:.2f}" for v in values))
     say(
         f"target: idle node <= {TARGET_IDLE_PCT:g} % of a core: "
         f"{'met' if empty.cpu_pct <= TARGET_IDLE_PCT else 'NOT met'}; "

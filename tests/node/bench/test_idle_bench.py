@@ -35,7 +35,7 @@ def test_a_tiny_run_writes_both_figures(tmp_path: Path, capsys: pytest.CaptureFi
     # the sessions were real: signed up, connected and joined, all still open at the end
     assert figures["sessions"] == 5 and figures["sessions_open"] == 5, figures
     assert figures["duration_s"] == 2
-    assert set(figures["load_average"]) == {"before", "sessions"}
+    assert set(figures["load_average"]) == {"no_session", "sessions"}
     assert "idle sessions" in printed.out and "target: idle node" in printed.out
 
 
