@@ -31,6 +31,14 @@ in two regions `--lossy-delay-ms` apart one way (default 17.5: a 35 ms RTT) with
 from both. The figures: setup p50/p95, the link's phases (signalling, ICE, DTLS) and the
 signalling attempts sent again (`sfumesh_relay_events_total{event="retried"}`, both nodes)
 per trial. The bench re-executes itself in a private network namespace for it.
+
+Slope (issue 19, `--relay-tracks 1,4,16`): on the first carrier's two nodes, T relayed
+video tracks per window, each node's CPU fitted against the packets per second, beside the
+local path's slope of the same run (`node.bench.relay_cost`, handed in by the CLI as
+`slope`: its clients are the forward bench's, which this bench may not import). Keys
+`relay_us_per_packet_slope` ({sending, receiving, sum}), `local_us_per_packet_slope`,
+`relay_own_us_per_packet_slope`, `relay_over_local`; `cpu_us_per_relayed_packet` is the old
+two-window figure, kept for comparison.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from aiortc import RTCPeerConnection
@@ -75,6 +83,21 @@ from node.runtime.services import BackingServices
 
 CARRIERS = ("inline", "redis")
 PATHS = ("loopback", "lossy")
+DEFAULT_SLOPE_TRACKS = (1, 4, 16)
+
+
+class SlopeProbe(Protocol):
+    """Measures the relay's slope figures on the two running nodes (node-1, node-2)."""
+
+    def __call__(
+        self,
+        nodes: list[LocalNode],
+        services: BackingServices,
+        workdir: Path,
+        window_s: float,
+        tracks: list[int],
+    ) -> dict[str, Any]: ...
+
 
 #: the lossy path: node-1 with Redis and the store, node-2 one lossy link away, the
 #: participants 1 ms from both (only the relay's path loses packets)
@@ -156,6 +179,9 @@ class RelayRun:
     lossy_loss: float = 0.02
     #: why the lossy path was not run, when it was asked for but cannot be
     lossy_problem: str | None = None
+    #: relayed track counts of the slope (empty: none), and its figures
+    slope_tracks: list[int] = field(default_factory=list)
+    slope: dict[str, Any] = field(default_factory=dict)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +201,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--lossy-loss", type=float, default=0.02, help="relay: lossy path, random loss (0-1)"
+    )
+    group.add_argument(
+        "--relay-tracks",
+        default=",".join(map(str, DEFAULT_SLOPE_TRACKS)),
+        help="relay: relayed track counts of the CPU slope (0: no slope)",
     )
 
 
@@ -378,9 +409,14 @@ async def _sdp_sizes(run: RelayRun) -> None:
 
 
 def _node_env(carrier: str) -> dict[str, str]:
+    many = "1000"  # the slope's publishers: a user each, all from this machine
     return {
         "SFUMESH_DATABASE": f"bench_{secrets.token_hex(4)}",
         "SFUMESH_BCRYPT_COST": "4",
+        "SFUMESH_SIGNUP_LIMIT_PER_ADDRESS": many,
+        "SFUMESH_SIGNUP_LIMIT_TOTAL": many,
+        "SFUMESH_LOGIN_ATTEMPTS_PER_ADDRESS": many,
+        "SFUMESH_WS_MAX_PER_ADDRESS": many,
         "SFUMESH_RELAY_LINGER_S": "0",
         "SFUMESH_RELAY_CARRIER": carrier,
         "SFUMESH_RELAY_REPORT_PERIOD_S": "0.5",
@@ -388,7 +424,13 @@ def _node_env(carrier: str) -> dict[str, str]:
     }
 
 
-def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carrier: str) -> None:
+def _run_carrier(
+    data_dir: Path,
+    services: BackingServices,
+    run: RelayRun,
+    carrier: str,
+    slope: SlopeProbe | None = None,
+) -> None:
     result = CarrierRun(carrier)
     run.carriers.append(result)
     env = {**_node_env(carrier), "SFUMESH_MEDIA_HOST_ADDRESSES": '["127.0.0.1"]'}
@@ -398,6 +440,10 @@ def _run_carrier(data_dir: Path, services: BackingServices, run: RelayRun, carri
             services, {"bench": new_key()}, count=2, data_dir=data_dir / carrier, extra_env=env
         )
         asyncio.run(_drive(nodes, services, run, result))
+        if slope is not None and run.slope_tracks and run.window_s > 0 and not run.slope:
+            run.slope = slope(
+                nodes, services, data_dir / carrier / "slope", run.window_s, run.slope_tracks
+            )
     finally:
         with no_interrupts():
             for node in nodes:
@@ -496,6 +542,49 @@ def print_table(run: RelayRun) -> None:
         )
     for tracks, size in sorted(run.sdp_bytes.items()):
         say(f"an aiortc SDP offer with {tracks} tracks: {size} bytes (ORTC description: < 1000)")
+    print_slopes(run.slope)
+
+
+def print_slopes(figures: dict[str, Any]) -> None:
+    windows = figures.get("relay_slope_windows") or []
+    if not windows:
+        return
+    say("")
+    say("relay cost as a slope (T video tracks; CPU of each node against packets/s):")
+    say(f"{'path':<8} {'T':>3} {'pkt/s':>8} {'lost':>6} {'node-1 %':>9} {'node-2 %':>9}")
+    for w in windows:
+        if w["error"]:
+            say(f"{w['path']:<8} {w['tracks']:>3} error: {w['error'].splitlines()[0][:120]}")
+            continue
+        seconds = w["seconds"] or 1.0
+        say(
+            f"{w['path']:<8} {w['tracks']:>3} {w['packets_per_s'] or 0:>8.0f} {w['lost']:>6} "
+            f"{100 * w['cpu_s'].get('node-1', 0.0) / seconds:>9.2f} "
+            f"{100 * w['cpu_s'].get('node-2', 0.0) / seconds:>9.2f}"
+        )
+    slope = figures["relay_us_per_packet_slope"]
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    say(
+        f"relayed packet: {num(slope['sending'])} us sending (node-2: in from the publisher, "
+        f"out over the relay) + {num(slope['receiving'])} us receiving (node-1: in from the "
+        f"relay, out to the subscriber) = {num(slope['sum'])} us"
+    )
+    say(
+        f"local path of the same run: {num(figures['local_us_per_packet_slope'])} us per packet "
+        f"(in from the publisher, out to the subscriber, one node); relaying adds "
+        f"{num(figures['relay_own_us_per_packet_slope'])} us"
+    )
+    ratio = figures["relay_over_local"]
+    target = figures["relay_slope_target"]
+    met = target["met"]
+    verdict = "not measured" if met is None else ("met" if met else "NOT met")
+    say(
+        f"target: both sides <= {target['relay_over_local_max']:g}x the local path: {verdict} "
+        f"({'-' if ratio is None else f'{ratio:.2f}'}x)"
+    )
 
 
 def report(run: RelayRun) -> dict[str, Any]:
@@ -525,6 +614,7 @@ def report(run: RelayRun) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **run.slope,
     }
     if run.lossy is not None:
         figures["lossy"] = {
@@ -565,7 +655,19 @@ def _carrier_figures(result: CarrierRun) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def parse_tracks(text: str) -> list[int]:
+    """`--relay-tracks`: relayed track counts of the slope; "0" or "": none."""
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if values in ([], [0]):
+        return []
+    if any(v < 1 or v > 64 for v in values):
+        raise ValueError("--relay-tracks takes a comma-separated list of 1..64 (0: none)")
+    return values
+
+
+def run(args: argparse.Namespace, slope: SlopeProbe | None = None) -> int:
+    """`sfumesh bench relay`; `slope` measures the slope figures (the CLI hands in
+    `node.bench.relay_cost.measure_relay_slope`; None: no slope)."""
     carriers = [c.strip() for c in args.carriers.split(",") if c.strip()]
     if not carriers or any(c not in CARRIERS for c in carriers):
         say(f"sfumesh bench relay: --carriers takes {', '.join(CARRIERS)}", err=True)
@@ -580,6 +682,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.lossy_loss < 1 or args.lossy_delay_ms < 0:
         say("sfumesh bench relay: --lossy-loss is 0 to 1, --lossy-delay-ms >= 0", err=True)
         return 2
+    try:
+        slope_tracks = parse_tracks(args.relay_tracks)
+    except ValueError as error:
+        say(f"sfumesh bench relay: {error}", err=True)
+        return 2
     if "lossy" in paths and not in_private_netns():
         reexec_in_private_netns()  # the same command, in a namespace of its own (the lab)
     setup_logging("WARNING")
@@ -588,16 +695,21 @@ def run(args: argparse.Namespace) -> int:
         window_s=args.cpu_window,
         lossy_delay_ms=args.lossy_delay_ms,
         lossy_loss=args.lossy_loss,
+        slope_tracks=slope_tracks if slope is not None and "loopback" in paths else [],
     )
     adapter.set_host_addresses(["127.0.0.1"])  # the participants in this process
     try:
-        return _run(args, relay_run, carriers, paths)
+        return _run(args, relay_run, carriers, paths, slope)
     finally:
         adapter.set_host_addresses(None)
 
 
 def _run(
-    args: argparse.Namespace, relay_run: RelayRun, carriers: list[str], paths: list[str]
+    args: argparse.Namespace,
+    relay_run: RelayRun,
+    carriers: list[str],
+    paths: list[str],
+    slope: SlopeProbe | None = None,
 ) -> int:
     asyncio.run(_sdp_sizes(relay_run))
     with tempfile.TemporaryDirectory(prefix="sfumesh-bench-relay-") as tmp:
@@ -619,7 +731,7 @@ def _run(
                 return 1
             try:
                 for carrier in carriers:
-                    _run_carrier(data_dir, services, relay_run, carrier)
+                    _run_carrier(data_dir, services, relay_run, carrier, slope)
             finally:
                 with no_interrupts():
                     services.stop()
@@ -628,4 +740,7 @@ def _run(
         return 1
     ran = [*relay_run.carriers, *([relay_run.lossy] if relay_run.lossy is not None else [])]
     ok = bool(ran) and all(c.setup_ms and not c.failures for c in ran)
-    return 0 if ok else 1
+    slope_ok = not relay_run.slope_tracks or not any(
+        w.get("error") for w in relay_run.slope.get("relay_slope_windows") or [{"error": "none"}]
+    )
+    return 0 if ok and slope_ok else 1

@@ -74,10 +74,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench_forward(args: argparse.Namespace) -> int:
-    from node.bench.forward.run import parse_size, parse_subscribers, run_forward_bench
+    from node.bench.forward.run import (
+        parse_publishers,
+        parse_size,
+        parse_subscribers,
+        run_forward_bench,
+    )
 
     try:
         subscribers = parse_subscribers(args.subscribers)
+        publishers = parse_publishers(args.publishers)
         video_size = parse_size(args.video_size)
     except ValueError as error:
         print(f"sfumesh bench: {error}", file=sys.stderr)
@@ -94,6 +100,12 @@ def _bench_forward(args: argparse.Namespace) -> int:
         max_mediarelay=args.max_mediarelay,
         video_size=video_size,
         workdir=args.workdir,
+        publishers=publishers,
+        ingest_systems=(
+            [s.strip() for s in args.ingest_systems.split(",") if s.strip()]
+            if args.ingest_systems
+            else None
+        ),
     )
 
 
@@ -125,6 +137,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         # its own defaults (--warmup 15, --duration 30), like geo's
         return run_quality_bench(args)
+    if args.name == "idle":
+        from node.bench.idle import DEFAULT_DURATION_S, DEFAULT_SESSIONS, run_idle_bench
+
+        return run_idle_bench(
+            json_path=args.json,
+            duration_s=DEFAULT_DURATION_S if args.duration is None else args.duration,
+            warmup_s=3.0 if args.warmup is None else args.warmup,
+            sessions=DEFAULT_SESSIONS if args.sessions is None else args.sessions,
+        )
     # geo has defaults of its own; the other benches keep theirs
     if args.duration is None:
         args.duration = 5.0
@@ -148,8 +169,9 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_scale(args)
     if args.name == "relay":
         from node.bench.relay import run as run_relay_bench
+        from node.bench.relay_cost import measure_relay_slope
 
-        return run_relay_bench(args)
+        return run_relay_bench(args, slope=measure_relay_slope)
     if args.name == "join":
         from node.bench.join import run_join_bench
 
@@ -254,13 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
             "geo",
             "scale",
             "quality",
+            "idle",
         ],
     )
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.add_argument(
         "--duration",
         type=float,
-        help="seconds per phase (default 5); geo: seconds measured per scenario (default 30)",
+        help="seconds per phase (default 5); geo: seconds measured per scenario (default 30); "
+        "idle: seconds per window (default 60)",
+    )
+    bench.add_argument(
+        "--sessions", type=int, help="idle: idle WebSocket sessions in a room (default 100)"
     )
     bench.add_argument(
         "--concurrency", type=int, default=8, help="api: requests in flight during signups/logins"
@@ -305,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--systems",
         help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1 "
         "(default: all; Janus only when node.bench.forward.janus is there)",
+    )
+    forward.add_argument(
+        "--publishers",
+        default="1,2,4,8",
+        help="forward: P values of the ingest fit (P publishers, one subscriber each); 0: none",
+    )
+    forward.add_argument(
+        "--ingest-systems",
+        help="forward: systems of the ingest fit (default sfumesh,janus-event-loops-1; Janus "
+        "only when node.bench.forward.janus is there)",
     )
     forward.add_argument(
         "--max-mediarelay",

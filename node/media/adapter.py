@@ -16,6 +16,22 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   decoder. aiortc's own RTCP task (`_run_rtcp`, receiver reports) keeps running from the
   statistics we feed. Not kept: `getSynchronizationSources()` data (costs a datetime per
   packet) and the jitter buffer's own PLI on a frame gap (the SFU asks for keyframes itself).
+* Receive fast path (issue 19). aiortc hands every datagram through an `asyncio.Queue`:
+  aioice's `StunProtocol.datagram_received` first tries to parse it as STUN (an exception
+  per RTP packet), `Connection.data_received` queues it, and the DTLS transport's reader
+  task wakes up on the next loop turn and awaits four coroutine layers before the packet
+  reaches the receiver. On a transport whose receivers are tapped, `RtpTap` installs
+  `_FastReceive` (once per DTLS transport): SRTP packets (not SRTCP) that arrive while the
+  DTLS transport is connected are handled at once, synchronously, in the datagram callback:
+  the same byte/packet counters, `_rx_srtp.unprotect`, `RtpPacket.parse`, the router, then
+  the tap's `on_packet` (REMB and NACKs it sends are scheduled, not awaited). The STUN
+  parse is skipped for datagrams whose first byte says RTP/RTCP (RFC 7983), which STUN
+  cannot have, and the rest of a burst (a video frame's packets) is read in the same
+  callback from a duplicate of the socket (`TransportSocket.dup`, closed with the
+  transport) instead of one event-loop turn per datagram (asyncio reads one per turn).
+  Everything else (STUN, DTLS, SRTCP, packets before the handshake) takes aiortc's own
+  path, so receiver reports, NACK answers and the DTLS resender are unchanged.
+  A packet routed to an untapped receiver (none on a node) is handed to its own coroutine.
 * `RTCRtpReceiver.receive()` always starts a decoder thread. `tap_rtp()` also replaces
   `receive` on the instance with a copy that registers the receiver with its transport and
   starts the RTCP task, but starts no decoder thread. As belt and braces the decoder queue is
@@ -87,9 +103,10 @@ import ipaddress
 import logging
 import queue
 import secrets
+import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -104,6 +121,7 @@ import aiortc.rtcicetransport
 import aiortc.rtcpeerconnection
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
+import pylibsrtp
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import get_encoder, is_rtx
 from aiortc.codecs.base import Encoder
@@ -127,6 +145,7 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpRtpfbPacket,
     RtpPacket,
+    is_rtcp,
     pack_remb_fci,
     unwrap_rtx,
 )
@@ -259,6 +278,18 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender, "_handle_rtcp_packet", "member"),
     (aiortc.rtcdtlstransport.RtpRouter, "register_sender", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtcp_data, "_handle_rtcp_packet", "uses"),
+    # the receive fast path (_FastReceive)
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rx_srtp", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_header_extensions_map", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__rx_bytes", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport, "_RTCDtlsTransport__rx_packets", "init"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next, "unprotect", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "parse", "uses"),
+    (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "_handle_rtp_packet", "uses"),
+    (aioice.ice.Connection, "data_received", "member"),
+    (aioice.ice.StunProtocol, "datagram_received", "member"),
+    (aioice.ice.StunProtocol.datagram_received, "data_received", "uses"),
+    (aioice.ice.StunProtocol.datagram_received, "parse_message", "uses"),
 )
 
 RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
@@ -714,9 +745,13 @@ class RtpTap:
         self.rid_ssrcs: dict[str, int] = {}
         self.on_layer: Callable[[int, int], None] | None = None
         self._nacks: dict[int, NackGenerator] = {}
+        #: RTCP sends (REMB, NACK) scheduled by `on_packet`, kept until done
+        self._sends: set[asyncio.Task[None]] = set()
         r._RTCRtpReceiver__decoder_queue = _DiscardingQueue()
         r.receive = self._receive
         r._handle_rtp_packet = self._handle_rtp_packet
+        # how the receive fast path finds the tap of a routed receiver
+        r._sfumesh_tap = self
         #: asks again for video packets still missing after their NACK (None for audio)
         self.nack_retry = retry_nacks(receiver)
 
@@ -765,29 +800,52 @@ class RtpTap:
                 apt = codec.parameters.get("apt")
                 if isinstance(apt, int) and apt in self.codecs:
                     self._rtx_apt[codec.payloadType] = apt
-        r._RTCRtpReceiver__transport._register_rtp_receiver(r, parameters)
+        transport = r._RTCRtpReceiver__transport
+        transport._register_rtp_receiver(r, parameters)
+        fast_receive(transport)
         r._RTCRtpReceiver__rtcp_task = asyncio.ensure_future(r._run_rtcp())
         r._RTCRtpReceiver__started = True
         self.started = True
 
     async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
-        # RTCRtpReceiver._handle_rtp_packet() up to NACK generation, then the handler.
+        # aiortc's path (the DTLS transport's reader task): the same work, RTCP awaited
+        sends = self._process(packet, arrival_time_ms)
+        if sends:
+            for send in sends:
+                await send
+
+    def on_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """The receive fast path's entry: the packet handled at once; the REMB or NACK it
+        calls for is sent by a task of its own."""
+        sends = self._process(packet, arrival_time_ms)
+        if sends:
+            for send in sends:
+                task = asyncio.ensure_future(send)
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+
+    def _process(
+        self, packet: RtpPacket, arrival_time_ms: int
+    ) -> list[Coroutine[Any, Any, None]] | None:
+        # RTCRtpReceiver._handle_rtp_packet() up to NACK generation, then the handler; the
+        # RTCP it would await is returned (None: nothing to send).
         r = self._r
         if not r._enabled:
-            return
+            return None
+        sends: list[Coroutine[Any, Any, None]] | None = None
 
         codec = self.codecs.get(packet.payload_type)
         if codec is None:
             self._drop("unknown-payload-type")
-            return
+            return None
         if packet.ssrc not in self._ssrcs:
             if self.rids:
                 if not self._learn_layer(packet):
                     self._drop("unknown-ssrc")
-                    return
+                    return None
             elif self._declared or self._ssrcs or packet.payload_type in self._rtx_pts:
                 self._drop("unknown-ssrc")
-                return
+                return None
             else:
                 self._ssrcs.add(packet.ssrc)
 
@@ -810,14 +868,16 @@ class RtpTap:
                 if limit is not None and limit < bitrate:
                     bitrate = limit
                 self.remb_bitrate = bitrate
-                await r._send_rtcp(
-                    RtcpPsfbPacket(
-                        fmt=RTCP_PSFB_APP,
-                        ssrc=rtcp_ssrc,
-                        media_ssrc=0,
-                        fci=pack_remb_fci(bitrate, ssrcs),
+                sends = [
+                    r._send_rtcp(
+                        RtcpPsfbPacket(
+                            fmt=RTCP_PSFB_APP,
+                            ssrc=rtcp_ssrc,
+                            media_ssrc=0,
+                            fci=pack_remb_fci(bitrate, ssrcs),
+                        )
                     )
-                )
+                ]
 
         # statistics for receiver reports (aiortc keeps them for RTX SSRCs too)
         stats = self._streams.get(packet.ssrc)
@@ -829,10 +889,10 @@ class RtpTap:
             apt = self._rtx_apt.get(packet.payload_type)
             original_ssrc = self._rtx_ssrc.get(packet.ssrc)
             if len(packet.payload) < 2 and packet.padding_size:
-                return  # a padding-only probe (bandwidth estimation): nothing to forward
+                return sends  # a padding-only probe (bandwidth estimation): nothing to forward
             if apt is None or original_ssrc is None or len(packet.payload) < 2:
                 self._drop("bad-rtx")
-                return
+                return sends
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
 
         nack = self._nack
@@ -842,7 +902,8 @@ class RtpTap:
             if nack is None:
                 nack = self._nacks[packet.ssrc] = NackGenerator()
         if nack is not None and nack.add(packet):
-            await r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
+            nack_send = r._send_rtcp_nack(packet.ssrc, sorted(nack.missing))
+            sends = [nack_send] if sends is None else [*sends, nack_send]
 
         self.packets += 1
         self.bytes += len(packet.payload)
@@ -852,6 +913,17 @@ class RtpTap:
             # An exception here would end the DTLS transport's receive loop.
             self.handler_errors += 1
             logger.exception("RTP handler failed (packet dropped)")
+        return sends
+
+    @property
+    def handler(self) -> PacketHandler:
+        """Where the raw packets go; settable (a relayed track is bound straight to its
+        published track once the node knows it)."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: PacketHandler) -> None:
+        self._handler = handler
 
     def _learn_layer(self, packet: RtpPacket) -> bool:
         """A new SSRC of a simulcast publisher: accept it if it carries an offered RID not
@@ -872,6 +944,153 @@ class RtpTap:
         if self.on_layer is not None:
             self.on_layer(packet.ssrc, self.rids.index(rid))
         return True
+
+
+class _FastReceive:
+    """The receive fast path of one DTLS transport (see the module docstring)."""
+
+    def __init__(self, dtls: aiortc.RTCDtlsTransport) -> None:
+        t: Any = dtls
+        self._dtls = t
+        self._connection: Any = t.transport._connection
+        self._queued = self._connection.data_received
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wrapped: set[int] = set()
+        #: how many of the connection's protocols were looked at (-1: look again)
+        self._scanned = -1
+        #: RTP packets handled on the fast path (SRTP that took aiortc's path not counted)
+        self.packets = 0
+        #: datagrams read in a burst's callback after the one asyncio read
+        self.drained = 0
+        self._connection.data_received = self.data_received
+        self._wrap_protocols()
+
+    def _wrap_protocols(self) -> None:
+        """Datagrams whose first byte says RTP/RTCP skip aioice's STUN parse."""
+        protocols: list[Any] = self._connection._protocols
+        complete = True
+        for protocol in protocols:
+            if type(protocol) is not aioice.ice.StunProtocol or id(protocol) in self._wrapped:
+                continue
+            candidate = getattr(protocol, "local_candidate", None)
+            if candidate is None:
+                complete = False  # still being gathered
+                continue
+            self._wrapped.add(id(protocol))
+            stun = protocol.datagram_received
+            component = candidate.component
+            reader = _drain_socket(protocol)
+
+            def one(
+                data: bytes, addr: Any, stun: Callable[..., None] = stun, component: int = component
+            ) -> None:
+                if data and 127 < data[0] < 192:
+                    self.data_received(data, component)
+                else:
+                    stun(data, addr)
+
+            def datagram_received(
+                data: bytes,
+                addr: Any,
+                one: Callable[[bytes, Any], None] = one,
+                reader: socket.socket | None = reader,
+                protocol: Any = protocol,
+            ) -> None:
+                one(data, addr)
+                if reader is None:
+                    return
+                # the rest of a burst (a video frame's packets) in this callback, instead of
+                # one event-loop turn per datagram
+                for _ in range(DRAIN_MAX):
+                    try:
+                        data, addr = reader.recvfrom(DRAIN_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    except OSError as error:
+                        protocol.error_received(error)
+                        return
+                    self.drained += 1
+                    one(data, addr)
+
+            target: Any = protocol  # an instance attribute, as asyncio calls it
+            target.datagram_received = datagram_received
+        self._scanned = len(protocols) if complete else -1
+
+    def data_received(self, data: bytes, component: int) -> None:
+        t = self._dtls
+        if (
+            not data
+            or not 127 < data[0] < 192
+            or t._state is not _CONNECTED
+            or t._rx_srtp is None
+            or is_rtcp(data)
+        ):
+            self._queued(data, component)
+            return
+        if len(self._connection._protocols) != self._scanned:
+            self._wrap_protocols()
+        t._RTCDtlsTransport__rx_bytes += len(data)
+        t._RTCDtlsTransport__rx_packets += 1
+        # aiortc's clock.current_ms() (ms since the NTP epoch), without a datetime
+        arrival_time_ms = int((time.time() + _NTP_UNIX_OFFSET) * 1000)
+        try:
+            plain = t._rx_srtp.unprotect(data)
+            packet = RtpPacket.parse(plain, t._rtp_header_extensions_map)
+        except (pylibsrtp.Error, ValueError):
+            return  # what aiortc does with either: drop it (it logs at debug level)
+        receiver = t._rtp_router.route_rtp(packet)
+        if receiver is None:
+            return
+        self.packets += 1
+        tap = getattr(receiver, "_sfumesh_tap", None)
+        if isinstance(tap, RtpTap):
+            tap.on_packet(packet, arrival_time_ms)
+            return
+        task = asyncio.ensure_future(
+            receiver._handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+#: datagrams read in one readiness callback beyond the one asyncio read (a burst)
+DRAIN_MAX: Final = 32
+#: a UDP datagram's largest size
+DRAIN_SIZE: Final = 65536
+
+
+def _drain_socket(protocol: Any) -> socket.socket | None:
+    """A duplicate of `protocol`'s UDP socket that reads the rest of a burst without the
+    event loop (public asyncio API: `TransportSocket.dup`), closed with the transport; None
+    when there is no socket to duplicate."""
+    transport = getattr(protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        reader: socket.socket = sock.dup()
+        reader.setblocking(False)
+    except OSError:
+        return None
+    lost = protocol.connection_lost
+
+    def connection_lost(exc: Exception | None) -> None:
+        reader.close()
+        lost(exc)
+
+    protocol.connection_lost = connection_lost
+    return reader
+
+
+def fast_receive(dtls: aiortc.RTCDtlsTransport) -> _FastReceive:
+    """Install the receive fast path on `dtls` (idempotent); returns it."""
+    t: Any = dtls
+    existing = getattr(t, "_sfumesh_fast_receive", None)
+    if isinstance(existing, _FastReceive):
+        return existing
+    fast = _FastReceive(dtls)
+    t._sfumesh_fast_receive = fast
+    return fast
 
 
 def tap_rtp(receiver: RTCRtpReceiver, handler: PacketHandler) -> RtpTap:

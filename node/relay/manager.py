@@ -103,6 +103,16 @@ STOP_WAIT_S: Final = 5.0
 SETUP_RTO_MAX_S: Final = 1.0
 
 
+def _unbound(packet: Any) -> None:
+    """The handler of a received relay track no longer published here: packets dropped."""
+
+
+def _unbind(published: Published) -> Published:
+    """`published` (a relayed track being removed) no longer gets its link's packets."""
+    published.tap.handler = _unbound
+    return published
+
+
 def relay_track_id(published: Published) -> str:
     """The mesh-wide id of a track on a relay: "<publisher session id>:<mid>"."""
     return f"{published.owner.session_id}:{published.mid}"
@@ -550,13 +560,13 @@ class RelayManager:
         """Make local sources for the peer's new tracks; end those it no longer sends."""
         current = {remote.track_id: remote for remote in relay.link.remote_tracks.values()}
         for track_id in [t for t in relay.received if t not in current]:
-            self.media.remove_relayed(relay.received.pop(track_id))
+            self.media.remove_relayed(_unbind(relay.received.pop(track_id)))
         for track_id, remote in current.items():
             known = relay.received.get(track_id)
             if known is not None and known.tap is remote.tap:
                 continue
             if known is not None:  # the same track again, on a new sender
-                self.media.remove_relayed(relay.received.pop(track_id))
+                self.media.remove_relayed(_unbind(relay.received.pop(track_id)))
             session_id = track_id.rsplit(":", 1)[0]
             record = await read_session(self.redis, session_id)
             if record is None or not record.room:
@@ -579,6 +589,9 @@ class RelayManager:
             relay.received[track_id] = published
             spec = CODECS[remote.info.codec]
             self.media.add_relayed(published, spec.capability())
+            # from now on the link's tap hands packets straight to the track, without
+            # the per-packet lookup by track id
+            remote.tap.handler = published.on_rtp
 
     # ----------------------------------------------------------------- ending
 
@@ -601,7 +614,7 @@ class RelayManager:
         relay.sends.clear()
         for published in relay.received.values():
             self.totals.packets_in += published.tap.packets
-            self.media.remove_relayed(published)
+            self.media.remove_relayed(_unbind(published))
         relay.received.clear()
         log.info("relay.ended", extra={"peer": relay.peer, "link": relay.link_id, "reason": reason})
         if retry:

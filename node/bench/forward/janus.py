@@ -135,9 +135,14 @@ class JanusSystem:
         *,
         debug_level: int = 2,
         start_timeout: float = 20.0,
+        channels: int = 1,
     ) -> None:
         if event_loops is not None and event_loops < 1:
             raise ValueError("event_loops must be >= 1 (None: one loop per handle)")
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
+        #: independent publisher/subscriber pairs (ingest runs): one feed each in the room
+        self.channels = channels
         self.event_loops = event_loops
         self.address = address
         self.workdir = Path(workdir)
@@ -175,7 +180,15 @@ class JanusSystem:
         return self.workdir / "janus.log"
 
     def spec(self) -> dict[str, Any]:
-        return {"system": "janus", "url": self.url, "room": self.room, "feed": self.feed}
+        spec: dict[str, Any] = {
+            "system": "janus",
+            "url": self.url,
+            "room": self.room,
+            "feed": self.feed,
+        }
+        if self.channels > 1:
+            spec["channels"] = [{"feed": self.feed + n} for n in range(self.channels)]
+        return spec
 
     async def start(self) -> None:
         if self._process is not None and self._process.exit_code() is None:
@@ -295,7 +308,7 @@ class JanusSystem:
                 f"room-{self.room}: {{\n"
                 '\tdescription = "sfumesh bench forward"\n'
                 "\tis_private = true\n"
-                "\tpublishers = 2\n"
+                f"\tpublishers = {max(2, self.channels)}\n"
                 f"\tbitrate = {ROOM_BITRATE}\n"
                 '\taudiocodec = "opus"\n'
                 '\tvideocodec = "vp8"\n'

@@ -1,7 +1,9 @@
 """Client processes of `sfumesh bench forward`: one publisher, and subscribers N per process.
 
     python -m node.bench.forward.peers publisher --spec JSON --address A --media FILE
+        [--count N --first F]
     python -m node.bench.forward.peers subscribers --spec JSON --address A --count N
+        [--first F --channels]
     python -m node.bench.forward.peers participants --spec JSON --address A --count N --media F
     python -m node.bench.forward.peers simulcast-publisher --spec JSON --address A \
         --layer-media Q --layer-media H --layer-media F [--ladder]
@@ -12,6 +14,10 @@ gives subscriber N the tile `tiles[N % len(tiles)]`, told to the node: sfumesh o
 
 (`participants`: the N people of one room of `sfumesh bench scale`, each publishing and
 receiving the others on one session; sfumesh's signalling only.)
+
+Ingest runs: `publisher --count N --first F` runs N publishers, publisher n on channel F + n
+of the spec (`systems.channel_spec`: its own room or feed); `subscribers --channels` puts
+subscriber number n on channel n, so that each publisher has exactly one subscriber.
 
 Every system under test gets exactly these clients; only the signalling differs
 (`signalling_from_spec`). A process talks to the driver in JSON lines: it writes events on
@@ -72,7 +78,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.rtp import RtpPacket
 
 from node.bench.forward import media as bench_media
-from node.bench.forward.systems import Signalling, signalling_from_spec
+from node.bench.forward.systems import Signalling, channel_spec, signalling_from_spec
 from node.media import adapter
 
 log = logging.getLogger("node.bench.forward.peers")
@@ -192,16 +198,21 @@ async def close_quietly(what: str, work: Awaitable[None]) -> None:
 class Publisher:
     """Sends the pre-encoded loop through tapped senders; never encodes."""
 
-    def __init__(self, media: bench_media.PreEncoded, signalling: Signalling) -> None:
+    def __init__(
+        self, media: bench_media.PreEncoded, signalling: Signalling, *, audio: bool = True
+    ) -> None:
         self.media = media
         self.signalling = signalling
         self.pc = RTCPeerConnection(adapter.rtc_configuration())
         video = self.pc.addTransceiver("video", direction="sendonly")
         video.setCodecPreferences(codec_preferences("video", "video/VP8"))
-        audio = self.pc.addTransceiver("audio", direction="sendonly")
-        audio.setCodecPreferences(codec_preferences("audio", "audio/opus"))
         self.video = adapter.tap_sender(video.sender)
-        self.audio = adapter.tap_sender(audio.sender)
+        #: None: a video-only publisher (one track: `sfumesh bench relay`'s track counts)
+        self.audio: adapter.SenderTap | None = None
+        if audio:
+            sound = self.pc.addTransceiver("audio", direction="sendonly")
+            sound.setCodecPreferences(codec_preferences("audio", "audio/opus"))
+            self.audio = adapter.tap_sender(sound.sender)
         self.video.on_keyframe_request = self._keyframe_requested
         self.frames: list[tuple[int, float]] = []
         self.counts = {"video": [0, 0, 0], "audio": [0, 0, 0]}  # packets, bytes, frames
@@ -222,13 +233,11 @@ class Publisher:
 
     async def start(self, limit_s: float) -> None:
         await asyncio.wait_for(self.signalling.publish(self.pc), limit_s)
-        await asyncio.wait_for(
-            asyncio.gather(self.video.wait_ready(), self.audio.wait_ready()), limit_s
-        )
-        self._tasks = [
-            asyncio.ensure_future(self._send_video()),
-            asyncio.ensure_future(self._send_audio()),
-        ]
+        taps = [self.video] if self.audio is None else [self.video, self.audio]
+        await asyncio.wait_for(asyncio.gather(*(t.wait_ready() for t in taps)), limit_s)
+        self._tasks = [asyncio.ensure_future(self._send_video())]
+        if self.audio is not None:
+            self._tasks.append(asyncio.ensure_future(self._send_audio()))
 
     def _send(self, tap: adapter.SenderTap, kind: str, packet: RtpPacket) -> None:
         if tap.write(
@@ -290,7 +299,9 @@ class Publisher:
 
     async def _send_audio(self) -> None:
         media = self.media
-        payload_type = self.audio.payload_type
+        tap = self.audio
+        assert tap is not None
+        payload_type = tap.payload_type
         assert payload_type is not None
         sequence = _rng.randrange(1 << 15)
         timestamp = _rng.randrange(1 << 30)
@@ -308,7 +319,7 @@ class Publisher:
             index += 1
             sequence = (sequence + 1) & 0xFFFF
             timestamp = (timestamp + bench_media.AUDIO_TS_STEP) & 0xFFFFFFFF
-            self._send(self.audio, "audio", packet)
+            self._send(tap, "audio", packet)
             self.counts["audio"][2] += 1
             due += bench_media.AUDIO_PTIME_S
             delay = due - time.monotonic()
@@ -320,9 +331,10 @@ class Publisher:
     def mark(self) -> dict[str, Any]:
         """Counts since the previous mark; the frames sent since then."""
         frames, self.frames = self.frames, []
+        taps = [self.video] if self.audio is None else [self.video, self.audio]
         totals = {
-            "nacked": self.video.nacked + self.audio.nacked,
-            "retransmitted": self.video.retransmitted + self.audio.retransmitted,
+            "nacked": sum(t.nacked for t in taps),
+            "retransmitted": sum(t.retransmitted for t in taps),
             "keyframe_requests": self.keyframe_requests,
             "restarts": self.restarts,
         }
@@ -336,7 +348,7 @@ class Publisher:
                 **deltas,
                 "video": dict(zip(("packets", "bytes", "frames"), counts["video"], strict=True)),
                 "audio": dict(zip(("packets", "bytes", "frames"), counts["audio"], strict=True)),
-                "send_errors": self.video.send_errors + self.audio.send_errors,
+                "send_errors": sum(t.send_errors for t in taps),
                 "schedule_resets": self.schedule_resets,
                 "frames": frames,
             }
@@ -646,30 +658,68 @@ async def participants_main(
 # --------------------------------------------------------------------------- process mains
 
 
-async def publisher_main(spec: dict[str, Any], media_path: Path, limit_s: float) -> int:
+async def publisher_main(
+    spec: dict[str, Any],
+    media_path: Path,
+    limit_s: float,
+    count: int = 1,
+    first: int = 0,
+    audio: bool = True,
+) -> int:
+    """`count` publishers, publisher n on channel `first + n` (one channel: the spec's own);
+    without `audio`, each sends video only."""
     media = bench_media.load(media_path)
     reader = await stdin_reader()
-    publisher = Publisher(media, signalling_from_spec(spec, "publisher"))
+    publishers = [
+        Publisher(
+            media,
+            signalling_from_spec(channel_spec(spec, first + n), "publisher"),
+            audio=audio,
+        )
+        for n in range(count)
+    ]
     try:
         try:
-            await publisher.start(limit_s)
+            await asyncio.gather(*(p.start(limit_s) for p in publishers))
         except Exception as error:
             log.exception("publisher set-up failed")
             emit("error", message=f"publisher: {type(error).__name__}: {error}")
             return 1
         emit("ready", t=time.monotonic(), rcvbuf=BigBufferLoop.rcvbuf)
-        await command_loop(reader, publisher.mark)
+
+        def mark() -> dict[str, Any]:
+            return {"publishers": [p.mark()["publisher"] for p in publishers]}
+
+        await command_loop(reader, mark)
     finally:
-        await publisher.close()
+        await asyncio.gather(*(p.close() for p in publishers))
     emit("stopped")
     return 0
 
 
-async def subscribers_main(spec: dict[str, Any], count: int, first: int, limit_s: float) -> int:
+async def subscribers_main(
+    spec: dict[str, Any],
+    count: int,
+    first: int,
+    limit_s: float,
+    channels: bool = False,
+    streams: int | None = None,
+) -> int:
+    """`count` subscribers numbered from `first`; with `channels`, subscriber number n
+    subscribes on channel n (ingest runs), else all to the spec's publisher(s). With
+    `streams`, each counts every received track apart and is ready once that many flow (a
+    room of several publishers: `sfumesh bench relay`'s track counts)."""
     reader = await stdin_reader()
-    subscribers = [
-        Subscriber(first + n, signalling_from_spec(spec, "subscriber")) for n in range(count)
-    ]
+    subscribers: list[Subscriber] = []
+    for n in range(count):
+        signalling = signalling_from_spec(
+            channel_spec(spec, first + n) if channels else spec, "subscriber"
+        )
+        subscribers.append(
+            Subscriber(first + n, signalling)
+            if streams is None
+            else RoomSubscriber(first + n, signalling, streams)
+        )
     tiles = spec.get("tiles") or []
     if tiles:
         from node.bench.forward.sfumesh import SfumeshSignalling
@@ -728,7 +778,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ladder", action="store_true", help="simulcast-publisher: one encoding following REMB"
     )
-    parser.add_argument("--count", type=int, default=1, help="subscribers in this process")
+    parser.add_argument(
+        "--count", type=int, default=1, help="subscribers (or publishers) in this process"
+    )
+    parser.add_argument(
+        "--channels",
+        action="store_true",
+        help="subscribers: subscriber n on channel n of the spec (ingest runs)",
+    )
+    parser.add_argument(
+        "--video-only", action="store_true", help="publisher: send video only (one track)"
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        help="subscribers: count each received track apart, ready once this many flow",
+    )
     parser.add_argument(
         "--room-size", type=int, help="participants: people in the room (default --count)"
     )
@@ -752,7 +817,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.role} needs --media")
     if args.role == "publisher":
         assert args.media is not None
-        return run_on_big_buffer_loop(publisher_main(spec, args.media, args.timeout))
+        return run_on_big_buffer_loop(
+            publisher_main(
+                spec, args.media, args.timeout, args.count, args.first, not args.video_only
+            )
+        )
     if args.role == "participants":
         assert args.media is not None
         return run_on_big_buffer_loop(
@@ -760,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec, args.media, args.count, args.first, args.timeout, args.room_size
             )
         )
-    return run_on_big_buffer_loop(subscribers_main(spec, args.count, args.first, args.timeout))
+    return run_on_big_buffer_loop(
+        subscribers_main(spec, args.count, args.first, args.timeout, args.channels, args.streams)
+    )
 
 
 def import_system_modules(system: str) -> None:

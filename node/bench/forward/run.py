@@ -23,6 +23,15 @@ CPU (us per second) is fitted by least squares against K over the windows where 
 kept up with the stream (>= 95 % of the publisher's frames reached the subscribers): the
 slope is the CPU per added subscriber, and divided by the packets per second one subscriber
 receives it is the marginal cost per forwarded packet.
+
+Ingest (issue 19): what taking media in costs, fitted the same way. For P = 1, 2, 4, 8
+(`--publishers`) the SFU carries P independent publishers with one subscriber each (a room
+each on sfumesh, a feed each in Janus's room), sfumesh and Janus with `event_loops = 1` side
+by side with the same clients (`--ingest-systems`). CPU (us/s) fitted against P, divided by
+the packets one publisher sends per second (what its subscriber receives), is the CPU per
+ingested packet: taken in, and handed to its one subscriber (`ingest_us_per_packet` in
+`fits`); minus the system's marginal forward cost of the same run it is the ingest alone
+(`ingest_only_us_per_packet`).
 """
 
 from __future__ import annotations
@@ -69,6 +78,14 @@ SYSTEM_NAMES: Final = (
     "janus-event-loops-1",
     SIMULCAST_SYSTEM,
 )
+DEFAULT_PUBLISHERS: Final = (1, 2, 4, 8)
+#: the systems whose ingest is fitted by default (issue 19: sfumesh beside Janus-1)
+INGEST_SYSTEMS: Final = ("sfumesh", "janus-event-loops-1")
+#: publishers per client process in ingest runs
+PUBLISHERS_PER_PROCESS: Final = 4
+#: issue 19: sfumesh's CPU per ingested packet at most this many times Janus-1's
+TARGET_INGEST_RATIO: Final = 2.0
+INGEST_BASELINE: Final = "janus-event-loops-1"
 JANUS_MODULE: Final = "node.bench.forward.janus"
 TS_MASK: Final = 0xFFFFFFFF
 #: timestamps within this many ticks of a publisher frame's are that frame (frame steps
@@ -197,6 +214,9 @@ class Window:
     round: int
     position: int
     error: str | None = None
+    #: "fanout" (one publisher, K subscribers) or "ingest" (P publishers, one subscriber each)
+    kind: str = "fanout"
+    publishers: int = 1
     window_s: float = 0.0
     cpu_s: float = 0.0
     clients_cpu_s: float = 0.0
@@ -387,17 +407,21 @@ class BenchConfig:
     systems: list[str] = field(default_factory=lambda: list(SYSTEM_NAMES))
     max_mediarelay: int | None = None
     per_process: int = SUBSCRIBERS_PER_PROCESS
+    #: ingest runs: publisher counts (empty: none) and the systems measured
+    publishers: list[int] = field(default_factory=lambda: list(DEFAULT_PUBLISHERS))
+    ingest_systems: list[str] = field(default_factory=lambda: list(INGEST_SYSTEMS))
     media: bench_media.MediaParams = field(default_factory=bench_media.MediaParams)
 
     def setup_timeout(self, subscribers: int) -> float:
         return 60.0 + 3.0 * subscribers
 
 
-def make_system(name: str, address: str, workdir: Path) -> System:
+def make_system(name: str, address: str, workdir: Path, channels: int = 1) -> System:
+    """System `name`; `channels` independent publisher/subscriber pairs (ingest runs)."""
     if name == "sfumesh":
         from node.bench.forward.sfumesh import SfumeshSystem
 
-        return SfumeshSystem(address, workdir)
+        return SfumeshSystem(address, workdir, channels=channels)
     if name == SIMULCAST_SYSTEM:
         from node.bench.forward.sfumesh import SfumeshSystem
 
@@ -405,11 +429,13 @@ def make_system(name: str, address: str, workdir: Path) -> System:
     if name == "mediarelay":
         from node.bench.forward.mediarelay import MediaRelaySystem
 
+        if channels != 1:
+            raise ValueError("mediarelay carries one publisher only")
         return MediaRelaySystem(address, workdir)
     if name == "janus" or name.startswith("janus-event-loops-"):
         janus = importlib.import_module(JANUS_MODULE)
         loops = None if name == "janus" else int(name.rsplit("-", 1)[1])
-        system: System = janus.JanusSystem(loops, address, workdir)
+        system: System = janus.JanusSystem(loops, address, workdir, channels=channels)
         return system
     raise ValueError(f"unknown system {name!r}")
 
@@ -464,10 +490,19 @@ class Runner:
             str(timeout),
         ]
 
-    async def run(self, name: str, subscribers: int, round_no: int, position: int) -> Window:
-        window = Window(name, subscribers, round_no, position)
-        workdir = self.workdir / f"{name}-k{subscribers}-r{round_no}"
-        system = make_system(name, self.address, workdir)
+    async def run(
+        self, name: str, subscribers: int, round_no: int, position: int, publishers: int = 0
+    ) -> Window:
+        """One window: K subscribers of one publisher, or (`publishers` P > 0, an ingest
+        run) P publishers with one subscriber each."""
+        if publishers:
+            window = Window(name, publishers, round_no, position, kind="ingest")
+            window.publishers = publishers
+            workdir = self.workdir / f"{name}-p{publishers}-r{round_no}"
+        else:
+            window = Window(name, subscribers, round_no, position)
+            workdir = self.workdir / f"{name}-k{subscribers}-r{round_no}"
+        system = make_system(name, self.address, workdir, channels=window.publishers)
         clients: list[ClientProcess] = []
         began = time.monotonic()
         try:
@@ -493,15 +528,27 @@ class Runner:
     ) -> None:
         config = self.config
         k = window.subscribers
+        ingest = window.kind == "ingest"
         timeout = config.setup_timeout(k)
         spec = system.spec()
-        publisher = ClientProcess(
-            "publisher", self._publisher_argv(spec, timeout), workdir / "publisher.log"
-        )
-        clients.append(publisher)
-        await publisher.start()
-        ready = await publisher.expect("ready", timeout + 10)
-        window.rcvbuf = ready.get("rcvbuf")
+        publishers: list[ClientProcess] = []
+        first = 0
+        for number, count in enumerate(split_evenly(window.publishers, PUBLISHERS_PER_PROCESS)):
+            argv = [
+                *self._publisher_argv(spec, timeout),
+                "--count",
+                str(count),
+                "--first",
+                str(first),
+            ]
+            first += count
+            label = "publisher" if number == 0 else f"publisher-{number}"
+            process = ClientProcess(label, argv, workdir / f"{label}.log")
+            clients.append(process)
+            publishers.append(process)
+        await asyncio.gather(*(p.start() for p in publishers))
+        readies = await asyncio.gather(*(p.expect("ready", timeout + 10) for p in publishers))
+        window.rcvbuf = readies[0].get("rcvbuf")
         groups: list[ClientProcess] = []
         first = 0
         for number, count in enumerate(split_evenly(k, config.per_process)):
@@ -511,6 +558,7 @@ class Runner:
                 str(count),
                 "--first",
                 str(first),
+                *(["--channels"] if ingest else []),
             ]
             first += count
             group = ClientProcess(f"subscribers-{number}", argv, workdir / f"subs-{number}.log")
@@ -522,19 +570,19 @@ class Runner:
         await asyncio.sleep(config.warmup_s)
 
         sfu = system.pid
-        start = await self._mark(publisher, groups, sfu, clients)
+        start = await self._mark(publishers, groups, sfu, clients)
         await asyncio.sleep(config.window_s)
-        end = await self._mark(publisher, groups, sfu, clients)
+        end = await self._mark(publishers, groups, sfu, clients)
         self._analyse(window, start, end)
 
     async def _mark(
         self,
-        publisher: ClientProcess,
+        publishers: list[ClientProcess],
         groups: list[ClientProcess],
         sfu: int,
         clients: list[ClientProcess],
     ) -> dict[str, Any]:
-        everyone = [publisher, *groups]
+        everyone = [*publishers, *groups]
         await asyncio.gather(*(c.send("mark") for c in everyone))
         at = time.monotonic()
         cpu = process_cpu_s(sfu)
@@ -546,8 +594,10 @@ class Runner:
             "cpu": cpu,
             "clients_cpu": clients_cpu,
             "machine": machine,
-            "publisher": replies[0],
-            "groups": replies[1:],
+            "publishers": [
+                report for reply in replies[: len(publishers)] for report in reply["publishers"]
+            ],
+            "groups": replies[len(publishers) :],
         }
 
     def _analyse(self, window: Window, start: dict[str, Any], end: dict[str, Any]) -> None:
@@ -558,15 +608,21 @@ class Runner:
         total = end["machine"][1] - start["machine"][1]
         window.machine_busy = busy / total if total > 0 else None
 
-        before = start["publisher"]["publisher"]
-        during = end["publisher"]["publisher"]
-        published = [(int(ts), float(t)) for ts, t in before["frames"] + during["frames"]]
-        window.publisher_frames = during["video"]["frames"]
-        window.publisher_packets = during["video"]["packets"] + during["audio"]["packets"]
-        window.publisher_nacked = during["nacked"]
-        window.publisher_retransmitted = during["retransmitted"]
-        window.publisher_keyframe_requests = during["keyframe_requests"]
-        window.publisher_restarts = during["restarts"]
+        # publisher n (channel n) sent what subscriber n received in an ingest run; every
+        # subscriber receives publisher 0 in a fan-out run
+        published_by_channel = []
+        for before, during in zip(start["publishers"], end["publishers"], strict=True):
+            frames = before["frames"] + during["frames"]
+            published_by_channel.append([(int(ts), float(t)) for ts, t in frames])
+            window.publisher_frames += during["video"]["frames"]
+            window.publisher_packets += during["video"]["packets"] + during["audio"]["packets"]
+            window.publisher_nacked += during["nacked"]
+            window.publisher_retransmitted += during["retransmitted"]
+            window.publisher_keyframe_requests += during["keyframe_requests"]
+            window.publisher_restarts += during["restarts"]
+        # frames per publisher: what one subscriber should receive
+        window.publisher_frames = round(window.publisher_frames / max(1, len(start["publishers"])))
+        ingest = window.kind == "ingest"
 
         latencies: list[float] = []
         frames_received = 0
@@ -586,6 +642,10 @@ class Runner:
                 window.failed_connections += 1 if report["failed"] else 0
                 received = [(int(ts), float(t)) for ts, t in report["frames"]]
                 frames_received += len(received)
+                channel = int(report["number"]) if ingest else 0
+                published = (
+                    published_by_channel[channel] if channel < len(published_by_channel) else []
+                )
                 matched = frame_latencies(published, received)
                 if matched is None:
                     window.unaligned += 1
@@ -610,9 +670,11 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def aggregate(windows: Sequence[Window]) -> list[dict[str, Any]]:
-    """One row per (system, K): medians over the completed rounds."""
+def aggregate(windows: Sequence[Window], kind: str = "fanout") -> list[dict[str, Any]]:
+    """One row per (system, K) of the windows of `kind`: medians over the completed rounds
+    (ingest rows: K = P, one subscriber per publisher)."""
     rows = []
+    windows = [w for w in windows if w.kind == kind]
     keys = sorted({(w.system, w.subscribers) for w in windows}, key=_row_order)
     for system, k in keys:
         mine = [w for w in windows if w.system == system and w.subscribers == k]
@@ -621,6 +683,7 @@ def aggregate(windows: Sequence[Window]) -> list[dict[str, Any]]:
             {
                 "system": system,
                 "subscribers": k,
+                "publishers": k if kind == "ingest" else 1,
                 "cpu_us_per_packet": rounded(_median([w.cpu_us_per_packet for w in done])),
                 "packets_per_s": rounded(_median([w.packets_per_s for w in done]), 1),
                 "added_latency_ms_p50": rounded(_median([w.latency_p50_ms for w in done])),
@@ -647,10 +710,13 @@ def _row_order(key: tuple[str, int]) -> tuple[int, str, int]:
 
 
 def fits(windows: Sequence[Window], systems: Sequence[str]) -> list[dict[str, Any]]:
-    """Per system: CPU (us/s) against K, least squares over the windows that kept up."""
+    """Per system: CPU (us/s) against K, least squares over the windows that kept up; and,
+    for systems with ingest windows, CPU against P (`ingest_fit`)."""
     out = []
-    for system in systems:
-        mine = [w for w in windows if w.system == system and w.completed]
+    ingest_systems = {w.system for w in windows if w.kind == "ingest"}
+    fanout = [w for w in windows if w.kind == "fanout"]
+    for system in [*systems, *sorted(ingest_systems - set(systems))]:
+        mine = [w for w in fanout if w.system == system and w.completed]
         used = [w for w in mine if w.kept_up]
         excluded = sorted({w.subscribers for w in mine if not w.kept_up})
         line = fit_line([w.subscribers for w in used], [w.cpu_us_per_s for w in used])
@@ -659,9 +725,13 @@ def fits(windows: Sequence[Window], systems: Sequence[str]) -> list[dict[str, An
         marginal = None
         if line is not None and packets_per_subscriber:
             marginal = line.slope / packets_per_subscriber
+        ingest = ingest_fit([w for w in windows if w.kind == "ingest" and w.system == system])
+        if ingest["ingest_us_per_packet"] is not None and marginal is not None:
+            ingest["ingest_only_us_per_packet"] = rounded(ingest["ingest_us_per_packet"] - marginal)
         out.append(
             {
                 "system": system,
+                **ingest,
                 "marginal_us_per_packet": rounded(marginal),
                 "intercept_cpu_pct": rounded(None if line is None else line.intercept / 1e4),
                 "cpu_pct_per_subscriber": rounded(None if line is None else line.slope / 1e4, 3),
@@ -673,6 +743,28 @@ def fits(windows: Sequence[Window], systems: Sequence[str]) -> list[dict[str, An
             }
         )
     return out
+
+
+def ingest_fit(windows: Sequence[Window]) -> dict[str, Any]:
+    """CPU (us/s) against P over one system's ingest windows that kept up, per packet one
+    publisher sends (its subscriber's packets/s): the `ingest_*` keys of its fit."""
+    done = [w for w in windows if w.completed]
+    used = [w for w in done if w.kept_up]
+    line = fit_line([w.publishers for w in used], [w.cpu_us_per_s for w in used])
+    per_publisher = [w.packets_per_s / w.publishers for w in used if w.publishers]
+    packets = statistics.fmean(per_publisher) if per_publisher else None
+    per_packet = None if line is None or not packets else line.slope / packets
+    return {
+        "ingest_us_per_packet": rounded(per_packet),
+        "ingest_only_us_per_packet": None,
+        "ingest_cpu_pct_per_publisher": rounded(None if line is None else line.slope / 1e4, 3),
+        "ingest_intercept_cpu_pct": rounded(None if line is None else line.intercept / 1e4),
+        "ingest_packets_per_s_per_publisher": rounded(packets, 1),
+        "ingest_r2": rounded(None if line is None else line.r2, 4),
+        "ingest_points": 0 if line is None else line.points,
+        "ingest_publishers_used": sorted({w.publishers for w in used}),
+        "ingest_publishers_excluded": sorted({w.publishers for w in done if not w.kept_up}),
+    }
 
 
 def ratios(fitted: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -696,10 +788,24 @@ def ratios(fitted: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if marginal is not None and marginal <= 0:
         marginal = None  # a flat or falling line: noise, not a cost
     versus_relay = per_subscriber.get("mediarelay/sfumesh")
+    ingest: dict[str, float | None] = {}
+    if base is not None:
+        for name, other in by_name.items():
+            if name != "sfumesh" and other.get("ingest_us_per_packet") is not None:
+                ingest[f"sfumesh/{name}"] = _ratio(
+                    base.get("ingest_us_per_packet"), other["ingest_us_per_packet"]
+                )
+    versus_janus = ingest.get(f"sfumesh/{INGEST_BASELINE}")
     return {
         "cpu_per_subscriber": per_subscriber,
         "marginal_per_packet": per_packet,
+        "ingest_per_packet": ingest,
         "targets": {
+            "sfumesh_ingest_over_janus1_max": TARGET_INGEST_RATIO,
+            "sfumesh_ingest_over_janus1": versus_janus,
+            "ingest_ratio_met": None
+            if versus_janus is None
+            else versus_janus <= TARGET_INGEST_RATIO,
             "mediarelay_over_sfumesh_per_subscriber_min": TARGET_RATIO,
             "mediarelay_over_sfumesh_per_subscriber": versus_relay,
             "mediarelay_ratio_met": None if versus_relay is None else versus_relay >= TARGET_RATIO,
@@ -774,6 +880,8 @@ def print_table(
     say()
     say("cost slope over K (least squares of SFU CPU against K, windows that kept up):")
     for fit in fitted:
+        if fit["system"] not in config.systems:
+            continue  # measured for its ingest only
         excluded = fit["subscribers_excluded"]
         note = f"; K={','.join(map(str, excluded))} left out (fell behind)" if excluded else ""
         say(
@@ -782,6 +890,7 @@ def print_table(
             f"({_num(fit['packets_per_s_per_subscriber'], 0)} pkt/s each), base "
             f"{_num(fit['intercept_cpu_pct'])} %, {fit['points']} windows{note}"
         )
+    print_ingest(windows, fitted, compared)
     targets = compared["targets"]
     say()
     for key, value in compared["cpu_per_subscriber"].items():
@@ -802,6 +911,57 @@ def print_table(
     )
 
 
+def print_ingest(
+    windows: Sequence[Window], fitted: Sequence[dict[str, Any]], compared: dict[str, Any]
+) -> None:
+    rows = aggregate(windows, "ingest")
+    if not rows:
+        return
+    say()
+    say("ingest: P publishers, one subscriber each (CPU per packet a publisher sends):")
+    header = (
+        f"{'system':<20} {'P':>3} {'rnd':>3} {'clean':>5} {'CPU %':>7} {'us/pkt':>7} "
+        f"{'pkt/s':>8} {'p50 ms':>7} {'loss':>8} {'frames':>6}"
+    )
+    say(header)
+    say("-" * len(header))
+    for row in rows:
+        loss = row["loss"]
+        delivery = row["frame_delivery"]
+        say(
+            f"{row['system']:<20} {row['publishers']:>3} {row['rounds']:>3} "
+            f"{row['clean_windows']:>5} {_num(row['cpu_pct']):>7} "
+            f"{_num(row['cpu_us_per_packet']):>7} {_num(row['packets_per_s'], 0):>8} "
+            f"{ms(row['added_latency_ms_p50']):>7} "
+            f"{'-' if loss is None else f'{loss:.2%}':>8} "
+            f"{'-' if delivery is None else f'{delivery:.0%}':>6}"
+        )
+        for error in row["errors"]:
+            say(f"    error: {error.splitlines()[0][:160]}")
+    say("ingest slope over P (least squares of SFU CPU against P, windows that kept up):")
+    for fit in fitted:
+        if not fit.get("ingest_points"):
+            continue
+        excluded = fit["ingest_publishers_excluded"]
+        note = f"; P={','.join(map(str, excluded))} left out (fell behind)" if excluded else ""
+        say(
+            f"  {fit['system']:<20} {_num(fit['ingest_us_per_packet']):>6} us per ingested "
+            f"packet (taken in + one copy out; ingest alone "
+            f"{_num(fit['ingest_only_us_per_packet'])} us), "
+            f"{_num(fit['ingest_cpu_pct_per_publisher'], 2)} % CPU per publisher "
+            f"({_num(fit['ingest_packets_per_s_per_publisher'], 0)} pkt/s each), base "
+            f"{_num(fit['ingest_intercept_cpu_pct'])} %, {fit['ingest_points']} windows{note}"
+        )
+    for key, value in compared["ingest_per_packet"].items():
+        say(f"  {key:<30} {_num(value, 2)}x CPU per ingested packet")
+    targets = compared["targets"]
+    say(
+        f"target: ingest per packet <= {TARGET_INGEST_RATIO:g}x {INGEST_BASELINE}'s: "
+        f"{_verdict(targets['ingest_ratio_met'])} "
+        f"({_num(targets['sfumesh_ingest_over_janus1'], 2)}x)"
+    )
+
+
 def _verdict(met: bool | None) -> str:
     return "not measured" if met is None else ("met" if met else "NOT met")
 
@@ -818,6 +978,7 @@ def report(
     return {
         "bench": "forward",
         "results": rows,
+        "ingest": aggregate(windows, "ingest"),
         "fits": fitted,
         "ratios": compared,
         "windows": [w.summary() for w in windows],
@@ -829,6 +990,8 @@ def report(
             "systems": config.systems,
             "max_mediarelay": config.max_mediarelay,
             "subscribers_per_process": config.per_process,
+            "publishers": config.publishers,
+            "ingest_systems": config.ingest_systems,
         },
         "media": {
             **asdict(media.params),
@@ -860,6 +1023,17 @@ def plan(config: BenchConfig) -> list[tuple[int, int, list[str]]]:
     return steps
 
 
+def plan_ingest(config: BenchConfig) -> list[tuple[int, int, list[str]]]:
+    """(P, round, systems in order) per ingest step; the order alternates step by step."""
+    steps = []
+    for index, (p, round_no) in enumerate(
+        (p, r) for p in config.publishers for r in range(config.rounds)
+    ):
+        systems = list(config.ingest_systems)
+        steps.append((p, round_no, systems if index % 2 == 0 else list(reversed(systems))))
+    return steps
+
+
 async def run_all(
     config: BenchConfig,
     address: str,
@@ -870,10 +1044,12 @@ async def run_all(
     runner = Runner(config, address, media_path, workdir, say)
     runner.layer_media = list(layer_media)
     windows: list[Window] = []
-    for k, round_no, order in plan(config):
+    steps = [(k, 0, round_no, order) for k, round_no, order in plan(config)]
+    steps += [(0, p, round_no, order) for p, round_no, order in plan_ingest(config)]
+    for k, p, round_no, order in steps:
         for position, name in enumerate(order):
             began = time.monotonic()
-            window = await runner.run(name, k, round_no, position)
+            window = await runner.run(name, k, round_no, position, publishers=p)
             windows.append(window)
             outcome = (
                 f"error: {(window.error or '').splitlines()[0][:200]}"
@@ -885,8 +1061,10 @@ async def run_all(
                     f"{window.retransmissions}{'' if window.clean else ' (unclean)'}"
                 )
             )
+            size = f"P={p}" if p else f"K={k}"
             say(
-                f"[{name} K={k} round {round_no + 1}] {outcome} ({time.monotonic() - began:.0f} s)",
+                f"[{name} {size} round {round_no + 1}] {outcome} "
+                f"({time.monotonic() - began:.0f} s)",
                 err=True,
             )
     return windows
@@ -896,6 +1074,16 @@ def parse_subscribers(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or any(v < 1 or v > 256 for v in values):
         raise ValueError("--subscribers takes a comma-separated list of 1..256")
+    return values
+
+
+def parse_publishers(text: str) -> list[int]:
+    """`--publishers`: P values for the ingest fit; "0" or "" runs none."""
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if values == [0]:
+        return []
+    if any(v < 1 or v > 64 for v in values):
+        raise ValueError("--publishers takes a comma-separated list of 1..64 (0: none)")
     return values
 
 
@@ -915,6 +1103,8 @@ def run_forward_bench(
     max_mediarelay: int | None = None,
     video_size: tuple[int, int] = (640, 360),
     workdir: Path | None = None,
+    publishers: Sequence[int] = DEFAULT_PUBLISHERS,
+    ingest_systems: Sequence[str] | None = None,
 ) -> int:
     """`sfumesh bench forward`: 0 when every run completed, 1 when one failed, 2 on bad
     arguments or a missing system. Re-executes itself in a private network namespace."""
@@ -923,7 +1113,14 @@ def run_forward_bench(
         chosen = [s for s in SYSTEM_NAMES if not s.startswith("janus") or janus_module_available()]
         if len(chosen) < len(SYSTEM_NAMES):
             say(f"sfumesh bench: {JANUS_MODULE} is not available; Janus left out", err=True)
-    unknown = [s for s in chosen if s not in SYSTEM_NAMES]
+    ingest = list(ingest_systems) if ingest_systems is not None else None
+    if ingest is None:
+        ingest = [s for s in INGEST_SYSTEMS if s == "sfumesh" or janus_module_available()]
+    if not publishers:
+        ingest = []
+    unknown = [s for s in [*chosen, *ingest] if s not in SYSTEM_NAMES]
+    if "mediarelay" in ingest:
+        unknown.append("mediarelay (carries one publisher: no ingest runs)")
     if unknown or not subscribers or rounds < 1 or window_s <= 0 or warmup_s < 0:
         say(
             f"sfumesh bench: systems are {', '.join(SYSTEM_NAMES)}; --rounds >= 1, "
@@ -931,7 +1128,7 @@ def run_forward_bench(
             err=True,
         )
         return 2
-    if any(s.startswith("janus") for s in chosen):
+    if any(s.startswith("janus") for s in [*chosen, *ingest]):
         if not janus_module_available():
             say(f"sfumesh bench: {JANUS_MODULE} is not available", err=True)
             return 2
@@ -957,6 +1154,8 @@ def run_forward_bench(
         systems=chosen,
         max_mediarelay=max_mediarelay,
         media=params,
+        publishers=list(publishers) if ingest else [],
+        ingest_systems=ingest,
     )
     try:
         address = ensure_veth()

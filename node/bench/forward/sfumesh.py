@@ -67,13 +67,23 @@ class SfumeshSystem:
     name = "sfumesh"
 
     def __init__(
-        self, address: str, workdir: Path, *, log_level: str = "WARNING", simulcast: bool = False
+        self,
+        address: str,
+        workdir: Path,
+        *,
+        log_level: str = "WARNING",
+        simulcast: bool = False,
+        channels: int = 1,
     ) -> None:
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
         self.address = address
         #: the publisher sends three encodings and subscribers' tiles choose among them
         self.simulcast = simulcast
         self.workdir = Path(workdir)
         self.log_level = log_level
+        #: independent publisher/subscriber pairs (ingest runs): one room each
+        self.channels = channels
         self._services: BackingServices | None = None
         self._node: LocalNode | None = None
         self._user_token = ""
@@ -99,6 +109,8 @@ class SfumeshSystem:
         }
         if self.simulcast:
             spec.update(simulcast=True, tiles=[list(tile) for tile in SIMULCAST_TILES])
+        if self.channels > 1:
+            spec["channels"] = [{"room": channel_room(n)} for n in range(self.channels)]
         return spec
 
     async def start(self) -> None:
@@ -134,13 +146,13 @@ class SfumeshSystem:
                 data_dir=self.workdir / "node",
                 extra_env=extra_env,
             )
-            self._user_token = self._set_up_room(self._node.url)
+            self._user_token = self._set_up_room(self._node.url, self.channels)
         except BaseException:
             self._stop()
             raise
 
     @staticmethod
-    def _set_up_room(url: str) -> str:
+    def _set_up_room(url: str, channels: int = 1) -> str:
         password = secrets.token_urlsafe(16)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as http:
             signup = {
@@ -154,8 +166,9 @@ class SfumeshSystem:
                 http.post("/api/auth/login", json={"login": USERNAME, "password": password}), 200
             )
             token = str(login["user_token"])
-            room = {"slug": ROOM, "name": "Forward bench", "capacity": 100}
-            _expect(http.post("/api/rooms", json=room, headers=_bearer(token)), 201)
+            for channel in range(channels):
+                room = {"slug": channel_room(channel), "name": "Forward bench", "capacity": 100}
+                _expect(http.post("/api/rooms", json=room, headers=_bearer(token)), 201)
         return token
 
     async def stop(self) -> None:
@@ -168,6 +181,11 @@ class SfumeshSystem:
         if self._services is not None:
             self._services.stop()
             self._services = None
+
+
+def channel_room(channel: int) -> str:
+    """The room of publisher/subscriber pair `channel` (pair 0: the bench's one room)."""
+    return ROOM if channel == 0 else f"{ROOM}-{channel}"
 
 
 def _bearer(token: str) -> dict[str, str]:

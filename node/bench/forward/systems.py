@@ -5,6 +5,11 @@ A `System` runs in the bench driver: it starts the SFU (its CPU is what is measu
 publisher, subscribers spread over a few processes) build a `Signalling` from that spec with
 `signalling_from_spec`, so every system is driven by identical clients; only the signalling
 differs.
+
+Ingest runs (`sfumesh bench forward --publishers`) need P independent publisher/subscriber
+pairs on one SFU: a system started with `channels=P` lists in its spec's `"channels"` what
+differs per pair (sfumesh: a room each; Janus: a feed each in its room), and a client turns
+the spec into its pair's with `channel_spec`.
 """
 
 from __future__ import annotations
@@ -57,6 +62,18 @@ SignallingFactory = Callable[[dict[str, Any], str], Signalling]
 #: spec["system"] -> factory(spec, role) where role is "publisher" or "subscriber";
 #: each system module registers its own.
 SIGNALLING: dict[str, SignallingFactory] = {}
+
+
+def channel_spec(spec: dict[str, Any], channel: int) -> dict[str, Any]:
+    """The spec of publisher/subscriber pair `channel`: the system's spec with that pair's
+    fields (`spec["channels"][channel]`) put over it. Channel 0 of a spec without channels is
+    the spec itself."""
+    channels = spec.get("channels") or []
+    if not channels and channel == 0:
+        return spec
+    if not 0 <= channel < len(channels):
+        raise ValueError(f"channel {channel} out of the spec's {len(channels)}")
+    return {**spec, **channels[channel]}
 
 
 def signalling_from_spec(spec: dict[str, Any], role: str) -> Signalling:

@@ -14,15 +14,19 @@ from node.bench.forward.peers import StreamCounter, window_counts
 from node.bench.forward.run import (
     BenchConfig,
     Window,
+    aggregate,
     estimate_offset,
     fit_line,
     fits,
     frame_latencies,
     janus_module_available,
+    parse_publishers,
     plan,
+    plan_ingest,
     ratios,
     split_evenly,
 )
+from node.bench.forward.systems import channel_spec
 from node.cli.main import main
 from node.local.netns import in_private_netns
 
@@ -149,6 +153,64 @@ def test_slope_fit_and_ratios() -> None:
     assert compared["targets"]["sfumesh_marginal_met"] is True
 
 
+def test_ingest_fit_and_its_ratio_to_janus() -> None:
+    """Issue 19: CPU against P publishers (one subscriber each), per packet a publisher
+    sends, beside Janus-1's; minus the fan-out slope it is the ingest alone."""
+    windows = []
+    for k in (1, 4, 16):
+        windows.append(_window("sfumesh", k, 0.05 + 0.004 * k, 200 * k))  # 20 us/packet
+    for p in (1, 2, 4, 8):
+        # sfumesh: 3 % base + 12000 us/s per publisher at 200 pkt/s -> 60 us/packet
+        windows.append(_ingest("sfumesh", p, 0.03 + 0.012 * p, 200 * p))
+        # janus-1: 25 us/packet; at P = 8 it fell behind (left out of the fit)
+        windows.append(_ingest("janus-event-loops-1", p, 0.02 + 0.005 * p, 200 * p, p < 8))
+    fitted = {f["system"]: f for f in fits(windows, ["sfumesh"])}
+    assert set(fitted) == {"sfumesh", "janus-event-loops-1"}
+    sfumesh, janus = fitted["sfumesh"], fitted["janus-event-loops-1"]
+    assert sfumesh["marginal_us_per_packet"] == pytest.approx(20)
+    assert sfumesh["ingest_us_per_packet"] == pytest.approx(60)
+    assert sfumesh["ingest_only_us_per_packet"] == pytest.approx(40)
+    assert sfumesh["ingest_intercept_cpu_pct"] == pytest.approx(3)
+    assert sfumesh["ingest_publishers_used"] == [1, 2, 4, 8]
+    assert janus["ingest_us_per_packet"] == pytest.approx(25)
+    assert janus["ingest_publishers_excluded"] == [8]
+    assert janus["marginal_us_per_packet"] is None  # no fan-out windows of its own
+    compared = ratios(list(fitted.values()))
+    assert compared["ingest_per_packet"]["sfumesh/janus-event-loops-1"] == pytest.approx(2.4)
+    assert compared["targets"]["ingest_ratio_met"] is False
+    # the fan-out rows leave the ingest windows out, and the ingest rows are their own
+    assert {r["system"] for r in aggregate(windows)} == {"sfumesh"}
+    ingest_rows = aggregate(windows, "ingest")
+    assert [(r["system"], r["publishers"]) for r in ingest_rows][:2] == [
+        ("sfumesh", 1),
+        ("sfumesh", 2),
+    ]
+
+
+def test_channel_specs_give_each_pair_its_own_room_or_feed() -> None:
+    spec = {"system": "janus", "url": "u", "room": 1234, "feed": 1}
+    assert channel_spec(spec, 0) is spec
+    with pytest.raises(ValueError):
+        channel_spec(spec, 1)
+    many = {**spec, "channels": [{"feed": 1}, {"feed": 2}]}
+    assert channel_spec(many, 1)["feed"] == 2 and channel_spec(many, 1)["room"] == 1234
+    assert parse_publishers("0") == [] and parse_publishers("1,2,4,8") == [1, 2, 4, 8]
+    with pytest.raises(ValueError):
+        parse_publishers("1,100")
+    config = BenchConfig(subscribers=[1], rounds=2, publishers=[1, 2])
+    steps = plan_ingest(config)
+    assert [(p, r) for p, r, _ in steps] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert steps[0][2] == ["sfumesh", "janus-event-loops-1"]
+    assert steps[1][2] == ["janus-event-loops-1", "sfumesh"]
+
+
+def _ingest(system: str, p: int, cpu_per_s: float, pps: float, kept_up: bool = True) -> Window:
+    window = _window(system, p, cpu_per_s, pps, kept_up)
+    window.kind = "ingest"
+    window.publishers = p
+    return window
+
+
 def _window(system: str, k: int, cpu_per_s: float, pps: float, kept_up: bool = True) -> Window:
     window = Window(system, k, 0, 0)
     window.window_s = 10.0
@@ -214,6 +276,10 @@ def test_short_real_run_writes_every_figure(
         "1",
         "--systems",
         ",".join(systems),
+        "--publishers",
+        "1,2",
+        "--ingest-systems",
+        "sfumesh,janus-event-loops-1",
         "--json",
         str(out),
         "--workdir",
@@ -236,8 +302,23 @@ def test_short_real_run_writes_every_figure(
         assert row["added_latency_ms_p50"] <= row["added_latency_ms_p99"]
         if system == "sfumesh":
             assert row["loss"] == 0, row
-    assert {f["system"] for f in figures["fits"]} == set(systems)
+    assert {f["system"] for f in figures["fits"]} == {*systems, "janus-event-loops-1"}
     assert "cpu_per_subscriber" in figures["ratios"]
+    # issue 19: the ingest fit, sfumesh beside Janus-1 with the same clients
+    ingest = {(r["system"], r["publishers"]): r for r in figures["ingest"]}
+    assert set(ingest) == {(s, p) for s in ("sfumesh", "janus-event-loops-1") for p in (1, 2)}
+    for row in ingest.values():
+        assert row["rounds"] == 1 and not row["errors"] and row["packets_per_s"] > 0, row
+    # two publishers, two subscribers: twice the packets of one
+    for system in ("sfumesh", "janus-event-loops-1"):
+        one, two = ingest[(system, 1)]["packets_per_s"], ingest[(system, 2)]["packets_per_s"]
+        assert 1.6 * one < two < 2.4 * one, (system, one, two)
+    for fit in figures["fits"]:
+        if fit["system"] in ("sfumesh", "janus-event-loops-1"):
+            value = fit["ingest_us_per_packet"]
+            assert isinstance(value, int | float) and not isinstance(value, bool), fit
+    assert "sfumesh/janus-event-loops-1" in figures["ratios"]["ingest_per_packet"]
+    assert "us per ingested packet" in printed.out
     assert "sfumesh" in printed.out and "us per forwarded packet" in printed.out
 
 

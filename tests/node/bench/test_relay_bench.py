@@ -23,7 +23,7 @@ ISSUE_KEYS = (
 def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "relay.json"
     argv = ["bench", "relay", "--joins", "2", "--cpu-window", "2", "--paths", "loopback"]
-    argv += ["--json", str(out)]
+    argv += ["--relay-tracks", "1,2", "--json", str(out)]
     code = main(argv)
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
@@ -47,6 +47,26 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     assert figures["sdp_offer_bytes"]["2"] > 1000  # why SDP cannot ride in a Serf message
     assert "setup p50" in printed.out and "relay's own CPU" in printed.out
     assert "link phases p50/p95 (ms): signalling" in printed.out
+    # issue 19: the relay's cost as a slope over T relayed tracks, beside the local path's
+    slope = figures["relay_us_per_packet_slope"]
+    assert set(slope) == {"sending", "receiving", "sum"}, figures
+    for value in (*slope.values(), figures["local_us_per_packet_slope"]):
+        # slopes of a tiny noisy run: present, any sign
+        assert isinstance(value, int | float) and not isinstance(value, bool), figures
+    assert slope["sum"] == pytest.approx(slope["sending"] + slope["receiving"], abs=0.02)
+    assert figures["relay_slope_tracks"] == [1, 2]
+    windows = figures["relay_slope_windows"]
+    assert {(w["path"], w["tracks"]) for w in windows} == {
+        (path, tracks) for path in ("relayed", "local") for tracks in (1, 2)
+    }
+    for window in windows:
+        assert window["error"] is None and window["packets"] > 0, window
+        # every packet of a relayed window crossed the relay; none of a local one did
+        if window["path"] == "relayed":
+            assert window["relayed_out"] > 0 and window["relayed_in"] > 0, window
+        else:
+            assert window["relayed_out"] == 0, window
+    assert "relayed packet:" in printed.out and "local path of the same run" in printed.out
 
 
 @pytest.mark.skipif(namespace_problem() is not None, reason=f"no lab: {namespace_problem()}")

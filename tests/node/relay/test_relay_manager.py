@@ -304,6 +304,40 @@ async def test_a_relayed_track_is_taken_only_for_a_session_of_the_peer(
             await redis.aclose()
 
 
+async def test_a_relayed_track_is_bound_straight_to_its_published_track(
+    tmp_path: Path, backing: BackingServices
+) -> None:
+    """Issue 19: the link's tap hands a relayed track's packets to its `Published` with no
+    lookup by track id per packet; once the track is gone, to nobody."""
+    async with managers(tmp_path, backing) as (a, b):
+        await a.open("node-b")
+        await eventually(lambda: same_link(a, b), "the relay")
+        relay = b.relays["node-a"]
+        own = signal.new_id()
+        redis = suite_redis(backing)
+        try:
+            record = {"user_id": "u-a", "node": "node-a", "generation": "1", "room": "r1"}
+            await redis.hset(keys.session(own), mapping=record)  # type: ignore[arg-type]
+            track = TrackInfo(3333, f"{own}:0", "audio", 111, "opus")
+            added = Message("tracks", "t1", "node-a", a.boot, relay.link_id, seq=1, added=(track,))
+            reply = await b.handle(added)
+            assert reply is not None and reply.kind == "ok"
+            published = relay.received[f"{own}:0"]
+            remote = relay.link.remote_tracks[3333]
+            assert remote.tap is published.tap
+            assert remote.tap.handler == published.on_rtp
+            removed = Message(
+                "tracks", "t2", "node-a", a.boot, relay.link_id, seq=2, removed=(f"{own}:0",)
+            )
+            reply = await b.handle(removed)
+            assert reply is not None and reply.kind == "ok"
+            assert f"{own}:0" not in relay.received
+            assert remote.tap.handler != published.on_rtp
+        finally:
+            await redis.delete(keys.session(own))
+            await redis.aclose()
+
+
 def test_a_relay_manager_needs_the_relay_key() -> None:
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         RelayManager("n", RelaySettings(), None, None, None, None)  # type: ignore[arg-type]
