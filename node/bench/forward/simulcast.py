@@ -489,7 +489,12 @@ async def publisher_main(
         # module is `__main__` and the `peers` imported here is a second copy)
         loop_class = type(asyncio.get_running_loop())
         emit("ready", t=time.monotonic(), rcvbuf=getattr(loop_class, "rcvbuf", None))
-        await command_loop(reader, publisher.mark)
+
+        def mark() -> dict[str, Any]:
+            # the shape of `peers.publisher_main`'s marks (one process, several publishers)
+            return {"publishers": [publisher.mark()["publisher"]]}
+
+        await command_loop(reader, mark)
     finally:
         await publisher.close()
     emit("stopped")

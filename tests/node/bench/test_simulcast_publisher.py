@@ -25,7 +25,7 @@ from node.bench.forward.simulcast import (
     simulcast_offer,
 )
 from node.local.launch import LocalNode
-from node.local.participant import MediaPeer, Received, Socket
+from node.local.participant import MediaPeer, Received, Socket, until
 from node.media import adapter
 from node.media.sdp import offered_rids
 from tests.node.live_client import User, create_room, sign_up
@@ -152,7 +152,8 @@ async def test_the_node_learns_three_layers_and_each_tile_gets_its_own(
             sent = publisher.mark()["publisher"]
             assert all(layer["packets"] > 0 for layer in sent["layers"]), sent["layers"]
             # the half-size encoding nobody watches was switched off by the node's `layers`
-            assert publisher.active == {0, 2}
+            # (after `media.simulcast_layer_off_s` without a taker: wait for it, not a moment)
+            await until(lambda: publisher.active == {0, 2}, "the half-size encoding off", 15.0)
             assert sent["send_errors"] == 0
             # the node asked the encodings it switched to for keyframes, by their SSRCs
             assert publisher.simulcast is not None
