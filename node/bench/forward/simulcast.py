@@ -491,8 +491,10 @@ async def publisher_main(
         emit("ready", t=time.monotonic(), rcvbuf=getattr(loop_class, "rcvbuf", None))
 
         def mark() -> dict[str, Any]:
-            # the shape of `peers.publisher_main`'s marks (one process, several publishers)
-            return {"publishers": [publisher.mark()["publisher"]]}
+            # `publisher` as bench quality reads it; `publishers` in the shape of
+            # `peers.publisher_main`'s marks (one process, several publishers: bench forward)
+            report = publisher.mark()["publisher"]
+            return {"publisher": report, "publishers": [report]}
 
         await command_loop(reader, mark)
     finally:
