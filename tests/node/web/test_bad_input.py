@@ -247,6 +247,9 @@ async def _redis_state(redis: Redis) -> dict[Any, Any]:
             # decay and expire while a case runs.
             continue
         kind = await redis.type(key)
+        if kind == b"none":
+            # gone between KEYS and TYPE: expired on its own (a seat hold's TTL), not written
+            continue
         if kind == b"string":
             state[key] = await redis.get(key)
         elif kind == b"hash":
