@@ -24,6 +24,25 @@ export function qualityOf({ loss, rttMs, stalled = false }) {
 }
 
 /**
+ * The audio level over the interval since the last reading: the root of the mean energy
+ * (the spec's way: audioLevel alone is the last ~100 ms, so a short sound between two
+ * readings, such as a syllable or the fake microphone's 20 ms beep every 500 ms read every
+ * 500 ms, can be missed for as long as the two clocks stay in step), or audioLevel where
+ * the counters are missing.
+ * @param {{audioLevel?: number}} report
+ * @param {{energy: number, duration: number}} before
+ * @param {number} energy totalAudioEnergy now
+ * @param {number} duration totalSamplesDuration now
+ * @returns {number}
+ */
+export function audioLevelOver(report, before, energy, duration) {
+  const instant = report.audioLevel ?? 0;
+  const seconds = duration - before.duration;
+  if (seconds <= 0) return instant;
+  return Math.max(instant, Math.sqrt(Math.max(0, energy - before.energy) / seconds));
+}
+
+/**
  * Reads both connections every `periodMs` and reports, per remote track id, its quality
  * and audio level, and the page's own uplink quality.
  * @param {() => {publishPc: RTCPeerConnection | null, subscribePc: RTCPeerConnection | null} | null} media
@@ -31,7 +50,7 @@ export function qualityOf({ loss, rttMs, stalled = false }) {
  * @returns {() => void} stops it
  */
 export function watchQuality(media, onReport, periodMs = 500) {
-  /** @type {Map<string, {received: number, lost: number, decoded: number}>} */
+  /** @type {Map<string, {received: number, lost: number, decoded: number, energy: number, duration: number}>} */
   const last = new Map();
   let lastOwn = { sent: 0, lost: 0 };
   const timer = setInterval(async () => {
@@ -52,17 +71,19 @@ export function watchQuality(media, onReport, periodMs = 500) {
         }
         for (const report of stats.values()) {
           if (report.type !== "inbound-rtp" || !report.trackIdentifier) continue;
-          const before = last.get(report.id) ?? { received: 0, lost: 0, decoded: 0 };
+          const before = last.get(report.id) ?? { received: 0, lost: 0, decoded: 0, energy: 0, duration: 0 };
           const received = report.packetsReceived ?? 0;
           const lost = Math.max(0, report.packetsLost ?? 0);
           const decoded = report.framesDecoded ?? 0;
-          last.set(report.id, { received, lost, decoded });
+          const energy = report.totalAudioEnergy ?? 0;
+          const duration = report.totalSamplesDuration ?? 0;
+          last.set(report.id, { received, lost, decoded, energy, duration });
           const newPackets = received - before.received + (lost - before.lost);
           const loss = newPackets > 0 ? (lost - before.lost) / newPackets : 0;
           const stalled = report.kind === "video" && received > before.received && decoded === before.decoded;
           tracks.set(report.trackIdentifier, {
             quality: qualityOf({ loss, rttMs, stalled }),
-            level: report.kind === "audio" ? (report.audioLevel ?? 0) : 0,
+            level: report.kind === "audio" ? audioLevelOver(report, before, energy, duration) : 0,
           });
         }
       }
