@@ -11,9 +11,11 @@ Requests (`n`: sending node, `b`: its boot id, `l`: the link id, `r`: request id
   sender's tracks after the link is up, as deltas split to fit (`track_updates`).
 * `close`  the sender closed the link (idle after its linger, or shutting down).
 * `needs`  `{w: [[track id, need], ...]}`: what the sender's subscribers need of tracks it
-  receives over the link (simulcast layer selection): the height of the largest tile one is
-  shown in, 0 when nobody shows it, -1 when unknown (any layer). Absolute values, so a
-  message split to fit (`needs_updates`) or repeated changes nothing more.
+  receives over the link (simulcast layer selection): the height of a tile one is shown in,
+  0 when nobody shows it, -1 when unknown (any layer). A track id may come several times:
+  its subscribers' different needs (a small and a large tile), each a layer the link then
+  carries. Absolute values, the whole set of a track in one message, so a message split to
+  fit (`needs_updates`, only between tracks) or repeated changes nothing more.
 
 Replies: `answer {d: description}`, `ok`, or `refuse {e: reason}` ("glare", "unknown-link",
 "bad", "gap", "busy").
@@ -276,15 +278,19 @@ def _needs(raw: Any) -> tuple[tuple[str, int], ...]:
 
 
 def needs_updates(header: Message, needs: Sequence[tuple[str, int]]) -> list[Message]:
-    """`needs` messages carrying these values, each under the size bound."""
+    """`needs` messages carrying these values, each under the size bound; the pairs of one
+    track stay in one message (the receiver takes a message's set of a track as whole)."""
     messages: list[Message] = []
     current: list[tuple[str, int]] = []
 
     def build(pairs: list[tuple[str, int]]) -> Message:
         return replace(header, kind="needs", request=new_id(), needs=tuple(pairs))
 
+    groups: dict[str, list[tuple[str, int]]] = {}
     for pair in needs:
-        trial = [*current, pair]
+        groups.setdefault(pair[0], []).append(pair)
+    for group in groups.values():
+        trial = [*current, *group]
         try:
             if len(trial) > MAX_TRACKS:
                 raise ValueError("too many")
@@ -294,7 +300,7 @@ def needs_updates(header: Message, needs: Sequence[tuple[str, int]]) -> list[Mes
             if not current:
                 raise
             messages.append(build(current))
-            current = [pair]
+            current = list(group)
     if current:
         messages.append(build(current))
     return messages

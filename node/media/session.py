@@ -133,10 +133,12 @@ SETTLE_S = 10.0
 PUBLISHER_HEADROOM = 1.25
 # Per layer round, what the held uplink estimate of a simulcast publisher keeps (half-life ~35 s)
 REMB_HOLD_DECAY = 0.99
-# What a relay's peer reports of a relayed track (`Published.relay_needs`): the height of
-# the largest tile its subscribers show it in, 0 when none shows it, or this when one of them
-# has not said (its tile is unknown: any layer may be needed)
+# What a relay's peer reports of a relayed track (`Published.relay_needs`): the heights of
+# the tiles its subscribers show it in (each a layer the relay carries), 0 when none shows
+# it, or this when one of them has not said (its tile is unknown: any layer may be needed)
 RELAY_NEED_ANY = -1
+# (an unknown tile comes after every known one: it may need the top layer)
+NEED_ORDER_ANY = 1 << 30
 # Active speaker: an audio track's mean level (-dBov, 0 loudest) must be at most this...
 SPEAKER_MAX_DBOV = 55
 # ... and be the loudest this many rounds in a row before it is announced
@@ -229,14 +231,21 @@ class Published:
         self.subscriptions: dict[MediaSession, Subscription] = {}
         #: node name -> the relay sender carrying this track there (managed by node.relay.manager)
         self.relays: dict[str, SenderTap] = {}
-        #: node name -> what its subscribers of this track need (see `RELAY_NEED_ANY`)
-        self.relay_needs: dict[str, int] = {}
+        #: simulcast: node name -> layer -> the relay sender carrying that layer there (each
+        #: layer its own stream on the link; managed by node.relay.manager)
+        self.relay_layers: dict[str, dict[int, SenderTap]] = {}
+        #: node name -> what its subscribers of this track need: one value per distinct tile
+        #: (see `RELAY_NEED_ANY`)
+        self.relay_needs: dict[str, tuple[int, ...]] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         if tap is None:
             if receiver is None:
                 raise ValueError("a published track needs its receiver or a tap")
             tap = adapter.tap_rtp(receiver, self.on_rtp)
         self.tap: RtpTap = tap
+        #: every tap the track's packets come through: one, or, for a simulcast track
+        #: relayed from another node, one per layer (`add_layer_tap`)
+        self.taps: list[RtpTap] = [tap]
         self.tap.on_drop = self.dropped
         self.tap.remb_limit = self.remb_limit
         self.tap.remb_floor = self.remb_floor
@@ -272,6 +281,26 @@ class Published:
     @property
     def simulcast(self) -> bool:
         return len(self.rids) > 1
+
+    def add_layer_tap(self, tap: RtpTap, ssrc: int, layer: int) -> None:
+        """A relayed simulcast track: `layer` arrives on its own link stream (`ssrc`,
+        through `tap`), as the publisher's encodings arrive on their own SSRCs."""
+        if tap not in self.taps:
+            self.taps.append(tap)
+            tap.on_drop = self.dropped
+            tap.remb_limit = self.remb_limit
+            tap.remb_floor = self.remb_floor
+        self.layer_of[ssrc] = layer
+        self.rids = tuple(str(i) for i in range(max(len(self.rids), layer + 1)))
+
+    @property
+    def bytes_in(self) -> int:
+        """RTP payload bytes received for this track, over all its taps."""
+        return sum(tap.bytes for tap in self.taps)
+
+    @property
+    def packets_in(self) -> int:
+        return sum(tap.packets for tap in self.taps)
 
     def _layer_learnt(self, ssrc: int, layer: int) -> None:
         self.layer_of[ssrc] = layer
@@ -1316,38 +1345,76 @@ class MediaHub:
                 }
             )
 
+    def relay_wants(self, published: Published, node: str, now: float) -> set[int]:
+        """The layers of a simulcast track the relay to `node` carries: for each of the
+        tiles its subscribers show the track in (`relay_needs`, reported by the peer), the
+        lowest layer as tall as that tile, within what the link's estimate leaves after the
+        smaller tiles' layers; none when nobody there watches it. Their own bandwidth is in
+        the link's estimate: the peer's REMB for a relayed track is capped by its slowest
+        subscriber (not followed when `simulcast_follow_bandwidth` is off, as for local
+        subscribers), and the peer's subscribers then choose among the layers carried."""
+        forwarder = published.forwarder
+        sinks = published.relay_layers.get(node, {})
+        if forwarder is None:
+            return set()
+        # the link's estimate: each layer stream's receiver estimates what its own stream
+        # gets, so the sum over the layers flowing now (a paused layer's last REMB is stale)
+        flowing: list[int] = []
+        estimates: list[int] = []
+        for sink in sinks.values():
+            rewriter = forwarder.layer_rewriter(sink)
+            if rewriter is None or rewriter.current is None or rewriter.target is None:
+                continue
+            flowing.append(rewriter.current)
+            if sink.remb_bitrate is not None:
+                estimates.append(sink.remb_bitrate)
+        left: float | None = None
+        if self.settings.simulcast_follow_bandwidth and estimates:
+            left = float(sum(estimates))
+        current = max(flowing) if flowing else None
+        rates = published.rates(now)
+        heights = published.heights()
+        needs = published.relay_needs.get(node, (RELAY_NEED_ANY,))
+        wanted: set[int] = set()
+        # the smallest tiles first: their layers cost the least and are taken first
+        for need in sorted(needs, key=lambda n: NEED_ORDER_ANY if n == RELAY_NEED_ANY else n):
+            if need == 0:
+                continue
+            view = None if need == RELAY_NEED_ANY else View(need * 16 // 9, need)
+            choice = choose_layer(
+                rates,
+                heights,
+                estimate_bps=None if left is None else max(0, round(left)),
+                loss=0.0,
+                current=current,
+                view=view,
+                cap=self.settings.simulcast_max_layer,
+            )
+            layer = choice.layer if choice.layer is not None else 0
+            if layer not in wanted:
+                wanted.add(layer)
+                if left is not None:
+                    left -= rates[layer] or 0.0
+        return wanted
+
     def _select_relay_layers(self, now: float) -> None:
-        """A relay to another node carries one layer of a simulcast track: the highest one
-        the subscribers there select by their tiles (the peer reports the largest visible
-        tile: `relay_needs`), within what the link's estimate allows; none when nobody
-        there watches it. Their bandwidth is in the link's estimate: the peer's REMB for
-        a relayed track is capped by its slowest subscriber (not followed when
-        `simulcast_follow_bandwidth` is off, as for local subscribers)."""
-        follow = self.settings.simulcast_follow_bandwidth
+        """Each relay to another node carries the layers of a simulcast track its
+        subscribers there select (`relay_wants`), each layer its own stream on the link;
+        a layer nobody there selects is paused on the link (its packets stop), one wanted
+        again resumes from its keyframe, asked of the publisher across the relay."""
         for published in self.local_tracks_everywhere():
             forwarder = published.forwarder
             if forwarder is None or not published.simulcast:
                 continue
-            for node, sink in list(published.relays.items()):
-                rewriter = forwarder.layer_rewriter(sink)
-                if rewriter is None:
-                    continue
-                need = published.relay_needs.get(node, RELAY_NEED_ANY)
-                if need == 0:
-                    layer: int | None = None
-                else:
-                    view = None if need == RELAY_NEED_ANY else View(need * 16 // 9, need)
-                    choice = choose_layer(
-                        published.rates(now),
-                        published.heights(),
-                        estimate_bps=sink.remb_bitrate if follow else None,
-                        loss=0.0,
-                        current=rewriter.current,
-                        view=view,
-                        cap=self.settings.simulcast_max_layer,
-                    )
-                    layer = choice.layer if choice.layer is not None else 0
-                if layer != rewriter.target:
+            for node, sinks in list(published.relay_layers.items()):
+                wanted = self.relay_wants(published, node, now)
+                for layer, sink in list(sinks.items()):
+                    rewriter = forwarder.layer_rewriter(sink)
+                    if rewriter is None:
+                        continue
+                    target = layer if layer in wanted else None
+                    if target == rewriter.target:
+                        continue
                     log.info(
                         "media.relay_layer",
                         extra={
@@ -1355,12 +1422,12 @@ class MediaHub:
                             "mid": published.mid,
                             "node": node,
                             "layer": layer,
-                            "was": rewriter.target,
-                            "need": need,
+                            "on": target is not None,
+                            "needs": list(published.relay_needs.get(node, (RELAY_NEED_ANY,))),
                         },
                     )
-                    rewriter.set_target(layer)
-                    if layer is not None and layer != rewriter.current:
+                    rewriter.set_target(target)
+                    if target is not None and target != rewriter.current:
                         published.request_keyframe()
 
     def local_tracks_everywhere(self) -> list[Published]:

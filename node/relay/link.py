@@ -12,7 +12,8 @@ sends the other only a compact description (see `encode_description`), a JSON ob
   candidates come from the addresses `node.media.adapter.set_host_addresses` configured).
 * `f`: the DTLS certificate's SHA-256 fingerprint (base64, 44 characters instead of 95).
 * `d`: the sender's DTLS role, "s" (server) or "c" (client).
-* `t`: what the sender sends: [SSRC, track id, kind "a"/"v", payload type, codec name].
+* `t`: what the sender sends: [SSRC, track id, kind "a"/"v", payload type, codec name]. Each
+  layer of a simulcast track is an entry of its own ("<track id>~L", `node.relay.manager`).
 
 Roles are fixed by the node names, so glare cannot happen: the node whose name sorts first
 (`is_controlling`) is ICE-controlling and therefore, by aiortc's ORTC rule for a DTLS role of

@@ -36,6 +36,15 @@ message under 1 KB; the query's response is the reply.
   repeats. Packets are forwarded raw (`Published.on_rtp` on both sides, nothing decoded); a
   relayed track becomes a `Published` on the receiving node, fanned out to its local
   subscribers like a local one, and their keyframe requests travel back as PLI over the link.
+* **Simulcast layers.** Each layer of a simulcast track is a stream of its own on the link
+  ("<track id>~L", its own SSRC in the description's `t`: its own sequence numbers, RTP
+  history and keyframe requests, as the publisher's encodings have; the link needs nothing
+  new and no renegotiation). The receiving node makes one layered `Published` of them and
+  reports its subscribers' tiles (`needs`, one value per distinct tile); the sending node
+  sends the layers those tiles select (`MediaHub.relay_wants`) and pauses the others (their
+  packets stop; one wanted again resumes from a keyframe asked of the publisher). The
+  receiving node's subscribers each choose among the layers carried, as for a local
+  simulcast publisher.
 * **Close.** A link with no track either way lingers `relay.linger_s`, then closes (and tells
   the peer). ICE or DTLS failure, the peer's `close`, or Serf declaring the peer failed ends
   the link at once: its relayed tracks end at the local subscribers; if demand remains, a
@@ -101,6 +110,8 @@ RETRY_BACKOFF_MAX_S: Final = 8.0
 STOP_WAIT_S: Final = 5.0
 #: the longest first retransmission time of a link's setup (OpenSSL's own DTLS timer)
 SETUP_RTO_MAX_S: Final = 1.0
+#: distinct tile needs reported per relayed track (more tiles than layers change nothing)
+MAX_NEEDS: Final = 4
 
 
 def _unbound(packet: Any) -> None:
@@ -109,13 +120,35 @@ def _unbound(packet: Any) -> None:
 
 def _unbind(published: Published) -> Published:
     """`published` (a relayed track being removed) no longer gets its link's packets."""
-    published.tap.handler = _unbound
+    for tap in published.taps:
+        tap.handler = _unbound
     return published
 
 
 def relay_track_id(published: Published) -> str:
     """The mesh-wide id of a track on a relay: "<publisher session id>:<mid>"."""
     return f"{published.owner.session_id}:{published.mid}"
+
+
+#: a simulcast track's layer L travels on the link as its own stream "<track id>~L"
+LAYER_MARK: Final = "~"
+
+
+def link_streams(track_id: str, published: Published) -> list[tuple[str, int | None]]:
+    """The link streams a track takes: itself, or one per layer of a simulcast track
+    (each its own SSRC in the description's `t`, so each has its own sequence numbers,
+    RTP history for NACKs and keyframe requests, as the publisher's encodings have)."""
+    if not published.simulcast:
+        return [(track_id, None)]
+    return [(f"{track_id}{LAYER_MARK}{layer}", layer) for layer in range(len(published.rids))]
+
+
+def split_stream(stream_id: str) -> tuple[str, int | None]:
+    """(track id, layer) of a link stream's id ("<track id>~L"; layer None: the whole track)."""
+    base, mark, layer = stream_id.rpartition(LAYER_MARK)
+    if mark and layer.isdigit() and len(layer) <= 2 and ":" in base:
+        return base, int(layer)
+    return stream_id, None
 
 
 def codec_name(mime_type: str) -> str | None:
@@ -126,12 +159,15 @@ def codec_name(mime_type: str) -> str | None:
 
 @dataclass(eq=False)
 class Outgoing:
-    """A local track this node sends to the peer."""
+    """A local track (or one layer of a simulcast track) this node sends to the peer."""
 
     published: Published
     tap: SenderTap
     forwarder: Forwarder[SenderTap] | None = None
     attach: asyncio.Task[None] | None = None
+    #: the track's id (`relay_track_id`), and the layer this stream carries (None: all)
+    track_id: str = ""
+    layer: int | None = None
 
 
 @dataclass(eq=False)
@@ -167,7 +203,7 @@ class Relay:
     applying: asyncio.Task[None] | None = None
     #: what this node last told the peer its subscribers need of the tracks it receives
     #: (`needs`), and the task telling it
-    needs_told: dict[str, int] = field(default_factory=dict)
+    needs_told: dict[str, tuple[int, ...]] = field(default_factory=dict)
     needs_task: asyncio.Task[None] | None = None
 
 
@@ -236,6 +272,7 @@ class RelayManager:
         #: the latest figures per peer (what `report` wrote), for /metrics
         self.report: list[dict[str, Any]] = []
         self._marks: dict[tuple[str, str], tuple[float, int, int]] = {}
+        self._layer_marks: dict[tuple[str, str], tuple[dict[int, int], float]] = {}
 
     # ----------------------------------------------------------------- life
 
@@ -370,28 +407,48 @@ class RelayManager:
         name = codec_name(published.mime_type)
         if name is None:
             return
-        tap = await relay.link.add_track(track_id, published.kind, name, PAYLOAD_TYPES[name])
-        out = Outgoing(published, tap, forwarder=published.forwarder)
-        relay.sends[track_id] = out
-        out.attach = self.spawn(self._attach(relay, track_id, out))
+        for stream_id, layer in link_streams(track_id, published):
+            if stream_id in relay.sends:
+                continue
+            tap = await relay.link.add_track(stream_id, published.kind, name, PAYLOAD_TYPES[name])
+            out = Outgoing(published, tap, published.forwarder, None, track_id, layer)
+            relay.sends[stream_id] = out
+            out.attach = self.spawn(self._attach(relay, stream_id, out))
 
-    async def _attach(self, relay: Relay, track_id: str, out: Outgoing) -> None:
-        """Once the link's sender runs, the track's forwarder feeds it (from a keyframe)."""
+    async def _attach(self, relay: Relay, stream_id: str, out: Outgoing) -> None:
+        """Once the link's sender runs, the track's forwarder feeds it (from a keyframe);
+        a layer stream starts only if the peer's subscribers select that layer."""
         await out.tap.wait_ready()
         published = out.published
-        if relay.sends.get(track_id) is not out or published.forwarder is not out.forwarder:
+        if relay.sends.get(stream_id) is not out or published.forwarder is not out.forwarder:
             return
-        if published.attach(out.tap):
-            published.relays[relay.peer] = out.tap
+        if out.layer is None:
+            if published.attach(out.tap):
+                published.relays[relay.peer] = out.tap
+            return
+        if not published.attach(out.tap, out.layer):
+            return
+        published.relay_layers.setdefault(relay.peer, {})[out.layer] = out.tap
+        wanted = self.media.relay_wants(published, relay.peer, time.monotonic())
+        rewriter = out.forwarder.layer_rewriter(out.tap) if out.forwarder is not None else None
+        if rewriter is not None and out.layer not in wanted:
+            rewriter.set_target(None)
 
     def _detach(self, relay: Relay, out: Outgoing) -> None:
         if out.attach is not None:
             out.attach.cancel()
         if out.forwarder is not None:
             out.forwarder.remove(out.tap)
-        if out.published.relays.get(relay.peer) is out.tap:
-            del out.published.relays[relay.peer]
-            out.published.relay_needs.pop(relay.peer, None)
+        published = out.published
+        if published.relays.get(relay.peer) is out.tap:
+            del published.relays[relay.peer]
+        layers = published.relay_layers.get(relay.peer)
+        if layers is not None and out.layer is not None and layers.get(out.layer) is out.tap:
+            del layers[out.layer]
+            if not layers:
+                del published.relay_layers[relay.peer]
+        if relay.peer not in published.relays and relay.peer not in published.relay_layers:
+            published.relay_needs.pop(relay.peer, None)
         self.totals.packets_out += out.tap.packets_sent
 
     def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
@@ -412,10 +469,15 @@ class RelayManager:
         async with relay.updating:
             if relay.state != "up":
                 return
+            streams = {
+                stream_id: published
+                for track_id, published in wanted.items()
+                for stream_id, _ in link_streams(track_id, published)
+            }
             removed = [
-                track_id
-                for track_id, out in relay.sends.items()
-                if wanted.get(track_id) is not out.published
+                stream_id
+                for stream_id, out in relay.sends.items()
+                if streams.get(stream_id) is not out.published
                 or out.forwarder is not out.published.forwarder
             ]
             for track_id in removed:
@@ -423,7 +485,7 @@ class RelayManager:
                 self._detach(relay, out)
                 await relay.link.remove_track(track_id)
             for track_id, published in wanted.items():
-                if track_id not in relay.sends:
+                if any(s not in relay.sends for s, _ in link_streams(track_id, published)):
                     await self._add_send(relay, track_id, published)
             tell_removed = [t for t in removed if t in relay.announced]
             tell_added = [
@@ -456,7 +518,8 @@ class RelayManager:
         holder: list[Relay] = []
 
         def on_rtp(remote: RemoteTrack, packet: Any) -> None:
-            published = holder[0].received.get(remote.track_id) if holder else None
+            track_id = split_stream(remote.track_id)[0]
+            published = holder[0].received.get(track_id) if holder else None
             if published is not None:
                 published.on_rtp(packet)
 
@@ -557,15 +620,21 @@ class RelayManager:
     # ----------------------------------------------------------------- receiving tracks
 
     async def _received_changed(self, relay: Relay) -> None:
-        """Make local sources for the peer's new tracks; end those it no longer sends."""
-        current = {remote.track_id: remote for remote in relay.link.remote_tracks.values()}
+        """Make local sources for the peer's new tracks; end those it no longer sends. The
+        layer streams of a simulcast track ("<track id>~L") make one layered source."""
+        current: dict[str, list[tuple[int | None, RemoteTrack]]] = {}
+        for remote in relay.link.remote_tracks.values():
+            track_id, layer = split_stream(remote.track_id)
+            current.setdefault(track_id, []).append((layer, remote))
         for track_id in [t for t in relay.received if t not in current]:
             self.media.remove_relayed(_unbind(relay.received.pop(track_id)))
-        for track_id, remote in current.items():
+        for track_id, streams in current.items():
+            streams.sort(key=lambda stream: -1 if stream[0] is None else stream[0])
+            taps = [remote.tap for _, remote in streams]
             known = relay.received.get(track_id)
-            if known is not None and known.tap is remote.tap:
+            if known is not None and known.taps == taps:
                 continue
-            if known is not None:  # the same track again, on a new sender
+            if known is not None:  # the same track again, on new senders
                 self.media.remove_relayed(_unbind(relay.received.pop(track_id)))
             session_id = track_id.rsplit(":", 1)[0]
             record = await read_session(self.redis, session_id)
@@ -582,16 +651,23 @@ class RelayManager:
                     extra={"track": track_id, "peer": relay.peer, "session_node": record.node},
                 )
                 continue
-            if relay.state == "closed" or relay.link.remote_tracks.get(remote.ssrc) is not remote:
+            if relay.state == "closed" or any(
+                relay.link.remote_tracks.get(remote.ssrc) is not remote for _, remote in streams
+            ):
                 return
+            first = streams[0][1]
             owner = RelayedOwner(self.media, session_id, record.user_id, record.room, relay.peer)
-            published = Published(owner, track_id, remote.info.kind, tap=remote.tap)
+            published = Published(owner, track_id, first.info.kind, tap=first.tap)
+            for layer, remote in streams:
+                if layer is not None:
+                    published.add_layer_tap(remote.tap, remote.ssrc, layer)
             relay.received[track_id] = published
-            spec = CODECS[remote.info.codec]
+            spec = CODECS[first.info.codec]
             self.media.add_relayed(published, spec.capability())
-            # from now on the link's tap hands packets straight to the track, without
+            # from now on the link's taps hand packets straight to the track, without
             # the per-packet lookup by track id
-            remote.tap.handler = published.on_rtp
+            for tap in taps:
+                tap.handler = published.on_rtp
 
     # ----------------------------------------------------------------- ending
 
@@ -613,7 +689,7 @@ class RelayManager:
             self._detach(relay, out)
         relay.sends.clear()
         for published in relay.received.values():
-            self.totals.packets_in += published.tap.packets
+            self.totals.packets_in += published.packets_in
             self.media.remove_relayed(_unbind(published))
         relay.received.clear()
         log.info("relay.ended", extra={"peer": relay.peer, "link": relay.link_id, "reason": reason})
@@ -891,39 +967,48 @@ class RelayManager:
     # ----------------------------------------------------------------- layer needs
 
     def _on_needs(self, message: Message) -> Message:
-        """The peer's subscribers' needs of tracks this node sends it: the relay's layer
-        follows them at once (`MediaHub.select_layers`)."""
+        """The peer's subscribers' needs of tracks this node sends it (a track's pairs in
+        one message are its whole set): the relay's layers follow them at once
+        (`MediaHub.select_layers`)."""
         relay = self.relays.get(message.node)
         if relay is None or relay.link_id != message.link:
             return Message("refuse", message.request, reason="unknown-link")
-        changed = False
+        sets: dict[str, list[int]] = {}
         for track_id, need in message.needs:
-            out = relay.sends.get(track_id)
-            if out is not None and out.published.relay_needs.get(relay.peer) != need:
-                out.published.relay_needs[relay.peer] = need
+            sets.setdefault(track_id, []).append(need)
+        sent = {out.track_id: out.published for out in relay.sends.values()}
+        changed = False
+        for track_id, values in sets.items():
+            published = sent.get(track_id)
+            needs = tuple(sorted(set(values)))
+            if published is not None and published.relay_needs.get(relay.peer) != needs:
+                published.relay_needs[relay.peer] = needs
                 changed = True
         if changed:
             self.media.select_layers()
         return Message("ok", message.request)
 
-    def needs(self, relay: Relay) -> dict[str, int]:
+    def needs(self, relay: Relay) -> dict[str, tuple[int, ...]]:
         """What this node's subscribers need of each video track received over `relay`:
-        the height of the largest visible tile, 0 when nobody shows it, `RELAY_NEED_ANY`
-        when a subscriber has not said how it shows it."""
-        out: dict[str, int] = {}
+        the heights of the visible tiles they show it in (distinct, at most `MAX_NEEDS`:
+        the smallest and the largest kept), `RELAY_NEED_ANY` for a subscriber that has not
+        said how it shows it, (0,) when nobody shows it."""
+        out: dict[str, tuple[int, ...]] = {}
         for track_id, published in relay.received.items():
             if published.kind != "video" or published.forwarder is None:
                 continue
-            need = 0
+            values: set[int] = set()
             for subscription in list(published.subscriptions.values()):
                 mid = subscription.transceiver.mid
                 view = subscription.subscriber.views.get(mid) if mid is not None else None
                 if view is None:
-                    need = RELAY_NEED_ANY
-                    break
-                if view.visible and view.width > 0 and view.height > 0:
-                    need = max(need, min(view.height, signal.NEED_MAX))
-            out[track_id] = need
+                    values.add(RELAY_NEED_ANY)
+                elif view.visible and view.width > 0 and view.height > 0:
+                    values.add(min(view.height, signal.NEED_MAX))
+            ordered = sorted(values)
+            if len(ordered) > MAX_NEEDS:
+                ordered = [*ordered[: MAX_NEEDS - 1], ordered[-1]]
+            out[track_id] = tuple(ordered) or (0,)
         return out
 
     async def _needs_loop(self) -> None:
@@ -933,7 +1018,12 @@ class RelayManager:
                 if relay.state != "up" or (relay.needs_task and not relay.needs_task.done()):
                     continue
                 needs = self.needs(relay)
-                changed = [(t, n) for t, n in needs.items() if relay.needs_told.get(t) != n]
+                changed = [
+                    (t, need)
+                    for t, values in needs.items()
+                    if relay.needs_told.get(t) != values
+                    for need in values
+                ]
                 for track_id in [t for t in relay.needs_told if t not in needs]:
                     del relay.needs_told[track_id]
                 if changed:
@@ -947,7 +1037,10 @@ class RelayManager:
             reply = await self._ask(relay, update)
             if reply is None or reply.kind != "ok" or relay.state != "up":
                 return
-            relay.needs_told.update(update.needs)
+            told: dict[str, list[int]] = {}
+            for track_id, need in update.needs:
+                told.setdefault(track_id, []).append(need)
+            relay.needs_told.update({t: tuple(values) for t, values in told.items()})
 
     # ----------------------------------------------------------------- figures
 
@@ -971,13 +1064,13 @@ class RelayManager:
         out: list[dict[str, Any]] = []
         for peer, relay in sorted(self.relays.items()):
             sent = sum(o.tap.bytes_sent for o in relay.sends.values())
-            got = sum(p.tap.bytes for p in relay.received.values())
+            got = sum(p.bytes_in for p in relay.received.values())
             at, sent_before, got_before = self._marks.get((peer, relay.link_id), (now, sent, got))
             elapsed = now - at
             self._marks[(peer, relay.link_id)] = (now, sent, got)
             receptions = [r for o in relay.sends.values() if (r := o.tap.reception()) is not None]
             rtts = [r.rtt_s for r in receptions if r.rtt_s is not None]
-            incoming = [p.tap.reception() for p in relay.received.values()]
+            incoming = [t.reception() for p in relay.received.values() for t in p.taps]
             estimate = self.estimate_rtt_s(peer)
             rooms = {o.published.owner.slug for o in relay.sends.values()}
             rooms |= {p.owner.slug for p in relay.received.values()}
@@ -989,7 +1082,8 @@ class RelayManager:
                     "link": relay.link_id,
                     "state": relay.state,
                     "rooms": sorted(rooms),
-                    "tracks_out": len(relay.sends),
+                    "tracks_out": len({o.track_id for o in relay.sends.values()}),
+                    "layers_out_bps": self._layer_rates(peer, relay, now),
                     "tracks_in": len(relay.received),
                     "bitrate_out_bps": round((sent - sent_before) * 8 / elapsed) if elapsed else 0,
                     "bitrate_in_bps": round((got - got_before) * 8 / elapsed) if elapsed else 0,
@@ -1008,7 +1102,24 @@ class RelayManager:
         live = {(peer, relay.link_id) for peer, relay in self.relays.items()}
         for mark in [m for m in self._marks if m not in live]:
             del self._marks[mark]
+        for mark in [m for m in self._layer_marks if m not in live]:
+            del self._layer_marks[mark]
         return out
+
+    def _layer_rates(self, peer: str, relay: Relay, now: float) -> dict[str, int]:
+        """Bit/s sent per simulcast layer index over the link since the last figures (all
+        tracks summed): which layers the link carries."""
+        sent: dict[int, int] = {}
+        for out in relay.sends.values():
+            if out.layer is not None:
+                sent[out.layer] = sent.get(out.layer, 0) + out.tap.bytes_sent
+        before, at = self._layer_marks.get((peer, relay.link_id), ({}, now))
+        self._layer_marks[(peer, relay.link_id)] = (sent, now)
+        elapsed = now - at
+        return {
+            str(layer): round((total - before.get(layer, total)) * 8 / elapsed) if elapsed else 0
+            for layer, total in sorted(sent.items())
+        }
 
     def packets(self) -> tuple[int, int]:
         """Relayed packets (out, in) since start, ended relays included."""
@@ -1016,7 +1127,7 @@ class RelayManager:
             o.tap.packets_sent for r in self.relays.values() for o in r.sends.values()
         )
         got = self.totals.packets_in + sum(
-            p.tap.packets for r in self.relays.values() for p in r.received.values()
+            p.packets_in for r in self.relays.values() for p in r.received.values()
         )
         return out, got
 
@@ -1053,8 +1164,15 @@ class RelayCollector(Collector):
         jitter = GaugeMetricFamily(
             "sfumesh_relay_jitter_seconds", "Jitter of relayed tracks in", labels=["peer"]
         )
+        layers = GaugeMetricFamily(
+            "sfumesh_relay_layer_bitrate_bps",
+            "Bit/s a relay sends of each simulcast layer (all tracks)",
+            labels=["peer", "layer"],
+        )
         for entry in manager.report:
             peer = entry["peer"]
+            for layer, bps in entry.get("layers_out_bps", {}).items():
+                layers.add_metric([peer, layer], bps)
             tracks.add_metric([peer, "out"], entry["tracks_out"])
             tracks.add_metric([peer, "in"], entry["tracks_in"])
             bitrate.add_metric([peer, "out"], entry["bitrate_out_bps"])
@@ -1065,7 +1183,7 @@ class RelayCollector(Collector):
                 rtt.add_metric([peer, "estimated"], entry["rtt_estimated_ms"] / 1000)
             lost.add_metric([peer], entry["packets_lost_in"])
             jitter.add_metric([peer], entry["jitter_in_ms"] / 1000)
-        yield from (tracks, bitrate, rtt, lost, jitter)
+        yield from (tracks, bitrate, rtt, lost, jitter, layers)
         relays = GaugeMetricFamily("sfumesh_relays", "Relays open now")
         relays.add_metric([], len(manager.relays))
         yield relays

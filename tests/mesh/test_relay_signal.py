@@ -204,6 +204,33 @@ def test_needs_fit_and_carry_every_value(needs: list[int]) -> None:
     assert len({m.request for m in messages}) == len(messages)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    sets=st.lists(
+        st.lists(st.integers(signal.NEED_MIN, signal.NEED_MAX), min_size=1, max_size=4),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_needs_keep_each_tracks_set_in_one_message(sets: list[list[int]]) -> None:
+    """Several needs of one track (its subscribers' different tiles: the layers the link
+    carries) travel in one message: the receiver takes a message's set of a track as whole,
+    so a split between two of them would drop the other tiles' layers for a moment."""
+    header = Message("needs", "", "node-1", "boot1", "link1")
+    pairs = [(f"{'c' * 32}:{i}", need) for i, needs in enumerate(sets) for need in needs]
+    messages = signal.needs_updates(header, pairs)
+    carried: list[tuple[str, int]] = []
+    for message in messages:
+        data = signal.encode(message)
+        assert len(data) + signal.SEAL_BYTES <= MAX_MESSAGE_BYTES
+        decoded = signal.decode(data)
+        carried.extend(decoded.needs)
+        for track_id in {t for t, _ in decoded.needs}:
+            whole = [need for t, need in pairs if t == track_id]
+            assert [need for t, need in decoded.needs if t == track_id] == whole
+    assert carried == pairs
+
+
 @pytest.mark.parametrize(
     "needs",
     [

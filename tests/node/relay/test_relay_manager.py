@@ -22,7 +22,7 @@ from mesh.serf import SerfClient
 from node.config import ConfigError, MediaSettings, RelaySettings, new_key
 from node.media import adapter
 from node.media.session import MediaHub
-from node.relay.manager import RelayManager
+from node.relay.manager import RelayManager, split_stream
 from node.runtime.services import BackingServices
 from node.state import keys
 from node.state.lock import DistributedLock
@@ -378,3 +378,12 @@ def test_a_far_peer_gets_longer_to_answer() -> None:
     assert attempt_timeout(1.0, float("nan")) == 1.0
     assert attempt_timeout(1.0, 0.0005) == pytest.approx(1.001)
     assert attempt_timeout(1.0, 0.3) == pytest.approx(1.6)
+
+
+def test_a_simulcast_layer_travels_as_a_stream_of_its_own() -> None:
+    """A layer's link stream id names its track and layer; other ids are tracks whole (a
+    session id or mid with "~" in it is not mistaken for a layer)."""
+    assert split_stream("sess:0~2") == ("sess:0", 2)
+    assert split_stream("sess:0") == ("sess:0", None)
+    assert split_stream("sess:0~x") == ("sess:0~x", None)
+    assert split_stream("nocolon~1") == ("nocolon~1", None)
