@@ -139,10 +139,31 @@ REMB_HOLD_DECAY = 0.99
 RELAY_NEED_ANY = -1
 # (an unknown tile comes after every known one: it may need the top layer)
 NEED_ORDER_ANY = 1 << 30
+# ... and this when a subscriber's own bandwidth fits none of the layers carried: the
+# lowest layer (every layer is at least one pixel tall)
+RELAY_NEED_LOWEST = 1
 # Active speaker: an audio track's mean level (-dBov, 0 loudest) must be at most this...
 SPEAKER_MAX_DBOV = 55
 # ... and be the loudest this many rounds in a row before it is announced
 SPEAKER_ROUNDS = 2
+
+
+def relay_need(
+    view: View | None, choice: LayerChoice | None, heights: list[int | None], max_need: int
+) -> int | None:
+    """What one subscriber of a relayed simulcast track asks of the relay (`needs`): its
+    tile's height (`RELAY_NEED_ANY` before it said; None while hidden), or, when its own
+    bandwidth holds it below that (its last choice, among the layers carried), the height of
+    the layer it takes, so that layer stays carried however large its tile, or
+    `RELAY_NEED_LOWEST` when nothing carried fits it."""
+    if view is not None and not (view.visible and view.width > 0 and view.height > 0):
+        return None
+    if choice is not None and choice.reason in ("bandwidth", "allocation"):
+        height = heights[choice.layer] if choice.layer is not None else None
+        return min(height, max_need) if height else RELAY_NEED_LOWEST
+    if view is None:
+        return RELAY_NEED_ANY
+    return min(view.height, max_need)
 
 
 @dataclass(eq=False)

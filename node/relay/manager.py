@@ -80,7 +80,13 @@ from mesh.span import RoomView, TrackRef, node_pair, plan
 from node.config import ConfigError, RelaySettings
 from node.media.adapter import SenderTap
 from node.media.forward import Forwarder
-from node.media.session import LAYER_SELECT_S, RELAY_NEED_ANY, MediaHub, Published, RelayedOwner
+from node.media.session import (
+    LAYER_SELECT_S,
+    MediaHub,
+    Published,
+    RelayedOwner,
+    relay_need,
+)
 from node.relay.link import CODECS, RelayLink, RemoteTrack
 from node.state import keys
 from node.state.sessions import SessionStore, read_session
@@ -990,21 +996,21 @@ class RelayManager:
 
     def needs(self, relay: Relay) -> dict[str, tuple[int, ...]]:
         """What this node's subscribers need of each video track received over `relay`:
-        the heights of the visible tiles they show it in (distinct, at most `MAX_NEEDS`:
-        the smallest and the largest kept), `RELAY_NEED_ANY` for a subscriber that has not
-        said how it shows it, (0,) when nobody shows it."""
+        each one's `relay_need` (the height of its visible tile, or of the layer its own
+        bandwidth holds it to), distinct, at most `MAX_NEEDS` (the smallest and the largest
+        kept); (0,) when nobody shows it."""
         out: dict[str, tuple[int, ...]] = {}
         for track_id, published in relay.received.items():
             if published.kind != "video" or published.forwarder is None:
                 continue
             values: set[int] = set()
+            heights = published.heights()
             for subscription in list(published.subscriptions.values()):
                 mid = subscription.transceiver.mid
                 view = subscription.subscriber.views.get(mid) if mid is not None else None
-                if view is None:
-                    values.add(RELAY_NEED_ANY)
-                elif view.visible and view.width > 0 and view.height > 0:
-                    values.add(min(view.height, signal.NEED_MAX))
+                need = relay_need(view, subscription.choice, heights, signal.NEED_MAX)
+                if need is not None:
+                    values.add(need)
             ordered = sorted(values)
             if len(ordered) > MAX_NEEDS:
                 ordered = [*ordered[: MAX_NEEDS - 1], ordered[-1]]
