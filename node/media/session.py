@@ -166,6 +166,16 @@ def relay_need(
     return min(view.height, max_need)
 
 
+@dataclass
+class RelayPick:
+    """The layer a relay carries for one of the far node's tiles, with the hysteresis a
+    local subscriber's layer has (see `MediaHub.relay_wants`)."""
+
+    layer: int
+    settle_until: float = 0.0
+    probe_after: float = 0.0
+
+
 @dataclass(eq=False)
 class Subscription:
     """One published track sent to one subscriber (a transceiver on its subscribe PC)."""
@@ -258,6 +268,8 @@ class Published:
         #: node name -> what its subscribers of this track need: one value per distinct tile
         #: (see `RELAY_NEED_ANY`)
         self.relay_needs: dict[str, tuple[int, ...]] = {}
+        #: node name -> need -> the layer last picked for it there (`MediaHub.relay_wants`)
+        self.relay_picks: dict[str, dict[int, RelayPick]] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         if tap is None:
             if receiver is None:
@@ -1366,56 +1378,75 @@ class MediaHub:
                 }
             )
 
-    def relay_wants(self, published: Published, node: str, now: float) -> set[int]:
+    def relay_wants(
+        self, published: Published, node: str, now: float, *, remember: bool = False
+    ) -> set[int]:
         """The layers of a simulcast track the relay to `node` carries: for each of the
         tiles its subscribers show the track in (`relay_needs`, reported by the peer), the
         lowest layer as tall as that tile, within what the link's estimate leaves after the
         smaller tiles' layers; none when nobody there watches it. Their own bandwidth is in
         the link's estimate: the peer's REMB for a relayed track is capped by its slowest
         subscriber (not followed when `simulcast_follow_bandwidth` is off, as for local
-        subscribers), and the peer's subscribers then choose among the layers carried."""
+        subscribers), and the peer's subscribers then choose among the layers carried.
+
+        Each tile's layer keeps the hysteresis a local subscriber's has (`RelayPick`: no
+        climbing by probing for `PROBE_HOLD_S` after a step down, no step down by the
+        estimate alone for `SETTLE_S` after a step up): without it the link's estimate,
+        which changes as layer streams start and stop, swung a tile between two layers
+        every round on a loaded host. `remember` (the selection round) keeps the picks."""
         forwarder = published.forwarder
         sinks = published.relay_layers.get(node, {})
         if forwarder is None:
             return set()
         # the link's estimate: each layer stream's receiver estimates what its own stream
-        # gets, so the sum over the layers flowing now (a paused layer's last REMB is stale)
-        flowing: list[int] = []
+        # gets, so the sum over the layers sent (a paused layer's last REMB is stale)
         estimates: list[int] = []
         for sink in sinks.values():
             rewriter = forwarder.layer_rewriter(sink)
-            if rewriter is None or rewriter.current is None or rewriter.target is None:
-                continue
-            flowing.append(rewriter.current)
-            if sink.remb_bitrate is not None:
-                estimates.append(sink.remb_bitrate)
+            if rewriter is not None and rewriter.target is not None:
+                if sink.remb_bitrate is not None:
+                    estimates.append(sink.remb_bitrate)
         left: float | None = None
         if self.settings.simulcast_follow_bandwidth and estimates:
             left = float(sum(estimates))
-        current = max(flowing) if flowing else None
         rates = published.rates(now)
         heights = published.heights()
         needs = published.relay_needs.get(node, (RELAY_NEED_ANY,))
+        picks = published.relay_picks.get(node, {})
+        kept: dict[int, RelayPick] = {}
         wanted: set[int] = set()
         # the smallest tiles first: their layers cost the least and are taken first
         for need in sorted(needs, key=lambda n: NEED_ORDER_ANY if n == RELAY_NEED_ANY else n):
             if need == 0:
                 continue
             view = None if need == RELAY_NEED_ANY else View(need * 16 // 9, need)
+            before = picks.get(need)
             choice = choose_layer(
                 rates,
                 heights,
                 estimate_bps=None if left is None else max(0, round(left)),
                 loss=0.0,
-                current=current,
+                current=None if before is None else before.layer,
                 view=view,
                 cap=self.settings.simulcast_max_layer,
+                probe=before is None or now >= before.probe_after,
+                settling=before is not None and now < before.settle_until,
             )
             layer = choice.layer if choice.layer is not None else 0
+            pick = RelayPick(layer)
+            if before is not None:
+                pick.settle_until, pick.probe_after = before.settle_until, before.probe_after
+                if layer > before.layer:
+                    pick.settle_until = now + SETTLE_S
+                elif layer < before.layer and choice.reason == "bandwidth":
+                    pick.probe_after = now + PROBE_HOLD_S
+            kept[need] = pick
             if layer not in wanted:
                 wanted.add(layer)
                 if left is not None:
                     left -= rates[layer] or 0.0
+        if remember:
+            published.relay_picks[node] = kept
         return wanted
 
     def _select_relay_layers(self, now: float) -> None:
@@ -1428,7 +1459,7 @@ class MediaHub:
             if forwarder is None or not published.simulcast:
                 continue
             for node, sinks in list(published.relay_layers.items()):
-                wanted = self.relay_wants(published, node, now)
+                wanted = self.relay_wants(published, node, now, remember=True)
                 for layer, sink in list(sinks.items()):
                     rewriter = forwarder.layer_rewriter(sink)
                     if rewriter is None:

@@ -455,6 +455,7 @@ class RelayManager:
                 del published.relay_layers[relay.peer]
         if relay.peer not in published.relays and relay.peer not in published.relay_layers:
             published.relay_needs.pop(relay.peer, None)
+            published.relay_picks.pop(relay.peer, None)
         self.totals.packets_out += out.tap.packets_sent
 
     def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
