@@ -915,6 +915,15 @@ class RtpTap:
             logger.exception("RTP handler failed (packet dropped)")
         return sends
 
+    def share_estimator(self, other: RtpTap) -> None:
+        """Estimate the incoming bandwidth together with `other` (its receiver's estimator,
+        which then sees both streams; its REMB names both SSRCs, so each sender hears the
+        same estimate of what the two streams get together, as a browser keeps one per
+        transport). The layer streams of one relayed simulcast track do: alone, each
+        stream's estimate covered only itself, and a layer switched off took its share of
+        the estimate with it."""
+        self._estimator = other._estimator
+
     @property
     def handler(self) -> PacketHandler:
         """Where the raw packets go; settable (a relayed track is bound straight to its

@@ -137,8 +137,6 @@ REMB_HOLD_DECAY = 0.99
 # the tiles its subscribers show it in (each a layer the relay carries), 0 when none shows
 # it, or this when one of them has not said (its tile is unknown: any layer may be needed)
 RELAY_NEED_ANY = -1
-# (an unknown tile comes after every known one: it may need the top layer)
-NEED_ORDER_ANY = 1 << 30
 # ... and this when a subscriber's own bandwidth fits none of the layers carried: the
 # lowest layer (every layer is at least one pixel tall)
 RELAY_NEED_LOWEST = 1
@@ -270,6 +268,8 @@ class Published:
         self.relay_needs: dict[str, tuple[int, ...]] = {}
         #: node name -> need -> the layer last picked for it there (`MediaHub.relay_wants`)
         self.relay_picks: dict[str, dict[int, RelayPick]] = {}
+        #: node name -> the link's estimate for this track at the last pick (for the logs)
+        self.relay_estimates: dict[str, int | None] = {}
         self.keyframe_task: asyncio.Task[None] | None = None
         if tap is None:
             if receiver is None:
@@ -1383,11 +1383,12 @@ class MediaHub:
     ) -> set[int]:
         """The layers of a simulcast track the relay to `node` carries: for each of the
         tiles its subscribers show the track in (`relay_needs`, reported by the peer), the
-        lowest layer as tall as that tile, within what the link's estimate leaves after the
-        smaller tiles' layers; none when nobody there watches it. Their own bandwidth is in
-        the link's estimate: the peer's REMB for a relayed track is capped by its slowest
-        subscriber (not followed when `simulcast_follow_bandwidth` is off, as for local
-        subscribers), and the peer's subscribers then choose among the layers carried.
+        lowest layer as tall as that tile, within the link's estimate (the far node's one
+        estimate over the track's layer streams; each tile's layer against all of it, as
+        the one layer was before); none when nobody there watches it. The far subscribers'
+        own bandwidth: each chooses among the layers carried, and one held below its tile
+        asks for the layer it takes (`relay_need`). Not followed when
+        `simulcast_follow_bandwidth` is off, as for local subscribers.
 
         Each tile's layer keeps the hysteresis a local subscriber's has (`RelayPick`: no
         climbing by probing for `PROBE_HOLD_S` after a step down, no step down by the
@@ -1398,25 +1399,25 @@ class MediaHub:
         sinks = published.relay_layers.get(node, {})
         if forwarder is None:
             return set()
-        # the link's estimate: each layer stream's receiver estimates what its own stream
-        # gets, so the sum over the layers sent (a paused layer's last REMB is stale)
+        # the link's estimate: the far node estimates the layer streams of a track together
+        # (`RtpTap.share_estimator`), so each sink hears it; the freshest is a sink's whose
+        # layer is sent (a paused layer's last REMB is stale)
         estimates: list[int] = []
         for sink in sinks.values():
             rewriter = forwarder.layer_rewriter(sink)
             if rewriter is not None and rewriter.target is not None:
                 if sink.remb_bitrate is not None:
                     estimates.append(sink.remb_bitrate)
-        left: float | None = None
+        estimate: int | None = None
         if self.settings.simulcast_follow_bandwidth and estimates:
-            left = float(sum(estimates))
+            estimate = max(estimates)
         rates = published.rates(now)
         heights = published.heights()
         needs = published.relay_needs.get(node, (RELAY_NEED_ANY,))
         picks = published.relay_picks.get(node, {})
         kept: dict[int, RelayPick] = {}
         wanted: set[int] = set()
-        # the smallest tiles first: their layers cost the least and are taken first
-        for need in sorted(needs, key=lambda n: NEED_ORDER_ANY if n == RELAY_NEED_ANY else n):
+        for need in needs:
             if need == 0:
                 continue
             view = None if need == RELAY_NEED_ANY else View(need * 16 // 9, need)
@@ -1424,7 +1425,7 @@ class MediaHub:
             choice = choose_layer(
                 rates,
                 heights,
-                estimate_bps=None if left is None else max(0, round(left)),
+                estimate_bps=estimate,
                 loss=0.0,
                 current=None if before is None else before.layer,
                 view=view,
@@ -1441,12 +1442,10 @@ class MediaHub:
                 elif layer < before.layer and choice.reason == "bandwidth":
                     pick.probe_after = now + PROBE_HOLD_S
             kept[need] = pick
-            if layer not in wanted:
-                wanted.add(layer)
-                if left is not None:
-                    left -= rates[layer] or 0.0
+            wanted.add(layer)
         if remember:
             published.relay_picks[node] = kept
+            published.relay_estimates[node] = estimate
         return wanted
 
     def _select_relay_layers(self, now: float) -> None:
@@ -1476,6 +1475,11 @@ class MediaHub:
                             "layer": layer,
                             "on": target is not None,
                             "needs": list(published.relay_needs.get(node, (RELAY_NEED_ANY,))),
+                            "estimate_bps": published.relay_estimates.get(node),
+                            "rates_bps": [
+                                None if rate is None else round(rate)
+                                for rate in published.rates(now)
+                            ],
                         },
                     )
                     rewriter.set_target(target)

@@ -456,6 +456,7 @@ class RelayManager:
         if relay.peer not in published.relays and relay.peer not in published.relay_layers:
             published.relay_needs.pop(relay.peer, None)
             published.relay_picks.pop(relay.peer, None)
+            published.relay_estimates.pop(relay.peer, None)
         self.totals.packets_out += out.tap.packets_sent
 
     def _apply_later(self, relay: Relay, wanted: dict[str, Published]) -> None:
@@ -668,6 +669,7 @@ class RelayManager:
             for layer, remote in streams:
                 if layer is not None:
                     published.add_layer_tap(remote.tap, remote.ssrc, layer)
+                    remote.tap.share_estimator(first.tap)
             relay.received[track_id] = published
             spec = CODECS[first.info.codec]
             self.media.add_relayed(published, spec.capability())

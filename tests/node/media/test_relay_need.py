@@ -51,7 +51,7 @@ def test_a_subscriber_held_down_by_its_bandwidth_asks_for_the_layer_it_takes() -
 async def test_the_relay_carries_each_far_tiles_layer_with_hysteresis() -> None:
     """A local simulcast track relayed to node-2, whose subscribers show it in a small and a
     large tile: the relay carries the quarter and the full layer (the half one paused); when
-    the link's estimate (the layer streams' REMBs summed) falls, the large tile's layer steps
+    the link's estimate (the far node's, over the layer streams) falls, the large tile's layer steps
     down, and it does not probe back up before `PROBE_HOLD_S` (the estimate, which changes
     as layer streams start and stop, swung it every round before)."""
     hub = MediaHub(MediaSettings(simulcast_layer_off_s=0.0))
@@ -68,7 +68,7 @@ async def test_the_relay_carries_each_far_tiles_layer_with_hysteresis() -> None:
         published.layer_rates = dict(enumerate(RATES))
         published.layer_sizes = {0: (320, 180), 1: (640, 360), 2: (1280, 720)}
         owner.published["1"] = published
-        sinks = [Sink(2000 + layer, 1_100_000) for layer in range(3)]
+        sinks = [Sink(2000 + layer, 2_000_000) for layer in range(3)]
         for layer, sink in enumerate(sinks):
             assert published.attach(cast(Any, sink), layer)
         published.relay_layers["node-2"] = {i: cast(Any, s) for i, s in enumerate(sinks)}
@@ -83,11 +83,11 @@ async def test_the_relay_carries_each_far_tiles_layer_with_hysteresis() -> None:
         hub.select_layers()
         assert targets() == [0, None, 2]
         # the link's estimate falls to 800 kbit/s: the large tile gets the half layer
-        sinks[0].remb_bitrate, sinks[2].remb_bitrate = 200_000, 600_000
+        sinks[0].remb_bitrate, sinks[2].remb_bitrate = 800_000, 800_000
         hub.select_layers()
         assert targets() == [0, 1, None]
         # an estimate that covers the half layer but not the full one: no probing up yet
-        sinks[0].remb_bitrate, sinks[1].remb_bitrate = 200_000, 1_000_000
+        sinks[0].remb_bitrate, sinks[1].remb_bitrate = 1_000_000, 1_000_000
         for _ in range(3):
             hub.select_layers()
             assert targets() == [0, 1, None]
