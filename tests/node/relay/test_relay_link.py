@@ -311,3 +311,39 @@ async def test_peer_closing_ends_the_link_on_the_surviving_side() -> None:
         await a.close()
         await b.close()
     assert reasons == ["dtls-closed"]  # reported once
+
+
+async def test_layer_streams_sharing_an_estimator_hear_one_estimate(
+    pair: tuple[RelayLink, RelayLink, Received, Received],
+) -> None:
+    """The layer streams of a relayed simulcast track are estimated together on the
+    receiving side (`RtpTap.share_estimator`): one REMB names both SSRCs, so both senders
+    hear the same estimate of the two streams' bandwidth (alone, the small stream's sender
+    heard an estimate of its own small stream only)."""
+    a, b, _, got_b = pair
+    small = await a.add_track("r/alice:0~0", "video", "VP8", VP8_PT)
+    large = await a.add_track("r/alice:0~2", "video", "VP8", VP8_PT)
+    await exchange(a, b)
+    await small.wait_ready()
+    await large.wait_ready()
+    remotes = {remote.ssrc: remote for remote in b.remote_tracks.values()}
+    remotes[large.ssrc].tap.share_estimator(remotes[small.ssrc].tap)
+    sent = 0
+    deadline = asyncio.get_running_loop().time() + 10.0
+    seq = 1
+    while small.remb_bitrate is None or large.remb_bitrate is None or seq < 60:
+        assert asyncio.get_running_loop().time() < deadline, (
+            small.remb_bitrate,
+            large.remb_bitrate,
+        )
+        stamp = adapter.send_stamp()
+        small.write(VP8_PT, 1, seq, seq * 3000, bytes([0x10]) + b"s" * 100, None, stamp)
+        for part in range(4):
+            large.write(
+                VP8_PT, part == 3, seq * 4 + part, seq * 3000, vp8_payload(900), None, stamp
+            )
+        sent += 5
+        seq += 1
+        await asyncio.sleep(0.02)
+    await got_b.wait_for(sent // 2)
+    assert small.remb_bitrate == large.remb_bitrate, (small.remb_bitrate, large.remb_bitrate)
