@@ -79,7 +79,6 @@ from mesh.relay_description import (
     KIND_CODES,
     RelayDescription,
     TrackInfo,
-    encode_description,
     parse_description,
     parse_track,
 )
@@ -265,7 +264,10 @@ class RelayLink:
             candidates=candidates,
             tracks=tuple(track.info for track in self.local_tracks.values()),
         )
-        encode_description(description)  # validates and checks the size
+        # validated, but not held to one message's size: an offer or answer carries the
+        # tracks that fit and the rest follow as `tracks` updates (`fit_description`); a
+        # simulcast track takes one entry per layer, so a few rooms' tracks overflow it
+        parse_description({**description.wire(), "t": []})
         return description.wire()
 
     # ---------------------------------------------------------------- tracks

@@ -21,6 +21,7 @@ from mesh.relay_description import (
     encode_description,
     is_controlling,
 )
+from mesh.relay_signal import MAX_MESSAGE_BYTES, SEAL_BYTES, Message, encode, fit_description
 from node.media import adapter
 from node.relay.link import RelayLink, RemoteTrack
 
@@ -347,3 +348,21 @@ async def test_layer_streams_sharing_an_estimator_hear_one_estimate(
         await asyncio.sleep(0.02)
     await got_b.wait_for(sent // 2)
     assert small.remb_bitrate == large.remb_bitrate, (small.remb_bitrate, large.remb_bitrate)
+
+
+async def test_a_description_with_more_tracks_than_one_message_holds_is_made(
+    pair: tuple[RelayLink, RelayLink, Received, Received],
+) -> None:
+    """A simulcast track takes one entry per layer: a link with a few rooms' tracks has
+    more than one offer holds. Its description is still made; the offer carries what fits
+    and the rest follow as `tracks` updates (before, making it raised)."""
+    a, _, _, _ = pair
+    for n in range(8):
+        for layer in range(3):
+            await a.add_track(f"{'c' * 32}:{n}~{layer}", "video", "VP8", VP8_PT)
+    description = await a.local_description()
+    assert len(description["t"]) == 24
+    offer, left = fit_description(Message("offer", "r1", "node-a", "boot", "link", description))
+    assert offer.description is not None
+    assert len(offer.description["t"]) + len(left) == 24 and left
+    assert len(encode(offer)) + SEAL_BYTES <= MAX_MESSAGE_BYTES
