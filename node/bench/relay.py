@@ -63,7 +63,7 @@ from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
 from mesh.process import ServiceError
-from node.bench.harness import no_interrupts, sign_up
+from node.bench.harness import no_interrupts, no_relay, sign_up
 from node.bench.report import (
     metric_sum,
     ms,
@@ -87,6 +87,8 @@ from node.runtime.services import BackingServices
 CARRIERS = ("inline", "redis")
 PATHS = ("loopback", "lossy")
 DEFAULT_SLOPE_TRACKS = (1, 4, 16)
+#: how long a trial waits for the previous relay to close
+NO_RELAY_S = 20.0
 
 
 class SlopeProbe(Protocol):
@@ -253,17 +255,6 @@ async def _retried(http: httpx.AsyncClient, nodes: list[LocalNode]) -> float:
     )
 
 
-async def _no_relay(redis: Redis, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        one, two = await read_relays(redis, "node-1"), await read_relays(redis, "node-2")
-        if "node-2" not in one and "node-1" not in two:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("the relay between node-1 and node-2 did not close")
-        await asyncio.sleep(0.1)
-
-
 async def _drive(
     nodes: list[LocalNode], services: BackingServices, run: RelayRun, result: CarrierRun
 ) -> None:
@@ -287,7 +278,7 @@ async def _drive(
         await a.start_publishing()
         try:
             for trial in range(run.trials):
-                await _no_relay(redis)
+                await no_relay(redis, NO_RELAY_S)
                 retried = await _retried(http, nodes)
                 started = time.monotonic()
                 b_sock = await _join(http, node2.url, b_token, slug)
@@ -384,7 +375,7 @@ async def _cpu_phase(
     a_id = a.sock.session_id
     windows: dict[str, dict[str, tuple[float, float, float]]] = {}
     for label, node in (("relayed", nodes[1]), ("local", nodes[0])):
-        await _no_relay(redis)
+        await no_relay(redis, NO_RELAY_S)
         b_sock = await _join(http, node.url, b_token, slug)
         b = MediaPeer(b_sock, "B")
         try:

@@ -50,15 +50,17 @@ from redis.asyncio import Redis
 
 from node.bench.forward import media as bench_media
 from node.bench.forward.run import ClientProcess, fit_line, split_evenly
+from node.bench.harness import no_relay, sign_up
 from node.bench.report import metric_sum, process_cpu_s, rounded, say
 from node.local.launch import LocalNode
-from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
 
 DEFAULT_TRACKS: Final = (1, 4, 16)
 #: small frames: 1-2 packets each, so 16 tracks stay well within a shared machine
 MEDIA: Final = bench_media.MediaParams(width=320, height=180, bitrate=400_000)
 PUBLISHERS_PER_PROCESS: Final = 4
+#: how long a window waits for the previous window's relay to close
+NO_RELAY_S: Final = 60.0
 SUBSCRIBERS_PER_PROCESS: Final = 8
 #: the order of a T's windows (alternated between Ts, so a drift of load favours none)
 PATHS: Final = ("relayed", "local", "fanout")
@@ -87,7 +89,6 @@ WARMUP_S: Final = 3.0
 SETUP_TIMEOUT_S: Final = 240.0
 #: the target of issue 19: both sides together at most this many times the local path
 TARGET_RATIO: Final = 2.0
-PASSWORD: Final = "bench relay slope password"  # noqa: S105 (throwaway users)
 ADDRESS: Final = "127.0.0.1"
 
 
@@ -191,9 +192,9 @@ class _Slopes:
         url = self.nodes["node-1"].url
         # a person publishes a few tracks per room at most: one user per publisher
         self.publisher_tokens = [
-            await _sign_up(http, url, f"slope{self.stamp}p{n}") for n in range(publishers)
+            await sign_up(http, url, f"slope{self.stamp}p{n}") for n in range(publishers)
         ]
-        self.subscriber_token = await _sign_up(http, url, f"slope{self.stamp}s")
+        self.subscriber_token = await sign_up(http, url, f"slope{self.stamp}s")
 
     async def room(self, http: httpx.AsyncClient) -> str:
         self.rooms += 1
@@ -214,7 +215,7 @@ class _Slopes:
         clients: list[ClientProcess] = []
         try:
             # a relay left from a failed window is that window's failure, not the run's
-            await _no_relay(redis)
+            await no_relay(redis, NO_RELAY_S)
             slug = await self.room(http)
             clients, subscribers = self._clients(path, tracks, slug, media_path, workdir)
             await asyncio.gather(*(c.start() for c in clients))
@@ -398,28 +399,6 @@ def _argv(role: str, spec: dict[str, Any]) -> list[str]:
         "--timeout",
         str(SETUP_TIMEOUT_S),
     ]
-
-
-async def _sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
-    body = {"username": name, "email": f"{name}@example.org", "password": PASSWORD}
-    reply = await http.post(f"{url}/api/users", json={**body, "display_name": name})
-    reply.raise_for_status()
-    login = await http.post(f"{url}/api/auth/login", json={"login": name, "password": PASSWORD})
-    login.raise_for_status()
-    token: str = login.json()["user_token"]
-    return token
-
-
-async def _no_relay(redis: Redis, within_s: float = 60.0) -> None:
-    """Until neither node reports a relay (the previous window's has closed)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        one, two = await read_relays(redis, "node-1"), await read_relays(redis, "node-2")
-        if "node-2" not in one and "node-1" not in two:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("the relay between node-1 and node-2 did not close")
-        await asyncio.sleep(0.2)
 
 
 async def _measure(
