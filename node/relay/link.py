@@ -78,7 +78,6 @@ from mesh.relay_description import (
     KIND_CODES,
     RelayDescription,
     TrackInfo,
-    encode_description,
     parse_description,
     parse_track,
 )
@@ -244,7 +243,8 @@ class RelayLink:
     # ---------------------------------------------------------------- description
 
     async def local_description(self) -> dict[str, Any]:
-        """This side's compact description (gathers host candidates the first time)."""
+        """This side's compact description (gathers host candidates the first time), with
+        every local track: it may be longer than one Serf message (see `fit_description`)."""
         await self._gatherer.gather()
         ice = self._gatherer.getLocalParameters()
         fingerprint = next(
@@ -264,8 +264,12 @@ class RelayLink:
             candidates=candidates,
             tracks=tuple(track.info for track in self.local_tracks.values()),
         )
-        encode_description(description)  # validates and checks the size
-        return description.wire()
+        # Validated, but not held to the message size: with many tracks the whole list does
+        # not fit in one Serf message, and the manager sends what fits in the offer or answer
+        # (`mesh.relay_signal.fit_description`) and the rest as `tracks` updates.
+        wire = description.wire()
+        parse_description(wire)
+        return wire
 
     # ---------------------------------------------------------------- tracks
 
