@@ -1,6 +1,7 @@
 """How the HTTP benches (api, join) drive real node processes: a pooled client, closed-loop
 load until a deadline, a watch that aborts when a process dies, clean-up that a second Ctrl-C
-cannot cut short."""
+cannot cut short; and what several benches share: signing a user up, waiting for a relay
+between two nodes to close."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 
 from mesh.closest import RankedNode
 from node.bench.report import Phase
 from node.local.launch import LocalNode
+from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
 
 REQUEST_TIMEOUT_S = 120.0
@@ -160,3 +163,16 @@ async def sign_up(http: httpx.AsyncClient, url: str, name: str) -> str:
 def ranked_first(ranking: list[RankedNode], first: str) -> list[RankedNode]:
     """The measured ranking with the node named `first` in front: where a bench puts a client."""
     return sorted(ranking, key=lambda node: node.name != first)
+
+
+async def no_relay(redis: Redis, within_s: float, one: str = "node-1", two: str = "node-2") -> None:
+    """Until neither node reports a relay to the other (the previous one has closed);
+    RuntimeError after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        relays_one, relays_two = await read_relays(redis, one), await read_relays(redis, two)
+        if two not in relays_one and one not in relays_two:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the relay between {one} and {two} did not close")
+        await asyncio.sleep(0.1)

@@ -37,8 +37,11 @@ video tracks per window, each node's CPU fitted against the packets per second, 
 local path's slope of the same run (`node.bench.relay_cost`, handed in by the CLI as
 `slope`: its clients are the forward bench's, which this bench may not import). Keys
 `relay_us_per_packet_slope` ({sending, receiving, sum}), `local_us_per_packet_slope`,
-`relay_own_us_per_packet_slope`, `relay_over_local`; `cpu_us_per_relayed_packet` is the old
-two-window figure, kept for comparison.
+`relay_own_us_per_packet_slope`, `relay_over_local`, and the fan-out marginal of the same
+run, `local_forward_us_per_packet_slope`, with `relay_to_local_forward_ratio` (the relay's sum
+over it); `--relay-profile DIR` adds py-spy's top frames of both nodes per window
+(`relay_slope_profiles`). `cpu_us_per_relayed_packet` is the old two-window figure, kept for
+comparison.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
 from mesh.process import ServiceError
-from node.bench.harness import no_interrupts, sign_up
+from node.bench.harness import no_interrupts, no_relay, sign_up
 from node.bench.report import (
     metric_sum,
     ms,
@@ -84,6 +87,8 @@ from node.runtime.services import BackingServices
 CARRIERS = ("inline", "redis")
 PATHS = ("loopback", "lossy")
 DEFAULT_SLOPE_TRACKS = (1, 4, 16)
+#: how long a trial waits for the previous relay to close
+NO_RELAY_S = 20.0
 
 
 class SlopeProbe(Protocol):
@@ -96,6 +101,8 @@ class SlopeProbe(Protocol):
         workdir: Path,
         window_s: float,
         tracks: list[int],
+        *,
+        profile_dir: Path | None = None,
     ) -> dict[str, Any]: ...
 
 
@@ -182,6 +189,8 @@ class RelayRun:
     #: relayed track counts of the slope (empty: none), and its figures
     slope_tracks: list[int] = field(default_factory=list)
     slope: dict[str, Any] = field(default_factory=dict)
+    #: where py-spy's profiles of the slope windows go (None: not profiled)
+    profile_dir: Path | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +215,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--relay-tracks",
         default=",".join(map(str, DEFAULT_SLOPE_TRACKS)),
         help="relay: relayed track counts of the CPU slope (0: no slope)",
+    )
+    group.add_argument(
+        "--relay-profile",
+        type=Path,
+        metavar="DIR",
+        help="relay: py-spy record both nodes over each slope window (raw stacks in DIR, "
+        "top frames in the table and JSON)",
     )
 
 
@@ -239,17 +255,6 @@ async def _retried(http: httpx.AsyncClient, nodes: list[LocalNode]) -> float:
     )
 
 
-async def _no_relay(redis: Redis, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        one, two = await read_relays(redis, "node-1"), await read_relays(redis, "node-2")
-        if "node-2" not in one and "node-1" not in two:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("the relay between node-1 and node-2 did not close")
-        await asyncio.sleep(0.1)
-
-
 async def _drive(
     nodes: list[LocalNode], services: BackingServices, run: RelayRun, result: CarrierRun
 ) -> None:
@@ -273,7 +278,7 @@ async def _drive(
         await a.start_publishing()
         try:
             for trial in range(run.trials):
-                await _no_relay(redis)
+                await no_relay(redis, NO_RELAY_S)
                 retried = await _retried(http, nodes)
                 started = time.monotonic()
                 b_sock = await _join(http, node2.url, b_token, slug)
@@ -370,7 +375,7 @@ async def _cpu_phase(
     a_id = a.sock.session_id
     windows: dict[str, dict[str, tuple[float, float, float]]] = {}
     for label, node in (("relayed", nodes[1]), ("local", nodes[0])):
-        await _no_relay(redis)
+        await no_relay(redis, NO_RELAY_S)
         b_sock = await _join(http, node.url, b_token, slug)
         b = MediaPeer(b_sock, "B")
         try:
@@ -442,7 +447,12 @@ def _run_carrier(
         asyncio.run(_drive(nodes, services, run, result))
         if slope is not None and run.slope_tracks and run.window_s > 0 and not run.slope:
             run.slope = slope(
-                nodes, services, data_dir / carrier / "slope", run.window_s, run.slope_tracks
+                nodes,
+                services,
+                data_dir / carrier / "slope",
+                run.window_s,
+                run.slope_tracks,
+                profile_dir=run.profile_dir,
             )
     finally:
         with no_interrupts():
@@ -577,14 +587,26 @@ def print_slopes(figures: dict[str, Any]) -> None:
         f"(in from the publisher, out to the subscriber, one node); relaying adds "
         f"{num(figures['relay_own_us_per_packet_slope'])} us"
     )
-    ratio = figures["relay_over_local"]
-    target = figures["relay_slope_target"]
-    met = target["met"]
-    verdict = "not measured" if met is None else ("met" if met else "NOT met")
     say(
-        f"target: both sides <= {target['relay_over_local_max']:g}x the local path: {verdict} "
-        f"({'-' if ratio is None else f'{ratio:.2f}'}x)"
+        f"local forward (one publisher, T subscribers, one node): "
+        f"{num(figures.get('local_forward_us_per_packet_slope'))} us per copy"
     )
+    target = figures["relay_slope_target"]
+
+    def verdict(met: bool | None, ratio: float | None) -> str:
+        said = "not measured" if met is None else ("met" if met else "NOT met")
+        return f"{said} ({'-' if ratio is None else f'{ratio:.2f}'}x)"
+
+    say(
+        f"target: both sides <= {target['relay_over_local_max']:g}x the local path: "
+        f"{verdict(target['met'], figures['relay_over_local'])}; <= "
+        f"{target['relay_to_local_forward_max']:g}x the local forward cost: "
+        f"{verdict(target['local_forward_met'], figures['relay_to_local_forward_ratio'])}"
+    )
+    for label, profile in (figures.get("relay_slope_profiles") or {}).items():
+        for node, summary in sorted(profile.items()):
+            frames = ", ".join(f"{name} {pct:g}%" for name, pct in summary["self_pct"][:8])
+            say(f"py-spy {label} {node} ({summary['samples']} samples, self): {frames}")
 
 
 def report(run: RelayRun) -> dict[str, Any]:
@@ -696,6 +718,7 @@ def run(args: argparse.Namespace, slope: SlopeProbe | None = None) -> int:
         lossy_delay_ms=args.lossy_delay_ms,
         lossy_loss=args.lossy_loss,
         slope_tracks=slope_tracks if slope is not None and "loopback" in paths else [],
+        profile_dir=args.relay_profile,
     )
     adapter.set_host_addresses(["127.0.0.1"])  # the participants in this process
     try:

@@ -244,7 +244,8 @@ class RelayLink:
     # ---------------------------------------------------------------- description
 
     async def local_description(self) -> dict[str, Any]:
-        """This side's compact description (gathers host candidates the first time)."""
+        """This side's compact description (gathers host candidates the first time), with
+        every local track: it may be longer than one Serf message (see `fit_description`)."""
         await self._gatherer.gather()
         ice = self._gatherer.getLocalParameters()
         fingerprint = next(
@@ -264,11 +265,12 @@ class RelayLink:
             candidates=candidates,
             tracks=tuple(track.info for track in self.local_tracks.values()),
         )
-        # validated, but not held to one message's size: an offer or answer carries the
-        # tracks that fit and the rest follow as `tracks` updates (`fit_description`); a
-        # simulcast track takes one entry per layer, so a few rooms' tracks overflow it
-        parse_description({**description.wire(), "t": []})
-        return description.wire()
+        # Validated, but not held to the message size: with many tracks the whole list does
+        # not fit in one Serf message, and the manager sends what fits in the offer or answer
+        # (`mesh.relay_signal.fit_description`) and the rest as `tracks` updates.
+        wire = description.wire()
+        parse_description(wire)
+        return wire
 
     # ---------------------------------------------------------------- tracks
 

@@ -23,7 +23,7 @@ ISSUE_KEYS = (
 def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "relay.json"
     argv = ["bench", "relay", "--joins", "2", "--cpu-window", "2", "--paths", "loopback"]
-    argv += ["--relay-tracks", "1,2", "--json", str(out)]
+    argv += ["--relay-tracks", "1,2", "--json", str(out), "--relay-profile", str(tmp_path / "prof")]
     code = main(argv)
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
@@ -57,7 +57,7 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
     assert figures["relay_slope_tracks"] == [1, 2]
     windows = figures["relay_slope_windows"]
     assert {(w["path"], w["tracks"]) for w in windows} == {
-        (path, tracks) for path in ("relayed", "local") for tracks in (1, 2)
+        (path, tracks) for path in ("relayed", "local", "fanout") for tracks in (1, 2)
     }
     for window in windows:
         assert window["error"] is None and window["packets"] > 0, window
@@ -67,6 +67,23 @@ def test_a_short_run_of_both_carriers(tmp_path: Path, capsys: pytest.CaptureFixt
         else:
             assert window["relayed_out"] == 0, window
     assert "relayed packet:" in printed.out and "local path of the same run" in printed.out
+    # the local marginal forward cost (one publisher, T subscribers) of the same run, and
+    # the relay's sum over it (issue 19's target)
+    forward = figures["local_forward_us_per_packet_slope"]
+    assert isinstance(forward, int | float) and not isinstance(forward, bool), figures
+    ratio = figures["relay_to_local_forward_ratio"]
+    if forward > 1:  # (a tiny noisy run may fit any slope; the ratio needs a positive one)
+        assert ratio == pytest.approx(slope["sum"] / forward, rel=0.05, abs=0.05), figures
+    assert "local forward (one publisher, T subscribers" in printed.out
+    # py-spy sampled both nodes in every window: raw stacks kept, top frames summarised
+    profiles = figures["relay_slope_profiles"]
+    assert set(profiles) == {f"{w['path']}-t{w['tracks']}" for w in windows}
+    for label, nodes in profiles.items():
+        assert set(nodes) == {"node-1", "node-2"}, label
+        assert (tmp_path / "prof" / f"{label}-node-1.txt").stat().st_size > 0
+    busy = profiles["relayed-t2"]["node-1"]
+    assert busy["samples"] > 0 and busy["self_pct"], busy
+    assert "py-spy relayed-t2 node-1" in printed.out
 
 
 @pytest.mark.skipif(namespace_problem() is not None, reason=f"no lab: {namespace_problem()}")

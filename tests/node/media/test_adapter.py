@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import aioice
 import aioice.ice
 import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import (
+    MediaStreamTrack,
+    RTCCertificate,
+    RTCDtlsTransport,
+    RTCIceGatherer,
+    RTCIceTransport,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+)
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtp import RtpPacket
 
 from node.media import adapter
@@ -174,3 +185,50 @@ async def test_tapped_receivers_take_the_fast_path_and_still_nack():
         await node.close()
         await peer.close()
         adapter.set_host_addresses(None)
+
+
+async def test_the_lightened_remb_estimator_gives_aiortcs_figures():
+    """Issue 19: a tapped receiver's REMB estimator keeps its incoming bitrate as a queue of
+    busy milliseconds and takes the minimum frame period with the built-in `min`
+    (`adapter.lighten_estimator`), instead of walking a bucket per millisecond and a Python
+    loop per frame; what it returns (the REMB sent to the publisher) is aiortc's, packet
+    for packet, over frames, bursts in one millisecond, gaps longer than the window and an
+    overuse."""
+    ice = RTCIceTransport(RTCIceGatherer(iceServers=[]))
+    receiver = RTCRtpReceiver(
+        "video", RTCDtlsTransport(ice, [RTCCertificate.generateCertificate()])
+    )
+    adapter.tap_rtp(receiver, lambda packet: None)
+    lightened = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
+    assert isinstance(lightened.incoming_bitrate, adapter._WindowRate)
+    assert "update_min_frame_period" in vars(lightened.estimator)
+    adapter.lighten_estimator(lightened)  # idempotent
+    plain = RemoteBitrateEstimator()
+    rng = random.Random(19)
+    now_ms, send_ms = 1_000_000, 0.0
+    outputs: list[object] = []
+    rates: list[object] = []
+    for frame in range(3000):
+        # ~30 frames/s, 1-6 packets each (same or next millisecond), now and then a pause
+        # longer than the 1 s window, and a stretch where arrivals lag more and more (overuse)
+        gap = 33 + rng.randint(-3, 3)
+        if frame % 500 == 499:
+            gap += 1500
+        send_ms += gap
+        now_ms += gap + (frame % 97 if 1000 <= frame < 1200 else 0)
+        for packet in range(rng.randint(1, 6)):
+            arrival = now_ms + (packet // 3)
+            abs_send_time = (int(send_ms * 262.144) + packet) & 0xFFFFFF
+            size = rng.randint(200, 1200)
+            ssrc = 1234 + frame % 2
+            got = lightened.add(arrival, abs_send_time, size, ssrc)
+            want = plain.add(arrival, abs_send_time, size, ssrc)
+            assert got == want, (frame, packet)
+            outputs.append(want)
+        rates.append(plain.incoming_bitrate.rate(now_ms))
+        assert lightened.incoming_bitrate.rate(now_ms) == rates[-1], frame
+    assert sum(o is not None for o in outputs) > 50  # REMBs were produced and compared
+    assert len({r for r in rates if r is not None}) > 100
+    assert lightened.estimator.update_min_frame_period(5.0) == (
+        plain.estimator.update_min_frame_period(5.0)
+    )

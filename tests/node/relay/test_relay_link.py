@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 from aiortc.rtp import RtpPacket
 
+from mesh import relay_signal as signal
 from mesh.relay_description import (
     MAX_DESCRIPTION_BYTES,
     decode_description,
     encode_description,
     is_controlling,
+    parse_track,
 )
-from mesh.relay_signal import MAX_MESSAGE_BYTES, SEAL_BYTES, Message, encode, fit_description
+from mesh.relay_signal import Message
 from node.media import adapter
 from node.relay.link import RelayLink, RemoteTrack
 
@@ -350,19 +352,25 @@ async def test_layer_streams_sharing_an_estimator_hear_one_estimate(
     assert small.remb_bitrate == large.remb_bitrate, (small.remb_bitrate, large.remb_bitrate)
 
 
-async def test_a_description_with_more_tracks_than_one_message_holds_is_made(
+async def test_a_link_with_more_tracks_than_one_message_holds_still_describes_itself(
     pair: tuple[RelayLink, RelayLink, Received, Received],
 ) -> None:
-    """A simulcast track takes one entry per layer: a link with a few rooms' tracks has
-    more than one offer holds. Its description is still made; the offer carries what fits
-    and the rest follow as `tracks` updates (before, making it raised)."""
+    """A relay opened for 16 tracks at once (a room whose publishers were all there before
+    the first remote subscriber: `sfumesh bench relay --relay-tracks 16`) must still offer:
+    the description lists every track, the offer carries what fits in one Serf message and
+    the rest follow as `tracks` updates. It used to raise (the description was held to the
+    message size before the tracks were trimmed), so the relay never opened."""
     a, _, _, _ = pair
-    for n in range(8):
-        for layer in range(3):
-            await a.add_track(f"{'c' * 32}:{n}~{layer}", "video", "VP8", VP8_PT)
+    for n in range(16):
+        await a.add_track(f"room/p{n}-a-long-session-id:0", "video", "VP8", VP8_PT)
     description = await a.local_description()
-    assert len(description["t"]) == 24
-    offer, left = fit_description(Message("offer", "r1", "node-a", "boot", "link", description))
-    assert offer.description is not None
-    assert len(offer.description["t"]) + len(left) == 24 and left
-    assert len(encode(offer)) + SEAL_BYTES <= MAX_MESSAGE_BYTES
+    assert len(description["t"]) == 16
+    assert len(json.dumps(description, separators=(",", ":"))) > MAX_DESCRIPTION_BYTES
+    offer, left = signal.fit_description(
+        Message("offer", signal.new_id(), "node-a", "boot", "link", description)
+    )
+    assert len(signal.encode(offer)) <= signal.MAX_MESSAGE_BYTES
+    assert offer.description is not None and left
+    assert len(offer.description["t"]) + len(left) == 16
+    updates = signal.track_updates(offer, 1, [parse_track(track, 0) for track in left], removed=())
+    assert all(len(signal.encode(update)) <= signal.MAX_MESSAGE_BYTES for update in updates)
