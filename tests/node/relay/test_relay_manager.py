@@ -107,7 +107,10 @@ def same_link(a: RelayManager, b: RelayManager) -> bool:
 async def test_glare_both_offer_at_once_one_link_wins(
     tmp_path: Path, backing: BackingServices
 ) -> None:
-    async with managers(tmp_path, backing) as (a, b):
+    # Each offer must hear its refusal, not time out first: 0.5 s (the other tests' attempt
+    # time) was shorter than a Serf query's round trip on the loaded host, and an offer
+    # that timed out counted as failed, not as glare.
+    async with managers(tmp_path, backing, attempt_timeout_s=5.0) as (a, b):
         a._opening.add("node-b")
         b._opening.add("node-a")
         # both offer before either has heard from the other
