@@ -1,8 +1,9 @@
 """The relay's signalling messages between nodes: what they carry, and their size bound.
 
 Nodes talk over Serf queries addressed to one node (`FilterNodes`); the query's response is
-the reply. Serf delays or loses messages above ~1 KB (FINDINGS), so every message, request
-and reply, is compact JSON of at most `MAX_MESSAGE_BYTES`, checked when it is built.
+the reply. Serf refuses a query or response over 1 KB with its envelope (FINDINGS), so every
+message, request and reply, is compact JSON of at most `MAX_MESSAGE_BYTES`, checked when it
+is built.
 
 Requests (`n`: sending node, `b`: its boot id, `l`: the link id, `r`: request id):
 
@@ -52,7 +53,14 @@ from typing import Any, Final
 
 from mesh.relay_description import MAX_TRACKS, TrackInfo, parse_description, parse_track
 
-MAX_MESSAGE_BYTES: Final = 1000
+#: Serf refuses a query whose encoded envelope exceeds 1,024 bytes (`QuerySizeLimit`), and
+#: the envelope carries both node names besides the payload: measured with real agents, the
+#: largest payload between two 63-character names (the longest `_NODE` allows) was 769 bytes
+#: on fresh agents with a sub-4 s timeout (889 between 6-character names); a timeout over
+#: 4.29 s takes 4 bytes more, a Lamport time past 2^16 up to 8 more: hence 752. A response
+#: has more room. 1,000 here made every offer, answer or update over ~850 bytes fail at Serf
+#: ("query exceeds limit"), so a relay opened for many tracks never came up.
+MAX_MESSAGE_BYTES: Final = 752
 QUERY_NAME: Final = "sfumesh-relay"
 KINDS: Final = ("offer", "answer", "tracks", "close", "needs", "ok", "refuse")
 REQUESTS: Final = ("offer", "tracks", "close", "needs")

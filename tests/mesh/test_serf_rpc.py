@@ -232,3 +232,46 @@ async def test_agent_restart_reconnects_and_resubscribes(tmp_path: Path) -> None
         assert [m.name for m in await serf.members()] == ["solo"]
         await serf.event("after", b"")
         assert (await next_item(events)).name == "after"  # the same stream, resubscribed
+
+
+@pytest.mark.slow
+async def test_the_largest_relay_message_crosses_serf_between_the_longest_node_names(
+    tmp_path: Path,
+) -> None:
+    """A relay message of `MAX_MESSAGE_BYTES`, as a query and as its response, between two
+    agents whose names are as long as a relay message's `n` allows (63 characters): Serf's
+    1,024-byte limit counts its envelope, names included (at 1,000 bytes the query was
+    refused: "query exceeds limit")."""
+    from mesh.relay_signal import MAX_MESSAGE_BYTES, QUERY_NAME
+
+    a_name, b_name = "a" * 63, "b" * 63
+    largest = b"m" * MAX_MESSAGE_BYTES
+    async with (
+        serf_agents(tmp_path, [a_name, b_name]) as (a, b),
+        a.client() as serf_a,
+        b.client() as serf_b,
+        serf_b.stream(f"query:{QUERY_NAME}") as queries,
+    ):
+        heard: list[int] = []
+
+        async def answer() -> None:
+            async for event in queries:
+                heard.append(len(event.payload))
+                await queries.respond(event.id, largest)
+
+        responder = asyncio.create_task(answer())
+        try:
+            got: list[QueryReply] = []
+            async with serf_a.query(
+                QUERY_NAME, largest, filter_nodes=[b_name], timeout=10
+            ) as results:
+                async for reply in results:
+                    if reply.type == "response":
+                        got.append(reply)
+                        break
+            assert heard == [MAX_MESSAGE_BYTES]
+            assert [(r.node, len(r.payload)) for r in got] == [(b_name, MAX_MESSAGE_BYTES)]
+        finally:
+            responder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await responder
