@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -387,6 +388,10 @@ class Forwarder(Generic[K]):
         self._waiting: set[K] = set()
         self._targets: tuple[tuple[K, SubscriberRewriter], ...] = ()
         self._layered: tuple[tuple[K, LayerRewriter], ...] = ()
+        #: each simulcast layer's latest packets (seq, ts, marker, payload), shared by every
+        #: subscriber's rewriter: a switch to a layer also sends what of its keyframe arrived
+        #: before the keyframe's start, even before the subscriber asked for that layer
+        self._layer_recent: dict[int, deque[tuple[int, int, int, bytes]]] = {}
         self._seen = SeenWindow()
         #: simulcast: publisher SSRC -> layer index (0 lowest); its packets go through the
         #: subscribers' `LayerRewriter`s, each layer with its own window of seen packets
@@ -518,10 +523,14 @@ class Forwarder(Generic[K]):
         seq = packet.sequence_number
         ts = packet.timestamp
         marker = packet.marker
+        recent = self._layer_recent.get(layer)
+        if recent is None:
+            recent = self._layer_recent[layer] = deque(maxlen=LayerRewriter.PENDING)
+        recent.append((seq, ts, marker, payload))
         sent = 0
         for sink, rewriter in self._layered:
             for out_seq, out_ts, out_marker, out_payload in rewriter.rewrite(
-                layer, seq, ts, marker, payload, keyframe, now
+                layer, seq, ts, marker, payload, keyframe, now, recent
             ):
                 if sink.write(
                     rewriter.payload_type, out_marker, out_seq, out_ts, out_payload, None, stamp
@@ -786,9 +795,14 @@ class LayerRewriter:
         payload: bytes,
         keyframe_start: bool,
         now: float,
+        recent: Iterable[tuple[int, int, int, bytes]] = (),
     ) -> list[Emitted]:
         """What the subscriber gets for one packet of `layer` (none, it, or, at a switch,
-        it and the target's packets held back since)."""
+        it and the target's packets held back since). `recent`: the layer's latest packets
+        (the forwarder's window, shared by its subscribers), read only at a switch: a
+        packet of the keyframe that arrived before its start, and before this subscriber
+        asked for the layer, goes out too (else a reordering right at a switch left a gap
+        the receiver counts as loss)."""
         segment = self._segment
         if segment is not None and layer == segment.layer:
             ext = segment.ext(seq)
@@ -815,12 +829,10 @@ class LayerRewriter:
         assert new is not None
         out = [self._out(new, self._ts_offset, seq, ts, marker, payload)]
         self._remember(seq, out[0], now)
-        held = sorted(
-            ((new.ext(s), s, t, m, p) for s, t, m, p in self._pending),
-            key=lambda item: item[0],
-        )
+        early = {new.ext(s): (t, m, p) for s, t, m, p in recent}
+        early.update((new.ext(s), (t, m, p)) for s, t, m, p in self._pending)
         self._pending.clear()
-        for ext, _, t, m, p in held:
+        for ext, (t, m, p) in sorted(early.items()):
             if seq < ext <= seq + self.PENDING:
                 emitted = self._out(new, self._ts_offset, ext, t, m, p)
                 self._remember(ext, emitted, now)
