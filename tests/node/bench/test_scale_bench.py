@@ -245,7 +245,7 @@ def _marks(sent: list[tuple[int, float]], received: list[Any]) -> tuple[Any, Any
 def test_latency_is_the_kernels_arrival_unless_a_frame_has_no_stamp() -> None:
     sent = _frames(5000, 10.0, 90)
     # through the node in 5 ms; the client's handler got to each frame 70 ms later still
-    received = [[ts, t + 0.005, t + 0.075] for ts, t in sent]
+    received: list[list[float | None]] = [[ts, t + 0.005, t + 0.075] for ts, t in sent]
     step = Step(size=2, rooms=1, participants=2)
     analyse(step, *_marks(sent, received))
     assert step.latency_clock == "kernel" and step.frames_without_kernel_stamp == 0
@@ -305,8 +305,9 @@ async def test_a_blocked_client_loop_does_not_count_as_latency() -> None:
     assert all(kernel is not None for _, kernel, _ in received)
     step = Step(size=2, rooms=1, participants=2)
     start = {"t": 0.0, "cpu": 0.0, "machine": (0.0, 0.0), "rooms": [_room([], [])]}
-    end = {"t": 10.0, "cpu": 1.0, "machine": (1.0, 2.0), "rooms": [_room(sent, received)]}
-    end["rooms"][0]["subscribers"][0]["streams"] = report["streams"]
+    room = _room(sent, received)
+    room["subscribers"][0]["streams"] = report["streams"]
+    end = {"t": 10.0, "cpu": 1.0, "machine": (1.0, 2.0), "rooms": [room]}
     analyse(step, start, end)
     assert step.latency_clock == "kernel" and step.latency_frames == len(sent)
     assert step.loss == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import time
 
 import aioice
@@ -236,7 +237,7 @@ def test_arrival_stamps_fall_back_when_the_kernel_cannot_give_them(
     def refuse(*args: object) -> bytes:
         raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
 
-    monkeypatch.setattr(adapter.fcntl, "ioctl", refuse)
+    monkeypatch.setattr(fcntl, "ioctl", refuse)
     assert not adapter.stamp_arrivals()
     assert adapter.arrival_time() is None
     monkeypatch.undo()
