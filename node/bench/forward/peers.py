@@ -470,6 +470,7 @@ class Subscriber:
         self.receiving = asyncio.Event()
         self.taps: list[adapter.RtpTap] = []
         self.failed = False
+        self.closing = False
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -481,6 +482,9 @@ class Subscriber:
 
         @self.pc.on("connectionstatechange")
         def on_state() -> None:
+            if self.pc.connectionState in ("failed", "closed") and not self.closing:
+                # in the client's log: why a window's streams stopped
+                log.warning("subscriber %d: connection %s", number, self.pc.connectionState)
             if self.pc.connectionState == "failed":
                 self.failed = True
 
@@ -541,6 +545,7 @@ class Subscriber:
         }
 
     async def close(self) -> None:
+        self.closing = True
         await close_quietly(f"subscriber {self.number} signalling", self.signalling.close())
         await close_quietly(f"subscriber {self.number} connection", self.pc.close())
 
@@ -676,6 +681,8 @@ async def participants_main(
 
         await command_loop(reader, mark)
     finally:
+        for receiver in receivers:
+            receiver.closing = True  # hanging up closes them: not worth a warning
         await asyncio.gather(*(p.close() for p in publishers))
         await asyncio.gather(*(close_quietly("receiver", r.pc.close()) for r in receivers))
     emit("stopped")
