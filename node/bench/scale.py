@@ -90,7 +90,7 @@ SETTLE_S: Final = 10.0
 MEMBERS_CLOSE_S: Final = 30.0
 JOIN_CONCURRENCY: Final = 8
 #: rooms whose client processes are set up at once
-GROW_BATCH_ROOMS: Final = 4
+GROW_BATCH_ROOMS: Final = 2
 TARGET_PER_CORE_ROOMS_OF_4: Final = 50
 #: participants per client process (a room of 8 is two processes)
 PER_PROCESS: Final = 4
