@@ -89,6 +89,8 @@ CONVERGE_S: Final = 90.0
 SETTLE_S: Final = 10.0
 MEMBERS_CLOSE_S: Final = 30.0
 JOIN_CONCURRENCY: Final = 8
+#: rooms whose client processes are set up at once
+GROW_BATCH_ROOMS: Final = 2
 TARGET_PER_CORE_ROOMS_OF_4: Final = 50
 #: participants per client process (a room of 8 is two processes)
 PER_PROCESS: Final = 4
@@ -123,9 +125,18 @@ def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> PowerLaw | None:
     return PowerLaw(line.slope, math.exp(line.intercept), line.points, line.r2)
 
 
-def next_rooms(rooms: int) -> int:
-    """The ramp: one room more at first, then half as many again (ends in few steps)."""
+def next_rooms(rooms: int, step_rooms: int | None = None) -> int:
+    """The ramp: `step_rooms` more (`--step`); by default one room more at first, then half
+    as many again (ends in few steps)."""
+    if step_rooms is not None:
+        return rooms + max(1, step_rooms)
     return max(rooms + 1, math.ceil(rooms * 1.5))
+
+
+def rooms_for(participants: int | None, size: int) -> int | None:
+    """Whole rooms of `size` for at least `participants` people (at least one room); None
+    for None."""
+    return None if participants is None else max(1, math.ceil(participants / size))
 
 
 def step_passes(p99_ms: float | None, loss: float | None) -> bool:
@@ -210,8 +221,16 @@ class Step:
     expected: int = 0
     lost: int = 0
     loss: float | None = None
+    #: what the latency figures above are read from: "kernel" (the subscriber's kernel
+    #: received the first packet) or "handler" (it reached the client's RTP handler)
+    latency_clock: str | None = None
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    #: the same frames read at the client's handler (includes the client's own backlog)
+    latency_p50_ms_handler: float | None = None
+    latency_p99_ms_handler: float | None = None
+    #: frames whose first packet had no kernel receive stamp
+    frames_without_kernel_stamp: int = 0
     latency_frames: int = 0
     unaligned_tracks: int = 0
     machine_busy: float | None = None
@@ -244,6 +263,10 @@ class MediaConfig:
     duration_s: float = DEFAULT_DURATION_S
     warmup_s: float = DEFAULT_WARMUP_S
     max_participants: int = DEFAULT_MAX_PARTICIPANTS
+    #: participants of the first step (None: one room)
+    start: int | None = None
+    #: participants added per step (None: the geometric ramp of `next_rooms`)
+    step: int | None = None
 
 
 class NodeRamp:
@@ -261,6 +284,8 @@ class NodeRamp:
         #: the room of each client process, in the same order
         self.client_rooms: list[int] = []
         self.core: int | None = None
+        #: what each client process reads latency from ("kernel" or "handler")
+        self.latency_clocks: list[str] = []
 
     async def run(self) -> list[Step]:
         from node.bench.forward.sfumesh import SfumeshSystem
@@ -279,26 +304,38 @@ class NodeRamp:
                 for n in range(1, self.size)
             ]
             rooms = 0
-            target = 1
+            target = rooms_for(self.config.start, self.size) or 1
+            step_rooms = rooms_for(self.config.step, self.size)
+            warned = False
             while target * self.size <= max(self.config.max_participants, self.size):
                 step = Step(self.size, target, target * self.size)
                 steps.append(step)
                 try:
                     await self._grow(system, spec, rooms, target)
                     rooms = target
+                    if "handler" in self.latency_clocks and not warned:
+                        warned = True
+                        say("  (no kernel receive stamps: latency read in the clients' handlers)")
                     await self._measure(system.pid, step)
                 except Exception as error:  # the step failed: the ramp ends here
                     step.error = f"{type(error).__name__}: {error}"
                 say(self._line(step))
                 if ramp_over(step):
                     break
-                target = next_rooms(target)
+                target = next_rooms(target, step_rooms)
         finally:
             await asyncio.gather(*(c.stop() for c in self.clients), return_exceptions=True)
             await system.stop()
         return steps
 
     async def _grow(self, system: Any, spec: dict[str, Any], rooms: int, target: int) -> None:
+        # A ramp that starts high sets up its rooms a few at a time: dozens of peer
+        # connections negotiated at once on a busy machine would run out their time limit.
+        for first in range(rooms, target, GROW_BATCH_ROOMS):
+            await self._add_rooms(system, spec, first, min(target, first + GROW_BATCH_ROOMS))
+        await asyncio.sleep(self.config.warmup_s)
+
+    async def _add_rooms(self, system: Any, spec: dict[str, Any], rooms: int, target: int) -> None:
         timeout = 60.0 + 15.0 * self.size
         added = []
         for number in range(rooms, target):
@@ -338,8 +375,8 @@ class NodeRamp:
                 self.client_rooms.append(number)
                 added.append(client)
         await asyncio.gather(*(c.start() for c in added))
-        await asyncio.gather(*(c.expect("ready", timeout + 10) for c in added))
-        await asyncio.sleep(self.config.warmup_s)
+        ready = await asyncio.gather(*(c.expect("ready", timeout + 10) for c in added))
+        self.latency_clocks.extend(str(event.get("latency_clock", "handler")) for event in ready)
 
     async def _mark(self, pid: int) -> dict[str, Any]:
         if self.core is not None:
@@ -374,7 +411,9 @@ class NodeRamp:
             f"  rooms of {step.size}: {step.rooms:>3} rooms {step.participants:>4} people  "
             f"node core {step.core_share * 100:5.1f} %  "
             f"cpu/participant {_num(step.cpu_ms_per_participant_s, 2)} ms/s  "
-            f"loss {_pct(step.loss)}  p99 {_num(step.latency_p99_ms)} ms  {verdict}"
+            f"loss {_pct(step.loss)}  p99 {_num(step.latency_p99_ms)} ms "
+            f"({step.latency_clock or '-'}; handler {_num(step.latency_p99_ms_handler)})  "
+            f"{verdict}"
         )
 
 
@@ -398,7 +437,8 @@ def analyse(step: Step, start: dict[str, Any], end: dict[str, Any]) -> None:
     busy = end["machine"][0] - start["machine"][0]
     total = end["machine"][1] - start["machine"][1]
     step.machine_busy = busy / total if total > 0 else None
-    latencies: list[float] = []
+    # (the other publishers' sent frames, the received frames: ts, kernel stamp, handler)
+    tracks: list[tuple[list[list[tuple[int, float]]], list[tuple[int, float | None, float]]]] = []
     for before, during in zip(start["rooms"], end["rooms"], strict=False):
         sent = [
             [(int(ts), float(t)) for ts, t in a["frames"] + b["frames"]]
@@ -409,23 +449,50 @@ def analyse(step: Step, start: dict[str, Any], end: dict[str, Any]) -> None:
                 step.expected += stream["expected"]
                 step.lost += stream["lost"]
             others = [frames for n, frames in enumerate(sent) if n != index]
-            tracks = list(report.get("tracks", {}).values())[:LATENCY_TRACKS]
-            for received in tracks:
-                matched = _match(others, [(int(ts), float(t)) for ts, t in received])
-                if matched is None:
-                    step.unaligned_tracks += 1
-                else:
-                    latencies.extend(matched)
+            for received in list(report.get("tracks", {}).values())[:LATENCY_TRACKS]:
+                frames = [
+                    (int(ts), None if kernel is None else float(kernel), float(handled))
+                    for ts, kernel, handled in received
+                ]
+                step.frames_without_kernel_stamp += sum(1 for f in frames if f[1] is None)
+                tracks.append((others, frames))
     step.loss = step.lost / step.expected if step.expected > 0 else None
-    ordered = sorted(latencies)
-    step.latency_frames = len(ordered)
-    p50, p99 = percentile(ordered, 0.50), percentile(ordered, 0.99)
-    step.latency_p50_ms = None if p50 is None else p50 * 1000
-    step.latency_p99_ms = None if p99 is None else p99 * 1000
-    if step.unaligned_tracks and step.latency_p99_ms is not None:
-        # a track no publisher's frames match within MATCH_WINDOW_S arrived too late
-        step.latency_p99_ms = max(step.latency_p99_ms, MATCH_WINDOW_S * 1000)
+    by_handler = _latencies([(o, [(ts, h) for ts, _, h in f]) for o, f in tracks])
+    step.latency_p50_ms_handler, step.latency_p99_ms_handler, _, _ = by_handler
+    # The kernel's stamps when every frame has one: what the node adds, without the time
+    # a datagram waited for a busy client process. Otherwise the handler's, for all frames.
+    if tracks and step.frames_without_kernel_stamp == 0:
+        step.latency_clock = "kernel"
+        by_kernel = [(o, [(ts, h if k is None else k) for ts, k, h in f]) for o, f in tracks]
+        primary = _latencies(by_kernel)
+    else:
+        step.latency_clock = "handler"
+        primary = by_handler
+    step.latency_p50_ms, step.latency_p99_ms, step.latency_frames, step.unaligned_tracks = primary
     step.passed = step.error is None and step_passes(step.latency_p99_ms, step.loss)
+
+
+def _latencies(
+    tracks: Sequence[tuple[list[list[tuple[int, float]]], list[tuple[int, float]]]],
+) -> tuple[float | None, float | None, int, int]:
+    """(p50 ms, p99 ms, frames, unaligned tracks) of received tracks, each matched against
+    the frames of the publishers that may have sent it."""
+    latencies: list[float] = []
+    unaligned = 0
+    for others, received in tracks:
+        matched = _match(others, received)
+        if matched is None:
+            unaligned += 1
+        else:
+            latencies.extend(matched)
+    ordered = sorted(latencies)
+    p50, p99 = percentile(ordered, 0.50), percentile(ordered, 0.99)
+    p50_ms = None if p50 is None else p50 * 1000
+    p99_ms = None if p99 is None else p99 * 1000
+    if unaligned and p99_ms is not None:
+        # a track no publisher's frames match within MATCH_WINDOW_S arrived too late
+        p99_ms = max(p99_ms, MATCH_WINDOW_S * 1000)
+    return p50_ms, p99_ms, len(ordered), unaligned
 
 
 def _match(
@@ -791,6 +858,7 @@ def summarise(
         slope, holds = cpu_bound(ramp)
         marginal[str(size)] = rounded(slope, 3)
         by_cpu[str(size)] = rounded(holds, 1)
+    clocks = {s.latency_clock for ramp in steps.values() for s in ramp if s.latency_frames}
     ok = [p for p in points if p.error is None]
     serf = {str(p.nodes): round(p.udp_packets_per_s, 2) for p in ok}
     redis_ops = {str(p.nodes): rounded(p.redis_ops_per_join) for p in ok}
@@ -819,6 +887,10 @@ def summarise(
         "machine": {"cpus": os.cpu_count(), "load_1m": os.getloadavg()[0]},
         "elapsed_s": round(elapsed_s, 1),
         "limits": {"latency_p99_ms": LATENCY_LIMIT_MS, "loss": LOSS_LIMIT},
+        # "kernel": every step's latency from the subscribers' kernel receive stamps;
+        # "handler": from the time packets reached the clients' handlers (includes their
+        # own backlog), when a client could not read kernel stamps
+        "latency_clock": "kernel" if clocks == {"kernel"} else "handler",
         "participants_per_core": per_core,
         "participants_per_core_capped": capped,
         "cpu_ms_per_participant_s": cpu_pp,
@@ -934,6 +1006,9 @@ class ScaleConfig:
     warmup_s: float = DEFAULT_WARMUP_S
     max_participants: int = DEFAULT_MAX_PARTICIPANTS
     people: int = DEFAULT_PEOPLE
+    #: participants of a ramp's first step, and added per step (None: 1 room, geometric)
+    start: int | None = None
+    step: int | None = None
 
 
 def node_counts_up_to(max_nodes: int) -> list[int]:
@@ -945,7 +1020,14 @@ def node_counts_up_to(max_nodes: int) -> list[int]:
 
 
 async def _run(config: ScaleConfig, address: str, media_path: Path, workdir: Path) -> Any:
-    media = MediaConfig(config.sizes, config.duration_s, config.warmup_s, config.max_participants)
+    media = MediaConfig(
+        config.sizes,
+        config.duration_s,
+        config.warmup_s,
+        config.max_participants,
+        config.start,
+        config.step,
+    )
     steps: dict[int, list[Step]] = {}
     for size in config.sizes:
         say(f"one node, rooms of {size}:")
@@ -968,10 +1050,12 @@ def run_scale_bench(config: ScaleConfig, json_path: Path | None, workdir: Path |
         or config.duration_s <= 0
         or config.max_participants < 2
         or config.people < 1
+        or (config.start is not None and not 1 <= config.start <= config.max_participants)
+        or (config.step is not None and config.step < 1)
     ):
         say(
             "sfumesh bench: --sizes 2..16 (or none, with --max-nodes), --duration > 0, "
-            "--max-participants >= 2",
+            "--max-participants >= 2, --start 1..--max-participants, --step >= 1",
             err=True,
         )
         return 2

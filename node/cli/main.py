@@ -124,6 +124,8 @@ def _bench_scale(args: argparse.Namespace) -> int:
         warmup_s=args.warmup,
         max_participants=args.max_participants,
         people=args.people,
+        start=args.start,
+        step=args.step,
     )
     setup_logging("WARNING")
     return run_scale_bench(config, args.json, args.workdir)
@@ -370,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument(
         "--people", type=int, default=4, help="scale: people per room in the mesh's joins"
+    )
+    scale.add_argument(
+        "--start",
+        type=int,
+        help="scale: participants of a ramp's first step, in whole rooms (default: one room)",
+    )
+    scale.add_argument(
+        "--step",
+        type=int,
+        help="scale: participants added per step, in whole rooms (default: 1, 2, 3, 5, 8 rooms)",
     )
     add_vivaldi_arguments(bench)
     add_relay_arguments(bench)

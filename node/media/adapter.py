@@ -32,6 +32,7 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   Everything else (STUN, DTLS, SRTCP, packets before the handshake) takes aiortc's own
   path, so receiver reports, NACK answers and the DTLS resender are unchanged.
   A packet routed to an untapped receiver (none on a node) is handed to its own coroutine.
+<<<<<<< HEAD
 * The REMB estimator (issue 19, `lighten_estimator`, on every tapped receiver). aiortc's
   `RemoteBitrateEstimator` runs per received packet; two of its parts cost time that grows
   with the gap between packets or with its history, not with the work: the incoming-bitrate
@@ -41,6 +42,14 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   of its last 60 frame deltas with a Python loop per frame. `_WindowRate` keeps the same
   1000 ms window as a queue of (ms, bytes) and `_min_frame_period` uses the built-in `min`:
   the same figures (the same REMB), checked side by side with aiortc's in the tests.
+=======
+* Arrival stamps (issue 18, benches' clients only: `stamp_arrivals()`). A bench client that
+  receives dozens of streams on one busy core handles a datagram well after it arrived; a
+  latency read from the clock in its handler counts that backlog. In a process that stamps
+  arrivals, the fast path's datagram callback asks the kernel when each datagram was
+  received (`ioctl(SIOCGSTAMPNS)` on the socket right after it is read) and the tap handler
+  reads it (`arrival_time()`) while that packet is handled. Nodes never turn it on.
+>>>>>>> scale
 * `RTCRtpReceiver.receive()` always starts a decoder thread. `tap_rtp()` also replaces
   `receive` on the instance with a copy that registers the receiver with its transport and
   starts the RTCP task, but starts no decoder thread. As belt and braces the decoder queue is
@@ -108,6 +117,7 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import logging
 import queue
@@ -1139,8 +1149,42 @@ class _FastReceive:
                     one(data, addr)
 
             target: Any = protocol  # an instance attribute, as asyncio calls it
-            target.datagram_received = datagram_received
+            if _ARRIVALS.enabled and reader is not None:
+                target.datagram_received = self._stamped(one, reader, protocol)
+            else:
+                target.datagram_received = datagram_received
         self._scanned = len(protocols) if complete else -1
+
+    def _stamped(
+        self, one: Callable[[bytes, Any], None], reader: socket.socket, protocol: Any
+    ) -> Callable[[bytes, Any], None]:
+        """The datagram callback of a process that stamps arrivals (`stamp_arrivals`): the
+        same as the plain one, with each datagram's kernel receive time readable by the tap
+        handlers it reaches (`arrival_time`) while it is handled."""
+        fd = reader.fileno()
+        kernel_receive_time(fd)  # the first query turns the socket's receive stamps on
+        arrivals = _ARRIVALS
+
+        def datagram_received(data: bytes, addr: Any) -> None:
+            # asyncio read this datagram from the same socket (the duplicate shares it)
+            arrivals.current = kernel_receive_time(fd)
+            try:
+                one(data, addr)
+                for _ in range(DRAIN_MAX):
+                    try:
+                        data, addr = reader.recvfrom(DRAIN_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    except OSError as error:
+                        protocol.error_received(error)
+                        return
+                    self.drained += 1
+                    arrivals.current = kernel_receive_time(fd)
+                    one(data, addr)
+            finally:
+                arrivals.current = None
+
+        return datagram_received
 
     def data_received(self, data: bytes, component: int) -> None:
         t = self._dtls
@@ -1206,6 +1250,73 @@ def _drain_socket(protocol: Any) -> socket.socket | None:
 
     protocol.connection_lost = connection_lost
     return reader
+
+
+# --------------------------------------------------------------------------- arrival stamps
+
+#: SIOCGSTAMPNS (linux/sockios.h): the kernel's receive time of the last datagram read from
+#: a socket, a struct timespec on CLOCK_REALTIME (the clock of `time.time()`)
+SIOCGSTAMPNS: Final = 0x8907
+_TIMESPEC: Final = struct.Struct("@ll")
+_TIMESPEC_BUFFER: Final = bytes(_TIMESPEC.size)
+
+
+class _ArrivalStamps:
+    """Whether this process stamps arrivals, and the stamp of the datagram being handled."""
+
+    __slots__ = ("current", "enabled")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.current: float | None = None
+
+
+_ARRIVALS: Final = _ArrivalStamps()
+
+
+def kernel_receive_time(fd: int) -> float | None:
+    """When the kernel received the last datagram read from socket `fd` (`time.time()`
+    seconds); None when it cannot say (no stamp yet, not Linux, a closed socket)."""
+    try:
+        seconds, nanoseconds = _TIMESPEC.unpack(fcntl.ioctl(fd, SIOCGSTAMPNS, _TIMESPEC_BUFFER))
+    except OSError:
+        return None
+    received: float = seconds + nanoseconds * 1e-9
+    return received
+
+
+def _kernel_stamps_work() -> bool:
+    """Whether SIOCGSTAMPNS gives a datagram's receive time here: one datagram to itself
+    over loopback, its stamp between its send and its read."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            probe.settimeout(1.0)
+            kernel_receive_time(probe.fileno())  # turns the stamps on (ENOENT: none yet)
+            sent = time.time()
+            probe.sendto(b"stamp", probe.getsockname())
+            probe.recvfrom(16)
+            read = time.time()
+            stamp = kernel_receive_time(probe.fileno())
+    except OSError:
+        return False
+    return stamp is not None and sent - 0.001 <= stamp <= read + 0.001
+
+
+def stamp_arrivals(enabled: bool = True) -> bool:
+    """Process-wide, for benches' clients (a node never pays for it): datagrams of receive
+    fast paths installed from now on carry the kernel's receive time to the tap handlers
+    (`arrival_time`). True when kernel stamps are in use, False when turned off or when this
+    system cannot give them (then `arrival_time` stays None)."""
+    _ARRIVALS.enabled = enabled and _kernel_stamps_work()
+    return _ARRIVALS.enabled
+
+
+def arrival_time() -> float | None:
+    """Inside a tap handler reached through the receive fast path of a process that stamps
+    arrivals: when the kernel received the packet's datagram (`time.time()` seconds), before
+    any time it waited in the socket buffer for this process. None elsewhere."""
+    return _ARRIVALS.current
 
 
 def fast_receive(dtls: aiortc.RTCDtlsTransport) -> _FastReceive:

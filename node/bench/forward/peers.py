@@ -13,7 +13,8 @@
 gives subscriber N the tile `tiles[N % len(tiles)]`, told to the node: sfumesh only.)
 
 (`participants`: the N people of one room of `sfumesh bench scale`, each publishing and
-receiving the others on one session; sfumesh's signalling only.)
+receiving the others on one session; sfumesh's signalling only. Their latency is read from
+the kernel's receive stamps, on `time.time()`: see `RoomSubscriber`.)
 
 Ingest runs: `publisher --count N --first F` runs N publishers, publisher n on channel F + n
 of the spec (`systems.channel_spec`: its own room or feed); `subscribers --channels` puts
@@ -37,7 +38,8 @@ are tapped (`adapter.tap_sender`), so aiortc never encodes: pre-encoded payloads
 back to back, as an encoder's output) and every 20 ms for audio, with sequence numbers,
 timestamps (irregular video steps, `media.video_ts_step`), marker bits and payload types set
 here. A keyframe request (PLI/FIR) restarts the loop at its keyframe (at most once a second).
-Per video frame the monotonic time its first packet was handed to the sender is recorded.
+Per video frame the time its first packet was sent (read right after its `sendto`) is
+recorded, `time.monotonic()` unless another clock is given (`participants`: `time.time()`).
 
 Subscribers: each an `RTCPeerConnection` whose receivers are tapped (`adapter.tap_rtp`): raw
 RTP, never depayloaded nor decoded. Per stream: packets, payload bytes, sequence gaps (loss),
@@ -199,10 +201,17 @@ class Publisher:
     """Sends the pre-encoded loop through tapped senders; never encodes."""
 
     def __init__(
-        self, media: bench_media.PreEncoded, signalling: Signalling, *, audio: bool = True
+        self,
+        media: bench_media.PreEncoded,
+        signalling: Signalling,
+        *,
+        audio: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.media = media
         self.signalling = signalling
+        #: what each frame's send time is read from (the subscribers' clock must be the same)
+        self.clock = clock
         self.pc = RTCPeerConnection(adapter.rtc_configuration())
         video = self.pc.addTransceiver("video", direction="sendonly")
         video.setCodecPreferences(codec_preferences("video", "video/VP8"))
@@ -276,7 +285,6 @@ class Publisher:
             index += 1
             counter += 1
             timestamp = (timestamp + bench_media.video_ts_step(counter, fps)) & 0xFFFFFFFF
-            self.frames.append((timestamp, time.monotonic()))
             self.counts["video"][2] += 1
             last = len(payloads) - 1
             for number, payload in enumerate(payloads):
@@ -289,6 +297,11 @@ class Publisher:
                 )
                 sequence = (sequence + 1) & 0xFFFF
                 self._send(self.video, "video", packet)
+                if number == 0:
+                    # Right after the first packet's sendto (`SenderTap.write` sends at
+                    # once), not the pacing schedule: a publisher running late does not
+                    # count its own lateness as latency through the SFU.
+                    self.frames.append((timestamp, self.clock()))
             due += interval
             delay = due - time.monotonic()
             if delay < -MAX_BEHIND_S:
@@ -457,6 +470,7 @@ class Subscriber:
         self.receiving = asyncio.Event()
         self.taps: list[adapter.RtpTap] = []
         self.failed = False
+        self.closing = False
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -468,6 +482,9 @@ class Subscriber:
 
         @self.pc.on("connectionstatechange")
         def on_state() -> None:
+            if self.pc.connectionState in ("failed", "closed") and not self.closing:
+                # in the client's log: why a window's streams stopped
+                log.warning("subscriber %d: connection %s", number, self.pc.connectionState)
             if self.pc.connectionState == "failed":
                 self.failed = True
 
@@ -528,17 +545,23 @@ class Subscriber:
         }
 
     async def close(self) -> None:
+        self.closing = True
         await close_quietly(f"subscriber {self.number} signalling", self.signalling.close())
         await close_quietly(f"subscriber {self.number} connection", self.pc.close())
 
 
 class RoomSubscriber(Subscriber):
     """The receiving side of one participant of `sfumesh bench scale`: one counter per
-    received track (every other participant's video and audio), never decoded."""
+    received track (every other participant's video and audio), never decoded.
+
+    Per video frame of each track: (RTP timestamp, kernel receive time of its first packet
+    or None, time its first packet reached the handler), both `time.time()` seconds. The
+    kernel's time (`adapter.arrival_time`, in a process that `stamp_arrivals`) leaves out
+    how long the datagram waited for this process; the handler's includes it."""
 
     def __init__(self, number: int, signalling: Signalling, streams_expected: int) -> None:
         self.streams_expected = streams_expected
-        self.track_frames: dict[str, list[tuple[int, float]]] = {}
+        self.track_frames: dict[str, list[tuple[int, float | None, float]]] = {}
         super().__init__(number, signalling)
         # Counters are made per track as tracks arrive, not per kind.
         self.streams = {}
@@ -558,9 +581,10 @@ class RoomSubscriber(Subscriber):
         frames = self.track_frames[key] = []
         seen: set[int] = set()
         order: deque[int] = deque()
+        arrival_time = adapter.arrival_time
 
         def on_video(packet: RtpPacket) -> None:
-            now = time.monotonic()
+            handled = time.time()
             stream.add(packet.ssrc, packet.sequence_number, len(packet.payload))
             timestamp = packet.timestamp
             if timestamp not in seen:
@@ -568,7 +592,7 @@ class RoomSubscriber(Subscriber):
                 order.append(timestamp)
                 if len(order) > SEEN_FRAMES:
                     seen.discard(order.popleft())
-                frames.append((timestamp, now))
+                frames.append((timestamp, arrival_time(), handled))
             self._check_receiving()
 
         return on_video
@@ -602,6 +626,8 @@ async def participants_main(
     size = room_size or count
     from node.bench.forward.sfumesh import SfumeshSignalling
 
+    # Before any peer connection: the receive fast paths installed later stamp arrivals.
+    latency_clock = "kernel" if adapter.stamp_arrivals() else "handler"
     media = bench_media.load(media_path)
     reader = await stdin_reader()
     publishers: list[Publisher] = []
@@ -616,7 +642,8 @@ async def participants_main(
         receiver = RoomSubscriber(first + n, signalling, 2 * (size - 1))
         # Set before the session joins, so that no subscribe offer finds it missing.
         signalling.subscribe_pc = receiver.pc
-        publishers.append(Publisher(media, signalling))
+        # The send times on the kernel stamps' clock.
+        publishers.append(Publisher(media, signalling, clock=time.time))
         receivers.append(receiver)
     gate = asyncio.Semaphore(SETUP_CONCURRENCY)
 
@@ -639,7 +666,12 @@ async def participants_main(
                     log.error("participant set-up failed", exc_info=result)
             emit("error", message="; ".join(failures[:3]), failed=len(failures))
             return 1
-        emit("ready", t=time.monotonic(), rcvbuf=BigBufferLoop.rcvbuf)
+        emit(
+            "ready",
+            t=time.monotonic(),
+            rcvbuf=BigBufferLoop.rcvbuf,
+            latency_clock=latency_clock,
+        )
 
         def mark() -> dict[str, Any]:
             return {
@@ -649,6 +681,8 @@ async def participants_main(
 
         await command_loop(reader, mark)
     finally:
+        for receiver in receivers:
+            receiver.closing = True  # hanging up closes them: not worth a warning
         await asyncio.gather(*(p.close() for p in publishers))
         await asyncio.gather(*(close_quietly("receiver", r.pc.close()) for r in receivers))
     emit("stopped")

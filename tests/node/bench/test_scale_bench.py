@@ -3,12 +3,19 @@ real run (one room of two on a pinned node, a mesh of two) that checks every key
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiortc import RTCPeerConnection
 
+from node.bench.forward import media as bench_media
+from node.bench.forward.peers import RoomSubscriber
+from node.bench.forward.sfumesh import SfumeshSignalling
 from node.bench.scale import (
     Step,
     analyse,
@@ -20,10 +27,13 @@ from node.bench.scale import (
     parse_statsd,
     ramp_over,
     redis_calls,
+    rooms_for,
     step_passes,
 )
 from node.cli.main import main
 from node.local.netns import in_private_netns
+from node.media import adapter
+from tests.node.media.test_room_media import until
 
 
 def test_power_law_fit_recovers_the_exponent() -> None:
@@ -39,6 +49,11 @@ def test_power_law_fit_recovers_the_exponent() -> None:
 
 def test_ramp_grows_then_the_limits_decide() -> None:
     assert [next_rooms(r) for r in (1, 2, 3, 4, 6)] == [2, 3, 5, 6, 9]
+    # --start 40 --step 4 in rooms of 4: 10 rooms, then one more each step
+    assert rooms_for(40, 4) == 10 and rooms_for(None, 4) is None
+    assert [next_rooms(r, rooms_for(4, 4)) for r in (10, 11)] == [11, 12]
+    assert rooms_for(3, 4) == 1  # whole rooms: at least one
+    assert next_rooms(10, rooms_for(6, 4)) == 12
     assert step_passes(49.0, 0.004)
     assert not step_passes(51.0, 0.0)
     assert not step_passes(10.0, 0.006)
@@ -120,8 +135,9 @@ def test_analysis_matches_each_track_to_its_publisher_and_counts_loss() -> None:
     a, b = _frames(1000, 10.0, 120), _frames(77_000_000, 10.01, 120)
     offset, delay = 555_555, 0.020
     # participant 0 receives b's video, 20 ms late; participant 1 receives a's, too late
-    got_b = [[(ts + offset) & 0xFFFFFFFF, t + delay] for ts, t in b[60:]]
-    got_a = [[ts, t + 0.080] for ts, t in a[60:]]
+    # (the kernel's receive stamp and the handler's time alike)
+    got_b = [[(ts + offset) & 0xFFFFFFFF, t + delay, t + delay] for ts, t in b[60:]]
+    got_a = [[ts, t + 0.080, t + 0.080] for ts, t in a[60:]]
     stream = {"expected": 1000, "lost": 3}
     start = {
         "t": 0.0,
@@ -150,6 +166,7 @@ def test_analysis_matches_each_track_to_its_publisher_and_counts_loss() -> None:
     assert step.unaligned_tracks == 0
     assert step.latency_p50_ms is not None and 20.0 <= step.latency_p50_ms <= 80.0
     assert step.latency_p99_ms == pytest.approx(80.0)
+    assert step.latency_clock == "kernel"
     assert not step.passed  # 80 ms p99 is over the 50 ms limit
 
 
@@ -164,6 +181,10 @@ def test_tiny_real_run_writes_every_key(tmp_path: Path) -> None:
         "--sizes",
         "2",
         "--max-participants",
+        "2",
+        "--start",
+        "2",
+        "--step",
         "2",
         "--max-nodes",
         "2",
@@ -193,8 +214,104 @@ def test_tiny_real_run_writes_every_key(tmp_path: Path) -> None:
     assert figures["cpu_ms_per_participant_s"]["2"] > 0
     (step,) = figures["steps"]
     assert step["expected"] > 0 and step["latency_frames"] > 0
+    # the kernel's receive stamps were read: never later than the handler's clock
+    assert figures["latency_clock"] == step["latency_clock"] == "kernel"
+    assert step["frames_without_kernel_stamp"] == 0
+    assert step["latency_p50_ms"] <= step["latency_p50_ms_handler"]
+    assert step["latency_p99_ms"] <= step["latency_p99_ms_handler"]
     assert figures["serf_msgs_per_s"]["2"] > 0
     assert figures["redis_ops_per_join"]["2"] > 0
     assert math.isfinite(figures["redis_ops_per_join"]["2"])
     assert set(figures["fits"]) >= {"serf_msgs_per_s_vs_nodes", "redis_ops_per_join_vs_nodes"}
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _room(sent: list[tuple[int, float]], received: list[Any]) -> dict[str, Any]:
+    """One room's mark: participant 0 receives participant 1's video (`received`)."""
+    return {
+        "publishers": [{"frames": []}, {"frames": sent}],
+        "subscribers": [
+            {"streams": {"video-0": {"expected": 10, "lost": 0}}, "tracks": {"video-0": received}}
+        ],
+    }
+
+
+def _marks(sent: list[tuple[int, float]], received: list[Any]) -> tuple[Any, Any]:
+    start = {"t": 0.0, "cpu": 0.0, "machine": (0.0, 0.0), "rooms": [_room([], [])]}
+    end = {"t": 10.0, "cpu": 1.0, "machine": (1.0, 2.0), "rooms": [_room(sent, received)]}
+    return start, end
+
+
+def test_latency_is_the_kernels_arrival_unless_a_frame_has_no_stamp() -> None:
+    sent = _frames(5000, 10.0, 90)
+    # through the node in 5 ms; the client's handler got to each frame 70 ms later still
+    received: list[list[float | None]] = [[ts, t + 0.005, t + 0.075] for ts, t in sent]
+    step = Step(size=2, rooms=1, participants=2)
+    analyse(step, *_marks(sent, received))
+    assert step.latency_clock == "kernel" and step.frames_without_kernel_stamp == 0
+    assert step.latency_p99_ms == pytest.approx(5.0)
+    assert step.latency_p99_ms_handler == pytest.approx(75.0)
+    assert step.passed  # the client's own backlog is not the node's latency
+    # one frame without a kernel stamp: the whole step on the handler's clock, never mixed
+    received[10][1] = None
+    step = Step(size=2, rooms=1, participants=2)
+    analyse(step, *_marks(sent, received))
+    assert step.latency_clock == "handler" and step.frames_without_kernel_stamp == 1
+    assert step.latency_p99_ms == pytest.approx(75.0)
+    assert not step.passed
+
+
+async def test_a_blocked_client_loop_does_not_count_as_latency() -> None:
+    """A participant's receiving side (`RoomSubscriber`, negotiated directly with a tapped
+    sender here; its signalling is never used) in a process that stamps arrivals. The
+    loop is blocked 30 ms after each frame is sent, so each waits in the socket buffer
+    30-360 ms before the handler sees it: the bench's latency leaves that out; the
+    handler's clock (the old measure) counts it."""
+    assert adapter.stamp_arrivals()
+    adapter.set_host_addresses(["127.0.0.1"])
+    unused = {"url": "http://127.0.0.1:9", "user_token": "unused", "room": "unused"}
+    receiver = RoomSubscriber(0, SfumeshSignalling(unused, "participant"), 1)
+    sender = RTCPeerConnection(adapter.rtc_configuration())
+    try:
+        sink = adapter.tap_sender(sender.addTransceiver("video", direction="sendonly").sender)
+        await sender.setLocalDescription(await sender.createOffer())
+        await receiver.pc.setRemoteDescription(sender.localDescription)
+        await receiver.pc.setLocalDescription(await receiver.pc.createAnswer())
+        await sender.setRemoteDescription(receiver.pc.localDescription)
+        await asyncio.wait_for(sink.wait_ready(), 10)
+        dtls = receiver.pc.getTransceivers()[0].receiver.transport
+        await until(lambda: dtls.state == "connected", "the receiver's DTLS", 10)
+        assert sink.payload_type is not None
+        receiver.mark()  # the window starts now
+        sent: list[tuple[int, float]] = []
+        timestamp = 77_000
+        for number in range(1, 13):
+            timestamp = (timestamp + bench_media.video_ts_step(number)) & 0xFFFFFFFF
+            stamp = adapter.send_stamp()
+            sequence = 500 + number
+            assert sink.write(sink.payload_type, 1, sequence, timestamp, bytes(200), None, stamp)
+            sent.append((timestamp, time.time()))  # as `Publisher` does: after the sendto
+            time.sleep(0.03)  # noqa: ASYNC251 (the point: the client's loop is busy)
+        await until(
+            lambda: sum(len(f) for f in receiver.track_frames.values()) >= len(sent), "frames", 10
+        )
+        report = receiver.mark()
+    finally:
+        await sender.close()
+        await receiver.pc.close()
+        adapter.set_host_addresses(None)
+        adapter.stamp_arrivals(False)
+    (received,) = report["tracks"].values()
+    assert all(kernel is not None for _, kernel, _ in received)
+    step = Step(size=2, rooms=1, participants=2)
+    start = {"t": 0.0, "cpu": 0.0, "machine": (0.0, 0.0), "rooms": [_room([], [])]}
+    room = _room(sent, received)
+    room["subscribers"][0]["streams"] = report["streams"]
+    end = {"t": 10.0, "cpu": 1.0, "machine": (1.0, 2.0), "rooms": [room]}
+    analyse(step, start, end)
+    assert step.latency_clock == "kernel" and step.latency_frames == len(sent)
+    assert step.loss == 0.0
+    # each frame waited at least 30 ms for the blocked loop; none of it is counted
+    assert step.latency_p50_ms_handler is not None and step.latency_p50_ms_handler >= 30.0
+    assert step.latency_p99_ms is not None and step.latency_p99_ms < 30.0
+    assert step.passed

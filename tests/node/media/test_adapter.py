@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import random
+import time
 
 import aioice
 import aioice.ice
@@ -232,3 +235,69 @@ async def test_the_lightened_remb_estimator_gives_aiortcs_figures():
     assert lightened.estimator.update_min_frame_period(5.0) == (
         plain.estimator.update_min_frame_period(5.0)
     )
+
+
+async def test_arrival_stamps_are_the_kernels_not_a_blocked_loops() -> None:
+    """Issue 18: in a process that stamps arrivals, a tap handler reads when the kernel
+    received its packet's datagram. The loop is blocked after each send (the datagrams wait
+    in the socket buffer): the handler runs after the block, the stamp stays at the send."""
+    assert adapter.stamp_arrivals()
+    adapter.set_host_addresses(["127.0.0.1"])
+    node = RTCPeerConnection(adapter.rtc_configuration())
+    peer = RTCPeerConnection(adapter.rtc_configuration())
+    seen: list[tuple[int, float | None, float]] = []
+    try:
+        sink = adapter.tap_sender(node.addTransceiver("video", direction="sendonly").sender)
+
+        @peer.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(t.receiver for t in peer.getTransceivers() if t.receiver.track is track)
+
+            def keep(packet: RtpPacket) -> None:
+                seen.append((packet.sequence_number, adapter.arrival_time(), time.time()))
+
+            adapter.tap_rtp(receiver, keep)
+
+        await node.setLocalDescription(await node.createOffer())
+        await peer.setRemoteDescription(node.localDescription)
+        await peer.setLocalDescription(await peer.createAnswer())
+        await node.setRemoteDescription(peer.localDescription)
+        await asyncio.wait_for(sink.wait_ready(), 10)
+        receiver_dtls = peer.getTransceivers()[0].receiver.transport
+        await until(lambda: receiver_dtls.state == "connected", "the peer's DTLS", 10)
+        assert sink.payload_type is not None
+        stamp = adapter.send_stamp()
+        sent: dict[int, float] = {}
+        for seq in range(3000, 3005):
+            assert sink.write(sink.payload_type, 1, seq, seq * 3000, bytes(100), None, stamp)
+            sent[seq] = time.time()
+            time.sleep(0.05)  # noqa: ASYNC251 (the point: the loop is blocked, nothing read)
+        unblocked = time.time()
+        await until(lambda: len(seen) >= len(sent), "the packets", 10)
+        for seq, arrived, handled in seen:
+            assert arrived is not None, "no kernel stamp on the fast path"
+            assert handled >= unblocked
+            # received while the loop slept (during the sendto), not when it was read
+            assert sent[seq] - 0.01 <= arrived <= sent[seq] + 0.04 < unblocked
+    finally:
+        await node.close()
+        await peer.close()
+        adapter.set_host_addresses(None)
+        adapter.stamp_arrivals(False)
+
+
+def test_arrival_stamps_fall_back_when_the_kernel_cannot_give_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without SIOCGSTAMPNS (another system, an older kernel) stamping is off: handlers read
+    None and the bench falls back to its handler's clock."""
+
+    def refuse(*args: object) -> bytes:
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(fcntl, "ioctl", refuse)
+    assert not adapter.stamp_arrivals()
+    assert adapter.arrival_time() is None
+    monkeypatch.undo()
+    assert adapter.stamp_arrivals()
+    assert adapter.stamp_arrivals(False) is False
