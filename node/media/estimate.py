@@ -16,13 +16,15 @@ StreamAllocator probes before it upgrades:
   down (a REMB stuck above a full queue must not undo the cap); otherwise only a **probe**
   does: while the layer the subscriber should get is held down by bandwidth, the node sends
   padding (recent packets again, as RTX, the way libwebrtc pads) so that the total reaches
-  what the next layer needs (`probe_goal`), for `PROBE_S`. No NACK and no loss meanwhile
-  commits the goal as the estimate (the layer then climbs); a NACK or a falling REMB aborts
-  it at once (the padding stops within one pacing tick, so the queue drains and the lost
-  packets' retransmissions get through) and the next probe waits longer (`PROBE_WAIT_S`,
-  times `PROBE_BACKOFF`, at most `PROBE_WAIT_MAX_S`, which bounds how late a link that got
-  better is noticed). The layer itself is never the probe: switching a 300 kbit/s link to a
-  500 kbit/s layer loses its keyframe and freezes the picture until the switch back.
+  what the next layer needs, for `PROBE_S`. No NACK meanwhile commits the goal as the
+  estimate (the layer then climbs); NACKs or a falling REMB abort it at once (the padding
+  stops within one pacing tick, so the queue drains and the lost packets' retransmissions
+  get through) and the next probe waits longer (`PROBE_WAIT_S`, times `PROBE_BACKOFF`, at
+  most `PROBE_WAIT_MAX_S`, which bounds how late a link that got better is noticed). The
+  loss reported just after a failed probe is the probe's own and caps nothing. A paused
+  video is not probed (no media, no NACK: no verdict). The layer itself is never the
+  probe: switching a 300 kbit/s link to a 500 kbit/s layer loses its keyframe and freezes
+  the picture until the switch back.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ from typing import Final
 LOSS_HIGH: Final = 0.10
 #: (loss says nothing of the link while next to nothing is sent: a paused video)
 MIN_SENT_BPS: Final = 20_000.0
-#: ... and a probe fails when the loss its reports show is above this
-PROBE_LOSS_MAX: Final = 0.02
 #: a REMB this much below the previous one is the estimator seeing congestion
 REMB_DROP: Final = 0.97
 #: how long a probe holds its goal rate before it is committed
@@ -45,9 +45,16 @@ PROBE_WAIT_S: Final = 1.5
 #: each failed probe makes the next wait this much longer ...
 PROBE_BACKOFF: Final = 1.5
 #: ... up to this (a weak link that got better is found within it)
-PROBE_WAIT_MAX_S: Final = 6.0
-#: NACKed packets per packet sent during a probe above which it fails (LiveKit: 0.04)
-PROBE_NACK_RATIO: Final = 0.02
+PROBE_WAIT_MAX_S: Final = 5.0
+#: NACKed packets per packet sent during a probe above which it fails (LiveKit's ratio),
+#: and at least this many (a NACK repeated for a packet lost before the probe is no verdict)
+PROBE_NACK_RATIO: Final = 0.04
+PROBE_NACK_MIN: Final = 2
+#: a probe that saw fewer media packets than this proves nothing (no NACK can come)
+PROBE_MIN_PACKETS: Final = 10
+#: receiver reports this soon after a failed probe report the probe's own loss (its padding
+#: overfilled the queue), not the media's: they cap nothing
+PROBE_LOSS_GRACE_S: Final = 2.0
 #: a probe goal is the next layer's cost over this share (what `choose_layer` needs to fit
 #: it, `BANDWIDTH_HEADROOM`) and a little more, so the layer fits once committed
 PROBE_MARGIN: Final = 1.1
@@ -83,6 +90,8 @@ class LinkEstimate:
         self.probe: Probe | None = None
         self.probe_wait_s = PROBE_WAIT_S
         self.next_probe_at: float | None = None
+        #: when the last probe failed (the loss reported just after is its own)
+        self.failed_at: float | None = None
         #: the rate sent to the subscriber (bit/s), as last observed
         self.sent_bps = 0.0
         self.probes = 0
@@ -96,23 +105,32 @@ class LinkEstimate:
     ) -> None:
         """One choice round: the latest REMB, the rate sent since the last round and the
         loss the receiver reports since then show (None: no new report)."""
+        # a report covers the last second or so: what was sent then (before a step down)
+        sent = max(sent_bps, self.sent_bps)
         self.sent_bps = sent_bps
         if remb_bps is not None:
             self._remb(float(remb_bps), now)
         if loss is not None:
             loss = min(1.0, max(0.0, loss))
-        if loss is not None and loss > LOSS_HIGH and sent_bps >= MIN_SENT_BPS:
-            cap = sent_bps * (1.0 - loss / 2.0)
+        failed = self.failed_at
+        if (
+            loss is not None
+            and loss > LOSS_HIGH
+            and sent >= MIN_SENT_BPS
+            and (failed is None or now - failed >= PROBE_LOSS_GRACE_S)
+            and self.probe is None
+        ):
+            cap = sent * (1.0 - loss / 2.0)
             if self.estimate_bps is None or cap < self.estimate_bps:
                 self.estimate_bps = cap
             self.capped = True
         probe = self.probe
-        if probe is None:
-            return
-        if loss is not None and loss > PROBE_LOSS_MAX:
-            self._fail(now)
-        elif now >= probe.ends:
-            self._succeed(now)
+        if probe is not None and now >= probe.ends:
+            # (its verdict is the NACKs: a report's loss covers more than the probe)
+            if probe.sent >= PROBE_MIN_PACKETS:
+                self._succeed(now)
+            else:
+                self._fail(now)
 
     def _remb(self, remb: float, now: float) -> None:
         previous = self.remb_bps
@@ -137,7 +155,7 @@ class LinkEstimate:
         if probe is None or count <= 0:
             return False
         probe.nacked += count
-        if probe.nacked > PROBE_NACK_RATIO * max(probe.sent, 1):
+        if probe.nacked > max(PROBE_NACK_MIN, PROBE_NACK_RATIO * probe.sent):
             self._fail(now)
             return True
         return False
@@ -149,6 +167,7 @@ class LinkEstimate:
 
     def _fail(self, now: float) -> None:
         self.probe = None
+        self.failed_at = now
         self.probe_wait_s = min(self.probe_wait_s * PROBE_BACKOFF, PROBE_WAIT_MAX_S)
         self.next_probe_at = now + self.probe_wait_s
 

@@ -373,9 +373,9 @@ class Published:
             if live:
                 rate = self.layer_rates.get(layer, 0.0)
                 if self.ramping(layer, now):
-                    # switched on again lately, its rate still climbing: it costs what it
-                    # took before (else it looks cheap and a weak subscriber is sent it)
-                    out.append(max(rate, self.layer_known.get(layer, self.nominal_bps(layer))))
+                    # switched on again lately, its rate still climbing: it costs at least
+                    # what it may take (else it looks cheap and a weak subscriber is sent it)
+                    out.append(max(rate, self.layer_known.get(layer, 0.0), self.nominal_bps(layer)))
                     continue
                 if rate > 0 and not self.switched_off(layer):  # (not while it winds down)
                     self.layer_known[layer] = rate
@@ -384,8 +384,9 @@ class Published:
                 self.stalled(layer, now)
             ):
                 # off at the publisher because nobody wanted it: still there to be chosen
-                # (choosing it switches it on again, and it stays chosen while it comes)
-                out.append(self.layer_known.get(layer, self.nominal_bps(layer)))
+                # (choosing it switches it on again, and it stays chosen while it comes),
+                # at no less than it may take
+                out.append(max(self.layer_known.get(layer, 0.0), self.nominal_bps(layer)))
             else:
                 out.append(None)
         return out
@@ -1231,9 +1232,9 @@ class MediaHub:
             view=view,
             cap=self.settings.simulcast_max_layer,
         )
-        if ceiling.layer is None or (choice.layer is not None and choice.layer >= ceiling.layer):
-            return
-        floor = -1 if choice.layer is None else choice.layer
+        if choice.layer is None or ceiling.layer is None or choice.layer >= ceiling.layer:
+            return  # (a paused video is not probed: no media, no NACK, no verdict)
+        floor = choice.layer
         costs: dict[int, float] = {}
         highest = 0.0
         for i, rate in enumerate(rates):

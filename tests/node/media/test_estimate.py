@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from node.media.estimate import (
     LOSS_HIGH,
+    PROBE_LOSS_GRACE_S,
     PROBE_S,
     PROBE_WAIT_MAX_S,
     LinkEstimate,
@@ -64,6 +65,7 @@ def run(
         if loss == 0.0:  # (aiortc's climb, capped at 1.5x what arrives)
             remb[0] = max(remb[0], min(remb[0] * 1.08**ROUND_S, 1.5 * arrived + 10_000))
         if use_estimate:
+            estimate.sent(round(sent * ROUND_S / 8 / 1000))  # (media packets of ~1000 bytes)
             if padding and loss > 0:
                 estimate.nack(now, 3)  # (the subscriber NACKs what the padding pushed out)
             estimate.observe(now, remb_bps=remb[0], sent_bps=sent, loss=loss)
@@ -166,7 +168,7 @@ def test_a_probe_commits_its_goal_only_when_nothing_was_lost() -> None:
     assert estimate.padding_bps() == probe.goal_bps - 150_000
     # a NACK during the probe ends it at once, and the next one waits longer
     estimate.sent(30)
-    assert estimate.nack(2.2, 2)
+    assert estimate.nack(2.2, 3)
     assert estimate.probe is None and estimate.padding_bps() == 0
     assert estimate.estimate_bps == 250_000
     wait = estimate.probe_wait_s
@@ -174,6 +176,9 @@ def test_a_probe_commits_its_goal_only_when_nothing_was_lost() -> None:
     assert estimate.want(2.2 + wait, 450_000, BANDWIDTH_HEADROOM)
     started = 2.2 + wait
     # this one runs its course without trouble: its goal becomes the estimate
+    estimate.sent(20)
+    estimate.nack(started + 0.3, 1)  # (one NACK repeated from before the probe: no verdict)
+    assert estimate.probe is not None
     estimate.observe(started + PROBE_S, remb_bps=260_000, sent_bps=150_000, loss=0.0)
     assert estimate.probe is None
     assert estimate.estimate_bps == probe.goal_bps
@@ -191,9 +196,35 @@ def test_failed_probes_back_off_up_to_the_maximum() -> None:
     for _ in range(8):
         now = estimate.next_probe_at or now
         assert estimate.want(now, 450_000, BANDWIDTH_HEADROOM)
-        estimate.observe(now + 0.5, remb_bps=250_000, sent_bps=150_000, loss=0.3)
+        estimate.sent(10)
+        assert estimate.nack(now + 0.1, 5)
         waits.append(estimate.probe_wait_s)
     assert waits == sorted(waits) and waits[-1] == PROBE_WAIT_MAX_S
+
+
+def test_a_probe_that_saw_no_media_proves_nothing() -> None:
+    estimate = LinkEstimate()
+    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
+    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate.sent(3)
+    estimate.observe(5.0 + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
+    assert estimate.probe is None and estimate.estimate_bps == 250_000
+
+
+def test_the_loss_a_failed_probe_caused_caps_nothing() -> None:
+    estimate = LinkEstimate()
+    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
+    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate.sent(10)
+    assert estimate.nack(5.1, 20)
+    # the next report shows what the padding pushed out of the queue
+    estimate.observe(5.5, remb_bps=250_000, sent_bps=150_000, loss=0.5)
+    assert estimate.estimate_bps == 250_000
+    # later loss is the media's own
+    estimate.observe(5.1 + PROBE_LOSS_GRACE_S, remb_bps=250_000, sent_bps=150_000, loss=0.5)
+    assert estimate.estimate_bps == 150_000 * 0.75
 
 
 def test_no_probe_without_a_need_or_without_padding() -> None:
