@@ -38,8 +38,10 @@ LOSS_HIGH: Final = 0.10
 MIN_SENT_BPS: Final = 20_000.0
 #: a REMB this much below the previous one is the estimator seeing congestion
 REMB_DROP: Final = 0.97
-#: how long a probe holds its goal rate before it is committed
-PROBE_S: Final = 1.0
+#: how long a probe lasts before its goal is committed ...
+PROBE_S: Final = 1.2
+#: ... its padding climbing to the goal over the first this much of it
+PROBE_RAMP_S: Final = 0.6
 #: the wait before the first probe, and after a successful one before the next
 PROBE_WAIT_S: Final = 1.5
 #: each failed probe makes the next wait this much longer ...
@@ -203,11 +205,15 @@ class LinkEstimate:
         self.probes += 1
         return True
 
-    def padding_bps(self) -> float:
-        """How much padding a probe under way needs on top of what is sent (0: none)."""
-        if self.probe is None:
+    def padding_bps(self, now: float | None = None) -> float:
+        """How much padding a probe under way needs on top of what is sent (0: none): it
+        climbs to the goal over `PROBE_RAMP_S` (`now` given), so a link that cannot carry
+        the goal is overfilled by little when the first NACK stops it."""
+        probe = self.probe
+        if probe is None:
             return 0.0
-        return max(0.0, self.probe.goal_bps - self.sent_bps)
+        share = 1.0 if now is None else min(1.0, max(0.0, (now - probe.started) / PROBE_RAMP_S))
+        return max(0.0, probe.goal_bps - self.sent_bps) * share
 
     def cancel(self, now: float) -> None:
         """Padding could not be sent (no RTX negotiated): no probes from now on."""

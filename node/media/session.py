@@ -133,6 +133,8 @@ LAYER_RAMP_S = 4.0
 PROBE_HOLD_S = 8.0
 # While a subscriber's downlink is probed, padding goes out in steps this far apart
 PROBE_TICK_S = 0.05
+# After a failed probe, the packets the subscriber NACKed meanwhile go again this much later
+PROBE_RESEND_S = 0.15
 # A subscriber on the lowest layer keeps it while its estimate covers this share of its rate
 KEEP_LOWEST_SHARE = 0.5
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
@@ -372,9 +374,10 @@ class Published:
             live = seen is not None and now - seen < LAYER_IDLE_S
             if live:
                 rate = self.layer_rates.get(layer, 0.0)
-                if self.ramping(layer, now):
-                    # switched on again lately, its rate still climbing: it costs at least
-                    # what it may take (else it looks cheap and a weak subscriber is sent it)
+                if self.ramping(layer, now) or self.switched_off(layer):
+                    # switched on again lately, its rate still climbing, or off and winding
+                    # down: it costs at least what it may take (else it looks cheap and a
+                    # weak subscriber is sent it)
                     out.append(max(rate, self.layer_known.get(layer, 0.0), self.nominal_bps(layer)))
                     continue
                 if rate > 0 and not self.switched_off(layer):  # (not while it winds down)
@@ -1075,6 +1078,11 @@ class MediaSession:
 _KINDS = ("audio", "video")
 
 
+async def _resend_later(sink: SenderTap, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    sink.resend_nacked(within_s=delay_s + 1.0)
+
+
 def _client_reason(reason: str) -> str:
     """A pause's reason as the client hears it (`video-paused`: bandwidth or hidden)."""
     return "bandwidth" if reason == "allocation" else reason
@@ -1283,6 +1291,9 @@ class MediaHub:
                 nacked = sink.nacked - subscription.probe_nacked
                 subscription.probe_nacked = sink.nacked
                 if link.nack(now, nacked):
+                    # what the padding pushed out was answered while the queue was still
+                    # full: send it again once that drained
+                    self.spawn(_resend_later(sink, PROBE_RESEND_S))
                     log.info(
                         "media.probe_failed",
                         extra={
@@ -1292,7 +1303,7 @@ class MediaHub:
                         },
                     )
                     continue
-                size = int(link.padding_bps() * PROBE_TICK_S / 8)
+                size = int(link.padding_bps(now) * PROBE_TICK_S / 8)
                 if size > 0 and sink.send_padding(size) == 0 and sink.last_sequence_number:
                     link.cancel(now)  # (no RTX: the layer itself is tried, as before)
             await asyncio.sleep(PROBE_TICK_S)

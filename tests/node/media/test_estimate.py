@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from node.media.estimate import (
     LOSS_HIGH,
     PROBE_LOSS_GRACE_S,
+    PROBE_RAMP_S,
     PROBE_S,
     PROBE_WAIT_MAX_S,
     LinkEstimate,
@@ -200,6 +201,20 @@ def test_failed_probes_back_off_up_to_the_maximum() -> None:
         assert estimate.nack(now + 0.1, 5)
         waits.append(estimate.probe_wait_s)
     assert waits == sorted(waits) and waits[-1] == PROBE_WAIT_MAX_S
+
+
+def test_probe_padding_climbs_to_the_goal() -> None:
+    estimate = LinkEstimate()
+    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
+    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    probe = estimate.probe
+    assert probe is not None
+    full = probe.goal_bps - 150_000
+    assert estimate.padding_bps(5.0) == 0.0
+    assert abs(estimate.padding_bps(5.0 + PROBE_RAMP_S / 2) - full / 2) < 1.0
+    assert abs(estimate.padding_bps(5.0 + PROBE_RAMP_S + 0.01) - full) < 1.0
+    assert estimate.padding_bps(5.0 + PROBE_S) == full
 
 
 def test_a_probe_that_saw_no_media_proves_nothing() -> None:
