@@ -99,6 +99,7 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import queue
@@ -1356,9 +1357,8 @@ class SenderTap:
         self.padding_bytes = 0
         self.padding_packets = 0
         self._padding_back = 0
-        #: until this monotonic time every NACK is answered twice, the second time
-        #: `REPEAT_NACK_AFTER_S` later (set around a probe of the subscriber's downlink)
-        self.repeat_nacks_until = 0.0
+        #: (time, sequence number) of the latest NACKed packets (`resend_nacked`)
+        self._nacked_recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         #: Test hook: when set and it returns True for a packet, `send` keeps the packet in
         #: the RTP history and counts it as sent but does not write it (simulated loss on the
         #: way to the subscriber, which a NACK then repairs). Never set in production.
@@ -1448,19 +1448,24 @@ class SenderTap:
     async def _retransmit(self, sequence_number: int) -> None:
         # RTCRtpSender._retransmit answers a NACKed sequence number from the RTP history.
         self.nacked += 1
-        if time.monotonic() < self.repeat_nacks_until:
-            # around a probe the first answer may meet the queue the padding filled
-            task = asyncio.ensure_future(self._answer_again(sequence_number))
-            _padding_tasks.add(task)
-            task.add_done_callback(_padding_tasks.discard)
+        self._nacked_recent.append((time.monotonic(), sequence_number))
         kept = self._history.get(sequence_number % RTP_HISTORY_SIZE)
         if kept is not None and kept.sequence_number == sequence_number:
             self.retransmitted += 1
         await self._original_retransmit(sequence_number)
 
-    async def _answer_again(self, sequence_number: int) -> None:
-        await asyncio.sleep(REPEAT_NACK_AFTER_S)
-        await self._original_retransmit(sequence_number)
+    def resend_nacked(self, within_s: float) -> int:
+        """Send again (as RTX, from the history) the packets NACKed in the last `within_s`:
+        after a probe overfilled the subscriber's queue, the first answers may have met it
+        still full. Returns how many went."""
+        since = time.monotonic() - within_s
+        sequence_numbers = sorted({seq for at, seq in self._nacked_recent if at >= since})
+        self._nacked_recent.clear()
+        for sequence_number in sequence_numbers:
+            task = asyncio.ensure_future(self._original_retransmit(sequence_number))
+            _padding_tasks.add(task)
+            task.add_done_callback(_padding_tasks.discard)
+        return len(sequence_numbers)
 
     def send_padding(self, size: int) -> int:
         """Send about `size` payload bytes of padding to probe the subscriber's downlink:
@@ -1571,9 +1576,6 @@ class SenderTap:
 
 #: how far back `SenderTap.send_padding` takes packets to send again
 PADDING_SPAN: Final = 32
-#: a NACK answered twice (`SenderTap.repeat_nacks_until`) is answered again this much later,
-#: once the queue a probe filled (100 ms of it in the lab's weak link) has drained
-REPEAT_NACK_AFTER_S: Final = 0.15
 #: padding sends under way (kept referenced until done)
 _padding_tasks: set[asyncio.Future[None]] = set()
 

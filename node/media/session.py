@@ -63,7 +63,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from node.config import MediaSettings
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
-from node.media.estimate import PROBE_S, LinkEstimate
+from node.media.estimate import LinkEstimate
 from node.media.forward import (
     BANDWIDTH_HEADROOM,
     PRIORITY_OTHER,
@@ -133,8 +133,8 @@ LAYER_RAMP_S = 4.0
 PROBE_HOLD_S = 8.0
 # While a subscriber's downlink is probed, padding goes out in steps this far apart
 PROBE_TICK_S = 0.05
-# NACKs are answered twice during a probe and this long after it
-PROBE_REPAIR_S = 1.5
+# After a failed probe, the packets the subscriber NACKed meanwhile go again this much later
+PROBE_RESEND_S = 0.15
 # A subscriber on the lowest layer keeps it while its estimate covers this share of its rate
 KEEP_LOWEST_SHARE = 0.5
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
@@ -1078,6 +1078,11 @@ class MediaSession:
 _KINDS = ("audio", "video")
 
 
+async def _resend_later(sink: SenderTap, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    sink.resend_nacked(within_s=delay_s + 1.0)
+
+
 def _client_reason(reason: str) -> str:
     """A pause's reason as the client hears it (`video-paused`: bandwidth or hidden)."""
     return "bandwidth" if reason == "allocation" else reason
@@ -1252,9 +1257,6 @@ class MediaHub:
             sink = subscription.sink
             subscription.probe_nacked = sink.nacked
             subscription.probe_packets = sink.packets_sent
-            # the media a failed probe pushes out is repaired even if the first answer
-            # meets the queue still full (however the probe ends: NACK or REMB)
-            sink.repeat_nacks_until = now + PROBE_S + PROBE_REPAIR_S
             log.info(
                 "media.probe",
                 extra={
@@ -1289,6 +1291,9 @@ class MediaHub:
                 nacked = sink.nacked - subscription.probe_nacked
                 subscription.probe_nacked = sink.nacked
                 if link.nack(now, nacked):
+                    # what the padding pushed out was answered while the queue was still
+                    # full: send it again once that drained
+                    self.spawn(_resend_later(sink, PROBE_RESEND_S))
                     log.info(
                         "media.probe_failed",
                         extra={

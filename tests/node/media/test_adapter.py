@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aioice
 import aioice.ice
@@ -216,20 +215,23 @@ async def test_padding_is_recent_packets_again_as_rtx():
         originals = {p.sequence_number: p.payload for p in received[:10]}
         assert all(originals[p.sequence_number] == p.payload for p in repeats)
         assert sink.packets_sent == 10  # (padding is not media: not in the sender's counts)
-        # around a probe (`repeat_nacks_until`) a NACK is answered twice: the second copy
-        # REPEAT_NACK_AFTER_S later, once the queue the padding filled has drained
-        sink.repeat_nacks_until = time.monotonic() + 30
-        sink.drop = lambda packet: packet.sequence_number == 3011
-        for seq in (3010, 3011, 3012):
+        # a gap: the subscriber NACKs it, it is answered; after a failed probe the NACKed
+        # packets go again (`resend_nacked`)
+        for seq in (3010, 3012):
             payload = bytes([0x10, seq % 256]) + bytes(1000)
+            sink.drop = (lambda packet: packet.sequence_number == 3011) if seq == 3010 else None
             assert sink.write(sink.payload_type, 0, seq, seq * 3000, payload, None, stamp)
-        sink.drop = None
+            if seq == 3010:
+                assert sink.write(sink.payload_type, 0, 3011, 3011 * 3000, bytes(100), None, stamp)
         await until(lambda: sink.nacked >= 1, "a NACK for 3011", 10)
+        count = len([p for p in received if p.sequence_number == 3011])
+        assert sink.resend_nacked(within_s=5.0) == 1
         await until(
-            lambda: len([p for p in received if p.sequence_number == 3011]) >= 2,
-            "3011 twice",
+            lambda: len([p for p in received if p.sequence_number == 3011]) > count,
+            "3011 again",
             10,
         )
+        assert sink.resend_nacked(within_s=5.0) == 0  # (each once)
     finally:
         await node.close()
         await peer.close()
