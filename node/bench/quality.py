@@ -656,7 +656,13 @@ def run(args: argparse.Namespace) -> int:
         weak_kbps=args.weak_kbps,
         baseline=not args.no_baseline,
     )
-    with tempfile.TemporaryDirectory(prefix="sfumesh-quality-") as workdir:
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            # (kept: the node's log has every `media.layer_target`, the peers' logs theirs)
+            workdir = str(args.workdir)
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sfumesh-quality-"))
         try:
             report = run_quality(config, Path(workdir))
         except (LabError, ForwardBenchError, OSError, httpx.HTTPError) as error:

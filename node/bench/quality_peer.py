@@ -20,8 +20,9 @@ that every video track shows in a tile of `--tile` (`view`), and taps its receiv
   `STALL_S` while packets arrive, at most every `KEYFRAME_REQUEST_S`.
 
 It speaks the forward bench's JSON lines: `ready` once a frame decoded, then per `mark`
-everything since the previous one (payload bytes per `BIN_S` bin by arrival time, decoded
-frames as (time, bytes, keyframe height or null), keyframe requests), `stop` to leave.
+everything since the previous one (payload bytes per `BIN_S` bin by arrival time, each
+packet once; decoded frames as (time, bytes, keyframe height or null); keyframe requests),
+`stop` to leave.
 Times are `time.monotonic()`, one clock for every process of the machine.
 """
 
@@ -114,17 +115,19 @@ class FrameTracker:
 
     def add(
         self, sequence_number: int, timestamp: int, marker: int, payload: bytes, now: float
-    ) -> None:
+    ) -> bool:
+        """Take one packet; False when it is a repeat (a retransmission that came after
+        all, the node's probe padding) or belongs to a frame already decoded or passed."""
         self.packets += 1
         self.last_packet_at = now
         ext = self._extend(sequence_number)
         if self._last_end is not None and ext <= self._last_end:
-            return  # a late copy of a frame already decoded (or passed)
+            return False  # a late copy of a frame already decoded (or passed)
         frame = self._frames.get(timestamp)
         if frame is None:
             frame = self._frames[timestamp] = _Frame()
         if ext in frame.received:
-            return
+            return False
         frame.received.add(ext)
         frame.bytes += len(payload)
         if vp8_starts_frame(payload):
@@ -141,6 +144,7 @@ class FrameTracker:
             self._advance(now)
         if len(self._frames) > 64:
             self._forget()
+        return True
 
     def _advance(self, now: float) -> None:
         while True:
@@ -227,11 +231,13 @@ class QualitySubscriber:
             now = time.monotonic()
             if not ssrc:
                 ssrc.append(packet.ssrc)
-            key = int(now / BIN_S)
-            self.bins[key] = self.bins.get(key, 0) + len(packet.payload)
-            tracker.add(
+            # video kbit/s counts each packet once: repeats (the node's probe padding is
+            # recent packets sent again) are no picture
+            if tracker.add(
                 packet.sequence_number, packet.timestamp, packet.marker, packet.payload, now
-            )
+            ):
+                key = int(now / BIN_S)
+                self.bins[key] = self.bins.get(key, 0) + len(packet.payload)
             if tracker.decoded and not self.ready.is_set():
                 self.ready.set()
 

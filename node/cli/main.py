@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-size", default="640x360", help="forward, geo: the publishers' VP8 size, WxH"
     )
     forward.add_argument(
-        "--workdir", type=Path, help="forward, scale: keep logs and data here (default: a temp dir)"
+        "--workdir",
+        type=Path,
+        help="forward, scale, quality: keep logs and data here (default: a temp dir)",
     )
     scale = bench.add_argument_group("scale (how cost grows: one node per core, then the mesh)")
     scale.add_argument("--sizes", default="2,4,8", help="scale: room sizes, comma-separated")

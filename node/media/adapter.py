@@ -117,6 +117,7 @@ What is tapped, and why (read from aiortc 1.16.0's source):
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import ipaddress
 import logging
@@ -270,6 +271,7 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender, _S + "octet_count", "init"),
     (RTCRtpSender, _S + "packet_count", "init"),
     (RTCRtpSender, _S + "stats", "init"),
+    (RTCRtpSender, _S + "rtx_payload_type", "init"),
     (RTCRtpSender._handle_rtcp_packet, "_send_keyframe", "uses"),
     (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
@@ -721,6 +723,11 @@ class Reception:
     jitter_s: float
     #: round-trip time from the report's LSR/DLSR, seconds; None when not known
     rtt_s: float | None = None
+    #: the share lost since the receiver's previous report (its "fraction lost"); None
+    #: when not known
+    fraction_lost: float | None = None
+    #: identifies the report (a new value: a new report arrived)
+    report_id: object = None
 
 
 class _DiscardingQueue(queue.Queue[Any]):
@@ -1581,6 +1588,14 @@ class SenderTap:
         self.nacked = 0
         self.retransmitted = 0
         self.on_keyframe_request: Callable[[], None] | None = None
+        #: the last sequence number written (where `send_padding` takes packets from)
+        self.last_sequence_number: int | None = None
+        #: padding sent to probe the subscriber's downlink (payload bytes, packets)
+        self.padding_bytes = 0
+        self.padding_packets = 0
+        self._padding_back = 0
+        #: (time, sequence number) of the latest NACKed packets (`resend_nacked`)
+        self._nacked_recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         #: Test hook: when set and it returns True for a packet, `send` keeps the packet in
         #: the RTP history and counts it as sent but does not write it (simulated loss on the
         #: way to the subscriber, which a NACK then repairs). Never set in production.
@@ -1625,10 +1640,13 @@ class SenderTap:
         clock_rate = self.codec.clockRate if self.codec is not None else 0
         jitter = report.jitter / clock_rate if clock_rate and report.jitter else 0.0
         rtt = report.roundTripTime
+        fraction = report.fractionLost
         return Reception(
             packets_lost=int(report.packetsLost or 0),
             jitter_s=float(jitter),
             rtt_s=None if rtt is None else float(rtt),
+            fraction_lost=None if fraction is None else min(1.0, max(0.0, fraction / 256)),
+            report_id=report.timestamp,
         )
 
     async def _send_parameters(self, parameters: RTCRtpSendParameters) -> None:
@@ -1667,10 +1685,52 @@ class SenderTap:
     async def _retransmit(self, sequence_number: int) -> None:
         # RTCRtpSender._retransmit answers a NACKed sequence number from the RTP history.
         self.nacked += 1
+        self._nacked_recent.append((time.monotonic(), sequence_number))
         kept = self._history.get(sequence_number % RTP_HISTORY_SIZE)
         if kept is not None and kept.sequence_number == sequence_number:
             self.retransmitted += 1
         await self._original_retransmit(sequence_number)
+
+    def resend_nacked(self, within_s: float) -> int:
+        """Send again (as RTX, from the history) the packets NACKed in the last `within_s`:
+        after a probe overfilled the subscriber's queue, the first answers may have met it
+        still full. Returns how many went."""
+        since = time.monotonic() - within_s
+        sequence_numbers = sorted({seq for at, seq in self._nacked_recent if at >= since})
+        self._nacked_recent.clear()
+        for sequence_number in sequence_numbers:
+            task = asyncio.ensure_future(self._original_retransmit(sequence_number))
+            _padding_tasks.add(task)
+            task.add_done_callback(_padding_tasks.discard)
+        return len(sequence_numbers)
+
+    def send_padding(self, size: int) -> int:
+        """Send about `size` payload bytes of padding to probe the subscriber's downlink:
+        recently sent packets again, as RTX (libwebrtc pads the same way; the receiver drops
+        them as repeats, its bandwidth estimator and the path carry them). Returns the
+        payload bytes sent: 0 when RTX was not negotiated (no padding possible) or nothing
+        was sent yet."""
+        last = self.last_sequence_number
+        if last is None or self._s._RTCRtpSender__rtx_payload_type is None or size <= 0:
+            return 0
+        sent = 0
+        # walking back over the last PADDING_SPAN packets, round after round, so one packet
+        # is not repeated many times in a row
+        for _ in range(PADDING_SPAN):
+            self._padding_back = (self._padding_back + 1) % PADDING_SPAN
+            sequence_number = (last - self._padding_back) & 0xFFFF
+            kept = self._history.get(sequence_number % RTP_HISTORY_SIZE)
+            if kept is None or kept.sequence_number != sequence_number:
+                continue
+            task = asyncio.ensure_future(self._original_retransmit(sequence_number))
+            _padding_tasks.add(task)
+            task.add_done_callback(_padding_tasks.discard)
+            sent += len(kept.payload)
+            self.padding_packets += 1
+            if sent >= size:
+                break
+        self.padding_bytes += sent
+        return sent
 
     def write(
         self,
@@ -1719,6 +1779,7 @@ class SenderTap:
             + elements
             + payload
         )
+        self.last_sequence_number = sequence_number
         kept = self._history[sequence_number % RTP_HISTORY_SIZE] = _Kept(
             payload_type,
             marker,
@@ -1748,6 +1809,12 @@ class SenderTap:
         self.packets_sent += 1
         self.bytes_sent += size
         return True
+
+
+#: how far back `SenderTap.send_padding` takes packets to send again
+PADDING_SPAN: Final = 32
+#: padding sends under way (kept referenced until done)
+_padding_tasks: set[asyncio.Future[None]] = set()
 
 
 def tap_sender(sender: RTCRtpSender) -> SenderTap:

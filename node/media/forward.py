@@ -888,6 +888,8 @@ def choose_layer(
     cap: int,
     probe: bool = True,
     settling: bool = False,
+    climb: bool = True,
+    keep_lowest_share: float | None = None,
 ) -> LayerChoice:
     """The layer (index into `rates_bps`, lowest first; None where a layer is not being
     received) to send a subscriber: the lowest of what its bandwidth allows (its estimate,
@@ -902,7 +904,13 @@ def choose_layer(
     bounce). With `probe`, a subscriber whose estimate fits nothing (at the start, or
     paused) tries the lowest layer; without it, it gets no video. While `settling` (just
     after a step up, before the estimate could follow the new rate) the estimate alone
-    never takes the subscriber below `current`; loss still does."""
+    never takes the subscriber below `current`; loss still does.
+
+    `climb` False: no layer above what the estimate covers is tried (the caller raises the
+    estimate by probing with padding instead, `node.media.estimate`). `keep_lowest_share`:
+    a subscriber on the lowest layer keeps it while the estimate covers at least this share
+    of its rate (a dip from a loss burst does not pause the video; pausing and resuming
+    costs a keyframe's wait)."""
     available = [i for i, rate in enumerate(rates_bps) if rate is not None]
     if not available:
         return LayerChoice(None, "top")
@@ -927,7 +935,16 @@ def choose_layer(
             if (rates_bps[current] or 0.0) <= estimate_bps:
                 bandwidth = current if bandwidth is None else max(bandwidth, current)
         if (
+            keep_lowest_share is not None
+            and current is not None
+            and current == available[0]
+            and (rates_bps[current] or 0.0) * keep_lowest_share <= estimate_bps
+            and bandwidth is None
+        ):
+            bandwidth = current
+        if (
             probe
+            and climb
             and current is not None
             and current in available
             and (rates_bps[current] or 0.0) <= estimate_bps

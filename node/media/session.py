@@ -44,7 +44,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiortc import (
@@ -63,7 +63,9 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from node.config import MediaSettings
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
+from node.media.estimate import LinkEstimate
 from node.media.forward import (
+    BANDWIDTH_HEADROOM,
     PRIORITY_OTHER,
     PRIORITY_SCREEN,
     PRIORITY_SPEAKER,
@@ -124,8 +126,17 @@ LAYER_IDLE_S = 2.0
 LAYER_BACK_S = 5.0
 # ... and one that did not come in that time is not offered again for this long
 LAYER_RETRY_S = 15.0
+# A layer switched on again is costed at least at its earlier rate for this long (its measured
+# rate, averaged over choice rounds, needs that to catch up)
+LAYER_RAMP_S = 4.0
 # After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
 PROBE_HOLD_S = 8.0
+# While a subscriber's downlink is probed, padding goes out in steps this far apart
+PROBE_TICK_S = 0.05
+# After a failed probe, the packets the subscriber NACKed meanwhile go again this much later
+PROBE_RESEND_S = 0.15
+# A subscriber on the lowest layer keeps it while its estimate covers this share of its rate
+KEEP_LOWEST_SHARE = 0.5
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
 # this long to catch up before it may step the subscriber down again (loss may at once)
 SETTLE_S = 10.0
@@ -190,11 +201,19 @@ class Subscription:
     #: the subscriber's receiver-report counters at the last choice (loss between choices)
     reported_lost: int = 0
     reported_sent: int = 0
+    report_id: object = None
     #: layer switches and bandwidth steps down so far; no climbing by probing before this
     switches: int = 0
     probe_after: float = 0.0
     #: after a step up, the estimate alone does not step down before this (it lags)
     settle_until: float = 0.0
+    #: the subscriber's downlink as layers are chosen against it (REMB, loss, probes)
+    link: LinkEstimate = field(default_factory=LinkEstimate)
+    #: (time, payload bytes sent) at the last choice round: the rate sent in between
+    sent_mark: tuple[float, int] | None = None
+    #: NACKs and packets counted so far by the probe pacing
+    probe_nacked: int = 0
+    probe_packets: int = 0
 
 
 class TrackOwner(Protocol):
@@ -417,6 +436,12 @@ class Published:
             live = seen is not None and now - seen < LAYER_IDLE_S
             if live:
                 rate = self.layer_rates.get(layer, 0.0)
+                if self.ramping(layer, now) or self.switched_off(layer):
+                    # switched on again lately, its rate still climbing, or off and winding
+                    # down: it costs at least what it may take (else it looks cheap and a
+                    # weak subscriber is sent it)
+                    out.append(max(rate, self.layer_known.get(layer, 0.0), self.nominal_bps(layer)))
+                    continue
                 if rate > 0 and not self.switched_off(layer):  # (not while it winds down)
                     self.layer_known[layer] = rate
                 out.append(rate)
@@ -424,8 +449,9 @@ class Published:
                 self.stalled(layer, now)
             ):
                 # off at the publisher because nobody wanted it: still there to be chosen
-                # (choosing it switches it on again, and it stays chosen while it comes)
-                out.append(self.layer_known.get(layer, self.nominal_bps(layer)))
+                # (choosing it switches it on again, and it stays chosen while it comes),
+                # at no less than it may take
+                out.append(max(self.layer_known.get(layer, 0.0), self.nominal_bps(layer)))
             else:
                 out.append(None)
         return out
@@ -443,6 +469,13 @@ class Published:
         if since is None or self.layer_seen.get(layer, -1.0) >= since:
             return False
         return LAYER_BACK_S <= now - since < LAYER_BACK_S + LAYER_RETRY_S
+
+    def ramping(self, layer: int, now: float) -> bool:
+        """Whether `layer` was switched on again within `LAYER_RAMP_S` (its measured rate
+        is still catching up with what it takes)."""
+        layers = self.publisher_layers
+        since = None if layers is None else layers.switched_on.get(layer)
+        return since is not None and now - since < LAYER_RAMP_S
 
     def coming_back(self, layer: int, now: float) -> bool:
         """Whether `layer` was switched on again lately (its first packets may not be here
@@ -1107,6 +1140,11 @@ class MediaSession:
 _KINDS = ("audio", "video")
 
 
+async def _resend_later(sink: SenderTap, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    sink.resend_nacked(within_s=delay_s + 1.0)
+
+
 def _client_reason(reason: str) -> str:
     """A pause's reason as the client hears it (`video-paused`: bandwidth or hidden)."""
     return "bandwidth" if reason == "allocation" else reason
@@ -1173,6 +1211,7 @@ class MediaHub:
         #: packets received but not forwarded since start, by reason
         self.dropped: dict[str, int] = {}
         self._layer_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         #: simulcast layer switches and paused seconds of ended pauses, over all subscribers
         #: since start (never going down when one leaves)
         self.layer_switches = 0
@@ -1188,34 +1227,148 @@ class MediaHub:
     # ----------------------------------------------------------------- layer selection
 
     def choose(self, subscription: Subscription, now: float) -> LayerChoice:
-        """The layer `subscription`'s subscriber should get now (see `choose_layer`)."""
+        """The layer `subscription`'s subscriber should get now (see `choose_layer`),
+        against its downlink estimate (`LinkEstimate`: REMB, loss, probes); starts a probe
+        when bandwidth holds the layer below what the tile and the cap allow."""
         published = subscription.published
         sink = subscription.sink
         forwarder = published.forwarder
         rewriter = forwarder.layer_rewriter(sink) if forwarder is not None else None
         loss = 0.0
+        #: the loss of the receiver reports that came since the last round (None: none came)
+        reported: float | None = None
         follow = self.settings.simulcast_follow_bandwidth
         report = sink.reception()
         if report is not None and follow:
             lost = report.packets_lost - subscription.reported_lost
             sent = sink.packets_sent - subscription.reported_sent
             if sent > 0:
-                loss = max(0.0, lost / sent)
+                loss = min(1.0, max(0.0, lost / sent))
             subscription.reported_lost = report.packets_lost
             subscription.reported_sent = sink.packets_sent
+            if report.report_id != subscription.report_id:
+                subscription.report_id = report.report_id
+                # the receiver's own figure over its report's interval (the counters'
+                # difference mixes intervals: packets sent since are not reported yet)
+                reported = report.fraction_lost if report.fraction_lost is not None else loss
         mid = subscription.transceiver.mid
         view = subscription.subscriber.views.get(mid) if mid is not None else None
-        return choose_layer(
-            published.rates(now),
-            published.heights(),
-            estimate_bps=sink.remb_bitrate if follow else None,
-            loss=loss,
-            current=None if rewriter is None else rewriter.current,
+        link = subscription.link
+        estimate: float | None = None
+        if follow:
+            at, before = subscription.sent_mark or (now, sink.bytes_sent)
+            sent_bps = (sink.bytes_sent - before) * 8 / (now - at) if now > at else 0.0
+            subscription.sent_mark = (now, sink.bytes_sent)
+            link.observe(now, remb_bps=sink.remb_bitrate, sent_bps=sent_bps, loss=reported)
+            estimate = link.estimate_bps
+        rates = published.rates(now)
+        heights = published.heights()
+        current = None if rewriter is None else rewriter.current
+        cap = self.settings.simulcast_max_layer
+        choice = choose_layer(
+            rates,
+            heights,
+            estimate_bps=None if estimate is None else round(estimate),
+            loss=0.0 if link.can_probe else loss,
+            current=current,
             view=view,
-            cap=self.settings.simulcast_max_layer,
+            cap=cap,
             probe=now >= subscription.probe_after,
             settling=now < subscription.settle_until,
+            climb=not link.can_probe,
+            keep_lowest_share=KEEP_LOWEST_SHARE if link.can_probe else None,
         )
+        if follow and estimate is not None and rewriter is not None and not rewriter.waiting:
+            self._maybe_probe(subscription, choice, rates, heights, view, now)
+        return choice
+
+    def _maybe_probe(
+        self,
+        subscription: Subscription,
+        choice: LayerChoice,
+        rates: list[float | None],
+        heights: list[int | None],
+        view: View | None,
+        now: float,
+    ) -> None:
+        """Start a probe of the subscriber's downlink when bandwidth holds its layer below
+        what its tile and the cap allow (the next layer up is what the probe must carry)."""
+        ceiling = choose_layer(
+            rates,
+            heights,
+            estimate_bps=None,
+            loss=0.0,
+            current=None,
+            view=view,
+            cap=self.settings.simulcast_max_layer,
+        )
+        if choice.layer is None or ceiling.layer is None or choice.layer >= ceiling.layer:
+            return  # (a paused video is not probed: no media, no NACK, no verdict)
+        floor = choice.layer
+        costs: dict[int, float] = {}
+        highest = 0.0
+        for i, rate in enumerate(rates):
+            if rate is not None:
+                highest = max(highest, rate)
+                costs[i] = highest
+        above = [i for i in costs if floor < i <= ceiling.layer]
+        if not above:
+            return
+        link = subscription.link
+        if link.want(now, costs[above[0]], BANDWIDTH_HEADROOM):
+            sink = subscription.sink
+            subscription.probe_nacked = sink.nacked
+            subscription.probe_packets = sink.packets_sent
+            log.info(
+                "media.probe",
+                extra={
+                    "session_id": subscription.subscriber.session_id,
+                    "publisher": subscription.published.owner.session_id,
+                    "goal_bps": round(link.probe.goal_bps) if link.probe else None,
+                    "estimate_bps": None if link.estimate_bps is None else round(link.estimate_bps),
+                    "layer": choice.layer,
+                },
+            )
+            if self._probe_task is None or self._probe_task.done():
+                self._probe_task = self.spawn(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        """Padding for the probes under way, every `PROBE_TICK_S`; a NACK ends a probe at
+        once (its padding overfills the link)."""
+        while True:
+            probing = [
+                subscription
+                for session in list(self.sessions.values())
+                for subscription in list(session.incoming.values())
+                if subscription.link.probe is not None
+            ]
+            if not probing:
+                return
+            now = time.monotonic()
+            for subscription in probing:
+                sink = subscription.sink
+                link = subscription.link
+                link.sent(sink.packets_sent - subscription.probe_packets)
+                subscription.probe_packets = sink.packets_sent
+                nacked = sink.nacked - subscription.probe_nacked
+                subscription.probe_nacked = sink.nacked
+                if link.nack(now, nacked):
+                    # what the padding pushed out was answered while the queue was still
+                    # full: send it again once that drained
+                    self.spawn(_resend_later(sink, PROBE_RESEND_S))
+                    log.info(
+                        "media.probe_failed",
+                        extra={
+                            "session_id": subscription.subscriber.session_id,
+                            "nacked": nacked,
+                            "next_in_s": link.probe_wait_s,
+                        },
+                    )
+                    continue
+                size = int(link.padding_bps(now) * PROBE_TICK_S / 8)
+                if size > 0 and sink.send_padding(size) == 0 and sink.last_sequence_number:
+                    link.cancel(now)  # (no RTX: the layer itself is tried, as before)
+            await asyncio.sleep(PROBE_TICK_S)
 
     def select_layers(self, session: MediaSession | None = None) -> None:
         """Choose again the layer of every simulcast track each subscriber (or `session`)
@@ -1288,7 +1441,7 @@ class MediaHub:
         ]
         if not self.settings.simulcast_follow_bandwidth or len(videos) < 2:
             return ceilings
-        estimates = [s.sink.remb_bitrate for s in videos if s.sink.remb_bitrate is not None]
+        estimates = [s.link.estimate_bps for s in videos if s.link.estimate_bps is not None]
         if not estimates:
             return ceilings
         # a fixed order for ties: the tracks' mids on the subscriber's connection
@@ -1345,7 +1498,12 @@ class MediaHub:
                     "layer": choice.layer,
                     "was": rewriter.target,
                     "reason": choice.reason,
-                    "estimate_bps": subscription.sink.remb_bitrate,
+                    "estimate_bps": (
+                        None
+                        if subscription.link.estimate_bps is None
+                        else round(subscription.link.estimate_bps)
+                    ),
+                    "remb_bps": subscription.sink.remb_bitrate,
                     "rates_bps": [
                         None if rate is None else round(rate) for rate in published.rates(now)
                     ],

@@ -301,3 +301,65 @@ def test_arrival_stamps_fall_back_when_the_kernel_cannot_give_them(
     monkeypatch.undo()
     assert adapter.stamp_arrivals()
     assert adapter.stamp_arrivals(False) is False
+
+
+async def test_padding_is_recent_packets_again_as_rtx():
+    """Issue 14's probes: `SenderTap.send_padding` sends recently written packets again
+    as RTX (what the subscriber's bandwidth estimator and its link carry; the receiver
+    unwraps them into repeats it already has), about the size asked; nothing before the
+    first packet."""
+    adapter.set_host_addresses(["127.0.0.1"])
+    node = RTCPeerConnection(adapter.rtc_configuration())
+    peer = RTCPeerConnection(adapter.rtc_configuration())
+    received: list[RtpPacket] = []
+    try:
+        sink = adapter.tap_sender(node.addTransceiver("video", direction="sendonly").sender)
+
+        @peer.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(t.receiver for t in peer.getTransceivers() if t.receiver.track is track)
+            adapter.tap_rtp(receiver, received.append)
+
+        await node.setLocalDescription(await node.createOffer())
+        await peer.setRemoteDescription(node.localDescription)
+        await peer.setLocalDescription(await peer.createAnswer())
+        await node.setRemoteDescription(peer.localDescription)
+        await asyncio.wait_for(sink.wait_ready(), 10)
+        assert sink.send_padding(5000) == 0  # (nothing written yet)
+        stamp = adapter.send_stamp()
+        assert sink.payload_type is not None
+        for seq in range(3000, 3010):
+            payload = bytes([0x10, seq % 256]) + bytes(1000)
+            assert sink.write(sink.payload_type, 0, seq, seq * 3000, payload, None, stamp)
+        await until(lambda: len(received) >= 10, "the packets", 10)
+        sent = sink.send_padding(3000)
+        assert 3000 <= sent < 3000 + 1002
+        assert sink.padding_packets == 3 and sink.padding_bytes == sent
+        await until(lambda: len(received) >= 13, "the padding", 10)
+        repeats = received[10:]
+        # the newest packets again, unwrapped from RTX by the receiver: the same numbers
+        # and payloads as before
+        originals = {p.sequence_number: p.payload for p in received[:10]}
+        assert all(originals[p.sequence_number] == p.payload for p in repeats)
+        assert sink.packets_sent == 10  # (padding is not media: not in the sender's counts)
+        # a gap: the subscriber NACKs it, it is answered; after a failed probe the NACKed
+        # packets go again (`resend_nacked`)
+        for seq in (3010, 3012):
+            payload = bytes([0x10, seq % 256]) + bytes(1000)
+            sink.drop = (lambda packet: packet.sequence_number == 3011) if seq == 3010 else None
+            assert sink.write(sink.payload_type, 0, seq, seq * 3000, payload, None, stamp)
+            if seq == 3010:
+                assert sink.write(sink.payload_type, 0, 3011, 3011 * 3000, bytes(100), None, stamp)
+        await until(lambda: sink.nacked >= 1, "a NACK for 3011", 10)
+        count = len([p for p in received if p.sequence_number == 3011])
+        assert sink.resend_nacked(within_s=5.0) == 1
+        await until(
+            lambda: len([p for p in received if p.sequence_number == 3011]) > count,
+            "3011 again",
+            10,
+        )
+        assert sink.resend_nacked(within_s=5.0) == 0  # (each once)
+    finally:
+        await node.close()
+        await peer.close()
+        adapter.set_host_addresses(None)

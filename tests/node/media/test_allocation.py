@@ -231,10 +231,16 @@ class Sink:
         self.payload_type: int | None = 96
         self.remb_bitrate = remb
         self.packets_sent = 0
+        self.bytes_sent = 0
+        self.nacked = 0
+        self.last_sequence_number: int | None = None
         self.on_keyframe_request: Any = None
 
     def reception(self) -> None:
         return None
+
+    def send_padding(self, size: int) -> int:
+        return 0
 
     def write(self, *args: Any) -> bool:
         return True
