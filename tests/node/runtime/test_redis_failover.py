@@ -41,6 +41,36 @@ def _primary_has_replica(group: SentinelGroup) -> bool:
     return "role:master" in info and "state=online" in info
 
 
+def _sentinel_nodes(
+    group: SentinelGroup, backing: BackingServices, node_processes: Callable[..., LocalNode]
+) -> list[LocalNode]:
+    """node-1 and node-2 on the Sentinel group."""
+    # No URL: the nodes ask the sentinels (the placeholder keeps them from starting a Redis).
+    services = BackingServices("sentinel:", backing.mongodb_uri)
+    env = {
+        "SFUMESH_REDIS_MODE": "sentinel",
+        "SFUMESH_REDIS_SENTINELS": json.dumps(group.addresses),
+        "SFUMESH_REDIS_PASSWORD": group.password,
+        "SFUMESH_CHAT_PER_S": "100000",
+    }
+    return [node_processes(f"node-{i}", services, env) for i in (1, 2)]
+
+
+async def _in_room(
+    http: httpx.AsyncClient, urls: list[str], homes: list[int]
+) -> tuple[list[User], list[Socket]]:
+    """One user per entry of `homes`, the first creating the room; each connects to the node
+    `urls[home]` and joins through the other node."""
+    users = [await sign_up(http, urls[i % 2]) for i in range(len(homes))]
+    await create_room(users[0], urls[0], ROOM)
+    sockets = []
+    for user, home in zip(users, homes, strict=True):
+        sock = await user.connect(urls[home])
+        await user.join(sock, ROOM, urls[1 - home])
+        sockets.append(sock)
+    return users, sockets
+
+
 async def _wait(check: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     while not await asyncio.to_thread(check):
@@ -54,25 +84,10 @@ async def test_primary_failover_mid_call_loses_and_repeats_nothing(
     node_processes: Callable[..., LocalNode],
 ) -> None:
     group = sentinel_group
-    # No URL: the nodes ask the sentinels (the placeholder keeps them from starting a Redis).
-    services = BackingServices("sentinel:", backing.mongodb_uri)
-    env = {
-        "SFUMESH_REDIS_MODE": "sentinel",
-        "SFUMESH_REDIS_SENTINELS": json.dumps(group.addresses),
-        "SFUMESH_REDIS_PASSWORD": group.password,
-        "SFUMESH_CHAT_PER_S": "100000",
-    }
-    urls = [node_processes(f"node-{i}", services, env).url for i in (1, 2)]
+    urls = [node.url for node in _sentinel_nodes(group, backing, node_processes)]
     state = open_redis_with(sentinel_settings(group), "")
     async with httpx.AsyncClient(timeout=30) as http:
-        alice, bob, carol = [await sign_up(http, urls[i % 2]) for i in range(3)]
-        await create_room(alice, urls[0], ROOM)
-        a = await alice.connect(urls[0])
-        await alice.join(a, ROOM, urls[1])
-        b = await bob.connect(urls[1])
-        await bob.join(b, ROOM, urls[0])
-        c = await carol.connect(urls[0])
-        await carol.join(c, ROOM, urls[1])
+        (alice, bob, carol), (a, b, c) = await _in_room(http, urls, [0, 1, 0])
         sent: list[str] = []
 
         for failover in range(FAILOVERS):
@@ -158,26 +173,14 @@ async def test_events_a_node_missed_around_a_failover_are_made_good(
     missed: Alice (node-1) hears Dave join and Carol leave; Bob (node-2), who heard both, is
     told nothing twice."""
     group = sentinel_group
-    services = BackingServices("sentinel:", backing.mongodb_uri)
-    env = {
-        "SFUMESH_REDIS_MODE": "sentinel",
-        "SFUMESH_REDIS_SENTINELS": json.dumps(group.addresses),
-        "SFUMESH_REDIS_PASSWORD": group.password,
-    }
-    nodes = [node_processes(f"node-{i}", services, env) for i in (1, 2)]
+    nodes = _sentinel_nodes(group, backing, node_processes)
     urls = [node.url for node in nodes]
     sleeper = nodes[0].process.popen
     assert sleeper is not None
     state = open_redis_with(sentinel_settings(group), "")
     async with httpx.AsyncClient(timeout=30) as http:
-        alice, bob, carol, dave = [await sign_up(http, urls[1]) for _ in range(4)]
-        await create_room(alice, urls[1], ROOM)
-        a = await alice.connect(urls[0])
-        await alice.join(a, ROOM, urls[1])
-        b = await bob.connect(urls[1])
-        await bob.join(b, ROOM, urls[1])
-        c = await carol.connect(urls[1])
-        await carol.join(c, ROOM, urls[1])
+        (_, _, carol), (a, b, c) = await _in_room(http, urls, [0, 1, 1])
+        dave = await sign_up(http, urls[1])
         await a.wait_for("participant-joined", session_id=c.session_id)
         sleeper.send_signal(signal.SIGSTOP)
         try:
