@@ -96,6 +96,9 @@ class Live:
         # The Redis server that answered the last beat (its run_id): another one means a
         # failover or restart, which may have lost the last writes (`_server_changed`).
         self._server: str | None = None
+        # Lost writes to make good (`_make_good`), and the task doing it.
+        self._repair_due = False
+        self._repair: asyncio.Task[None] | None = None
         # Set when a connection found the primary moved (Sentinel): beat at once.
         self._beat_now = asyncio.Event()
         on_primary_moved(redis, self._beat_now.set)
@@ -192,9 +195,10 @@ class Live:
         log.info("node.drained", extra={"sessions": len(connections), "to": notice["node"]})
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._repair] if self._repair is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=10)
         await self.media.close()
@@ -232,20 +236,24 @@ class Live:
                     # its data (restart, failover), however short the outage was. Sessions
                     # go back first, so that being registered again means being whole again.
                     log.warning("redis.state_lost")
-                    moved = True
+                    await self._reassert()
+                    self._repair_due = True
                 elif moved:
                     # Another server (a promoted replica): replication is asynchronous, so
                     # the last writes before the failover may be gone though the rest is
                     # there (seen: a join announced from the old primary, missing on the
                     # new one, and one person missing on the other pages for good).
                     log.warning("redis.server_changed")
+                    self._repair_due = True
                 elif not self.redis_ok:
                     log.info("redis.back")
-                if moved:
-                    await self._reassert()
-                    await self.events.resync()
                 self._server = server
                 await self.registry.register()
+                if self._repair_due and (self._repair is None or self._repair.done()):
+                    # Beside the beats, never in their way: the room locks it takes may wait
+                    # for a replica for seconds, and a beat held that long let this node's
+                    # record run out (the other nodes then reaped its sessions).
+                    self._repair = asyncio.create_task(self._make_good(), name="redis-repair")
             self.redis_ok = True
             self._beat_done()
         except (RedisError, OSError, LockError) as error:
@@ -253,6 +261,20 @@ class Live:
             if self.redis_ok or not self._registered:
                 log.warning("redis.unreachable", extra={"error": str(error)})
             self.redis_ok = False
+
+    async def _make_good(self) -> None:
+        """After Redis lost (or may have lost) writes: the live sessions and memberships go
+        back, then every local page's presence is brought back to what Redis holds."""
+        self._repair_due = False
+        try:
+            await self._reassert()
+            # The other nodes put theirs back at their next beat: compared any sooner, their
+            # people would vanish from the pages here for a moment.
+            await asyncio.sleep(self.settings.live.node_ttl_s / 3)
+            await self.events.resync()
+        except (RedisError, OSError, LockError) as error:
+            self._repair_due = True  # again after the next beat
+            log.warning("redis.repair_failed", extra={"error": str(error)})
 
     def _beat_done(self) -> None:
         now = time.monotonic()

@@ -42,6 +42,7 @@ from redis.exceptions import (
     ConnectionError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TimeoutError,
 )
 from redis.maint_notifications import MaintNotificationsConfig
@@ -109,13 +110,23 @@ def on_primary_moved(redis: Redis, listener: Callable[[], None]) -> None:
     listeners.append(listener)
 
 
+_info_refused: list[str] = []  # said once per process
+
+
 async def server_id(redis: Redis) -> str | None:
     """Which server process answers as the primary now (its `run_id`): another one than
     before means a failover or a restart, and the writes of the last moments before it may
     be gone. None on a cluster (many primaries; its own failovers are not followed)."""
     if is_cluster(redis):
         return None
-    info = await redis.info("server")
+    try:
+        info = await redis.info("server")
+    except ResponseError as error:
+        # A managed Redis may refuse INFO: then only a lost node record shows a data loss.
+        if not _info_refused:
+            _info_refused.append(str(error))
+            log.warning("redis.info_refused", extra={"error": str(error)})
+        return None
     run_id = info.get("run_id")
     return str(run_id) if run_id else None
 

@@ -121,8 +121,11 @@ class EventPump:
         else:
             await self.send_to_node(self._node, "wake", {})
 
+    def _resync_due(self, slot: int | None) -> list[str]:
+        return [s for s in self._resync if slot is None or self._slot(s) == slot]
+
     async def _resync_rooms(self, slot: int | None) -> None:
-        for stream in [s for s in self._resync if slot is None or self._slot(s) == slot]:
+        for stream in self._resync_due(slot):
             await self._resync_room(stream)
             # (only once done: a read that failed is tried again with the next read)
             self._resync.discard(stream)
@@ -237,8 +240,9 @@ class EventPump:
             if not streams:
                 return  # its rooms were all unwatched; a watch starts a new reader
             try:
-                if self._resync:
+                if self._resync_due(slot):
                     await self._resync_rooms(slot)
+                    continue  # (it may have read on: the positions are new)
                 batches = await self._xread(streams, slot)
                 self.healthy.set()
                 backoff = 0.1

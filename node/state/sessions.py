@@ -712,6 +712,9 @@ class SessionStore:
         if membership is None:
             return
         slug = record.room
+        held = await self._redis.hget(keys.room_members(slug), record.session_id)
+        if held is not None and Membership.decode(held).state == "active":
+            return  # nothing lost: no need of the room's lock
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
             if not live():
                 return
