@@ -12,7 +12,7 @@ import pytest
 from node.state import keys
 from node.state.events import PRESENCE, EventPump
 from node.state.lock import DistributedLock
-from node.state.sessions import Membership, SessionStore
+from node.state.sessions import Membership, SessionStore, participant_state
 
 # Redis paths: ./scripts/test runs these on a Redis Cluster too (SFUMESH_TEST_REDIS=cluster).
 pytestmark = pytest.mark.redis_paths
@@ -50,7 +50,7 @@ async def test_a_membership_put_back_is_announced_and_a_resync_delivers_the_memb
         await redis.hdel(keys.room_members("lobby"), "b")
         await pump.resync()
         await until(3)
-        assert delivered[2][1:] == (PRESENCE, {"participants": [_public("a", records)]})
+        assert delivered[2][1:] == (PRESENCE, {"participants": [_public("a")]})
         assert delivered[2][0] == delivered[1][0]  # as of the last event read
         # The node puts b back (its connection is live): announced in the same step.
         b = records["b"]
@@ -72,18 +72,11 @@ async def test_a_membership_put_back_is_announced_and_a_resync_delivers_the_memb
             await asyncio.wait({reader}, timeout=0.5)
 
 
-def _public(sid: str, records: dict[str, Any]) -> dict[str, Any]:
+def _public(sid: str) -> dict[str, Any]:
     return {
         "session_id": sid,
         "user_id": f"u{sid}",
         "display_name": sid,
         "node": "node-1",
-        "state": {
-            "mic_muted": False,
-            "camera_off": False,
-            "hand_raised": False,
-            "screen_sharing": False,
-            "screen_mid": None,
-            "e2ee": False,
-        },
+        "state": participant_state(None),
     }
