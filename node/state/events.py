@@ -272,15 +272,19 @@ class EventPump:
         changed.clear()
         read = asyncio.ensure_future(self._redis.xread(streams, count=200, block=BLOCK_MS))
         woken = asyncio.ensure_future(changed.wait())
+        cut = False
         try:
             await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
             if not read.done():
+                cut = True
                 read.cancel()
-        if read.cancelled():
-            return []
-        return read.result()
+                # Cancel only asks: its end is awaited (reading `read` before raised
+                # InvalidStateError and the slot's reader died). Whatever it returned is
+                # read again: the positions did not move.
+                await asyncio.gather(read, return_exceptions=True)
+        return [] if cut else read.result()
 
     async def _dispatch(self, slug: str | None, event_id: str, fields: dict[bytes, bytes]) -> None:
         event_type = fields.get(b"type", b"").decode()
