@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
+from node.bench.report import plot as report_plot
 from node.bench.report import rounded, say, write_report
 from node.lab.cluster import LabCluster
 from node.lab.namespaces import LabError, namespace_problem
@@ -350,7 +351,7 @@ class QualityRun:
             await self._collect(subscribers, result)
             result.ended = time.monotonic()
             await publisher.send("mark")
-            result.publisher = (await publisher.expect("marked", MARK_TIMEOUT_S))["publisher"]
+            result.publisher = (await publisher.expect("marked", MARK_TIMEOUT_S))["publishers"][0]
         finally:
             stopping = time.monotonic()
             await asyncio.gather(*(c.stop() for c in everyone), return_exceptions=True)
@@ -577,33 +578,28 @@ def print_table(report: dict[str, Any]) -> None:
 
 def plot(report: dict[str, Any], path: Path) -> bool:
     """Each subscriber's kbit/s over time, one panel per phase."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     phases = [name for name in ("simulcast", "baseline") if report.get(name)]
-    fig, axes = plt.subplots(len(phases), 1, figsize=(10, 3.6 * len(phases)), squeeze=False)
-    for axis, name in zip(axes[:, 0], phases, strict=True):
-        phase = report[name]
-        for host, points in phase["series"].items():
-            style = "--" if host == WEAK_HOST else "-"
-            axis.plot([p[0] for p in points], [p[1] for p in points], style, label=host)
-        if phase.get("lifted_at_s") is not None:
-            axis.axvline(phase["lifted_at_s"], color="grey", linestyle=":", label="limit lifted")
-        axis.set(title=name, xlabel="s since every subscriber received", ylabel="video kbit/s")
-        axis.legend(loc="upper right")
-    fig.suptitle(f"sfumesh bench quality ({report['when']})")
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as error:
-        say(f"sfumesh bench: cannot write {path}: {error}", err=True)
-        return False
-    finally:
-        plt.close(fig)
-    say(f"written: {path}")
-    return True
+
+    def draw(axes: Any) -> None:
+        for axis, name in zip(axes[:, 0], phases, strict=True):
+            phase = report[name]
+            for host, points in phase["series"].items():
+                style = "--" if host == WEAK_HOST else "-"
+                axis.plot([p[0] for p in points], [p[1] for p in points], style, label=host)
+            if phase.get("lifted_at_s") is not None:
+                axis.axvline(
+                    phase["lifted_at_s"], color="grey", linestyle=":", label="limit lifted"
+                )
+            axis.set(title=name, xlabel="s since every subscriber received", ylabel="video kbit/s")
+            axis.legend(loc="upper right")
+
+    return report_plot(
+        path,
+        f"sfumesh bench quality ({report['when']})",
+        (len(phases), 1),
+        (10, 3.6 * len(phases)),
+        draw,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

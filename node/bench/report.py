@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,39 @@ def write_report(path: Path, figures: dict[str, Any]) -> bool:
         print(f"sfumesh bench: cannot write {path}: {error}", file=sys.stderr)
         return False
     print(f"written: {path}")
+    return True
+
+
+def plot(
+    path: Path,
+    title: str,
+    grid: tuple[int, int],
+    size: tuple[float, float],
+    draw: Callable[[Any], None],
+) -> bool:
+    """A bench's PNG at `path`: `draw` fills the axes (matplotlib's rows x columns array,
+    always 2-D), `title` goes above them. False (said on stderr) when matplotlib is missing
+    or the file cannot be written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("sfumesh bench: matplotlib is not installed; no plot", err=True)
+        return False
+    fig, axes = plt.subplots(*grid, figsize=size, squeeze=False)
+    try:
+        draw(axes)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path)
+    except OSError as error:
+        say(f"sfumesh bench: cannot write {path}: {error}", err=True)
+        return False
+    finally:
+        plt.close(fig)
+    say(f"written: {path}")
     return True
 
 

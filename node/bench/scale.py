@@ -61,6 +61,7 @@ from node.bench.forward.run import (
     split_evenly,
 )
 from node.bench.report import metric_sum, percentile, process_cpu_s, rounded, say, write_report
+from node.bench.report import plot as report_plot
 from node.config import new_key
 from node.local.launch import ClusterSecrets, LocalNode, spawn_node, wait_ready
 from node.local.netns import NetnsError, ensure_veth, in_private_netns, reexec_in_private_netns
@@ -957,42 +958,31 @@ def print_table(figures: dict[str, Any], points: list[MeshPoint]) -> None:
 
 def plot(figures: dict[str, Any], path: Path) -> bool:
     """A PNG beside the JSON: per-core figures by room size, gossip and Redis by nodes."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("sfumesh bench: matplotlib is not installed; no plot", err=True)
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    sizes = list(figures["participants_per_core"])
-    axes[0].bar(sizes, [figures["participants_per_core"][s] for s in sizes], color="tab:blue")
-    axes[0].axhline(TARGET_PER_CORE_ROOMS_OF_4, color="tab:red", linestyle="--", label="target")
-    axes[0].set(title="participants per core", xlabel="room size", ylabel="participants")
-    axes[0].legend()
-    for axis, key, label in (
-        (axes[1], "serf_msgs_per_s", "gossip packets/s (cluster)"),
-        (axes[2], "redis_ops_per_join", "Redis ops per join"),
-    ):
-        data = {int(k): v for k, v in figures[key].items() if v}
-        if data:
-            xs = sorted(data)
-            axis.loglog(xs, [data[x] for x in xs], "o-", base=2)
-        axis.set(title=label, xlabel="nodes")
-    fig.suptitle(
-        f"sfumesh bench scale ({figures['when']}, load {figures['machine']['load_1m']:.1f})"
+    def draw(grid: Any) -> None:
+        axes = grid[0]
+        sizes = list(figures["participants_per_core"])
+        axes[0].bar(sizes, [figures["participants_per_core"][s] for s in sizes], color="tab:blue")
+        axes[0].axhline(TARGET_PER_CORE_ROOMS_OF_4, color="tab:red", linestyle="--", label="target")
+        axes[0].set(title="participants per core", xlabel="room size", ylabel="participants")
+        axes[0].legend()
+        for axis, key, label in (
+            (axes[1], "serf_msgs_per_s", "gossip packets/s (cluster)"),
+            (axes[2], "redis_ops_per_join", "Redis ops per join"),
+        ):
+            data = {int(k): v for k, v in figures[key].items() if v}
+            if data:
+                xs = sorted(data)
+                axis.loglog(xs, [data[x] for x in xs], "o-", base=2)
+            axis.set(title=label, xlabel="nodes")
+
+    return report_plot(
+        path,
+        f"sfumesh bench scale ({figures['when']}, load {figures['machine']['load_1m']:.1f})",
+        (1, 3),
+        (15, 4.5),
+        draw,
     )
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as error:
-        say(f"sfumesh bench: cannot write {path}: {error}", err=True)
-        return False
-    finally:
-        plt.close(fig)
-    say(f"written: {path}")
-    return True
 
 
 # --------------------------------------------------------------------------- entry

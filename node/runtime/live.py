@@ -8,10 +8,12 @@ answers again, the node re-asserts its live sessions (item 9 of the Sessions iss
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,7 +23,8 @@ from node.config import Settings
 from node.media import adapter
 from node.media.session import MediaHub
 from node.runtime.metrics import NodeMetrics
-from node.state.events import EventPump
+from node.state.connect import on_primary_moved, server_id
+from node.state.events import PRESENCE, EventPump
 from node.state.hub import CLOSE_DRAINING, Connection, Hub
 from node.state.limits import WindowLimiter
 from node.state.lock import DistributedLock, LockError
@@ -90,6 +93,15 @@ class Live:
         self._steady_since = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanups: set[asyncio.Task[Any]] = set()
+        # The Redis server that answered the last beat (its run_id): another one means a
+        # failover or restart, which may have lost the last writes (`_server_changed`).
+        self._server: str | None = None
+        # Lost writes to make good (`_make_good`), and the task doing it.
+        self._repair_due = False
+        self._repair: asyncio.Task[None] | None = None
+        # Set when a connection found the primary moved (Sentinel): beat at once.
+        self._beat_now = asyncio.Event()
+        on_primary_moved(redis, self._beat_now.set)
 
     @property
     def name(self) -> str:
@@ -122,7 +134,7 @@ class Live:
             if event_type == "participant-left" or not isinstance(screen, str):
                 screen = None
             self.media.set_screen(str(data.get("session_id", "")), screen)
-        if slug is not None and event_type.startswith("participant-"):
+        if slug is not None and (event_type.startswith("participant-") or event_type == PRESENCE):
             if self.on_room_changed is not None:
                 self.on_room_changed(slug)
 
@@ -183,9 +195,10 @@ class Live:
         log.info("node.drained", extra={"sessions": len(connections), "to": notice["node"]})
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._repair] if self._repair is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=10)
         await self.media.close()
@@ -199,7 +212,11 @@ class Live:
     async def _heartbeat(self) -> None:
         period = self.settings.live.node_ttl_s / 3
         while True:
-            await asyncio.sleep(period if self.redis_ok else min(period, 0.5))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._beat_now.wait(), period if self.redis_ok else min(period, 0.5)
+                )
+            self._beat_now.clear()
             await self._beat()
 
     async def _beat(self) -> None:
@@ -207,19 +224,36 @@ class Live:
             if not self._registered:
                 # Sessions left in Redis by an earlier life of this node (a crash) are dead.
                 reaped = await self.sessions.reap_node(self.name)
+                self._server = await server_id(self.redis)
                 await self.registry.register()
                 self._registered = True
                 log.info("node.registered", extra={"reaped_own_sessions": reaped})
             else:
+                server = await server_id(self.redis)
+                moved = server != self._server and None not in (server, self._server)
                 if not await self.registry.is_registered():
                     # Our record should outlive several beats: its absence means Redis lost
                     # its data (restart, failover), however short the outage was. Sessions
                     # go back first, so that being registered again means being whole again.
                     log.warning("redis.state_lost")
                     await self._reassert()
+                    self._repair_due = True
+                elif moved:
+                    # Another server (a promoted replica): replication is asynchronous, so
+                    # the last writes before the failover may be gone though the rest is
+                    # there (seen: a join announced from the old primary, missing on the
+                    # new one, and one person missing on the other pages for good).
+                    log.warning("redis.server_changed")
+                    self._repair_due = True
                 elif not self.redis_ok:
                     log.info("redis.back")
+                self._server = server
                 await self.registry.register()
+                if self._repair_due and (self._repair is None or self._repair.done()):
+                    # Beside the beats, never in their way: the room locks it takes may wait
+                    # for a replica for seconds, and a beat held that long let this node's
+                    # record run out (the other nodes then reaped its sessions).
+                    self._repair = asyncio.create_task(self._make_good(), name="redis-repair")
             self.redis_ok = True
             self._beat_done()
         except (RedisError, OSError, LockError) as error:
@@ -227,6 +261,20 @@ class Live:
             if self.redis_ok or not self._registered:
                 log.warning("redis.unreachable", extra={"error": str(error)})
             self.redis_ok = False
+
+    async def _make_good(self) -> None:
+        """After Redis lost (or may have lost) writes: the live sessions and memberships go
+        back, then every local page's presence is brought back to what Redis holds."""
+        self._repair_due = False
+        try:
+            await self._reassert()
+            # The other nodes put theirs back at their next beat: compared any sooner, their
+            # people would vanish from the pages here for a moment.
+            await asyncio.sleep(self.settings.live.node_ttl_s / 3)
+            await self.events.resync()
+        except (RedisError, OSError, LockError) as error:
+            self._repair_due = True  # again after the next beat
+            log.warning("redis.repair_failed", extra={"error": str(error)})
 
     def _beat_done(self) -> None:
         now = time.monotonic()
@@ -266,8 +314,18 @@ class Live:
                     "active",
                     time.time(),
                 )
-            await self.sessions.reassert(record, membership)
+            await self.sessions.reassert(
+                record, membership, partial(self._still_live, conn, conn.room)
+            )
         log.info("sessions.reasserted", extra={"sessions": len(self.hub.connections)})
+
+    def _still_live(self, conn: Connection, room: str | None) -> bool:
+        """Whether `conn` is still this node's connection of its session, in `room`."""
+        return (
+            self.hub.connections.get(conn.session_id) is conn
+            and conn.close_code is None
+            and conn.room == room
+        )
 
     async def _reaper(self) -> None:
         period = self.settings.live.reaper_period_s

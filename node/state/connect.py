@@ -27,12 +27,13 @@ Round trips matter to a node far from Redis (300 ms RTT: README "WAN lab", issue
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
@@ -41,6 +42,7 @@ from redis.exceptions import (
     ConnectionError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TimeoutError,
 )
 from redis.maint_notifications import MaintNotificationsConfig
@@ -73,16 +75,60 @@ class _FollowingConnection(SentinelManagedConnection):
 
     redis-py's own reconnects a dropped connection through `connect_check_health`, which
     skips the sentinel lookup of `SentinelManagedConnection.connect`: its command retries
-    kept dialling the dead primary's address until they ran out (seen with redis-py 8.2)."""
+    kept dialling the dead primary's address until they ran out (seen with redis-py 8.2).
+
+    A connection that finds the primary at another address than the pool's last one calls
+    the pool's `primary_moved` listeners (`on_primary_moved`): a failover, whose promoted
+    replica may lack the last writes of the old primary."""
 
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
         if not self.is_connected and self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
+            pool: Any = self.connection_pool
+            address = (self.host, self.port)
+            last = getattr(pool, "sfumesh_primary", None)
+            pool.sfumesh_primary = address
+            if last is not None and last != address:
+                for listener in list(getattr(pool, "sfumesh_listeners", ())):
+                    listener()
         await super().connect_check_health(
             check_health=check_health, retry_socket_connect=retry_socket_connect
         )
+
+
+def on_primary_moved(redis: Redis, listener: Callable[[], None]) -> None:
+    """Call `listener` (at once, from the connecting task) whenever a Sentinel client finds
+    its primary at a new address; nothing for the other modes."""
+    if is_cluster(redis) or not isinstance(redis.connection_pool, SentinelConnectionPool):
+        return
+    pool: Any = redis.connection_pool
+    listeners = getattr(pool, "sfumesh_listeners", None)
+    if listeners is None:
+        listeners = pool.sfumesh_listeners = []
+    listeners.append(listener)
+
+
+_info_refused: list[str] = []  # said once per process
+
+
+async def server_id(redis: Redis) -> str | None:
+    """Which server process answers as the primary now (its `run_id`): another one than
+    before means a failover or a restart, and the writes of the last moments before it may
+    be gone. None on a cluster (many primaries; its own failovers are not followed)."""
+    if is_cluster(redis):
+        return None
+    try:
+        info = await redis.info("server")
+    except ResponseError as error:
+        # A managed Redis may refuse INFO: then only a lost node record shows a data loss.
+        if not _info_refused:
+            _info_refused.append(str(error))
+            log.warning("redis.info_refused", extra={"error": str(error)})
+        return None
+    run_id = info.get("run_id")
+    return str(run_id) if run_id else None
 
 
 class NodeRedis(Redis):

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from node.state import keys
 from node.state.connect import is_cluster, slot_of
+from node.state.sessions import Membership
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ BLOCK_MS = 2000
 
 # (room slug or None for the inbox, event id, event type, event data)
 Deliver = Callable[[str | None, str, str, dict[str, Any]], Awaitable[None]]
+
+
+#: the type of the event a resync delivers (never in a stream)
+PRESENCE = "presence"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def stream_id_key(event_id: str) -> tuple[int, int]:
@@ -69,6 +78,8 @@ class EventPump:
         self._changed: dict[int, asyncio.Event] = {}
         self._running = False
         self.healthy = asyncio.Event()
+        # room streams whose members are to be re-read before the next read (`resync`)
+        self._resync: set[str] = set()
 
     async def watch(self, slug: str, after_id: str) -> None:
         stream = keys.room_events(slug)
@@ -96,6 +107,60 @@ class EventPump:
             event_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             backlog.append((event_id, event_type, data))
         return backlog
+
+    async def resync(self) -> None:
+        """Re-read every watched room's members and deliver them as a `presence` event
+        (data: the active members' public records) in stream order: after a failover the
+        promoted replica may lack the last events the nodes read (or never read) from the
+        old primary, and what each client was told must be brought back to what Redis
+        holds. Done by the readers themselves, before their next read."""
+        self._resync.update(self._rooms)
+        if self._cluster:
+            for slot in {self._slot(stream) for stream in self._resync}:
+                self._spawn(slot)
+        else:
+            await self.send_to_node(self._node, "wake", {})
+
+    def _resync_due(self, slot: int | None) -> list[str]:
+        return [s for s in self._resync if slot is None or self._slot(s) == slot]
+
+    async def _resync_rooms(self, slot: int | None) -> None:
+        for stream in self._resync_due(slot):
+            await self._resync_room(stream)
+            # (only once done: a read that failed is tried again with the next read)
+            self._resync.discard(stream)
+
+    async def _resync_room(self, stream: str) -> None:
+        slug = self._rooms.get(stream)
+        if slug is None:
+            return  # unwatched meanwhile
+        # The members and the stream's newest id in one transaction (one slot): the
+        # members as of that event.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.room_members(slug))
+            pipe.xrevrange(stream, count=1)
+            raw_members, newest = await pipe.execute()
+        last = _text(newest[0][0]) if newest else "0-0"
+        position = self._positions.get(stream, "0-0")
+        if stream_id_key(last) > stream_id_key(position):
+            # Events before the snapshot not read yet: delivered first, in order.
+            entries: Any = await self._redis.xrange(stream, min=f"({position}", max=last)
+            for raw_id, fields in entries:
+                if self._rooms.get(stream) != slug:
+                    break
+                self._positions[stream] = _text(raw_id)
+                await self._dispatch(slug, _text(raw_id), fields)
+            position = last
+        if self._rooms.get(stream) != slug:
+            return
+        # (lost events may have left `position` past the stream's end: the snapshot
+        # stands at the newest id this node delivered)
+        members = [Membership.decode(raw) for raw in raw_members.values()]
+        participants = [m.public() for m in members if m.state == "active"]
+        try:
+            await self._deliver(slug, position, PRESENCE, {"participants": participants})
+        except Exception:
+            log.exception("events.deliver_failed", extra={"event": PRESENCE, "room": slug})
 
     def unwatch(self, slug: str) -> None:
         stream = keys.room_events(slug)
@@ -175,6 +240,9 @@ class EventPump:
             if not streams:
                 return  # its rooms were all unwatched; a watch starts a new reader
             try:
+                if self._resync_due(slot):
+                    await self._resync_rooms(slot)
+                    continue  # (it may have read on: the positions are new)
                 batches = await self._xread(streams, slot)
                 self.healthy.set()
                 backoff = 0.1
@@ -204,15 +272,19 @@ class EventPump:
         changed.clear()
         read = asyncio.ensure_future(self._redis.xread(streams, count=200, block=BLOCK_MS))
         woken = asyncio.ensure_future(changed.wait())
+        cut = False
         try:
             await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
             if not read.done():
+                cut = True
                 read.cancel()
-        if read.cancelled():
-            return []
-        return read.result()
+                # Cancel only asks: its end is awaited (reading `read` before raised
+                # InvalidStateError and the slot's reader died). Whatever it returned is
+                # read again: the positions did not move.
+                await asyncio.gather(read, return_exceptions=True)
+        return [] if cut else read.result()
 
     async def _dispatch(self, slug: str | None, event_id: str, fields: dict[bytes, bytes]) -> None:
         event_type = fields.get(b"type", b"").decode()

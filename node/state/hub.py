@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.state.events import stream_id_key
+from node.state.events import PRESENCE, stream_id_key
 from node.state.sessions import participant_state
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,14 @@ class Connection:
     # which died before a replica had it, and the publisher's retry wrote it again. The
     # client gets it once.
     sent_chats: dict[str, None] = field(default_factory=dict)
+    # Who the client was told is in its room (session id -> participant), from the presence
+    # messages sent: what a resync after a failover compares with Redis (`Hub.resync`).
+    present: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.close_code is not None:
             return
+        _track_presence(self.present, message)
         if self.on_error is not None and message.get("type") == "error":
             self.on_error(str(message.get("code")))
         try:
@@ -162,6 +166,11 @@ class Hub:
     def _deliver_one(
         self, conn: Connection, slug: str, event_id: str, event_type: str, data: dict[str, Any]
     ) -> None:
+        if event_type == PRESENCE:
+            if stream_id_key(conn.after) <= stream_id_key(event_id):
+                resync(conn, slug, data["participants"])
+            # (else it joined after that snapshot: its own `joined` is newer)
+            return
         if stream_id_key(conn.after) >= stream_id_key(event_id):
             return  # already in its `joined` snapshot, or already sent
         conn.after = event_id
@@ -184,6 +193,55 @@ class Hub:
             conn.send({"type": "left", "room": slug, "reason": data["reason"]})
         elif message is not None:
             conn.send(message)
+
+
+def _track_presence(present: dict[str, dict[str, Any]], message: dict[str, Any]) -> None:
+    kind = message.get("type")
+    if kind == "joined":
+        present.clear()
+        present.update({p["session_id"]: p for p in message["participants"]})
+    elif kind == "participant-joined":
+        present[message["participant"]["session_id"]] = message["participant"]
+    elif kind in ("participant-left", "participant-replaced"):
+        present.pop(message["session_id"], None)
+    elif kind == "left":
+        present.clear()
+
+
+def resync(conn: Connection, slug: str, participants: list[dict[str, Any]]) -> None:
+    """Bring what `conn`'s client was told of its room to `participants` (the room's active
+    members as Redis holds them now), with the ordinary presence messages: a
+    `participant-left` (reason `resync`) for each it believes in that is not there, a
+    `participant-joined` for each it never heard of. Its own session is not touched."""
+    there = {p["session_id"]: p for p in participants if p["session_id"] != conn.session_id}
+    gone = [
+        (session_id, p)
+        for session_id, p in conn.present.items()
+        if session_id not in there and session_id != conn.session_id
+    ]
+    for session_id, participant in gone:
+        conn.send(
+            {
+                "type": "participant-left",
+                "room": slug,
+                "session_id": session_id,
+                "user_id": participant.get("user_id"),
+                "reason": "resync",
+            }
+        )
+    added = [p for session_id, p in there.items() if session_id not in conn.present]
+    for participant in added:
+        conn.send({"type": "participant-joined", "room": slug, "participant": participant})
+    if gone or added:
+        log.info(
+            "presence.resynced",
+            extra={
+                "session_id": conn.session_id,
+                "room": slug,
+                "gone": len(gone),
+                "added": len(added),
+            },
+        )
 
 
 #: chat ids a connection remembers: far more than a failover's few seconds of messages

@@ -226,10 +226,20 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-st
 return data
 """
 
-# ARGV[2] session, ARGV[3] membership JSON: put back a membership lost with Redis's data.
+# ARGV[2] session, ARGV[3] membership JSON (active), ARGV[4] maxlen: put back a membership
+# lost with Redis's data (gone, or still pending: the activation was lost), and announce it
+# in the same step: the nodes that had heard it join may have read the room's stream from
+# the server that lost it, the others never heard of it. A newer connection's is kept.
 _REASSERT = """
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if raw then
+  local member = cjson.decode(raw)
+  if member.state == 'active' then return 0 end
+  if tonumber(member.generation) > tonumber(cjson.decode(ARGV[3]).generation) then return 0 end
+end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'participant-joined',
+  'data', ARGV[3])
 return 1
 """
 
@@ -668,8 +678,18 @@ class SessionStore:
         log.info("room.kick", extra={"room": slug, "removed": len(removed)})
         return removed
 
-    async def reassert(self, record: SessionRecord, membership: Membership | None) -> None:
-        """Put a live local session back after Redis lost it (restart without data)."""
+    async def reassert(
+        self,
+        record: SessionRecord,
+        membership: Membership | None,
+        live: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Put a live local session back after Redis lost it (a restart without data, a
+        failover that lost the last writes). `live` says whether the connection is still
+        there and in the room; asked first and again under the room's lock, so that a
+        connection ending meanwhile (its leave waits for the same lock) is not put back."""
+        if not live():
+            return
         session_key = keys.session(record.session_id)
         # After a data loss the counter restarts: lift it above the live generation first.
         await self._raise_generation(
@@ -692,12 +712,17 @@ class SessionStore:
         if membership is None:
             return
         slug = record.room
+        held = await self._redis.hget(keys.room_members(slug), record.session_id)
+        if held is not None and Membership.decode(held).state == "active":
+            return  # nothing lost: no need of the room's lock
         async with self._lock.hold(keys.room_lock(slug), keys.room_fence(slug)) as lease:
+            if not live():
+                return
             await self._reassert(
                 keys.room_fence_applied(slug),
                 lease.fence,
                 keys=self._room_keys(slug),
-                args=[record.session_id, membership.encode(), self._empty_ttl_ms],
+                args=[record.session_id, membership.encode(), STREAM_MAXLEN, self._empty_ttl_ms],
             )
         await self._redis.sadd(keys.ROOMS_LIVE, slug)
 

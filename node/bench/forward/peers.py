@@ -66,7 +66,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -197,7 +197,44 @@ async def close_quietly(what: str, work: Awaitable[None]) -> None:
 # --------------------------------------------------------------------------- publisher
 
 
-class Publisher:
+class PublisherMarks:
+    """What a bench publisher counts between two marks, and the mark that reports it: one
+    shape for the forward bench's `Publisher` and simulcast's `LayeredPublisher` (which
+    adds its layers), so the benches reading either parse one report."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, float]] = []
+        self.counts = {"video": [0, 0, 0], "audio": [0, 0, 0]}  # packets, bytes, frames
+        self.keyframe_requests = 0
+        self.restarts = 0
+        self.schedule_resets = 0
+        self._marked = {"nacked": 0, "retransmitted": 0, "keyframe_requests": 0, "restarts": 0}
+
+    def mark_counts(self, taps: Sequence[adapter.SenderTap]) -> dict[str, Any]:
+        """Counts of `taps` since the previous mark; the frames sent since then."""
+        frames, self.frames = self.frames, []
+        totals = {
+            "nacked": sum(t.nacked for t in taps),
+            "retransmitted": sum(t.retransmitted for t in taps),
+            "keyframe_requests": self.keyframe_requests,
+            "restarts": self.restarts,
+        }
+        deltas = {key: value - self._marked[key] for key, value in totals.items()}
+        self._marked = totals
+        counts = {kind: list(values) for kind, values in self.counts.items()}
+        for values in self.counts.values():
+            values[:] = [0, 0, 0]
+        return {
+            **deltas,
+            "video": dict(zip(("packets", "bytes", "frames"), counts["video"], strict=True)),
+            "audio": dict(zip(("packets", "bytes", "frames"), counts["audio"], strict=True)),
+            "send_errors": sum(t.send_errors for t in taps),
+            "schedule_resets": self.schedule_resets,
+            "frames": frames,
+        }
+
+
+class Publisher(PublisherMarks):
     """Sends the pre-encoded loop through tapped senders; never encodes."""
 
     def __init__(
@@ -208,6 +245,7 @@ class Publisher:
         audio: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self.media = media
         self.signalling = signalling
         #: what each frame's send time is read from (the subscribers' clock must be the same)
@@ -223,15 +261,9 @@ class Publisher:
             sound.setCodecPreferences(codec_preferences("audio", "audio/opus"))
             self.audio = adapter.tap_sender(sound.sender)
         self.video.on_keyframe_request = self._keyframe_requested
-        self.frames: list[tuple[int, float]] = []
-        self.counts = {"video": [0, 0, 0], "audio": [0, 0, 0]}  # packets, bytes, frames
-        self.keyframe_requests = 0
-        self.restarts = 0
-        self.schedule_resets = 0
         self._restart = False
         self._last_restart = -math.inf
         self._tasks: list[asyncio.Task[None]] = []
-        self._marked = {"nacked": 0, "retransmitted": 0, "keyframe_requests": 0, "restarts": 0}
 
     def _keyframe_requested(self) -> None:
         self.keyframe_requests += 1
@@ -343,29 +375,8 @@ class Publisher:
 
     def mark(self) -> dict[str, Any]:
         """Counts since the previous mark; the frames sent since then."""
-        frames, self.frames = self.frames, []
         taps = [self.video] if self.audio is None else [self.video, self.audio]
-        totals = {
-            "nacked": sum(t.nacked for t in taps),
-            "retransmitted": sum(t.retransmitted for t in taps),
-            "keyframe_requests": self.keyframe_requests,
-            "restarts": self.restarts,
-        }
-        deltas = {key: value - self._marked[key] for key, value in totals.items()}
-        self._marked = totals
-        counts = {kind: list(values) for kind, values in self.counts.items()}
-        for values in self.counts.values():
-            values[:] = [0, 0, 0]
-        return {
-            "publisher": {
-                **deltas,
-                "video": dict(zip(("packets", "bytes", "frames"), counts["video"], strict=True)),
-                "audio": dict(zip(("packets", "bytes", "frames"), counts["audio"], strict=True)),
-                "send_errors": sum(t.send_errors for t in taps),
-                "schedule_resets": self.schedule_resets,
-                "frames": frames,
-            }
-        }
+        return {"publisher": self.mark_counts(taps)}
 
     async def close(self) -> None:
         for task in self._tasks:

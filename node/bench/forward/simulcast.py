@@ -52,6 +52,7 @@ from aiortc.rtp import RtpPacket
 from node.bench.codecs import MovingPattern
 from node.bench.forward import media as bench_media
 from node.bench.forward.peers import (
+    PublisherMarks,
     close_quietly,
     codec_preferences,
     command_loop,
@@ -225,7 +226,7 @@ def simulcast_offer(sdp: str, rids: Sequence[str] = RIDS) -> str:
 # --------------------------------------------------------------------------- publisher
 
 
-class LayeredPublisher:
+class LayeredPublisher(PublisherMarks):
     """Sends the layers' pre-encoded loops: as three simulcast encodings, or (`ladder`) as
     one encoding that follows REMB. Never encodes. Marks report like the forward bench's
     `Publisher` (plus `layers`)."""
@@ -239,6 +240,7 @@ class LayeredPublisher:
     ) -> None:
         if len(layers) != len(LAYERS):
             raise ValueError(f"{len(LAYERS)} layers, lowest first")
+        super().__init__()
         adapter.enable_simulcast_extensions()
         self.layers = list(layers)
         self.signalling = signalling
@@ -273,15 +275,9 @@ class LayeredPublisher:
         self._up_since: float | None = None
         self._restart = [False] * len(LAYERS)
         self._last_restart = [-math.inf] * len(LAYERS)
-        self.keyframe_requests = 0
-        self.restarts = 0
-        self.schedule_resets = 0
-        self.frames: list[tuple[int, float]] = []
-        self.counts = {"video": [0, 0, 0], "audio": [0, 0, 0]}
         self.layer_counts = [[0, 0] for _ in LAYERS]  # packets, bytes
         self.remb: list[tuple[float, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._marked = {"nacked": 0, "retransmitted": 0, "keyframe_requests": 0, "restarts": 0}
 
     def _layers_message(self, mid: str, active: list[str]) -> None:
         """The node's `layers`: send only these encodings (a browser's `active: false`);
@@ -428,30 +424,13 @@ class LayeredPublisher:
 
     def mark(self) -> dict[str, Any]:
         """Counts since the previous mark, in the forward bench publisher's shape."""
-        frames, self.frames = self.frames, []
-        totals = {
-            "nacked": self.video.nacked + self.audio.nacked,
-            "retransmitted": self.video.retransmitted + self.audio.retransmitted,
-            "keyframe_requests": self.keyframe_requests,
-            "restarts": self.restarts,
-        }
-        deltas = {key: value - self._marked[key] for key, value in totals.items()}
-        self._marked = totals
-        counts = {kind: list(values) for kind, values in self.counts.items()}
-        for values in self.counts.values():
-            values[:] = [0, 0, 0]
         layers = [{"packets": p, "bytes": b} for p, b in self.layer_counts]
         for values in self.layer_counts:
             values[:] = [0, 0]
         remb, self.remb = self.remb, []
         return {
             "publisher": {
-                **deltas,
-                "video": dict(zip(("packets", "bytes", "frames"), counts["video"], strict=True)),
-                "audio": dict(zip(("packets", "bytes", "frames"), counts["audio"], strict=True)),
-                "send_errors": self.video.send_errors + self.audio.send_errors,
-                "schedule_resets": self.schedule_resets,
-                "frames": frames,
+                **self.mark_counts([self.video, self.audio]),
                 "layers": layers,
                 "ladder": self.ladder,
                 "current_layer": self.current if self.ladder else None,
@@ -491,10 +470,9 @@ async def publisher_main(
         emit("ready", t=time.monotonic(), rcvbuf=getattr(loop_class, "rcvbuf", None))
 
         def mark() -> dict[str, Any]:
-            # `publisher` as bench quality reads it; `publishers` in the shape of
-            # `peers.publisher_main`'s marks (one process, several publishers: bench forward)
-            report = publisher.mark()["publisher"]
-            return {"publisher": report, "publishers": [report]}
+            # in the shape of `peers.publisher_main`'s marks (one process, several
+            # publishers), which bench forward and bench quality both read
+            return {"publishers": [publisher.mark()["publisher"]]}
 
         await command_loop(reader, mark)
     finally:

@@ -37,3 +37,38 @@ async def test_a_chat_written_twice_is_sent_once() -> None:
     for index in range(SENT_CHATS_KEPT):
         await hub.deliver("lobby", f"{200 + index}-0", "chat", _chat(f"n{index}"))
     assert len(conn.sent_chats) == SENT_CHATS_KEPT and "m1" not in conn.sent_chats
+
+
+def _person(session_id: str) -> dict[str, Any]:
+    return {"session_id": session_id, "user_id": f"u-{session_id}", "display_name": session_id}
+
+
+async def test_a_presence_snapshot_sends_only_the_difference_and_in_stream_order() -> None:
+    """After a failover the node re-reads the room's members (`presence`): each connection
+    is told who joined or left without it hearing, nothing else, and never about itself; a
+    connection that joined after the snapshot keeps its newer `joined`."""
+    hub = Hub()
+    old = Connection("s-1", "u-1", "One", generation=1)
+    hub.add(old)
+    hub.enter_room(old, "lobby", "100-0")
+    old.send({"type": "joined", "room": "lobby", "participants": [_person("s-1"), _person("s-2")]})
+    hub.catch_up(old, "lobby", [])
+    newer = Connection("s-9", "u-9", "Nine", generation=1)
+    hub.add(newer)
+    hub.enter_room(newer, "lobby", "300-0")
+    hub.catch_up(newer, "lobby", [])
+    _sent(old)
+    # s-2 left and s-3 joined in events this node never read; s-1 itself is not listed.
+    await hub.deliver("lobby", "200-0", "presence", {"participants": [_person("s-3")]})
+    sent = _sent(old)
+    assert [
+        (m["type"], m.get("session_id", m.get("participant", {}).get("session_id"))) for m in sent
+    ] == [
+        ("participant-left", "s-2"),
+        ("participant-joined", "s-3"),
+    ]
+    assert sent[0]["reason"] == "resync" and set(old.present) == {"s-1", "s-3"}
+    assert _sent(newer) == []
+    # The same snapshot again changes nothing.
+    await hub.deliver("lobby", "200-0", "presence", {"participants": [_person("s-3")]})
+    assert _sent(old) == []
