@@ -103,8 +103,8 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   `keep_consent()` (process-wide, idempotent: `check_aiortc` and `rtc_configuration` run
   it) replaces that method on the class with RFC 7675's rule: consent lapses
   `CONSENT_EXPIRY_S` (30 s) after the last authenticated answer, each check is re-sent on
-  aioice's STUN timer (0.5 s, then 1 s) and its answer awaited 3.5 s. A dead peer is still
-  given up after 30 s, now with a warning (`media.ice_consent_expired`); an answer aioice
+  aioice's STUN timer (0.5 s, 1 s, 2 s) and its answer awaited 7.5 s. A dead peer is still
+  given up after 30-40 s, now with a warning (`media.ice_consent_expired`); an answer aioice
   would have thrown away is logged (`media.ice_consent_late`, INFO).
 """
 
@@ -457,9 +457,10 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
 
 #: RFC 7675 section 5.1: consent lapses this long after the last authenticated answer
 CONSENT_EXPIRY_S = 30.0
-#: each consent check is sent again on aioice's STUN timer (after 0.5 s, then 1 s) and its
-#: answer awaited until 3.5 s after the first send, within the next check's 4-6 s
-CONSENT_RETRANSMISSIONS: Final = 2
+#: each consent check is sent again on aioice's STUN timer (after 0.5 s, 1 s, 2 s) and its
+#: answer awaited until 7.5 s after the first send: in the loaded lab a participant's answers
+#: took up to 2.6 s (its sockets held a backlog), and a 3.5 s wait still lost one connection
+CONSENT_RETRANSMISSIONS: Final = 3
 
 _connection_class: Any = aioice.ice.Connection
 _AIOICE_QUERY_CONSENT: Final = aioice.ice.Connection.query_consent
