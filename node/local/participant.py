@@ -300,7 +300,20 @@ class MediaPeer:
             received.owner = self.owners.get(mid or "", "")
             self.received.append(received)
 
+        for role, pc in (("publish", self.publish), ("subscribe", self.subscribe)):
+            pc.on("connectionstatechange", self._state_logger(role, pc))
         self._watchdog = asyncio.ensure_future(self._watch_frozen())
+
+    def _state_logger(self, role: str, pc: RTCPeerConnection) -> Callable[[], None]:
+        """Logs each connection state change: a lost connection says when, on which side."""
+
+        def changed() -> None:
+            log.info(
+                "participant.pc_state",
+                extra={"participant": self.name, "pc": role, "state": pc.connectionState},
+            )
+
+        return changed
 
     async def _watch_frozen(self) -> None:
         """Ask for a keyframe for a video track that decoded nothing for STALL_S (since its

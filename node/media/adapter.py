@@ -112,6 +112,18 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   timer cannot be shortened through pyOpenSSL: no `DTLS_set_timer_cb`). A verbatim copy
   carries the same record sequence numbers, so a peer that got the first copy drops it as a
   replay; a peer that did not processes it as the original.
+* ICE consent (issue 20, the lost connections): aioice's `Connection.query_consent` sends a
+  check every 4-6 s with no retransmission and a fixed 0.5 s wait, and closes the connection
+  after 6 checks in a row without an answer in time. An answer that comes later than 0.5 s
+  is thrown away, so a peer whose answers are slow (a round trip over 0.5 s, or, as in the
+  lab, a loaded process whose socket holds a backlog of media ahead of the check) lost its
+  connection about 30 s after the slowness began although it answered every check.
+  `keep_consent()` (process-wide, idempotent: `check_aiortc` and `rtc_configuration` run
+  it) replaces that method on the class with RFC 7675's rule: consent lapses
+  `CONSENT_EXPIRY_S` (30 s) after the last authenticated answer, each check is re-sent on
+  aioice's STUN timer (0.5 s, 1 s, 2 s) and its answer awaited 7.5 s. A dead peer is still
+  given up after 30-40 s, now with a warning (`media.ice_consent_expired`); an answer aioice
+  would have thrown away is logged (`media.ice_consent_late`, INFO).
 """
 
 from __future__ import annotations
@@ -122,6 +134,7 @@ import fcntl
 import ipaddress
 import logging
 import queue
+import random
 import secrets
 import socket
 import struct
@@ -326,6 +339,15 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (aioice.ice.StunProtocol, "datagram_received", "member"),
     (aioice.ice.StunProtocol.datagram_received, "data_received", "uses"),
     (aioice.ice.StunProtocol.datagram_received, "parse_message", "uses"),
+    # RFC 7675 consent (keep_consent)
+    (aioice.ice.Connection, "query_consent", "member"),
+    (aioice.ice.Connection.connect, "query_consent", "uses"),
+    (aioice.ice.Connection, "_query_consent_task", "init"),
+    (aioice.ice.Connection, "remote_password", "init"),
+    (aioice.ice.Connection, "build_request", "member"),
+    (aioice.ice.StunProtocol, "request", "member"),
+    (aioice.ice, "CONSENT_INTERVAL", "member"),
+    (aioice.stun, "RETRY_RTO", "member"),
 )
 
 RID_URI: Final = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
@@ -377,6 +399,7 @@ def check_aiortc() -> None:
             f"(aioice=={PINNED_AIOICE_VERSION}); install those versions."
         )
     enable_simulcast_extensions()
+    keep_consent()
     versions = (aiortc.__version__, aioice.__version__)
     if versions != (PINNED_AIORTC_VERSION, PINNED_AIOICE_VERSION):
         logger.warning(
@@ -459,8 +482,74 @@ def rtc_configuration(ice_servers: Sequence[RTCIceServer] = ()) -> RTCConfigurat
     start. With aiortc's default ("balanced") a transceiver takes the transport of the first
     one of its kind, and when an answer bundles that first one onto the primary transport,
     the later ones added before that answer keep the discarded transport: they never send
-    (the third person joining a room quickly got no audio or video from the second)."""
+    (the third person joining a room quickly got no audio or video from the second).
+
+    Every peer connection made with it keeps its ICE consent by RFC 7675 (`keep_consent`)."""
+    keep_consent()
     return RTCConfiguration(iceServers=list(ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+# --------------------------------------------------------------------------- ICE consent
+
+#: RFC 7675 section 5.1: consent lapses this long after the last authenticated answer
+CONSENT_EXPIRY_S = 30.0
+#: each consent check is sent again on aioice's STUN timer (after 0.5 s, 1 s, 2 s) and its
+#: answer awaited until 7.5 s after the first send: in the loaded lab a participant's answers
+#: took up to 2.6 s (its sockets held a backlog), and a 3.5 s wait still lost one connection
+CONSENT_RETRANSMISSIONS: Final = 3
+
+_connection_class: Any = aioice.ice.Connection
+_AIOICE_QUERY_CONSENT: Final = aioice.ice.Connection.query_consent
+
+
+async def _query_consent(connection: Any) -> None:
+    """`aioice.ice.Connection.query_consent` with RFC 7675's expiry (module docstring)."""
+    assert connection.remote_password is not None
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    while True:
+        interval: float = _ice_module.CONSENT_INTERVAL
+        await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311 (RFC 7675's jitter)
+        for pair in list(connection._nominated.values()):
+            request = connection.build_request(pair, nominate=False)
+            sent = loop.time()
+            try:
+                await pair.protocol.request(
+                    request,
+                    pair.remote_addr,
+                    integrity_key=connection.remote_password.encode("utf8"),
+                    retransmissions=CONSENT_RETRANSMISSIONS,
+                )
+            except aioice.stun.TransactionError:
+                continue
+            answered = loop.time()
+            if answered - sent > aioice.stun.RETRY_RTO:  # aioice counted this as no answer
+                logger.info(
+                    "media.ice_consent_late",
+                    extra={"waited_s": round(answered - sent, 2), "remote": str(pair.remote_addr)},
+                )
+        silent = loop.time() - answered
+        if silent >= CONSENT_EXPIRY_S:
+            logger.warning(
+                "media.ice_consent_expired",
+                extra={
+                    "silent_s": round(silent, 1),
+                    "remote": [str(p.remote_addr) for p in connection._nominated.values()],
+                },
+            )
+            connection._query_consent_task = None
+            await connection.close()
+            return
+
+
+def keep_consent() -> None:
+    """Every ICE connection of this process keeps consent by RFC 7675 (idempotent)."""
+    _connection_class.query_consent = _query_consent
+
+
+def aioice_consent() -> None:
+    """aioice's own consent checks again (tests compare the two)."""
+    _connection_class.query_consent = _AIOICE_QUERY_CONSENT
 
 
 # --------------------------------------------------------------------------- NACK retries
