@@ -406,7 +406,7 @@ def phase_figures(phase: Phase, config: QualityConfig) -> dict[str, Any]:
         "strong_min_fps": rounded(min(fps(r, start, end) for r in strong), 1),
         "weak_video_kbps": rounded(kbps(weak, start, end), 1),
         "weak_fps": rounded(fps(weak, start, end), 1),
-        "weak_freeze_s": rounded(sum(weak_freezes), 2),
+        "weak_freeze_s": rounded(float(sum(weak_freezes)), 2),
         "weak_longest_freeze_s": rounded(max(weak_freezes, default=0.0), 2),
         "weak_freezes": len(weak_freezes),
         "strong_height": top_height,
