@@ -23,6 +23,7 @@ from node.config import Settings
 from node.media import adapter
 from node.media.session import MediaHub
 from node.runtime.metrics import NodeMetrics
+from node.state import keys
 from node.state.connect import on_primary_moved, server_id
 from node.state.events import PRESENCE, EventPump
 from node.state.hub import CLOSE_DRAINING, Connection, Hub
@@ -268,6 +269,7 @@ class Live:
         self._repair_due = False
         try:
             await self._reassert()
+            await self._end_ghosts()
             # The other nodes put theirs back at their next beat: compared any sooner, their
             # people would vanish from the pages here for a moment.
             await asyncio.sleep(self.settings.live.node_ttl_s / 3)
@@ -291,6 +293,39 @@ class Live:
         """Whether this node's heartbeats have run without a gap for a node TTL: only then
         does a missing record of another node mean that node is dead."""
         return time.monotonic() - self._steady_since >= self.settings.live.node_ttl_s
+
+    async def _end_ghosts(self) -> None:
+        """End what Redis says this node holds though no connection here has it: the end
+        of those sessions (a page refreshed, a tab closed) was among the writes the failover
+        lost, and nothing else would ever end them (this node is alive, so nobody reaps it):
+        every page of the room would show a ghost. An active membership of this node is
+        only made by a connection here, so one without a connection is a ghost; a pending
+        one (a join under way) is left alone, and so is a session that connects meanwhile."""
+        ended = 0
+        for raw_slug in await self.redis.smembers(keys.ROOMS_LIVE):
+            slug = raw_slug.decode() if isinstance(raw_slug, bytes) else str(raw_slug)
+            for member in await self.sessions.members(slug):
+                if (
+                    member.node == self.name
+                    and member.state == "active"
+                    and member.session_id not in self.hub.connections
+                ):
+                    left = await self.sessions.leave(
+                        slug, member.session_id, member.generation, "resync"
+                    )
+                    ended += left is not None
+        for raw_id in await self.redis.smembers(keys.node_sessions(self.name)):
+            session_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            record = await self.sessions.get(session_id)
+            if (
+                record is not None
+                and record.node == self.name
+                and record.room
+                and session_id not in self.hub.connections
+            ):
+                ended += await self.sessions.end_session(session_id, record.generation, "resync")
+        if ended:
+            log.warning("sessions.ghosts_ended", extra={"ended": ended})
 
     async def _reassert(self) -> None:
         for conn in list(self.hub.connections.values()):

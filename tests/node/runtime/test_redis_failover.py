@@ -229,6 +229,63 @@ async def test_events_a_node_missed_around_a_failover_are_made_good(
     await state.aclose()
 
 
+async def test_a_session_whose_end_the_failover_lost_is_ended(
+    sentinel_group: SentinelGroup,
+    backing: BackingServices,
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    """A failover can lose a session's end (its record, node entry and membership come back
+    with the promoted replica) while its node lives on: nothing would ever end it, and the
+    room would show a ghost (seen in the failover test above: Carol's replaced session still
+    in a page's presence). Made deterministic: Carol leaves by closing her page, then her
+    session's keys are written back as they were, replicated, and the primary killed. Her
+    node ends the ghost after the failover: the membership goes, no page shows her."""
+    group = sentinel_group
+    urls = [node.url for node in _sentinel_nodes(group, backing, node_processes)]
+    state = open_redis_with(sentinel_settings(group), "")
+    async with httpx.AsyncClient(timeout=30) as http:
+        (_, _, carol), (a, b, c) = await _in_room(http, urls, [0, 1, 0])
+        await b.wait_for("participant-joined", session_id=c.session_id)
+        member = await state.hget(keys.room_members(ROOM), c.session_id)
+        record: dict[Any, Any] = await state.hgetall(keys.session(c.session_id))
+        assert member is not None and record
+        node = bytes(record[b"node"]).decode()
+        await c.close()
+        await b.wait_for("participant-left", session_id=c.session_id)
+        # (the session's record and node entry go after the membership: wait for all)
+        deadline = time.monotonic() + 30
+        while await state.exists(keys.session(c.session_id)) or await state.sismember(
+            keys.node_sessions(node), c.session_id
+        ):
+            assert time.monotonic() < deadline, "Carol's session did not end"
+            await asyncio.sleep(0.1)
+        await state.hset(keys.room_members(ROOM), c.session_id, member)
+        await state.hset(keys.session(c.session_id), mapping=record)
+        await state.sadd(keys.node_sessions(node), c.session_id)
+        assert await state.wait(1, 5000) >= 1
+        old = await asyncio.to_thread(group.primary)
+        group.kill(old)
+        await asyncio.to_thread(group.wait_new_primary, old)
+
+        async def ghost_gone() -> bool:
+            return await state.hget(keys.room_members(ROOM), c.session_id) is None
+
+        deadline = time.monotonic() + 30
+        while not await ghost_gone():
+            assert time.monotonic() < deadline, "the ghost membership stayed"
+            await asyncio.sleep(0.5)
+        marker = "after-the-ghost"
+        assert (await a.request("chat", text=marker))["type"] == "ack"
+        for sock in (a, b):
+            await sock.wait_for("chat", text=marker)
+            model = PresenceModel()
+            for message in list(sock.messages):
+                model.apply(message)
+            assert model.of_user(carol.user_id) == set()
+        await asyncio.gather(a.close(), b.close())
+    await state.aclose()
+
+
 class JoinExpired(Exception):
     """The connection's pending seat lapsed while the room was unavailable: reconnect."""
 
