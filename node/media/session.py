@@ -131,6 +131,8 @@ LAYER_RETRY_S = 15.0
 LAYER_RAMP_S = 4.0
 # After a step down for bandwidth, a subscriber's layer climbs by probing only this much later
 PROBE_HOLD_S = 8.0
+#: how long a track the sharing paused is tried again at its lowest layer
+ALLOCATION_RETRY_S = 6.0
 # While a subscriber's downlink is probed, padding goes out in steps this far apart
 PROBE_TICK_S = 0.05
 # After a failed probe, the packets the subscriber NACKed meanwhile go again this much later
@@ -205,6 +207,8 @@ class Subscription:
     #: layer switches and bandwidth steps down so far; no climbing by probing before this
     switches: int = 0
     probe_after: float = 0.0
+    #: a track the sharing paused is tried again at its lowest layer until then
+    retry_until: float = 0.0
     #: after a step up, the estimate alone does not step down before this (it lags)
     settle_until: float = 0.0
     #: the subscriber's downlink as layers are chosen against it (REMB, loss, probes)
@@ -1470,7 +1474,36 @@ class MediaHub:
                     )
                 )
         allocated = allocate(demands, max(estimates))
-        return {subscription: allocated[subscription] for subscription in ceilings}
+        out = {subscription: allocated[subscription] for subscription in ceilings}
+        for subscription, choice in out.items():
+            # A track the sharing paused gets its lowest layer again after a while: a
+            # browser's REMB follows what it receives, so with the paused track's share gone
+            # from it nothing would ever raise the budget again (seen: a camera paused for
+            # good once its sender's screen share took the estimate). Padding probes do not
+            # reach it: its own choice, alone, is already what its tile needs.
+            paused = subscription.paused_since
+            if (
+                choice.layer is None
+                and ceilings[subscription].layer is not None
+                and (
+                    now < subscription.retry_until
+                    or (
+                        paused is not None
+                        and now - paused >= PROBE_HOLD_S
+                        and now >= subscription.probe_after
+                    )
+                )
+            ):
+                if now >= subscription.retry_until:
+                    # long enough for the layer to come back and the REMB to follow it
+                    subscription.retry_until = now + ALLOCATION_RETRY_S
+                lowest = next(
+                    (i for i, rate in enumerate(subscription.published.rates(now)) if rate),
+                    None,
+                )
+                if lowest is not None:
+                    out[subscription] = LayerChoice(lowest, "bandwidth")
+        return out
 
     def _apply_choice(
         self, subscription: Subscription, rewriter: LayerRewriter, choice: LayerChoice, now: float
