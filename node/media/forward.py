@@ -1004,7 +1004,7 @@ class TrackDemand(Generic[H]):
     fixed: bool = False
 
 
-def _costs(rates_bps: Sequence[float | None]) -> dict[int, float]:
+def layer_costs(rates_bps: Sequence[float | None]) -> dict[int, float]:
     """Layer -> what it costs (at least what any lower layer does; see `choose_layer`)."""
     cost: dict[int, float] = {}
     highest = 0.0
@@ -1037,7 +1037,7 @@ def allocate(demands: Sequence[TrackDemand[H]], budget_bps: float | None) -> dic
         d.rates_bps[0] or 0.0 for d in demands if d.fixed and d.rates_bps
     )
     left = budget
-    costs = {id(d): _costs(d.rates_bps) for d in order}
+    costs = {id(d): layer_costs(d.rates_bps) for d in order}
     alloc: dict[int, int | None] = {}
     # every track's lowest layer first, in priority order
     for d in order:

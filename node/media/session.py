@@ -81,6 +81,7 @@ from node.media.forward import (
     allocate,
     choose_layer,
     keyframe_detector,
+    layer_costs,
     vp8_keyframe_size,
 )
 from node.media.sdp import (
@@ -1309,12 +1310,7 @@ class MediaHub:
         if choice.layer is None or ceiling.layer is None or choice.layer >= ceiling.layer:
             return  # (a paused video is not probed: no media, no NACK, no verdict)
         floor = choice.layer
-        costs: dict[int, float] = {}
-        highest = 0.0
-        for i, rate in enumerate(rates):
-            if rate is not None:
-                highest = max(highest, rate)
-                costs[i] = highest
+        costs = layer_costs(rates)
         above = [i for i in costs if floor < i <= ceiling.layer]
         if not above:
             return
