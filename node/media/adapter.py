@@ -84,6 +84,11 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   `RtpRouter.route_rtp` routes an unknown SSRC only by payload type, which two video tracks
   of one codec share: the counting wrapper of `count_unrouted` routes it by the packet's MID
   extension then.
+* RTX routing (issue 20, the three-node freezes): aiortc registers only a receiver's media
+  SSRC with the router, never the RTX SSRC the remote description declares
+  (`ssrc-group:FID`), so a connection receiving two video tracks drops every
+  retransmission as ambiguous by payload type. `route_declared_rtx()` registers the declared
+  RTX SSRCs too (clients, and the node's own connections).
 * A simulcast *client* (issue 14: the benches' synthetic publisher, never the node):
   `tap_simulcast_sender()` makes one tapped sender send several encodings the way Chromium
   does, each on an SSRC of its own carrying its RID (rtp-stream-id) in every packet. aiortc
@@ -289,6 +294,7 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_register_rtp_receiver", "member"),
+    (RTCRtpReceiver.receive, "_register_rtp_receiver", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_router", "init"),
     (aiortc.rtcdtlstransport.RtpRouter, "route_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "route_rtp", "uses"),
@@ -643,6 +649,32 @@ def retry_nacks(receiver: RTCRtpReceiver) -> NackRetry | None:
     retry = NackRetry(receiver)
     r._sfumesh_nack_retry = retry
     return retry
+
+
+def route_declared_rtx(transport: aiortc.RTCDtlsTransport) -> None:
+    """Route each receiver's RTX SSRC (the remote description's `ssrc-group:FID`) to it on
+    `transport`, as a browser does. Idempotent; install before the receivers start (the
+    "track" event).
+
+    Why: aiortc registers only a receiver's media SSRC with the transport's router and
+    routes any other SSRC by payload type alone, so once a connection receives two video
+    tracks (every subscriber in a room of three) their retransmissions, sharing the RTX
+    payload type, are dropped as ambiguous: no NACK is ever repaired, each lost packet
+    froze that picture until a keyframe (the three-node lab calls' 1 s freezes, issue 20).
+    """
+    t: Any = transport
+    if getattr(t, "_sfumesh_routes_rtx", False):
+        return
+    register = t._register_rtp_receiver
+
+    def registering(receiver: Any, parameters: RTCRtpReceiveParameters) -> None:
+        register(receiver, parameters)
+        for encoding in parameters.encodings:
+            if encoding.rtx is not None:
+                t._rtp_router.ssrc_table[encoding.rtx.ssrc] = receiver
+
+    t._register_rtp_receiver = registering
+    t._sfumesh_routes_rtx = True
 
 
 # --------------------------------------------------------------------------- relay setup timers

@@ -902,6 +902,7 @@ class MediaSession:
         for transceiver in pc.getTransceivers():
             transport = transceiver.receiver.transport
             if transport is not None:
+                adapter.route_declared_rtx(transport)
                 adapter.count_unrouted(transport, self.media.count_unrouted)
         answer = pc.localDescription.sdp
         codecs = _negotiated_codecs(answer)
