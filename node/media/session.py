@@ -1448,6 +1448,7 @@ class MediaHub:
         # a fixed order for ties: the tracks' mids on the subscriber's connection
         videos.sort(key=lambda s: (len(s.transceiver.mid or ""), s.transceiver.mid or ""))
         demands: list[TrackDemand[Subscription]] = []
+        rates_of: dict[Subscription, list[float | None]] = {}
         for subscription in videos:
             published = subscription.published
             ceiling = ceilings.get(subscription)
@@ -1465,11 +1466,8 @@ class MediaHub:
                     )
                 )
             else:
-                demands.append(
-                    TrackDemand(
-                        subscription, self.priority(published), published.rates(now), ceiling
-                    )
-                )
+                rates = rates_of[subscription] = published.rates(now)
+                demands.append(TrackDemand(subscription, self.priority(published), rates, ceiling))
         allocated = allocate(demands, max(estimates))
         out = {subscription: allocated[subscription] for subscription in ceilings}
         for subscription, choice in out.items():
@@ -1495,8 +1493,7 @@ class MediaHub:
                     # long enough for the layer to come back and the REMB to follow it
                     subscription.retry_until = now + ALLOCATION_RETRY_S
                 lowest = next(
-                    (i for i, rate in enumerate(subscription.published.rates(now)) if rate),
-                    None,
+                    (i for i, rate in enumerate(rates_of.get(subscription, ())) if rate), None
                 )
                 if lowest is not None:
                     out[subscription] = LayerChoice(lowest, "bandwidth")
