@@ -143,6 +143,8 @@ KEEP_LOWEST_SHARE = 0.5
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
 # this long to catch up before it may step the subscriber down again (loss may at once)
 SETTLE_S = 10.0
+# A paced subscriber's rate is at least its layer's measured rate times this (`_pace`).
+PACE_LAYER_MARGIN = 1.5
 # REMB to a simulcast publisher: what the layers its subscribers select take, times this
 PUBLISHER_HEADROOM = 1.25
 # Per layer round, what the held uplink estimate of a simulcast publisher keeps (half-life ~35 s)
@@ -1499,6 +1501,36 @@ class MediaHub:
                     out[subscription] = LayerChoice(lowest, "bandwidth")
         return out
 
+    def _pace(self, subscription: Subscription, choice: LayerChoice, now: float) -> None:
+        """Pace the subscriber's video at its link's estimate while that estimate is what
+        holds the layer down (`SenderTap.pace`: a keyframe's burst no longer overflows a
+        slow link's queue); never slower than the layer's own rate with a margin, so the
+        pacer holds bursts, not the stream. Unpaced otherwise (no cost for the others)."""
+        estimate = subscription.link.estimate_bps
+        rate: float | None = None
+        if choice.reason == "bandwidth" and choice.layer is not None and estimate is not None:
+            rates = subscription.published.rates(now)
+            layer_rate = rates[choice.layer] if choice.layer < len(rates) else None
+            rate = max(estimate, (layer_rate or 0.0) * PACE_LAYER_MARGIN)
+        sink = subscription.sink
+        current = sink.pace_bps
+        if (rate is None) != (current is None):
+            log.info(
+                "media.pace",
+                extra={
+                    "session_id": subscription.subscriber.session_id,
+                    "publisher": subscription.published.owner.session_id,
+                    "rate_bps": None if rate is None else round(rate),
+                    "paced_packets": sink.paced_packets,
+                    "paced_wait_max_s": round(sink.paced_wait_max_s, 3),
+                },
+            )
+        if rate is None:
+            if current is not None:
+                sink.pace(None)
+        elif current is None or abs(rate - current) > current * 0.05:
+            sink.pace(rate)
+
     def _apply_choice(
         self, subscription: Subscription, rewriter: LayerRewriter, choice: LayerChoice, now: float
     ) -> None:
@@ -1506,6 +1538,7 @@ class MediaHub:
         subscriber = subscription.subscriber
         before = subscription.choice
         subscription.choice = choice
+        self._pace(subscription, choice, now)
         current = rewriter.current
         if (
             choice.reason == "bandwidth"

@@ -243,12 +243,18 @@ class Sink:
         self.nacked = 0
         self.last_sequence_number: int | None = None
         self.on_keyframe_request: Any = None
+        self.pace_bps: float | None = None
+        self.paced_packets = 0
+        self.paced_wait_max_s = 0.0
 
     def reception(self) -> None:
         return None
 
     def send_padding(self, size: int) -> int:
         return 0
+
+    def pace(self, rate_bps: float | None) -> None:
+        self.pace_bps = rate_bps
 
     def write(self, *args: Any) -> bool:
         return True
@@ -387,13 +393,18 @@ async def test_a_track_the_sharing_paused_is_tried_again_at_its_lowest_layer() -
     """The allocation's retry (issue 14): a camera paused because the other track took the
     estimate gets its lowest layer again once paused `PROBE_HOLD_S`, for
     `ALLOCATION_RETRY_S` (so a browser's REMB, which follows what it receives, can grow), then
-    pauses again if the estimate still does not cover it."""
+    pauses again if the estimate still does not cover it. Pacing follows: only a video the
+    estimate holds down is paced (`MediaHub._pace`)."""
     hub = MediaHub(MediaSettings(simulcast_layer_off_s=0.0))
     try:
         room = _two_cameras(hub, "room")
         hub.speakers["room"] = ("s-b", "u-b")
         hub.select_layers()
         assert (room.target("a"), room.target("b")) == (None, 0)
+        # the speaker's video, held to its lowest layer by bandwidth, is paced: at its
+        # estimate, or 1.5x its layer's rate when that is more; the paused one is not
+        assert room.sinks["b"].pace_bps == max(200_000, RATES[0] * 1.5)
+        assert room.sinks["a"].pace_bps is None
         paused = room.publishers["a"].subscriptions[room.watcher]
         assert paused.paused_since is not None
         hub.select_layers()  # a moment later: still paused
@@ -414,5 +425,11 @@ async def test_a_track_the_sharing_paused_is_tried_again_at_its_lowest_layer() -
         hub.select_layers()
         assert (room.target("a"), room.target("b")) == (None, 0)
         assert paused.paused_since is not None
+        # the estimate grows past every layer: nothing held by bandwidth, nothing paced
+        for sink in room.sinks.values():
+            sink.remb_bitrate = 10_000_000
+        hub.select_layers()
+        assert (room.target("a"), room.target("b")) == (2, 2)
+        assert [sink.pace_bps for sink in room.sinks.values()] == [None, None]
     finally:
         await hub.close()
