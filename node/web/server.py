@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from mesh.process import ManagedProcess, private_dir
 from node.config import Settings
+from node.runtime.gc_pauses import freeze_after_start
 from node.runtime.services import BackingServices
 from node.web.app import create_app, create_metrics_app
 from node.web.context import EXTENSION, NodeContext
@@ -46,6 +47,10 @@ def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornCo
     return config
 
 
+async def _freeze_after_start() -> None:
+    freeze_after_start()
+
+
 async def run_node(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until an embedded service dies (exit 3)."""
     private_dir(settings.data_dir, tighten=False)
@@ -67,6 +72,9 @@ async def run_node(settings: Settings) -> int:
             }
         )
         app = create_app(settings)
+        # after the app's own start-up (registered later, run later): its state, and every
+        # library's, out of the cyclic collector's walks (node.runtime.gc_pauses)
+        app.before_serving(_freeze_after_start)
         stop = asyncio.Event()
         draining: list[asyncio.Task[None]] = []
 
