@@ -74,7 +74,8 @@ async def run_node(settings: Settings) -> int:
         app = create_app(settings)
         # after the app's own start-up (registered later, run later): its state, and every
         # library's, out of the cyclic collector's walks (node.runtime.gc_pauses)
-        app.before_serving(_freeze_after_start)
+        if settings.gc_freeze:
+            app.before_serving(_freeze_after_start)
         stop = asyncio.Event()
         draining: list[asyncio.Task[None]] = []
 

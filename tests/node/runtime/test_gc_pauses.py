@@ -61,3 +61,13 @@ async def test_a_node_freezes_its_start_up_and_exports_its_pauses(
     ]
     # aiortc, PyAV, Quart, pydantic ...: far more objects than the node makes per call
     assert len(frozen) == 1 and frozen[0]["objects"] > 50_000, frozen
+
+
+@pytest.mark.slow
+async def test_a_node_told_not_to_freeze_does_not(
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    node = await asyncio.to_thread(node_processes, extra_env={"SFUMESH_GC_FREEZE": "0"})
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(f"{node.url}/api/ping")).status_code == 200
+    assert '"node.gc_frozen"' not in node.process.log_path.read_text()
