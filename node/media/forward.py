@@ -742,6 +742,7 @@ class TemporalFilter:
         "_seq_skips",
         "dropped",
         "level",
+        "top",
     )
 
     def __init__(self, level: int, seq_ext: int, pid_ext: int) -> None:
@@ -755,6 +756,8 @@ class TemporalFilter:
         #: (from which unwrapped picture id, level) at each change, the latest FRAMES
         self._levels: list[tuple[int, int]] = [(pid_ext, level)]
         self.dropped = 0
+        #: the highest TID seen (what the publisher sends)
+        self.top = 0
 
     def _level_at(self, pid_ext: int) -> int:
         """The level that held at picture id `pid_ext` (-1: older than remembered)."""
@@ -775,6 +778,8 @@ class TemporalFilter:
         """For one packet (unwrapped sequence number, unwrapped picture id, its frame's TID
         and Y bit, whether it starts a keyframe; the subscriber's temporal target): None to
         drop it, else how many sequence numbers and picture ids to take off its own."""
+        if tid > self.top:
+            self.top = tid
         frames = self._frames
         keep = frames.get(pid_ext)
         if keep is None:
@@ -1064,7 +1069,7 @@ class LayerRewriter:
         segment = self._segment
         if segment is None or segment.temporal is None:
             return None
-        return segment.temporal.level
+        return min(segment.temporal.level, segment.temporal.top)
 
     @property
     def temporal_dropped(self) -> int:
@@ -1084,15 +1089,20 @@ class View:
     width: int
     height: int
     visible: bool = True
+    #: the frame rate the tile needs (None: all the publisher sends); with temporal layers
+    #: the subscriber gets the lowest set of them that gives at least this
+    fps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LayerChoice:
     """The layer a subscriber should get (None: no video) and what bound it: "bandwidth",
-    "view", "hidden", "cap", or "top" (nothing did: the best layer sent)."""
+    "view", "hidden", "cap", or "top" (nothing did: the best layer sent). `temporal`: the
+    highest VP8 temporal layer of it to send (None: all; see `choose_temporal`)."""
 
     layer: int | None
     reason: str
+    temporal: int | None = None
 
 
 #: a layer fits a bandwidth estimate when its measured rate is at most this share of it
@@ -1200,6 +1210,124 @@ def choose_layer(
     if choice.layer is not None and capped < choice.layer:
         choice = LayerChoice(capped, "cap")
     return choice
+
+
+# --------------------------------------------------------------------------- temporal layers
+
+
+class TemporalRates:
+    """What each set of temporal layers of one simulcast layer carries (time passed in):
+    for TIDs 0..t, the share of the layer's bytes and the frame rate, measured over windows
+    of `window_s` and smoothed (the mean of the last two). Empty when the layer carries no
+    temporal layers (none seen for `idle_s`)."""
+
+    __slots__ = ("_bytes", "_frames", "_start", "fps", "idle_s", "seen", "shares", "window_s")
+
+    def __init__(self, window_s: float = 1.0, idle_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self.idle_s = idle_s
+        self._bytes = [0] * (TID_MAX + 1)
+        self._frames = [0] * (TID_MAX + 1)
+        self._start: float | None = None
+        self.seen: float | None = None
+        #: index t: TIDs 0..t (cumulative), up to the highest TID seen
+        self.shares: list[float] = []
+        self.fps: list[float] = []
+
+    def add(self, tid: int, size: int, frame_start: bool, now: float) -> None:
+        start = self._start
+        if start is None:
+            start = self._start = now
+        elif now - start >= self.window_s:
+            self._close(now - start)
+            self._start = now
+        self._bytes[tid] += size
+        if frame_start:
+            self._frames[tid] += 1
+        self.seen = now
+
+    def _close(self, span: float) -> None:
+        counts = self._bytes
+        top = max((t for t in range(TID_MAX + 1) if counts[t]), default=0)
+        total = sum(counts) or 1
+        shares: list[float] = []
+        fps: list[float] = []
+        cum_bytes = cum_frames = 0
+        for t in range(top + 1):
+            cum_bytes += counts[t]
+            cum_frames += self._frames[t]
+            shares.append(cum_bytes / total)
+            fps.append(cum_frames / span)
+        if len(self.shares) == len(shares):
+            shares = [(a + b) / 2 for a, b in zip(self.shares, shares, strict=True)]
+            fps = [(a + b) / 2 for a, b in zip(self.fps, fps, strict=True)]
+        self.shares, self.fps = shares, fps
+        self._bytes = [0] * (TID_MAX + 1)
+        self._frames = [0] * (TID_MAX + 1)
+
+    def levels(self, now: float) -> int:
+        """How many temporal layers the layer carries now (0: none, or not lately)."""
+        if self.seen is None or now - self.seen >= self.idle_s or len(self.shares) < 2:
+            return 0
+        return len(self.shares)
+
+
+def choose_temporal(
+    choice: LayerChoice,
+    lowest: int | None,
+    rate_bps: float | None,
+    shares: Sequence[float],
+    fps: Sequence[float],
+    *,
+    estimate_bps: float | None,
+    current: int | None,
+    view: View | None,
+    probe: bool,
+) -> LayerChoice:
+    """The temporal step below the spatial one: `choice` with the highest temporal layer to
+    send of its layer (`temporal`; None: all of them). `shares` and `fps` describe the
+    layer the choice is about (or, when the choice pauses the video for bandwidth, the
+    `lowest` layer, whose full rate is `rate_bps`): index t, TIDs 0..t (`TemporalRates`).
+    `current`: the temporal target the subscriber has now (None: all).
+
+    - view: the fewest temporal layers that give the tile's `fps`;
+    - bandwidth, on the lowest layer only (above it a lower spatial layer is the cheaper
+      step): the most temporal layers whose share of the layer's rate fits the estimate
+      (`BANDWIDTH_HEADROOM`); the current set stays while the estimate covers it, and, as
+      for spatial layers, one more is tried when `probe` allows. A video the bandwidth
+      would pause comes back on the lowest layer's TID 0 when that fits.
+
+    No temporal layers (`shares` shorter than 2): `choice` as it is."""
+    if len(shares) < 2 or rate_bps is None:
+        return choice
+    top = len(shares) - 1
+    layer = choice.layer
+    if layer is None and not (choice.reason == "bandwidth" and lowest is not None):
+        return choice
+    chosen = top
+    if view is not None and view.fps is not None:
+        chosen = next((t for t, f in enumerate(fps) if f >= view.fps * 0.9), top)
+    reason = choice.reason
+    if estimate_bps is not None and (layer is None or layer == lowest):
+        fitting = [
+            t for t in range(top + 1) if rate_bps * shares[t] <= estimate_bps * BANDWIDTH_HEADROOM
+        ]
+        bandwidth = fitting[-1] if fitting else None
+        held = top if current is None else min(current, top)  # (None: all were sent)
+        if choice.layer is not None and rate_bps * shares[held] <= estimate_bps:
+            bandwidth = held if bandwidth is None else max(bandwidth, held)
+            if probe and held < top:
+                bandwidth = max(bandwidth, held + 1)
+        if layer is None:
+            if bandwidth is None:
+                return choice
+            layer = lowest
+        elif bandwidth is None:
+            bandwidth = 0  # (the spatial choice kept the lowest layer: its least)
+        if bandwidth < chosen:
+            chosen = bandwidth
+            reason = "bandwidth"
+    return LayerChoice(layer, reason, None if chosen >= top else chosen)
 
 
 # --------------------------------------------------------------------------- allocation
