@@ -234,6 +234,13 @@ async def test_temporal_layers_lower_the_frame_rate_and_back(
                 assert 'sfumesh_media_temporal_target{tid="all"} 1.0' in metrics, metrics
                 assert track.holes_skipped == holes
                 assert peer.errors == []
+                # a bad frame rate is refused, changing nothing
+                for bad in (0, "7.5", True, 1000):
+                    refused = await sock.request("view", tiles={mid: {**tile, "fps": bad}})
+                    assert refused["type"] == "error" and refused["code"] == "bad_frame"
+                await asyncio.sleep(1.0)
+                metrics = await metric_lines(http, node.url)
+                assert 'sfumesh_media_temporal_target{tid="all"} 1.0' in metrics, metrics
             finally:
                 await peer.close()
                 await sock.close()

@@ -16,7 +16,11 @@ from hypothesis import strategies as st
 from node.media.forward import (
     SEQ_MASK,
     TS_MASK,
+    LayerChoice,
     LayerRewriter,
+    TemporalRates,
+    View,
+    choose_temporal,
     vp8_ids,
     vp8_is_keyframe_start,
     vp8_rewrite_ids,
@@ -382,3 +386,138 @@ def test_without_tids_nothing_is_dropped() -> None:
         out += rewriter.rewrite(0, 500 + frame, 3000 * frame, 1, head + body, frame == 0, 0.0)
     assert [seq for seq, *_ in out] == list(range(10, 18))
     assert rewriter.temporal_level is None
+
+
+def test_rates_per_temporal_layer() -> None:
+    """L1T3 at 32 fps, TID 0 frames twice the size of the others: TIDs 0..t carry 40%,
+    60%, 100% of the bytes at 8, 16 and 32 fps; nothing for 2 s: no temporal layers."""
+    rates = TemporalRates(window_s=1.0)
+    for frame in range(97):
+        tid = TIDS[frame % 4]
+        rates.add(tid, 2000 if tid == 0 else 1000, True, frame / 32)
+    assert rates.levels(3.0) == 3
+    assert [round(x, 2) for x in rates.shares] == [0.4, 0.6, 1.0]
+    assert [round(x, 1) for x in rates.fps] == [8.0, 16.0, 32.0]
+    assert rates.levels(5.1) == 0
+    plain = TemporalRates()
+    for frame in range(60):
+        plain.add(0, 1000, True, frame / 30)
+    assert plain.levels(2.0) == 0  # (TID 0 alone: no step to take)
+
+
+SHARES = [0.4, 0.6, 1.0]
+FPS = [7.5, 15.0, 30.0]
+
+
+def pick(
+    choice: LayerChoice,
+    *,
+    estimate: float | None = None,
+    current: int | None = None,
+    fps: float | None = None,
+    probe: bool = False,
+    shares: list[float] = SHARES,
+) -> LayerChoice:
+    view = View(320, 180, True, fps)
+    return choose_temporal(
+        choice,
+        0,
+        150_000,
+        shares,
+        FPS[: len(shares)],
+        estimate_bps=estimate,
+        current=current,
+        view=view,
+        probe=probe,
+    )
+
+
+def test_the_tile_frame_rate_picks_the_fewest_temporal_layers() -> None:
+    assert pick(LayerChoice(0, "view"), fps=2) == LayerChoice(0, "view", 0)
+    assert pick(LayerChoice(0, "view"), fps=7.5) == LayerChoice(0, "view", 0)
+    assert pick(LayerChoice(0, "view"), fps=12) == LayerChoice(0, "view", 1)
+    assert pick(LayerChoice(0, "view"), fps=30) == LayerChoice(0, "view")
+    assert pick(LayerChoice(2, "top"), fps=10) == LayerChoice(2, "top", 1)
+    assert pick(LayerChoice(0, "view")) == LayerChoice(0, "view")
+    # no temporal layers: nothing changes
+    assert pick(LayerChoice(0, "view"), fps=2, shares=[1.0]) == LayerChoice(0, "view")
+    # a hidden tile stays without video
+    assert pick(LayerChoice(None, "hidden"), estimate=1e6) == LayerChoice(None, "hidden")
+
+
+def test_bandwidth_lowers_the_frame_rate_before_pausing() -> None:
+    # the lowest layer (150 kbit/s) does not fit 100 kbit/s; its TID 0 (60) does
+    assert pick(LayerChoice(0, "bandwidth"), estimate=100_000) == LayerChoice(0, "bandwidth", 0)
+    assert pick(LayerChoice(0, "bandwidth"), estimate=120_000) == LayerChoice(0, "bandwidth", 1)
+    # paused for bandwidth: back on TID 0 when it fits, else still paused
+    paused = LayerChoice(None, "bandwidth")
+    assert pick(paused, estimate=80_000) == LayerChoice(0, "bandwidth", 0)
+    assert pick(paused, estimate=60_000) == paused
+    # the set sent stays while the estimate covers it (no headroom needed to stay) ...
+    assert pick(LayerChoice(0, "bandwidth"), estimate=92_000, current=1) == LayerChoice(
+        0, "bandwidth", 1
+    )
+    # ... and one more is tried when probing is allowed (here: all of them)
+    assert pick(LayerChoice(0, "bandwidth"), estimate=92_000, current=1, probe=True) == (
+        LayerChoice(0, "bandwidth")
+    )
+    # enough for the whole layer: every frame
+    assert pick(LayerChoice(0, "top"), estimate=500_000) == LayerChoice(0, "top")
+    # above the lowest layer the spatial step is the cheaper one: untouched
+    above = choose_temporal(
+        LayerChoice(1, "bandwidth"),
+        0,
+        500_000,
+        SHARES,
+        FPS,
+        estimate_bps=100_000,
+        current=None,
+        view=None,
+        probe=False,
+    )
+    assert above == LayerChoice(1, "bandwidth")
+
+
+@given(
+    layer=st.one_of(st.none(), st.integers(0, 2)),
+    reason=st.sampled_from(["top", "view", "cap", "bandwidth", "hidden", "allocation"]),
+    estimate=st.one_of(st.none(), st.floats(0, 2e6)),
+    current=st.one_of(st.none(), st.integers(0, 3)),
+    fps=st.one_of(st.none(), st.floats(1, 240)),
+    probe=st.booleans(),
+    levels=st.integers(1, 4),
+)
+def test_temporal_choice_only_refines(
+    layer: int | None,
+    reason: str,
+    estimate: float | None,
+    current: int | None,
+    fps: float | None,
+    probe: bool,
+    levels: int,
+) -> None:
+    """The temporal step never changes a spatial layer that was chosen, never gives video
+    to a tile that asked for none, and never names a temporal layer the publisher does not
+    send; with no estimate and no frame rate asked it changes nothing."""
+    shares = [(t + 1) / levels for t in range(levels)]
+    choice = LayerChoice(layer, reason)
+    got = choose_temporal(
+        choice,
+        0,
+        150_000,
+        shares,
+        [7.5 * 2**t for t in range(levels)],
+        estimate_bps=estimate,
+        current=current,
+        view=View(320, 180, True, fps),
+        probe=probe,
+    )
+    if layer is not None:
+        assert got.layer == layer
+    elif reason != "bandwidth":
+        assert got == choice
+    else:
+        assert got.layer in (None, 0)
+    assert got.temporal is None or 0 <= got.temporal < levels - 1
+    if estimate is None and fps is None:
+        assert got == choice
