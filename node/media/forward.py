@@ -772,6 +772,15 @@ class TemporalFilter:
         delta = (pid - hi) & mask
         return hi + delta if delta <= mask >> 1 else hi - (mask + 1 - delta)
 
+    def plain(self, ext: int, pid_ext: int | None) -> tuple[int, int] | None:
+        """`admit` for a packet without TID: kept (None only when too old to place)."""
+        self._seq_hi = max(self._seq_hi, ext)
+        seq_shift = self._seq_skips.before(ext)
+        pid_shift = 0 if pid_ext is None else self._pid_skips.before(pid_ext)
+        if seq_shift is None or pid_shift is None:
+            return None
+        return seq_shift, pid_shift
+
     def admit(
         self, ext: int, pid_ext: int, tid: int, sync: bool, keyframe: bool, target: int
     ) -> tuple[int, int] | None:
@@ -794,7 +803,7 @@ class TemporalFilter:
                     self._levels.append((pid_ext, level))
                     if len(self._levels) > self.FRAMES:
                         del self._levels[0]
-                keep = tid <= level
+                keep = tid <= level or keyframe  # (a keyframe refers to nothing)
                 self._pid_hi = pid_ext
                 if not keep:
                     self._pid_skips.add(pid_ext)
@@ -922,12 +931,13 @@ class LayerRewriter:
         seq_offset = segment.seq_offset
         if self.vp8:
             pid_offset = segment.pid_offset
+            filt = segment.temporal
             # (the T bit tested inline: the common case, no temporal layers, costs nothing)
-            if len(payload) > 2 and payload[0] & 0x80 and payload[1] & 0x20:
+            if filt is not None or (len(payload) > 2 and payload[0] & 0x80 and payload[1] & 0x20):
                 temporal = vp8_temporal(payload)
                 pid, mask, _, _ = vp8_ids(payload)
+                shifts: tuple[int, int] | None = (0, 0)
                 if temporal is not None and pid is not None:
-                    filt = segment.temporal
                     target = self.temporal_target
                     target = TID_MAX if target is None else target
                     if filt is None:
@@ -935,10 +945,14 @@ class LayerRewriter:
                     shifts = filt.admit(
                         ext, filt.pid_ext(pid, mask), temporal[0], temporal[1], keyframe, target
                     )
-                    if shifts is None:
-                        return None
-                    seq_offset -= shifts[0]
-                    pid_offset -= shifts[1]
+                elif filt is not None:
+                    # no TID (or no picture id) in a stretch that has them: kept, its
+                    # numbers closed up like the others'
+                    shifts = filt.plain(ext, None if pid is None else filt.pid_ext(pid, mask))
+                if shifts is None:
+                    return None
+                seq_offset -= shifts[0]
+                pid_offset -= shifts[1]
             payload = vp8_rewrite_ids(payload, pid_offset, segment.tl0_offset)
         return (ext + seq_offset) & SEQ_MASK, (ts + ts_offset) & TS_MASK, marker, payload
 
@@ -1034,8 +1048,7 @@ class LayerRewriter:
         new = self._segment
         assert new is not None
         first = self._out(new, self._ts_offset, seq, ts, marker, payload, keyframe_start)
-        assert first is not None  # (a keyframe is TID 0, never left out)
-        out = [first]
+        out = [] if first is None else [first]  # (a keyframe is never left out)
         self._remember(seq, first, now)
         early = {new.ext(s): (t, m, p) for s, t, m, p in recent}
         early.update((new.ext(s), (t, m, p)) for s, t, m, p in self._pending)
