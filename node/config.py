@@ -483,6 +483,10 @@ class Settings(BaseModel):
     bcrypt_cost: int = Field(default=12, ge=4, le=31)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     log_level: str = "INFO"
+    # Once started, move the node's start-up objects out of the cyclic garbage collector's
+    # walks (gc.freeze): shorter full collections, the event loop's longest pauses
+    # (node/runtime/gc_pauses.py). Off only to compare.
+    gc_freeze: bool = True
     # Addresses of reverse proxies whose X-Forwarded-For is believed (for per-address login
     # limits); requests from anywhere else are taken at their socket address.
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -552,6 +556,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_BCRYPT_COST": "bcrypt_cost",
     "SFUMESH_MAX_BODY_BYTES": "max_body_bytes",
     "SFUMESH_LOG_LEVEL": "log_level",
+    "SFUMESH_GC_FREEZE": "gc_freeze",
     "SFUMESH_TRUSTED_PROXIES": "trusted_proxies",
     "SFUMESH_TOKEN_KEYS": "tokens.keys",
     "SFUMESH_TOKEN_SIGNING_KEY_ID": "tokens.signing_key_id",

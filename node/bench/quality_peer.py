@@ -209,6 +209,7 @@ class QualitySubscriber:
             )
             if transceiver is None:
                 return
+            adapter.route_declared_rtx(transceiver.receiver.transport)
             adapter.tap_rtp(transceiver.receiver, self._handler(track.kind, transceiver.receiver))
 
         @self.pc.on("connectionstatechange")

@@ -235,6 +235,11 @@ class Step:
     latency_frames: int = 0
     unaligned_tracks: int = 0
     machine_busy: float | None = None
+    #: the node's cyclic garbage collections in the window: full (generation 2) ones, the
+    #: share of the window the event loop stood still in any, and the longest full one so far
+    gc_full_collections: int | None = None
+    gc_pause_share: float | None = None
+    gc_pause_max_ms: float | None = None
     passed: bool = False
 
 
@@ -287,6 +292,7 @@ class NodeRamp:
         self.core: int | None = None
         #: what each client process reads latency from ("kernel" or "handler")
         self.latency_clocks: list[str] = []
+        self.url = ""
 
     async def run(self) -> list[Step]:
         from node.bench.forward.sfumesh import SfumeshSystem
@@ -295,6 +301,7 @@ class NodeRamp:
         steps: list[Step] = []
         try:
             await system.start()
+            self.url = system.url
             allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             self.core = allowed[0] if allowed else None
             spec = system.spec()
@@ -392,11 +399,13 @@ class NodeRamp:
         at = time.monotonic()
         cpu = process_cpu_s(pid)
         machine = machine_cpu()
+        gc_figures = await asyncio.to_thread(node_gc, self.url)
         replies = await asyncio.gather(*(c.expect("marked", 60.0) for c in self.clients))
         return {
             "t": at,
             "cpu": cpu,
             "machine": machine,
+            "gc": gc_figures,
             "rooms": merge_rooms(self.client_rooms, replies),
         }
 
@@ -414,8 +423,24 @@ class NodeRamp:
             f"cpu/participant {_num(step.cpu_ms_per_participant_s, 2)} ms/s  "
             f"loss {_pct(step.loss)}  p99 {_num(step.latency_p99_ms)} ms "
             f"({step.latency_clock or '-'}; handler {_num(step.latency_p99_ms_handler)})  "
+            f"gc {_pct(step.gc_pause_share)} full {step.gc_full_collections} "
+            f"max {_num(step.gc_pause_max_ms)} ms  "
             f"{verdict}"
         )
+
+
+def node_gc(url: str) -> tuple[float, float, float] | None:
+    """The node's full collections, seconds paused in all collections and longest full
+    pause so far (`node.runtime.gc_pauses`), from its /metrics; None if unreadable."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return None
+    return (
+        metric_sum(text, "sfumesh_gc_collections_total", 'generation="2"'),
+        metric_sum(text, "sfumesh_gc_pause_seconds_total"),
+        metric_sum(text, "sfumesh_gc_pause_max_seconds", 'generation="2"'),
+    )
 
 
 def merge_rooms(rooms: Sequence[int], replies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -438,6 +463,13 @@ def analyse(step: Step, start: dict[str, Any], end: dict[str, Any]) -> None:
     busy = end["machine"][0] - start["machine"][0]
     total = end["machine"][1] - start["machine"][1]
     step.machine_busy = busy / total if total > 0 else None
+    if start.get("gc") is not None and end.get("gc") is not None:
+        full_before, paused_before, _ = start["gc"]
+        full, paused, longest = end["gc"]
+        step.gc_full_collections = int(full - full_before)
+        if step.window_s > 0:
+            step.gc_pause_share = (paused - paused_before) / step.window_s
+        step.gc_pause_max_ms = longest * 1000
     # (the other publishers' sent frames, the received frames: ts, kernel stamp, handler)
     tracks: list[tuple[list[list[tuple[int, float]]], list[tuple[int, float | None, float]]]] = []
     for before, during in zip(start["rooms"], end["rooms"], strict=False):

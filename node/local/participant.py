@@ -295,6 +295,7 @@ class MediaPeer:
                 None,
             )
             if receiver is not None:
+                adapter.route_declared_rtx(receiver.transport)  # retransmissions reach it
                 adapter.retry_nacks(receiver)  # a lost NACK is asked again, not at the next gap
             received = Received(track, mid, receiver, self._on_frame)
             received.owner = self.owners.get(mid or "", "")

@@ -84,6 +84,11 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   `RtpRouter.route_rtp` routes an unknown SSRC only by payload type, which two video tracks
   of one codec share: the counting wrapper of `count_unrouted` routes it by the packet's MID
   extension then.
+* RTX routing (issue 20, the three-node freezes): aiortc registers only a receiver's media
+  SSRC with the router, never the RTX SSRC the remote description declares
+  (`ssrc-group:FID`), so a connection receiving two video tracks drops every
+  retransmission as ambiguous by payload type. `route_declared_rtx()` registers the declared
+  RTX SSRCs too (clients, and the node's own connections).
 * A simulcast *client* (issue 14: the benches' synthetic publisher, never the node):
   `tap_simulcast_sender()` makes one tapped sender send several encodings the way Chromium
   does, each on an SSRC of its own carrying its RID (rtp-stream-id) in every packet. aiortc
@@ -289,6 +294,7 @@ _REQUIRED: Final[tuple[tuple[Any, str, str], ...]] = (
     (RTCRtpSender._handle_rtcp_packet, "target_bitrate", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_send_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_register_rtp_receiver", "member"),
+    (RTCRtpReceiver.receive, "_register_rtp_receiver", "uses"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport, "_rtp_router", "init"),
     (aiortc.rtcdtlstransport.RtpRouter, "route_rtp", "member"),
     (aiortc.rtcdtlstransport.RTCDtlsTransport._handle_rtp_data, "route_rtp", "uses"),
@@ -643,6 +649,32 @@ def retry_nacks(receiver: RTCRtpReceiver) -> NackRetry | None:
     retry = NackRetry(receiver)
     r._sfumesh_nack_retry = retry
     return retry
+
+
+def route_declared_rtx(transport: aiortc.RTCDtlsTransport) -> None:
+    """Route each receiver's RTX SSRC (the remote description's `ssrc-group:FID`) to it on
+    `transport`, as a browser does. Idempotent; install before the receivers start (the
+    "track" event).
+
+    Why: aiortc registers only a receiver's media SSRC with the transport's router and
+    routes any other SSRC by payload type alone, so once a connection receives two video
+    tracks (every subscriber in a room of three) their retransmissions, sharing the RTX
+    payload type, are dropped as ambiguous: no NACK is ever repaired, each lost packet
+    froze that picture until a keyframe (the three-node lab calls' 1 s freezes, issue 20).
+    """
+    t: Any = transport
+    if getattr(t, "_sfumesh_routes_rtx", False):
+        return
+    register = t._register_rtp_receiver
+
+    def registering(receiver: Any, parameters: RTCRtpReceiveParameters) -> None:
+        register(receiver, parameters)
+        for encoding in parameters.encodings:
+            if encoding.rtx is not None:
+                t._rtp_router.ssrc_table[encoding.rtx.ssrc] = receiver
+
+    t._register_rtp_receiver = registering
+    t._sfumesh_routes_rtx = True
 
 
 # --------------------------------------------------------------------------- relay setup timers
@@ -1685,6 +1717,15 @@ class SenderTap:
         self._padding_back = 0
         #: (time, sequence number) of the latest NACKed packets (`resend_nacked`)
         self._nacked_recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        #: pacing (see `pace`): the rate packets leave at (bit/s), None = as they come
+        self.pace_bps: float | None = None
+        #: packets that waited in the pacer, and the longest wait (seconds)
+        self.paced_packets = 0
+        self.paced_wait_max_s = 0.0
+        self._paced: deque[tuple[float, _Queued]] = deque()
+        self._paced_bytes = 0
+        self._pace_at = 0.0
+        self._pace_timer: asyncio.TimerHandle | None = None
         #: Test hook: when set and it returns True for a packet, `send` keeps the packet in
         #: the RTP history and counts it as sent but does not write it (simulated loss on the
         #: way to the subscriber, which a NACK then repairs). Never set in production.
@@ -1837,8 +1878,96 @@ class SenderTap:
         packed directly, SRTP-protected and written to the nominated ICE pair's socket
         without the coroutine chain of `RTCDtlsTransport._send_rtp`. The packet is kept for
         NACK answers and the sender-report counters are updated. False (dropped) if the
-        sender is not started or not connected.
+        sender is not started or not connected. While paced (`pace`), a packet that would
+        leave ahead of the rate waits in the pacer instead (True: it will be sent).
         """
+        if self.pace_bps is not None and not self._pace_allows(len(payload)):
+            self._paced.append(
+                (
+                    time.monotonic(),
+                    (payload_type, marker, sequence_number, timestamp, payload, audio_level),
+                )
+            )
+            self._paced_bytes += len(payload)
+            self._arm_pacer()
+            return True
+        return self._send_packet(
+            payload_type, marker, sequence_number, timestamp, payload, audio_level, stamp
+        )
+
+    def pace(self, rate_bps: float | None) -> None:
+        """Let packets leave at most at `rate_bps` (None: as they come, the queue sent at
+        once). Why (issue 14, the weak link): a keyframe forwarded as it arrives is a burst
+        of several kilobytes; behind a slow link's drop-tail queue (300 kbit/s x 100 ms is
+        3.75 KB) its tail is cut, its repair meets the same queue, and the picture froze for
+        over a second each time. Spread at the link's estimated rate, the burst fits. Audio
+        and other senders are not held (each track has its own sender)."""
+        if rate_bps is not None and rate_bps <= 0:
+            raise ValueError("a pacing rate must be positive")
+        self.pace_bps = rate_bps
+        if rate_bps is None:
+            self._drain_paced(flush=True)
+        elif self._paced:
+            self._arm_pacer()
+
+    def _pace_allows(self, size: int) -> bool:
+        """Whether a packet of `size` payload bytes may leave now (and book its time)."""
+        if self._paced:
+            return False
+        now = time.monotonic()
+        if self._pace_at > now + PACE_BURST_S:
+            return False
+        rate = self.pace_bps or 1.0
+        self._pace_at = max(self._pace_at, now) + (size + PACKET_OVERHEAD_BYTES) * 8 / rate
+        return True
+
+    def _arm_pacer(self) -> None:
+        if self._pace_timer is None:
+            delay = max(0.001, self._pace_at - PACE_BURST_S - time.monotonic())
+            self._pace_timer = asyncio.get_running_loop().call_later(delay, self._drain_paced)
+
+    def _drain_paced(self, flush: bool = False) -> None:
+        """Send what the rate allows by now (everything when `flush`); re-arm for the rest.
+        A queue holding more than `PACE_QUEUE_S` at the rate drains faster, within that
+        time (as libwebrtc's pacer does): the layer outgrew the rate, and holding it longer
+        only adds delay."""
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+            self._pace_timer = None
+        rate = self.pace_bps
+        if rate is None:
+            flush = True
+        else:
+            rate = max(rate, self._paced_bytes * 8 / PACE_QUEUE_S)
+        now = time.monotonic()
+        while self._paced:
+            if not flush and self._pace_at > now + PACE_BURST_S:
+                break
+            queued_at, (payload_type, marker, seq, timestamp, payload, level) = (
+                self._paced.popleft()
+            )
+            self._paced_bytes -= len(payload)
+            if rate is not None:
+                self._pace_at = max(self._pace_at, now) + (
+                    (len(payload) + PACKET_OVERHEAD_BYTES) * 8 / rate
+                )
+            self.paced_packets += 1
+            self.paced_wait_max_s = max(self.paced_wait_max_s, now - queued_at)
+            # (a fresh send time: abs-send-time feeds the receiver's delay-based estimate)
+            self._send_packet(payload_type, marker, seq, timestamp, payload, level, send_stamp())
+        if self._paced:
+            self._arm_pacer()
+
+    def _send_packet(
+        self,
+        payload_type: int,
+        marker: int,
+        sequence_number: int,
+        timestamp: int,
+        payload: bytes,
+        audio_level: Any,
+        stamp: SendStamp,
+    ) -> bool:
         dtls = self._dtls
         if dtls is None:
             return False
@@ -1902,6 +2031,16 @@ class SenderTap:
 
 #: how far back `SenderTap.send_padding` takes packets to send again
 PADDING_SPAN: Final = 32
+#: a paced sender may run this far ahead of its rate (seconds): a small burst passes
+PACE_BURST_S: Final = 0.02
+#: a pacer holding more than this much media (seconds at its rate) drains faster
+PACE_QUEUE_S: Final = 1.0
+#: what a packet adds on the wire beyond its payload: RTP header with extensions, SRTP
+#: tag, UDP and IPv4
+PACKET_OVERHEAD_BYTES: Final = 60
+#: a packet waiting in a pacer: payload type, marker, sequence number, timestamp, payload,
+#: audio level
+_Queued = tuple[int, int, int, int, bytes, Any]
 #: padding sends under way (kept referenced until done)
 _padding_tasks: set[asyncio.Future[None]] = set()
 

@@ -146,6 +146,8 @@ KEEP_LOWEST_SHARE = 0.5
 # After a step up, the subscriber's estimate (which grows only with what it receives) has
 # this long to catch up before it may step the subscriber down again (loss may at once)
 SETTLE_S = 10.0
+# A paced subscriber's rate is at least its layer's measured rate times this (`_pace`).
+PACE_LAYER_MARGIN = 1.5
 # REMB to a simulcast publisher: what the layers its subscribers select take, times this
 PUBLISHER_HEADROOM = 1.25
 # Per layer round, what the held uplink estimate of a simulcast publisher keeps (half-life ~35 s)
@@ -917,6 +919,7 @@ class MediaSession:
         for transceiver in pc.getTransceivers():
             transport = transceiver.receiver.transport
             if transport is not None:
+                adapter.route_declared_rtx(transport)
                 adapter.count_unrouted(transport, self.media.count_unrouted)
         answer = pc.localDescription.sdp
         codecs = _negotiated_codecs(answer)
@@ -1493,6 +1496,7 @@ class MediaHub:
         # a fixed order for ties: the tracks' mids on the subscriber's connection
         videos.sort(key=lambda s: (len(s.transceiver.mid or ""), s.transceiver.mid or ""))
         demands: list[TrackDemand[Subscription]] = []
+        rates_of: dict[Subscription, list[float | None]] = {}
         for subscription in videos:
             published = subscription.published
             ceiling = ceilings.get(subscription)
@@ -1510,11 +1514,8 @@ class MediaHub:
                     )
                 )
             else:
-                demands.append(
-                    TrackDemand(
-                        subscription, self.priority(published), published.rates(now), ceiling
-                    )
-                )
+                rates = rates_of[subscription] = published.rates(now)
+                demands.append(TrackDemand(subscription, self.priority(published), rates, ceiling))
         allocated = allocate(demands, max(estimates))
         out = {subscription: allocated[subscription] for subscription in ceilings}
         for subscription, choice in out.items():
@@ -1540,12 +1541,41 @@ class MediaHub:
                     # long enough for the layer to come back and the REMB to follow it
                     subscription.retry_until = now + ALLOCATION_RETRY_S
                 lowest = next(
-                    (i for i, rate in enumerate(subscription.published.rates(now)) if rate),
-                    None,
+                    (i for i, rate in enumerate(rates_of.get(subscription, ())) if rate), None
                 )
                 if lowest is not None:
                     out[subscription] = LayerChoice(lowest, "bandwidth")
         return out
+
+    def _pace(self, subscription: Subscription, choice: LayerChoice, now: float) -> None:
+        """Pace the subscriber's video at its link's estimate while that estimate is what
+        holds the layer down (`SenderTap.pace`: a keyframe's burst no longer overflows a
+        slow link's queue); never slower than the layer's own rate with a margin, so the
+        pacer holds bursts, not the stream. Unpaced otherwise (no cost for the others)."""
+        estimate = subscription.link.estimate_bps
+        rate: float | None = None
+        if choice.reason == "bandwidth" and choice.layer is not None and estimate is not None:
+            rates = subscription.published.rates(now)
+            layer_rate = rates[choice.layer] if choice.layer < len(rates) else None
+            rate = max(estimate, (layer_rate or 0.0) * PACE_LAYER_MARGIN)
+        sink = subscription.sink
+        current = sink.pace_bps
+        if (rate is None) != (current is None):
+            log.info(
+                "media.pace",
+                extra={
+                    "session_id": subscription.subscriber.session_id,
+                    "publisher": subscription.published.owner.session_id,
+                    "rate_bps": None if rate is None else round(rate),
+                    "paced_packets": sink.paced_packets,
+                    "paced_wait_max_s": round(sink.paced_wait_max_s, 3),
+                },
+            )
+        if rate is None:
+            if current is not None:
+                sink.pace(None)
+        elif current is None or abs(rate - current) > current * 0.05:
+            sink.pace(rate)
 
     def _apply_choice(
         self, subscription: Subscription, rewriter: LayerRewriter, choice: LayerChoice, now: float
@@ -1554,6 +1584,7 @@ class MediaHub:
         subscriber = subscription.subscriber
         before = subscription.choice
         subscription.choice = choice
+        self._pace(subscription, choice, now)
         current = rewriter.current
         if (
             choice.reason == "bandwidth"

@@ -584,13 +584,14 @@ class RelayManager:
         )
         relay.announced = {track[1] for track in (offer.description or {}).get("t", [])}
         reply = await self._ask(relay, offer)
+        if reply is not None and reply.kind == "refuse" and reply.reason == "glare":
+            # (counted whether the winning offer arrived here before this refusal or after)
+            self.totals.glare_refused += 1
         if self.relays.get(peer) is not relay:
             await relay.link.close()  # superseded (glare lost, or the peer's newer offer)
             return
         if reply is None or reply.kind != "answer" or reply.description is None:
             reason = "no-answer" if reply is None else reply.reason or reply.kind
-            if reason == "glare":
-                self.totals.glare_refused += 1
             # glare too waits a little: the winning offer is on its way here
             await self._end(relay, f"offer-{reason}", retry=True)
             return

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from node.media.stats import MediaCollector
 from node.relay.manager import RelayCollector
+from node.runtime.gc_pauses import GcCollector, gc_pauses
 
 if TYPE_CHECKING:
     from node.media.session import MediaHub
@@ -64,6 +65,7 @@ class NodeMetrics:
         self.chat_messages = Counter(
             "sfumesh_chat_messages", "Chat messages accepted", registry=self.registry
         )
+        self.registry.register(GcCollector(gc_pauses()))
         #: awaited before each render: figures read from Redis or the store (a collector
         #: cannot await); each keeps its own pace, so a scrape flood costs no more reads
         self.refreshers: list[Callable[[], Awaitable[None]]] = []

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from mesh.process import ManagedProcess, private_dir
 from node.config import Settings
+from node.runtime.gc_pauses import freeze_after_start
 from node.runtime.services import BackingServices
 from node.web.app import create_app, create_metrics_app
 from node.web.context import EXTENSION, NodeContext
@@ -20,12 +21,19 @@ log = logging.getLogger(__name__)
 
 EXIT_SERVICE_DIED = 3
 GRACEFUL_TIMEOUT_S = 10.0
+# How long an idle HTTP/1.1 connection is kept. Hypercorn's default, 5 s, is exactly the
+# idle time after which httpx (and others) stop reusing a pooled connection: a request sent
+# on one just as the server closed it failed with "Server disconnected without sending a
+# response" (seen in the lab under load). Longer than the clients' own expiry, as nginx's
+# 75 s is, the server never closes first on a client that follows its own expiry.
+KEEP_ALIVE_S = 75.0
 
 
 def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = KEEP_ALIVE_S
     config.accesslog = None  # the app logs each request itself, structured
     config.errorlog = logging.getLogger("hypercorn.error")
     # Hypercorn buffers a WebSocket message whole before the app sees it (16 MiB by
@@ -37,6 +45,10 @@ def hypercorn_config(settings: Settings, bind: str | None = None) -> HypercornCo
     # ws_max_frame_bytes itself.
     config.websocket_max_message_size = settings.live.max_incoming_frame_bytes
     return config
+
+
+async def _freeze_after_start() -> None:
+    freeze_after_start()
 
 
 async def run_node(settings: Settings) -> int:
@@ -60,6 +72,10 @@ async def run_node(settings: Settings) -> int:
             }
         )
         app = create_app(settings)
+        # after the app's own start-up (registered later, run later): its state, and every
+        # library's, out of the cyclic collector's walks (node.runtime.gc_pauses)
+        if settings.gc_freeze:
+            app.before_serving(_freeze_after_start)
         stop = asyncio.Event()
         draining: list[asyncio.Task[None]] = []
 

@@ -219,6 +219,9 @@ def test_tiny_real_run_writes_every_key(tmp_path: Path) -> None:
     assert step["frames_without_kernel_stamp"] == 0
     assert step["latency_p50_ms"] <= step["latency_p50_ms_handler"]
     assert step["latency_p99_ms"] <= step["latency_p99_ms_handler"]
+    # the node's collector pauses, from its /metrics (its start-up freeze is a full one)
+    assert step["gc_full_collections"] >= 0 and step["gc_pause_max_ms"] > 0
+    assert 0 <= step["gc_pause_share"] < 1
     assert figures["serf_msgs_per_s"]["2"] > 0
     assert figures["redis_ops_per_join"]["2"] > 0
     assert math.isfinite(figures["redis_ops_per_join"]["2"])

@@ -363,3 +363,63 @@ async def test_padding_is_recent_packets_again_as_rtx():
         await node.close()
         await peer.close()
         adapter.set_host_addresses(None)
+
+
+async def test_a_paced_sender_spreads_a_burst_at_its_rate():
+    """Issue 14's weak link: `SenderTap.pace` spreads a keyframe-sized burst at the given
+    rate, in order and whole, with fresh send times; unpaced again, what waits goes at once
+    and later packets pass straight through."""
+    adapter.set_host_addresses(["127.0.0.1"])
+    node = RTCPeerConnection(adapter.rtc_configuration())
+    peer = RTCPeerConnection(adapter.rtc_configuration())
+    arrivals: list[tuple[float, RtpPacket]] = []
+    try:
+        sink = adapter.tap_sender(node.addTransceiver("video", direction="sendonly").sender)
+
+        @peer.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(t.receiver for t in peer.getTransceivers() if t.receiver.track is track)
+            adapter.tap_rtp(receiver, lambda packet: arrivals.append((time.monotonic(), packet)))
+
+        await node.setLocalDescription(await node.createOffer())
+        await peer.setRemoteDescription(node.localDescription)
+        await peer.setLocalDescription(await peer.createAnswer())
+        await node.setRemoteDescription(peer.localDescription)
+        await asyncio.wait_for(sink.wait_ready(), 10)
+        assert sink.payload_type is not None
+        with pytest.raises(ValueError):
+            sink.pace(0)
+        rate = 200_000.0
+        sink.pace(rate)
+        stamp = adapter.send_stamp()
+        burst = range(5000, 5020)  # 20 x 1 KB: 0.85 s at 200 kbit/s with the overhead
+        started = time.monotonic()
+        for seq in burst:
+            payload = bytes([0x10, seq % 256]) + bytes(1000)
+            assert sink.write(sink.payload_type, 0, seq, seq * 3000, payload, None, stamp)
+        assert sink.packets_sent < 3  # the rest waits in the pacer
+        await until(lambda: len(arrivals) >= 20, "the burst", 10)
+        spread = arrivals[19][0] - started
+        expected = 19 * (1002 + adapter.PACKET_OVERHEAD_BYTES) * 8 / rate
+        assert spread >= expected - adapter.PACE_BURST_S - 0.05, (spread, expected)
+        assert [p.sequence_number for _, p in arrivals] == list(burst)
+        assert sink.packets_sent == 20 and sink.paced_packets >= 17
+        assert sink.paced_wait_max_s >= expected - adapter.PACE_BURST_S - 0.05
+        # each waiting packet got its own send time (abs-send-time), not the burst's
+        sent_at = {p.extensions.abs_send_time for _, p in arrivals}
+        assert len(sent_at) > 10
+
+        # a second burst, then pacing off: what waits leaves at once
+        for seq in range(5020, 5040):
+            payload = bytes([0x10, seq % 256]) + bytes(1000)
+            assert sink.write(sink.payload_type, 0, seq, seq * 3000, payload, None, stamp)
+        flushed_at = time.monotonic()
+        sink.pace(None)
+        assert sink.packets_sent == 40
+        await until(lambda: len(arrivals) >= 40, "the flushed rest", 10)
+        assert arrivals[39][0] - flushed_at < 0.3
+        assert [p.sequence_number for _, p in arrivals] == list(range(5000, 5040))
+    finally:
+        await node.close()
+        await peer.close()
+        adapter.set_host_addresses(None)

@@ -5,6 +5,7 @@ under hypothesis-generated tracks and budgets."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 from hypothesis import given, settings
@@ -20,7 +21,14 @@ from node.media.forward import (
     TrackDemand,
     allocate,
 )
-from node.media.session import MediaHub, Published, Subscription
+from node.media.session import (
+    ALLOCATION_RETRY_S,
+    PROBE_HOLD_S,
+    MediaHub,
+    MediaSession,
+    Published,
+    Subscription,
+)
 from node.state.hub import Connection
 
 RATES = [150_000.0, 500_000.0, 1_500_000.0]
@@ -235,12 +243,18 @@ class Sink:
         self.nacked = 0
         self.last_sequence_number: int | None = None
         self.on_keyframe_request: Any = None
+        self.pace_bps: float | None = None
+        self.paced_packets = 0
+        self.paced_wait_max_s = 0.0
 
     def reception(self) -> None:
         return None
 
     def send_padding(self, size: int) -> int:
         return 0
+
+    def pace(self, rate_bps: float | None) -> None:
+        self.pace_bps = rate_bps
 
     def write(self, *args: Any) -> bool:
         return True
@@ -260,6 +274,52 @@ def messages(conn: Connection, kind: str) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class Cameras:
+    publishers: dict[str, Published]
+    watcher: MediaSession
+    sinks: dict[str, Sink]
+
+    def target(self, name: str) -> int | None:
+        forwarder = self.publishers[name].forwarder
+        assert forwarder is not None
+        rewriter = forwarder.layer_rewriter(cast(Any, self.sinks[name]))
+        assert rewriter is not None
+        return rewriter.target
+
+
+def _two_cameras(hub: MediaHub, slug: str) -> Cameras:
+    """Publishers a and b (three-layer simulcast cameras arriving at `RATES`) and one
+    watcher subscribed to both, each sink's REMB at 200 kbit/s."""
+    now = time.monotonic()
+    publishers: dict[str, Published] = {}
+    for name in ("a", "b"):
+        conn = Connection(f"s-{name}", f"u-{name}", name, 1, room=slug)
+        owner = hub.session(conn)
+        published = Published(owner, "1", "video", tap=cast(Any, Tap()))
+        published.rids = ("q", "h", "f")
+        published.mime_type = "video/VP8"
+        published.forwarder = published.new_forwarder()
+        # every layer arriving at these rates for the whole test (however slow the
+        # host: the rates are measured only after a round's time, from now on)
+        later = now + 3600
+        published.layer_seen = {0: later, 1: later, 2: later}
+        published._layer_marks = {layer: (later, 0) for layer in range(3)}
+        published.layer_rates = dict(enumerate(RATES))
+        owner.published["1"] = published
+        publishers[name] = published
+    watcher = hub.session(Connection("s-w", "u-w", "w", 1, room=slug))
+    sinks: dict[str, Sink] = {}
+    for index, (name, published) in enumerate(publishers.items()):
+        sink = sinks[name] = Sink(1000 + index, 200_000)
+        transceiver = cast(Any, Transceiver(str(index + 3)))
+        subscription = Subscription(published, watcher, transceiver, cast(Any, sink))
+        published.subscriptions[watcher] = subscription
+        watcher.incoming[transceiver] = subscription
+        assert published.attach(cast(Any, sink), 2)
+    return Cameras(publishers, watcher, sinks)
+
+
 async def test_the_hub_shares_a_subscribers_estimate_and_switches_encodings_off() -> None:
     """Two camera tracks to one constrained subscriber: the active speaker's is kept, the
     other pauses (told "bandwidth", counted as "allocation"); the encodings nobody takes
@@ -268,39 +328,8 @@ async def test_the_hub_shares_a_subscribers_estimate_and_switches_encodings_off(
     slug = "room"
     now = time.monotonic()
     try:
-        publishers: dict[str, Published] = {}
-        for name in ("a", "b"):
-            conn = Connection(f"s-{name}", f"u-{name}", name, 1, room=slug)
-            owner = hub.session(conn)
-            published = Published(owner, "1", "video", tap=cast(Any, Tap()))
-            published.rids = ("q", "h", "f")
-            published.mime_type = "video/VP8"
-            published.forwarder = published.new_forwarder()
-            # every layer arriving at these rates for the whole test (however slow the
-            # host: the rates are measured only after a round's time, from now on)
-            later = now + 3600
-            published.layer_seen = {0: later, 1: later, 2: later}
-            published._layer_marks = {layer: (later, 0) for layer in range(3)}
-            published.layer_rates = dict(enumerate(RATES))
-            owner.published["1"] = published
-            publishers[name] = published
-        watcher = hub.session(Connection("s-w", "u-w", "w", 1, room=slug))
-        sinks: dict[str, Sink] = {}
-        for index, (name, published) in enumerate(publishers.items()):
-            sink = sinks[name] = Sink(1000 + index, 200_000)
-            transceiver = cast(Any, Transceiver(str(index + 3)))
-            subscription = Subscription(published, watcher, transceiver, cast(Any, sink))
-            published.subscriptions[watcher] = subscription
-            watcher.incoming[transceiver] = subscription
-            assert published.attach(cast(Any, sink), 2)
-
-        def target(name: str) -> int | None:
-            forwarder = publishers[name].forwarder
-            assert forwarder is not None
-            rewriter = forwarder.layer_rewriter(cast(Any, sinks[name]))
-            assert rewriter is not None
-            return rewriter.target
-
+        room = _two_cameras(hub, slug)
+        publishers, watcher, sinks, target = room.publishers, room.watcher, room.sinks, room.target
         hub.speakers[slug] = ("s-b", "u-b")
         hub.select_layers()
         # 200 kbit/s hold one quarter-size layer: the speaker's
@@ -356,5 +385,51 @@ async def test_the_hub_shares_a_subscribers_estimate_and_switches_encodings_off(
         assert (target("a"), target("b")) == (2, 2)
         assert [m["active"] for m in messages(b_conn, "layers")] == [["f"]]
         assert publishers["b"].remb_limit() == round(1_500_000 * 1.25)
+    finally:
+        await hub.close()
+
+
+async def test_a_track_the_sharing_paused_is_tried_again_at_its_lowest_layer() -> None:
+    """The allocation's retry (issue 14): a camera paused because the other track took the
+    estimate gets its lowest layer again once paused `PROBE_HOLD_S`, for
+    `ALLOCATION_RETRY_S` (so a browser's REMB, which follows what it receives, can grow), then
+    pauses again if the estimate still does not cover it. Pacing follows: only a video the
+    estimate holds down is paced (`MediaHub._pace`)."""
+    hub = MediaHub(MediaSettings(simulcast_layer_off_s=0.0))
+    try:
+        room = _two_cameras(hub, "room")
+        hub.speakers["room"] = ("s-b", "u-b")
+        hub.select_layers()
+        assert (room.target("a"), room.target("b")) == (None, 0)
+        # the speaker's video, held to its lowest layer by bandwidth, is paced: at its
+        # estimate, or 1.5x its layer's rate when that is more; the paused one is not
+        assert room.sinks["b"].pace_bps == max(200_000, RATES[0] * 1.5)
+        assert room.sinks["a"].pace_bps is None
+        paused = room.publishers["a"].subscriptions[room.watcher]
+        assert paused.paused_since is not None
+        hub.select_layers()  # a moment later: still paused
+        assert room.target("a") is None
+        # as if PROBE_HOLD_S had passed
+        paused.paused_since -= PROBE_HOLD_S
+        paused.probe_after = 0.0
+        hub.select_layers()
+        assert (room.target("a"), room.target("b")) == (0, 0)
+        assert paused.choice == LayerChoice(0, "bandwidth")
+        assert paused.paused_since is None
+        left = paused.retry_until - time.monotonic()
+        assert ALLOCATION_RETRY_S - 1 < left <= ALLOCATION_RETRY_S
+        hub.select_layers()  # within the retry: kept
+        assert room.target("a") == 0
+        # the retry over, the estimate still 200 kbit/s: paused again
+        paused.retry_until = 0.0
+        hub.select_layers()
+        assert (room.target("a"), room.target("b")) == (None, 0)
+        assert paused.paused_since is not None
+        # the estimate grows past every layer: nothing held by bandwidth, nothing paced
+        for sink in room.sinks.values():
+            sink.remb_bitrate = 10_000_000
+        hub.select_layers()
+        assert (room.target("a"), room.target("b")) == (2, 2)
+        assert [sink.pace_bps for sink in room.sinks.values()] == [None, None]
     finally:
         await hub.close()

@@ -105,7 +105,8 @@ async def test_publisher_above_budget_loses_the_excess_and_is_asked_for_less(
             LIMIT,
         )
         await until(lambda: any(r <= budget for r in rembs), "a REMB within the budget", LIMIT)
-        assert s.published.remb_limit() == budget
+        # (bob's own REMB, which follows the ~20 kbit/s he now receives, may be lower)
+        assert s.published.remb_limit() <= budget
         # The node is unharmed: it still answers and forwards what fits.
         assert (await s.api.client.get("/healthz")).status_code == 200
         sent = s.sink.packets_sent

@@ -258,3 +258,79 @@ async def test_keyframe_waits_are_counted_and_logged_given_up_or_recovered(
         count = metric_sum(text, "sfumesh_media_keyframe_wait_seconds_count")
         assert count == s.media.keyframe_recoveries > recoveries
         assert metric_sum(text, "sfumesh_media_keyframe_wait_seconds_sum") > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lossy", [0, 1], ids=["first-video", "second-video"])
+async def test_lost_packets_of_either_of_two_videos_are_repaired(make_app: Any, lossy: int) -> None:
+    """Issue 20, the three-node lab calls' 1 s freezes: a subscriber receiving two videos on
+    one connection (anyone in a room of three) got no retransmission at all, since aiortc
+    routed the RTX SSRCs by their shared payload type and dropped them as ambiguous; each
+    lost packet froze that picture until a keyframe. `adapter.route_declared_rtx` routes
+    them by the SSRCs the offer declares, as a browser does."""
+    test_app = await make_app(media__host_addresses=["127.0.0.1"])
+    api = Api(test_app.test_client())
+    media = test_app.app.extensions[EXTENSION].live.media
+    names = ["alice", "carol", "bob"]
+    tokens = {name: await api.user_token(name) for name in names}
+    await api.create_room(tokens["alice"], "trio")
+    clients: list[MediaClient] = []
+    async with AsyncExitStack() as stack:
+        try:
+            await join_clients(stack, api, tokens, names, "trio", clients)
+            alice, carol, bob = clients
+            await alice.start_publishing()
+            await carol.start_publishing()
+            await until(lambda: len(bob.tracks("video")) == 2, "bob's two videos", LIMIT)
+            videos = bob.tracks("video")
+            await until(lambda: all(v.frames >= 10 for v in videos), "bob decodes both", LIMIT)
+            sessions = [
+                next(s for s in media.sessions.values() if s.session_id == c.peer.session_id)
+                for c in (alice, carol)
+            ]
+            sinks = [
+                next(
+                    sub.sink
+                    for p in s.published.values()
+                    if p.kind == "video"
+                    for sub in p.subscriptions.values()
+                    if sub.subscriber.session_id == bob.peer.session_id
+                )
+                for s in sessions
+            ]
+            sink = sinks[lossy]
+            dropped: list[int] = []
+            seen = 0
+
+            def drop(packet: RtpPacket) -> bool:
+                nonlocal seen
+                seen += 1
+                if len(dropped) < 10 and seen % 7 == 0:
+                    dropped.append(packet.sequence_number)
+                    return True
+                return False
+
+            retransmitted = sink.retransmitted
+            sink.drop = drop
+            await until(lambda: len(dropped) == 10, "the node to lose packets", LIMIT)
+            sink.drop = None
+            await until(
+                lambda: sink.retransmitted - retransmitted >= 10, "the node to answer", LIMIT
+            )
+            frames = [v.frames for v in videos]
+            # both pictures move on (the lossy one froze for good before the fix)
+            await until(
+                lambda: all(v.frames >= f + 30 for v, f in zip(videos, frames, strict=True)),
+                "bob keeps decoding both",
+                LIMIT,
+            )
+            # and every lost packet arrived as its retransmission: none counted lost
+            for transceiver in bob.subscribe.getTransceivers():
+                if transceiver.kind != "video":
+                    continue
+                stats = await transceiver.receiver.getStats()
+                lost = [s.packetsLost for s in stats.values() if s.type == "inbound-rtp"]
+                assert lost == [0], (transceiver.mid, lost)
+        finally:
+            for client in clients:
+                await client.close()

@@ -97,6 +97,10 @@ class MediaClient:
 
         @self.subscribe.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            receiver = next(
+                t.receiver for t in self.subscribe.getTransceivers() if t.receiver.track is track
+            )
+            adapter.route_declared_rtx(receiver.transport)  # as node.local.participant does
             self.remote.append(RemoteTrack(track))
 
     async def send(self, type_: str, **fields: Any) -> None:

@@ -122,6 +122,32 @@ async def test_glare_both_offer_at_once_one_link_wins(
         assert len(a.relays) == 1 and len(b.relays) == 1
 
 
+async def test_glare_refusal_arriving_after_the_winning_offer_still_counts(
+    tmp_path: Path, backing: BackingServices
+) -> None:
+    """The order the test above leaves to chance, forced: node-a's refusal reaches node-b
+    only after node-b took node-a's offer (which superseded node-b's own). It is glare all
+    the same (under load this order happened, and the refusal went uncounted)."""
+    async with managers(tmp_path, backing, attempt_timeout_s=5.0) as (a, b):
+        answer = a._on_offer
+
+        async def late_refusal(offer: Message) -> Message | None:
+            reply = await answer(offer)
+            await eventually(
+                lambda: "node-a" in b.relays and not b.relays["node-a"].offered_by_me,
+                "node-b to take node-a's offer",
+            )
+            return reply
+
+        a._on_offer = late_refusal  # type: ignore[method-assign]
+        a._opening.add("node-b")
+        b._opening.add("node-a")
+        await asyncio.gather(a._open("node-b", {}), b._open("node-a", {}))
+        await eventually(lambda: same_link(a, b), "one shared link")
+        assert a.relays["node-b"].offered_by_me and not b.relays["node-a"].offered_by_me
+        assert b.totals.glare_refused == 1 and a.totals.glare_refused == 0
+
+
 def drop_first_offers(manager: RelayManager, count: int) -> list[Message]:
     """Fault injection: `manager` ignores the first `count` offers it receives, as if they
     were lost on the way; the offers it ignored."""
