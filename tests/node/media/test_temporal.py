@@ -7,12 +7,15 @@ temporal and spatial switches, reorderings and losses."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.config import MediaSettings
 from node.media.forward import (
     SEQ_MASK,
     TS_MASK,
@@ -26,6 +29,9 @@ from node.media.forward import (
     vp8_rewrite_ids,
     vp8_temporal,
 )
+from node.media.session import MediaHub, Published, Subscription
+from node.state.hub import Connection
+from tests.node.media.test_allocation import RATES, Sink, Tap, Transceiver
 
 #: L1T3's temporal pattern (what libvpx and Chromium send)
 TIDS = (0, 2, 1, 2)
@@ -558,3 +564,65 @@ def test_hostile_descriptors_never_raise(payloads: list[bytes], target: int | No
             seqs.append(seq)
         vp8_temporal(payload)
     assert len(seqs) == len(set(seqs))
+
+
+# --------------------------------------------------------------------------- in the hub
+
+
+def _camera_with_temporal_layers(hub: MediaHub, remb: int) -> tuple[Published, Subscription]:
+    """A three-layer simulcast camera whose lowest layer carries L1T3 (TIDs 0..t: 40%,
+    60%, 100% of its 150 kbit/s at 7.5, 15, 30 fps), and one subscriber with `remb`."""
+    later = time.monotonic() + 3600
+    owner = hub.session(Connection("s-p", "u-p", "p", 1, room="room"))
+    published = Published(owner, "1", "video", tap=cast(Any, Tap()))
+    published.rids = ("q", "h", "f")
+    published.mime_type = "video/VP8"
+    published.forwarder = published.new_forwarder()
+    published.layer_seen = {0: later, 1: later, 2: later}
+    published._layer_marks = {layer: (later, 0) for layer in range(3)}
+    published.layer_rates = dict(enumerate(RATES))
+    published.layer_sizes = dict(enumerate(((320, 180), (640, 360), (1280, 720))))
+    measured = published.temporal_rates[0] = TemporalRates()
+    measured.shares, measured.fps, measured.seen = list(SHARES), list(FPS), later
+    owner.published["1"] = published
+    watcher = hub.session(Connection("s-w", "u-w", "w", 1, room="room"))
+    sink = Sink(1000, remb)
+    transceiver = cast(Any, Transceiver("3"))
+    subscription = Subscription(published, watcher, transceiver, cast(Any, sink))
+    published.subscriptions[watcher] = subscription
+    watcher.incoming[transceiver] = subscription
+    assert published.attach(cast(Any, sink), 2)
+    return published, subscription
+
+
+async def test_the_hub_lowers_the_frame_rate_before_pausing() -> None:
+    """A subscriber whose estimate does not hold the lowest layer at full frame rate gets
+    its TID 0 (not a paused video); with the estimate grown, every frame and the top layer
+    again; a tile that asks for 7.5 fps gets TID 0 whatever the estimate."""
+    hub = MediaHub(MediaSettings(simulcast_layer_off_s=0.0))
+    try:
+        published, subscription = _camera_with_temporal_layers(hub, 100_000)
+        forwarder = published.forwarder
+        assert forwarder is not None
+        rewriter = forwarder.layer_rewriter(subscription.sink)
+        assert rewriter is not None
+        hub.select_layers()
+        assert (rewriter.target, rewriter.temporal_target) == (0, 0)
+        assert subscription.choice == LayerChoice(0, "bandwidth", 0)
+        assert subscription.paused_since is None
+        cast(Any, subscription.sink).remb_bitrate = 10_000_000
+        for _ in range(4):  # (the estimate climbs the way it does; probes step up)
+            hub.select_layers()
+            subscription.probe_after = 0.0
+            subscription.settle_until = 0.0
+        assert (rewriter.target, rewriter.temporal_target) == (2, None)
+        # a tile that needs 7.5 fps: TID 0 of the layer its size takes
+        subscription.subscriber.set_views({"3": View(320, 180, True, 7.5)})
+        assert (rewriter.target, rewriter.temporal_target) == (0, 0)
+        assert subscription.choice is not None and subscription.choice.reason == "view"
+        # the publisher stops sending TIDs: the temporal target goes
+        published.temporal_rates[0].seen = time.monotonic() - 10
+        subscription.subscriber.set_views({"3": View(320, 180, True)})
+        assert (rewriter.target, rewriter.temporal_target) == (0, None)
+    finally:
+        await hub.close()
