@@ -637,6 +637,31 @@ def vp8_temporal(payload: bytes) -> tuple[int, bool, int | None] | None:
     return octet >> 6, bool(octet & 0x20), tl0
 
 
+class _FrameIds:
+    """(TID, Y, picture id, its mask) of a VP8 payload with temporal layers, else None.
+    The last answer is kept: the forwarder hands every subscriber's rewriter the same
+    payload object, so the descriptor is read once per packet, not once per copy."""
+
+    __slots__ = ("_ids", "_payload")
+
+    def __init__(self) -> None:
+        self._payload: bytes | None = None
+        self._ids: tuple[int, bool, int, int] | None = None
+
+    def __call__(self, payload: bytes) -> tuple[int, bool, int, int] | None:
+        if payload is self._payload:
+            return self._ids
+        temporal = vp8_temporal(payload)
+        pid, mask, _, _ = vp8_ids(payload)
+        ids = None if temporal is None or pid is None else (temporal[0], temporal[1], pid, mask)
+        self._payload = payload
+        self._ids = ids
+        return ids
+
+
+_frame_ids: Final = _FrameIds()
+
+
 def vp8_rewrite_ids(payload: bytes, pid_offset: int, tl0_offset: int) -> bytes:
     """`payload` with its picture id and TL0PICIDX shifted by the offsets (modulo their
     width); the payload itself when it carries neither or both offsets are 0."""
@@ -934,21 +959,22 @@ class LayerRewriter:
             filt = segment.temporal
             # (the T bit tested inline: the common case, no temporal layers, costs nothing)
             if filt is not None or (len(payload) > 2 and payload[0] & 0x80 and payload[1] & 0x20):
-                temporal = vp8_temporal(payload)
-                pid, mask, _, _ = vp8_ids(payload)
+                ids = _frame_ids(payload)
                 shifts: tuple[int, int] | None = (0, 0)
-                if temporal is not None and pid is not None:
+                if ids is not None:
+                    tid, sync, pid, mask = ids
                     target = self.temporal_target
                     target = TID_MAX if target is None else target
                     if filt is None:
                         filt = segment.temporal = TemporalFilter(target, ext, pid)
-                    shifts = filt.admit(
-                        ext, filt.pid_ext(pid, mask), temporal[0], temporal[1], keyframe, target
-                    )
+                    shifts = filt.admit(ext, filt.pid_ext(pid, mask), tid, sync, keyframe, target)
                 elif filt is not None:
                     # no TID (or no picture id) in a stretch that has them: kept, its
                     # numbers closed up like the others'
-                    shifts = filt.plain(ext, None if pid is None else filt.pid_ext(pid, mask))
+                    plain_pid, plain_mask, _, _ = vp8_ids(payload)
+                    shifts = filt.plain(
+                        ext, None if plain_pid is None else filt.pid_ext(plain_pid, plain_mask)
+                    )
                 if shifts is None:
                     return None
                 seq_offset -= shifts[0]
