@@ -53,6 +53,31 @@ export const SIMULCAST_ENCODINGS = [
   { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
 ];
 
+/**
+ * Temporal layers on each simulcast encoding (VP8 `L1T3`: a quarter, half and all of the
+ * frames as layers 0, 1 and 2), so the node can also lower a subscriber's frame rate before
+ * it has to pause its video. Asked for only: a browser that refuses the mode (an exception)
+ * gets the plain encodings, one that ignores it sends no temporal layers; both work.
+ */
+export const TEMPORAL_MODE = "L1T3";
+
+/**
+ * @param {RTCPeerConnection} pc
+ * @param {MediaStreamTrack} track
+ * @param {RTCRtpTransceiverInit} init
+ */
+function addSimulcast(pc, track, init) {
+  try {
+    return pc.addTransceiver(track, {
+      ...init,
+      sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e, scalabilityMode: TEMPORAL_MODE })),
+    });
+  } catch (error) {
+    console.info("sfumesh: no temporal layers:", error);
+    return pc.addTransceiver(track, { ...init, sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })) });
+  }
+}
+
 export class RoomMedia extends EventTarget {
   /**
    * @param {(message: object) => void} send sends one JSON message on the session WebSocket
@@ -101,14 +126,13 @@ export class RoomMedia extends EventTarget {
     for (const track of this.localStream?.getTracks() ?? []) {
       const kind = /** @type {"audio" | "video"} */ (track.kind);
       if (this.transceivers[kind]) continue;
-      const transceiver = pc.addTransceiver(track, {
-        direction: "sendonly",
+      const init = {
+        direction: /** @type {RTCRtpTransceiverDirection} */ ("sendonly"),
         streams: this.localStream ? [this.localStream] : [],
-        // simulcast: the camera as three encodings (the screen share stays one)
-        ...(this.simulcast && kind === "video"
-          ? { sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })) }
-          : {}),
-      });
+      };
+      // simulcast: the camera as three encodings (the screen share stays one)
+      const transceiver =
+        this.simulcast && kind === "video" ? addSimulcast(pc, track, init) : pc.addTransceiver(track, init);
       this.transceivers[kind] = transceiver;
       this.transform?.(transceiver.sender, kind, "publish");
       if (kind === "video" && this.videoCodec) {

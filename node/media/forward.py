@@ -9,6 +9,7 @@ subscriber's NACKs name sequence numbers that map one-to-one onto the publisher'
 
 from __future__ import annotations
 
+import bisect
 import random
 import time
 from collections import deque
@@ -607,6 +608,60 @@ def vp8_ids(payload: bytes) -> tuple[int | None, int, int | None, int]:
     return pid, mask, None, -1
 
 
+#: the highest VP8 temporal layer id (TID is 2 bits)
+TID_MAX: Final = 3
+
+
+def vp8_temporal(payload: bytes) -> tuple[int, bool, int | None] | None:
+    """The VP8 payload descriptor's (TID, Y: layer sync, TL0PICIDX) when it carries the T
+    bit (a publisher sending temporal layers, e.g. `scalabilityMode: "L1T3"`); None when it
+    does not (RFC 7741 4.2)."""
+    n = len(payload)
+    if n < 3 or not payload[0] & 0x80:
+        return None
+    ext = payload[1]
+    if not ext & 0x20:
+        return None
+    pos = 2
+    if ext & 0x80:
+        pos += 2 if payload[pos] & 0x80 else 1
+    tl0: int | None = None
+    if ext & 0x40:
+        if n <= pos:
+            return None
+        tl0 = payload[pos]
+        pos += 1
+    if n <= pos:
+        return None
+    octet = payload[pos]
+    return octet >> 6, bool(octet & 0x20), tl0
+
+
+class _FrameIds:
+    """(TID, Y, picture id, its mask) of a VP8 payload with temporal layers, else None.
+    The last answer is kept: the forwarder hands every subscriber's rewriter the same
+    payload object, so the descriptor is read once per packet, not once per copy."""
+
+    __slots__ = ("_ids", "_payload")
+
+    def __init__(self) -> None:
+        self._payload: bytes | None = None
+        self._ids: tuple[int, bool, int, int] | None = None
+
+    def __call__(self, payload: bytes) -> tuple[int, bool, int, int] | None:
+        if payload is self._payload:
+            return self._ids
+        temporal = vp8_temporal(payload)
+        pid, mask, _, _ = vp8_ids(payload)
+        ids = None if temporal is None or pid is None else (temporal[0], temporal[1], pid, mask)
+        self._payload = payload
+        self._ids = ids
+        return ids
+
+
+_frame_ids: Final = _FrameIds()
+
+
 def vp8_rewrite_ids(payload: bytes, pid_offset: int, tl0_offset: int) -> bytes:
     """`payload` with its picture id and TL0PICIDX shifted by the offsets (modulo their
     width); the payload itself when it carries neither or both offsets are 0."""
@@ -656,10 +711,161 @@ def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
 Emitted = tuple[int, int, int, bytes]
 
 
-class _Segment:
-    """The stretch of a subscriber's stream taken from one layer: input -> output offsets."""
+class _Skips:
+    """Numbers taken out of an increasing series (unwrapped sequence numbers or picture ids
+    of dropped packets or frames), so the ones kept close up: `before(v)` is how many were
+    taken out at or below `v`. Only the latest `KEEP` are remembered one by one; a value
+    older than those can no longer be placed (None)."""
 
-    __slots__ = ("ext_first", "ext_max", "layer", "pid_offset", "seq_offset", "tl0_offset")
+    KEEP: Final = 512
+    __slots__ = ("_base", "_values")
+
+    def __init__(self) -> None:
+        self._base = 0
+        self._values: list[int] = []
+
+    def add(self, value: int) -> None:
+        # (callers add only values above every earlier one: the list stays sorted)
+        values = self._values
+        values.append(value)
+        if len(values) > 2 * self.KEEP:
+            del values[: self.KEEP]
+            self._base += self.KEEP
+
+    def before(self, value: int) -> int | None:
+        values = self._values
+        if not values or value > values[-1]:
+            return self._base + len(values)
+        if self._base and value < values[0]:
+            return None
+        return self._base + bisect.bisect_right(values, value)
+
+
+class TemporalFilter:
+    """Which frames of one layer's stretch a subscriber gets, by VP8 temporal layer (TID),
+    and how the numbers close up over the frames left out.
+
+    A frame (one picture id) is kept when its TID is at most `level`; the decision is taken
+    at the first packet of it seen and holds for all its packets, so no frame goes out in
+    part. `level` follows the subscriber's target at frame boundaries only: down at once,
+    up one temporal layer at a frame of that layer marked layer sync (Y: it refers only to
+    TID 0) or all the way at a keyframe (a frame of a higher layer refers to earlier frames
+    of its own layer, which were dropped). The packets and picture ids of the frames left
+    out are taken out of the numbering (`_Skips`): the subscriber sees consecutive sequence
+    numbers and picture ids, never a gap it would NACK. TID 0 is never dropped, so
+    TL0PICIDX stays as it is. A frame that arrives wholly after later ones and is dropped
+    leaves the gap it was given (the numbers after it are already out).
+    """
+
+    FRAMES: Final = 64
+    __slots__ = (
+        "_frames",
+        "_levels",
+        "_pid_hi",
+        "_pid_skips",
+        "_seq_hi",
+        "_seq_skips",
+        "dropped",
+        "level",
+        "top",
+    )
+
+    def __init__(self, level: int, seq_ext: int, pid_ext: int) -> None:
+        self.level = level
+        self._seq_hi = seq_ext - 1
+        self._pid_hi = pid_ext - 1
+        self._seq_skips = _Skips()
+        self._pid_skips = _Skips()
+        #: unwrapped picture id -> kept (the latest FRAMES frames)
+        self._frames: dict[int, bool] = {}
+        #: (from which unwrapped picture id, level) at each change, the latest FRAMES
+        self._levels: list[tuple[int, int]] = [(pid_ext, level)]
+        self.dropped = 0
+        #: the highest TID seen (what the publisher sends)
+        self.top = 0
+
+    def _level_at(self, pid_ext: int) -> int:
+        """The level that held at picture id `pid_ext` (-1: older than remembered)."""
+        for start, level in reversed(self._levels):
+            if start <= pid_ext:
+                return level
+        return -1
+
+    def pid_ext(self, pid: int, mask: int) -> int:
+        """`pid` unwrapped around the highest picture id seen."""
+        hi = self._pid_hi
+        delta = (pid - hi) & mask
+        return hi + delta if delta <= mask >> 1 else hi - (mask + 1 - delta)
+
+    def plain(self, ext: int, pid_ext: int | None) -> tuple[int, int] | None:
+        """`admit` for a packet without TID: kept (None only when too old to place)."""
+        self._seq_hi = max(self._seq_hi, ext)
+        seq_shift = self._seq_skips.before(ext)
+        pid_shift = 0 if pid_ext is None else self._pid_skips.before(pid_ext)
+        if seq_shift is None or pid_shift is None:
+            return None
+        return seq_shift, pid_shift
+
+    def admit(
+        self, ext: int, pid_ext: int, tid: int, sync: bool, keyframe: bool, target: int
+    ) -> tuple[int, int] | None:
+        """For one packet (unwrapped sequence number, unwrapped picture id, its frame's TID
+        and Y bit, whether it starts a keyframe; the subscriber's temporal target): None to
+        drop it, else how many sequence numbers and picture ids to take off its own."""
+        if tid > self.top:
+            self.top = tid
+        frames = self._frames
+        keep = frames.get(pid_ext)
+        if keep is None:
+            if pid_ext > self._pid_hi:  # a new frame: a boundary where the level may move
+                level = self.level
+                if target < level or keyframe:
+                    level = target
+                elif sync and tid == level + 1 and tid <= target:
+                    level = tid
+                if level != self.level:
+                    self.level = level
+                    self._levels.append((pid_ext, level))
+                    if len(self._levels) > self.FRAMES:
+                        del self._levels[0]
+                keep = tid <= level or keyframe  # (a keyframe refers to nothing)
+                self._pid_hi = pid_ext
+                if not keep:
+                    self._pid_skips.add(pid_ext)
+            else:
+                # a frame that comes after later ones: kept as it would have been in its
+                # place (the later frames that refer to it were), else its gap stays
+                keep = tid == 0 or tid <= self._level_at(pid_ext)
+            frames[pid_ext] = keep
+            if len(frames) > self.FRAMES:
+                del frames[next(iter(frames))]
+        if ext > self._seq_hi:
+            self._seq_hi = ext
+            if not keep:
+                self._seq_skips.add(ext)
+        if not keep:
+            self.dropped += 1
+            return None
+        seq_shift = self._seq_skips.before(ext)
+        pid_shift = self._pid_skips.before(pid_ext)
+        if seq_shift is None or pid_shift is None:
+            return None
+        return seq_shift, pid_shift
+
+
+class _Segment:
+    """The stretch of a subscriber's stream taken from one layer: input -> output offsets
+    (and, when the layer has temporal layers, the frames left out of it)."""
+
+    __slots__ = (
+        "ext_first",
+        "ext_max",
+        "layer",
+        "pid_offset",
+        "seq_offset",
+        "temporal",
+        "tl0_offset",
+    )
 
     def __init__(self, layer: int, seq: int, seq_offset: int) -> None:
         self.layer = layer
@@ -667,6 +873,7 @@ class _Segment:
         self.seq_offset = seq_offset
         self.pid_offset = 0
         self.tl0_offset = 0
+        self.temporal: TemporalFilter | None = None
 
     def ext(self, seq: int) -> int:
         delta = (seq - self.ext_max) & SEQ_MASK
@@ -685,6 +892,9 @@ class LayerRewriter:
     are kept in a small window and emitted right after it, and packets of the previous
     layer that arrive late still go out in the numbers they were given, so a switch opens
     no sequence gap a receiver would count as loss. `target` None pauses the stream.
+
+    When the layer carries VP8 temporal layers, frames above `temporal_target` are left
+    out and the numbers close up over them (`TemporalFilter`, one per stretch).
     """
 
     PENDING: Final = 32
@@ -719,6 +929,8 @@ class LayerRewriter:
         self._last_pid: int | None = None
         self._last_tl0: int | None = None
         self.switches = 0
+        #: the highest VP8 temporal layer wanted (None: all of them; see `TemporalFilter`)
+        self.temporal_target: int | None = None
 
     @property
     def current(self) -> int | None:
@@ -730,16 +942,49 @@ class LayerRewriter:
         return self.target is not None and self.current != self.target
 
     def _out(
-        self, segment: _Segment, ts_offset: int, ext: int, ts: int, marker: int, payload: bytes
-    ) -> Emitted:
-        seq = (ext + segment.seq_offset) & SEQ_MASK
+        self,
+        segment: _Segment,
+        ts_offset: int,
+        ext: int,
+        ts: int,
+        marker: int,
+        payload: bytes,
+        keyframe: bool = False,
+    ) -> Emitted | None:
+        """The packet as the subscriber gets it, or None when its temporal layer is left
+        out (only a publisher sending TIDs has any; see `TemporalFilter`)."""
+        seq_offset = segment.seq_offset
         if self.vp8:
-            payload = vp8_rewrite_ids(payload, segment.pid_offset, segment.tl0_offset)
-        return seq, (ts + ts_offset) & TS_MASK, marker, payload
+            pid_offset = segment.pid_offset
+            filt = segment.temporal
+            # (the T bit tested inline: the common case, no temporal layers, costs nothing)
+            if filt is not None or (len(payload) > 2 and payload[0] & 0x80 and payload[1] & 0x20):
+                ids = _frame_ids(payload)
+                shifts: tuple[int, int] | None = (0, 0)
+                if ids is not None:
+                    tid, sync, pid, mask = ids
+                    target = self.temporal_target
+                    target = TID_MAX if target is None else target
+                    if filt is None:
+                        filt = segment.temporal = TemporalFilter(target, ext, pid)
+                    shifts = filt.admit(ext, filt.pid_ext(pid, mask), tid, sync, keyframe, target)
+                elif filt is not None:
+                    # no TID (or no picture id) in a stretch that has them: kept, its
+                    # numbers closed up like the others'
+                    plain_pid, plain_mask, _, _ = vp8_ids(payload)
+                    shifts = filt.plain(
+                        ext, None if plain_pid is None else filt.pid_ext(plain_pid, plain_mask)
+                    )
+                if shifts is None:
+                    return None
+                seq_offset -= shifts[0]
+                pid_offset -= shifts[1]
+            payload = vp8_rewrite_ids(payload, pid_offset, segment.tl0_offset)
+        return (ext + seq_offset) & SEQ_MASK, (ts + ts_offset) & TS_MASK, marker, payload
 
-    def _remember(self, ext: int, emitted: Emitted, now: float) -> None:
+    def _remember(self, ext: int, emitted: Emitted | None, now: float) -> None:
         segment = self._segment
-        if segment is None or ext < segment.ext_max:
+        if emitted is None or segment is None or ext < segment.ext_max:
             return
         segment.ext_max = ext
         self._last_seq = emitted[0]
@@ -808,14 +1053,15 @@ class LayerRewriter:
             ext = segment.ext(seq)
             if ext < segment.ext_first:
                 return []
-            emitted = self._out(segment, self._ts_offset, ext, ts, marker, payload)
+            emitted = self._out(segment, self._ts_offset, ext, ts, marker, payload, keyframe_start)
             self._remember(ext, emitted, now)
-            return [emitted]
+            return [] if emitted is None else [emitted]
         for old, ts_offset in zip(self._retired, self._retired_ts, strict=True):
             if layer == old.layer:
                 ext = old.ext(seq)
                 if old.ext_first <= ext <= old.ext_max:
-                    return [self._out(old, ts_offset, ext, ts, marker, payload)]
+                    late = self._out(old, ts_offset, ext, ts, marker, payload)
+                    return [] if late is None else [late]
                 break
         if layer != self.target:
             return []
@@ -827,8 +1073,9 @@ class LayerRewriter:
         self._switch(layer, seq, ts, payload, now)
         new = self._segment
         assert new is not None
-        out = [self._out(new, self._ts_offset, seq, ts, marker, payload)]
-        self._remember(seq, out[0], now)
+        first = self._out(new, self._ts_offset, seq, ts, marker, payload, keyframe_start)
+        out = [] if first is None else [first]  # (a keyframe is never left out)
+        self._remember(seq, first, now)
         early = {new.ext(s): (t, m, p) for s, t, m, p in recent}
         early.update((new.ext(s), (t, m, p)) for s, t, m, p in self._pending)
         self._pending.clear()
@@ -836,7 +1083,8 @@ class LayerRewriter:
             if seq < ext <= seq + self.PENDING:
                 emitted = self._out(new, self._ts_offset, ext, t, m, p)
                 self._remember(ext, emitted, now)
-                out.append(emitted)
+                if emitted is not None:
+                    out.append(emitted)
         return out
 
     def set_target(self, layer: int | None) -> None:
@@ -847,6 +1095,26 @@ class LayerRewriter:
         if layer is None:
             self._retire(None)
         self.target = layer
+
+    def set_temporal_target(self, tid: int | None) -> None:
+        """The highest VP8 temporal layer wanted from now on (None: all). Taken at the next
+        frame boundary going down, at a layer sync frame or a keyframe going up."""
+        self.temporal_target = tid
+
+    @property
+    def temporal_level(self) -> int | None:
+        """The highest temporal layer being sent (None: the layer has none, or nothing is
+        sent)."""
+        segment = self._segment
+        if segment is None or segment.temporal is None:
+            return None
+        return min(segment.temporal.level, segment.temporal.top)
+
+    @property
+    def temporal_dropped(self) -> int:
+        """Packets left out by temporal layer in the current stretch."""
+        segment = self._segment
+        return 0 if segment is None or segment.temporal is None else segment.temporal.dropped
 
 
 # --------------------------------------------------------------------------- layer choice
@@ -860,15 +1128,20 @@ class View:
     width: int
     height: int
     visible: bool = True
+    #: the frame rate the tile needs (None: all the publisher sends); with temporal layers
+    #: the subscriber gets the lowest set of them that gives at least this
+    fps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LayerChoice:
     """The layer a subscriber should get (None: no video) and what bound it: "bandwidth",
-    "view", "hidden", "cap", or "top" (nothing did: the best layer sent)."""
+    "view", "hidden", "cap", or "top" (nothing did: the best layer sent). `temporal`: the
+    highest VP8 temporal layer of it to send (None: all; see `choose_temporal`)."""
 
     layer: int | None
     reason: str
+    temporal: int | None = None
 
 
 #: a layer fits a bandwidth estimate when its measured rate is at most this share of it
@@ -976,6 +1249,124 @@ def choose_layer(
     if choice.layer is not None and capped < choice.layer:
         choice = LayerChoice(capped, "cap")
     return choice
+
+
+# --------------------------------------------------------------------------- temporal layers
+
+
+class TemporalRates:
+    """What each set of temporal layers of one simulcast layer carries (time passed in):
+    for TIDs 0..t, the share of the layer's bytes and the frame rate, measured over windows
+    of `window_s` and smoothed (the mean of the last two). Empty when the layer carries no
+    temporal layers (none seen for `idle_s`)."""
+
+    __slots__ = ("_bytes", "_frames", "_start", "fps", "idle_s", "seen", "shares", "window_s")
+
+    def __init__(self, window_s: float = 1.0, idle_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self.idle_s = idle_s
+        self._bytes = [0] * (TID_MAX + 1)
+        self._frames = [0] * (TID_MAX + 1)
+        self._start: float | None = None
+        self.seen: float | None = None
+        #: index t: TIDs 0..t (cumulative), up to the highest TID seen
+        self.shares: list[float] = []
+        self.fps: list[float] = []
+
+    def add(self, tid: int, size: int, frame_start: bool, now: float) -> None:
+        start = self._start
+        if start is None:
+            start = self._start = now
+        elif now - start >= self.window_s:
+            self._close(now - start)
+            self._start = now
+        self._bytes[tid] += size
+        if frame_start:
+            self._frames[tid] += 1
+        self.seen = now
+
+    def _close(self, span: float) -> None:
+        counts = self._bytes
+        top = max((t for t in range(TID_MAX + 1) if counts[t]), default=0)
+        total = sum(counts) or 1
+        shares: list[float] = []
+        fps: list[float] = []
+        cum_bytes = cum_frames = 0
+        for t in range(top + 1):
+            cum_bytes += counts[t]
+            cum_frames += self._frames[t]
+            shares.append(cum_bytes / total)
+            fps.append(cum_frames / span)
+        if len(self.shares) == len(shares):
+            shares = [(a + b) / 2 for a, b in zip(self.shares, shares, strict=True)]
+            fps = [(a + b) / 2 for a, b in zip(self.fps, fps, strict=True)]
+        self.shares, self.fps = shares, fps
+        self._bytes = [0] * (TID_MAX + 1)
+        self._frames = [0] * (TID_MAX + 1)
+
+    def levels(self, now: float) -> int:
+        """How many temporal layers the layer carries now (0: none, or not lately)."""
+        if self.seen is None or now - self.seen >= self.idle_s or len(self.shares) < 2:
+            return 0
+        return len(self.shares)
+
+
+def choose_temporal(
+    choice: LayerChoice,
+    lowest: int | None,
+    rate_bps: float | None,
+    shares: Sequence[float],
+    fps: Sequence[float],
+    *,
+    estimate_bps: float | None,
+    current: int | None,
+    view: View | None,
+    probe: bool,
+) -> LayerChoice:
+    """The temporal step below the spatial one: `choice` with the highest temporal layer to
+    send of its layer (`temporal`; None: all of them). `shares` and `fps` describe the
+    layer the choice is about (or, when the choice pauses the video for bandwidth, the
+    `lowest` layer, whose full rate is `rate_bps`): index t, TIDs 0..t (`TemporalRates`).
+    `current`: the temporal target the subscriber has now (None: all).
+
+    - view: the fewest temporal layers that give the tile's `fps`;
+    - bandwidth, on the lowest layer only (above it a lower spatial layer is the cheaper
+      step): the most temporal layers whose share of the layer's rate fits the estimate
+      (`BANDWIDTH_HEADROOM`); the current set stays while the estimate covers it, and, as
+      for spatial layers, one more is tried when `probe` allows. A video the bandwidth
+      would pause comes back on the lowest layer's TID 0 when that fits.
+
+    No temporal layers (`shares` shorter than 2): `choice` as it is."""
+    if len(shares) < 2 or rate_bps is None:
+        return choice
+    top = len(shares) - 1
+    layer = choice.layer
+    if layer is None and not (choice.reason == "bandwidth" and lowest is not None):
+        return choice
+    chosen = top
+    if view is not None and view.fps is not None:
+        chosen = next((t for t, f in enumerate(fps) if f >= view.fps * 0.9), top)
+    reason = choice.reason
+    if estimate_bps is not None and (layer is None or layer == lowest):
+        fitting = [
+            t for t in range(top + 1) if rate_bps * shares[t] <= estimate_bps * BANDWIDTH_HEADROOM
+        ]
+        bandwidth = fitting[-1] if fitting else None
+        held = top if current is None else min(current, top)  # (None: all were sent)
+        if choice.layer is not None and rate_bps * shares[held] <= estimate_bps:
+            bandwidth = held if bandwidth is None else max(bandwidth, held)
+            if probe and held < top:
+                bandwidth = max(bandwidth, held + 1)
+        if layer is None:
+            if bandwidth is None:
+                return choice
+            layer = lowest
+        elif bandwidth is None:
+            bandwidth = 0  # (the spatial choice kept the lowest layer: its least)
+        if bandwidth < chosen:
+            chosen = bandwidth
+            reason = "bandwidth"
+    return LayerChoice(layer, reason, None if chosen >= top else chosen)
 
 
 # --------------------------------------------------------------------------- allocation

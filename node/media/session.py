@@ -76,13 +76,16 @@ from node.media.forward import (
     LayerRewriter,
     PublisherLayers,
     SubscriberRewriter,
+    TemporalRates,
     TrackDemand,
     View,
     allocate,
     choose_layer,
+    choose_temporal,
     keyframe_detector,
     layer_costs,
     vp8_keyframe_size,
+    vp8_temporal,
 )
 from node.media.sdp import (
     announce_addresses,
@@ -322,6 +325,8 @@ class Published:
         self.layer_sizes: dict[int, tuple[int, int]] = {}
         self._layer_marks: dict[int, tuple[float, int]] = {}
         self.layer_rates: dict[int, float] = {}
+        #: VP8 temporal layers per simulcast layer, where the publisher sends them (L1T3)
+        self.temporal_rates: dict[int, TemporalRates] = {}
         #: each layer's last rate measured while it arrived (a layer switched off at the
         #: publisher is still offered to subscribers at that cost)
         self.layer_known: dict[int, float] = {}
@@ -395,9 +400,19 @@ class Published:
         if layer is not None:
             self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + len(packet.payload)
             self.layer_seen[layer] = now
-            size = vp8_keyframe_size(packet.payload) if self.vp8 else None
+            payload = packet.payload
+            size = vp8_keyframe_size(payload) if self.vp8 else None
             if size is not None:
                 self.layer_sizes[layer] = size
+            # (the T bit tested inline: nothing more per packet without temporal layers)
+            if len(payload) > 2 and payload[0] & 0x80 and payload[1] & 0x20 and self.vp8:
+                temporal = vp8_temporal(payload)
+                if temporal is not None:
+                    measured = self.temporal_rates.get(layer)
+                    if measured is None:
+                        measured = self.temporal_rates[layer] = TemporalRates()
+                    start = bool(payload[0] & 0x10) and not payload[0] & 0x07
+                    measured.add(temporal[0], len(payload), start, now)
         elif self.kind == "audio":
             level = packet.extensions.audio_level
             if level is not None:
@@ -1288,7 +1303,38 @@ class MediaHub:
         )
         if follow and estimate is not None and rewriter is not None and not rewriter.waiting:
             self._maybe_probe(subscription, choice, rates, heights, view, now)
-        return choice
+        return self._choose_temporal(subscription, choice, rates, estimate, view, now)
+
+    def _choose_temporal(
+        self,
+        subscription: Subscription,
+        choice: LayerChoice,
+        rates: list[float | None],
+        estimate: float | None,
+        view: View | None,
+        now: float,
+    ) -> LayerChoice:
+        """The temporal step below `choice` (`choose_temporal`), where the publisher sends
+        temporal layers; `choice` unchanged where it does not."""
+        published = subscription.published
+        lowest = next((i for i, rate in enumerate(rates) if rate is not None), None)
+        layer = choice.layer if choice.layer is not None else lowest
+        measured = None if layer is None else published.temporal_rates.get(layer)
+        if layer is None or measured is None or not measured.levels(now):
+            return choice
+        forwarder = published.forwarder
+        rewriter = forwarder.layer_rewriter(subscription.sink) if forwarder is not None else None
+        return choose_temporal(
+            choice,
+            lowest,
+            rates[layer],
+            measured.shares,
+            measured.fps,
+            estimate_bps=estimate,
+            current=None if rewriter is None else rewriter.temporal_target,
+            view=view,
+            probe=now >= subscription.probe_after,
+        )
 
     def _maybe_probe(
         self,
@@ -1572,6 +1618,19 @@ class MediaHub:
             rewriter.set_target(choice.layer)
             if choice.layer is not None and choice.layer != rewriter.current:
                 published.request_keyframe()
+        if choice.temporal != rewriter.temporal_target:
+            log.info(
+                "media.temporal_target",
+                extra={
+                    "session_id": subscriber.session_id,
+                    "publisher": published.owner.session_id,
+                    "layer": choice.layer,
+                    "temporal": choice.temporal,
+                    "was": rewriter.temporal_target,
+                    "reason": choice.reason,
+                },
+            )
+            rewriter.set_temporal_target(choice.temporal)
         paused = choice.layer is None
         was_paused = subscription.paused_since is not None
         if paused and not was_paused:

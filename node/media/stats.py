@@ -355,7 +355,8 @@ class MediaCollector(Collector):
 
     def layers(self) -> Iterator[Metric]:
         """Simulcast (issue 14): per subscriber and track the layer sent, the target and
-        why, switches and paused time; per publisher the layers arriving. Summed (counts
+        why, switches and paused time, the temporal layers sent and wanted; per publisher
+        the layers arriving. Summed (counts
         per layer and per reason) unless `per_session`."""
         hub = self.hub
         now = time.monotonic()
@@ -393,9 +394,26 @@ class MediaCollector(Collector):
             else "Simulcast tracks per layer arriving",
             labels=["session", "track"] if per else ["layer"],
         )
+        temporal_sent = GaugeMetricFamily(
+            "sfumesh_media_temporal_selected",
+            "Highest VP8 temporal layer sent of the selected layer (-1: it has none)"
+            if per
+            else "Simulcast subscriptions per highest temporal layer sent (publishers "
+            "sending temporal layers only)",
+            labels=["session", "track"] if per else ["tid"],
+        )
+        temporal_target = GaugeMetricFamily(
+            "sfumesh_media_temporal_target",
+            "Highest VP8 temporal layer wanted (-1: all of them)"
+            if per
+            else "Simulcast subscriptions per highest temporal layer wanted (all: no limit)",
+            labels=["session", "track"] if per else ["tid"],
+        )
         by_layer: dict[str, int] = {}
         by_reason: dict[str, int] = {}
         arriving: dict[str, int] = {}
+        by_temporal: dict[str, int] = {}
+        by_temporal_target: dict[str, int] = {}
         tracks = [p for session in list(hub.sessions.values()) for p in session.published.values()]
         tracks += [p for relayed in list(hub.relayed.values()) for p in relayed]
         for published in tracks:
@@ -420,9 +438,13 @@ class MediaCollector(Collector):
                 paused_s = subscription.paused_s
                 if subscription.paused_since is not None:
                     paused_s += now - subscription.paused_since
+                level = rewriter.temporal_level
+                wanted = rewriter.temporal_target
                 if per:
                     key = [subscription.subscriber.session_id, track]
                     selected.add_metric(key, -1 if sending is None else sending)
+                    temporal_sent.add_metric(key, -1 if level is None else level)
+                    temporal_target.add_metric(key, -1 if wanted is None else wanted)
                     layer = -1 if choice.layer is None else choice.layer
                     target.add_metric([*key, choice.reason], layer)
                     switches.add_metric(key, rewriter.switches)
@@ -431,6 +453,10 @@ class MediaCollector(Collector):
                     name = "none" if sending is None else str(sending)
                     by_layer[name] = by_layer.get(name, 0) + 1
                     by_reason[choice.reason] = by_reason.get(choice.reason, 0) + 1
+                    if level is not None:
+                        by_temporal[str(level)] = by_temporal.get(str(level), 0) + 1
+                        name = "all" if wanted is None else str(wanted)
+                        by_temporal_target[name] = by_temporal_target.get(name, 0) + 1
         if not per:
             for name, count in sorted(by_layer.items()):
                 selected.add_metric([name], count)
@@ -438,6 +464,10 @@ class MediaCollector(Collector):
                 target.add_metric([reason], count)
             for name, count in sorted(arriving.items()):
                 active.add_metric([name], count)
+            for name, count in sorted(by_temporal.items()):
+                temporal_sent.add_metric([name], count)
+            for name, count in sorted(by_temporal_target.items()):
+                temporal_target.add_metric([name], count)
             switches.add_metric([], hub.layer_switches)
             paused.add_metric([], hub.layer_paused_s + hub.paused_now(now))
-        yield from (selected, target, switches, paused, active)
+        yield from (selected, target, switches, paused, active, temporal_sent, temporal_target)

@@ -514,6 +514,8 @@ async def _candidate(
 #: at most this many tiles in one `view` message; sizes up to this many pixels
 _MAX_VIEW_TILES = 64
 _MAX_VIEW_PIXELS = 16384
+#: the highest frame rate a tile may ask for (`fps`, optional)
+_MAX_VIEW_FPS = 240
 
 
 def _int_field(tile: dict[str, Any], name: str) -> int:
@@ -525,9 +527,10 @@ def _int_field(tile: dict[str, Any], name: str) -> int:
 
 async def _view(context: NodeContext, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
     """How the client shows the tracks it receives: `tiles` maps a subscribe m-line's mid
-    to {width, height, visible} (device pixels). A simulcast track's layer follows (the
-    lowest at least as tall as its tile); a hidden tile gets no video. Replaces what the
-    client said before."""
+    to {width, height, visible, fps?} (device pixels; `fps` optional: the frame rate the
+    tile needs). A simulcast track's layer follows (the lowest at least as tall as its
+    tile; with temporal layers, the fewest that give `fps`); a hidden tile gets no video.
+    Replaces what the client said before."""
     tiles = frame.get("tiles")
     if not isinstance(tiles, dict) or len(tiles) > _MAX_VIEW_TILES:
         raise ClientError("bad_frame", f"tiles must be an object of at most {_MAX_VIEW_TILES}")
@@ -538,7 +541,19 @@ async def _view(context: NodeContext, conn: Connection, frame: dict[str, Any]) -
         visible = tile.get("visible", True)
         if not isinstance(visible, bool):
             raise ClientError("bad_frame", "a tile's visible must be true or false")
-        views[mid] = View(_int_field(tile, "width"), _int_field(tile, "height"), visible)
+        fps = tile.get("fps")
+        if fps is not None and (
+            isinstance(fps, bool)
+            or not isinstance(fps, int | float)
+            or not 1 <= fps <= _MAX_VIEW_FPS
+        ):
+            raise ClientError("bad_frame", f"a tile's fps must be a number 1..{_MAX_VIEW_FPS}")
+        views[mid] = View(
+            _int_field(tile, "width"),
+            _int_field(tile, "height"),
+            visible,
+            None if fps is None else float(fps),
+        )
     session = _media_session(context, conn, "subscribe")
     session.set_views(views)
     return {"type": "ack"}

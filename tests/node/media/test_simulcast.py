@@ -139,3 +139,108 @@ async def watch(peers: list[tuple[Socket, MediaPeer]], session_id: str) -> list[
         await asyncio.sleep(0.5)
     log.info("peers: %s", [p.describe() for _, p in peers])
     return [s or (0, 0) for s in sizes]
+
+
+def frame_rate(track: Received) -> Callable[[], float]:
+    """The frames decoded per second from this call until the returned function's."""
+    frames, at = track.frames, time.monotonic()
+    return lambda: (track.frames - frames) / max(1e-3, time.monotonic() - at)
+
+
+async def metric_lines(http: httpx.AsyncClient, url: str) -> str:
+    reply = await http.get(f"{url}/metrics")
+    assert reply.status_code == 200, reply.text
+    return reply.text
+
+
+@pytest.mark.usefixtures("loopback_ice")
+async def test_temporal_layers_lower_the_frame_rate_and_back(
+    node_processes: Callable[..., LocalNode],
+) -> None:
+    """The page asks for L1T3 on each encoding: a subscriber on the lowest layer whose
+    tile needs 2 fps gets TID 0 only (a quarter of the frames), keeps decoding without
+    a freeze or a hole in the numbers, and gets every frame again once its tile asks for
+    no frame rate."""
+    env = {
+        "SFUMESH_MEDIA_HOST_ADDRESSES": json.dumps(["127.0.0.1"]),
+        "SFUMESH_MEDIA_SIMULCAST_FOLLOW_BANDWIDTH": "false",
+    }
+    node = await asyncio.to_thread(node_processes, extra_env=env)
+    slug = "temporal"
+    async with httpx.AsyncClient(timeout=STEP_S) as http:
+        publisher = await sign_up(http, node.url, prefix="pub")
+        await create_room(publisher, node.url, slug)
+        token = await publisher.new_session(node.url)
+        user = await sign_up(http, node.url, prefix="small")
+        async with chromium() as browser, page(browser, f"{node.url}/") as publisher_page:
+            arguments = {"sessionToken": token, "slug": slug, "videoCodec": None}
+            session_id = await asyncio.wait_for(
+                publisher_page.evaluate(SIMULCAST_PUBLISH, arguments), STEP_S
+            )
+            sock, peer = await subscriber(user, node.url, slug)
+            try:
+                deadline = time.monotonic() + LIMIT_S
+                track = video_from(peer, session_id)
+                while (track is None or track.mid is None) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    track = video_from(peer, session_id)
+                assert track is not None and track.mid is not None
+                mid = track.mid
+                tile = {"width": 320, "height": 180}
+                assert (await sock.request("view", tiles={mid: tile}))["type"] == "ack"
+                # the lowest layer, decoded, its temporal layers measured by the node
+                while time.monotonic() < deadline:
+                    metrics = await metric_lines(http, node.url)
+                    if track.size == (320, 180) and 'sfumesh_media_temporal_selected{tid="2"}' in (
+                        metrics
+                    ):
+                        break
+                    await asyncio.sleep(0.5)
+                assert track.size == (320, 180), peer.describe()
+                assert 'sfumesh_media_temporal_selected{tid="2"} 1.0' in metrics, metrics
+                await asyncio.sleep(2.0)
+                full = frame_rate(track)
+                await asyncio.sleep(4.0)
+                full_fps = full()
+
+                # a tile that needs 2 fps: TID 0 is enough (a quarter of the frames; on a
+                # loaded host the encoder's rate drops, so TID 0..1 may give less than 7.5)
+                holes = track.holes_skipped
+                asked = {mid: {**tile, "fps": 2}}
+                assert (await sock.request("view", tiles=asked))["type"] == "ack"
+                await asyncio.sleep(1.5)
+                low_at = time.monotonic()
+                low = frame_rate(track)
+                await asyncio.sleep(4.0)
+                low_fps = low()
+                metrics = await metric_lines(http, node.url)
+                log.info("full %.1f fps, TID 0 %.1f fps", full_fps, low_fps)
+                assert 'sfumesh_media_temporal_target{tid="0"} 1.0' in metrics, metrics
+                assert 'sfumesh_media_temporal_selected{tid="0"} 1.0' in metrics, metrics
+                assert 0 < low_fps < full_fps * 0.5, (full_fps, low_fps)
+                assert track.longest_gap(after=low_at) < 1.0
+                assert track.holes_skipped == holes
+                assert track.size == (320, 180)
+
+                # no frame rate asked: every frame again
+                assert (await sock.request("view", tiles={mid: tile}))["type"] == "ack"
+                await asyncio.sleep(1.5)
+                back = frame_rate(track)
+                await asyncio.sleep(4.0)
+                back_fps = back()
+                log.info("back to %.1f fps", back_fps)
+                assert back_fps > low_fps * 2, (full_fps, low_fps, back_fps)
+                metrics = await metric_lines(http, node.url)
+                assert 'sfumesh_media_temporal_target{tid="all"} 1.0' in metrics, metrics
+                assert track.holes_skipped == holes
+                assert peer.errors == []
+                # a bad frame rate is refused, changing nothing
+                for bad in (0, "7.5", True, 1000):
+                    refused = await sock.request("view", tiles={mid: {**tile, "fps": bad}})
+                    assert refused["type"] == "error" and refused["code"] == "bad_frame"
+                await asyncio.sleep(1.0)
+                metrics = await metric_lines(http, node.url)
+                assert 'sfumesh_media_temporal_target{tid="all"} 1.0' in metrics, metrics
+            finally:
+                await peer.close()
+                await sock.close()
