@@ -63,27 +63,29 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from node.config import MediaSettings
 from node.media import adapter
 from node.media.adapter import RtpTap, SenderTap
-from node.media.estimate import LinkEstimate
-from node.media.forward import (
+from node.media.choice import (
     BANDWIDTH_HEADROOM,
     PRIORITY_OTHER,
     PRIORITY_SCREEN,
     PRIORITY_SPEAKER,
-    ByteBudget,
-    Forwarder,
-    KeyframeRequests,
     LayerChoice,
-    LayerRewriter,
     PublisherLayers,
-    SubscriberRewriter,
     TemporalRates,
     TrackDemand,
     View,
     allocate,
     choose_layer,
     choose_temporal,
-    keyframe_detector,
     layer_costs,
+)
+from node.media.estimate import LinkEstimate
+from node.media.forward import (
+    ByteBudget,
+    Forwarder,
+    KeyframeRequests,
+    LayerRewriter,
+    SubscriberRewriter,
+    keyframe_detector,
     vp8_keyframe_size,
     vp8_temporal,
 )

@@ -24,7 +24,7 @@ from quart import Blueprint, Response, jsonify, websocket
 from redis.exceptions import RedisError
 
 from node.errors import DomainError, legacy_fields
-from node.media.forward import View
+from node.media.choice import View
 from node.media.session import MediaError, MediaSession
 from node.runtime.chat import Poster, post_chat
 from node.runtime.turn import ice_servers

@@ -1,4 +1,4 @@
-"""One subscriber's bandwidth shared over its video tracks (node.media.forward.allocate) and
+"""One subscriber's bandwidth shared over its video tracks (node.media.choice.allocate) and
 a simulcast publisher's encodings switched on and off (PublisherLayers): pure, so tested
 under hypothesis-generated tracks and budgets."""
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.config import MediaSettings
-from node.media.forward import (
+from node.media.choice import (
     PRIORITY_OTHER,
     PRIORITY_SCREEN,
     PRIORITY_SPEAKER,

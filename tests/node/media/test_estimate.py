@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from node.media.choice import BANDWIDTH_HEADROOM, choose_layer
 from node.media.estimate import (
     LOSS_HIGH,
     PROBE_LOSS_GRACE_S,
@@ -21,7 +22,6 @@ from node.media.estimate import (
     PROBE_WAIT_MAX_S,
     LinkEstimate,
 )
-from node.media.forward import BANDWIDTH_HEADROOM, choose_layer
 
 RATES = [150_000.0, 450_000.0, 1_500_000.0]
 HEIGHTS = [180, 360, 720]

@@ -12,13 +12,11 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from node.media.choice import LayerChoice, View, choose_layer
 from node.media.forward import (
     SEQ_MASK,
     TS_MASK,
-    LayerChoice,
     LayerRewriter,
-    View,
-    choose_layer,
     vp8_ids,
     vp8_is_keyframe_start,
     vp8_keyframe_size,

@@ -9,7 +9,7 @@ import time
 from typing import Any, cast
 
 from node.config import MediaSettings
-from node.media.forward import LayerChoice, View
+from node.media.choice import LayerChoice, View
 from node.media.session import (
     RELAY_NEED_ANY,
     RELAY_NEED_LOWEST,

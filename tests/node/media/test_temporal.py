@@ -16,14 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.config import MediaSettings
+from node.media.choice import LayerChoice, TemporalRates, View, choose_temporal
 from node.media.forward import (
     SEQ_MASK,
     TS_MASK,
-    LayerChoice,
     LayerRewriter,
-    TemporalRates,
-    View,
-    choose_temporal,
     vp8_ids,
     vp8_is_keyframe_start,
     vp8_rewrite_ids,
