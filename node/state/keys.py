@@ -52,8 +52,8 @@ counted again from the store when missing. The room counters are also what opera
 for storage per room (`sfumesh cluster files`, the `sfumesh_file_*` gauges): found with
 SCAN on `files_room_bytes_pattern()`, never by a label per room.
 
-The same holds for the rest: node records and their name set share `{nodes}` (registered
-and dropped in one transaction), the two reminder sets `{reminders}` (claimed by one
+The same holds for the rest: node records, their name set and URL set share `{nodes}`
+(registered and dropped in one transaction), the two reminder sets `{reminders}` (claimed by one
 script), and a session's keys (record, generation, chat counter) its id. No script or
 transaction touches two slots, so every one runs unchanged on a Redis Cluster; the global
 sets (`rooms-live`, `node-sessions:*`) are changed by single commands only.
