@@ -26,7 +26,7 @@ from node.local.launch import LocalNode, start_nodes
 from node.runtime.services import BackingServices
 from tests.browser import chromium
 from tests.node.live_client import create_room, sign_up
-from tests.webapp.test_two_nodes import make_far
+from tests.webapp.test_two_nodes import make_far, make_near
 from tests.webapp.web import (
     ARTIFACTS,
     decoding,
@@ -147,6 +147,8 @@ async def test_a_dead_node_s_page_fails_over_with_media_back_and_no_reload(
             await wait_joined(second)
             assert (await hello(first))["node"] == node1.name
             assert (await hello(second))["node"] == node2.name
+            # The failover ranks the nodes again: node-2's pings are not held up in the time.
+            await make_near(near1, node2)
             session = (await hello(first))["session_id"]
             await decoding([first, second], FRAMES, DECODE_LIMIT_S)
             # Marks that a reload would wipe.
