@@ -170,6 +170,10 @@ class LiveSettings(BaseModel):
     # and its sessions are reaped by the others.
     node_ttl_s: float = Field(default=10.0, gt=0)
     reaper_period_s: float = Field(default=3.0, gt=0)
+    # A node's URL stays a mesh origin for CORS this long after it was last registered:
+    # the pages it served fail over to the other nodes cross-origin once it is dead (its
+    # record expired or reaped) or drained, and keep calling them for the rest of the call.
+    node_url_memory_s: float = Field(default=24 * 3600.0, gt=0)
     # No frame (not even `ping`) from a client for this long ends its session.
     ws_idle_timeout_s: float = Field(default=45.0, gt=0)
     # The largest WebSocket message a client may send; the server (Hypercorn) closes the
@@ -581,6 +585,7 @@ ENV_VARS: dict[str, str] = {
     "SFUMESH_ROOM_CREATIONS_PER_WINDOW": "rooms.creations_per_window",
     "SFUMESH_NODE_TTL_S": "live.node_ttl_s",
     "SFUMESH_REAPER_PERIOD_S": "live.reaper_period_s",
+    "SFUMESH_NODE_URL_MEMORY_S": "live.node_url_memory_s",
     "SFUMESH_WS_IDLE_TIMEOUT_S": "live.ws_idle_timeout_s",
     "SFUMESH_WS_MAX_FRAME_BYTES": "live.ws_max_frame_bytes",
     "SFUMESH_WS_MAX_ANSWER_BYTES": "live.ws_max_answer_bytes",

@@ -1865,7 +1865,8 @@ class MediaHub:
             self.ensure_layer_selection()  # (its encodings nobody takes go off)
         owner = published.owner
         for conn in self.members(owner.slug):
-            if conn is owner.conn or conn.room != owner.slug:
+            # (a relayed track's owner has no connection here: its session is the test)
+            if conn.session_id == owner.session_id or conn.room != owner.slug:
                 continue
             self.session(conn).subscribe(published)
         if owner.conn is not None and self.on_tracks_changed is not None:
@@ -1943,10 +1944,20 @@ class MediaHub:
             self.on_tracks_changed(published.owner.slug)
 
     def joined(self, conn: Connection) -> None:
-        """A late joiner gets every track already published in its room."""
+        """A late joiner gets every track already published in its room.
+
+        A session joining here that has relayed tracks here came from another node (a
+        failover: its old node froze or died, and the relay from it lingers until its ICE
+        consent lapses, ~30 s): those are its old copies, silent now. They end at once, or
+        the session would get its own old tracks (a frozen tile of itself) and the others a
+        second, frozen track of it."""
         slug = conn.room
         if slug is None:
             return
+        for ghost in [
+            p for p in self.relayed.get(slug, ()) if p.owner.session_id == conn.session_id
+        ]:
+            self.remove_relayed(ghost)
         others = [s for s in self.rooms.get(slug, ()) if s.conn is not conn and not s.closed]
         tracks = [p for s in others for p in s.published.values() if p.forwarder is not None]
         tracks += [p for p in self.relayed.get(slug, ()) if p.forwarder is not None]

@@ -80,6 +80,7 @@ class Live:
             redis,
             NodeInfo(settings.node_name, settings.region, settings.base_url, time.time()),
             live.node_ttl_s,
+            live.node_url_memory_s,
         )
         self.metrics: NodeMetrics | None = None
         self.draining = False

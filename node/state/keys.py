@@ -6,6 +6,7 @@ Live state only; users, rooms and messages are in the document store.
 |---|---|---|
 | `sfumesh:{nodes}:node:<name>` | string (JSON), TTL | node record; expiry = node dead (N2) |
 | `sfumesh:{nodes}:names` | set | names of registered nodes, so reapers find expired ones |
+| `sfumesh:{nodes}:urls` | sorted set | node URL -> when last registered (s); CORS origins |
 | `sfumesh:node-sessions:<name>` | set | session ids whose WebSocket is on that node |
 | `sfumesh:node-inbox:<name>` | stream | messages for one node (session superseded, wake-ups) |
 | `sfumesh:session:{<sid>}` | hash | user_id, node, region, connected_at, generation, room |
@@ -51,8 +52,8 @@ counted again from the store when missing. The room counters are also what opera
 for storage per room (`sfumesh cluster files`, the `sfumesh_file_*` gauges): found with
 SCAN on `files_room_bytes_pattern()`, never by a label per room.
 
-The same holds for the rest: node records and their name set share `{nodes}` (registered
-and dropped in one transaction), the two reminder sets `{reminders}` (claimed by one
+The same holds for the rest: node records, their name set and URL set share `{nodes}`
+(registered and dropped in one transaction), the two reminder sets `{reminders}` (claimed by one
 script), and a session's keys (record, generation, chat counter) its id. No script or
 transaction touches two slots, so every one runs unchanged on a Redis Cluster; the global
 sets (`rooms-live`, `node-sessions:*`) are changed by single commands only.
@@ -67,6 +68,12 @@ ROOMS_LIVE = f"{PREFIX}:rooms-live"
 
 def node(name: str) -> str:
     return f"{PREFIX}:{{nodes}}:node:{name}"
+
+
+def node_urls() -> str:
+    """Every node URL registered lately, dead nodes' too: their pages fail over through the
+    others, cross-origin (node/web/cors.py)."""
+    return f"{PREFIX}:{{nodes}}:urls"
 
 
 def node_sessions(name: str) -> str:

@@ -3,11 +3,19 @@
 A node writes its record at start, refreshes it well inside the TTL, and deletes it when it
 stops. A record that expired means the node is dead, whatever Serf says, and its sessions
 are reaped.
+
+Each registration also stamps the node's URL in a sorted set (`keys.node_urls`) that outlives
+the record by `url_memory_s`: a page keeps the origin of the node that served it after that
+node died, and the other nodes must still answer it cross-origin (node/web/cors.py). Seen: a
+frozen node's record expired (and was reaped) in the 8 s its page took to notice, and every
+API call of the failover was then refused by the browser, for good.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
@@ -27,18 +35,42 @@ class NodeInfo:
         return self.url.replace("http", "ws", 1) + "/ws"
 
 
+#: how long a node's URL is remembered after its last registration, unless told (s)
+URL_MEMORY_S = 24 * 3600.0
+
+
 class Registry:
-    def __init__(self, redis: Redis, me: NodeInfo, ttl_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        me: NodeInfo,
+        ttl_s: float,
+        url_memory_s: float = URL_MEMORY_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._redis = redis
         self.me = me
         self._ttl_ms = int(ttl_s * 1000)
+        self._url_memory_s = url_memory_s
+        # wall clock: the stamps are compared across nodes
+        self._clock = clock
 
     async def register(self) -> None:
         record = json.dumps(asdict(self.me))
+        now = self._clock()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.node(self.me.name), record, px=self._ttl_ms)
             pipe.sadd(keys.NODES, self.me.name)
+            pipe.zadd(keys.node_urls(), {self.me.url: now})
+            pipe.zremrangebyscore(keys.node_urls(), "-inf", f"({now - self._url_memory_s}")
             await pipe.execute()
+
+    async def recent_urls(self) -> list[str]:
+        """The URL of every node registered within `url_memory_s`, alive or not (a dead or
+        drained node's pages still call the others)."""
+        since = self._clock() - self._url_memory_s
+        urls = await self._redis.zrangebyscore(keys.node_urls(), since, "+inf")
+        return [_text(url) for url in urls if isinstance(url, bytes | str)]
 
     async def is_registered(self) -> bool:
         return bool(await self._redis.exists(keys.node(self.me.name)))

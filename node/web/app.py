@@ -289,9 +289,22 @@ def create_app(settings: Settings) -> Quart:
                 log.warning("webapp.nodes_unknown", extra={"error": str(error)})
         return urls
 
+    async def _origin_urls() -> list[str]:
+        """Where pages calling this API may come from: the live nodes, and every node
+        registered within `live.node_url_memory_s` (a dead or drained node's pages carry on
+        through the others)."""
+        urls = await _mesh_urls()
+        context: NodeContext | None = app.extensions.get(EXTENSION)
+        if context is not None:
+            try:
+                urls += await context.live.registry.recent_urls()
+            except (RedisError, OSError) as error:
+                log.warning("webapp.nodes_unknown", extra={"error": str(error)})
+        return urls
+
     # The API answers pages of every node of the mesh (a page whose node died carries on
     # through another node): node/web/cors.py.
-    mesh_origins = MeshOrigins(_mesh_urls)
+    mesh_origins = MeshOrigins(_origin_urls)
 
     @app.before_request
     async def _cors_preflight() -> Response | None:

@@ -3,10 +3,13 @@
 A page is served by one node but must keep working when that node dies: it then calls the
 API of another node (a WebSocket ticket, the join, the ranking), which is a cross-origin
 request with an Authorization header, so the browser asks first (a preflight). Only the
-origins of the mesh's live nodes (this node's own URL and every node in the Redis
-registry) are answered; a foreign origin gets no CORS header at all, so its browser keeps
-the answer from it. No credentials (cookies) are involved: tokens travel in the header.
-Only `/api/` is concerned; pages, static files and /metrics stay same-origin.
+origins of the mesh's nodes are answered: this node's own URL, every node in the Redis
+registry, and every node registered within `live.node_url_memory_s` (its origin must outlive
+its record: the pages of a node that died, whose record expired or was reaped before they
+noticed, or of a drained one, call the others from that origin for the rest of the call). A
+foreign origin gets no CORS header at all, so its browser keeps the answer from it. No
+credentials (cookies) are involved: tokens travel in the header. Only `/api/` is concerned;
+pages, static files and /metrics stay same-origin.
 """
 
 from __future__ import annotations

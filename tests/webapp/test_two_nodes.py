@@ -25,12 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.relay]
 
 FRAMES = 60
 DECODE_LIMIT_S = 90.0
-# Loopback pings take ~1-5 ms; this puts the other node clearly farther away.
-FAR_MS = 150
+# Loopback pings take ~1-5 ms; this puts the other node clearly farther away, even on a
+# loaded machine (the client pings each node once: with 150 ms, a near node's ping held up
+# longer than that picked the far node, 2 in ~27 runs of test_failover beside busy loops).
+FAR_MS = 1000
 
 
 async def make_far(context: BrowserContext, node: LocalNode) -> None:
-    """Every GET /api/ping this context sends to `node` answers FAR_MS late."""
+    """Every GET /api/ping this context sends to `node` answers FAR_MS late (until
+    `make_near`)."""
 
     async def slow(route: Route) -> None:
         await asyncio.sleep(FAR_MS / 1000)
@@ -39,6 +42,11 @@ async def make_far(context: BrowserContext, node: LocalNode) -> None:
     # Each probe's URL carries a unique query (webapp/closest.js); a routed request has no
     # detailed Resource Timing, so the client times it whole, delay included.
     await context.route(f"{node.url}/api/ping?*", slow)
+
+
+async def make_near(context: BrowserContext, node: LocalNode) -> None:
+    """`node` answers this context's pings at once again."""
+    await context.unroute(f"{node.url}/api/ping?*")
 
 
 async def test_two_browsers_on_their_closest_nodes_meet_in_one_room(

@@ -5,11 +5,13 @@ opened."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from redis.asyncio import Redis
 
-from node.state.registry import NodeInfo, Registry
+from node.state import keys
+from node.state.registry import URL_MEMORY_S, NodeInfo, Registry
 from tests.conftest import Api, bearer
 
 # This node (settings.public_base_url in the fixtures) and node-2, as registered.
@@ -81,11 +83,48 @@ async def test_preflight_answers_mesh_origins_only(api: Api, redis: Redis) -> No
     assert "Access-Control-Allow-Origin" not in page.headers
 
 
-async def test_a_node_that_left_the_registry_is_no_longer_allowed(
+async def test_a_dead_node_s_pages_may_still_call_the_api(
     api: Api, redis: Redis, monkeypatch: Any
 ) -> None:
+    # The failover's own case (tests/webapp/test_failover.py[freeze] failed so under load):
+    # a frozen node's record expired, or Serf's failure removed it, or the reaper forgot it,
+    # before its page noticed and went to another node. The page still has that node's
+    # origin; its calls there must be answered, or the browser refuses every one, for good.
+    monkeypatch.setattr("node.web.cors.CACHE_S", 0.0)
+    await register_other(redis)
+    user = await api.user_token("alice")
+    await Registry(redis, NodeInfo("node-2", "far", OTHER, 0.0), ttl_s=60).remove("node-2")
+    live = await Registry(redis, NodeInfo("x", "near", OWN, 0.0), ttl_s=60).live()
+    assert "node-2" not in [info.name for info in live]
+    assert (await preflight(api, OTHER)).headers.get("Access-Control-Allow-Origin") == OTHER
+    response = await api.client.post("/api/sessions", headers={**bearer(user), "Origin": OTHER})
+    assert response.status_code == 201
+    assert response.headers.get("Access-Control-Allow-Origin") == OTHER
+    # A drained node (deregistered): the same for the pages it sent elsewhere.
+    third = "http://10.1.2.4:8080"
+    drained = Registry(redis, NodeInfo("node-3", "far", third, 0.0), ttl_s=60)
+    await drained.register()
+    await drained.deregister()
+    assert (await preflight(api, third)).headers.get("Access-Control-Allow-Origin") == third
+    assert "Access-Control-Allow-Origin" not in (await preflight(api, FOREIGN)).headers
+
+
+async def test_a_node_gone_longer_than_the_url_memory_is_no_longer_allowed(
+    api: Api, redis: Redis, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr("node.web.cors.CACHE_S", 0.0)
     await register_other(redis)
     assert "Access-Control-Allow-Origin" in (await preflight(api, OTHER)).headers
-    await Registry(redis, NodeInfo("node-2", "far", OTHER, 0.0), ttl_s=60).deregister()
-    monkeypatch.setattr("node.web.cors.CACHE_S", 0.0)
+    # node-2 left a day and a bit ago (`live.node_url_memory_s`, a day by default)
+    long_ago = time.time() - URL_MEMORY_S - 60
+    old = Registry(
+        redis, NodeInfo("node-2", "far", OTHER + "/", 0.0), ttl_s=60, clock=lambda: long_ago
+    )
+    await old.register()
+    await old.deregister()
     assert "Access-Control-Allow-Origin" not in (await preflight(api, OTHER)).headers
+    # and the next node to register drops it from the set
+    await Registry(
+        redis, NodeInfo("node-3", "far", "http://10.1.2.4:8080", 0.0), ttl_s=60
+    ).register()
+    assert await redis.zscore(keys.node_urls(), OTHER + "/") is None
