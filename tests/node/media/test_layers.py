@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -39,6 +39,9 @@ def vp8_payload(pid: int, tl0: int, keyframe: bool, start: bool, size: tuple[int
             + height.to_bytes(2, "little")
         )
     return descriptor + b"\x51\x02\x00\x33"
+
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,8 @@ def publish(frames: int, keyframes: list[set[int]], bases: list[tuple[int, int, 
     return out
 
 
-def shuffle(packets: list[Sent], swaps: list[tuple[int, int]]) -> list[Sent]:
-    """Reorder: each swap moves a packet up to 6 places later."""
+def shuffle(packets: list[P], swaps: list[tuple[int, int]]) -> list[P]:
+    """Reorder: each swap moves a packet up to 6 places later (test_temporal's too)."""
     order = list(packets)
     for position, distance in swaps:
         i = position % len(order)

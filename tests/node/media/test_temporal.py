@@ -29,6 +29,7 @@ from node.media.forward import (
 from node.media.session import MediaHub, Published, Subscription
 from node.state.hub import Connection
 from tests.node.media.test_allocation import RATES, Sink, Tap, Transceiver
+from tests.node.media.test_layers import shuffle
 
 #: L1T3's temporal pattern (what libvpx and Chromium send)
 TIDS = (0, 2, 1, 2)
@@ -176,15 +177,6 @@ def publish(
                 )
                 seqs[layer] += 1
     return out
-
-
-def shuffle(packets: list[Packet], swaps: list[tuple[int, int]]) -> list[Packet]:
-    order = list(packets)
-    for position, distance in swaps:
-        i = position % len(order)
-        j = min(len(order) - 1, i + distance)
-        order.insert(j, order.pop(i))
-    return order
 
 
 @dataclass(frozen=True)
