@@ -42,6 +42,7 @@ VOLATILE = (
     ":room-lookups:",
     f"{keys.PREFIX}:node:",
     keys.NODES,
+    keys.node_urls(),  # stamped by every heartbeat
     ":node-inbox:",
     ":loginlimit",
     ":signuplimit",
@@ -89,6 +90,8 @@ async def room_state(redis: Any) -> dict[str, Any]:
             state[key] = await redis.xrange(raw_key)
         elif kind == "set":
             state[key] = await redis.smembers(raw_key)
+        elif kind == "zset":
+            state[key] = await redis.zrange(raw_key, 0, -1, withscores=True)
         else:
             state[key] = await redis.get(raw_key)
     state["messages"] = [(m.id, m.text) for m in await Message.find_all().to_list()]
