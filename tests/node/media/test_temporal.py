@@ -29,7 +29,7 @@ from node.media.forward import (
 from node.media.session import MediaHub, Published, Subscription
 from node.state.hub import Connection
 from tests.node.media.test_allocation import RATES, Sink, Tap, Transceiver
-from tests.node.media.test_layers import shuffle
+from tests.node.media.test_layers import shuffle, unwrap
 
 #: L1T3's temporal pattern (what libvpx and Chromium send)
 TIDS = (0, 2, 1, 2)
@@ -222,15 +222,6 @@ def run(
             source = by_index[int.from_bytes(payload[-3:], "big")]
             emitted.append(Out(seq, ts, payload, source, 3 if wanted is None else wanted))
     return emitted
-
-
-def unwrap(values: list[int], mask: int) -> list[int]:
-    out = [values[0]]
-    half = (mask + 1) // 2
-    for value in values[1:]:
-        delta = (value - out[-1]) & mask
-        out.append(out[-1] + (delta if delta < half else delta - mask - 1))
-    return out
 
 
 layer_bases = st.tuples(
