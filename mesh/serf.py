@@ -159,6 +159,7 @@ class _Call:
 
 
 _END = object()
+_CLOSED = object()  # the subscription is over, but its records still arrive until _END
 T = TypeVar("T")
 
 
@@ -227,21 +228,27 @@ class EventStream(_Subscription[Event]):
 
 
 class QueryResults(_Subscription[QueryReply]):
+    """A query's acks and responses. Serf closes a query's channels at its deadline, a
+    moment before the agent's RPC stream sends `done`; in between, the stream's select
+    reads the closed channels' zero values in a busy loop (agent
+    ipc_query_response_stream.go), so hundreds to thousands of acks and responses from
+    "" with no payload can arrive last. The first of them means the query is over: the
+    iteration ends there and the rest are read and dropped until `done`."""
+
     command = "query"
 
     def parse(self, raw: Any) -> QueryReply | object:
         kind = raw.get("Type", "")
         if kind == "done":
             return _END
-        return QueryReply(kind, raw.get("From", ""), raw.get("Payload") or b"")
+        sender = raw.get("From", "")
+        if not sender:
+            return _CLOSED
+        return QueryReply(kind, sender, raw.get("Payload") or b"")
 
 
 _Handler = _Call | _Subscription[Any]
 _Consumer = Callable[[Any], None]
-
-
-def _drop(_body: Any) -> None:
-    return None
 
 
 def _unknown(_body: Any) -> None:  # marker: a body may or may not follow
@@ -441,14 +448,20 @@ class SerfClient:
                 return None
             return lambda body: self._on_record(handler, body)
         if seq in self._discard:
-            return _drop
+            return lambda body: self._drop_discarded(seq, body)
         log.warning("serf.unexpected_reply", extra={"seq": seq, "error": error})
         return _unknown
+
+    def _drop_discarded(self, seq: int, body: Any) -> None:
+        if isinstance(body, dict) and body.get("Type") == "done":
+            self._discard.discard(seq)  # a query's last record: nothing more comes for seq
 
     def _on_record(self, sub: _Subscription[Any], raw: Any) -> None:
         item = sub.parse(raw)
         if item is _END:
             self._handlers.pop(sub.seq, None)
+            sub.end()
+        elif item is _CLOSED:
             sub.end()
         elif sub.active:
             sub.queue.put_nowait(item)
@@ -522,11 +535,12 @@ class SerfClient:
         sub.end()
         if sub in self._streams:
             self._streams.remove(sub)
-        if self._handlers.pop(sub.seq, None) is None or not was_active:
-            return
-        self._discard.add(sub.seq)
-        with contextlib.suppress(SerfError):
-            await self.stop(sub.seq)
+        if self._handlers.pop(sub.seq, None) is None:
+            return  # its last record came already
+        self._discard.add(sub.seq)  # records may still arrive: read and dropped
+        if was_active:
+            with contextlib.suppress(SerfError):
+                await self.stop(sub.seq)
 
     # -- commands --------------------------------------------------------------------------
     async def members(self) -> list[Member]:

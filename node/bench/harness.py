@@ -1,18 +1,19 @@
 """How the HTTP benches (api, join) drive real node processes: a pooled client, closed-loop
 load until a deadline, a watch that aborts when a process dies, clean-up that a second Ctrl-C
 cannot cut short; and what several benches share: signing a user up, waiting for a relay
-between two nodes to close."""
+between two nodes to close, bounding a step that could hang (and saying where it hung)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from redis.asyncio import Redis
@@ -22,6 +23,10 @@ from node.bench.report import Phase
 from node.local.launch import LocalNode
 from node.relay.manager import read_relays
 from node.runtime.services import BackingServices
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REQUEST_TIMEOUT_S = 120.0
 
@@ -176,3 +181,34 @@ async def no_relay(redis: Redis, within_s: float, one: str = "node-1", two: str 
         if time.monotonic() > deadline:
             raise RuntimeError(f"the relay between {one} and {two} did not close")
         await asyncio.sleep(0.1)
+
+
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended: its chain of awaits, outermost first. (Task.get_stack
+    gives a suspended coroutine's own frame only, not what it awaits.)"""
+    where: list[str] = []
+    step: Any = task.get_coro()
+    while step is not None:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "ag_frame", None)
+        frame = frame or getattr(step, "gi_frame", None)
+        if frame is None:
+            break
+        where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        step = getattr(step, "cr_await", None) or getattr(step, "ag_await", None)
+        step = step or getattr(step, "gi_yieldfrom", None)
+    return f"{task.get_name()}: " + " > ".join(where)
+
+
+async def within(step: Coroutine[Any, Any, T], limit_s: float, what: str) -> T:
+    """`step`'s result, or TimeoutError after `limit_s`; then, before it is cancelled,
+    where every task waits is logged (event bench.stuck), so that a step that hangs in a
+    run nobody watches (CI) says where it hung."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=limit_s)
+    if done:
+        return task.result()
+    tasks = [awaiting(t) for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    log.error("bench.stuck", extra={"step": what, "limit_s": limit_s, "tasks": tasks})
+    task.cancel()
+    await asyncio.wait({task}, timeout=5.0)  # a cancel that hangs too is left behind
+    raise TimeoutError(f"{what}: not done within {limit_s:.0f} s")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import secrets
@@ -63,7 +64,7 @@ from aiortc import RTCPeerConnection
 from redis.asyncio import Redis
 
 from mesh.process import ServiceError
-from node.bench.harness import no_interrupts, no_relay, sign_up
+from node.bench.harness import no_interrupts, no_relay, sign_up, within
 from node.bench.report import (
     metric_sum,
     ms,
@@ -89,6 +90,12 @@ PATHS = ("loopback", "lossy")
 DEFAULT_SLOPE_TRACKS = (1, 4, 16)
 #: how long a trial waits for the previous relay to close
 NO_RELAY_S = 20.0
+# Bounds on steps that have hung once in CI (a 900 s test timeout, the loop idle): a step
+# past its bound logs where every task waits (bench.stuck) and fails (a trial) or is left
+# behind (a close), instead of hanging the run.
+TRIAL_LIMIT_S = 120.0
+CLOSE_LIMIT_S = 30.0
+CPU_PHASE_LIMIT_S = 2 * (NO_RELAY_S + 120.0)
 
 
 class SlopeProbe(Protocol):
@@ -284,28 +291,10 @@ async def _drive(
                 b_sock = await _join(http, node2.url, b_token, slug)
                 b = MediaPeer(b_sock, "B")
                 try:
-                    await b.start_publishing()
-                    b_id = b_sock.session_id
-                    await until(
-                        lambda: any(r.first_frame_at for r in a.from_(b_id, "video")),  # noqa: B023
-                        f"A to decode B (trial {trial + 1})",
-                    )
-                    first = min(
-                        r.first_frame_at or 0 for r in a.from_(b_id, "video") if r.first_frame_at
-                    )
-                    result.setup_ms.append((first - started) * 1000)
-                    await asyncio.sleep(0.6)  # one report period: both ends' figures
-                    ends = [await read_relays(redis, "node-1"), await read_relays(redis, "node-2")]
-                    one, two = ends[0].get("node-2", {}), ends[1].get("node-1", {})
-                    if one.get("setup_ms") is not None:
-                        result.link_setup_ms.append(float(one["setup_ms"]))
-                    for phase, value in (one.get("setup_phases_ms") or {}).items():
-                        result.phases_ms.setdefault(phase, []).append(float(value))
-                    result.signalling_bytes.append(
-                        int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
-                    )
-                    result.retries.append(int(await _retried(http, nodes) - retried))
-                except (AssertionError, RuntimeError, httpx.HTTPError) as error:
+                    what = f"relay bench trial {trial + 1}"
+                    trial_run = _trial(http, redis, nodes, a, b, started, retried, result)
+                    await within(trial_run, TRIAL_LIMIT_S, what)
+                except (AssertionError, RuntimeError, TimeoutError, httpx.HTTPError) as error:
                     result.failures += 1
                     say(
                         f"sfumesh bench relay: trial {trial + 1} failed: "
@@ -313,10 +302,10 @@ async def _drive(
                         err=True,
                     )
                 finally:
-                    await b.close()
-                    await b_sock.close()
+                    await _close(b, "B")
             if run.window_s > 0 and run.marginal_us is None:
-                await _cpu_phase(http, redis, nodes, run, a, b_token, slug)
+                cpu_phase = _cpu_phase(http, redis, nodes, run, a, b_token, slug)
+                await within(cpu_phase, CPU_PHASE_LIMIT_S + 2 * run.window_s, "relay bench CPU")
             result.message_bytes_max = max(
                 [
                     await _metric(http, node, "sfumesh_relay_signalling_message_bytes_max")
@@ -324,9 +313,49 @@ async def _drive(
                 ]
             )
         finally:
-            await a.close()
-            await a_sock.close()
+            await _close(a, "A")
             await redis.aclose()
+
+
+async def _trial(
+    http: httpx.AsyncClient,
+    redis: Redis,
+    nodes: list[LocalNode],
+    a: MediaPeer,
+    b: MediaPeer,
+    started: float,
+    retried: float,
+    result: CarrierRun,
+) -> None:
+    """One join of B on node-2, timed from `started` to A's first decoded frame of B."""
+    await b.start_publishing()
+    b_id = b.sock.session_id
+    await until(lambda: any(r.first_frame_at for r in a.from_(b_id, "video")), "A to decode B")
+    first = min(r.first_frame_at or 0 for r in a.from_(b_id, "video") if r.first_frame_at)
+    result.setup_ms.append((first - started) * 1000)
+    await asyncio.sleep(0.6)  # one report period: both ends' figures
+    ends = [await read_relays(redis, "node-1"), await read_relays(redis, "node-2")]
+    one, two = ends[0].get("node-2", {}), ends[1].get("node-1", {})
+    if one.get("setup_ms") is not None:
+        result.link_setup_ms.append(float(one["setup_ms"]))
+    for phase, value in (one.get("setup_phases_ms") or {}).items():
+        result.phases_ms.setdefault(phase, []).append(float(value))
+    result.signalling_bytes.append(
+        int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
+    )
+    result.retries.append(int(await _retried(http, nodes) - retried))
+
+
+async def _close(peer: MediaPeer, name: str) -> None:
+    """Close a participant and its socket; one that will not close is logged (where it
+    waits: bench.stuck) and left behind, so that the run goes on."""
+
+    async def both() -> None:
+        await peer.close()
+        await peer.sock.close()
+
+    with contextlib.suppress(TimeoutError):
+        await within(both(), CLOSE_LIMIT_S, f"closing {name}")
 
 
 async def _idle_cpu(nodes: list[LocalNode], run: RelayRun) -> None:
@@ -387,8 +416,7 @@ async def _cpu_phase(
             if not (a.decodes(b_id) and b.decodes(a_id)):
                 raise RuntimeError(f"A and B stopped decoding each other ({label})")
         finally:
-            await b.close()
-            await b_sock.close()
+            await _close(b, "B")
     relayed, local = windows["relayed"], windows["local"]
     crossing = sum(sent for _, sent, _ in relayed.values())
     for name, (cpu, sent, got) in relayed.items():
