@@ -229,7 +229,8 @@ def simulcast_offer(sdp: str, rids: Sequence[str] = RIDS) -> str:
 class LayeredPublisher(PublisherMarks):
     """Sends the layers' pre-encoded loops: as three simulcast encodings, or (`ladder`) as
     one encoding that follows REMB. Never encodes. Marks report like the forward bench's
-    `Publisher` (plus `layers`)."""
+    `Publisher` (plus `layers`). With `all_layers` every encoding is sent whatever the
+    node's `layers` messages say (they are counted in `layers_heard`, not obeyed)."""
 
     def __init__(
         self,
@@ -237,6 +238,7 @@ class LayeredPublisher(PublisherMarks):
         signalling: Signalling,
         *,
         ladder: bool = False,
+        all_layers: bool = False,
     ) -> None:
         if len(layers) != len(LAYERS):
             raise ValueError(f"{len(LAYERS)} layers, lowest first")
@@ -267,7 +269,8 @@ class LayeredPublisher(PublisherMarks):
             if not isinstance(signalling, SfumeshSignalling):
                 raise ValueError("only sfumesh's signalling carries a simulcast offer")
             signalling.offer_filter = simulcast_offer
-            signalling.on_layers = self._layers_message
+            signalling.on_layers = self._layers_heard if all_layers else self._layers_message
+        self.layers_heard = 0
         #: the encodings sent (the node switches unwatched ones off, as in a browser)
         self.active = set(range(len(LAYERS)))
         self.audio = adapter.tap_sender(audio.sender)
@@ -278,6 +281,9 @@ class LayeredPublisher(PublisherMarks):
         self.layer_counts = [[0, 0] for _ in LAYERS]  # packets, bytes
         self.remb: list[tuple[float, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _layers_heard(self, mid: str, active: list[str]) -> None:
+        self.layers_heard += 1
 
     def _layers_message(self, mid: str, active: list[str]) -> None:
         """The node's `layers`: send only these encodings (a browser's `active: false`);
@@ -456,7 +462,9 @@ async def publisher_main(
     """The `simulcast-publisher` process (see the module docstring)."""
     layers = [bench_media.load(path) for path in media_paths]
     reader = await stdin_reader()
-    publisher = LayeredPublisher(layers, signalling_from_spec(spec, "publisher"), ladder=ladder)
+    signalling = signalling_from_spec(spec, "publisher")
+    all_layers = bool(spec.get("all_layers"))
+    publisher = LayeredPublisher(layers, signalling, ladder=ladder, all_layers=all_layers)
     try:
         try:
             await publisher.start(limit_s)
