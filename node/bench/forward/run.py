@@ -68,10 +68,9 @@ DEFAULT_SUBSCRIBERS: Final = (1, 4, 16, 32)
 SIMULCAST_SYSTEM: Final = "sfumesh-simulcast"
 #: compared against Janus with one event loop (single-encoding publisher, same subscribers)
 SIMULCAST_REFERENCE: Final = "janus-event-loops-1"
-#: the simulcast system's warm-up is at least this: its subscribers start on a low layer
-#: and climb to their tiles' layers (keyframes, the estimate settling: the node's SETTLE_S),
-#: work that belongs to joining, not to forwarding (K = 1, 8, window 6 s, machine busy:
-#: 48.8 us per forwarded packet after 2 s of warm-up, 33.2 us after 10 s, two runs)
+#: the simulcast system's warm-up is at least this: each subscriber first switches to its
+#: tile's layer at that layer's next keyframe (work that belongs to joining, not to
+#: forwarding), which the window should not hold
 SIMULCAST_WARMUP_MIN_S: Final = 10.0
 DEFAULT_ROUNDS: Final = 2
 DEFAULT_WINDOW_S: Final = 10.0

@@ -102,6 +102,12 @@ class SfumeshSystem:
         return self._node.process.pid
 
     @property
+    def service_pids(self) -> list[int]:
+        """The embedded Redis's and store's PIDs (none when not running)."""
+        children = [] if self._services is None else self._services.children
+        return [child.pid for child in children if child.pid is not None]
+
+    @property
     def url(self) -> str:
         if self._node is None:
             raise SfumeshError("the sfumesh node is not running")
