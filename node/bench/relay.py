@@ -347,15 +347,13 @@ async def _trial(
 
 
 async def _close(peer: MediaPeer, name: str) -> None:
-    """Close a participant and its socket; one that will not close is logged (where it
+    """Close a participant's connections, then its socket (which ends its session: the next
+    trial waits for the relay to close); either that will not close is logged (where it
     waits: bench.stuck) and left behind, so that the run goes on."""
-
-    async def both() -> None:
-        await peer.close()
-        await peer.sock.close()
-
     with contextlib.suppress(TimeoutError):
-        await within(both(), CLOSE_LIMIT_S, f"closing {name}")
+        await within(peer.close(), CLOSE_LIMIT_S, f"closing {name}'s connections")
+    with contextlib.suppress(TimeoutError):
+        await within(peer.sock.close(), CLOSE_LIMIT_S, f"closing {name}'s socket")
 
 
 async def _idle_cpu(nodes: list[LocalNode], run: RelayRun) -> None:
