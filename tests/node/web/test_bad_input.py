@@ -282,13 +282,28 @@ async def _deadlines(redis: Redis) -> dict[Any, float]:
 def _lapsed(
     before: tuple[Any, ...], after: tuple[Any, ...], deadlines: dict[Any, float]
 ) -> tuple[Any, ...]:
-    """`before` without the keys that expired on their own since (gone now, and due)."""
+    """`before` without the keys that expired on their own since (gone now, and due), and
+    without the seat holds that ran out meanwhile (a hold past its `until_ms` is pruned by
+    the node's own reads of the room, which is no write of the case's)."""
     due = time.monotonic() + 0.5
+    due_ms = time.time() * 1000 + 500
     state = {
         key: value
         for key, value in before[3].items()
         if key in after[3] or deadlines.get(key, float("inf")) > due
     }
+    for key, value in list(state.items()):
+        if key.endswith(b":seat-holds") and isinstance(value, dict):
+            now_held = after[3].get(key) or {}
+            held = {
+                session: hold
+                for session, hold in value.items()
+                if session in now_held or float(json.loads(hold)["until_ms"]) > due_ms
+            }
+            if held or key in after[3]:
+                state[key] = held
+            else:
+                del state[key]  # its last hold ran out: the hash went with it
     return (*before[:3], state)
 
 
