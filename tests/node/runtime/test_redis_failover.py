@@ -31,6 +31,9 @@ pytestmark = pytest.mark.slow
 
 ROOM = "ha"
 FAILOVERS = 2
+#: the pages show the room right again within this after a failover: a node's repair runs
+#: at its first heartbeat (every node TTL / 3, 10 s by default) after the server changed
+REPAIR_WITHIN_S = 20.0
 
 
 def _primary_has_replica(group: SentinelGroup) -> bool:
@@ -133,18 +136,34 @@ async def test_primary_failover_mid_call_loses_and_repeats_nothing(
             marker = f"after-failover-{failover}"
             assert (await c.request("chat", text=marker))["type"] == "ack"
             sent.append(marker)
-            for sock, other, other_user in ((a, b, bob), (b, a, alice)):
+            for sock in (a, b):
                 await sock.wait_for("chat", text=marker)
-                model = PresenceModel()
-                for message in list(sock.messages):
-                    model.apply(message)
-                assert model.of_user(carol.user_id) == {c.session_id}, failover
-                assert model.of_user(other_user.user_id) == {other.session_id}, failover
-            raw = await state.hgetall(keys.room_members(ROOM))
-            members = sorted(
-                (m.session_id, m.state) for m in (Membership.decode(v) for v in raw.values())
-            )
-            assert members == sorted((s.session_id, "active") for s in (a, b, c)), failover
+
+            async def presence_problems(failover: int = failover) -> list[Any]:
+                problems: list[Any] = []
+                for sock, other, other_user in ((a, b, bob), (b, a, alice)):
+                    model = PresenceModel()
+                    for message in list(sock.messages):
+                        model.apply(message)
+                    if model.of_user(carol.user_id) != {c.session_id}:
+                        problems.append((failover, "carol", model.of_user(carol.user_id)))
+                    if model.of_user(other_user.user_id) != {other.session_id}:
+                        problems.append((failover, "other", model.of_user(other_user.user_id)))
+                raw = await state.hgetall(keys.room_members(ROOM))
+                members = sorted(
+                    (m.session_id, m.state) for m in (Membership.decode(v) for v in raw.values())
+                )
+                if members != sorted((s.session_id, "active") for s in (a, b, c)):
+                    problems.append((failover, "members", members))
+                return problems
+
+            # A refresh whose end the failover lost leaves a ghost until its node's repair
+            # (at its next heartbeat after the server changed, `LiveNode._end_ghosts`) has
+            # ended it: the pages must come right within a few beats, not at once.
+            deadline = time.monotonic() + REPAIR_WITHIN_S
+            while problems := await presence_problems():
+                assert time.monotonic() < deadline, problems
+                await asyncio.sleep(0.2)
 
         # Every chat reached both live pages exactly once, in one order, and the history
         # holds each exactly once.
