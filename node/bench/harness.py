@@ -194,8 +194,11 @@ def awaiting(task: asyncio.Task[Any]) -> str:
         if frame is None:
             break
         where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-        step = getattr(step, "cr_await", None) or getattr(step, "ag_await", None)
-        step = step or getattr(step, "gi_yieldfrom", None)
+        step = (
+            getattr(step, "cr_await", None)
+            or getattr(step, "ag_await", None)
+            or getattr(step, "gi_yieldfrom", None)
+        )
     return f"{task.get_name()}: " + " > ".join(where)
 
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 ROOM = "ha"
 FAILOVERS = 2
 #: the pages show the room right again within this after a failover: a node's repair runs
-#: at its first heartbeat (every node TTL / 3, 10 s by default) after the server changed
+#: at its first heartbeat after the server changed (beats every node TTL / 3: 3.3 s by default)
 REPAIR_WITHIN_S = 20.0
 
 
