@@ -55,8 +55,8 @@ PING_INTERVAL_S: Final = 15.0
 #: the node sends it the quarter, half or full size encoding
 SIMULCAST_TILES: Final = ((320, 180), (640, 360), (1280, 720))
 REQUEST_TIMEOUT_S: Final = 30.0
-#: The simulcast publisher sends all three encodings at every K, hearing but not obeying the
-#: node's `layers` (which switch unwatched encodings off, as in a browser). Obeying, K = 1
+#: The simulcast publisher sends all three encodings at every K, not obeying the node's
+#: `layers` (which switch unwatched encodings off, as in a browser). Obeying, K = 1
 #: (one small tile) ingests the smallest encoding only and K >= 3 all three (~220 packets/s
 #: more; at the ingest fit's ~88 us per ingested packet that is ~20 us per forwarded packet
 #: of a K = 1, 8 fit): the slope is meant to be the forwarding, with the same ingest in

@@ -230,7 +230,7 @@ class LayeredPublisher(PublisherMarks):
     """Sends the layers' pre-encoded loops: as three simulcast encodings, or (`ladder`) as
     one encoding that follows REMB. Never encodes. Marks report like the forward bench's
     `Publisher` (plus `layers`). With `all_layers` every encoding is sent whatever the
-    node's `layers` messages say (they are counted in `layers_heard`, not obeyed)."""
+    node's `layers` messages say (they are not listened to)."""
 
     def __init__(
         self,
@@ -269,8 +269,7 @@ class LayeredPublisher(PublisherMarks):
             if not isinstance(signalling, SfumeshSignalling):
                 raise ValueError("only sfumesh's signalling carries a simulcast offer")
             signalling.offer_filter = simulcast_offer
-            signalling.on_layers = self._layers_heard if all_layers else self._layers_message
-        self.layers_heard = 0
+            signalling.on_layers = None if all_layers else self._layers_message
         #: the encodings sent (the node switches unwatched ones off, as in a browser)
         self.active = set(range(len(LAYERS)))
         self.audio = adapter.tap_sender(audio.sender)
@@ -281,9 +280,6 @@ class LayeredPublisher(PublisherMarks):
         self.layer_counts = [[0, 0] for _ in LAYERS]  # packets, bytes
         self.remb: list[tuple[float, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
-
-    def _layers_heard(self, mid: str, active: list[str]) -> None:
-        self.layers_heard += 1
 
     def _layers_message(self, mid: str, active: list[str]) -> None:
         """The node's `layers`: send only these encodings (a browser's `active: false`);
