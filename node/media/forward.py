@@ -388,6 +388,10 @@ class Forwarder(Generic[K]):
         self._waiting: set[K] = set()
         self._targets: tuple[tuple[K, SubscriberRewriter], ...] = ()
         self._layered: tuple[tuple[K, LayerRewriter], ...] = ()
+        #: simulcast layer -> the subscribers whose rewriter takes its packets (None: to be
+        #: rebuilt, after a subscriber came, went, switched or changed its target): a packet
+        #: of a layer is looked at only by those, not by every subscriber of the track
+        self._by_layer: dict[int, tuple[tuple[K, LayerRewriter], ...]] | None = None
         #: each simulcast layer's latest packets (seq, ts, marker, payload), shared by every
         #: subscriber's rewriter: a switch to a layer also sends what of its keyframe arrived
         #: before the keyframe's start, even before the subscriber asked for that layer
@@ -440,11 +444,15 @@ class Forwarder(Generic[K]):
         self._rewriters[key] = rewriter
         if self._is_keyframe_start is not None and isinstance(rewriter, SubscriberRewriter):
             self._waiting.add(key)
+        if isinstance(rewriter, LayerRewriter):
+            rewriter.on_change = self._layers_changed
         self._rebuild()
 
     def remove(self, key: K) -> SubscriberRewriter | LayerRewriter | None:
         rewriter = self._rewriters.pop(key, None)
         self._waiting.discard(key)
+        if isinstance(rewriter, LayerRewriter):
+            rewriter.on_change = None
         self._rebuild()
         return rewriter
 
@@ -468,6 +476,21 @@ class Forwarder(Generic[K]):
             for key, rewriter in self._rewriters.items()
             if isinstance(rewriter, LayerRewriter)
         )
+        self._by_layer = None
+
+    def _layers_changed(self) -> None:
+        self._by_layer = None
+
+    def layer_subscribers(self, layer: int) -> tuple[tuple[K, LayerRewriter], ...]:
+        """The simulcast subscribers (and their rewriters) a packet of `layer` goes to."""
+        index = self._by_layer
+        if index is None:
+            grouped: dict[int, list[tuple[K, LayerRewriter]]] = {}
+            for key, rewriter in self._layered:
+                for taken in rewriter.layers_taken():
+                    grouped.setdefault(taken, []).append((key, rewriter))
+            index = self._by_layer = {taken: tuple(pairs) for taken, pairs in grouped.items()}
+        return index.get(layer, ())
 
     def admit(self, packet: RtpPacket) -> tuple[tuple[K, SubscriberRewriter], ...]:
         """Count `packet` in, release subscribers waiting for a keyframe if it starts one;
@@ -528,7 +551,7 @@ class Forwarder(Generic[K]):
             recent = self._layer_recent[layer] = deque(maxlen=LayerRewriter.PENDING)
         recent.append((seq, ts, marker, payload))
         sent = 0
-        for sink, rewriter in self._layered:
+        for sink, rewriter in self.layer_subscribers(layer):
             for out_seq, out_ts, out_marker, out_payload in rewriter.rewrite(
                 layer, seq, ts, marker, payload, keyframe, now, recent
             ):
@@ -859,6 +882,7 @@ class _Segment:
     __slots__ = (
         "ext_first",
         "ext_max",
+        "late_since",
         "layer",
         "pid_offset",
         "seq_offset",
@@ -873,6 +897,8 @@ class _Segment:
         self.pid_offset = 0
         self.tl0_offset = 0
         self.temporal: TemporalFilter | None = None
+        #: retired: when a packet of its layer first came past it (see `LayerRewriter.LATE_S`)
+        self.late_since: float | None = None
 
     def ext(self, seq: int) -> int:
         delta = (seq - self.ext_max) & SEQ_MASK
@@ -898,6 +924,10 @@ class LayerRewriter:
 
     PENDING: Final = 32
     RETIRED: Final = 3
+    #: a retired stretch takes late packets of its layer (reordered, or resent by the
+    #: publisher after the node's NACK) for this long after its layer's packets first came
+    #: past it, then goes: its layer's packets are no longer looked at for this subscriber
+    LATE_S: Final = 2.0
 
     def __init__(
         self,
@@ -930,6 +960,8 @@ class LayerRewriter:
         self.switches = 0
         #: the highest VP8 temporal layer wanted (None: all of them; see `TemporalFilter`)
         self.temporal_target: int | None = None
+        #: called when `layers_taken` changes (the `Forwarder` re-indexes its subscribers)
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def current(self) -> int | None:
@@ -939,6 +971,21 @@ class LayerRewriter:
     def waiting(self) -> bool:
         """Whether the stream waits for a keyframe of its target."""
         return self.target is not None and self.current != self.target
+
+    def layers_taken(self) -> set[int]:
+        """The layers whose packets `rewrite` may use: the target, the current layer and
+        the retired stretches' (for their late packets). Packets of any other layer give
+        nothing and change nothing."""
+        taken = {old.layer for old in self._retired}
+        if self.target is not None:
+            taken.add(self.target)
+        if self._segment is not None:
+            taken.add(self._segment.layer)
+        return taken
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _out(
         self,
@@ -1011,6 +1058,12 @@ class LayerRewriter:
         self._retired = [old for old, _ in kept]
         self._retired_ts = [ts_offset for _, ts_offset in kept]
         self._segment = None
+        self._changed()
+
+    def _drop_retired(self, index: int) -> None:
+        del self._retired[index]
+        del self._retired_ts[index]
+        self._changed()
 
     def _switch(self, layer: int, seq: int, ts: int, payload: bytes, now: float) -> None:
         self._retire(layer)
@@ -1029,6 +1082,7 @@ class LayerRewriter:
         self._segment = segment
         if not first:
             self.switches += 1
+        self._changed()
 
     def rewrite(
         self,
@@ -1055,12 +1109,16 @@ class LayerRewriter:
             emitted = self._out(segment, self._ts_offset, ext, ts, marker, payload, keyframe_start)
             self._remember(ext, emitted, now)
             return [] if emitted is None else [emitted]
-        for old, ts_offset in zip(self._retired, self._retired_ts, strict=True):
+        for index, (old, ts_offset) in enumerate(zip(self._retired, self._retired_ts, strict=True)):
             if layer == old.layer:
                 ext = old.ext(seq)
                 if old.ext_first <= ext <= old.ext_max:
                     late = self._out(old, ts_offset, ext, ts, marker, payload)
                     return [] if late is None else [late]
+                if old.late_since is None:
+                    old.late_since = now
+                elif now - old.late_since > self.LATE_S:
+                    self._drop_retired(index)
                 break
         if layer != self.target:
             return []
@@ -1093,7 +1151,10 @@ class LayerRewriter:
             self._pending.clear()
         if layer is None:
             self._retire(None)
+        changed = layer != self.target
         self.target = layer
+        if changed:
+            self._changed()
 
     def set_temporal_target(self, tid: int | None) -> None:
         """The highest VP8 temporal layer wanted from now on (None: all). Taken at the next
