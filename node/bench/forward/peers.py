@@ -751,14 +751,18 @@ async def subscribers_main(
     streams: int | None = None,
 ) -> int:
     """`count` subscribers numbered from `first`; with `channels`, subscriber number n
-    subscribes on channel n (ingest runs), else all to the spec's publisher(s). With
+    subscribes on channel n modulo the spec's channels (ingest runs: n; the forward bench's
+    Janus layers system: the layer of tile n), else all to the spec's publisher(s). With
     `streams`, each counts every received track apart and is ready once that many flow (a
     room of several publishers: `sfumesh bench relay`'s track counts)."""
     reader = await stdin_reader()
     subscribers: list[Subscriber] = []
     for n in range(count):
         signalling = signalling_from_spec(
-            channel_spec(spec, first + n) if channels else spec, "subscriber"
+            channel_spec(spec, (first + n) % max(1, len(spec.get("channels") or [])))
+            if channels
+            else spec,
+            "subscriber",
         )
         subscribers.append(
             Subscriber(first + n, signalling)
