@@ -106,6 +106,15 @@ def shuffle(packets: list[P], swaps: list[tuple[int, int]]) -> list[P]:
 layer_bases = st.tuples(
     st.integers(0, SEQ_MASK), st.integers(0, TS_MASK), st.integers(0, 0x7FFF), st.integers(0, 255)
 )
+#: a `publish` of up to 40 frames (the three layers' keyframes beyond frame 0's, their
+#: numbering bases), reordered (`shuffle`) and some packets lost: `@given(**published, ...)`
+published = {
+    "frames": st.integers(10, 40),
+    "keyframes": st.lists(st.sets(st.integers(1, 39), max_size=6), min_size=3, max_size=3),
+    "bases": st.lists(layer_bases, min_size=3, max_size=3),
+    "swaps": st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 6)), max_size=30),
+    "losses": st.sets(st.integers(0, 10_000), max_size=8),
+}
 
 
 def run(
@@ -157,11 +166,7 @@ def unwrap(values: list[int], mask: int) -> list[int]:
     first=0,
 )
 @given(
-    frames=st.integers(10, 40),
-    keyframes=st.lists(st.sets(st.integers(1, 39), max_size=6), min_size=3, max_size=3),
-    bases=st.lists(layer_bases, min_size=3, max_size=3),
-    swaps=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 6)), max_size=30),
-    losses=st.sets(st.integers(0, 10_000), max_size=8),
+    **published,
     switches=st.dictionaries(
         st.integers(0, 300), st.one_of(st.none(), st.integers(0, 2)), max_size=6
     ),
