@@ -106,6 +106,7 @@ def _bench_forward(args: argparse.Namespace) -> int:
             if args.ingest_systems
             else None
         ),
+        plot_path=args.plot,
     )
 
 
@@ -344,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ingest-systems",
         help="forward: systems of the ingest fit (default sfumesh,janus-event-loops-1; Janus "
         "only when node.bench.forward.janus is there)",
+    )
+    forward.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="forward: also draw every window's CPU against its packets/s, with the fits (PNG)",
     )
     forward.add_argument(
         "--max-mediarelay",

@@ -1149,9 +1149,11 @@ def run_forward_bench(
     workdir: Path | None = None,
     publishers: Sequence[int] = DEFAULT_PUBLISHERS,
     ingest_systems: Sequence[str] | None = None,
+    plot_path: Path | None = None,
 ) -> int:
     """`sfumesh bench forward`: 0 when every run completed, 1 when one failed, 2 on bad
-    arguments or a missing system. Re-executes itself in a private network namespace."""
+    arguments or a missing system. Re-executes itself in a private network namespace.
+    `plot_path`: also draw the windows and fits there (PNG, `node.bench.forward.plot`)."""
     chosen = list(systems) if systems else None
     if chosen is None:
         chosen = [s for s in SYSTEM_NAMES if not s.startswith("janus") or janus_module_available()]
@@ -1227,6 +1229,11 @@ def run_forward_bench(
     if layered & set(config.systems):
         figures["simulcast"] = simulcast_comparison(windows)
         print_simulcast(figures["simulcast"])
+    if plot_path is not None:
+        from node.bench.forward.plot import write_plot
+
+        if not write_plot(plot_path, windows):
+            return 1
     if json_path is not None and not write_report(json_path, figures):
         return 1
     return 1 if any(not w.completed for w in windows) else 0

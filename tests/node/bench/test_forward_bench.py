@@ -352,10 +352,13 @@ def test_simulcast_run_compares_with_janus_one_event_loop(
         str(out),
         "--workdir",
         str(tmp_path / "work"),
+        "--plot",
+        str(tmp_path / "forward.png"),
     ]
     code = main(argv)
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
+    assert (tmp_path / "forward.png").read_bytes().startswith(b"\x89PNG")
     figures = json.loads(out.read_text())
     rows = {(r["system"], r["subscribers"]): r for r in figures["results"]}
     assert set(rows) == {(s, k) for s in systems for k in (1, 3)}
@@ -386,3 +389,24 @@ def test_simulcast_run_compares_with_janus_one_event_loop(
     assert isinstance(simulcast["simulcast_over_janus_layers"], float), simulcast
     assert "simulcast <= Janus event_loops=1" in printed.out
     assert "the same layers as plain feeds" in printed.out
+
+
+def test_the_plot_draws_a_panel_per_kind_of_window(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from node.bench.forward.plot import write_plot
+
+    fanout = [
+        _window(system, k, base + per * k, 200 * k)
+        for system, base, per in (("sfumesh", 0.03, 0.005), ("janus", 0.02, 0.003))
+        for k in (1, 4, 8)
+    ]
+    ingest = [_ingest("sfumesh", p, 0.02 + 0.01 * p, 200 * p) for p in (1, 2, 4)]
+    one, two = tmp_path / "fanout.png", tmp_path / "both.png"
+    assert write_plot(one, [*fanout, _window("sfumesh", 16, 0.2, 3200, kept_up=False)])
+    assert write_plot(two, [*fanout, *ingest])
+    with Image.open(one) as single, Image.open(two) as double:
+        assert single.format == double.format == "PNG"
+        # the ingest windows get a panel of their own, beside the fan-out one
+        assert double.width > 1.6 * single.width and double.height == single.height
+    assert not write_plot(tmp_path / "missing" / "dir" / "x.png", fanout)
