@@ -333,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forward.add_argument(
         "--systems",
-        help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1 "
-        "(default: all; Janus only when node.bench.forward.janus is there)",
+        help="forward: comma-separated of sfumesh, mediarelay, janus, janus-event-loops-1, "
+        "sfumesh-simulcast, janus-layers-event-loops-1 (default: all; Janus only when "
+        "node.bench.forward.janus is there)",
     )
     forward.add_argument(
         "--publishers",
