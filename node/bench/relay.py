@@ -262,6 +262,18 @@ async def _retried(http: httpx.AsyncClient, nodes: list[LocalNode]) -> float:
     )
 
 
+@dataclass
+class _Carrier:
+    """What a carrier's trials and CPU phase share: the two nodes and the clients that
+    reach them, participant A (who stays on node-1), and where the figures go."""
+
+    http: httpx.AsyncClient
+    redis: Redis
+    nodes: list[LocalNode]
+    a: MediaPeer
+    result: CarrierRun
+
+
 async def _drive(
     nodes: list[LocalNode], services: BackingServices, run: RelayRun, result: CarrierRun
 ) -> None:
@@ -283,6 +295,7 @@ async def _drive(
         a_sock = await _join(http, node1.url, a_token, slug)
         a = MediaPeer(a_sock, "A")
         await a.start_publishing()
+        carrier = _Carrier(http, redis, nodes, a, result)
         try:
             for trial in range(run.trials):
                 await no_relay(redis, NO_RELAY_S)
@@ -292,7 +305,7 @@ async def _drive(
                 b = MediaPeer(b_sock, "B")
                 try:
                     what = f"relay bench trial {trial + 1}"
-                    trial_run = _trial(http, redis, nodes, a, b, started, retried, result)
+                    trial_run = _trial(carrier, b, started, retried)
                     await within(trial_run, TRIAL_LIMIT_S, what)
                 except (AssertionError, RuntimeError, TimeoutError, httpx.HTTPError) as error:
                     result.failures += 1
@@ -304,7 +317,7 @@ async def _drive(
                 finally:
                     await _close(b, "B")
             if run.window_s > 0 and run.marginal_us is None:
-                cpu_phase = _cpu_phase(http, redis, nodes, run, a, b_token, slug)
+                cpu_phase = _cpu_phase(carrier, run, b_token, slug)
                 await within(cpu_phase, CPU_PHASE_LIMIT_S + 2 * run.window_s, "relay bench CPU")
             result.message_bytes_max = max(
                 [
@@ -317,17 +330,9 @@ async def _drive(
             await redis.aclose()
 
 
-async def _trial(
-    http: httpx.AsyncClient,
-    redis: Redis,
-    nodes: list[LocalNode],
-    a: MediaPeer,
-    b: MediaPeer,
-    started: float,
-    retried: float,
-    result: CarrierRun,
-) -> None:
+async def _trial(carrier: _Carrier, b: MediaPeer, started: float, retried: float) -> None:
     """One join of B on node-2, timed from `started` to A's first decoded frame of B."""
+    a, redis, result = carrier.a, carrier.redis, carrier.result
     await b.start_publishing()
     b_id = b.sock.session_id
     await until(lambda: any(r.first_frame_at for r in a.from_(b_id, "video")), "A to decode B")
@@ -343,7 +348,7 @@ async def _trial(
     result.signalling_bytes.append(
         int(one.get("signalling_bytes", 0)) + int(two.get("signalling_bytes", 0))
     )
-    result.retries.append(int(await _retried(http, nodes) - retried))
+    result.retries.append(int(await _retried(carrier.http, carrier.nodes) - retried))
 
 
 async def _close(peer: MediaPeer, name: str) -> None:
@@ -389,16 +394,9 @@ async def _window(
     }
 
 
-async def _cpu_phase(
-    http: httpx.AsyncClient,
-    redis: Redis,
-    nodes: list[LocalNode],
-    run: RelayRun,
-    a: MediaPeer,
-    b_token: str,
-    slug: str,
-) -> None:
+async def _cpu_phase(carrier: _Carrier, run: RelayRun, b_token: str, slug: str) -> None:
     """The same two participants, first on two nodes (relayed), then both on node-1."""
+    http, redis, nodes, a = carrier.http, carrier.redis, carrier.nodes, carrier.a
     a_id = a.sock.session_id
     windows: dict[str, dict[str, tuple[float, float, float]]] = {}
     for label, node in (("relayed", nodes[1]), ("local", nodes[0])):
