@@ -683,10 +683,9 @@ class Runner:
                 window.failed_connections += 1 if report["failed"] else 0
                 received = [(int(ts), float(t)) for ts, t in report["frames"]]
                 frames_received += len(received)
-                channel = int(report["number"]) % len(published_by_channel) if by_channel else 0
-                published = (
-                    published_by_channel[channel] if channel < len(published_by_channel) else []
-                )
+                channels = len(published_by_channel)
+                channel = int(report["number"]) % channels if by_channel and channels else 0
+                published = published_by_channel[channel] if channel < channels else []
                 matched = frame_latencies(published, received)
                 if matched is None:
                     window.unaligned += 1
