@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.bench.forward.run import Window, fit_line
+from node.bench.forward.run import Window, packet_fit
 from node.bench.report import plot as report_plot
 
 
@@ -26,7 +26,7 @@ def write_plot(path: Path, windows: Sequence[Window]) -> bool:
 
     def draw(axes: Any) -> None:
         for axis, kind in zip(axes[0], kinds, strict=True):
-            _panel(axis, kind, [w for w in windows if w.kind == kind and w.kept_up])
+            _panel(axis, kind, windows)
 
     return report_plot(
         path,
@@ -37,11 +37,12 @@ def write_plot(path: Path, windows: Sequence[Window]) -> bool:
     )
 
 
-def _panel(axis: Any, kind: str, used: Sequence[Window]) -> None:
+def _panel(axis: Any, kind: str, windows: Sequence[Window]) -> None:
+    used = [w for w in windows if w.kind == kind and w.kept_up]
     for system in sorted({w.system for w in used}):
         mine = [w for w in used if w.system == system]
         xs = [w.packets_per_s for w in mine]
-        fit = fit_line(xs, [w.cpu_us_per_s for w in mine])
+        fit = packet_fit(windows, system, kind)
         label = system if fit is None else f"{system}: {fit.slope:.1f} us/packet"
         points = axis.plot(xs, [w.cpu_pct for w in mine], "o", label=label, alpha=0.8)
         if fit is not None:

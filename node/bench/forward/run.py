@@ -298,6 +298,12 @@ class Window:
         return self.frames_received / self.publisher_frames
 
     @property
+    def by_channel(self) -> bool:
+        """Whether subscriber n takes channel n (modulo the channels) rather than every
+        subscriber the one publisher: ingest runs, and SIMULCAST_JANUS_LAYERS's feeds."""
+        return self.kind == "ingest" or self.system == SIMULCAST_JANUS_LAYERS
+
+    @property
     def kept_up(self) -> bool:
         delivery = self.frame_delivery
         return self.completed and delivery is not None and delivery >= KEPT_UP
@@ -448,9 +454,7 @@ def make_system(name: str, address: str, workdir: Path, channels: int = 1) -> Sy
     if name == SIMULCAST_JANUS_LAYERS:
         from node.bench.forward.simulcast import LAYERS
 
-        janus_layers = importlib.import_module(JANUS_MODULE)
-        layered: System = janus_layers.JanusSystem(1, address, workdir, channels=len(LAYERS))
-        return layered
+        return make_system(SIMULCAST_REFERENCE, address, workdir, channels=len(LAYERS))
     if name == "janus" or name.startswith("janus-event-loops-"):
         janus = importlib.import_module(JANUS_MODULE)
         loops = None if name == "janus" else int(name.rsplit("-", 1)[1])
@@ -572,11 +576,9 @@ class Runner:
     ) -> None:
         config = self.config
         k = window.subscribers
-        ingest = window.kind == "ingest"
         timeout = config.setup_timeout(k)
         spec = system.spec()
         publishers: list[ClientProcess] = []
-        by_channel = ingest or window.system == SIMULCAST_JANUS_LAYERS
         for number, argv in enumerate(self._publishers_argv(window, spec, timeout)):
             label = "publisher" if number == 0 else f"publisher-{number}"
             process = ClientProcess(label, argv, workdir / f"{label}.log")
@@ -594,7 +596,7 @@ class Runner:
                 str(count),
                 "--first",
                 str(first),
-                *(["--channels"] if by_channel else []),
+                *(["--channels"] if window.by_channel else []),
             ]
             first += count
             group = ClientProcess(f"subscribers-{number}", argv, workdir / f"subs-{number}.log")
@@ -662,8 +664,6 @@ class Runner:
             window.publisher_restarts += during["restarts"]
         # frames per publisher: what one subscriber should receive
         window.publisher_frames = round(window.publisher_frames / max(1, len(start["publishers"])))
-        ingest = window.kind == "ingest"
-        by_channel = ingest or window.system == SIMULCAST_JANUS_LAYERS
 
         latencies: list[float] = []
         frames_received = 0
@@ -684,7 +684,7 @@ class Runner:
                 received = [(int(ts), float(t)) for ts, t in report["frames"]]
                 frames_received += len(received)
                 channels = len(published_by_channel)
-                channel = int(report["number"]) % channels if by_channel and channels else 0
+                channel = int(report["number"]) % channels if window.by_channel and channels else 0
                 published = published_by_channel[channel] if channel < channels else []
                 matched = frame_latencies(published, received)
                 if matched is None:
@@ -1248,13 +1248,14 @@ def simulcast_media() -> list[Path]:
     return [path for _, path in load_or_encode_layers()]
 
 
-def packet_fit(windows: Sequence[Window], system: str) -> Fit | None:
+def packet_fit(windows: Sequence[Window], system: str, kind: str = "fanout") -> Fit | None:
     """SFU CPU (us/s) against packets forwarded per second, over `system`'s windows that
     kept up: the slope is the marginal CPU per forwarded packet. With layers chosen by tile
     size the subscribers do not all receive the same packet rate, so the slope over K
     divided by an average rate (`fits`) would mix the two; against packets it does not (and
-    for a single encoding it is the same figure)."""
-    used = [w for w in windows if w.system == system and w.completed and w.kept_up]
+    for a single encoding it is the same figure). Only windows of `kind`: a system fitted for
+    ingest too has windows of both kinds, on other lines."""
+    used = [w for w in windows if w.system == system and w.kind == kind and w.kept_up]
     return fit_line([w.packets_per_s for w in used], [w.cpu_us_per_s for w in used])
 
 

@@ -410,3 +410,17 @@ def test_the_plot_draws_a_panel_per_kind_of_window(tmp_path: Path) -> None:
         # the ingest windows get a panel of their own, beside the fan-out one
         assert double.width > 1.6 * single.width and double.height == single.height
     assert not write_plot(tmp_path / "missing" / "dir" / "x.png", fanout)
+
+
+def test_the_packet_fit_keeps_to_one_kind_of_window() -> None:
+    from node.bench.forward.run import packet_fit
+
+    # Janus-1 forwards in fan-out windows (15 us per packet) and takes in in ingest windows
+    # (40 us per packet): the simulcast reference is the first line, not a blend of both
+    fanout = [_window("janus-event-loops-1", k, 0.02 + 15e-6 * 200 * k, 200 * k) for k in (1, 8)]
+    ingest = [_ingest("janus-event-loops-1", p, 0.02 + 40e-6 * 200 * p, 200 * p) for p in (2, 4)]
+    forwarding = packet_fit([*fanout, *ingest], "janus-event-loops-1")
+    taking_in = packet_fit([*fanout, *ingest], "janus-event-loops-1", "ingest")
+    assert forwarding is not None and taking_in is not None
+    assert forwarding.slope == pytest.approx(15)
+    assert taking_in.slope == pytest.approx(40)
