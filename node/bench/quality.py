@@ -21,6 +21,9 @@ kbit/s, in the emulator, drop-tail queue of 100 ms). Every subscriber shows the 
    until the weak subscriber's layer is the top one again (a keyframe of the strong
    subscribers' height decoded) or its rate over one second reaches 90% of the strong
    subscribers' (at most `--recovery-limit`, 30 s; None: not within).
+   With `--outage S`, the weak downlink is cut for S seconds at the window's start (a
+   Wi-Fi dropout): `weak_longest_freeze_after_outage_s` is the longest gap from the
+   restore on (the picture should come back within a keyframe's wait, the layer kept).
 2. **Baseline**, in the same run and lab, the limit back in place: the same publisher as a
    single encoding whose sender follows the REMB it gets (`--ladder`: the best pre-encoded
    loop the REMB covers, as an encoder would), which the node caps by the slowest
@@ -114,6 +117,8 @@ class QualityConfig:
     recovery_limit_s: float = DEFAULT_RECOVERY_LIMIT_S
     weak_kbps: int = DEFAULT_WEAK_KBPS
     baseline: bool = True
+    #: the weak downlink is cut this long at the window's start (0: not)
+    outage_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- figures (pure)
@@ -260,6 +265,8 @@ class Phase:
     started: float = 0.0
     window: tuple[float, float] = (0.0, 0.0)
     lifted: float | None = None
+    #: when the weak downlink was cut and restored (`--outage`)
+    outage: tuple[float, float] | None = None
     ended: float = 0.0
     publisher: dict[str, Any] = field(default_factory=dict)
 
@@ -341,7 +348,14 @@ class QualityRun:
                 result.received[host] = Received(started=result.started)
             await asyncio.sleep(config.warmup_s)
             start = time.monotonic()
-            await asyncio.sleep(config.duration_s)
+            if lift and config.outage_s > 0:
+                self.cluster.lab.cut([WEAK_LINK])
+                try:
+                    await asyncio.sleep(config.outage_s)
+                finally:
+                    self.cluster.lab.cut([WEAK_LINK], False)
+                result.outage = (start, time.monotonic())
+            await asyncio.sleep(max(0.0, start + config.duration_s - time.monotonic()))
             result.window = (start, time.monotonic())
             if lift:
                 await self._collect(subscribers, result)
@@ -434,6 +448,12 @@ def phase_figures(phase: Phase, config: QualityConfig) -> dict[str, Any]:
         out["recovery_s"] = rounded(
             recovery(weak, phase.lifted, top_height, top_kbps, phase.ended), 2
         )
+    if phase.outage is not None:
+        restored = phase.outage[1]
+        out["weak_longest_freeze_after_outage_s"] = rounded(
+            max(freezes(weak, restored, freeze_end), default=0.0), 2
+        )
+        out["weak_height_after_outage"] = typical_height(weak, restored, end)
     return out
 
 
@@ -454,6 +474,8 @@ def figures(simulcast: Phase, baseline: Phase | None, config: QualityConfig) -> 
         "recovery_s": recovered,
         "baseline_strong_video_kbps": None if base is None else base["strong_video_kbps"],
         "weak_longest_freeze_s": longest,
+        "weak_longest_freeze_after_outage_s": main.get("weak_longest_freeze_after_outage_s"),
+        "weak_height_after_outage": main.get("weak_height_after_outage"),
         "strong_height": main["strong_height"],
         "weak_height": main["weak_height"],
         "weak_lower_layer": (
@@ -480,6 +502,7 @@ def figures(simulcast: Phase, baseline: Phase | None, config: QualityConfig) -> 
             "weak": WEAK_HOST,
             "weak_downlink_kbps": config.weak_kbps,
             "lifted_to_mbps": LIFTED_MBPS,
+            "weak_outage_s": config.outage_s,
         },
         "layers": [
             {
@@ -570,6 +593,13 @@ def print_table(report: dict[str, Any]) -> None:
         f"longest {_num(report['weak_longest_freeze_s'], 2)} s (target <= {FREEZE_S:g} s: "
         f"{'met' if targets['weak_met'] else 'NOT met'})"
     )
+    if placement.get("weak_outage_s"):
+        say(
+            f"outage: the weak downlink cut for {placement['weak_outage_s']:g} s at the "
+            f"window's start; after it, longest freeze "
+            f"{_num(report['weak_longest_freeze_after_outage_s'], 2)} s, height "
+            f"{report['weak_height_after_outage']}"
+        )
     say(
         f"recovery after the limit is lifted: {_num(report['recovery_s'], 2)} s (target <= "
         f"{TARGET_RECOVERY_S:g} s: {'met' if targets['recovery_met'] else 'NOT met'})"
@@ -619,16 +649,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-baseline", action="store_true", help="quality: skip the single-encoding baseline"
     )
+    group.add_argument(
+        "--outage",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="quality: cut the weak downlink for S seconds at the window's start (default 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """`sfumesh bench quality` (re-executes itself in a private network namespace)."""
     duration = DEFAULT_DURATION_S if args.duration is None else args.duration
     warmup = DEFAULT_WARMUP_S if args.warmup is None else args.warmup
-    if duration <= 0 or warmup < 0 or args.recovery_limit <= 0 or not 50 <= args.weak_kbps:
+    if (
+        duration <= 0
+        or warmup < 0
+        or args.recovery_limit <= 0
+        or not 50 <= args.weak_kbps
+        or not 0 <= args.outage < duration
+    ):
         say(
             "sfumesh bench quality: --duration > 0, --warmup >= 0, --recovery-limit > 0, "
-            "--weak-kbps >= 50",
+            "--weak-kbps >= 50, 0 <= --outage < --duration",
             err=True,
         )
         return 2
@@ -651,6 +694,7 @@ def run(args: argparse.Namespace) -> int:
         recovery_limit_s=args.recovery_limit,
         weak_kbps=args.weak_kbps,
         baseline=not args.no_baseline,
+        outage_s=args.outage,
     )
     with contextlib.ExitStack() as stack:
         if args.workdir is not None:

@@ -96,6 +96,11 @@ What is tapped, and why (read from aiortc 1.16.0's source):
   router (`RtpRouter.register_sender`) and the sender's `_handle_rtcp_packet` is wrapped
   on the instance, so a PLI/FIR or a NACK naming a layer's SSRC is answered for that layer
   (its own RTP history) and everything else goes on to aiortc.
+* What a subscriber's receiver reports acknowledge (issue 14, probes on a silent link):
+  aiortc keeps a report's loss, jitter and RTT but not its highest sequence number, and a
+  probe of the downlink (`node.media.estimate`) must know the receiver heard the probe's
+  packets: no NACK from a link that delivers nothing is no verdict. `SenderTap` wraps its
+  sender's `_handle_rtcp_packet` on the instance and keeps `reported_sequence_number`.
 * ICE: aioice's `get_host_addresses()` skips 127.0.0.1; `set_host_addresses()` replaces it
   (process-wide) with a fixed list, so loopback works and production nodes announce only the
   addresses they are configured with.
@@ -183,7 +188,9 @@ from aiortc.rtp import (
     HeaderExtensions,
     HeaderExtensionsMap,
     RtcpPsfbPacket,
+    RtcpRrPacket,
     RtcpRtpfbPacket,
+    RtcpSrPacket,
     RtpPacket,
     is_rtcp,
     pack_remb_fci,
@@ -1711,6 +1718,9 @@ class SenderTap:
         self.on_keyframe_request: Callable[[], None] | None = None
         #: the last sequence number written (where `send_padding` takes packets from)
         self.last_sequence_number: int | None = None
+        #: the highest sequence number the subscriber's latest receiver report says arrived
+        #: (16 bits; None before the first report)
+        self.reported_sequence_number: int | None = None
         #: padding sent to probe the subscriber's downlink (payload bytes, packets)
         self.padding_bytes = 0
         self.padding_packets = 0
@@ -1744,6 +1754,8 @@ class SenderTap:
         s._send_keyframe = self._keyframe_requested
         self._original_retransmit = s._retransmit
         s._retransmit = self._retransmit
+        self._aiortc_rtcp = s._handle_rtcp_packet
+        s._handle_rtcp_packet = self._note_receiver_reports
 
     @property
     def ssrc(self) -> int:
@@ -1760,6 +1772,14 @@ class SenderTap:
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    async def _note_receiver_reports(self, packet: Any) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            ssrc = self._s._ssrc
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    self.reported_sequence_number = report.highest_sequence & 0xFFFF
+        await self._aiortc_rtcp(packet)
 
     def reception(self) -> Reception | None:
         """The subscriber's latest receiver report for this sender (loss, jitter, RTT), as

@@ -21,7 +21,12 @@ StreamAllocator probes before it upgrades:
   stops within one pacing tick, so the queue drains and the lost packets' retransmissions
   get through) and the next probe waits longer (`PROBE_WAIT_S`, times `PROBE_BACKOFF`, at
   most `PROBE_WAIT_MAX_S`, which bounds how late a link that got better is noticed). The
-  loss reported just after a failed probe is the probe's own and caps nothing. A paused
+  loss reported just after a failed probe is the probe's own and caps nothing. No NACK is
+  a verdict only from a receiver that was heard: a probe commits only once a receiver
+  report acknowledged a packet sent during it (`hear`), waited for up to `PROBE_HEAR_S`
+  after the probe's end, else it fails (seen in the lab: a downlink silent for 3 s sent
+  no NACK, two probes "succeeded", and a 300 kbit/s subscriber was sent 720p for 10 s,
+  frozen). A paused
   video is not probed (no media, no NACK: no verdict). The layer itself is never the
   probe: switching a 300 kbit/s link to a 500 kbit/s layer loses its keyframe and freezes
   the picture until the switch back.
@@ -54,6 +59,9 @@ PROBE_NACK_RATIO: Final = 0.04
 PROBE_NACK_MIN: Final = 2
 #: a probe that saw fewer media packets than this proves nothing (no NACK can come)
 PROBE_MIN_PACKETS: Final = 10
+#: a probe not yet acknowledged by a receiver report when it ends waits this long for one
+#: (no padding meanwhile), then fails (aiortc reports every 0.5-1.5 s, browsers every ~1 s)
+PROBE_HEAR_S: Final = 1.6
 #: receiver reports this soon after a failed probe report the probe's own loss (its padding
 #: overfilled the queue), not the media's: they cap nothing
 PROBE_LOSS_GRACE_S: Final = 2.0
@@ -71,6 +79,8 @@ class Probe:
     ends: float
     nacked: int = 0
     sent: int = 0
+    #: a receiver report acknowledged a packet sent during the probe
+    heard: bool = False
 
 
 class LinkEstimate:
@@ -92,8 +102,10 @@ class LinkEstimate:
         self.probe: Probe | None = None
         self.probe_wait_s = PROBE_WAIT_S
         self.next_probe_at: float | None = None
-        #: when the last probe failed (the loss reported just after is its own)
+        #: when the last probe failed (the loss reported just after is its own), and why:
+        #: "nacks", "remb_fell", "not_heard" or "too_few_packets"
         self.failed_at: float | None = None
+        self.failure: str | None = None
         #: the rate sent to the subscriber (bit/s), as last observed
         self.sent_bps = 0.0
         self.probes = 0
@@ -128,11 +140,14 @@ class LinkEstimate:
             self.capped = True
         probe = self.probe
         if probe is not None and now >= probe.ends:
-            # (its verdict is the NACKs: a report's loss covers more than the probe)
-            if probe.sent >= PROBE_MIN_PACKETS:
+            # (its verdict is the NACKs, from a receiver that was heard: a report's loss
+            # covers more than the probe)
+            if probe.sent < PROBE_MIN_PACKETS:
+                self._fail(now, "too_few_packets")
+            elif probe.heard:
                 self._succeed(now)
-            else:
-                self._fail(now)
+            elif now >= probe.ends + PROBE_HEAR_S:
+                self._fail(now, "not_heard")
 
     def _remb(self, remb: float, now: float) -> None:
         previous = self.remb_bps
@@ -145,7 +160,7 @@ class LinkEstimate:
             self.estimate_bps = min(self.estimate_bps, remb)
             self.capped = False
             if self.probe is not None:
-                self._fail(now)
+                self._fail(now, "remb_fell")
             return
         if not self.capped and remb > self.estimate_bps:
             self.estimate_bps = remb
@@ -158,17 +173,23 @@ class LinkEstimate:
             return False
         probe.nacked += count
         if probe.nacked > max(PROBE_NACK_MIN, PROBE_NACK_RATIO * probe.sent):
-            self._fail(now)
+            self._fail(now, "nacks")
             return True
         return False
+
+    def hear(self) -> None:
+        """A receiver report acknowledged a packet sent during the probe under way."""
+        if self.probe is not None:
+            self.probe.heard = True
 
     def sent(self, packets: int) -> None:
         """Media packets sent during the probe (what its NACK ratio is counted against)."""
         if self.probe is not None:
             self.probe.sent += packets
 
-    def _fail(self, now: float) -> None:
+    def _fail(self, now: float, reason: str) -> None:
         self.probe = None
+        self.failure = reason
         self.failed_at = now
         self.probe_wait_s = min(self.probe_wait_s * PROBE_BACKOFF, PROBE_WAIT_MAX_S)
         self.next_probe_at = now + self.probe_wait_s
@@ -210,8 +231,8 @@ class LinkEstimate:
         climbs to the goal over `PROBE_RAMP_S` (`now` given), so a link that cannot carry
         the goal is overfilled by little when the first NACK stops it."""
         probe = self.probe
-        if probe is None:
-            return 0.0
+        if probe is None or (now is not None and now >= probe.ends):
+            return 0.0  # (over, waiting to be heard: no padding)
         share = 1.0 if now is None else min(1.0, max(0.0, (now - probe.started) / PROBE_RAMP_S))
         return max(0.0, probe.goal_bps - self.sent_bps) * share
 

@@ -1,6 +1,7 @@
 """`sfumesh bench quality` run tiny in the WAN lab (its smoke test): the issue's keys, the
 weak subscriber (its downlink limited to 300 kbit/s in the emulator) on a lower layer than
-the strong ones, the limit lifted at run time, the baseline measured, the plot written.
+the strong ones, a 1 s outage of the weak downlink measured, the limit lifted at run time,
+the baseline measured, the plot written.
 Figures are reported, not asserted (a loaded 2-core machine): the bench is the measure.
 
 The lab's logs are kept under the test's tmp_path (`--workdir`); a failed check shows the
@@ -71,7 +72,9 @@ def test_the_weak_subscriber_gets_a_lower_layer(
             "--warmup",
             "3",
             "--duration",
-            "4",
+            "6",
+            "--outage",
+            "1",
             "--recovery-limit",
             "4",
             "--json",
@@ -98,6 +101,10 @@ def check_figures(out: Path, printed: str, code: int) -> None:
     assert figures["strong_height"] is not None and figures["weak_height"] is not None
     assert figures["weak_height"] < figures["strong_height"], figures["simulcast"]
     assert figures["weak_lower_layer"] is True
+    # the outage (the weak downlink cut for 1 s at the window's start) was measured
+    assert figures["placement"]["weak_outage_s"] == 1.0
+    assert isinstance(figures["weak_longest_freeze_after_outage_s"], float)
+    assert "outage: the weak downlink cut for 1 s" in printed
     # the limit was lifted at run time, and every subscriber's series was kept
     simulcast = figures["simulcast"]
     assert simulcast["lifted_at_s"] is not None
@@ -105,3 +112,14 @@ def check_figures(out: Path, printed: str, code: int) -> None:
     assert all(simulcast["series"][host] for host in simulcast["series"])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "recovery after the limit is lifted" in printed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--outage", "4"], ["--outage", "-1"], ["--outage", "nan"], ["--weak-kbps", "10"]],
+)
+def test_bad_quality_arguments_are_refused(
+    bad: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "quality", "--duration", "4", *bad]) == 2
+    assert "0 <= --outage < --duration" in capsys.readouterr().err

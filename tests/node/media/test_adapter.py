@@ -307,7 +307,7 @@ async def test_padding_is_recent_packets_again_as_rtx():
     """Issue 14's probes: `SenderTap.send_padding` sends recently written packets again
     as RTX (what the subscriber's bandwidth estimator and its link carry; the receiver
     unwraps them into repeats it already has), about the size asked; nothing before the
-    first packet."""
+    first packet. The receiver's reports are heard (`reported_sequence_number`)."""
     adapter.set_host_addresses(["127.0.0.1"])
     node = RTCPeerConnection(adapter.rtc_configuration())
     peer = RTCPeerConnection(adapter.rtc_configuration())
@@ -359,6 +359,10 @@ async def test_padding_is_recent_packets_again_as_rtx():
             10,
         )
         assert sink.resend_nacked(within_s=5.0) == 0  # (each once)
+        # the receiver's reports say how far it got (a probe's evidence it was heard)
+        await until(
+            lambda: sink.reported_sequence_number == 3012, "a receiver report up to 3012", 10
+        )
     finally:
         await node.close()
         await peer.close()

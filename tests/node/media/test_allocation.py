@@ -23,6 +23,7 @@ from node.media.choice import (
 )
 from node.media.session import (
     ALLOCATION_RETRY_S,
+    PAUSE_HOLD_S,
     PROBE_HOLD_S,
     MediaHub,
     MediaSession,
@@ -242,6 +243,7 @@ class Sink:
         self.bytes_sent = 0
         self.nacked = 0
         self.last_sequence_number: int | None = None
+        self.reported_sequence_number: int | None = None
         self.on_keyframe_request: Any = None
         self.pace_bps: float | None = None
         self.paced_packets = 0
@@ -288,12 +290,12 @@ class Cameras:
         return rewriter.target
 
 
-def _two_cameras(hub: MediaHub, slug: str) -> Cameras:
-    """Publishers a and b (three-layer simulcast cameras arriving at `RATES`) and one
-    watcher subscribed to both, each sink's REMB at 200 kbit/s."""
+def _two_cameras(hub: MediaHub, slug: str, names: tuple[str, ...] = ("a", "b")) -> Cameras:
+    """Publishers a and b (three-layer simulcast cameras arriving at `RATES`; or those
+    `names`) and one watcher subscribed to both, each sink's REMB at 200 kbit/s."""
     now = time.monotonic()
     publishers: dict[str, Published] = {}
-    for name in ("a", "b"):
+    for name in names:
         conn = Connection(f"s-{name}", f"u-{name}", name, 1, room=slug)
         owner = hub.session(conn)
         published = Published(owner, "1", "video", tap=cast(Any, Tap()))
@@ -431,5 +433,44 @@ async def test_a_track_the_sharing_paused_is_tried_again_at_its_lowest_layer() -
         hub.select_layers()
         assert (room.target("a"), room.target("b")) == (2, 2)
         assert [sink.pace_bps for sink in room.sinks.values()] == [None, None]
+    finally:
+        await hub.close()
+
+
+async def test_a_video_paused_for_bandwidth_gets_its_lowest_layer_again_within_2_s() -> None:
+    """One camera, one subscriber, just stepped down (probing held off for `PROBE_HOLD_S`),
+    whose estimate then falls below half the lowest layer (a REMB plunge, or one report's
+    loss burst): the video pauses, and is tried again at its lowest layer `PAUSE_HOLD_S`
+    later, not when the step down's hold ends. Seen in CI: `bench quality`'s weak
+    subscriber got no video for the whole window and after the limit was lifted."""
+    hub = MediaHub(MediaSettings(simulcast_layer_off_s=0.0))
+    try:
+        room = _two_cameras(hub, "room", names=("a",))
+        hub.select_layers()
+        assert room.target("a") == 0  # (200 kbit/s: the lowest layer fits)
+        subscription = room.publishers["a"].subscriptions[room.watcher]
+        # as a step down for bandwidth leaves it: no climbing, nor retrying, for 8 s
+        subscription.probe_after = time.monotonic() + PROBE_HOLD_S
+        room.sinks["a"].remb_bitrate = 50_000
+        hub.select_layers()
+        assert room.target("a") is None
+        assert subscription.choice == LayerChoice(None, "bandwidth")
+        left = subscription.probe_after - time.monotonic()
+        assert PAUSE_HOLD_S - 1 < left <= PAUSE_HOLD_S
+        hub.select_layers()  # a moment later: still paused, the retry not pushed back
+        assert room.target("a") is None
+        assert subscription.probe_after - time.monotonic() <= left
+        # as if PAUSE_HOLD_S had passed: the lowest layer again, the estimate unchanged
+        subscription.probe_after = time.monotonic()
+        hub.select_layers()
+        assert room.target("a") == 0
+        assert subscription.choice == LayerChoice(0, "bandwidth")
+        hub.select_layers()  # and it stays: probing allowed, the lowest layer is kept
+        assert room.target("a") == 0
+        paused = messages(room.watcher.conn, "video-paused")
+        assert [(m["paused"], m["reason"]) for m in paused] == [
+            (True, "bandwidth"),
+            (False, "bandwidth"),
+        ]
     finally:
         await hub.close()

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from node.media.choice import BANDWIDTH_HEADROOM, choose_layer
 from node.media.estimate import (
     LOSS_HIGH,
+    PROBE_HEAR_S,
     PROBE_LOSS_GRACE_S,
     PROBE_RAMP_S,
     PROBE_S,
     PROBE_WAIT_MAX_S,
+    PROBE_WAIT_S,
     LinkEstimate,
 )
 
@@ -67,6 +69,8 @@ def run(
             remb[0] = max(remb[0], min(remb[0] * 1.08**ROUND_S, 1.5 * arrived + 10_000))
         if use_estimate:
             estimate.sent(round(sent * ROUND_S / 8 / 1000))  # (media packets of ~1000 bytes)
+            if arrived > 0:
+                estimate.hear()  # (the receiver's report acknowledges what arrived)
             if padding and loss > 0:
                 estimate.nack(now, 3)  # (the subscriber NACKs what the padding pushed out)
             estimate.observe(now, remb_bps=remb[0], sent_bps=sent, loss=loss)
@@ -180,6 +184,7 @@ def test_a_probe_commits_its_goal_only_when_nothing_was_lost() -> None:
     estimate.sent(20)
     estimate.nack(started + 0.3, 1)  # (one NACK repeated from before the probe: no verdict)
     assert estimate.probe is not None
+    estimate.hear()  # (a receiver report acknowledged the probe's packets)
     estimate.observe(started + PROBE_S, remb_bps=260_000, sent_bps=150_000, loss=0.0)
     assert estimate.probe is None
     assert estimate.estimate_bps == probe.goal_bps
@@ -214,7 +219,44 @@ def test_probe_padding_climbs_to_the_goal() -> None:
     assert estimate.padding_bps(5.0) == 0.0
     assert abs(estimate.padding_bps(5.0 + PROBE_RAMP_S / 2) - full / 2) < 1.0
     assert abs(estimate.padding_bps(5.0 + PROBE_RAMP_S + 0.01) - full) < 1.0
-    assert estimate.padding_bps(5.0 + PROBE_S) == full
+    assert estimate.padding_bps(5.0 + PROBE_S - 0.01) == full
+    assert estimate.padding_bps(5.0 + PROBE_S) == 0.0  # (over: waiting to be heard)
+
+
+def test_no_nack_from_a_receiver_never_heard_is_no_verdict() -> None:
+    """A downlink that delivers nothing sends no NACK either: seen in the lab, a link
+    silent for 3 s let two probes "succeed" and a 300 kbit/s subscriber was sent 720p for
+    10 s. A probe commits only once a receiver report acknowledged its packets, waited for
+    up to `PROBE_HEAR_S` after its end; else it fails, and the next one waits longer."""
+    estimate = LinkEstimate()
+    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
+    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate.sent(30)
+    estimate.observe(5.0 + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
+    assert estimate.probe is not None  # (not heard yet: waits, without padding)
+    assert estimate.padding_bps(5.0 + PROBE_S + 0.1) == 0.0
+    estimate.observe(5.0 + PROBE_S + PROBE_HEAR_S, remb_bps=250_000, sent_bps=150_000, loss=None)
+    assert estimate.probe is None and estimate.estimate_bps == 250_000
+    assert estimate.probes_ok == 0 and estimate.probe_wait_s > PROBE_WAIT_S
+    assert estimate.failure == "not_heard"
+    # heard while it waited: committed
+    started = estimate.next_probe_at
+    assert started is not None and estimate.want(started, 450_000, BANDWIDTH_HEADROOM)
+    goal = estimate.probe.goal_bps if estimate.probe else 0.0
+    estimate.sent(30)
+    estimate.observe(started + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.hear()
+    estimate.observe(started + PROBE_S + 0.5, remb_bps=250_000, sent_bps=150_000, loss=None)
+    assert estimate.probe is None and estimate.estimate_bps == goal
+    # a NACK while it waits still fails it
+    estimate.want(started + 10.0, 9_000_000, BANDWIDTH_HEADROOM)
+    assert estimate.probe is not None
+    estimate.sent(30)
+    estimate.observe(started + 10.0 + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
+    assert estimate.nack(started + 10.0 + PROBE_S + 0.2, 5)
+    assert estimate.probe is None and estimate.estimate_bps == goal
+    assert estimate.failure == "nacks"
 
 
 def test_a_probe_that_saw_no_media_proves_nothing() -> None:
