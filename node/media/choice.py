@@ -81,7 +81,8 @@ def choose_layer(
     never takes the subscriber below `current`; loss still does.
 
     `climb` False: no layer above what the estimate covers is tried (the caller raises the
-    estimate by probing with padding instead, `node.media.estimate`). `keep_lowest_share`:
+    estimate by probing with padding instead, `node.media.estimate`), and while `probe` is
+    held (after a step down) none above `current` is taken at all. `keep_lowest_share`:
     a subscriber on the lowest layer keeps it while the estimate covers at least this share
     of its rate (a dip from a loss burst does not pause the video; pausing and resuming
     costs a keyframe's wait)."""
@@ -129,6 +130,19 @@ def choose_layer(
                 bandwidth = above[0]
         if settling and current is not None and current in available:
             bandwidth = current if bandwidth is None else max(bandwidth, current)
+        if (
+            not climb
+            and not probe
+            and current is not None
+            and current in available
+            and bandwidth is not None
+            and bandwidth > current
+        ):
+            # held after a step down: the estimate that stepped it down is not new news
+            # when a layer's measured rate dips under it again (seen: 180p and 360p every
+            # 0.5 s on the weak link); a probe's success or a rising REMB counts once the
+            # hold is over
+            bandwidth = current
     if loss > LOSS_STEP_DOWN and current is not None:
         lower = [i for i in available if i < current]
         stepped = lower[-1] if lower else None

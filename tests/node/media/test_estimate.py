@@ -307,6 +307,20 @@ def test_choose_layer_without_climbing_tries_no_layer_above_the_estimate() -> No
     ).layer == 0  # fmt: skip
 
 
+def test_no_layer_above_the_current_one_while_a_step_down_holds() -> None:
+    """The weak link, just stepped down from 360p for bandwidth: its estimate (600 kbit/s,
+    a loss cap from the 720p burst at the start) covers 360p again whenever 360p's measured
+    rate dips, and the layer went 180p, 360p, 180p within a second (seen in `bench
+    quality`). While the step down holds probing off, the estimate alone takes it no
+    higher; once the hold is over it does."""
+    held = dict(estimate_bps=600_000, loss=0.0, current=0, view=None, cap=2, climb=False)
+    assert choose_layer(RATES, HEIGHTS, **held, probe=False).layer == 0  # type: ignore[arg-type]
+    assert choose_layer(RATES, HEIGHTS, **held, probe=True).layer == 1  # type: ignore[arg-type]
+    # (down is never held)
+    low = {**held, "current": 1, "estimate_bps": 300_000}
+    assert choose_layer(RATES, HEIGHTS, **low, probe=False).layer == 0  # type: ignore[arg-type]
+
+
 def test_the_lowest_layer_is_kept_through_a_dip_not_paused() -> None:
     dip = dict(estimate_bps=100_000, loss=0.0, current=0, view=None, cap=2, probe=False)
     assert choose_layer(RATES, HEIGHTS, **dip).layer is None  # type: ignore[arg-type]
