@@ -26,10 +26,9 @@ StreamAllocator probes before it upgrades:
   report acknowledged a packet sent during it (`hear`), waited for up to `PROBE_HEAR_S`
   after the probe's end, else it fails (seen in the lab: a downlink silent for 3 s sent
   no NACK, two probes "succeeded", and a 300 kbit/s subscriber was sent 720p for 10 s,
-  frozen). A paused
-  video is not probed (no media, no NACK: no verdict). The layer itself is never the
-  probe: switching a 300 kbit/s link to a 500 kbit/s layer loses its keyframe and freezes
-  the picture until the switch back.
+  frozen). A paused video is not probed (no media, no NACK: no verdict). The layer itself
+  is never the probe: switching a 300 kbit/s link to a 500 kbit/s layer loses its keyframe
+  and freezes the picture until the switch back.
 """
 
 from __future__ import annotations
