@@ -120,6 +120,15 @@ def weak_then_lifted(
     return weak, lifted
 
 
+def probing_at_5_s() -> LinkEstimate:
+    """A 250 kbit/s estimate on 180p whose probe for 360p started at t = 5 s."""
+    estimate = LinkEstimate()
+    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
+    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
+    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    return estimate
+
+
 def test_the_old_rule_flaps_on_a_weak_link() -> None:
     """(The measured failure, kept as the reason for the estimate.)"""
     weak, _ = weak_then_lifted(use_estimate=False)
@@ -209,10 +218,7 @@ def test_failed_probes_back_off_up_to_the_maximum() -> None:
 
 
 def test_probe_padding_climbs_to_the_goal() -> None:
-    estimate = LinkEstimate()
-    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
-    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
-    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate = probing_at_5_s()
     probe = estimate.probe
     assert probe is not None
     full = probe.goal_bps - 150_000
@@ -228,10 +234,7 @@ def test_no_nack_from_a_receiver_never_heard_is_no_verdict() -> None:
     silent for 3 s let two probes "succeed" and a 300 kbit/s subscriber was sent 720p for
     10 s. A probe commits only once a receiver report acknowledged its packets, waited for
     up to `PROBE_HEAR_S` after its end; else it fails, and the next one waits longer."""
-    estimate = LinkEstimate()
-    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
-    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
-    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate = probing_at_5_s()
     estimate.sent(30)
     estimate.observe(5.0 + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
     assert estimate.probe is not None  # (not heard yet: waits, without padding)
@@ -260,20 +263,14 @@ def test_no_nack_from_a_receiver_never_heard_is_no_verdict() -> None:
 
 
 def test_a_probe_that_saw_no_media_proves_nothing() -> None:
-    estimate = LinkEstimate()
-    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
-    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
-    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate = probing_at_5_s()
     estimate.sent(3)
     estimate.observe(5.0 + PROBE_S, remb_bps=250_000, sent_bps=150_000, loss=None)
     assert estimate.probe is None and estimate.estimate_bps == 250_000
 
 
 def test_the_loss_a_failed_probe_caused_caps_nothing() -> None:
-    estimate = LinkEstimate()
-    estimate.observe(0.0, remb_bps=250_000, sent_bps=150_000, loss=None)
-    estimate.want(0.0, 450_000, BANDWIDTH_HEADROOM)
-    assert estimate.want(5.0, 450_000, BANDWIDTH_HEADROOM)
+    estimate = probing_at_5_s()
     estimate.sent(10)
     assert estimate.nack(5.1, 20)
     # the next report shows what the padding pushed out of the queue
